@@ -1,0 +1,360 @@
+//! The seam between the DeepSeek-V2 forward pass and the hardware.
+//!
+//! [`Backend`] is a small set of coarse, fused operations with documented shapes and
+//! precision; the model (`dsv2-model`) is written once over it, and each backend
+//! (`dsv2-cpu`, `dsv2-cuda`) implements it. Batch metadata ([`Batch`], [`SeqSlice`])
+//! speaks vLLM/FlashAttention's language: flattened tokens, per-sequence query ranges,
+//! context lengths and block tables into a paged latent cache.
+//!
+//! Shape legend used in every doc comment:
+//! `T` tokens in the batch (all sequences flattened), `D` hidden size, `H` attention
+//! heads, `Dn` = `qk_nope_head_dim`, `Dr` = `qk_rope_head_dim`, `Dv` = `v_head_dim`,
+//! `C` = `kv_lora_rank` (latent width), `W` = `C + Dr` (latent cache width), `E` routed
+//! experts, `I` an MLP's intermediate size, `V` vocabulary size.
+
+pub mod routing;
+
+use dsv2_core::TensorView;
+
+/// Precision of activations (weights keep their checkpoint dtype either way).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ComputeDtype {
+    /// f32 activations throughout; matches the f32 reference to ~1e-6.
+    #[default]
+    F32,
+    /// Activations rounded to bf16 wherever the reference (bf16, eager) rounds them.
+    Bf16,
+}
+
+impl std::str::FromStr for ComputeDtype {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "f32" | "float32" => Ok(ComputeDtype::F32),
+            "bf16" | "bfloat16" => Ok(ComputeDtype::Bf16),
+            other => Err(format!("unknown dtype `{other}` (expected f32 or bf16)")),
+        }
+    }
+}
+
+/// Which attention formulation to run over the latent cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AttentionPath {
+    /// Absorbed for single-token (decode) queries, expanded for prompts.
+    #[default]
+    Auto,
+    /// Keys and values re-derived from the cached latents (`kv_b_proj`), MHA over
+    /// `Dn + Dr` keys and `Dv` values: the prefill path.
+    Expanded,
+    /// `W_UK` folded into the query and `W_UV` applied after the weighted sum of latents:
+    /// MQA over `W`-wide keys shared by all heads; the decode path.
+    Absorbed,
+}
+
+/// One sequence's part of a batch.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct SeqSlice {
+    /// First row of this sequence's new tokens in the flattened batch.
+    pub query_start: usize,
+    /// Number of new tokens (1 for a decode step).
+    pub query_len: usize,
+    /// Tokens in the cache once this step's tokens are written (past + new).
+    pub context_len: usize,
+    /// Physical cache block of each logical block of the sequence.
+    pub block_table: Vec<u32>,
+}
+
+/// The inputs of one forward step: several sequences of different lengths, flattened.
+#[derive(Debug, Clone, Default)]
+pub struct Batch {
+    /// `[T]` token ids.
+    pub token_ids: Vec<u32>,
+    /// `[T]` absolute positions (`past_len + i` within each sequence).
+    pub positions: Vec<u32>,
+    /// `[T]` cache slot (`block * block_size + offset`) each token's latent is written to.
+    pub slots: Vec<u32>,
+    /// The sequences, in row order.
+    pub seqs: Vec<SeqSlice>,
+    /// Rows whose logits are wanted, in output order.
+    pub logits_rows: Vec<u32>,
+}
+
+impl Batch {
+    /// Clears the batch for reuse without freeing its buffers.
+    pub fn clear(&mut self) {
+        self.token_ids.clear();
+        self.positions.clear();
+        self.slots.clear();
+        self.seqs.clear();
+        self.logits_rows.clear();
+    }
+
+    /// Appends a sequence's new tokens: `past_len` tokens are already cached, the new ones
+    /// go to the slots given by `block_table`. Logits are requested for its last token
+    /// when `want_logits` (or for all of them with `all_logits`).
+    pub fn push_seq(
+        &mut self,
+        tokens: &[u32],
+        past_len: usize,
+        block_table: &[u32],
+        block_size: usize,
+        want_logits: LogitsWanted,
+    ) {
+        let query_start = self.token_ids.len();
+        for (i, &tok) in tokens.iter().enumerate() {
+            let pos = past_len + i;
+            self.token_ids.push(tok);
+            self.positions.push(pos as u32);
+            let block = block_table[pos / block_size];
+            self.slots
+                .push(block * block_size as u32 + (pos % block_size) as u32);
+        }
+        match want_logits {
+            LogitsWanted::None => {}
+            LogitsWanted::Last => {
+                if !tokens.is_empty() {
+                    self.logits_rows
+                        .push((query_start + tokens.len() - 1) as u32);
+                }
+            }
+            LogitsWanted::All => {
+                self.logits_rows
+                    .extend((query_start..query_start + tokens.len()).map(|r| r as u32));
+            }
+        }
+        self.seqs.push(SeqSlice {
+            query_start,
+            query_len: tokens.len(),
+            context_len: past_len + tokens.len(),
+            block_table: block_table.to_vec(),
+        });
+    }
+
+    /// Number of tokens (`T`).
+    pub fn num_tokens(&self) -> usize {
+        self.token_ids.len()
+    }
+}
+
+/// Which rows of a sequence need logits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogitsWanted {
+    None,
+    Last,
+    All,
+}
+
+/// Shape of the paged latent cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CacheSpec {
+    pub num_layers: usize,
+    pub num_blocks: usize,
+    /// Tokens per block.
+    pub block_size: usize,
+    /// `C`: latent width (`kv_lora_rank`).
+    pub kv_lora_rank: usize,
+    /// `Dr`: RoPE key width.
+    pub rope_dim: usize,
+}
+
+impl CacheSpec {
+    /// Values per token per layer (`W = C + Dr`).
+    pub fn width(&self) -> usize {
+        self.kv_lora_rank + self.rope_dim
+    }
+}
+
+/// Attention dimensions of one layer.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MlaDims {
+    /// `H`
+    pub num_heads: usize,
+    /// `Dn`
+    pub nope_dim: usize,
+    /// `Dr`
+    pub rope_dim: usize,
+    /// `Dv`
+    pub v_dim: usize,
+    /// `C`
+    pub kv_lora_rank: usize,
+    /// Multiplies every attention logit (`q_head_dim^-0.5 * mscale^2`).
+    pub softmax_scale: f32,
+}
+
+impl MlaDims {
+    /// `Dn + Dr`: width of one query head.
+    pub fn q_head_dim(&self) -> usize {
+        self.nope_dim + self.rope_dim
+    }
+}
+
+/// cos/sin of the RoPE angles of the batch's positions, `[T, Dr/2]` each, already
+/// multiplied by the YaRN amplitude. Pair `i` rotates the adjacent values `(2i, 2i+1)`.
+#[derive(Debug, Clone, Copy)]
+pub struct RopeAngles<'a> {
+    pub cos: &'a [f32],
+    pub sin: &'a [f32],
+}
+
+/// Routing rule of a MoE layer.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Routing {
+    /// Experts per token (`k`).
+    pub top_k: usize,
+    /// `None` for greedy top-k; `Some((n_group, topk_group))` for group-limited greedy.
+    pub groups: Option<(usize, usize)>,
+    /// Renormalize the chosen weights to sum to 1 (then no scaling is applied).
+    pub norm_topk_prob: bool,
+    /// Multiplies the chosen weights when not renormalizing (16 in V2).
+    pub routed_scaling_factor: f32,
+}
+
+/// A SwiGLU MLP: `down(silu(gate(x)) * up(x))`.
+pub struct Mlp<W> {
+    /// `[I, D]`
+    pub gate_proj: W,
+    /// `[I, D]`
+    pub up_proj: W,
+    /// `[D, I]`
+    pub down_proj: W,
+}
+
+/// A DeepSeekMoE block's weights.
+pub struct MoeWeights<W> {
+    /// `[E, D]` router.
+    pub gate: W,
+    /// The routed experts.
+    pub experts: Vec<Mlp<W>>,
+    /// The shared experts fused into one MLP (`I = moe_intermediate * n_shared`).
+    pub shared_experts: Option<Mlp<W>>,
+    pub routing: Routing,
+}
+
+/// Arguments of [`Backend::mla_attention`].
+pub struct MlaAttention<'a, B: Backend + ?Sized> {
+    /// `[T, H, Dn + Dr]` queries, RoPE already applied to the last `Dr` of each head.
+    pub q: &'a B::Buffer,
+    /// `[H * (Dn + Dv), C]` `kv_b_proj`: rows `h*(Dn+Dv) .. +Dn` are `W_UK[h]`, the next
+    /// `Dv` rows are `W_UV[h]`.
+    pub kv_b_proj: &'a B::Weight,
+    pub cache: &'a B::Cache,
+    pub layer: usize,
+    pub batch: &'a Batch,
+    pub dims: MlaDims,
+    pub path: AttentionPath,
+}
+
+/// Errors a backend reports.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// A weight could not be prepared (unsupported dtype, device memory, ...).
+    #[error("weight `{name}`: {problem}")]
+    Weight { name: String, problem: String },
+    /// A device-level failure.
+    #[error("{op}: {problem}")]
+    Device { op: &'static str, problem: String },
+}
+
+/// Result alias for backends.
+pub type Result<T, E = BackendError> = std::result::Result<T, E>;
+
+/// Coarse operations of the DeepSeek-V2 forward pass.
+///
+/// Buffers hold logical f32 values in row-major order; each method documents shapes
+/// with the legend of this crate. A backend created for [`ComputeDtype::Bf16`] rounds
+/// each op's output to bf16 where the reference does.
+pub trait Backend: Send + Sync {
+    /// A weight resident on the device (dense in checkpoint dtype, or quantized).
+    type Weight: Send + Sync;
+    /// An activation buffer.
+    type Buffer: Send;
+    /// The paged latent cache: `[layers, blocks, block_size, W]`.
+    type Cache: Send;
+
+    /// Human-readable description (device, dtype).
+    fn describe(&self) -> String;
+
+    /// Prepares a checkpoint tensor for compute (no copy where the device allows it).
+    fn load_weight(&self, view: &TensorView) -> Result<Self::Weight>;
+    /// Allocates an activation buffer of `len` values.
+    fn alloc(&self, len: usize) -> Result<Self::Buffer>;
+    /// Allocates the paged latent cache.
+    fn alloc_cache(&self, spec: CacheSpec) -> Result<Self::Cache>;
+
+    /// `out[t] = table[ids[t]]`: table `[V, D]`, out `[T, D]`.
+    fn embed(&self, table: &Self::Weight, ids: &[u32], out: &mut Self::Buffer) -> Result<()>;
+
+    /// RMSNorm of `rows` rows of width `dim`: `out = w * (x / rms(x))`, statistics in f32.
+    fn rms_norm(
+        &self,
+        x: &Self::Buffer,
+        weight: &Self::Weight,
+        eps: f32,
+        rows: usize,
+        out: &mut Self::Buffer,
+    ) -> Result<()>;
+
+    /// `out[rows, N] = x[rows, K] · wᵀ` for `w` `[N, K]`.
+    fn linear(
+        &self,
+        x: &Self::Buffer,
+        rows: usize,
+        w: &Self::Weight,
+        out: &mut Self::Buffer,
+    ) -> Result<()>;
+
+    /// `acc[i] += x[i]` for the first `len` values (the residual add).
+    fn add_assign(&self, acc: &mut Self::Buffer, x: &Self::Buffer, len: usize) -> Result<()>;
+
+    /// Applies RoPE in place to the last `Dr` values of each of the `H` heads of `q`
+    /// `[T, H, Dn + Dr]`.
+    fn rope_queries(&self, q: &mut Self::Buffer, dims: MlaDims, angles: RopeAngles<'_>)
+        -> Result<()>;
+
+    /// From `kv_a` `[T, C + Dr]` (output of `kv_a_proj_with_mqa`): normalizes the latent
+    /// with `kv_a_layernorm`, rotates the RoPE key, and writes both to `slots` of `layer`.
+    #[allow(clippy::too_many_arguments)]
+    fn mla_write_cache(
+        &self,
+        kv_a: &Self::Buffer,
+        kv_norm: &Self::Weight,
+        eps: f32,
+        angles: RopeAngles<'_>,
+        slots: &[u32],
+        layer: usize,
+        cache: &mut Self::Cache,
+    ) -> Result<()>;
+
+    /// Causal attention of every sequence's new tokens over its cached latents; writes
+    /// `out` `[T, H * Dv]` (heads concatenated, ready for `o_proj`).
+    fn mla_attention(&self, args: MlaAttention<'_, Self>, out: &mut Self::Buffer) -> Result<()>;
+
+    /// A SwiGLU MLP over `rows` tokens: `out [rows, D]`.
+    fn mlp(
+        &self,
+        x: &Self::Buffer,
+        rows: usize,
+        mlp: &Mlp<Self::Weight>,
+        out: &mut Self::Buffer,
+    ) -> Result<()>;
+
+    /// DeepSeekMoE over `rows` tokens: router in f32, top-k routing, the chosen experts'
+    /// weighted sum in f32, plus the shared experts; `out [rows, D]`.
+    fn moe(
+        &self,
+        x: &Self::Buffer,
+        rows: usize,
+        moe: &MoeWeights<Self::Weight>,
+        out: &mut Self::Buffer,
+    ) -> Result<()>;
+
+    /// Logits of the chosen `rows` of `x` `[T, D]` through `lm_head` `[V, D]`, copied to
+    /// the host as f32 `[rows.len(), V]`.
+    fn logits(
+        &self,
+        x: &Self::Buffer,
+        rows: &[u32],
+        lm_head: &Self::Weight,
+        out: &mut [f32],
+    ) -> Result<()>;
+}

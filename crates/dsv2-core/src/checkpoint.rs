@@ -1,0 +1,565 @@
+//! Memory-mapped safetensors checkpoints in the HuggingFace hub layout.
+//!
+//! A checkpoint is one `model.safetensors` or the shards listed in
+//! `model.safetensors.index.json`. Files are memory-mapped and never copied: a
+//! [`TensorView`] is a typed window (dtype, shape, bytes) into a mapping. Headers are
+//! parsed here (not by the `safetensors` crate) so that a truncated or inconsistent file
+//! is reported with the name of the first tensor it breaks.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use half::{bf16, f16};
+use serde_json::Value;
+
+use crate::error::{CoreError, Result};
+
+/// Element type of a stored tensor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DType {
+    F32,
+    F16,
+    BF16,
+    /// A dtype the engine cannot compute with (e.g. `F8_E4M3`); rejected at validation.
+    Unsupported(String),
+}
+
+impl DType {
+    fn parse(s: &str) -> DType {
+        match s {
+            "F32" => DType::F32,
+            "F16" => DType::F16,
+            "BF16" => DType::BF16,
+            other => DType::Unsupported(other.to_string()),
+        }
+    }
+
+    /// Bytes per element, if the dtype is known.
+    pub fn size(&self) -> Option<usize> {
+        match self {
+            DType::F32 => Some(4),
+            DType::F16 | DType::BF16 => Some(2),
+            DType::Unsupported(s) => match s.as_str() {
+                "F64" | "I64" | "U64" => Some(8),
+                "I32" | "U32" => Some(4),
+                "I16" | "U16" => Some(2),
+                "I8" | "U8" | "BOOL" | "F8_E4M3" | "F8_E5M2" => Some(1),
+                _ => None,
+            },
+        }
+    }
+}
+
+impl std::fmt::Display for DType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DType::F32 => f.write_str("F32"),
+            DType::F16 => f.write_str("F16"),
+            DType::BF16 => f.write_str("BF16"),
+            DType::Unsupported(s) => f.write_str(s),
+        }
+    }
+}
+
+/// Shared, immutable bytes: a window into a memory map or an owned buffer.
+#[derive(Clone)]
+pub struct Bytes {
+    owner: Arc<dyn AsRef<[u8]> + Send + Sync>,
+    start: usize,
+    len: usize,
+}
+
+impl Bytes {
+    /// Wraps owned bytes, stored 4-byte aligned so any supported dtype can be viewed.
+    pub fn from_vec(bytes: Vec<u8>) -> Bytes {
+        let len = bytes.len();
+        let mut words = vec![0u32; len.div_ceil(4)];
+        bytemuck::cast_slice_mut::<u32, u8>(&mut words)[..len].copy_from_slice(&bytes);
+        Bytes {
+            owner: Arc::new(AlignedBytes { words, len }),
+            start: 0,
+            len,
+        }
+    }
+
+    /// The bytes.
+    pub fn as_slice(&self) -> &[u8] {
+        &(*self.owner).as_ref()[self.start..self.start + self.len]
+    }
+}
+
+struct AlignedBytes {
+    words: Vec<u32>,
+    len: usize,
+}
+
+impl AsRef<[u8]> for AlignedBytes {
+    fn as_ref(&self) -> &[u8] {
+        &bytemuck::cast_slice(&self.words)[..self.len]
+    }
+}
+
+struct Mapped(memmap2::Mmap);
+
+impl AsRef<[u8]> for Mapped {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+/// A typed view of one tensor: dtype, shape and the bytes in its file.
+#[derive(Clone)]
+pub struct TensorView {
+    pub name: String,
+    pub dtype: DType,
+    pub shape: Vec<usize>,
+    pub data: Bytes,
+    /// The file the tensor lives in (for error messages).
+    pub file: PathBuf,
+}
+
+impl std::fmt::Debug for TensorView {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {} {:?}", self.name, self.dtype, self.shape)
+    }
+}
+
+impl TensorView {
+    /// Makes an in-memory tensor (used by built-in and random-weight models).
+    pub fn owned(name: &str, dtype: DType, shape: Vec<usize>, bytes: Vec<u8>) -> TensorView {
+        TensorView {
+            name: name.to_string(),
+            dtype,
+            shape,
+            data: Bytes::from_vec(bytes),
+            file: PathBuf::from("<in memory>"),
+        }
+    }
+
+    /// Number of elements.
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// The elements as bf16. Panics if the dtype differs (checked at load).
+    pub fn as_bf16(&self) -> &[bf16] {
+        assert_eq!(self.dtype, DType::BF16, "{}", self.name);
+        bytemuck::cast_slice(self.data.as_slice())
+    }
+
+    /// The elements as f16. Panics if the dtype differs (checked at load).
+    pub fn as_f16(&self) -> &[f16] {
+        assert_eq!(self.dtype, DType::F16, "{}", self.name);
+        bytemuck::cast_slice(self.data.as_slice())
+    }
+
+    /// The elements as f32. Panics if the dtype differs (checked at load).
+    pub fn as_f32(&self) -> &[f32] {
+        assert_eq!(self.dtype, DType::F32, "{}", self.name);
+        bytemuck::cast_slice(self.data.as_slice())
+    }
+
+    /// Copies the elements out as f32 (for small tensors such as norm weights).
+    pub fn to_f32_vec(&self) -> Vec<f32> {
+        match self.dtype {
+            DType::F32 => self.as_f32().to_vec(),
+            DType::F16 => self.as_f16().iter().map(|x| x.to_f32()).collect(),
+            DType::BF16 => self.as_bf16().iter().map(|x| x.to_f32()).collect(),
+            DType::Unsupported(_) => panic!("{}: unsupported dtype", self.name),
+        }
+    }
+}
+
+/// A tensor the config implies: its name and shape.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExpectedTensor {
+    pub name: String,
+    pub shape: Vec<usize>,
+}
+
+/// All tensors of a checkpoint, by name.
+pub struct Checkpoint {
+    root: PathBuf,
+    tensors: HashMap<String, TensorView>,
+}
+
+/// Name of the single-file checkpoint.
+pub const SINGLE_FILE: &str = "model.safetensors";
+/// Name of the shard index.
+pub const INDEX_FILE: &str = "model.safetensors.index.json";
+
+impl Checkpoint {
+    /// Opens the safetensors files of the model folder `dir` (memory-mapped).
+    ///
+    /// # Errors
+    /// A missing file, a malformed or truncated header, or a tensor whose bytes run past
+    /// the end of its file, named with the tensor and the file.
+    pub fn open(dir: &Path) -> Result<Checkpoint> {
+        let index_path = dir.join(INDEX_FILE);
+        let single_path = dir.join(SINGLE_FILE);
+        let mut tensors = HashMap::new();
+        if index_path.exists() {
+            let text = std::fs::read_to_string(&index_path).map_err(|source| CoreError::Io {
+                path: index_path.clone(),
+                source,
+            })?;
+            let index: Value = serde_json::from_str(&text).map_err(|source| CoreError::Json {
+                path: index_path.clone(),
+                source,
+            })?;
+            let weight_map = index
+                .get("weight_map")
+                .and_then(Value::as_object)
+                .ok_or_else(|| CoreError::Checkpoint {
+                    path: index_path.clone(),
+                    problem: "no `weight_map` object".into(),
+                })?;
+            let mut by_file: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+            for (name, file) in weight_map {
+                let file = file.as_str().ok_or_else(|| CoreError::Checkpoint {
+                    path: index_path.clone(),
+                    problem: format!("weight_map entry `{name}` is not a file name"),
+                })?;
+                by_file.entry(file).or_default().push(name);
+            }
+            for (file, names) in by_file {
+                let path = dir.join(file);
+                if !path.exists() {
+                    return Err(CoreError::Tensor {
+                        file: path,
+                        tensor: names[0].to_string(),
+                        problem: format!(
+                            "shard listed in {INDEX_FILE} is missing ({} tensors live there)",
+                            names.len()
+                        ),
+                    });
+                }
+                let shard = read_safetensors(&path)?;
+                for name in names {
+                    if !shard.contains_key(name) {
+                        return Err(CoreError::Tensor {
+                            file: path.clone(),
+                            tensor: name.to_string(),
+                            problem: format!("listed in {INDEX_FILE} but not in this shard"),
+                        });
+                    }
+                }
+                tensors.extend(shard);
+            }
+        } else if single_path.exists() {
+            tensors = read_safetensors(&single_path)?;
+        } else {
+            return Err(CoreError::Checkpoint {
+                path: dir.to_path_buf(),
+                problem: format!("neither {SINGLE_FILE} nor {INDEX_FILE} found"),
+            });
+        }
+        Ok(Checkpoint {
+            root: dir.to_path_buf(),
+            tensors,
+        })
+    }
+
+    /// Wraps in-memory tensors (built-in and random-weight models).
+    pub fn from_tensors(label: &str, list: Vec<TensorView>) -> Checkpoint {
+        Checkpoint {
+            root: PathBuf::from(label),
+            tensors: list.into_iter().map(|t| (t.name.clone(), t)).collect(),
+        }
+    }
+
+    /// Where the checkpoint came from.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Number of tensors.
+    pub fn len(&self) -> usize {
+        self.tensors.len()
+    }
+
+    /// True if the checkpoint has no tensors.
+    pub fn is_empty(&self) -> bool {
+        self.tensors.is_empty()
+    }
+
+    /// Looks a tensor up by name.
+    pub fn get(&self, name: &str) -> Option<&TensorView> {
+        self.tensors.get(name)
+    }
+
+    /// Checks every expected tensor for presence, shape and a supported dtype.
+    ///
+    /// # Errors
+    /// The first missing, misshapen or unsupported tensor, with its file.
+    pub fn validate(&self, expected: &[ExpectedTensor]) -> Result<()> {
+        for want in expected {
+            let Some(have) = self.tensors.get(&want.name) else {
+                let hint = self.fused_expert_hint(&want.name);
+                return Err(CoreError::Tensor {
+                    file: self.root.clone(),
+                    tensor: want.name.clone(),
+                    problem: format!("missing from the checkpoint{hint}"),
+                });
+            };
+            if have.shape != want.shape {
+                return Err(CoreError::Tensor {
+                    file: have.file.clone(),
+                    tensor: want.name.clone(),
+                    problem: format!(
+                        "shape {:?} does not match {:?} implied by config.json",
+                        have.shape, want.shape
+                    ),
+                });
+            }
+            if let DType::Unsupported(d) = &have.dtype {
+                return Err(CoreError::Tensor {
+                    file: have.file.clone(),
+                    tensor: want.name.clone(),
+                    problem: format!("dtype {d} is not supported (BF16, F16 or F32)"),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn fused_expert_hint(&self, name: &str) -> String {
+        let Some(pos) = name.find(".mlp.experts.") else {
+            return String::new();
+        };
+        let fused = format!("{}.mlp.experts.gate_up_proj", &name[..pos]);
+        if self.tensors.contains_key(&fused) {
+            format!(
+                " (found fused `{fused}`, the transformers>=5 save format; dsv2 reads the hub's \
+                 per-expert tensors `experts.N.gate_proj/up_proj/down_proj`)"
+            )
+        } else {
+            String::new()
+        }
+    }
+
+    /// Returns a tensor that [`validate`](Self::validate) has checked.
+    ///
+    /// # Errors
+    /// The tensor is missing.
+    pub fn tensor(&self, name: &str) -> Result<&TensorView> {
+        self.tensors.get(name).ok_or_else(|| CoreError::Tensor {
+            file: self.root.clone(),
+            tensor: name.to_string(),
+            problem: "missing from the checkpoint".into(),
+        })
+    }
+}
+
+/// Parses one safetensors file's header and maps its data.
+fn read_safetensors(path: &Path) -> Result<HashMap<String, TensorView>> {
+    let io_err = |source| CoreError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let file = File::open(path).map_err(io_err)?;
+    // SAFETY: the mapping is read-only; a checkpoint modified while mapped is outside
+    // what we can guard against (as in every mmap-based loader).
+    let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(io_err)?;
+    let file_len = mmap.len();
+    let bad = |problem: String| CoreError::Checkpoint {
+        path: path.to_path_buf(),
+        problem,
+    };
+    if file_len < 8 {
+        return Err(bad(format!(
+            "file has {file_len} bytes, too short for a safetensors header (truncated?)"
+        )));
+    }
+    let header_len = u64::from_le_bytes(mmap[..8].try_into().expect("8 bytes")) as usize;
+    if header_len > file_len - 8 {
+        return Err(bad(format!(
+            "header claims {header_len} bytes but the file has {file_len} (truncated?)"
+        )));
+    }
+    let header: Value = serde_json::from_slice(&mmap[8..8 + header_len])
+        .map_err(|e| bad(format!("malformed safetensors header: {e}")))?;
+    let header = header
+        .as_object()
+        .ok_or_else(|| bad("safetensors header is not a JSON object".into()))?;
+    let data_start = 8 + header_len;
+    let owner: Arc<dyn AsRef<[u8]> + Send + Sync> = Arc::new(Mapped(mmap));
+    let mut out = HashMap::with_capacity(header.len());
+    for (name, info) in header {
+        if name == "__metadata__" {
+            continue;
+        }
+        let tensor_err = |problem: String| CoreError::Tensor {
+            file: path.to_path_buf(),
+            tensor: name.clone(),
+            problem,
+        };
+        let dtype = info
+            .get("dtype")
+            .and_then(Value::as_str)
+            .map(DType::parse)
+            .ok_or_else(|| tensor_err("header entry has no dtype".into()))?;
+        let shape: Vec<usize> = info
+            .get("shape")
+            .and_then(Value::as_array)
+            .and_then(|dims| dims.iter().map(|d| d.as_u64().map(|d| d as usize)).collect())
+            .ok_or_else(|| tensor_err("header entry has no valid shape".into()))?;
+        let offsets: Vec<usize> = info
+            .get("data_offsets")
+            .and_then(Value::as_array)
+            .and_then(|o| o.iter().map(|d| d.as_u64().map(|d| d as usize)).collect())
+            .filter(|o: &Vec<usize>| o.len() == 2 && o[0] <= o[1])
+            .ok_or_else(|| tensor_err("header entry has no valid data_offsets".into()))?;
+        let (begin, end) = (offsets[0], offsets[1]);
+        if let Some(size) = dtype.size() {
+            let want = shape.iter().product::<usize>() * size;
+            if want != end - begin {
+                return Err(tensor_err(format!(
+                    "shape {shape:?} of {dtype} needs {want} bytes but data_offsets span {}",
+                    end - begin
+                )));
+            }
+        }
+        if data_start + end > file_len {
+            return Err(tensor_err(format!(
+                "data ends at byte {} but the file has {file_len} bytes (truncated?)",
+                data_start + end
+            )));
+        }
+        let mut data = Bytes {
+            owner: owner.clone(),
+            start: data_start + begin,
+            len: end - begin,
+        };
+        // Views are cast to typed slices; a misaligned tensor (odd header padding) is
+        // copied once into an aligned buffer rather than read unaligned.
+        if (data.as_slice().as_ptr() as usize) % dtype.size().unwrap_or(1).min(4) != 0 {
+            data = Bytes::from_vec(data.as_slice().to_vec());
+        }
+        out.insert(
+            name.clone(),
+            TensorView {
+                name: name.clone(),
+                dtype,
+                shape,
+                data,
+                file: path.to_path_buf(),
+            },
+        );
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use safetensors::tensor::{Dtype, TensorView as StView};
+
+    fn write_file(path: &Path, tensors: &[(&str, Dtype, Vec<usize>, Vec<u8>)]) {
+        let views: Vec<(String, StView)> = tensors
+            .iter()
+            .map(|(n, d, s, b)| (n.to_string(), StView::new(*d, s.clone(), b).unwrap()))
+            .collect();
+        safetensors::serialize_to_file(views, None, path).unwrap();
+    }
+
+    fn tmpdir(tag: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("dsv2-ckpt-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    fn expect(name: &str, shape: &[usize]) -> ExpectedTensor {
+        ExpectedTensor {
+            name: name.into(),
+            shape: shape.to_vec(),
+        }
+    }
+
+    #[test]
+    fn reads_single_file_and_checks_shapes() {
+        let dir = tmpdir("single");
+        let a: Vec<u8> = [1.5f32, -2.0, 3.25, 0.0]
+            .iter()
+            .flat_map(|x| x.to_le_bytes())
+            .collect();
+        let b: Vec<u8> = [bf16::from_f32(0.5), bf16::from_f32(-1.0)]
+            .iter()
+            .flat_map(|x| x.to_bits().to_le_bytes())
+            .collect();
+        write_file(
+            &dir.join(SINGLE_FILE),
+            &[
+                ("a", Dtype::F32, vec![2, 2], a),
+                ("b", Dtype::BF16, vec![2], b),
+            ],
+        );
+        let ck = Checkpoint::open(&dir).unwrap();
+        assert_eq!(ck.get("a").unwrap().as_f32(), &[1.5, -2.0, 3.25, 0.0]);
+        assert_eq!(ck.get("b").unwrap().to_f32_vec(), vec![0.5, -1.0]);
+        ck.validate(&[expect("a", &[2, 2]), expect("b", &[2])])
+            .unwrap();
+        let e = ck.validate(&[expect("a", &[4])]).unwrap_err().to_string();
+        assert!(e.contains("`a`") && e.contains("shape [2, 2]"), "{e}");
+        let e = ck.validate(&[expect("c", &[1])]).unwrap_err().to_string();
+        assert!(e.contains("`c`: missing"), "{e}");
+    }
+
+    #[test]
+    fn truncated_file_names_the_tensor() {
+        let dir = tmpdir("trunc");
+        let path = dir.join(SINGLE_FILE);
+        write_file(
+            &path,
+            &[
+                ("first", Dtype::F32, vec![4], vec![0u8; 16]),
+                ("second", Dtype::F32, vec![64], vec![0u8; 256]),
+            ],
+        );
+        let full = std::fs::read(&path).unwrap();
+        std::fs::write(&path, &full[..full.len() - 10]).unwrap();
+        let e = Checkpoint::open(&dir).err().unwrap().to_string();
+        assert!(e.contains("`second`") && e.contains("truncated"), "{e}");
+        std::fs::write(&path, &full[..20]).unwrap();
+        let e = Checkpoint::open(&dir).err().unwrap().to_string();
+        assert!(e.contains("truncated"), "{e}");
+    }
+
+    #[test]
+    fn sharded_index_and_missing_shard() {
+        let dir = tmpdir("shards");
+        write_file(
+            &dir.join("model-00001-of-00002.safetensors"),
+            &[("x", Dtype::F32, vec![1], vec![0u8; 4])],
+        );
+        write_file(
+            &dir.join("model-00002-of-00002.safetensors"),
+            &[("y", Dtype::F16, vec![2], vec![0u8; 4])],
+        );
+        let index = serde_json::json!({"metadata": {}, "weight_map": {
+            "x": "model-00001-of-00002.safetensors",
+            "y": "model-00002-of-00002.safetensors"}});
+        std::fs::write(dir.join(INDEX_FILE), index.to_string()).unwrap();
+        let ck = Checkpoint::open(&dir).unwrap();
+        assert_eq!(ck.len(), 2);
+        assert_eq!(ck.get("y").unwrap().dtype, DType::F16);
+        std::fs::remove_file(dir.join("model-00002-of-00002.safetensors")).unwrap();
+        let e = Checkpoint::open(&dir).err().unwrap().to_string();
+        assert!(e.contains("model-00002-of-00002") && e.contains("`y`"), "{e}");
+    }
+
+    #[test]
+    fn unsupported_dtype_is_named() {
+        let dir = tmpdir("dtype");
+        write_file(
+            &dir.join(SINGLE_FILE),
+            &[("q", Dtype::I8, vec![4], vec![0u8; 4])],
+        );
+        let ck = Checkpoint::open(&dir).unwrap();
+        let e = ck.validate(&[expect("q", &[4])]).unwrap_err().to_string();
+        assert!(e.contains("`q`") && e.contains("I8"), "{e}");
+    }
+}

@@ -1,0 +1,150 @@
+//! MLA attention over the paged latent cache, in its two formulations.
+//!
+//! Both read only the cache: per token `C` normalized latent values and `Dr` rotated
+//! RoPE key values. *Expanded* re-derives per-head keys and values with `kv_b_proj` (the
+//! prefill path); *absorbed* folds `W_UK` into the query and applies `W_UV` after the
+//! weighted sum of latents (the decode path). They are equal up to f32 rounding.
+
+use dsv2_backend::{AttentionPath, MlaAttention, MlaDims, SeqSlice};
+use rayon::prelude::*;
+
+use crate::kernels::{axpy, dot, round_bf16, SyncPtr};
+use crate::{with_elems, CpuBackend, CpuCache};
+
+pub(crate) fn mla_attention(be: &CpuBackend, args: MlaAttention<'_, CpuBackend>, out: &mut [f32]) {
+    for seq in &args.batch.seqs {
+        let path = match args.path {
+            AttentionPath::Auto if seq.query_len == 1 => AttentionPath::Absorbed,
+            AttentionPath::Auto => AttentionPath::Expanded,
+            p => p,
+        };
+        match path {
+            AttentionPath::Absorbed => absorbed(be, &args, seq, out),
+            _ => expanded(be, &args, seq, out),
+        }
+    }
+}
+
+/// Cache slot of position `pos` of a sequence.
+fn slot(seq: &SeqSlice, block_size: usize, pos: usize) -> usize {
+    seq.block_table[pos / block_size] as usize * block_size + pos % block_size
+}
+
+/// Softmax over `scores` (already scaled), with bf16 rounding of the probabilities when
+/// the backend computes in bf16.
+fn softmax(be: &CpuBackend, scores: &mut [f32]) {
+    dsv2_backend::routing::softmax_in_place(scores);
+    be.round(scores);
+}
+
+fn scale_score(be: &CpuBackend, raw: f32, scale: f32) -> f32 {
+    if be.bf16() {
+        round_bf16(round_bf16(raw) * scale)
+    } else {
+        raw * scale
+    }
+}
+
+fn expanded(be: &CpuBackend, args: &MlaAttention<'_, CpuBackend>, seq: &SeqSlice, out: &mut [f32]) {
+    let d: MlaDims = args.dims;
+    let cache: &CpuCache = args.cache;
+    let bs = cache.spec().block_size;
+    let (c, dr, dn, dv, h) = (d.kv_lora_rank, d.rope_dim, d.nope_dim, d.v_dim, d.num_heads);
+    let s_len = seq.context_len;
+    let past = s_len - seq.query_len;
+    // Gather the context's latents and RoPE keys, then expand keys and values per head.
+    let mut latents = vec![0.0f32; s_len * c];
+    let mut k_pe = vec![0.0f32; s_len * dr];
+    for pos in 0..s_len {
+        let row = cache.row(args.layer, slot(seq, bs, pos));
+        latents[pos * c..(pos + 1) * c].copy_from_slice(&row[..c]);
+        k_pe[pos * dr..(pos + 1) * dr].copy_from_slice(&row[c..]);
+    }
+    let kv_w = h * (dn + dv);
+    let mut kv = vec![0.0f32; s_len * kv_w];
+    args.kv_b_proj.matmul(&latents, s_len, &mut kv);
+    be.round(&mut kv);
+
+    let qd = d.q_head_dim();
+    let out_ptr = SyncPtr(out.as_mut_ptr());
+    let out_row = h * dv;
+    (0..h).into_par_iter().for_each(|head| {
+        let out_ptr = out_ptr;
+        let mut scores = vec![0.0f32; s_len];
+        let mut acc = vec![0.0f32; dv];
+        for i in 0..seq.query_len {
+            let t = seq.query_start + i;
+            let q = &args.q[t * h * qd + head * qd..][..qd];
+            let visible = past + i + 1;
+            for (s, score) in scores[..visible].iter_mut().enumerate() {
+                let k_nope = &kv[s * kv_w + head * (dn + dv)..][..dn];
+                let raw = dot(k_nope, &q[..dn]) + dot(&k_pe[s * dr..(s + 1) * dr], &q[dn..]);
+                *score = scale_score(be, raw, d.softmax_scale);
+            }
+            softmax(be, &mut scores[..visible]);
+            acc.fill(0.0);
+            for (s, &p) in scores[..visible].iter().enumerate() {
+                axpy(p, &kv[s * kv_w + head * (dn + dv) + dn..][..dv], &mut acc);
+            }
+            be.round(&mut acc);
+            // SAFETY: row t, head `head` is written by this task only.
+            let dst = unsafe {
+                std::slice::from_raw_parts_mut(out_ptr.0.add(t * out_row + head * dv), dv)
+            };
+            dst.copy_from_slice(&acc);
+        }
+    });
+}
+
+fn absorbed(be: &CpuBackend, args: &MlaAttention<'_, CpuBackend>, seq: &SeqSlice, out: &mut [f32]) {
+    let d: MlaDims = args.dims;
+    let cache: &CpuCache = args.cache;
+    let bs = cache.spec().block_size;
+    let (c, dn, dv, h) = (d.kv_lora_rank, d.nope_dim, d.v_dim, d.num_heads);
+    let past = seq.context_len - seq.query_len;
+    let qd = d.q_head_dim();
+    let out_ptr = SyncPtr(out.as_mut_ptr());
+    let out_row = h * dv;
+    with_elems!(args.kv_b_proj, |kv_b| {
+        (0..h).into_par_iter().for_each(|head| {
+            let out_ptr = out_ptr;
+            let w_uk = |j: usize| &kv_b[(head * (dn + dv) + j) * c..][..c];
+            let w_uv = |j: usize| &kv_b[(head * (dn + dv) + dn + j) * c..][..c];
+            let mut q_lat = vec![0.0f32; c];
+            let mut o_lat = vec![0.0f32; c];
+            let mut scores = vec![0.0f32; seq.context_len];
+            for i in 0..seq.query_len {
+                let t = seq.query_start + i;
+                let q = &args.q[t * h * qd + head * qd..][..qd];
+                // q_lat = W_UK[head]ᵀ · q_nope: the query moved into latent space.
+                q_lat.fill(0.0);
+                for (j, &qv) in q[..dn].iter().enumerate() {
+                    axpy(qv, w_uk(j), &mut q_lat);
+                }
+                be.round(&mut q_lat);
+                let visible = past + i + 1;
+                for (s, score) in scores[..visible].iter_mut().enumerate() {
+                    let row = cache.row(args.layer, slot(seq, bs, s));
+                    let raw = dot(&row[..c], &q_lat) + dot(&row[c..], &q[dn..]);
+                    *score = scale_score(be, raw, d.softmax_scale);
+                }
+                softmax(be, &mut scores[..visible]);
+                // o_lat = Σ p_s c_s, then o = W_UV[head] · o_lat.
+                o_lat.fill(0.0);
+                for (s, &p) in scores[..visible].iter().enumerate() {
+                    let row = cache.row(args.layer, slot(seq, bs, s));
+                    axpy(p, &row[..c], &mut o_lat);
+                }
+                be.round(&mut o_lat);
+                // SAFETY: row t, head `head` is written by this task only.
+                let dst = unsafe {
+                    std::slice::from_raw_parts_mut(out_ptr.0.add(t * out_row + head * dv), dv)
+                };
+                for (j, o) in dst.iter_mut().enumerate() {
+                    *o = dot(w_uv(j), &o_lat);
+                }
+                be.round(dst);
+            }
+        })
+    });
+}

@@ -1,0 +1,243 @@
+//! Small numeric kernels: element conversion, dot products, the dense linear layer.
+//!
+//! Weights are read in their checkpoint dtype (bf16, f16 or f32) and widened to f32
+//! inside the kernel; activations are f32. `unsafe` here is limited to writing disjoint
+//! output ranges from several threads and to the `gemm` crate's raw-pointer interface.
+
+use half::{bf16, f16};
+use rayon::prelude::*;
+
+/// A stored weight element that widens to f32.
+pub trait Elem: Copy + Send + Sync + 'static {
+    fn to_f32(self) -> f32;
+}
+
+impl Elem for f32 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
+}
+
+impl Elem for bf16 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        f32::from_bits((self.to_bits() as u32) << 16)
+    }
+}
+
+impl Elem for f16 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        f16::to_f32(self)
+    }
+}
+
+/// Rounds an f32 to the nearest bf16 (ties to even) and back.
+#[inline(always)]
+pub fn round_bf16(x: f32) -> f32 {
+    bf16::from_f32(x).to_f32()
+}
+
+/// Rounds every value to bf16 in place.
+pub fn round_bf16_slice(x: &mut [f32]) {
+    x.iter_mut().for_each(|v| *v = round_bf16(*v));
+}
+
+/// `Σ w[i] * x[i]` with eight independent f32 accumulators (vectorizes well).
+#[inline]
+pub fn dot<E: Elem>(w: &[E], x: &[f32]) -> f32 {
+    debug_assert_eq!(w.len(), x.len());
+    let mut acc = [0.0f32; 8];
+    let wc = w.chunks_exact(8);
+    let xc = x.chunks_exact(8);
+    let (wr, xr) = (wc.remainder(), xc.remainder());
+    for (wv, xv) in wc.zip(xc) {
+        for j in 0..8 {
+            acc[j] += wv[j].to_f32() * xv[j];
+        }
+    }
+    let mut tail = 0.0f32;
+    for (a, b) in wr.iter().zip(xr) {
+        tail += a.to_f32() * b;
+    }
+    let s0 = (acc[0] + acc[4]) + (acc[1] + acc[5]);
+    let s1 = (acc[2] + acc[6]) + (acc[3] + acc[7]);
+    (s0 + s1) + tail
+}
+
+/// `y += a * w` (widening `w`).
+#[inline]
+pub fn axpy<E: Elem>(a: f32, w: &[E], y: &mut [f32]) {
+    for (yv, wv) in y.iter_mut().zip(w) {
+        *yv += a * wv.to_f32();
+    }
+}
+
+/// A raw pointer that may be shared across rayon tasks writing disjoint ranges.
+#[derive(Clone, Copy)]
+pub(crate) struct SyncPtr(pub *mut f32);
+// SAFETY: used only to write disjoint index ranges from parallel tasks.
+unsafe impl Send for SyncPtr {}
+unsafe impl Sync for SyncPtr {}
+
+/// Output rows per parallel task in [`linear`].
+const ROW_BLOCK: usize = 64;
+/// Up to this many input rows, [`linear`] uses dot products instead of a GEMM.
+const MATVEC_MAX_ROWS: usize = 4;
+
+/// `y[m, n] = x[m, k] · w[n, k]ᵀ`, parallel over blocks of `n`.
+///
+/// Few rows (decode) stream the weight once with dot products; more rows widen a block
+/// of weight rows to f32 and multiply it with the `gemm` crate.
+pub fn linear<E: Elem>(x: &[f32], m: usize, w: &[E], n: usize, k: usize, y: &mut [f32]) {
+    assert!(x.len() >= m * k && w.len() == n * k && y.len() >= m * n);
+    if m == 0 {
+        return;
+    }
+    let y_ptr = SyncPtr(y.as_mut_ptr());
+    let blocks = n.div_ceil(ROW_BLOCK);
+    if m <= MATVEC_MAX_ROWS {
+        (0..blocks).into_par_iter().for_each(|b| {
+            let y_ptr = y_ptr;
+            let (n0, n1) = (b * ROW_BLOCK, ((b + 1) * ROW_BLOCK).min(n));
+            for j in n0..n1 {
+                let wrow = &w[j * k..(j + 1) * k];
+                for i in 0..m {
+                    let v = dot(wrow, &x[i * k..(i + 1) * k]);
+                    // SAFETY: (i, j) is written by exactly one task; y holds m*n values.
+                    unsafe { *y_ptr.0.add(i * n + j) = v };
+                }
+            }
+        });
+        return;
+    }
+    (0..blocks).into_par_iter().for_each_init(Vec::new, |scratch: &mut Vec<f32>, b| {
+        let y_ptr = y_ptr;
+        let (n0, n1) = (b * ROW_BLOCK, ((b + 1) * ROW_BLOCK).min(n));
+        let nb = n1 - n0;
+        let wblock = &w[n0 * k..n1 * k];
+        let rhs: &[f32] = match as_f32(wblock) {
+            Some(f) => f,
+            None => {
+                scratch.clear();
+                scratch.extend(wblock.iter().map(|v| v.to_f32()));
+                scratch
+            }
+        };
+        // SAFETY: dst columns n0..n1 of every row belong to this task only; strides
+        // describe x [m,k] row-major, rhs as the [k,nb] transpose of a row-major [nb,k]
+        // block, and y [m,n] row-major.
+        unsafe {
+            gemm::gemm(
+                m,
+                nb,
+                k,
+                y_ptr.0.add(n0),
+                1,
+                n as isize,
+                false,
+                x.as_ptr(),
+                1,
+                k as isize,
+                rhs.as_ptr(),
+                k as isize,
+                1,
+                0.0f32,
+                1.0f32,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            );
+        }
+    });
+}
+
+fn as_f32<E: Elem>(w: &[E]) -> Option<&[f32]> {
+    if std::any::TypeId::of::<E>() == std::any::TypeId::of::<f32>() {
+        // SAFETY: E is f32 (checked above), so the cast is the identity.
+        Some(unsafe { std::slice::from_raw_parts(w.as_ptr() as *const f32, w.len()) })
+    } else {
+        None
+    }
+}
+
+/// `silu(x) = x / (1 + e^-x)` in f32.
+#[inline(always)]
+pub fn silu(x: f32) -> f32 {
+    x / (1.0 + (-x).exp())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A deterministic generator of test values in [-1, 1).
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+            })
+            .collect()
+    }
+
+    fn reference(x: &[f32], m: usize, w: &[f32], n: usize, k: usize) -> Vec<f64> {
+        let mut y = vec![0.0f64; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                y[i * n + j] = (0..k).map(|t| x[i * k + t] as f64 * w[j * k + t] as f64).sum();
+            }
+        }
+        y
+    }
+
+    fn check<E: Elem>(m: usize, n: usize, k: usize, conv: impl Fn(f32) -> E) {
+        let x = values(m * k, 1);
+        let w: Vec<E> = values(n * k, 2).into_iter().map(&conv).collect();
+        let wf: Vec<f32> = w.iter().map(|v| v.to_f32()).collect();
+        let mut y = vec![f32::NAN; m * n];
+        linear(&x, m, &w, n, k, &mut y);
+        let r = reference(&x, m, &wf, n, k);
+        for (a, b) in y.iter().zip(&r) {
+            assert!(
+                (*a as f64 - b).abs() <= 1e-5 * (k as f64).sqrt() * (1.0 + b.abs()),
+                "m={m} n={n} k={k}: {a} vs {b}"
+            );
+        }
+    }
+
+    #[test]
+    fn linear_matches_plain_reference_on_ragged_sizes() {
+        for &(m, n, k) in &[(1, 1, 1), (1, 130, 67), (3, 65, 1408), (5, 64, 33), (17, 200, 96)] {
+            check(m, n, k, |v| v);
+            check(m, n, k, bf16::from_f32);
+            check(m, n, k, f16::from_f32);
+        }
+    }
+
+    #[test]
+    fn dot_and_axpy_match_plain_loops() {
+        let w: Vec<bf16> = values(1411, 3).into_iter().map(bf16::from_f32).collect();
+        let x = values(1411, 4);
+        let plain: f64 = w.iter().zip(&x).map(|(a, b)| a.to_f64() * *b as f64).sum();
+        assert!((dot(&w, &x) as f64 - plain).abs() < 1e-4);
+        let mut y = x.clone();
+        axpy(0.5, &w, &mut y);
+        for i in 0..x.len() {
+            assert_eq!(y[i], x[i] + 0.5 * w[i].to_f32());
+        }
+    }
+
+    #[test]
+    fn bf16_rounding_is_nearest_even() {
+        assert_eq!(round_bf16(1.0), 1.0);
+        // 1 + 2^-8 is halfway between bf16 neighbours 1 and 1 + 2^-7: ties to even (1).
+        assert_eq!(round_bf16(1.0 + 1.0 / 256.0), 1.0);
+        assert_eq!(round_bf16(1.0 + 3.0 / 256.0), 1.0 + 4.0 / 256.0);
+    }
+}

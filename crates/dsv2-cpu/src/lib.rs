@@ -1,0 +1,349 @@
+//! The CPU backend: the reference implementation every other backend is checked against.
+//!
+//! [`CpuBackend`] implements [`dsv2_backend::Backend`] with f32 activations, weights read
+//! in their checkpoint dtype straight from the memory map ([`CpuWeight`]), GEMMs through
+//! the `gemm` crate and both cores through rayon. Created with
+//! [`ComputeDtype::Bf16`], it rounds each op's output to bf16 where the bf16 reference
+//! rounds.
+//!
+//! ```no_run
+//! use dsv2_backend::ComputeDtype;
+//! let backend = dsv2_cpu::CpuBackend::new(ComputeDtype::F32);
+//! ```
+
+mod attention;
+pub mod kernels;
+mod moe;
+
+use dsv2_backend::{
+    Backend, BackendError, CacheSpec, ComputeDtype, MlaAttention, MlaDims, Mlp, MoeWeights,
+    Result, RopeAngles,
+};
+use dsv2_core::{DType, TensorView};
+use half::{bf16, f16};
+use rayon::prelude::*;
+
+use kernels::{round_bf16, round_bf16_slice, Elem};
+
+/// A weight on the CPU: a view of the checkpoint bytes, never a converted copy.
+pub struct CpuWeight {
+    view: TensorView,
+    rows: usize,
+    cols: usize,
+    /// 1-D weights (norms) widened to f32 once at load: they are tiny and read per row.
+    vector: Option<Vec<f32>>,
+}
+
+/// The stored elements of a weight, by dtype.
+pub(crate) enum WeightData<'a> {
+    F32(&'a [f32]),
+    F16(&'a [f16]),
+    Bf16(&'a [bf16]),
+}
+
+/// Calls a generic body with the weight's typed elements.
+macro_rules! with_elems {
+    ($w:expr, |$s:ident| $body:expr) => {
+        match $w.data() {
+            $crate::WeightData::F32($s) => $body,
+            $crate::WeightData::F16($s) => $body,
+            $crate::WeightData::Bf16($s) => $body,
+        }
+    };
+}
+pub(crate) use with_elems;
+
+impl CpuWeight {
+    pub(crate) fn data(&self) -> WeightData<'_> {
+        match self.view.dtype {
+            DType::F32 => WeightData::F32(self.view.as_f32()),
+            DType::F16 => WeightData::F16(self.view.as_f16()),
+            DType::BF16 => WeightData::Bf16(self.view.as_bf16()),
+            DType::Unsupported(_) => unreachable!("rejected in load_weight"),
+        }
+    }
+
+    /// Rows of the `[rows, cols]` matrix (1 for a vector).
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Columns of the matrix (length of a vector).
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// Copies row `r` out as f32.
+    pub(crate) fn row_to(&self, r: usize, out: &mut [f32]) {
+        let c = self.cols;
+        with_elems!(self, |s| out
+            .iter_mut()
+            .zip(&s[r * c..(r + 1) * c])
+            .for_each(|(o, v)| *o = v.to_f32()))
+    }
+
+    /// `y[m, rows] = x[m, cols] · selfᵀ`.
+    pub(crate) fn matmul(&self, x: &[f32], m: usize, y: &mut [f32]) {
+        with_elems!(self, |s| kernels::linear(x, m, s, self.rows, self.cols, y))
+    }
+}
+
+/// The paged latent cache on the CPU: `[layers, blocks * block_size, W]` f32.
+pub struct CpuCache {
+    spec: CacheSpec,
+    data: Vec<f32>,
+}
+
+impl CpuCache {
+    /// The shape of the cache.
+    pub fn spec(&self) -> CacheSpec {
+        self.spec
+    }
+
+    /// The `W` cached values of `slot` in `layer`.
+    pub fn row(&self, layer: usize, slot: usize) -> &[f32] {
+        let w = self.spec.width();
+        let slots = self.spec.num_blocks * self.spec.block_size;
+        let at = (layer * slots + slot) * w;
+        &self.data[at..at + w]
+    }
+
+    fn row_mut(&mut self, layer: usize, slot: usize) -> &mut [f32] {
+        let w = self.spec.width();
+        let slots = self.spec.num_blocks * self.spec.block_size;
+        let at = (layer * slots + slot) * w;
+        &mut self.data[at..at + w]
+    }
+}
+
+/// The CPU implementation of [`Backend`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CpuBackend {
+    dtype: ComputeDtype,
+}
+
+impl CpuBackend {
+    /// A backend computing with the given activation precision.
+    pub fn new(dtype: ComputeDtype) -> Self {
+        CpuBackend { dtype }
+    }
+
+    /// True when outputs are rounded to bf16.
+    pub(crate) fn bf16(&self) -> bool {
+        self.dtype == ComputeDtype::Bf16
+    }
+
+    /// Rounds to bf16 when computing in bf16.
+    pub(crate) fn round(&self, x: &mut [f32]) {
+        if self.bf16() {
+            round_bf16_slice(x);
+        }
+    }
+
+    /// RMSNorm of one row, with the reference's rounding points.
+    pub(crate) fn rms_norm_row(&self, x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+        let mean_sq = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
+        let inv = 1.0 / (mean_sq + eps).sqrt();
+        if self.bf16() {
+            for ((o, v), g) in out.iter_mut().zip(x).zip(w) {
+                *o = round_bf16(g * round_bf16(v * inv));
+            }
+        } else {
+            for ((o, v), g) in out.iter_mut().zip(x).zip(w) {
+                *o = g * (v * inv);
+            }
+        }
+    }
+
+    /// Rotates adjacent pairs `(2i, 2i+1)` of `x` `[Dr]` by the angles of one token.
+    pub(crate) fn rope_row(&self, x: &mut [f32], cos: &[f32], sin: &[f32]) {
+        for i in 0..cos.len() {
+            let (a, b) = (x[2 * i], x[2 * i + 1]);
+            x[2 * i] = a * cos[i] - b * sin[i];
+            x[2 * i + 1] = a * sin[i] + b * cos[i];
+        }
+        self.round(x);
+    }
+
+    fn vector<'w>(&self, w: &'w CpuWeight) -> &'w [f32] {
+        w.vector
+            .as_deref()
+            .expect("a 1-D weight (checked against the config at load)")
+    }
+}
+
+impl Backend for CpuBackend {
+    type Weight = CpuWeight;
+    type Buffer = Vec<f32>;
+    type Cache = CpuCache;
+
+    fn describe(&self) -> String {
+        let dtype = match self.dtype {
+            ComputeDtype::F32 => "f32",
+            ComputeDtype::Bf16 => "bf16",
+        };
+        format!(
+            "cpu ({} threads, {dtype} activations)",
+            rayon::current_num_threads()
+        )
+    }
+
+    fn load_weight(&self, view: &TensorView) -> Result<CpuWeight> {
+        if let DType::Unsupported(d) = &view.dtype {
+            return Err(BackendError::Weight {
+                name: view.name.clone(),
+                problem: format!("dtype {d} is not supported"),
+            });
+        }
+        let (rows, cols, vector) = match view.shape.as_slice() {
+            [n] => (1, *n, Some(view.to_f32_vec())),
+            [r, c] => (*r, *c, None),
+            other => {
+                return Err(BackendError::Weight {
+                    name: view.name.clone(),
+                    problem: format!("expected a vector or matrix, got shape {other:?}"),
+                })
+            }
+        };
+        Ok(CpuWeight {
+            view: view.clone(),
+            rows,
+            cols,
+            vector,
+        })
+    }
+
+    fn alloc(&self, len: usize) -> Result<Vec<f32>> {
+        Ok(vec![0.0; len])
+    }
+
+    fn alloc_cache(&self, spec: CacheSpec) -> Result<CpuCache> {
+        let len = spec.num_layers * spec.num_blocks * spec.block_size * spec.width();
+        Ok(CpuCache {
+            spec,
+            data: vec![0.0; len],
+        })
+    }
+
+    fn embed(&self, table: &CpuWeight, ids: &[u32], out: &mut Vec<f32>) -> Result<()> {
+        let d = table.cols;
+        for (t, &id) in ids.iter().enumerate() {
+            if id as usize >= table.rows {
+                return Err(BackendError::Device {
+                    op: "embed",
+                    problem: format!("token id {id} >= vocabulary size {}", table.rows),
+                });
+            }
+            table.row_to(id as usize, &mut out[t * d..(t + 1) * d]);
+        }
+        Ok(())
+    }
+
+    fn rms_norm(
+        &self,
+        x: &Vec<f32>,
+        weight: &CpuWeight,
+        eps: f32,
+        rows: usize,
+        out: &mut Vec<f32>,
+    ) -> Result<()> {
+        let d = weight.cols;
+        let w = self.vector(weight);
+        out[..rows * d]
+            .par_chunks_mut(d)
+            .zip(x[..rows * d].par_chunks(d))
+            .for_each(|(o, xr)| self.rms_norm_row(xr, w, eps, o));
+        Ok(())
+    }
+
+    fn linear(&self, x: &Vec<f32>, rows: usize, w: &CpuWeight, out: &mut Vec<f32>) -> Result<()> {
+        w.matmul(x, rows, out);
+        self.round(&mut out[..rows * w.rows]);
+        Ok(())
+    }
+
+    fn add_assign(&self, acc: &mut Vec<f32>, x: &Vec<f32>, len: usize) -> Result<()> {
+        for (a, b) in acc[..len].iter_mut().zip(&x[..len]) {
+            *a += b;
+        }
+        self.round(&mut acc[..len]);
+        Ok(())
+    }
+
+    fn rope_queries(&self, q: &mut Vec<f32>, dims: MlaDims, angles: RopeAngles<'_>) -> Result<()> {
+        let (qd, half) = (dims.q_head_dim(), dims.rope_dim / 2);
+        let row = dims.num_heads * qd;
+        let tokens = angles.cos.len() / half;
+        for t in 0..tokens {
+            let (cos, sin) = (
+                &angles.cos[t * half..(t + 1) * half],
+                &angles.sin[t * half..(t + 1) * half],
+            );
+            for h in 0..dims.num_heads {
+                let at = t * row + h * qd + dims.nope_dim;
+                self.rope_row(&mut q[at..at + dims.rope_dim], cos, sin);
+            }
+        }
+        Ok(())
+    }
+
+    fn mla_write_cache(
+        &self,
+        kv_a: &Vec<f32>,
+        kv_norm: &CpuWeight,
+        eps: f32,
+        angles: RopeAngles<'_>,
+        slots: &[u32],
+        layer: usize,
+        cache: &mut CpuCache,
+    ) -> Result<()> {
+        let c = cache.spec.kv_lora_rank;
+        let w = cache.spec.width();
+        let half = cache.spec.rope_dim / 2;
+        let norm = self.vector(kv_norm);
+        for (t, &slot) in slots.iter().enumerate() {
+            let src = &kv_a[t * w..(t + 1) * w];
+            let dst = cache.row_mut(layer, slot as usize);
+            self.rms_norm_row(&src[..c], norm, eps, &mut dst[..c]);
+            dst[c..].copy_from_slice(&src[c..]);
+            self.rope_row(
+                &mut dst[c..],
+                &angles.cos[t * half..(t + 1) * half],
+                &angles.sin[t * half..(t + 1) * half],
+            );
+        }
+        Ok(())
+    }
+
+    fn mla_attention(&self, args: MlaAttention<'_, Self>, out: &mut Vec<f32>) -> Result<()> {
+        attention::mla_attention(self, args, out);
+        Ok(())
+    }
+
+    fn mlp(&self, x: &Vec<f32>, rows: usize, mlp: &Mlp<CpuWeight>, out: &mut Vec<f32>) -> Result<()> {
+        moe::mlp_rows(self, x, rows, mlp, out);
+        Ok(())
+    }
+
+    fn moe(
+        &self,
+        x: &Vec<f32>,
+        rows: usize,
+        moe: &MoeWeights<CpuWeight>,
+        out: &mut Vec<f32>,
+    ) -> Result<()> {
+        moe::moe(self, x, rows, moe, out);
+        Ok(())
+    }
+
+    fn logits(&self, x: &Vec<f32>, rows: &[u32], lm_head: &CpuWeight, out: &mut [f32]) -> Result<()> {
+        let (d, v) = (lm_head.cols, lm_head.rows);
+        let mut gathered = Vec::with_capacity(rows.len() * d);
+        for &r in rows {
+            gathered.extend_from_slice(&x[r as usize * d..(r as usize + 1) * d]);
+        }
+        lm_head.matmul(&gathered, rows.len(), &mut out[..rows.len() * v]);
+        self.round(&mut out[..rows.len() * v]);
+        Ok(())
+    }
+}
