@@ -308,8 +308,12 @@ pub trait Backend: Send + Sync {
 
     /// Applies RoPE in place to the last `Dr` values of each of the `H` heads of `q`
     /// `[T, H, Dn + Dr]`.
-    fn rope_queries(&self, q: &mut Self::Buffer, dims: MlaDims, angles: RopeAngles<'_>)
-        -> Result<()>;
+    fn rope_queries(
+        &self,
+        q: &mut Self::Buffer,
+        dims: MlaDims,
+        angles: RopeAngles<'_>,
+    ) -> Result<()>;
 
     /// From `kv_a` `[T, C + Dr]` (output of `kv_a_proj_with_mqa`): normalizes the latent
     /// with `kv_a_layernorm`, rotates the RoPE key, and writes both to `slots` of `layer`.

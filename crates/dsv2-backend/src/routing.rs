@@ -122,7 +122,12 @@ mod tests {
             0.15, 0.03, 0.03, // group 3: max .15
         ];
         let (mut ids, mut w) = ([0u32; 3], [0f32; 3]);
-        route_token(&probs, &routing(3, Some((4, 2)), false, 16.0), &mut ids, &mut w);
+        route_token(
+            &probs,
+            &routing(3, Some((4, 2)), false, 16.0),
+            &mut ids,
+            &mut w,
+        );
         // Best three among groups 1 and 3 only: 3 (.20), 9 (.15), then 10 (.03, lower
         // index than 11 on the tie).
         assert_eq!(ids, [3, 9, 10]);

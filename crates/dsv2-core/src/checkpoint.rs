@@ -404,7 +404,11 @@ fn read_safetensors(path: &Path) -> Result<HashMap<String, TensorView>> {
         let shape: Vec<usize> = info
             .get("shape")
             .and_then(Value::as_array)
-            .and_then(|dims| dims.iter().map(|d| d.as_u64().map(|d| d as usize)).collect())
+            .and_then(|dims| {
+                dims.iter()
+                    .map(|d| d.as_u64().map(|d| d as usize))
+                    .collect()
+            })
             .ok_or_else(|| tensor_err("header entry has no valid shape".into()))?;
         let offsets: Vec<usize> = info
             .get("data_offsets")
@@ -548,7 +552,10 @@ mod tests {
         assert_eq!(ck.get("y").unwrap().dtype, DType::F16);
         std::fs::remove_file(dir.join("model-00002-of-00002.safetensors")).unwrap();
         let e = Checkpoint::open(&dir).err().unwrap().to_string();
-        assert!(e.contains("model-00002-of-00002") && e.contains("`y`"), "{e}");
+        assert!(
+            e.contains("model-00002-of-00002") && e.contains("`y`"),
+            "{e}"
+        );
     }
 
     #[test]

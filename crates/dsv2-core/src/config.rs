@@ -375,13 +375,18 @@ fn parse_moe(obj: &Map<String, Value>, num_layers: usize) -> Result<Option<MoeCo
         other => {
             return Err(CoreError::config(
                 "topk_method",
-                format!("`{other}` is not supported (`greedy`, `gready` or `group_limited_greedy`)"),
+                format!(
+                    "`{other}` is not supported (`greedy`, `gready` or `group_limited_greedy`)"
+                ),
             ))
         }
     };
     let moe_layer_freq = opt_usize(obj, "moe_layer_freq")?.unwrap_or(1);
     if moe_layer_freq == 0 {
-        return Err(CoreError::config("moe_layer_freq", "must be greater than 0"));
+        return Err(CoreError::config(
+            "moe_layer_freq",
+            "must be greater than 0",
+        ));
     }
     let first_k_dense_replace = opt_usize(obj, "first_k_dense_replace")?.unwrap_or(0);
     if first_k_dense_replace > num_layers {
@@ -410,8 +415,9 @@ fn parse_token_ids(obj: &Map<String, Value>, key: &str) -> Result<Vec<u32>> {
             .iter()
             .map(|v| value_u32(v).ok_or_else(|| CoreError::config(key, "expected token ids")))
             .collect(),
-        Some(v) => Ok(vec![value_u32(v)
-            .ok_or_else(|| CoreError::config(key, "expected a token id or a list of them"))?]),
+        Some(v) => Ok(vec![value_u32(v).ok_or_else(|| {
+            CoreError::config(key, "expected a token id or a list of them")
+        })?]),
     }
 }
 

@@ -94,22 +94,29 @@ mod tests {
 
     #[test]
     fn v2_lite_inventory_matches_the_real_index() {
-        let config = ModelConfig::from_json_str(include_str!(
-            "../testdata/deepseek-v2-lite-config.json"
-        ))
-        .unwrap();
+        let config =
+            ModelConfig::from_json_str(include_str!("../testdata/deepseek-v2-lite-config.json"))
+                .unwrap();
         let expected = expected_tensors(&config);
-        let index: serde_json::Value = serde_json::from_str(include_str!(
-            "../testdata/deepseek-v2-lite-index.json"
-        ))
-        .unwrap();
+        let index: serde_json::Value =
+            serde_json::from_str(include_str!("../testdata/deepseek-v2-lite-index.json")).unwrap();
         let map = index["weight_map"].as_object().unwrap();
         assert_eq!(expected.len(), map.len());
         for e in &expected {
-            assert!(map.contains_key(&e.name), "{} not in the real index", e.name);
+            assert!(
+                map.contains_key(&e.name),
+                "{} not in the real index",
+                e.name
+            );
         }
         // Parameter count of V2-Lite = total_size / 2 bytes (bf16).
-        let params: usize = expected.iter().map(|e| e.shape.iter().product::<usize>()).sum();
-        assert_eq!(params * 2, index["metadata"]["total_size"].as_u64().unwrap() as usize);
+        let params: usize = expected
+            .iter()
+            .map(|e| e.shape.iter().product::<usize>())
+            .sum();
+        assert_eq!(
+            params * 2,
+            index["metadata"]["total_size"].as_u64().unwrap() as usize
+        );
     }
 }

@@ -112,46 +112,48 @@ pub fn linear<E: Elem>(x: &[f32], m: usize, w: &[E], n: usize, k: usize, y: &mut
         });
         return;
     }
-    (0..blocks).into_par_iter().for_each_init(Vec::new, |scratch: &mut Vec<f32>, b| {
-        let y_ptr = y_ptr;
-        let (n0, n1) = (b * ROW_BLOCK, ((b + 1) * ROW_BLOCK).min(n));
-        let nb = n1 - n0;
-        let wblock = &w[n0 * k..n1 * k];
-        let rhs: &[f32] = match as_f32(wblock) {
-            Some(f) => f,
-            None => {
-                scratch.clear();
-                scratch.extend(wblock.iter().map(|v| v.to_f32()));
-                scratch
+    (0..blocks)
+        .into_par_iter()
+        .for_each_init(Vec::new, |scratch: &mut Vec<f32>, b| {
+            let y_ptr = y_ptr;
+            let (n0, n1) = (b * ROW_BLOCK, ((b + 1) * ROW_BLOCK).min(n));
+            let nb = n1 - n0;
+            let wblock = &w[n0 * k..n1 * k];
+            let rhs: &[f32] = match as_f32(wblock) {
+                Some(f) => f,
+                None => {
+                    scratch.clear();
+                    scratch.extend(wblock.iter().map(|v| v.to_f32()));
+                    scratch
+                }
+            };
+            // SAFETY: dst columns n0..n1 of every row belong to this task only; strides
+            // describe x [m,k] row-major, rhs as the [k,nb] transpose of a row-major [nb,k]
+            // block, and y [m,n] row-major.
+            unsafe {
+                gemm::gemm(
+                    m,
+                    nb,
+                    k,
+                    y_ptr.0.add(n0),
+                    1,
+                    n as isize,
+                    false,
+                    x.as_ptr(),
+                    1,
+                    k as isize,
+                    rhs.as_ptr(),
+                    k as isize,
+                    1,
+                    0.0f32,
+                    1.0f32,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
             }
-        };
-        // SAFETY: dst columns n0..n1 of every row belong to this task only; strides
-        // describe x [m,k] row-major, rhs as the [k,nb] transpose of a row-major [nb,k]
-        // block, and y [m,n] row-major.
-        unsafe {
-            gemm::gemm(
-                m,
-                nb,
-                k,
-                y_ptr.0.add(n0),
-                1,
-                n as isize,
-                false,
-                x.as_ptr(),
-                1,
-                k as isize,
-                rhs.as_ptr(),
-                k as isize,
-                1,
-                0.0f32,
-                1.0f32,
-                false,
-                false,
-                false,
-                gemm::Parallelism::None,
-            );
-        }
-    });
+        });
 }
 
 fn as_f32<E: Elem>(w: &[E]) -> Option<&[f32]> {
@@ -190,7 +192,9 @@ mod tests {
         let mut y = vec![0.0f64; m * n];
         for i in 0..m {
             for j in 0..n {
-                y[i * n + j] = (0..k).map(|t| x[i * k + t] as f64 * w[j * k + t] as f64).sum();
+                y[i * n + j] = (0..k)
+                    .map(|t| x[i * k + t] as f64 * w[j * k + t] as f64)
+                    .sum();
             }
         }
         y
@@ -213,7 +217,13 @@ mod tests {
 
     #[test]
     fn linear_matches_plain_reference_on_ragged_sizes() {
-        for &(m, n, k) in &[(1, 1, 1), (1, 130, 67), (3, 65, 1408), (5, 64, 33), (17, 200, 96)] {
+        for &(m, n, k) in &[
+            (1, 1, 1),
+            (1, 130, 67),
+            (3, 65, 1408),
+            (5, 64, 33),
+            (17, 200, 96),
+        ] {
             check(m, n, k, |v| v);
             check(m, n, k, bf16::from_f32);
             check(m, n, k, f16::from_f32);

@@ -16,8 +16,8 @@ pub mod kernels;
 mod moe;
 
 use dsv2_backend::{
-    Backend, BackendError, CacheSpec, ComputeDtype, MlaAttention, MlaDims, Mlp, MoeWeights,
-    Result, RopeAngles,
+    Backend, BackendError, CacheSpec, ComputeDtype, MlaAttention, MlaDims, Mlp, MoeWeights, Result,
+    RopeAngles,
 };
 use dsv2_core::{DType, TensorView};
 use half::{bf16, f16};
@@ -320,7 +320,13 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn mlp(&self, x: &Vec<f32>, rows: usize, mlp: &Mlp<CpuWeight>, out: &mut Vec<f32>) -> Result<()> {
+    fn mlp(
+        &self,
+        x: &Vec<f32>,
+        rows: usize,
+        mlp: &Mlp<CpuWeight>,
+        out: &mut Vec<f32>,
+    ) -> Result<()> {
         moe::mlp_rows(self, x, rows, mlp, out);
         Ok(())
     }
@@ -336,7 +342,13 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn logits(&self, x: &Vec<f32>, rows: &[u32], lm_head: &CpuWeight, out: &mut [f32]) -> Result<()> {
+    fn logits(
+        &self,
+        x: &Vec<f32>,
+        rows: &[u32],
+        lm_head: &CpuWeight,
+        out: &mut [f32],
+    ) -> Result<()> {
         let (d, v) = (lm_head.cols, lm_head.rows);
         let mut gathered = Vec::with_capacity(rows.len() * d);
         for &r in rows {

@@ -1,0 +1,373 @@
+//! DeepSeek-V2 (arXiv:2405.04434): multi-head latent attention and DeepSeekMoE.
+//!
+//! Reference: HuggingFace `modeling_deepseek.py` (deepseek-ai/DeepSeek-V2*) and
+//! transformers' `models/deepseek_v2`. Field names are the checkpoint's keys; shapes use
+//! the legend of `dsv2-backend`. Variants (query LoRA or not, dense MLP or MoE) are
+//! chosen once at load time, so the forward pass runs straight down.
+
+use dsv2_backend::{
+    AttentionPath, Backend, Batch, CacheSpec, MlaAttention, MlaDims, Mlp, MoeWeights, RopeAngles,
+    Routing,
+};
+use dsv2_core::{expected_tensors, Checkpoint, ModelConfig, TopkMethod};
+
+use crate::error::{ModelError, Result};
+use crate::rope::Rope;
+
+/// How queries are projected.
+pub enum QueryProj<W> {
+    /// V2-Lite: `q_proj` `[H*(Dn+Dr), D]`.
+    Plain { q_proj: W },
+    /// V2: `q_a_proj` `[R, D]`, `q_a_layernorm` `[R]`, `q_b_proj` `[H*(Dn+Dr), R]`.
+    LowRank {
+        q_a_proj: W,
+        q_a_layernorm: W,
+        q_b_proj: W,
+    },
+}
+
+/// Multi-head latent attention weights of one layer.
+pub struct Attention<W> {
+    pub query: QueryProj<W>,
+    /// `[C + Dr, D]`: rows `..C` give the latent, rows `C..` the shared RoPE key.
+    pub kv_a_proj_with_mqa: W,
+    /// `[C]`
+    pub kv_a_layernorm: W,
+    /// `[H*(Dn+Dv), C]`: per head, `Dn` rows of `W_UK` then `Dv` rows of `W_UV`.
+    pub kv_b_proj: W,
+    /// `[D, H*Dv]`
+    pub o_proj: W,
+}
+
+/// The feed-forward block of a layer.
+pub enum FeedForward<W> {
+    Dense(Mlp<W>),
+    Moe(MoeWeights<W>),
+}
+
+/// One decoder layer.
+pub struct Layer<W> {
+    /// `[D]`
+    pub input_layernorm: W,
+    pub self_attn: Attention<W>,
+    /// `[D]`
+    pub post_attention_layernorm: W,
+    pub mlp: FeedForward<W>,
+}
+
+/// A loaded model: weights on the backend's device, plus the constants of its forward.
+pub struct Model<B: Backend> {
+    pub config: ModelConfig,
+    /// `[V, D]`
+    pub embed_tokens: B::Weight,
+    pub layers: Vec<Layer<B::Weight>>,
+    /// `[D]`
+    pub norm: B::Weight,
+    /// `[V, D]`; `None` when tied to `embed_tokens`.
+    pub lm_head: Option<B::Weight>,
+    pub rope: Rope,
+    pub dims: MlaDims,
+}
+
+/// Reusable activation buffers of a forward pass, sized for `capacity` tokens.
+pub struct Workspace<B: Backend> {
+    capacity: usize,
+    /// `[T, D]` the residual stream.
+    hidden: B::Buffer,
+    /// `[T, D]` normalized input of a block.
+    normed: B::Buffer,
+    /// `[T, R]` low-rank query (V2 only).
+    q_low: B::Buffer,
+    q_low_normed: B::Buffer,
+    /// `[T, H*(Dn+Dr)]`
+    q: B::Buffer,
+    /// `[T, C+Dr]`
+    kv_a: B::Buffer,
+    /// `[T, H*Dv]`
+    attn: B::Buffer,
+    /// `[T, D]` output of a block before the residual add.
+    block_out: B::Buffer,
+    /// `[T, Dr/2]` RoPE angles of the batch's positions (host).
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+}
+
+impl<B: Backend> Workspace<B> {
+    /// The most tokens a batch may hold with these buffers.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+}
+
+impl<B: Backend> Model<B> {
+    /// Validates every tensor of `checkpoint` against `config`, then loads the weights.
+    ///
+    /// # Errors
+    /// A missing, misshapen or unsupported tensor, named with its file; a backend failure.
+    pub fn load(backend: &B, config: ModelConfig, checkpoint: &Checkpoint) -> Result<Self> {
+        checkpoint.validate(&expected_tensors(&config))?;
+        let w = |name: &str| -> Result<B::Weight> {
+            Ok(backend.load_weight(checkpoint.tensor(name)?)?)
+        };
+        let mlp = |prefix: &str| -> Result<Mlp<B::Weight>> {
+            Ok(Mlp {
+                gate_proj: w(&format!("{prefix}.gate_proj.weight"))?,
+                up_proj: w(&format!("{prefix}.up_proj.weight"))?,
+                down_proj: w(&format!("{prefix}.down_proj.weight"))?,
+            })
+        };
+        let mut layers = Vec::with_capacity(config.num_hidden_layers);
+        for i in 0..config.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            let a = format!("{p}.self_attn");
+            let query = match config.q_lora_rank {
+                None => QueryProj::Plain {
+                    q_proj: w(&format!("{a}.q_proj.weight"))?,
+                },
+                Some(_) => QueryProj::LowRank {
+                    q_a_proj: w(&format!("{a}.q_a_proj.weight"))?,
+                    q_a_layernorm: w(&format!("{a}.q_a_layernorm.weight"))?,
+                    q_b_proj: w(&format!("{a}.q_b_proj.weight"))?,
+                },
+            };
+            let self_attn = Attention {
+                query,
+                kv_a_proj_with_mqa: w(&format!("{a}.kv_a_proj_with_mqa.weight"))?,
+                kv_a_layernorm: w(&format!("{a}.kv_a_layernorm.weight"))?,
+                kv_b_proj: w(&format!("{a}.kv_b_proj.weight"))?,
+                o_proj: w(&format!("{a}.o_proj.weight"))?,
+            };
+            let ffn = match (&config.moe, config.is_moe_layer(i)) {
+                (Some(moe), true) => FeedForward::Moe(MoeWeights {
+                    gate: w(&format!("{p}.mlp.gate.weight"))?,
+                    experts: (0..moe.n_routed_experts)
+                        .map(|e| mlp(&format!("{p}.mlp.experts.{e}")))
+                        .collect::<Result<_>>()?,
+                    shared_experts: if moe.n_shared_experts > 0 {
+                        Some(mlp(&format!("{p}.mlp.shared_experts"))?)
+                    } else {
+                        None
+                    },
+                    routing: Routing {
+                        top_k: moe.num_experts_per_tok,
+                        groups: match moe.topk_method {
+                            TopkMethod::Greedy => None,
+                            TopkMethod::GroupLimitedGreedy {
+                                n_group,
+                                topk_group,
+                            } => Some((n_group, topk_group)),
+                        },
+                        norm_topk_prob: moe.norm_topk_prob,
+                        routed_scaling_factor: moe.routed_scaling_factor as f32,
+                    },
+                }),
+                _ => FeedForward::Dense(mlp(&format!("{p}.mlp"))?),
+            };
+            layers.push(Layer {
+                input_layernorm: w(&format!("{p}.input_layernorm.weight"))?,
+                self_attn,
+                post_attention_layernorm: w(&format!("{p}.post_attention_layernorm.weight"))?,
+                mlp: ffn,
+            });
+        }
+        let dims = MlaDims {
+            num_heads: config.num_attention_heads,
+            nope_dim: config.qk_nope_head_dim,
+            rope_dim: config.qk_rope_head_dim,
+            v_dim: config.v_head_dim,
+            kv_lora_rank: config.kv_lora_rank,
+            softmax_scale: config.softmax_scale() as f32,
+        };
+        Ok(Model {
+            embed_tokens: w("model.embed_tokens.weight")?,
+            layers,
+            norm: w("model.norm.weight")?,
+            lm_head: if config.tie_word_embeddings {
+                None
+            } else {
+                Some(w("lm_head.weight")?)
+            },
+            rope: Rope::new(&config),
+            dims,
+            config,
+        })
+    }
+
+    /// The cache shape for `num_blocks` blocks of `block_size` tokens.
+    pub fn cache_spec(&self, num_blocks: usize, block_size: usize) -> CacheSpec {
+        CacheSpec {
+            num_layers: self.config.num_hidden_layers,
+            num_blocks,
+            block_size,
+            kv_lora_rank: self.config.kv_lora_rank,
+            rope_dim: self.config.qk_rope_head_dim,
+        }
+    }
+
+    /// Activation buffers for batches of up to `capacity` tokens.
+    pub fn workspace(&self, backend: &B, capacity: usize) -> Result<Workspace<B>> {
+        let c = &self.config;
+        let t = capacity.max(1);
+        let d = c.hidden_size;
+        let q_low = c.q_lora_rank.unwrap_or(0);
+        Ok(Workspace {
+            capacity: t,
+            hidden: backend.alloc(t * d)?,
+            normed: backend.alloc(t * d)?,
+            q_low: backend.alloc(t * q_low)?,
+            q_low_normed: backend.alloc(t * q_low)?,
+            q: backend.alloc(t * c.num_attention_heads * c.q_head_dim())?,
+            kv_a: backend.alloc(t * c.latent_cache_width())?,
+            attn: backend.alloc(t * c.num_attention_heads * c.v_head_dim)?,
+            block_out: backend.alloc(t * d)?,
+            cos: Vec::with_capacity(t * c.qk_rope_head_dim / 2),
+            sin: Vec::with_capacity(t * c.qk_rope_head_dim / 2),
+        })
+    }
+
+    /// Runs one step: writes every token's latent to the cache and the logits of
+    /// `batch.logits_rows` to `logits` `[rows, V]`.
+    ///
+    /// # Errors
+    /// A token id outside the vocabulary, a position past `max_position_embeddings`, a
+    /// batch larger than the workspace, or a backend failure.
+    pub fn forward(
+        &self,
+        backend: &B,
+        batch: &Batch,
+        cache: &mut B::Cache,
+        ws: &mut Workspace<B>,
+        path: AttentionPath,
+        logits: &mut [f32],
+    ) -> Result<()> {
+        self.check_batch(batch, ws, logits)?;
+        let t = batch.num_tokens();
+        let d = self.config.hidden_size;
+        let eps = self.config.rms_norm_eps as f32;
+        self.rope.angles(&batch.positions, &mut ws.cos, &mut ws.sin);
+
+        backend.embed(&self.embed_tokens, &batch.token_ids, &mut ws.hidden)?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            // h = h + attention(input_layernorm(h))
+            backend.rms_norm(&ws.hidden, &layer.input_layernorm, eps, t, &mut ws.normed)?;
+            self.attention(backend, i, &layer.self_attn, batch, cache, ws, path)?;
+            backend.linear(&ws.attn, t, &layer.self_attn.o_proj, &mut ws.block_out)?;
+            backend.add_assign(&mut ws.hidden, &ws.block_out, t * d)?;
+            // h = h + mlp_or_moe(post_attention_layernorm(h))
+            backend.rms_norm(
+                &ws.hidden,
+                &layer.post_attention_layernorm,
+                eps,
+                t,
+                &mut ws.normed,
+            )?;
+            match &layer.mlp {
+                FeedForward::Dense(mlp) => backend.mlp(&ws.normed, t, mlp, &mut ws.block_out)?,
+                FeedForward::Moe(moe) => backend.moe(&ws.normed, t, moe, &mut ws.block_out)?,
+            }
+            backend.add_assign(&mut ws.hidden, &ws.block_out, t * d)?;
+        }
+        // logits = lm_head(norm(h)) for the requested rows.
+        backend.rms_norm(&ws.hidden, &self.norm, eps, t, &mut ws.normed)?;
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
+        backend.logits(&ws.normed, &batch.logits_rows, head, logits)?;
+        Ok(())
+    }
+
+    /// MLA: queries, the latent cache write, attention over the cache; leaves the heads'
+    /// outputs `[T, H*Dv]` in `ws.attn`.
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &self,
+        backend: &B,
+        layer: usize,
+        attn: &Attention<B::Weight>,
+        batch: &Batch,
+        cache: &mut B::Cache,
+        ws: &mut Workspace<B>,
+        path: AttentionPath,
+    ) -> Result<()> {
+        let t = batch.num_tokens();
+        let eps = self.config.rms_norm_eps as f32;
+        let angles = RopeAngles {
+            cos: &ws.cos,
+            sin: &ws.sin,
+        };
+        // q = q_proj(x), or q_b_proj(q_a_layernorm(q_a_proj(x))); RoPE on each head's tail.
+        match &attn.query {
+            QueryProj::Plain { q_proj } => backend.linear(&ws.normed, t, q_proj, &mut ws.q)?,
+            QueryProj::LowRank {
+                q_a_proj,
+                q_a_layernorm,
+                q_b_proj,
+            } => {
+                backend.linear(&ws.normed, t, q_a_proj, &mut ws.q_low)?;
+                backend.rms_norm(&ws.q_low, q_a_layernorm, eps, t, &mut ws.q_low_normed)?;
+                backend.linear(&ws.q_low_normed, t, q_b_proj, &mut ws.q)?;
+            }
+        }
+        backend.rope_queries(&mut ws.q, self.dims, angles)?;
+        // [latent | k_pe] = kv_a_proj_with_mqa(x); cache kv_a_layernorm(latent), rope(k_pe).
+        backend.linear(&ws.normed, t, &attn.kv_a_proj_with_mqa, &mut ws.kv_a)?;
+        backend.mla_write_cache(
+            &ws.kv_a,
+            &attn.kv_a_layernorm,
+            eps,
+            angles,
+            &batch.slots,
+            layer,
+            cache,
+        )?;
+        backend.mla_attention(
+            MlaAttention {
+                q: &ws.q,
+                kv_b_proj: &attn.kv_b_proj,
+                cache,
+                layer,
+                batch,
+                dims: self.dims,
+                path,
+            },
+            &mut ws.attn,
+        )?;
+        Ok(())
+    }
+
+    fn check_batch(&self, batch: &Batch, ws: &Workspace<B>, logits: &[f32]) -> Result<()> {
+        let t = batch.num_tokens();
+        if t == 0 {
+            return Err(ModelError::Input("empty batch".into()));
+        }
+        if t > ws.capacity {
+            return Err(ModelError::Input(format!(
+                "batch of {t} tokens exceeds the workspace capacity of {}",
+                ws.capacity
+            )));
+        }
+        if batch.positions.len() != t || batch.slots.len() != t {
+            return Err(ModelError::Input(
+                "batch positions/slots do not match its tokens".into(),
+            ));
+        }
+        let vocab = self.config.vocab_size;
+        if let Some(&bad) = batch.token_ids.iter().find(|&&id| id as usize >= vocab) {
+            return Err(ModelError::Input(format!(
+                "token id {bad} is out of range (vocab_size {vocab})"
+            )));
+        }
+        let max_pos = self.config.max_position_embeddings;
+        if let Some(&bad) = batch.positions.iter().find(|&&p| p as usize >= max_pos) {
+            return Err(ModelError::Input(format!(
+                "position {bad} is past max_position_embeddings ({max_pos})"
+            )));
+        }
+        if logits.len() < batch.logits_rows.len() * vocab {
+            return Err(ModelError::Input(format!(
+                "logits buffer holds {} values, {} rows of {vocab} needed",
+                logits.len(),
+                batch.logits_rows.len()
+            )));
+        }
+        Ok(())
+    }
+}

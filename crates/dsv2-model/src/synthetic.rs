@@ -1,0 +1,149 @@
+//! Models made in memory: the built-in default model and random weights of any config.
+//!
+//! Weights are a pure function of (seed, tensor name, element index) through
+//! SplitMix64, so the same model comes out on every machine, and any element can be
+//! computed independently (tensors can be generated in parallel).
+
+use dsv2_core::{expected_tensors, Checkpoint, DType, ModelConfig, TensorView};
+use half::{bf16, f16};
+
+/// `config.json` of the built-in model: the real DeepSeek-V2 architecture (MLA without
+/// query compression, YaRN, a dense first layer, greedy-routed MoE) at a size that loads
+/// in a moment, with the real 102,400-row vocabulary so the DeepSeek tokenizer applies.
+pub const BUILTIN_CONFIG: &str = r#"{
+  "model_type": "deepseek_v2",
+  "architectures": ["DeepseekV2ForCausalLM"],
+  "vocab_size": 102400,
+  "hidden_size": 256,
+  "intermediate_size": 768,
+  "moe_intermediate_size": 128,
+  "num_hidden_layers": 4,
+  "num_attention_heads": 4,
+  "num_key_value_heads": 4,
+  "q_lora_rank": null,
+  "kv_lora_rank": 128,
+  "qk_nope_head_dim": 32,
+  "qk_rope_head_dim": 16,
+  "v_head_dim": 32,
+  "n_routed_experts": 16,
+  "n_shared_experts": 2,
+  "num_experts_per_tok": 4,
+  "topk_method": "greedy",
+  "n_group": 1,
+  "topk_group": 1,
+  "norm_topk_prob": false,
+  "routed_scaling_factor": 1.0,
+  "scoring_func": "softmax",
+  "first_k_dense_replace": 1,
+  "moe_layer_freq": 1,
+  "max_position_embeddings": 163840,
+  "rms_norm_eps": 1e-06,
+  "rope_theta": 10000,
+  "rope_scaling": {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096,
+                   "beta_fast": 32, "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707},
+  "attention_bias": false,
+  "hidden_act": "silu",
+  "tie_word_embeddings": false,
+  "bos_token_id": 100000,
+  "eos_token_id": 100001,
+  "torch_dtype": "bfloat16"
+}"#;
+
+/// Seed of the built-in model's weights.
+pub const BUILTIN_SEED: u64 = 0x0D5E_E9C0_FFEE_0002;
+
+/// The built-in model's config.
+pub fn builtin_config() -> ModelConfig {
+    ModelConfig::from_json_str(BUILTIN_CONFIG).expect("the built-in config is valid")
+}
+
+/// SplitMix64 finalizer: a well-mixed 64-bit hash of `x`.
+fn splitmix64(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^ (x >> 31)
+}
+
+/// FNV-1a of a tensor name, to key its element stream.
+fn name_key(name: &str) -> u64 {
+    name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+    })
+}
+
+/// Uniform value in [-1, 1) for element `index` of the stream `key`.
+fn uniform(key: u64, index: u64) -> f32 {
+    let bits = splitmix64(key ^ index.wrapping_mul(0xD1B5_4A32_D192_ED03));
+    (bits >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+}
+
+/// Value of element `index` of tensor `name`: norms near 1, matrices uniform with a
+/// variance that keeps activations O(1), the router sharper so routing is decisive.
+fn init_value(seed: u64, name: &str, shape: &[usize], index: usize) -> f32 {
+    let u = uniform(seed ^ name_key(name), index as u64);
+    if shape.len() == 1 {
+        return 1.0 + 0.1 * u;
+    }
+    let fan_in = shape[1] as f32;
+    let gain = if name.ends_with("mlp.gate.weight") {
+        4.0
+    } else if name.contains("embed_tokens") {
+        fan_in.sqrt() // embeddings of unit scale per element
+    } else {
+        1.0
+    };
+    u * gain * (3.0 / fan_in).sqrt()
+}
+
+/// A checkpoint with every tensor `config` implies, filled deterministically from
+/// `seed`, stored as `dtype` (BF16, F16 or F32).
+pub fn synthetic_checkpoint(config: &ModelConfig, seed: u64, dtype: DType) -> Checkpoint {
+    let tensors = expected_tensors(config)
+        .into_iter()
+        .map(|t| {
+            let n: usize = t.shape.iter().product();
+            let values = (0..n).map(|i| init_value(seed, &t.name, &t.shape, i));
+            let bytes: Vec<u8> = match dtype {
+                DType::F32 => values.flat_map(f32::to_le_bytes).collect(),
+                DType::F16 => values
+                    .flat_map(|v| f16::from_f32(v).to_bits().to_le_bytes())
+                    .collect(),
+                _ => values
+                    .flat_map(|v| bf16::from_f32(v).to_bits().to_le_bytes())
+                    .collect(),
+            };
+            let dtype = match dtype {
+                DType::F32 | DType::F16 => dtype.clone(),
+                _ => DType::BF16,
+            };
+            TensorView::owned(&t.name, dtype, t.shape, bytes)
+        })
+        .collect();
+    Checkpoint::from_tensors("<synthetic weights>", tensors)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn weights_are_deterministic_and_shaped() {
+        let config = builtin_config();
+        let a = synthetic_checkpoint(&config, 7, DType::BF16);
+        let b = synthetic_checkpoint(&config, 7, DType::BF16);
+        a.validate(&expected_tensors(&config)).unwrap();
+        let name = "model.layers.1.mlp.experts.3.up_proj.weight";
+        assert_eq!(
+            a.get(name).unwrap().data.as_slice(),
+            b.get(name).unwrap().data.as_slice()
+        );
+        let c = synthetic_checkpoint(&config, 8, DType::BF16);
+        assert_ne!(
+            a.get(name).unwrap().data.as_slice(),
+            c.get(name).unwrap().data.as_slice()
+        );
+        let norm = a.get("model.norm.weight").unwrap().to_f32_vec();
+        assert!(norm.iter().all(|v| (0.89..=1.11).contains(v)));
+    }
+}
