@@ -239,7 +239,7 @@ pub struct MlaAttention<'a, B: Backend + ?Sized> {
     pub kv_b_proj: &'a B::Weight,
     pub cache: &'a B::Cache,
     pub layer: usize,
-    pub batch: &'a Batch,
+    pub step: &'a B::Step,
     pub dims: MlaDims,
     pub path: AttentionPath,
 }
@@ -270,6 +270,9 @@ pub trait Backend: Send + Sync {
     type Buffer: Send;
     /// The paged latent cache: `[layers, blocks, block_size, W]`.
     type Cache: Send;
+    /// One step's metadata on the device: token ids, positions, slots, block tables and
+    /// RoPE angles, uploaded once per step by [`prepare_step`](Self::prepare_step).
+    type Step: Send;
 
     /// Human-readable description (device, dtype).
     fn describe(&self) -> String;
@@ -281,8 +284,19 @@ pub trait Backend: Send + Sync {
     /// Allocates the paged latent cache.
     fn alloc_cache(&self, spec: CacheSpec) -> Result<Self::Cache>;
 
-    /// `out[t] = table[ids[t]]`: table `[V, D]`, out `[T, D]`.
-    fn embed(&self, table: &Self::Weight, ids: &[u32], out: &mut Self::Buffer) -> Result<()>;
+    /// Allocates step metadata for up to `max_tokens` tokens.
+    fn alloc_step(&self, max_tokens: usize) -> Result<Self::Step>;
+    /// Copies a batch's metadata and RoPE angles into `step` (the one host-to-device
+    /// transfer of a step's inputs).
+    fn prepare_step(
+        &self,
+        batch: &Batch,
+        angles: RopeAngles<'_>,
+        step: &mut Self::Step,
+    ) -> Result<()>;
+
+    /// `out[t] = table[token_ids[t]]`: table `[V, D]`, out `[T, D]`.
+    fn embed(&self, table: &Self::Weight, step: &Self::Step, out: &mut Self::Buffer) -> Result<()>;
 
     /// RMSNorm of `rows` rows of width `dim`: `out = w * (x / rms(x))`, statistics in f32.
     fn rms_norm(
@@ -307,24 +321,18 @@ pub trait Backend: Send + Sync {
     fn add_assign(&self, acc: &mut Self::Buffer, x: &Self::Buffer, len: usize) -> Result<()>;
 
     /// Applies RoPE in place to the last `Dr` values of each of the `H` heads of `q`
-    /// `[T, H, Dn + Dr]`.
-    fn rope_queries(
-        &self,
-        q: &mut Self::Buffer,
-        dims: MlaDims,
-        angles: RopeAngles<'_>,
-    ) -> Result<()>;
+    /// `[T, H, Dn + Dr]`, at the step's positions.
+    fn rope_queries(&self, q: &mut Self::Buffer, dims: MlaDims, step: &Self::Step) -> Result<()>;
 
     /// From `kv_a` `[T, C + Dr]` (output of `kv_a_proj_with_mqa`): normalizes the latent
-    /// with `kv_a_layernorm`, rotates the RoPE key, and writes both to `slots` of `layer`.
-    #[allow(clippy::too_many_arguments)]
+    /// with `kv_a_layernorm`, rotates the RoPE key, and writes both to the step's slots
+    /// of `layer`.
     fn mla_write_cache(
         &self,
         kv_a: &Self::Buffer,
         kv_norm: &Self::Weight,
         eps: f32,
-        angles: RopeAngles<'_>,
-        slots: &[u32],
+        step: &Self::Step,
         layer: usize,
         cache: &mut Self::Cache,
     ) -> Result<()>;
@@ -352,13 +360,23 @@ pub trait Backend: Send + Sync {
         out: &mut Self::Buffer,
     ) -> Result<()>;
 
-    /// Logits of the chosen `rows` of `x` `[T, D]` through `lm_head` `[V, D]`, copied to
-    /// the host as f32 `[rows.len(), V]`.
+    /// Logits of the step's `logits_rows` of `x` `[T, D]` through `lm_head` `[V, D]`,
+    /// copied to the host as f32 `[rows, V]`.
     fn logits(
         &self,
         x: &Self::Buffer,
-        rows: &[u32],
+        step: &Self::Step,
         lm_head: &Self::Weight,
         out: &mut [f32],
+    ) -> Result<()>;
+
+    /// The argmax token of each of the step's `logits_rows` (greedy sampling on the
+    /// device: only the ids travel to the host), ties to the lowest id.
+    fn greedy_tokens(
+        &self,
+        x: &Self::Buffer,
+        step: &Self::Step,
+        lm_head: &Self::Weight,
+        out: &mut [u32],
     ) -> Result<()>;
 }

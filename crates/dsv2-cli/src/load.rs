@@ -4,6 +4,7 @@ use std::path::Path;
 use std::str::FromStr;
 
 use anyhow::{bail, Context, Result};
+use dsv2_backend::Backend;
 use dsv2_core::{Checkpoint, DType, ModelConfig};
 use dsv2_cpu::CpuBackend;
 use dsv2_model::synthetic::{builtin_config, synthetic_checkpoint, BUILTIN_SEED};
@@ -32,19 +33,32 @@ impl FromStr for Device {
     }
 }
 
-/// A model ready to run, with what generation needs from its config files.
-pub struct LoadedModel {
-    pub backend: CpuBackend,
-    pub model: Model<CpuBackend>,
+/// What a command needs from a model's files besides the weights.
+pub struct ModelInfo {
+    /// End-of-sequence ids from config.json.
     pub eos_token_ids: Vec<u32>,
 }
 
-/// Loads the model the arguments name on the device they name.
-pub fn load(args: &ModelArgs) -> Result<LoadedModel> {
+/// A command that runs on a loaded model, whatever the backend.
+pub trait ModelTask {
+    type Output;
+    /// Runs with the model loaded on `backend`.
+    fn run<B: Backend>(
+        self,
+        backend: &B,
+        model: &Model<B>,
+        info: &ModelInfo,
+    ) -> Result<Self::Output>;
+}
+
+/// Loads the model the arguments name on the device they name, then runs `task`.
+pub fn with_model<T: ModelTask>(args: &ModelArgs, task: T) -> Result<T::Output> {
     if let Device::Cuda(_) = args.device {
-        bail!("--device cuda: this dsv2 binary was built without CUDA support (build with `cargo build --release --features cuda`)");
+        bail!(
+            "--device cuda: this dsv2 binary was built without CUDA support \
+             (build with `cargo build --release --features cuda`)"
+        );
     }
-    let backend = CpuBackend::new(args.dtype);
     let (config, checkpoint) = match &args.model {
         Some(dir) => open_folder(dir)?,
         None => {
@@ -57,14 +71,19 @@ pub fn load(args: &ModelArgs) -> Result<LoadedModel> {
             (config, checkpoint)
         }
     };
-    let eos_token_ids = config.eos_token_ids.clone();
-    let model = Model::load(&backend, config, &checkpoint)
-        .with_context(|| format!("loading {}", checkpoint.root().display()))?;
-    Ok(LoadedModel {
-        backend,
-        model,
-        eos_token_ids,
-    })
+    let info = ModelInfo {
+        eos_token_ids: config.eos_token_ids.clone(),
+    };
+    let root = checkpoint.root().display().to_string();
+    match args.device {
+        Device::Cpu => {
+            let backend = CpuBackend::new(args.dtype);
+            let model = Model::load(&backend, config, &checkpoint)
+                .with_context(|| format!("loading {root}"))?;
+            task.run(&backend, &model, &info)
+        }
+        Device::Cuda(_) => unreachable!("rejected above"),
+    }
 }
 
 fn open_folder(dir: &Path) -> Result<(ModelConfig, Checkpoint)> {

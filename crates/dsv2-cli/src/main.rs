@@ -11,7 +11,8 @@ use clap::{Args, Parser, Subcommand};
 use dsv2_backend::{AttentionPath, Backend, Batch, ComputeDtype, LogitsWanted};
 use dsv2_engine::{Generator, Greedy};
 
-use load::{Device, LoadedModel};
+use dsv2_model::Model;
+use load::{Device, ModelInfo, ModelTask};
 
 #[derive(Parser)]
 #[command(name = "dsv2", version, about = "DeepSeek-V2 inference engine")]
@@ -120,33 +121,41 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 fn logits(args: LogitsArgs) -> Result<()> {
-    let loaded = load::load(&args.model)?;
-    let LoadedModel { backend, model, .. } = &loaded;
-    let n = args.token_ids.len();
-    let vocab = model.config.vocab_size;
-    let block = dsv2_engine::BLOCK_SIZE;
-    let blocks: Vec<u32> = (0..n.div_ceil(block) as u32).collect();
-    let mut cache = backend.alloc_cache(model.cache_spec(blocks.len(), block))?;
-    let mut ws = model.workspace(backend, n)?;
-    let mut batch = Batch::default();
-    batch.push_seq(&args.token_ids, 0, &blocks, block, LogitsWanted::All);
-    let mut out = vec![0.0f32; n * vocab];
-    model
-        .forward(
-            backend,
-            &batch,
-            &mut cache,
-            &mut ws,
-            args.model.attention,
-            &mut out,
-        )
-        .context("forward pass")?;
-    let bytes: Vec<u8> = out.iter().flat_map(|v| v.to_le_bytes()).collect();
-    let view =
-        safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![n, vocab], &bytes)?;
-    safetensors::serialize_to_file([("logits", view)], None, &args.output)
-        .with_context(|| format!("writing {}", args.output.display()))?;
-    Ok(())
+    load::with_model(&args.model.clone(), LogitsTask(args))
+}
+
+struct LogitsTask(LogitsArgs);
+
+impl ModelTask for LogitsTask {
+    type Output = ();
+    fn run<B: Backend>(self, backend: &B, model: &Model<B>, _info: &ModelInfo) -> Result<()> {
+        let args = self.0;
+        let n = args.token_ids.len();
+        let vocab = model.config.vocab_size;
+        let block = dsv2_engine::BLOCK_SIZE;
+        let blocks: Vec<u32> = (0..n.div_ceil(block) as u32).collect();
+        let mut cache = backend.alloc_cache(model.cache_spec(blocks.len(), block))?;
+        let mut ws = model.workspace(backend, n)?;
+        let mut batch = Batch::default();
+        batch.push_seq(&args.token_ids, 0, &blocks, block, LogitsWanted::All);
+        let mut out = vec![0.0f32; n * vocab];
+        model
+            .forward(
+                backend,
+                &batch,
+                &mut cache,
+                &mut ws,
+                args.model.attention,
+                &mut out,
+            )
+            .context("forward pass")?;
+        let bytes: Vec<u8> = out.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let view =
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![n, vocab], &bytes)?;
+        safetensors::serialize_to_file([("logits", view)], None, &args.output)
+            .with_context(|| format!("writing {}", args.output.display()))?;
+        Ok(())
+    }
 }
 
 fn generate(args: GenerateArgs) -> Result<()> {
@@ -156,50 +165,53 @@ fn generate(args: GenerateArgs) -> Result<()> {
             args.temperature
         );
     }
-    let loaded = load::load(&args.model)?;
-    let LoadedModel {
-        backend,
-        model,
-        eos_token_ids,
-        ..
-    } = &loaded;
-    let mut generator = Generator::new(backend, model, args.token_ids.len() + args.max_tokens)?;
-    generator.path = args.model.attention;
-    let started = std::time::Instant::now();
-    let mut stdout = std::io::stdout();
-    let json = args.json;
-    let mut on_token = |t: u32| {
-        if !json {
-            let _ = write!(stdout, "{t} ");
-            let _ = stdout.flush();
+    load::with_model(&args.model.clone(), GenerateTask(args))
+}
+
+struct GenerateTask(GenerateArgs);
+
+impl ModelTask for GenerateTask {
+    type Output = ();
+    fn run<B: Backend>(self, backend: &B, model: &Model<B>, info: &ModelInfo) -> Result<()> {
+        let args = self.0;
+        let mut generator = Generator::new(backend, model, args.token_ids.len() + args.max_tokens)?;
+        generator.path = args.model.attention;
+        let started = std::time::Instant::now();
+        let mut stdout = std::io::stdout();
+        let json = args.json;
+        let mut on_token = |t: u32| {
+            if !json {
+                let _ = write!(stdout, "{t} ");
+                let _ = stdout.flush();
+            }
+        };
+        let out = generator.generate(
+            &args.token_ids,
+            args.max_tokens,
+            &info.eos_token_ids,
+            &mut Greedy,
+            &mut on_token,
+        )?;
+        let secs = started.elapsed().as_secs_f64();
+        if json {
+            let value = serde_json::json!({
+                "token_ids": out.token_ids,
+                "finish_reason": out.finish_reason.as_str(),
+                "usage": {
+                    "prompt_tokens": out.prompt_tokens,
+                    "completion_tokens": out.token_ids.len(),
+                    "total_tokens": out.prompt_tokens + out.token_ids.len(),
+                },
+            });
+            println!("{value}");
+        } else {
+            println!();
+            eprintln!(
+                "[{} tokens in {secs:.2}s, finish_reason {}]",
+                out.token_ids.len(),
+                out.finish_reason.as_str()
+            );
         }
-    };
-    let out = generator.generate(
-        &args.token_ids,
-        args.max_tokens,
-        eos_token_ids,
-        &mut Greedy,
-        &mut on_token,
-    )?;
-    let secs = started.elapsed().as_secs_f64();
-    if json {
-        let value = serde_json::json!({
-            "token_ids": out.token_ids,
-            "finish_reason": out.finish_reason.as_str(),
-            "usage": {
-                "prompt_tokens": out.prompt_tokens,
-                "completion_tokens": out.token_ids.len(),
-                "total_tokens": out.prompt_tokens + out.token_ids.len(),
-            },
-        });
-        println!("{value}");
-    } else {
-        println!();
-        eprintln!(
-            "[{} tokens in {secs:.2}s, finish_reason {}]",
-            out.token_ids.len(),
-            out.finish_reason.as_str()
-        );
+        Ok(())
     }
-    Ok(())
 }

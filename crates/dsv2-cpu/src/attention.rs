@@ -12,7 +12,7 @@ use crate::kernels::{axpy, dot, round_bf16, SyncPtr};
 use crate::{with_elems, CpuBackend, CpuCache};
 
 pub(crate) fn mla_attention(be: &CpuBackend, args: MlaAttention<'_, CpuBackend>, out: &mut [f32]) {
-    for seq in &args.batch.seqs {
+    for seq in &args.step.batch.seqs {
         let path = match args.path {
             AttentionPath::Auto if seq.query_len == 1 => AttentionPath::Absorbed,
             AttentionPath::Auto => AttentionPath::Expanded,

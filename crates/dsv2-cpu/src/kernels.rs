@@ -165,6 +165,17 @@ fn as_f32<E: Elem>(w: &[E]) -> Option<&[f32]> {
     }
 }
 
+/// Index of the largest value, the first on ties.
+pub fn argmax(x: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &v) in x.iter().enumerate() {
+        if v > x[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
 /// `silu(x) = x / (1 + e^-x)` in f32.
 #[inline(always)]
 pub fn silu(x: f32) -> f32 {

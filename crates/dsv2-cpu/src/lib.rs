@@ -16,8 +16,8 @@ pub mod kernels;
 mod moe;
 
 use dsv2_backend::{
-    Backend, BackendError, CacheSpec, ComputeDtype, MlaAttention, MlaDims, Mlp, MoeWeights, Result,
-    RopeAngles,
+    Backend, BackendError, Batch, CacheSpec, ComputeDtype, MlaAttention, MlaDims, Mlp, MoeWeights,
+    Result, RopeAngles,
 };
 use dsv2_core::{DType, TensorView};
 use half::{bf16, f16};
@@ -116,6 +116,27 @@ impl CpuCache {
     }
 }
 
+/// A step's metadata on the CPU: a copy of the batch and its RoPE angles, kept between
+/// steps so its buffers are reused.
+#[derive(Debug, Default)]
+pub struct CpuStep {
+    batch: Batch,
+    /// `[T, Dr/2]`
+    cos: Vec<f32>,
+    /// `[T, Dr/2]`
+    sin: Vec<f32>,
+}
+
+impl CpuStep {
+    fn angles(&self, t: usize) -> (&[f32], &[f32]) {
+        let half = self.cos.len() / self.batch.num_tokens().max(1);
+        (
+            &self.cos[t * half..(t + 1) * half],
+            &self.sin[t * half..(t + 1) * half],
+        )
+    }
+}
+
 /// The CPU implementation of [`Backend`].
 #[derive(Debug, Clone, Copy, Default)]
 pub struct CpuBackend {
@@ -176,6 +197,7 @@ impl Backend for CpuBackend {
     type Weight = CpuWeight;
     type Buffer = Vec<f32>;
     type Cache = CpuCache;
+    type Step = CpuStep;
 
     fn describe(&self) -> String {
         let dtype = match self.dtype {
@@ -225,9 +247,29 @@ impl Backend for CpuBackend {
         })
     }
 
-    fn embed(&self, table: &CpuWeight, ids: &[u32], out: &mut Vec<f32>) -> Result<()> {
+    fn alloc_step(&self, max_tokens: usize) -> Result<CpuStep> {
+        let mut step = CpuStep::default();
+        step.batch.token_ids.reserve(max_tokens);
+        Ok(step)
+    }
+
+    fn prepare_step(
+        &self,
+        batch: &Batch,
+        angles: RopeAngles<'_>,
+        step: &mut CpuStep,
+    ) -> Result<()> {
+        step.batch.clone_from(batch);
+        step.cos.clear();
+        step.cos.extend_from_slice(angles.cos);
+        step.sin.clear();
+        step.sin.extend_from_slice(angles.sin);
+        Ok(())
+    }
+
+    fn embed(&self, table: &CpuWeight, step: &CpuStep, out: &mut Vec<f32>) -> Result<()> {
         let d = table.cols;
-        for (t, &id) in ids.iter().enumerate() {
+        for (t, &id) in step.batch.token_ids.iter().enumerate() {
             if id as usize >= table.rows {
                 return Err(BackendError::Device {
                     op: "embed",
@@ -270,15 +312,11 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn rope_queries(&self, q: &mut Vec<f32>, dims: MlaDims, angles: RopeAngles<'_>) -> Result<()> {
-        let (qd, half) = (dims.q_head_dim(), dims.rope_dim / 2);
+    fn rope_queries(&self, q: &mut Vec<f32>, dims: MlaDims, step: &CpuStep) -> Result<()> {
+        let qd = dims.q_head_dim();
         let row = dims.num_heads * qd;
-        let tokens = angles.cos.len() / half;
-        for t in 0..tokens {
-            let (cos, sin) = (
-                &angles.cos[t * half..(t + 1) * half],
-                &angles.sin[t * half..(t + 1) * half],
-            );
+        for t in 0..step.batch.num_tokens() {
+            let (cos, sin) = step.angles(t);
             for h in 0..dims.num_heads {
                 let at = t * row + h * qd + dims.nope_dim;
                 self.rope_row(&mut q[at..at + dims.rope_dim], cos, sin);
@@ -292,25 +330,20 @@ impl Backend for CpuBackend {
         kv_a: &Vec<f32>,
         kv_norm: &CpuWeight,
         eps: f32,
-        angles: RopeAngles<'_>,
-        slots: &[u32],
+        step: &CpuStep,
         layer: usize,
         cache: &mut CpuCache,
     ) -> Result<()> {
         let c = cache.spec.kv_lora_rank;
         let w = cache.spec.width();
-        let half = cache.spec.rope_dim / 2;
         let norm = self.vector(kv_norm);
-        for (t, &slot) in slots.iter().enumerate() {
+        for (t, &slot) in step.batch.slots.iter().enumerate() {
             let src = &kv_a[t * w..(t + 1) * w];
             let dst = cache.row_mut(layer, slot as usize);
             self.rms_norm_row(&src[..c], norm, eps, &mut dst[..c]);
             dst[c..].copy_from_slice(&src[c..]);
-            self.rope_row(
-                &mut dst[c..],
-                &angles.cos[t * half..(t + 1) * half],
-                &angles.sin[t * half..(t + 1) * half],
-            );
+            let (cos, sin) = step.angles(t);
+            self.rope_row(&mut dst[c..], cos, sin);
         }
         Ok(())
     }
@@ -345,10 +378,11 @@ impl Backend for CpuBackend {
     fn logits(
         &self,
         x: &Vec<f32>,
-        rows: &[u32],
+        step: &CpuStep,
         lm_head: &CpuWeight,
         out: &mut [f32],
     ) -> Result<()> {
+        let rows = &step.batch.logits_rows;
         let (d, v) = (lm_head.cols, lm_head.rows);
         let mut gathered = Vec::with_capacity(rows.len() * d);
         for &r in rows {
@@ -356,6 +390,22 @@ impl Backend for CpuBackend {
         }
         lm_head.matmul(&gathered, rows.len(), &mut out[..rows.len() * v]);
         self.round(&mut out[..rows.len() * v]);
+        Ok(())
+    }
+
+    fn greedy_tokens(
+        &self,
+        x: &Vec<f32>,
+        step: &CpuStep,
+        lm_head: &CpuWeight,
+        out: &mut [u32],
+    ) -> Result<()> {
+        let v = lm_head.rows;
+        let mut logits = vec![0.0f32; step.batch.logits_rows.len() * v];
+        self.logits(x, step, lm_head, &mut logits)?;
+        for (o, row) in out.iter_mut().zip(logits.chunks(v)) {
+            *o = kernels::argmax(row);
+        }
         Ok(())
     }
 }

@@ -90,6 +90,8 @@ pub struct Workspace<B: Backend> {
     /// `[T, Dr/2]` RoPE angles of the batch's positions (host).
     cos: Vec<f32>,
     sin: Vec<f32>,
+    /// The step's metadata on the device.
+    step: B::Step,
 }
 
 impl<B: Backend> Workspace<B> {
@@ -222,6 +224,7 @@ impl<B: Backend> Model<B> {
             block_out: backend.alloc(t * d)?,
             cos: Vec::with_capacity(t * c.qk_rope_head_dim / 2),
             sin: Vec::with_capacity(t * c.qk_rope_head_dim / 2),
+            step: backend.alloc_step(t)?,
         })
     }
 
@@ -240,17 +243,73 @@ impl<B: Backend> Model<B> {
         path: AttentionPath,
         logits: &mut [f32],
     ) -> Result<()> {
-        self.check_batch(batch, ws, logits)?;
+        let vocab = self.config.vocab_size;
+        if logits.len() < batch.logits_rows.len() * vocab {
+            return Err(ModelError::Input(format!(
+                "logits buffer holds {} values, {} rows of {vocab} needed",
+                logits.len(),
+                batch.logits_rows.len()
+            )));
+        }
+        self.forward_hidden(backend, batch, cache, ws, path)?;
+        backend.logits(&ws.normed, &ws.step, self.head(), logits)?;
+        Ok(())
+    }
+
+    /// Like [`forward`](Self::forward), but returns the argmax token of each of
+    /// `batch.logits_rows` in `tokens`, computed on the device.
+    ///
+    /// # Errors
+    /// As [`forward`](Self::forward).
+    pub fn forward_greedy(
+        &self,
+        backend: &B,
+        batch: &Batch,
+        cache: &mut B::Cache,
+        ws: &mut Workspace<B>,
+        path: AttentionPath,
+        tokens: &mut [u32],
+    ) -> Result<()> {
+        if tokens.len() < batch.logits_rows.len() {
+            return Err(ModelError::Input(
+                "token buffer shorter than logits_rows".into(),
+            ));
+        }
+        self.forward_hidden(backend, batch, cache, ws, path)?;
+        backend.greedy_tokens(&ws.normed, &ws.step, self.head(), tokens)?;
+        Ok(())
+    }
+
+    fn head(&self) -> &B::Weight {
+        // Tied checkpoints reuse the embedding as the output projection.
+        self.lm_head.as_ref().unwrap_or(&self.embed_tokens)
+    }
+
+    /// The decoder stack: leaves the final-normed hidden states `[T, D]` in `ws.normed`.
+    fn forward_hidden(
+        &self,
+        backend: &B,
+        batch: &Batch,
+        cache: &mut B::Cache,
+        ws: &mut Workspace<B>,
+        path: AttentionPath,
+    ) -> Result<()> {
+        self.check_batch(batch, ws)?;
         let t = batch.num_tokens();
         let d = self.config.hidden_size;
         let eps = self.config.rms_norm_eps as f32;
         self.rope.angles(&batch.positions, &mut ws.cos, &mut ws.sin);
+        let angles = RopeAngles {
+            cos: &ws.cos,
+            sin: &ws.sin,
+        };
+        backend.prepare_step(batch, angles, &mut ws.step)?;
 
-        backend.embed(&self.embed_tokens, &batch.token_ids, &mut ws.hidden)?;
+        backend.embed(&self.embed_tokens, &ws.step, &mut ws.hidden)?;
         for (i, layer) in self.layers.iter().enumerate() {
             // h = h + attention(input_layernorm(h))
             backend.rms_norm(&ws.hidden, &layer.input_layernorm, eps, t, &mut ws.normed)?;
-            self.attention(backend, i, &layer.self_attn, batch, cache, ws, path)?;
+            self.attention(backend, i, &layer.self_attn, t, cache, ws, path)?;
             backend.linear(&ws.attn, t, &layer.self_attn.o_proj, &mut ws.block_out)?;
             backend.add_assign(&mut ws.hidden, &ws.block_out, t * d)?;
             // h = h + mlp_or_moe(post_attention_layernorm(h))
@@ -267,10 +326,8 @@ impl<B: Backend> Model<B> {
             }
             backend.add_assign(&mut ws.hidden, &ws.block_out, t * d)?;
         }
-        // logits = lm_head(norm(h)) for the requested rows.
+        // The final norm; the head runs on the requested rows.
         backend.rms_norm(&ws.hidden, &self.norm, eps, t, &mut ws.normed)?;
-        let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
-        backend.logits(&ws.normed, &batch.logits_rows, head, logits)?;
         Ok(())
     }
 
@@ -282,17 +339,12 @@ impl<B: Backend> Model<B> {
         backend: &B,
         layer: usize,
         attn: &Attention<B::Weight>,
-        batch: &Batch,
+        t: usize,
         cache: &mut B::Cache,
         ws: &mut Workspace<B>,
         path: AttentionPath,
     ) -> Result<()> {
-        let t = batch.num_tokens();
         let eps = self.config.rms_norm_eps as f32;
-        let angles = RopeAngles {
-            cos: &ws.cos,
-            sin: &ws.sin,
-        };
         // q = q_proj(x), or q_b_proj(q_a_layernorm(q_a_proj(x))); RoPE on each head's tail.
         match &attn.query {
             QueryProj::Plain { q_proj } => backend.linear(&ws.normed, t, q_proj, &mut ws.q)?,
@@ -306,25 +358,17 @@ impl<B: Backend> Model<B> {
                 backend.linear(&ws.q_low_normed, t, q_b_proj, &mut ws.q)?;
             }
         }
-        backend.rope_queries(&mut ws.q, self.dims, angles)?;
+        backend.rope_queries(&mut ws.q, self.dims, &ws.step)?;
         // [latent | k_pe] = kv_a_proj_with_mqa(x); cache kv_a_layernorm(latent), rope(k_pe).
         backend.linear(&ws.normed, t, &attn.kv_a_proj_with_mqa, &mut ws.kv_a)?;
-        backend.mla_write_cache(
-            &ws.kv_a,
-            &attn.kv_a_layernorm,
-            eps,
-            angles,
-            &batch.slots,
-            layer,
-            cache,
-        )?;
+        backend.mla_write_cache(&ws.kv_a, &attn.kv_a_layernorm, eps, &ws.step, layer, cache)?;
         backend.mla_attention(
             MlaAttention {
                 q: &ws.q,
                 kv_b_proj: &attn.kv_b_proj,
                 cache,
                 layer,
-                batch,
+                step: &ws.step,
                 dims: self.dims,
                 path,
             },
@@ -333,7 +377,7 @@ impl<B: Backend> Model<B> {
         Ok(())
     }
 
-    fn check_batch(&self, batch: &Batch, ws: &Workspace<B>, logits: &[f32]) -> Result<()> {
+    fn check_batch(&self, batch: &Batch, ws: &Workspace<B>) -> Result<()> {
         let t = batch.num_tokens();
         if t == 0 {
             return Err(ModelError::Input("empty batch".into()));
@@ -359,13 +403,6 @@ impl<B: Backend> Model<B> {
         if let Some(&bad) = batch.positions.iter().find(|&&p| p as usize >= max_pos) {
             return Err(ModelError::Input(format!(
                 "position {bad} is past max_position_embeddings ({max_pos})"
-            )));
-        }
-        if logits.len() < batch.logits_rows.len() * vocab {
-            return Err(ModelError::Input(format!(
-                "logits buffer holds {} values, {} rows of {vocab} needed",
-                logits.len(),
-                batch.logits_rows.len()
             )));
         }
         Ok(())
