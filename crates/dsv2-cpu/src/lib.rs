@@ -13,6 +13,7 @@
 
 mod attention;
 pub mod kernels;
+pub mod matmul;
 mod moe;
 
 use dsv2_backend::{
