@@ -439,7 +439,8 @@ fn read_safetensors(path: &Path) -> Result<HashMap<String, TensorView>> {
         };
         // Views are cast to typed slices; a misaligned tensor (odd header padding) is
         // copied once into an aligned buffer rather than read unaligned.
-        if (data.as_slice().as_ptr() as usize) % dtype.size().unwrap_or(1).min(4) != 0 {
+        let align = dtype.size().unwrap_or(1).min(4);
+        if !(data.as_slice().as_ptr() as usize).is_multiple_of(align) {
             data = Bytes::from_vec(data.as_slice().to_vec());
         }
         out.insert(

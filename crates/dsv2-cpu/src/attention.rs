@@ -71,7 +71,6 @@ fn expanded(be: &CpuBackend, args: &MlaAttention<'_, CpuBackend>, seq: &SeqSlice
     let out_ptr = SyncPtr(out.as_mut_ptr());
     let out_row = h * dv;
     (0..h).into_par_iter().for_each(|head| {
-        let out_ptr = out_ptr;
         let view = |data, row_stride, col_stride| MatRef {
             data,
             row_stride,
@@ -127,7 +126,7 @@ fn expanded(be: &CpuBackend, args: &MlaAttention<'_, CpuBackend>, seq: &SeqSlice
             let t = seq.query_start + i;
             // SAFETY: row t, head `head` is written by this task only.
             let dst = unsafe {
-                std::slice::from_raw_parts_mut(out_ptr.0.add(t * out_row + head * dv), dv)
+                std::slice::from_raw_parts_mut(out_ptr.get().add(t * out_row + head * dv), dv)
             };
             dst.copy_from_slice(row);
         }
@@ -145,7 +144,6 @@ fn absorbed(be: &CpuBackend, args: &MlaAttention<'_, CpuBackend>, seq: &SeqSlice
     let out_row = h * dv;
     with_elems!(args.kv_b_proj, |kv_b| {
         (0..h).into_par_iter().for_each(|head| {
-            let out_ptr = out_ptr;
             let w_uk = |j: usize| &kv_b[(head * (dn + dv) + j) * c..][..c];
             let w_uv = |j: usize| &kv_b[(head * (dn + dv) + dn + j) * c..][..c];
             let mut q_lat = vec![0.0f32; c];
@@ -176,7 +174,7 @@ fn absorbed(be: &CpuBackend, args: &MlaAttention<'_, CpuBackend>, seq: &SeqSlice
                 be.round(&mut o_lat);
                 // SAFETY: row t, head `head` is written by this task only.
                 let dst = unsafe {
-                    std::slice::from_raw_parts_mut(out_ptr.0.add(t * out_row + head * dv), dv)
+                    std::slice::from_raw_parts_mut(out_ptr.get().add(t * out_row + head * dv), dv)
                 };
                 for (j, o) in dst.iter_mut().enumerate() {
                     *o = dot(w_uv(j), &o_lat);

@@ -81,6 +81,14 @@ pub(crate) struct SyncPtr(pub *mut f32);
 unsafe impl Send for SyncPtr {}
 unsafe impl Sync for SyncPtr {}
 
+impl SyncPtr {
+    /// The pointer (a method, so closures capture the whole `Sync` wrapper).
+    #[inline(always)]
+    pub(crate) fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
 /// `y[m, n] = x[m, k] · w[n, k]ᵀ`, batch-invariant (see [`crate::matmul`]).
 pub fn linear<E: crate::matmul::KindOf>(
     x: &[f32],

@@ -87,7 +87,6 @@ pub(crate) fn matmul<E: KindOf>(x: &[f32], m: usize, w: &[E], n: usize, k: usize
     let y_ptr = SyncPtr(y.as_mut_ptr());
     let isa = isa();
     (0..n.div_ceil(ROW_BLOCK)).into_par_iter().for_each(|b| {
-        let y_ptr = y_ptr;
         let (n0, n1) = (b * ROW_BLOCK, ((b + 1) * ROW_BLOCK).min(n));
         let mut i0 = 0;
         while i0 < m {
@@ -100,7 +99,7 @@ pub(crate) fn matmul<E: KindOf>(x: &[f32], m: usize, w: &[E], n: usize, k: usize
                 for (i, row) in tile.iter().enumerate().take(mr) {
                     for (j, &v) in row.iter().enumerate().take(nr) {
                         // SAFETY: (i0 + i, j0 + j) lies in this task's column block.
-                        unsafe { *y_ptr.0.add((i0 + i) * n + j0 + j) = v };
+                        unsafe { *y_ptr.get().add((i0 + i) * n + j0 + j) = v };
                     }
                 }
                 j0 += nr;
@@ -271,7 +270,13 @@ mod tests {
 
     #[test]
     fn matches_plain_reference_on_ragged_sizes() {
-        for &(m, n, k) in &[(1, 1, 1), (1, 130, 67), (3, 65, 1408), (5, 64, 33), (17, 200, 96)] {
+        for &(m, n, k) in &[
+            (1, 1, 1),
+            (1, 130, 67),
+            (3, 65, 1408),
+            (5, 64, 33),
+            (17, 200, 96),
+        ] {
             check(m, n, k, |v| v);
             check(m, n, k, bf16::from_f32);
             check(m, n, k, f16::from_f32);

@@ -36,7 +36,7 @@ impl Reference {
     }
 
     fn has(&self, name: &str) -> bool {
-        self.tensors().names().iter().any(|n| *n == name)
+        self.tensors().names().contains(&name)
     }
 
     fn ids(&self, name: &str) -> Vec<u32> {
@@ -62,7 +62,9 @@ impl Reference {
     }
 
     fn num_prompts(&self) -> usize {
-        (0..).take_while(|i| self.has(&format!("prompt.{i}"))).count()
+        (0..)
+            .take_while(|i| self.has(&format!("prompt.{i}")))
+            .count()
     }
 }
 
@@ -113,7 +115,10 @@ fn f32_logits_match_the_reference_at_every_position() {
         let reference = Reference::open(name);
         let vocab = model.config.vocab_size;
         let n = reference.num_prompts();
-        assert!(n >= 3, "{name}: expected prompts of 7, 64 and >= 512 tokens");
+        assert!(
+            n >= 3,
+            "{name}: expected prompts of 7, 64 and >= 512 tokens"
+        );
         for i in 0..n {
             let prompt = reference.ids(&format!("prompt.{i}"));
             let (want, shape) = reference.f32s(&format!("logits.{i}"));
@@ -121,13 +126,26 @@ fn f32_logits_match_the_reference_at_every_position() {
             let got = all_logits(&backend, &model, &prompt, AttentionPath::Auto);
             let mut worst = 0.0f64;
             for p in 0..prompt.len() {
-                let (g, w) = (&got[p * vocab..(p + 1) * vocab], &want[p * vocab..(p + 1) * vocab]);
+                let (g, w) = (
+                    &got[p * vocab..(p + 1) * vocab],
+                    &want[p * vocab..(p + 1) * vocab],
+                );
                 let err = rel_err(g, w);
                 worst = worst.max(err);
-                assert!(err <= 1e-4, "{name} prompt {i} position {p}: relative error {err}");
-                assert_eq!(argmax(g), argmax(w), "{name} prompt {i} position {p}: argmax");
+                assert!(
+                    err <= 1e-4,
+                    "{name} prompt {i} position {p}: relative error {err}"
+                );
+                assert_eq!(
+                    argmax(g),
+                    argmax(w),
+                    "{name} prompt {i} position {p}: argmax"
+                );
             }
-            eprintln!("{name} prompt {i} ({} tokens): worst relative error {worst:.2e}", prompt.len());
+            eprintln!(
+                "{name} prompt {i} ({} tokens): worst relative error {worst:.2e}",
+                prompt.len()
+            );
         }
     }
 }
@@ -140,7 +158,8 @@ fn greedy_continuations_match_the_reference() {
         for i in 0..reference.num_prompts() {
             let prompt = reference.ids(&format!("prompt.{i}"));
             let want = reference.ids(&format!("greedy.{i}"));
-            let mut generator = Generator::new(&backend, &model, prompt.len() + want.len()).unwrap();
+            let mut generator =
+                Generator::new(&backend, &model, prompt.len() + want.len()).unwrap();
             // No EOS: the reference continuations run the full length.
             let out = generator
                 .generate(&prompt, want.len(), &[], &mut Greedy, &mut |_| {})
@@ -164,32 +183,36 @@ fn absorbed_attention_matches_expanded_on_fixtures() {
 }
 
 #[test]
-fn bf16_compute_tracks_the_bf16_reference() {
+fn bf16_compute_tracks_the_references() {
     for name in FIXTURES {
         let (backend, model) = load(name, ComputeDtype::Bf16);
         let reference = Reference::open(name);
         let vocab = model.config.vocab_size;
         for i in 0..2 {
-            let key = format!("logits_bf16.{i}");
-            if !reference.has(&key) {
-                continue;
-            }
             let prompt = reference.ids(&format!("prompt.{i}"));
-            let (want, _) = reference.f32s(&key);
             let got = all_logits(&backend, &model, &prompt, AttentionPath::Auto);
-            let err = rel_err(&got, &want);
+            let (want_f32, _) = reference.f32s(&format!("logits.{i}"));
+            let (want_bf16, _) = reference.f32s(&format!("logits_bf16.{i}"));
+            let err_f32 = rel_err(&got, &want_f32);
+            let err_bf16 = rel_err(&got, &want_bf16);
+            let hf_bf16 = rel_err(&want_bf16, &want_f32);
             let agree = (0..prompt.len())
                 .filter(|p| {
                     argmax(&got[p * vocab..(p + 1) * vocab])
-                        == argmax(&want[p * vocab..(p + 1) * vocab])
+                        == argmax(&want_f32[p * vocab..(p + 1) * vocab])
                 })
                 .count();
             eprintln!(
-                "{name} prompt {i}: bf16 relative error {err:.2e}, argmax {agree}/{}",
+                "{name} prompt {i}: bf16 vs f32 reference {err_f32:.2e} (HF's own bf16: \
+                 {hf_bf16:.2e}), vs HF bf16 {err_bf16:.2e}, argmax {agree}/{}",
                 prompt.len()
             );
-            // bf16 has an 8-bit mantissa; GEMM reduction order differs from PyTorch's.
-            assert!(err <= 2e-2, "{name} prompt {i}: bf16 relative error {err}");
+            // bf16 keeps 8 mantissa bits: on these tiny random models HF's own bf16 run is
+            // 2e-2..5e-2 from its f32 run. Ours must be no further from f32 than HF's bf16
+            // (50% margin: the noise is chaotic on these models), and within both noises.
+            let bound = (1.5 * hf_bf16).max(2e-2);
+            assert!(err_f32 <= bound, "{name} prompt {i}: {err_f32} > {bound}");
+            assert!(err_bf16 <= 2.0 * bound, "{name} prompt {i}: {err_bf16}");
             assert!(
                 agree as f64 >= 0.9 * prompt.len() as f64,
                 "{name} prompt {i}: argmax agreement {agree}/{}",
