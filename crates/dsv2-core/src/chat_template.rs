@@ -390,19 +390,20 @@ fn write_json(
             let mut entries: Vec<(String, Value)> = Vec::new();
             for key in value.try_iter()? {
                 let item = value.get_item(&key)?;
-                let key =
-                    match key.kind() {
-                        ValueKind::String => key.as_str().unwrap_or_default().to_string(),
-                        ValueKind::None => "null".into(),
-                        ValueKind::Bool => if key.is_true() { "true" } else { "false" }.into(),
-                        ValueKind::Number => python_str(&key),
-                        other => return Err(Error::new(
+                let key = match key.kind() {
+                    ValueKind::String => key.as_str().unwrap_or_default().to_string(),
+                    ValueKind::None => "null".into(),
+                    ValueKind::Bool => if key.is_true() { "true" } else { "false" }.into(),
+                    ValueKind::Number => python_str(&key),
+                    other => {
+                        return Err(Error::new(
                             ErrorKind::InvalidOperation,
                             format!(
                                 "tojson: keys must be str, int, float, bool or None, not {other}"
                             ),
-                        )),
-                    };
+                        ))
+                    }
+                };
                 entries.push((key, item));
             }
             if entries.is_empty() {

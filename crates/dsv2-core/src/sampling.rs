@@ -360,6 +360,11 @@ impl Sampler {
                 .map(|&l| if l.is_nan() { f32::NEG_INFINITY } else { l }),
         );
         let n = self.logits.len();
+        // Size the history tables to the vocabulary once, so `accept` never grows them.
+        if self.seen.len() < n {
+            self.seen.resize(n, false);
+            self.counts.resize(n, 0);
+        }
         if p.repetition_penalty != 1.0 {
             for &id in &self.seen_ids {
                 if let Some(l) = self.logits.get_mut(id as usize) {
@@ -593,5 +598,582 @@ impl StopMatcher {
     /// Releases the held-back text when the output ends without a stop string.
     pub fn flush(&mut self) -> String {
         std::mem::take(&mut self.held)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A plain transcription of transformers' logits processors (f64, full sorts), giving
+    /// the probability of every id.
+    fn reference(
+        logits: &[f32],
+        p: &SamplingParams,
+        prompt: &[u32],
+        generated: &[u32],
+    ) -> Vec<f64> {
+        let mut l: Vec<f64> = logits.iter().map(|&x| f64::from(x)).collect();
+        let mut seen: Vec<u32> = prompt.iter().chain(generated).copied().collect();
+        seen.sort_unstable();
+        seen.dedup();
+        for &id in &seen {
+            let x = &mut l[id as usize];
+            let r = f64::from(p.repetition_penalty);
+            *x = if *x < 0.0 { *x * r } else { *x / r };
+        }
+        for (id, x) in l.iter_mut().enumerate() {
+            let count = generated.iter().filter(|&&g| g as usize == id).count() as f64;
+            if count > 0.0 {
+                *x -= f64::from(p.frequency_penalty) * count + f64::from(p.presence_penalty);
+            }
+        }
+        for x in &mut l {
+            *x /= f64::from(p.temperature);
+        }
+        let softmax = |l: &[f64]| -> Vec<f64> {
+            let m = l.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let e: Vec<f64> = l.iter().map(|x| (x - m).exp()).collect();
+            let z: f64 = e.iter().sum();
+            e.iter().map(|x| x / z).collect()
+        };
+        if p.top_k > 0 && p.top_k < l.len() {
+            let mut sorted = l.clone();
+            sorted.sort_by(|a, b| b.total_cmp(a));
+            let kth = sorted[p.top_k - 1];
+            for x in &mut l {
+                if *x < kth {
+                    *x = f64::NEG_INFINITY;
+                }
+            }
+        }
+        if p.top_p < 1.0 {
+            // TopPLogitsWarper: ascending sort, drop tokens whose cumulative mass (with all
+            // smaller ones) is <= 1 - top_p, always keeping the largest.
+            let probs = softmax(&l);
+            let mut order: Vec<usize> = (0..l.len()).collect();
+            order.sort_by(|&a, &b| l[a].total_cmp(&l[b]));
+            let mut cum = 0.0;
+            let last = order.len() - 1;
+            for (rank, &i) in order.iter().enumerate() {
+                cum += probs[i];
+                if cum <= 1.0 - f64::from(p.top_p) && rank != last {
+                    l[i] = f64::NEG_INFINITY;
+                }
+            }
+        }
+        if p.min_p > 0.0 {
+            let probs = softmax(&l);
+            let top = probs.iter().copied().fold(0.0, f64::max);
+            for (x, &pr) in l.iter_mut().zip(&probs) {
+                if pr < f64::from(p.min_p) * top {
+                    *x = f64::NEG_INFINITY;
+                }
+            }
+        }
+        softmax(&l)
+    }
+
+    fn random_logits(n: usize, seed: u64, scale: f32) -> Vec<f32> {
+        let mut rng = Xoshiro256::new(seed);
+        (0..n)
+            .map(|_| ((rng.next_f64() * 2.0 - 1.0) as f32) * scale)
+            .collect()
+    }
+
+    fn check_against_reference(
+        logits: &[f32],
+        params: SamplingParams,
+        prompt: &[u32],
+        generated: &[u32],
+    ) {
+        let want = reference(logits, &params, prompt, generated);
+        let mut s = Sampler::new(params.clone()).unwrap();
+        s.add_prompt(prompt);
+        for &g in generated {
+            s.accept(g);
+        }
+        let got = s.distribution(logits);
+        let support: Vec<u32> = (0..want.len() as u32)
+            .filter(|&i| want[i as usize] > 0.0)
+            .collect();
+        let got_ids: Vec<u32> = got.iter().map(|g| g.0).collect();
+        assert_eq!(got_ids, support, "{params:?}");
+        for &(id, pr) in &got {
+            let w = want[id as usize];
+            // f32 logits against f64: agree to ~1e-6 relative.
+            assert!(
+                (pr - w).abs() < 2e-5 * w.max(1e-4),
+                "{params:?}: id {id}: {pr} vs {w}"
+            );
+        }
+    }
+
+    fn sampling(temperature: f32) -> SamplingParams {
+        SamplingParams {
+            temperature,
+            seed: Some(1),
+            ..SamplingParams::default()
+        }
+    }
+
+    #[test]
+    fn filters_match_the_reference() {
+        let peaked = random_logits(1000, 3, 8.0);
+        let flat = random_logits(3000, 4, 1.0);
+        for logits in [&peaked, &flat] {
+            for t in [0.3f32, 1.0, 1.7] {
+                check_against_reference(logits, sampling(t), &[], &[]);
+                for k in [1, 5, 50, 999] {
+                    check_against_reference(
+                        logits,
+                        SamplingParams {
+                            top_k: k,
+                            ..sampling(t)
+                        },
+                        &[],
+                        &[],
+                    );
+                }
+                for top_p in [0.05f32, 0.5, 0.9, 0.95, 0.999] {
+                    check_against_reference(
+                        logits,
+                        SamplingParams {
+                            top_p,
+                            ..sampling(t)
+                        },
+                        &[],
+                        &[],
+                    );
+                    check_against_reference(
+                        logits,
+                        SamplingParams {
+                            top_p,
+                            top_k: 40,
+                            ..sampling(t)
+                        },
+                        &[],
+                        &[],
+                    );
+                }
+                for min_p in [0.01f32, 0.1, 0.5, 1.0] {
+                    check_against_reference(
+                        logits,
+                        SamplingParams {
+                            min_p,
+                            ..sampling(t)
+                        },
+                        &[],
+                        &[],
+                    );
+                    check_against_reference(
+                        logits,
+                        SamplingParams {
+                            min_p,
+                            top_p: 0.9,
+                            top_k: 100,
+                            ..sampling(t)
+                        },
+                        &[],
+                        &[],
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn penalties_match_the_reference() {
+        let logits = random_logits(500, 9, 4.0);
+        let prompt = [1, 2, 3, 3, 400];
+        let generated = [7, 7, 7, 2, 499, 10];
+        for (rep, freq, pres) in [
+            (1.3f32, 0.0f32, 0.0f32),
+            (0.8, 0.0, 0.0),
+            (1.0, 0.7, 0.0),
+            (1.0, 0.0, 1.5),
+            (1.2, 0.4, -0.6),
+        ] {
+            let params = SamplingParams {
+                repetition_penalty: rep,
+                frequency_penalty: freq,
+                presence_penalty: pres,
+                top_p: 0.97,
+                ..sampling(0.8)
+            };
+            check_against_reference(&logits, params, &prompt, &generated);
+        }
+    }
+
+    #[test]
+    fn penalties_on_known_numbers() {
+        let logits = [2.0f32, -2.0, 1.0, 0.5];
+        let mut s = Sampler::new(SamplingParams {
+            repetition_penalty: 2.0,
+            frequency_penalty: 0.5,
+            presence_penalty: 0.25,
+            ..sampling(1.0)
+        })
+        .unwrap();
+        s.add_prompt(&[0, 1]);
+        s.accept(2);
+        s.accept(2);
+        // [2/2, -2*2, 1/2 - (0.5*2 + 0.25), 0.5]
+        let want = [1.0f64, -4.0, -0.75, 0.5];
+        let z: f64 = want.iter().map(|x| x.exp()).sum();
+        for (id, p) in s.distribution(&logits) {
+            assert!((p - want[id as usize].exp() / z).abs() < 1e-7, "{id}: {p}");
+        }
+        // Greedy sees the penalized logits too: 1.0 at id 0 beats 0.5 at id 3.
+        let mut g = Sampler::new(SamplingParams {
+            repetition_penalty: 2.0,
+            ..SamplingParams::default()
+        })
+        .unwrap();
+        g.add_prompt(&[0]);
+        assert_eq!(g.sample(&[1.2, -1.0, 0.0, 0.7]), 3);
+    }
+
+    #[test]
+    fn greedy_is_argmax_with_first_index_on_ties() {
+        let mut s = Sampler::new(SamplingParams::default()).unwrap();
+        assert_eq!(s.sample(&[0.1, 3.0, -1.0, 3.0]), 1);
+        assert_eq!(s.sample(&[f32::NAN, -1.0, f32::NEG_INFINITY]), 1);
+        let logits = random_logits(1000, 5, 5.0);
+        let best = (0..1000)
+            .max_by(|&a, &b| logits[a].total_cmp(&logits[b]))
+            .unwrap();
+        assert_eq!(s.sample(&logits), best as u32);
+    }
+
+    #[test]
+    fn top_k_keeps_ties_like_hf() {
+        let logits = [1.0f32, 3.0, 2.0, 2.0, 0.0];
+        let mut s = Sampler::new(SamplingParams {
+            top_k: 2,
+            ..sampling(1.0)
+        })
+        .unwrap();
+        let ids: Vec<u32> = s.distribution(&logits).iter().map(|d| d.0).collect();
+        assert_eq!(ids, vec![1, 2, 3]);
+    }
+
+    #[test]
+    fn same_seed_same_tokens() {
+        let params = SamplingParams {
+            top_p: 0.95,
+            top_k: 50,
+            seed: Some(42),
+            ..sampling(0.9)
+        };
+        let run = |params: &SamplingParams| {
+            let mut s = Sampler::new(params.clone()).unwrap();
+            (0..200)
+                .map(|step| s.sample(&random_logits(2000, step, 3.0)))
+                .collect::<Vec<u32>>()
+        };
+        let a = run(&params);
+        assert_eq!(a, run(&params));
+        let b = run(&SamplingParams {
+            seed: Some(43),
+            ..params.clone()
+        });
+        assert_ne!(a, b);
+        // Unseeded samplers draw a seed and report it, which reproduces the run.
+        let s = Sampler::new(SamplingParams {
+            seed: None,
+            ..params.clone()
+        })
+        .unwrap();
+        let drawn = s.seed();
+        assert_eq!(
+            run(&SamplingParams {
+                seed: Some(drawn),
+                ..params.clone()
+            }),
+            run(&SamplingParams {
+                seed: Some(drawn),
+                ..params
+            })
+        );
+    }
+
+    #[test]
+    fn xoshiro_known_values() {
+        // splitmix64(0) first outputs are the published test vector of splitmix64.
+        let r = Xoshiro256::new(0);
+        assert_eq!(r.s[0], 0xE220_A839_7B1D_CDAF);
+        assert_eq!(r.s[1], 0x6E78_9E6A_A1B9_65F4);
+        let mut r = Xoshiro256::new(0);
+        let x: Vec<f64> = (0..1000).map(|_| r.next_f64()).collect();
+        assert!(x.iter().all(|&v| (0.0..1.0).contains(&v)));
+        let mean = x.iter().sum::<f64>() / 1000.0;
+        assert!((mean - 0.5).abs() < 0.03, "{mean}");
+    }
+
+    #[test]
+    fn temperature_sampling_frequencies_chi_square() {
+        let logits = [1.0f32, 2.0, 0.5, -1.0, 1.5, 0.0];
+        let t = 0.7f32;
+        let w: Vec<f64> = logits
+            .iter()
+            .map(|&l| (f64::from(l) / f64::from(t)).exp())
+            .collect();
+        let z: f64 = w.iter().sum();
+        let expected: Vec<f64> = w.iter().map(|x| x / z).collect();
+        let n = 30_000;
+        let mut s = Sampler::new(sampling(t)).unwrap();
+        let mut counts = [0usize; 6];
+        for _ in 0..n {
+            counts[s.choose(&logits) as usize] += 1;
+        }
+        let chi2: f64 = counts
+            .iter()
+            .zip(&expected)
+            .map(|(&c, &p)| (c as f64 - p * n as f64).powi(2) / (p * n as f64))
+            .sum();
+        // 5 degrees of freedom: 20.5 is the 0.1% critical value.
+        assert!(
+            chi2 < 20.5,
+            "chi2 = {chi2}, counts {counts:?}, expected {expected:?}"
+        );
+
+        // With top-k 2 only the two largest ever come out, in ratio e^(2/0.7) : e^(1.5/0.7).
+        let mut s = Sampler::new(SamplingParams {
+            top_k: 2,
+            ..sampling(t)
+        })
+        .unwrap();
+        let mut c = [0usize; 6];
+        for _ in 0..n {
+            c[s.choose(&logits) as usize] += 1;
+        }
+        assert_eq!(c[0] + c[2] + c[3] + c[5], 0);
+        let p1 = 1.0 / (1.0 + (-0.5f64 / 0.7).exp());
+        let got = c[1] as f64 / n as f64;
+        assert!(
+            (got - p1).abs() < 4.0 * (p1 * (1.0 - p1) / n as f64).sqrt(),
+            "{got} vs {p1}"
+        );
+    }
+
+    #[test]
+    fn buffers_are_reused() {
+        let mut s = Sampler::new(SamplingParams {
+            top_p: 0.9,
+            top_k: 100,
+            min_p: 0.05,
+            ..sampling(0.8)
+        })
+        .unwrap();
+        s.add_prompt(&[1, 2, 3]);
+        s.sample(&random_logits(5000, 1, 3.0));
+        let caps = (
+            s.logits.capacity(),
+            s.candidates.capacity(),
+            s.seen.capacity(),
+            s.counts.capacity(),
+        );
+        let (lp, cp) = (s.logits.as_ptr(), s.candidates.as_ptr());
+        for step in 0..50 {
+            s.sample(&random_logits(5000, step + 2, 3.0));
+        }
+        assert_eq!(caps.0, s.logits.capacity());
+        assert_eq!(caps.1, s.candidates.capacity());
+        assert_eq!(caps.2, s.seen.capacity());
+        assert_eq!(caps.3, s.counts.capacity());
+        assert_eq!((lp, cp), (s.logits.as_ptr(), s.candidates.as_ptr()));
+    }
+
+    #[test]
+    fn defaults_from_generation_config_and_overrides() {
+        let gen = GenerationConfig {
+            do_sample: Some(true),
+            temperature: Some(0.3),
+            top_p: Some(0.95),
+            eos_token_ids: vec![100001, 7],
+            ..GenerationConfig::default()
+        };
+        let p = SamplingParams::from_generation_config(Some(&gen), &[100001]);
+        assert_eq!(
+            (p.temperature, p.top_p, p.top_k, p.min_p),
+            (0.3, 0.95, 0, 0.0)
+        );
+        assert_eq!(p.eos_token_ids, vec![100001, 7]);
+        assert_eq!(p.repetition_penalty, 1.0);
+
+        let o = SamplingOverrides {
+            temperature: Some(0.0),
+            top_k: Some(20),
+            seed: Some(5),
+            max_tokens: Some(64),
+            stop: vec!["\n\n".into()],
+            ..SamplingOverrides::default()
+        };
+        let q = p.clone().apply(&o);
+        assert!(q.is_greedy());
+        assert_eq!(
+            (q.top_p, q.top_k, q.seed, q.max_tokens),
+            (0.95, 20, Some(5), Some(64))
+        );
+        assert_eq!(q.stop, vec!["\n\n".to_string()]);
+
+        // do_sample false (or no file) is greedy, as in transformers.
+        let greedy = GenerationConfig {
+            do_sample: Some(false),
+            temperature: Some(0.3),
+            ..GenerationConfig::default()
+        };
+        assert!(SamplingParams::from_generation_config(Some(&greedy), &[]).is_greedy());
+        assert!(SamplingParams::from_generation_config(None, &[2]).is_greedy());
+        assert_eq!(
+            SamplingParams::from_generation_config(None, &[2]).eos_token_ids,
+            vec![2]
+        );
+    }
+
+    #[test]
+    fn invalid_params_name_the_parameter() {
+        for (params, name) in [
+            (
+                SamplingParams {
+                    temperature: -1.0,
+                    ..SamplingParams::default()
+                },
+                "temperature",
+            ),
+            (
+                SamplingParams {
+                    top_p: 0.0,
+                    ..SamplingParams::default()
+                },
+                "top_p",
+            ),
+            (
+                SamplingParams {
+                    top_p: 1.5,
+                    ..SamplingParams::default()
+                },
+                "top_p",
+            ),
+            (
+                SamplingParams {
+                    min_p: 2.0,
+                    ..SamplingParams::default()
+                },
+                "min_p",
+            ),
+            (
+                SamplingParams {
+                    repetition_penalty: 0.0,
+                    ..SamplingParams::default()
+                },
+                "repetition_penalty",
+            ),
+            (
+                SamplingParams {
+                    frequency_penalty: f32::NAN,
+                    ..SamplingParams::default()
+                },
+                "frequency_penalty",
+            ),
+            (
+                SamplingParams {
+                    max_tokens: Some(0),
+                    ..SamplingParams::default()
+                },
+                "max_tokens",
+            ),
+            (
+                SamplingParams {
+                    stop: vec![String::new()],
+                    ..SamplingParams::default()
+                },
+                "stop",
+            ),
+        ] {
+            let e = Sampler::new(params).unwrap_err().to_string();
+            assert!(e.contains(name), "{e}");
+        }
+    }
+
+    fn run_stops(stops: &[&str], pieces: &[&str]) -> (String, Option<String>) {
+        let mut m = StopMatcher::new(stops.iter().map(|s| s.to_string()));
+        let mut out = String::new();
+        for p in pieces {
+            let step = m.push(p);
+            out.push_str(&step.text);
+            if step.stopped.is_some() {
+                return (out, step.stopped);
+            }
+        }
+        out.push_str(&m.flush());
+        (out, None)
+    }
+
+    #[test]
+    fn stop_strings_across_pieces() {
+        let (text, stop) = run_stops(
+            &["</s>", "\n\nUser:"],
+            &["Hello", " wor", "ld\n", "\nUs", "er: more"],
+        );
+        assert_eq!(
+            (text.as_str(), stop.as_deref()),
+            ("Hello world", Some("\n\nUser:"))
+        );
+        // Held-back text is released once it cannot be a stop string any more.
+        let mut m = StopMatcher::new(["\n\nUser:".to_string()]);
+        assert_eq!(m.push("ab\n").text, "ab");
+        assert_eq!(m.push("\nUse").text, "");
+        assert_eq!(m.push("d it").text, "\n\nUsed it");
+        // The earliest match wins; multi-byte stops; flush at the end.
+        assert_eq!(
+            run_stops(&["bcd", "abc"], &["xabcd"]),
+            ("x".into(), Some("abc".into()))
+        );
+        assert_eq!(
+            run_stops(&["你好"], &["我你", "好吗"]),
+            ("我".into(), Some("你好".into()))
+        );
+        assert_eq!(run_stops(&["END"], &["the EN"]), ("the EN".into(), None));
+        assert_eq!(run_stops(&[], &["a", "b"]), ("ab".into(), None));
+    }
+
+    #[test]
+    fn stop_matcher_against_a_plain_reference() {
+        let mut rng = Xoshiro256::new(11);
+        let alphabet = ['a', 'b', '\n', 'é'];
+        for _ in 0..2000 {
+            let len = (rng.next_u64() % 20) as usize;
+            let text: String = (0..len)
+                .map(|_| alphabet[(rng.next_u64() % 4) as usize])
+                .collect();
+            let stops = ["ab\nb", "bb", "éa"];
+            // Reference: cut at the first occurrence of any stop string.
+            let first = stops
+                .iter()
+                .filter_map(|s| text.find(s).map(|i| (i, *s)))
+                .min_by_key(|x| x.0);
+            let want = match first {
+                Some((i, s)) => (text[..i].to_string(), Some(s.to_string())),
+                None => (text.clone(), None),
+            };
+            // Split at random char boundaries.
+            let chars: Vec<char> = text.chars().collect();
+            let mut pieces = Vec::new();
+            let mut i = 0;
+            while i < chars.len() {
+                let n = 1 + (rng.next_u64() % 3) as usize;
+                pieces.push(
+                    chars[i..(i + n).min(chars.len())]
+                        .iter()
+                        .collect::<String>(),
+                );
+                i += n;
+            }
+            let refs: Vec<&str> = pieces.iter().map(String::as_str).collect();
+            let got = run_stops(&stops, &refs);
+            assert_eq!(got, want, "{text:?} {pieces:?}");
+        }
     }
 }

@@ -241,3 +241,33 @@ fn streaming_emoji_and_chinese_split_across_tokens() {
         assert_eq!(pieces.concat(), text);
     }
 }
+
+/// Extra check against a larger case file made the same way (not committed):
+/// `DSV2_TOKENIZER_CASES=/tmp/cases.json cargo test -p dsv2-core --test tokenizer_reference -- --ignored`
+#[test]
+#[ignore = "needs DSV2_TOKENIZER_CASES pointing at a generated case file"]
+fn encode_matches_external_cases() {
+    let path = std::env::var("DSV2_TOKENIZER_CASES").expect("set DSV2_TOKENIZER_CASES");
+    let c: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let tok = Tokenizer::builtin().unwrap();
+    let mut failures = Vec::new();
+    let list = c["encode"].as_array().unwrap();
+    for case in list {
+        let text = s(&case["text"]);
+        let want = ids(&case["ids"]);
+        let got = tok.encode(text, true).unwrap();
+        if got != want {
+            failures.push(format!("{text:?}: got {got:?}, want {want:?}"));
+        }
+        if tok.decode(&want, false).unwrap() != s(&case["decoded"]) {
+            failures.push(format!("{text:?}: decode differs"));
+        }
+        check_stream(&tok, &want, false, s(&case["decoded"]));
+    }
+    eprintln!("{} external cases, {} failures", list.len(), failures.len());
+    assert!(
+        failures.is_empty(),
+        "{}",
+        failures[..failures.len().min(20)].join("\n")
+    );
+}
