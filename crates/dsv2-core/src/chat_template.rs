@@ -57,7 +57,7 @@ impl ChatTemplate {
         env.add_filter("tojson", tojson);
         env.add_function("raise_exception", raise_exception);
         env.add_function("strftime_now", strftime_now);
-        env.add_template_owned(TEMPLATE_NAME, source.clone())
+        env.add_template_owned(TEMPLATE_NAME, rewrite_generation_tags(&source))
             .map_err(|e| CoreError::chat_template(format!("does not compile: {}", describe(&e))))?;
         Ok(ChatTemplate {
             source: source.into(),
@@ -105,6 +105,46 @@ impl ChatTemplate {
             .render(ctx)
             .map_err(|e| CoreError::chat_template(format!("render failed: {}", describe(&e))))
     }
+}
+
+/// transformers' `{% generation %}...{% endgeneration %}` block (it marks assistant text for
+/// training masks) renders its body unchanged; minijinja does not know the tag, so it
+/// becomes `{% if true %}...{% endif %}`, which keeps the whitespace control of the tags.
+fn rewrite_generation_tags(source: &str) -> String {
+    let mut out = String::with_capacity(source.len());
+    let mut rest = source;
+    while let Some(at) = rest.find("{%") {
+        out.push_str(&rest[..at]);
+        let tag = &rest[at..];
+        let body = tag[2..].trim_start_matches(['-', '+']);
+        let lead = tag.len() - 2 - body.len();
+        let word = body.trim_start();
+        let space = body.len() - word.len();
+        let keyword = ["endgeneration", "generation"].into_iter().find(|k| {
+            word.starts_with(k)
+                && word[k.len()..]
+                    .trim_start()
+                    .trim_start_matches('-')
+                    .starts_with("%}")
+        });
+        match keyword {
+            Some(k) => {
+                out.push_str(&tag[..2 + lead + space]);
+                out.push_str(if k == "generation" {
+                    "if true"
+                } else {
+                    "endif"
+                });
+                rest = &word[k.len()..];
+            }
+            None => {
+                out.push_str("{%");
+                rest = &tag[2..];
+            }
+        }
+    }
+    out.push_str(rest);
+    out
 }
 
 /// An error's message with its causes (minijinja keeps the template line in the message).
@@ -631,6 +671,25 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("messages must be a list"), "{err}");
+    }
+
+    #[test]
+    fn generation_blocks_render_their_body() {
+        let t = "{% for m in messages %}{%- generation -%}\n [{{ m.content }}] {% endgeneration %}\n{% endfor %}";
+        assert_eq!(
+            rewrite_generation_tags(t),
+            "{% for m in messages %}{%- if true -%}\n [{{ m.content }}] {% endif %}\n{% endfor %}"
+        );
+        let out = render(
+            t,
+            serde_json::json!([{"content": "a"}, {"content": "b"}]),
+            false,
+        )
+        .unwrap();
+        assert_eq!(out, "[a] [b] ");
+        // Other tags and names that merely start with the word are left alone.
+        let t = "{% set generation_x = 1 %}{{ generation_x }}{%+ if true %}y{% endif %}";
+        assert_eq!(rewrite_generation_tags(t), t);
     }
 
     #[test]

@@ -5,9 +5,10 @@
 //! post-processor stored in `tokenizer.json` and installs its own that adds BOS when
 //! `add_bos_token` (default true) and EOS when `add_eos_token` (default false). We do the same
 //! by encoding without the file's post-processor and adding those tokens ourselves, so there is
-//! never a double BOS whatever `tokenizer.json` says. For other tokenizer classes that do not
-//! name `add_bos_token`/`add_eos_token`, the file's own post-processor decides (as
-//! `PreTrainedTokenizerFast` does).
+//! never a double BOS whatever `tokenizer.json` says. The same holds for the other classes
+//! that do this in transformers 4.x (CodeLlama, Gemma, Cohere, GPT-NeoX). For any other named
+//! class (e.g. `PreTrainedTokenizerFast`) the file's own post-processor decides, as in
+//! transformers; with no class named, `add_bos_token`/`add_eos_token` decide when present.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -210,10 +211,22 @@ impl Tokenizer {
             .get("tokenizer_class")
             .and_then(Value::as_str)
             .unwrap_or("");
-        let llama_like = class.starts_with("Llama") || class.starts_with("CodeLlama");
-        let mode = if llama_like || add_bos.is_some() || add_eos.is_some() {
-            // LlamaTokenizerFast defaults: add_bos_token=True, add_eos_token=False.
-            let add_bos = add_bos.unwrap_or(llama_like);
+        // Classes whose fast tokenizer installs its own BOS/EOS post-processor in transformers
+        // 4.x, with their `add_bos_token` defaults. Other named classes keep the file's
+        // post-processor and ignore the flags; with no class named, the flags decide.
+        let class_default_bos = match class.trim_end_matches("Fast") {
+            "LlamaTokenizer" | "CodeLlamaTokenizer" | "GemmaTokenizer" | "CohereTokenizer" => {
+                Some(true)
+            }
+            "GPTNeoXTokenizer" => Some(false),
+            _ => None,
+        };
+        let explicit = match class_default_bos {
+            Some(_) => true,
+            None => class.is_empty() && (add_bos.is_some() || add_eos.is_some()),
+        };
+        let mode = if explicit {
+            let add_bos = add_bos.or(class_default_bos).unwrap_or(false);
             let add_eos = add_eos.unwrap_or(false);
             if add_bos && bos.is_none() {
                 return Err(cfg_err("add_bos_token", "true but bos_token is not set"));
@@ -452,6 +465,14 @@ mod tests {
         assert_eq!(tok.encode("ab", false).unwrap(), vec![2]);
         let tok = Tokenizer::from_bytes(MINI_TOKENIZER.as_bytes(), None, "mini").unwrap();
         assert_eq!(tok.encode("ab", true).unwrap(), vec![5, 2]);
+        // transformers' PreTrainedTokenizerFast ignores add_bos_token.
+        let config = br#"{"tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": false, "bos_token": "<s>"}"#;
+        let tok = Tokenizer::from_bytes(MINI_TOKENIZER.as_bytes(), Some(config), "mini").unwrap();
+        assert_eq!(tok.encode("ab", true).unwrap(), vec![5, 2]);
+        // GPT-NeoX installs its own post-processor, without BOS by default.
+        let config = br#"{"tokenizer_class": "GPTNeoXTokenizerFast", "bos_token": "<s>"}"#;
+        let tok = Tokenizer::from_bytes(MINI_TOKENIZER.as_bytes(), Some(config), "mini").unwrap();
+        assert_eq!(tok.encode("ab", true).unwrap(), vec![2]);
     }
 
     #[test]
