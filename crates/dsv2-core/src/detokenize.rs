@@ -89,7 +89,8 @@ pub enum FinishReason {
     Eos,
     /// A stop string matched; the matched text and what follows are not emitted.
     Stop(String),
-    /// `max_tokens` ids were generated.
+    /// The token limit was reached: `max_tokens`, or the caller ended the stream with
+    /// [`TextStream::finish`] (e.g. the context is full).
     MaxTokens,
 }
 

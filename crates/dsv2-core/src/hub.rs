@@ -313,8 +313,8 @@ fn online_error(
         ),
         Some(code) => format!("fetching {file} (revision `{revision}`) failed with HTTP {code}"),
         None if is_transport(e) => format!(
-            "no network: cannot reach {} ({e}), and {file} is not in the cache at {}: \
-             no cached copy to fall back on",
+            "no network and no cached copy: cannot reach {} ({e}), and {file} is not in the \
+             cache at {}",
             opts.endpoint,
             cache.display()
         ),
@@ -537,9 +537,8 @@ mod tests {
         let err = resolve_model_with("owner/absent", &opts(tmp.path(), false), ModelFiles::All)
             .unwrap_err()
             .to_string();
-        assert!(err.contains("no network"), "{err}");
-        assert!(err.contains("not in the cache"), "{err}");
-        assert!(err.contains("no cached copy"), "{err}");
+        assert!(err.contains("no network and no cached copy"), "{err}");
+        assert!(err.contains("config.json is not in the cache"), "{err}");
     }
 
     #[test]
