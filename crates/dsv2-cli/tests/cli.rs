@@ -339,3 +339,59 @@ fn seeded_sampling_repeats_and_stop_strings_cut() {
     );
     assert_eq!(cut, &text[..text.find(&stop).unwrap()]);
 }
+
+#[test]
+fn chat_repl_keeps_history_and_survives_ctrl_c() {
+    use std::io::Write;
+    use std::process::Stdio;
+    use std::time::{Duration, Instant};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_dsv2"))
+        .args(["chat", "--max-tokens", "50000", "--temperature", "0"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        use std::io::Read;
+        let mut all = Vec::new();
+        let mut buf = [0u8; 256];
+        while let Ok(n) = stdout.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            all.extend_from_slice(&buf[..n]);
+            let _ = tx.send(());
+        }
+        all
+    });
+    // A long answer, interrupted with SIGINT once it streams: the answer stops, the
+    // program does not.
+    writeln!(stdin, "Tell me a long story").unwrap();
+    stdin.flush().unwrap();
+    rx.recv_timeout(Duration::from_secs(60))
+        .expect("the answer starts streaming");
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    // Then commands and a clean exit.
+    writeln!(stdin, "/system Be brief.").unwrap();
+    writeln!(stdin, "/reset").unwrap();
+    writeln!(stdin, "/exit").unwrap();
+    drop(stdin);
+    let started = Instant::now();
+    let out = child.wait_with_output().unwrap();
+    assert!(started.elapsed() < Duration::from_secs(120));
+    let answer = reader.join().unwrap();
+    assert!(!answer.is_empty());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("(stopped)"), "{err}");
+    assert!(err.contains("(conversation cleared)"), "{err}");
+    assert!(err.contains("tokens/s]"), "{err}");
+}
