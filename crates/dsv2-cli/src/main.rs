@@ -1,6 +1,7 @@
 //! `dsv2`: run DeepSeek-V2 family checkpoints from the command line.
 
 mod load;
+mod serve;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -27,6 +28,8 @@ enum Command {
     Logits(LogitsArgs),
     /// Generate a continuation of a prompt.
     Generate(GenerateArgs),
+    /// Serve the OpenAI- and DeepSeek-compatible HTTP API.
+    Serve(serve::ServeArgs),
 }
 
 /// Options shared by every command that runs the model.
@@ -117,6 +120,7 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Logits(args) => logits(args),
         Command::Generate(args) => generate(args),
+        Command::Serve(args) => serve::run(args),
     }
 }
 

@@ -24,6 +24,14 @@ impl TokenPicker for Greedy {
     }
 }
 
+/// The full sampler of `dsv2-core` (temperature, top-k/p, min-p, penalties, seed) as a
+/// picker; it keeps its own record of the generated tokens for the penalties.
+impl TokenPicker for dsv2_core::Sampler {
+    fn pick(&mut self, logits: &[f32], _generated: &[u32]) -> u32 {
+        self.sample(logits)
+    }
+}
+
 /// Index of the largest value (the first one on ties).
 pub fn argmax(x: &[f32]) -> u32 {
     let mut best = 0;
