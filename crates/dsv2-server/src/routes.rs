@@ -66,7 +66,14 @@ pub async fn completions(State(st): Shared, body: Bytes) -> Result<Response, Api
         })
         .collect::<Result<Vec<_>, _>>()?;
     let echo = if req.echo {
-        prompts.iter().map(|p| ready.text.decode(p)).collect()
+        req.prompts
+            .iter()
+            .zip(&prompts)
+            .map(|(given, ids)| match given {
+                Prompt::Text(t) => t.clone(),
+                Prompt::Tokens(_) => ready.text.decode(ids),
+            })
+            .collect()
     } else {
         Vec::new()
     };

@@ -118,8 +118,8 @@ impl TextModel {
         self.tokenizer.decode(&[id], false).unwrap_or_default()
     }
 
-    /// The text of a prompt (for `echo`).
+    /// The text of a token-id prompt (for `echo`), special tokens left out.
     pub fn decode(&self, ids: &[u32]) -> String {
-        self.tokenizer.decode(ids, false).unwrap_or_default()
+        self.tokenizer.decode(ids, true).unwrap_or_default()
     }
 }
