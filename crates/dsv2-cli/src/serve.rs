@@ -1,12 +1,11 @@
 //! `dsv2 serve`: the OpenAI- and DeepSeek-compatible HTTP API.
 
-use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use dsv2_backend::Backend;
-use dsv2_core::{GenerationConfig, Tokenizer};
+use dsv2_core::Tokenizer;
 use dsv2_engine::EngineConfig;
 use dsv2_model::Model;
 use dsv2_server::{Server, ServerConfig, TextModel};
@@ -131,28 +130,17 @@ struct ServeTask {
 impl ModelTask for ServeTask {
     type Output = ();
     fn run<B: Backend>(self, backend: &B, model: &Model<B>, info: &ModelInfo) -> Result<()> {
-        let text = text_model(
-            self.args.model.model.as_deref(),
-            self.args.served_model_name,
-            info,
-            model.config.vocab_size,
-        )?;
+        let text = text_model(info, self.args.served_model_name, model.config.vocab_size)?;
         self.server.run_engine(backend, model, text, self.engine)
     }
 }
 
 /// The tokenizer of the model folder (or the built-in DeepSeek-V2 one), its generation
 /// defaults and its name.
-fn text_model(
-    dir: Option<&Path>,
-    name: Option<String>,
-    info: &ModelInfo,
-    vocab_size: usize,
-) -> Result<TextModel> {
-    let tokenizer = match dir {
-        Some(d) if d.join("tokenizer.json").is_file() => Tokenizer::from_dir(d)
-            .with_context(|| format!("loading the tokenizer of {}", d.display()))?,
-        _ => {
+fn text_model(info: &ModelInfo, name: Option<String>, vocab_size: usize) -> Result<TextModel> {
+    let tokenizer = match info.tokenizer().context("loading the tokenizer")? {
+        Some(t) => t,
+        None => {
             eprintln!(
                 "dsv2: no tokenizer.json with the model: using the built-in DeepSeek-V2 tokenizer"
             );
@@ -166,19 +154,17 @@ fn text_model(
             tokenizer.vocab_size()
         );
     }
-    let generation = match dir {
-        Some(d) => GenerationConfig::from_dir(d)?,
-        None => None,
-    };
     let name = name.unwrap_or_else(|| {
-        dir.and_then(|d| d.canonicalize().ok())
+        info.dir
+            .as_deref()
+            .and_then(|d| d.canonicalize().ok())
             .and_then(|d| d.file_name().map(|n| n.to_string_lossy().into_owned()))
             .unwrap_or_else(|| "dsv2-builtin".into())
     });
     Ok(TextModel::new(
         tokenizer,
-        generation.as_ref(),
-        &info.eos_token_ids,
+        info.generation_config.as_ref(),
+        &info.config.eos_token_ids,
         name,
     ))
 }

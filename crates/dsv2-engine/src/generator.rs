@@ -14,6 +14,13 @@ pub trait TokenPicker {
     fn pick(&mut self, logits: &[f32], generated: &[u32]) -> u32;
 }
 
+impl TokenPicker for dsv2_core::Sampler {
+    fn pick(&mut self, logits: &[f32], _generated: &[u32]) -> u32 {
+        // The sampler records each id it returns for its penalties.
+        self.sample(logits)
+    }
+}
+
 /// Greedy decoding: the highest logit, ties to the lowest id.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Greedy;
@@ -21,14 +28,6 @@ pub struct Greedy;
 impl TokenPicker for Greedy {
     fn pick(&mut self, logits: &[f32], _generated: &[u32]) -> u32 {
         argmax(logits)
-    }
-}
-
-/// The full sampler of `dsv2-core` (temperature, top-k/p, min-p, penalties, seed) as a
-/// picker; it keeps its own record of the generated tokens for the penalties.
-impl TokenPicker for dsv2_core::Sampler {
-    fn pick(&mut self, logits: &[f32], _generated: &[u32]) -> u32 {
-        self.sample(logits)
     }
 }
 
@@ -87,7 +86,8 @@ impl<'m, B: Backend> Generator<'m, B> {
     }
 
     /// Generates up to `max_tokens` tokens after `prompt`, calling `on_token` with each,
-    /// stopping early at any of `eos_ids`.
+    /// stopping early at any of `eos_ids` or when `on_token` returns false (a stop
+    /// string, a user interrupt); both finish with [`FinishReason::Stop`].
     ///
     /// # Errors
     /// An empty prompt, a prompt plus `max_tokens` longer than the cache, or a model error.
@@ -97,7 +97,7 @@ impl<'m, B: Backend> Generator<'m, B> {
         max_tokens: usize,
         eos_ids: &[u32],
         picker: &mut dyn TokenPicker,
-        on_token: &mut dyn FnMut(u32),
+        on_token: &mut dyn FnMut(u32) -> bool,
     ) -> Result<Generation> {
         if prompt.is_empty() {
             return Err(EngineError::Request("the prompt is empty".into()));
@@ -128,7 +128,7 @@ impl<'m, B: Backend> Generator<'m, B> {
         eos_ids: &[u32],
         table: &[u32],
         picker: &mut dyn TokenPicker,
-        on_token: &mut dyn FnMut(u32),
+        on_token: &mut dyn FnMut(u32) -> bool,
     ) -> Result<Generation> {
         let mut generated = Vec::with_capacity(max_tokens);
         let mut finish_reason = FinishReason::Length;
@@ -156,7 +156,10 @@ impl<'m, B: Backend> Generator<'m, B> {
                 break;
             }
             generated.push(token);
-            on_token(token);
+            if !on_token(token) {
+                finish_reason = FinishReason::Stop;
+                break;
+            }
             next_input.clear();
             next_input.push(token);
         }

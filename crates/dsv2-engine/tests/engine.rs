@@ -88,7 +88,7 @@ fn solo_greedy(prompt: &[u32], max_tokens: usize) -> Vec<u32> {
     let (backend, model) = model();
     let mut generator = Generator::new(&backend, &model, 512).unwrap();
     generator
-        .generate(prompt, max_tokens, &[], &mut Greedy, &mut |_| {})
+        .generate(prompt, max_tokens, &[], &mut Greedy, &mut |_| true)
         .unwrap()
         .token_ids
 }
