@@ -127,6 +127,8 @@ impl ChoiceTask {
         // Stop strings and EOS are matched on text here; the engine enforces the length.
         let mut text_params = job.params.clone();
         text_params.max_tokens = None;
+        // Extra stop ids end the text like EOS does: their own text is not shown.
+        text_params.eos_token_ids.extend(&job.stop_token_ids);
         let mut text = TextStream::new(&self.text.tokenizer, &text_params);
         let mut usage = ChoiceUsage {
             prompt_tokens: job.prompt.len(),

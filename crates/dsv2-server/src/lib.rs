@@ -130,6 +130,11 @@ impl Server {
         self.addr
     }
 
+    /// The state the handlers share (to drain the server without a signal, e.g. in tests).
+    pub fn state(&self) -> Arc<AppState> {
+        Arc::clone(&self.state)
+    }
+
     /// Starts the engine on this thread and serves until drained (SIGTERM), then stops
     /// the HTTP server and returns.
     ///
@@ -213,17 +218,14 @@ async fn watch_signals(state: Arc<AppState>) {
             eprintln!("dsv2: second signal: exiting now");
             std::process::exit(1);
         }
-        state.start_draining();
-        match state.ready.get() {
-            Some(ready) => {
-                let timeout = state.config.drain_timeout;
-                eprintln!("dsv2: draining: no new requests; running ones get up to {timeout:?}");
-                ready.engine.drain(Instant::now() + timeout);
-            }
-            None => {
-                eprintln!("dsv2: stopped while loading the model");
-                std::process::exit(0);
-            }
+        if state.drain() {
+            eprintln!(
+                "dsv2: draining: no new requests; running ones get up to {:?}",
+                state.config.drain_timeout
+            );
+        } else {
+            eprintln!("dsv2: stopped while loading the model");
+            std::process::exit(0);
         }
     }
 }

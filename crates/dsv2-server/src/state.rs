@@ -74,6 +74,22 @@ impl AppState {
         self.draining.store(true, Ordering::Relaxed);
     }
 
+    /// Begins shutdown: new requests get 503 and health turns 503; running requests get
+    /// `drain_timeout` to finish, then the engine loop ends. Returns false while the
+    /// model is still loading (there is nothing to drain).
+    pub fn drain(&self) -> bool {
+        self.start_draining();
+        match self.ready.get() {
+            Some(ready) => {
+                ready
+                    .engine
+                    .drain(std::time::Instant::now() + self.config.drain_timeout);
+                true
+            }
+            None => false,
+        }
+    }
+
     /// The engine, for a request that generates: 503 while loading or draining.
     pub fn ready(&self) -> Result<Ready, ApiError> {
         if self.is_draining() {
