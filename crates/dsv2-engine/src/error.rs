@@ -15,12 +15,17 @@ pub enum EngineError {
          {max_model_len} tokens (prompt plus at least one generated token); shorten the prompt"
     )]
     PromptTooLong {
+        /// Tokens in the prompt.
         prompt_tokens: usize,
+        /// The context limit (see `EngineLimits::max_model_len`).
         max_model_len: usize,
     },
     /// The waiting queue is full; try again later.
     #[error("the server is busy: {max_waiting} requests are already waiting; retry later")]
-    QueueFull { max_waiting: usize },
+    QueueFull {
+        /// The configured limit.
+        max_waiting: usize,
+    },
     /// The engine is draining and accepts no new requests.
     #[error("the server is shutting down and accepts no new requests")]
     ShuttingDown,
@@ -31,8 +36,10 @@ pub enum EngineError {
     #[error("engine configuration: {0}")]
     Config(String),
     #[error(transparent)]
+    /// The forward pass failed (names the op or input).
     Model(#[from] ModelError),
     #[error(transparent)]
+    /// The backend failed (allocation, device).
     Backend(#[from] BackendError),
 }
 

@@ -47,7 +47,9 @@ pub fn argmax(x: &[f32]) -> u32 {
 pub struct Generation {
     /// Generated ids (an EOS that stopped generation is not included).
     pub token_ids: Vec<u32>,
+    /// Why generation stopped.
     pub finish_reason: FinishReason,
+    /// Tokens in the prompt.
     pub prompt_tokens: usize,
 }
 

@@ -41,7 +41,9 @@ pub struct TokenLogprobs {
 /// Token counts of a finished request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Usage {
+    /// Tokens in the prompt.
     pub prompt_tokens: usize,
+    /// Tokens generated (a final stop token included).
     pub completion_tokens: usize,
     /// Prompt tokens whose latents came from the prefix cache.
     pub cached_tokens: usize,
@@ -53,16 +55,29 @@ pub struct Usage {
 pub enum Event {
     /// The request was admitted; `cached_tokens` prompt tokens were found in the prefix
     /// cache.
-    Started { cached_tokens: usize },
+    Started {
+        /// Prompt tokens found in the prefix cache.
+        cached_tokens: usize,
+    },
     /// A generated token (an EOS that ends generation is reported too).
     Token {
+        /// The token.
         token_id: u32,
+        /// Its log-probabilities, when the request asked for them.
         logprobs: Option<TokenLogprobs>,
     },
     /// Generation ended.
-    Finished { reason: FinishReason, usage: Usage },
+    Finished {
+        /// Why it ended.
+        reason: FinishReason,
+        /// Token counts.
+        usage: Usage,
+    },
     /// The step running this request failed; the request is over.
-    Error { message: String },
+    Error {
+        /// What went wrong.
+        message: String,
+    },
 }
 
 impl Event {

@@ -36,6 +36,7 @@ pub struct SchedulerConfig {
 pub struct ScheduledSeq {
     /// Index of the sequence in [`Scheduler::running`].
     pub index: usize,
+    /// The sequence's id.
     pub seq_id: SeqId,
     /// Tokens computed this step, starting at the sequence's `num_computed_tokens`.
     pub num_new_tokens: usize,

@@ -54,10 +54,13 @@ pub struct StopConditions {
 /// A sequence: prompt plus generated tokens, and its share of the paged cache.
 #[derive(Debug, Clone)]
 pub struct Sequence {
+    /// Unique for the engine's lifetime.
     pub id: SeqId,
+    /// Waiting, running or finished.
     pub status: SequenceStatus,
     /// Prompt then generated tokens.
     pub token_ids: Vec<u32>,
+    /// Leading tokens of `token_ids` that are the prompt.
     pub num_prompt_tokens: usize,
     /// Leading tokens whose latents are in the cache (computed or found by prefix
     /// caching). Reset to 0 by a preemption.
@@ -69,6 +72,7 @@ pub struct Sequence {
     pub block_table: Vec<u32>,
     /// Prefix-cache hash of each full, computed block, in order.
     pub block_hashes: Vec<BlockHash>,
+    /// When generation stops.
     pub stop: StopConditions,
     /// Tokens the sequence may hold at most (the context limit).
     pub max_model_len: usize,

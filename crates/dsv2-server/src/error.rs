@@ -9,12 +9,15 @@ use serde_json::json;
 /// An error answered to one request (never fatal to the server).
 #[derive(Debug, Clone, PartialEq)]
 pub struct ApiError {
+    /// HTTP status.
     pub status: StatusCode,
+    /// Human-readable description.
     pub message: String,
     /// OpenAI's `type`: `invalid_request_error`, `authentication_error`, ...
     pub kind: &'static str,
     /// The request field at fault, if any.
     pub param: Option<String>,
+    /// Machine-readable code (`invalid_api_key`, ...).
     pub code: Option<&'static str>,
     /// Seconds for a `Retry-After` header (503 answers).
     pub retry_after: Option<u64>,

@@ -23,7 +23,9 @@ use crate::text::TextModel;
 pub struct ChoiceJob {
     /// The choice's `index` in the response.
     pub index: usize,
+    /// Prompt token ids.
     pub prompt: Vec<u32>,
+    /// Sampling options (defaults already applied).
     pub params: SamplingParams,
     /// Extra stop ids besides EOS (`stop_token_ids`).
     pub stop_token_ids: Vec<u32>,
@@ -34,8 +36,11 @@ pub struct ChoiceJob {
 /// Log-probability of one generated token, with its text.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LogprobEntry {
+    /// The token's id.
     pub token_id: u32,
+    /// The token's text.
     pub token: String,
+    /// Its log-probability.
     pub logprob: f32,
     /// The most likely alternatives: (text, log-probability).
     pub top: Vec<(String, f32)>,
@@ -44,8 +49,11 @@ pub struct LogprobEntry {
 /// Token counts of one choice.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct ChoiceUsage {
+    /// Tokens in the prompt.
     pub prompt_tokens: usize,
+    /// Tokens generated.
     pub completion_tokens: usize,
+    /// Prompt tokens found in the prefix cache.
     pub cached_tokens: usize,
 }
 
@@ -54,15 +62,22 @@ pub struct ChoiceUsage {
 pub enum ChoiceEvent {
     /// New output of choice `index` (text may be empty while held back).
     Delta {
+        /// The choice.
         index: usize,
+        /// Text now safe to show.
         text: String,
+        /// Token ids behind it.
         token_ids: Vec<u32>,
+        /// Their log-probabilities, when asked.
         logprobs: Vec<LogprobEntry>,
     },
     /// Choice `index` is complete.
     Finish {
+        /// The choice.
         index: usize,
+        /// `stop`, `length` or `abort`.
         reason: &'static str,
+        /// Token counts.
         usage: ChoiceUsage,
     },
     /// The engine failed the request.
@@ -240,10 +255,15 @@ impl ChoiceTask {
 /// The complete output of one choice.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct ChoiceOutput {
+    /// The generated text (stop strings excluded).
     pub text: String,
+    /// The generated token ids.
     pub token_ids: Vec<u32>,
+    /// Per-token log-probabilities, when asked.
     pub logprobs: Vec<LogprobEntry>,
+    /// `stop`, `length` or `abort`.
     pub finish_reason: &'static str,
+    /// Token counts.
     pub usage: ChoiceUsage,
 }
 

@@ -80,10 +80,15 @@ const E2E_BUCKETS: &[f64] = &[
 /// The server's metrics.
 #[derive(Debug)]
 pub struct Metrics {
+    /// Arrival to first token.
     pub time_to_first_token: Histogram,
+    /// Between consecutive tokens.
     pub inter_token_latency: Histogram,
+    /// Arrival to last token.
     pub e2e_request_latency: Histogram,
+    /// Prompt tokens submitted.
     pub prompt_tokens: AtomicU64,
+    /// Tokens generated.
     pub generation_tokens: AtomicU64,
     /// Finished requests by finish reason (`stop`, `length`, `abort`, ...).
     finished: Mutex<BTreeMap<String, u64>>,

@@ -18,20 +18,35 @@ pub const MAX_N: usize = 64;
 /// Fields shared by chat and text completions.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct CommonParams {
+    /// Requested model name.
     pub model: String,
+    /// `max_completion_tokens` or `max_tokens`.
     pub max_tokens: Option<usize>,
+    /// 0..=2; 0 is greedy.
     pub temperature: Option<f32>,
+    /// Nucleus mass, 0..=1.
     pub top_p: Option<f32>,
+    /// Keep the k most likely tokens; 0 = off.
     pub top_k: Option<usize>,
+    /// Relative probability floor, 0..=1.
     pub min_p: Option<f32>,
+    /// -2..=2.
     pub presence_penalty: Option<f32>,
+    /// -2..=2.
     pub frequency_penalty: Option<f32>,
+    /// HF repetition penalty, > 0.
     pub repetition_penalty: Option<f32>,
+    /// Up to 16 stop strings.
     pub stop: Vec<String>,
+    /// Extra token ids that end generation.
     pub stop_token_ids: Vec<u32>,
+    /// RNG seed.
     pub seed: Option<u64>,
+    /// Choices per prompt.
     pub n: usize,
+    /// Answer with SSE chunks.
     pub stream: bool,
+    /// `stream_options.include_usage`.
     pub include_usage: bool,
     /// vLLM extension: keep generating past EOS.
     pub ignore_eos: bool,
@@ -42,6 +57,7 @@ pub struct CommonParams {
 /// A `POST /v1/chat/completions` body.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ChatRequest {
+    /// Shared fields.
     pub common: CommonParams,
     /// Messages with `content` flattened to a string, ready for the chat template.
     pub messages: Vec<Value>,
@@ -54,13 +70,16 @@ pub struct ChatRequest {
 /// One prompt of a text completion.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Prompt {
+    /// Text, encoded with the tokenizer (BOS added).
     Text(String),
+    /// Token ids, used as given.
     Tokens(Vec<u32>),
 }
 
 /// A `POST /v1/completions` body.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CompletionRequest {
+    /// Shared fields.
     pub common: CommonParams,
     /// One or more prompts (a batch gives `n` choices per prompt).
     pub prompts: Vec<Prompt>,

@@ -18,19 +18,28 @@ pub const FINGERPRINT: &str = concat!("dsv2-", env!("CARGO_PKG_VERSION"));
 /// Which API a response belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
+    /// `/v1/chat/completions`.
     Chat,
+    /// `/v1/completions`.
     Completion,
 }
 
 /// Shared fields of every chunk and response of one request.
 #[derive(Debug, Clone)]
 pub struct Shape {
+    /// Chat or text completion.
     pub kind: Kind,
+    /// `chatcmpl-…` or `cmpl-…`.
     pub id: String,
+    /// Unix seconds.
     pub created: u64,
+    /// The model name the client asked for.
     pub model: String,
+    /// Whether `logprobs` were asked for.
     pub logprobs: bool,
+    /// Whether to add `token_ids` (vLLM extension).
     pub return_token_ids: bool,
+    /// Whether to send the usage chunk.
     pub include_usage: bool,
 }
 

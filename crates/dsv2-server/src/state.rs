@@ -15,6 +15,7 @@ use crate::text::TextModel;
 pub struct ServerConfig {
     /// Address to listen on (loopback by default).
     pub host: String,
+    /// Port to listen on (0 picks a free one).
     pub port: u16,
     /// When set, API routes require `Authorization: Bearer KEY`.
     pub api_key: Option<String>,
@@ -39,17 +40,21 @@ impl Default for ServerConfig {
 /// The loaded model's side of the server.
 #[derive(Debug, Clone)]
 pub struct Ready {
+    /// Submits requests to the engine thread.
     pub engine: EngineHandle,
+    /// Tokenizer, chat template and sampling defaults.
     pub text: Arc<TextModel>,
 }
 
 /// State shared by the handlers.
 #[derive(Debug)]
 pub struct AppState {
+    /// The server's settings.
     pub config: ServerConfig,
     /// Set once the model is loaded and the engine runs.
     pub ready: OnceLock<Ready>,
     draining: AtomicBool,
+    /// Latency histograms and counters.
     pub metrics: Arc<Metrics>,
 }
 

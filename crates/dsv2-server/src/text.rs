@@ -12,6 +12,7 @@ pub const DEEPSEEK_CHAT: &str = "deepseek-chat";
 /// Everything the server needs to turn text into token ids and back.
 #[derive(Debug, Clone)]
 pub struct TextModel {
+    /// Encodes prompts, renders chats, decodes output.
     pub tokenizer: Tokenizer,
     /// Defaults for options a request leaves out (from `generation_config.json`).
     pub defaults: SamplingParams,
