@@ -35,11 +35,11 @@ pub enum EngineError {
     /// Inconsistent engine settings (names the setting).
     #[error("engine configuration: {0}")]
     Config(String),
-    #[error(transparent)]
     /// The forward pass failed (names the op or input).
-    Model(#[from] ModelError),
     #[error(transparent)]
+    Model(#[from] ModelError),
     /// The backend failed (allocation, device).
+    #[error(transparent)]
     Backend(#[from] BackendError),
 }
 
