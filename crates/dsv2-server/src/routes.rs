@@ -31,18 +31,13 @@ pub async fn chat(State(st): Shared, body: Bytes) -> Result<Response, ApiError> 
     let prompt = ready.text.encode_chat(&req.messages)?;
     let logprobs = req.logprobs.then_some(req.top_logprobs);
     let jobs = jobs(&ready, &req.common, &[prompt], logprobs)?;
-    let shape = shape(Kind::Chat, &req.common, req.logprobs);
-    respond(
-        &st,
-        &ready,
-        shape,
-        &req.common,
-        jobs,
+    let reply = Reply {
+        shape: shape(Kind::Chat, &req.common, req.logprobs),
+        echo: Vec::new(),
+        prompt_param: "messages",
         arrival,
-        Vec::new(),
-        "messages",
-    )
-    .await
+    };
+    reply.send(&st, &ready, &req.common, jobs).await
 }
 
 /// `POST /v1/completions`
@@ -78,18 +73,13 @@ pub async fn completions(State(st): Shared, body: Bytes) -> Result<Response, Api
         Vec::new()
     };
     let jobs = jobs(&ready, &req.common, &prompts, req.logprobs)?;
-    let shape = shape(Kind::Completion, &req.common, req.logprobs.is_some());
-    respond(
-        &st,
-        &ready,
-        shape,
-        &req.common,
-        jobs,
-        arrival,
+    let reply = Reply {
+        shape: shape(Kind::Completion, &req.common, req.logprobs.is_some()),
         echo,
-        "prompt",
-    )
-    .await
+        prompt_param: "prompt",
+        arrival,
+    };
+    reply.send(&st, &ready, &req.common, jobs).await
 }
 
 fn shape(kind: Kind, p: &CommonParams, logprobs: bool) -> Shape {
@@ -126,41 +116,56 @@ fn jobs(
     Ok(jobs)
 }
 
-/// Submits the choices and answers with one JSON response or an SSE stream.
-#[allow(clippy::too_many_arguments)]
-async fn respond(
-    st: &AppState,
-    ready: &Ready,
+/// How to answer one request.
+struct Reply {
     shape: Shape,
-    p: &CommonParams,
-    jobs: Vec<ChoiceJob>,
-    arrival: Instant,
+    /// Each prompt's text when a completion echoes it.
     echo: Vec<String>,
-    prompt_param: &str,
-) -> Result<Response, ApiError> {
-    let num_choices = jobs.len();
-    let rx = generate::start(&ready.engine, &ready.text, &st.metrics, jobs, arrival).map_err(
-        |mut e| {
-            if e.param.as_deref() == Some("messages") || e.param.as_deref() == Some("prompt") {
-                e.param = Some(prompt_param.to_string());
-            }
-            e
-        },
-    )?;
-    let timeout = st.config.request_timeout;
-    let deadline = timeout.map(|t| tokio::time::Instant::from_std(arrival + t));
-    let timeout_secs = timeout.map_or(0.0, |t| t.as_secs_f64());
-    if p.stream {
-        let writer = SseWriter::new(shape, rx, num_choices, p.n, deadline, timeout_secs, &echo);
-        let events = stream::unfold(writer, |mut w| async move {
-            w.next_event()
-                .await
-                .map(|e| (Ok::<_, std::convert::Infallible>(e), w))
-        });
-        Ok(Sse::new(events).into_response())
-    } else {
-        let outputs = generate::collect(rx, num_choices, deadline, timeout_secs).await?;
-        Ok(Json(shape.response(&outputs, p.n, &echo)).into_response())
+    /// The field errors about the prompt name (`messages` or `prompt`).
+    prompt_param: &'static str,
+    arrival: Instant,
+}
+
+impl Reply {
+    /// Submits the choices and answers with one JSON response or an SSE stream.
+    async fn send(
+        self,
+        st: &AppState,
+        ready: &Ready,
+        p: &CommonParams,
+        jobs: Vec<ChoiceJob>,
+    ) -> Result<Response, ApiError> {
+        let num_choices = jobs.len();
+        let rx = generate::start(&ready.engine, &ready.text, &st.metrics, jobs, self.arrival)
+            .map_err(|mut e| {
+                if matches!(e.param.as_deref(), Some("messages" | "prompt")) {
+                    e.param = Some(self.prompt_param.to_string());
+                }
+                e
+            })?;
+        let timeout = st.config.request_timeout;
+        let deadline = timeout.map(|t| tokio::time::Instant::from_std(self.arrival + t));
+        let timeout_secs = timeout.map_or(0.0, |t| t.as_secs_f64());
+        if p.stream {
+            let writer = SseWriter::new(
+                self.shape,
+                rx,
+                num_choices,
+                p.n,
+                deadline,
+                timeout_secs,
+                &self.echo,
+            );
+            let events = stream::unfold(writer, |mut w| async move {
+                w.next_event()
+                    .await
+                    .map(|e| (Ok::<_, std::convert::Infallible>(e), w))
+            });
+            Ok(Sse::new(events).into_response())
+        } else {
+            let outputs = generate::collect(rx, num_choices, deadline, timeout_secs).await?;
+            Ok(Json(self.shape.response(&outputs, p.n, &self.echo)).into_response())
+        }
     }
 }
 
