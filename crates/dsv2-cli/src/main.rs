@@ -5,6 +5,7 @@ mod generate;
 mod load;
 mod logits;
 mod quantize;
+mod serve;
 mod tokenize;
 
 use std::process::ExitCode;
@@ -37,6 +38,8 @@ enum Command {
     Download(DownloadArgs),
     /// Write a q8/q4 quantized copy of a checkpoint (loads memory-mapped, no re-quantizing).
     Quantize(quantize::QuantizeArgs),
+    /// Serve the OpenAI- and DeepSeek-compatible HTTP API.
+    Serve(serve::ServeArgs),
 }
 
 /// Options shared by every command that runs the model.
@@ -160,6 +163,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Chat(args) => chat::run(args),
         Command::Tokenize(args) => tokenize::run(args),
         Command::Quantize(args) => quantize::run(args),
+        Command::Serve(args) => serve::run(args),
         Command::Download(args) => {
             let dir = dsv2_core::download(&args.repo_id)?;
             println!("{}", dir.display());
