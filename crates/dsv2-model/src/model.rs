@@ -9,7 +9,7 @@ use dsv2_backend::{
     AttentionPath, Backend, Batch, CacheSpec, MlaAttention, MlaDims, Mlp, MoeWeights, RopeAngles,
     Routing,
 };
-use dsv2_core::{expected_tensors, Checkpoint, ModelConfig, TopkMethod};
+use dsv2_core::{expected_tensors, Checkpoint, ModelConfig, TensorView, TopkMethod};
 
 use crate::error::{ModelError, Result};
 use crate::rope::Rope;
@@ -108,15 +108,24 @@ impl<B: Backend> Model<B> {
     /// A missing, misshapen or unsupported tensor, named with its file; a backend failure.
     pub fn load(backend: &B, config: ModelConfig, checkpoint: &Checkpoint) -> Result<Self> {
         checkpoint.validate(&expected_tensors(&config))?;
-        let w = |name: &str| -> Result<B::Weight> {
-            Ok(backend.load_weight(checkpoint.tensor(name)?)?)
-        };
-        let mlp = |prefix: &str| -> Result<Mlp<B::Weight>> {
-            Ok(Mlp {
-                gate_proj: w(&format!("{prefix}.gate_proj.weight"))?,
-                up_proj: w(&format!("{prefix}.up_proj.weight"))?,
-                down_proj: w(&format!("{prefix}.down_proj.weight"))?,
-            })
+        Self::load_from(backend, config, |name| Ok(checkpoint.tensor(name)?.clone()))
+    }
+
+    /// Loads the weights `tensor` hands out, asked once for each tensor name `config`
+    /// implies (those of [`expected_tensors`]), one at a time. Each view is dropped as
+    /// soon as the backend has prepared it, so a source that makes tensors on demand
+    /// (random weights of a real model's shapes) never holds the model twice.
+    ///
+    /// # Errors
+    /// What `tensor` reports; a backend failure (unsupported dtype or shape).
+    pub fn load_from(
+        backend: &B,
+        config: ModelConfig,
+        mut tensor: impl FnMut(&str) -> Result<TensorView>,
+    ) -> Result<Self> {
+        let mut w = |name: &str| -> Result<B::Weight> {
+            let view = tensor(name)?;
+            Ok(backend.load_weight(&view)?)
         };
         let mut layers = Vec::with_capacity(config.num_hidden_layers);
         for i in 0..config.num_hidden_layers {
@@ -143,10 +152,10 @@ impl<B: Backend> Model<B> {
                 (Some(moe), true) => FeedForward::Moe(MoeWeights {
                     gate: w(&format!("{p}.mlp.gate.weight"))?,
                     experts: (0..moe.n_routed_experts)
-                        .map(|e| mlp(&format!("{p}.mlp.experts.{e}")))
+                        .map(|e| load_mlp(&mut w, &format!("{p}.mlp.experts.{e}")))
                         .collect::<Result<_>>()?,
                     shared_experts: if moe.n_shared_experts > 0 {
-                        Some(mlp(&format!("{p}.mlp.shared_experts"))?)
+                        Some(load_mlp(&mut w, &format!("{p}.mlp.shared_experts"))?)
                     } else {
                         None
                     },
@@ -163,7 +172,7 @@ impl<B: Backend> Model<B> {
                         routed_scaling_factor: moe.routed_scaling_factor as f32,
                     },
                 }),
-                _ => FeedForward::Dense(mlp(&format!("{p}.mlp"))?),
+                _ => FeedForward::Dense(load_mlp(&mut w, &format!("{p}.mlp"))?),
             };
             layers.push(Layer {
                 input_layernorm: w(&format!("{p}.input_layernorm.weight"))?,
@@ -294,18 +303,10 @@ impl<B: Backend> Model<B> {
         ws: &mut Workspace<B>,
         path: AttentionPath,
     ) -> Result<()> {
-        self.check_batch(batch, ws)?;
+        self.prepare_and_embed(backend, batch, ws)?;
         let t = batch.num_tokens();
         let d = self.config.hidden_size;
         let eps = self.config.rms_norm_eps as f32;
-        self.rope.angles(&batch.positions, &mut ws.cos, &mut ws.sin);
-        let angles = RopeAngles {
-            cos: &ws.cos,
-            sin: &ws.sin,
-        };
-        backend.prepare_step(batch, angles, &mut ws.step)?;
-
-        backend.embed(&self.embed_tokens, &ws.step, &mut ws.hidden)?;
         for (i, layer) in self.layers.iter().enumerate() {
             // h = h + attention(input_layernorm(h))
             backend.rms_norm(&ws.hidden, &layer.input_layernorm, eps, t, &mut ws.normed)?;
@@ -328,6 +329,47 @@ impl<B: Backend> Model<B> {
         }
         // The final norm; the head runs on the requested rows.
         backend.rms_norm(&ws.hidden, &self.norm, eps, t, &mut ws.normed)?;
+        Ok(())
+    }
+
+    /// Fills the latent cache for the batch's tokens cheaply: each layer caches the
+    /// latent of the token's embedding (`kv_a_proj_with_mqa` of `input_layernorm` of the
+    /// embedding), skipping attention and the MLPs that a real prefill runs first. For
+    /// benchmarks of decode at long contexts, where the cache's size matters and its
+    /// contents do not: filling costs one `[T, D]·[D, C + Dr]` product per layer.
+    ///
+    /// # Errors
+    /// As [`forward`](Self::forward).
+    pub fn write_latents(
+        &self,
+        backend: &B,
+        batch: &Batch,
+        cache: &mut B::Cache,
+        ws: &mut Workspace<B>,
+    ) -> Result<()> {
+        self.prepare_and_embed(backend, batch, ws)?;
+        let t = batch.num_tokens();
+        let eps = self.config.rms_norm_eps as f32;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let attn = &layer.self_attn;
+            backend.rms_norm(&ws.hidden, &layer.input_layernorm, eps, t, &mut ws.normed)?;
+            backend.linear(&ws.normed, t, &attn.kv_a_proj_with_mqa, &mut ws.kv_a)?;
+            backend.mla_write_cache(&ws.kv_a, &attn.kv_a_layernorm, eps, &ws.step, i, cache)?;
+        }
+        Ok(())
+    }
+
+    /// Checks the batch, uploads its metadata and RoPE angles, and embeds its tokens into
+    /// `ws.hidden` `[T, D]`.
+    fn prepare_and_embed(&self, backend: &B, batch: &Batch, ws: &mut Workspace<B>) -> Result<()> {
+        self.check_batch(batch, ws)?;
+        self.rope.angles(&batch.positions, &mut ws.cos, &mut ws.sin);
+        let angles = RopeAngles {
+            cos: &ws.cos,
+            sin: &ws.sin,
+        };
+        backend.prepare_step(batch, angles, &mut ws.step)?;
+        backend.embed(&self.embed_tokens, &ws.step, &mut ws.hidden)?;
         Ok(())
     }
 
@@ -407,4 +449,13 @@ impl<B: Backend> Model<B> {
         }
         Ok(())
     }
+}
+
+/// Loads the three projections of the SwiGLU MLP under `prefix`.
+fn load_mlp<W>(w: &mut impl FnMut(&str) -> Result<W>, prefix: &str) -> Result<Mlp<W>> {
+    Ok(Mlp {
+        gate_proj: w(&format!("{prefix}.gate_proj.weight"))?,
+        up_proj: w(&format!("{prefix}.up_proj.weight"))?,
+        down_proj: w(&format!("{prefix}.down_proj.weight"))?,
+    })
 }

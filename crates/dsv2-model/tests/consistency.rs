@@ -119,7 +119,12 @@ fn cached_decode_equals_full_recompute() {
         let vocab = model.config.vocab_size;
         let all = tokens(40, 2);
         let (prompt, rest) = all.split_at(25);
-        let full = run_batch(&backend, &model, std::slice::from_ref(&all), AttentionPath::Expanded);
+        let full = run_batch(
+            &backend,
+            &model,
+            std::slice::from_ref(&all),
+            AttentionPath::Expanded,
+        );
         // Prefill the prompt, then feed the remaining tokens one step at a time.
         let table: Vec<u32> = vec![3, 0, 5];
         let mut cache = backend.alloc_cache(model.cache_spec(6, BLOCK)).unwrap();
