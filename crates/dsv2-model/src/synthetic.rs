@@ -124,7 +124,7 @@ impl TensorInit {
     /// whole number of them. F32 and F16 are written as such, any other dtype as BF16.
     pub fn fill(&self, dtype: &DType, first: usize, out: &mut [u8]) {
         match dtype {
-            DType::F32 => self.fill_with(first, out, |v| f32::to_le_bytes(v)),
+            DType::F32 => self.fill_with(first, out, f32::to_le_bytes),
             DType::F16 => self.fill_with(first, out, |v| f16::from_f32(v).to_le_bytes()),
             _ => self.fill_with(first, out, |v| bf16::from_f32(v).to_le_bytes()),
         }
