@@ -5,7 +5,7 @@ use std::str::FromStr;
 
 use anyhow::{bail, Context, Result};
 use dsv2_backend::Backend;
-use dsv2_core::{Checkpoint, DType, ModelConfig};
+use dsv2_core::{expected_tensors, Checkpoint, DType, ModelConfig, TensorView};
 use dsv2_cpu::CpuBackend;
 use dsv2_model::synthetic::{builtin_config, synthetic_checkpoint, BUILTIN_SEED};
 use dsv2_model::Model;
@@ -53,12 +53,7 @@ pub trait ModelTask {
 
 /// Loads the model the arguments name on the device they name, then runs `task`.
 pub fn with_model<T: ModelTask>(args: &ModelArgs, task: T) -> Result<T::Output> {
-    if let Device::Cuda(_) = args.device {
-        bail!(
-            "--device cuda: this dsv2 binary was built without CUDA support \
-             (build with `cargo build --release --features cuda`)"
-        );
-    }
+    check_device(args)?;
     let (config, checkpoint) = match &args.model {
         Some(dir) => open_folder(dir)?,
         None => {
@@ -71,22 +66,52 @@ pub fn with_model<T: ModelTask>(args: &ModelArgs, task: T) -> Result<T::Output> 
             (config, checkpoint)
         }
     };
+    let root = checkpoint.root().display().to_string();
+    checkpoint
+        .validate(&expected_tensors(&config))
+        .with_context(|| format!("loading {root}"))?;
+    let tensor = |name: &str| Ok(checkpoint.tensor(name)?.clone());
+    with_tensors(args, config, &root, tensor, task)
+}
+
+/// Loads `config`'s weights from `tensor` (asked once per tensor name, as
+/// [`Model::load_from`] does; `source` names it in errors) on the device the arguments
+/// name, then runs `task`.
+pub fn with_tensors<T: ModelTask>(
+    args: &ModelArgs,
+    config: ModelConfig,
+    source: &str,
+    tensor: impl FnMut(&str) -> dsv2_model::Result<TensorView>,
+    task: T,
+) -> Result<T::Output> {
+    check_device(args)?;
     let info = ModelInfo {
         eos_token_ids: config.eos_token_ids.clone(),
     };
-    let root = checkpoint.root().display().to_string();
     match args.device {
         Device::Cpu => {
             let backend = CpuBackend::new(args.dtype);
-            let model = Model::load(&backend, config, &checkpoint)
-                .with_context(|| format!("loading {root}"))?;
+            let model = Model::load_from(&backend, config, tensor)
+                .with_context(|| format!("loading {source}"))?;
             task.run(&backend, &model, &info)
         }
         Device::Cuda(_) => unreachable!("rejected above"),
     }
 }
 
-fn open_folder(dir: &Path) -> Result<(ModelConfig, Checkpoint)> {
+/// Fails early, before any loading, when the device the arguments name is unavailable.
+fn check_device(args: &ModelArgs) -> Result<()> {
+    if let Device::Cuda(_) = args.device {
+        bail!(
+            "--device cuda: this dsv2 binary was built without CUDA support \
+             (build with `cargo build --release --features cuda`)"
+        );
+    }
+    Ok(())
+}
+
+/// Reads `config.json` of the model folder `dir` and opens its checkpoint.
+pub fn open_folder(dir: &Path) -> Result<(ModelConfig, Checkpoint)> {
     if !dir.is_dir() {
         bail!("model folder {} does not exist", dir.display());
     }

@@ -1,5 +1,6 @@
 //! `dsv2`: run DeepSeek-V2 family checkpoints from the command line.
 
+mod bench;
 mod load;
 
 use std::io::Write;
@@ -27,6 +28,9 @@ enum Command {
     Logits(LogitsArgs),
     /// Generate a continuation of a prompt.
     Generate(GenerateArgs),
+    /// Measure load time, prefill and decode speed, peak memory and the fraction of the
+    /// memory-bandwidth floor reached, on a checkpoint or random weights of a model's shapes.
+    Bench(bench::BenchArgs),
 }
 
 /// Options shared by every command that runs the model.
@@ -117,6 +121,7 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Logits(args) => logits(args),
         Command::Generate(args) => generate(args),
+        Command::Bench(args) => bench::run(args),
     }
 }
 
