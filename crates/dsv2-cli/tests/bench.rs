@@ -41,10 +41,10 @@ fn positive(v: &Value, key: &str) -> f64 {
     x
 }
 
-/// Parameters of the lite fixture a batch-1 decode step reads (hand count): per layer
-/// attention q_proj 96·64 + kv_a 40·64 + kv_a_layernorm 32 + kv_b 128·32 + o_proj 64·64
-/// + two norms of 64 = 17,056 (×3 layers); dense layer 0: 3·96·64 = 18,432; per MoE
-/// layer router 8·64 + shared 3·64·64 + 3 routed experts of 3·32·64 = 31,232 (×2);
+/// Parameters of the lite fixture a batch-1 decode step reads (hand count): per layer,
+/// attention (q_proj 96·64, kv_a 40·64, kv_a_layernorm 32, kv_b 128·32, o_proj 64·64,
+/// two norms of 64) = 17,056, times 3 layers; dense layer 0: 3·96·64 = 18,432; per MoE
+/// layer, router 8·64, shared 3·64·64 and 3 routed experts of 3·32·64 = 31,232, times 2;
 /// lm_head 300·64; one embedding row and the final norm, 64 each.
 const LITE_STEP_PARAMS: f64 = 3.0 * 17_056.0 + 18_432.0 + 2.0 * 31_232.0 + 19_200.0 + 128.0;
 
