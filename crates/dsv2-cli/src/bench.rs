@@ -26,7 +26,7 @@ use serde_json::json;
 use crate::load::{self, ModelInfo, ModelTask};
 use crate::ModelArgs;
 use floor::{decode_step_bytes, expected_distinct_experts, DecodeStep};
-use weights::{parse_weights_dtype, random_config, RandomWeights, WeightSource};
+use weights::{parse_weights_dtype, random_config, RandomWeights, Stored, WeightSource};
 
 /// Tokens the cache is filled with per [`Model::write_latents`] call, at most.
 const FILL_CHUNK: usize = 512;
@@ -86,18 +86,14 @@ pub fn run(args: BenchArgs) -> Result<()> {
         si(weight_bytes as f64, "B"),
     );
     eprintln!("dsv2 bench: {heading}");
-    let loading = match &source {
-        WeightSource::Random(r) => r.progress().clone(),
-        WeightSource::Checkpoint(_) => ProgressBar::hidden(),
-    };
     let task = BenchTask {
         args: &args,
         source: &source,
         started,
-        loading,
+        loading: source.progress(),
     };
-    let tensor = |name: &str| source.tensor(name);
-    let report = load::with_tensors(&args.model, config, &label, tensor, task)?;
+    let weight = |name: &str| source.weight(name);
+    let report = load::with_weights(&args.model, config, &label, weight, task)?;
     report.print_table(&heading);
     if args.json {
         println!("{}", report.to_json(&label, &dtypes, params, weight_bytes));
@@ -113,14 +109,16 @@ fn open_source(args: &BenchArgs) -> Result<(String, ModelConfig, WeightSource)> 
                 bail!("--weights-dtype and --num-layers apply to --random-weights only");
             }
             let (config, checkpoint) = load::open_folder(dir)?;
-            let source = WeightSource::checkpoint(checkpoint, &config)?;
+            let stored = Stored::Checkpoint(checkpoint);
+            let source = WeightSource::new(stored, &config, args.model.quantize)?;
             Ok((dir.display().to_string(), config, source))
         }
         (None, Some(spec)) => {
             let (label, config) = random_config(spec, args.num_layers)?;
             let dtype = args.weights_dtype.clone().unwrap_or(DType::BF16);
             let random = RandomWeights::new(&config, dtype, bytes_bar("generating weights"));
-            Ok((label, config, WeightSource::Random(random)))
+            let source = WeightSource::new(Stored::Random(random), &config, args.model.quantize)?;
+            Ok((label, config, source))
         }
         _ => bail!(
             "dsv2 bench needs --model DIR or --random-weights deepseek-v2-lite|deepseek-v2|CONFIG"

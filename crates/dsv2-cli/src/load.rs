@@ -5,10 +5,10 @@ use std::str::FromStr;
 
 use anyhow::{bail, Context, Result};
 use dsv2_backend::Backend;
-use dsv2_core::{expected_tensors, Checkpoint, DType, ModelConfig, TensorView};
+use dsv2_core::{expected_tensors, Checkpoint, DType, ModelConfig, Weight};
 use dsv2_cpu::CpuBackend;
 use dsv2_model::synthetic::{builtin_config, synthetic_checkpoint, BUILTIN_SEED};
-use dsv2_model::Model;
+use dsv2_model::{LoadOptions, Model};
 
 use crate::ModelArgs;
 
@@ -70,18 +70,18 @@ pub fn with_model<T: ModelTask>(args: &ModelArgs, task: T) -> Result<T::Output> 
     checkpoint
         .validate(&expected_tensors(&config))
         .with_context(|| format!("loading {root}"))?;
-    let tensor = |name: &str| Ok(checkpoint.tensor(name)?.clone());
-    with_tensors(args, config, &root, tensor, task)
+    let weight = |name: &str| Ok(checkpoint.weight(name)?);
+    with_weights(args, config, &root, weight, task)
 }
 
-/// Loads `config`'s weights from `tensor` (asked once per tensor name, as
+/// Loads `config`'s weights from `weight` (asked once per tensor name, as
 /// [`Model::load_from`] does; `source` names it in errors) on the device the arguments
-/// name, then runs `task`.
-pub fn with_tensors<T: ModelTask>(
+/// name, quantized as they ask, then runs `task`.
+pub fn with_weights<T: ModelTask>(
     args: &ModelArgs,
     config: ModelConfig,
     source: &str,
-    tensor: impl FnMut(&str) -> dsv2_model::Result<TensorView>,
+    weight: impl FnMut(&str) -> dsv2_model::Result<Weight>,
     task: T,
 ) -> Result<T::Output> {
     check_device(args)?;
@@ -91,7 +91,10 @@ pub fn with_tensors<T: ModelTask>(
     match args.device {
         Device::Cpu => {
             let backend = CpuBackend::new(args.dtype);
-            let model = Model::load_from(&backend, config, tensor)
+            let options = LoadOptions {
+                quantize: args.quantize,
+            };
+            let model = Model::load_from(&backend, config, &options, weight)
                 .with_context(|| format!("loading {source}"))?;
             task.run(&backend, &model, &info)
         }

@@ -10,6 +10,7 @@ use std::process::ExitCode;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use dsv2_backend::{AttentionPath, Backend, Batch, ComputeDtype, LogitsWanted};
+use dsv2_core::QuantFormat;
 use dsv2_engine::{Generator, Greedy};
 
 use dsv2_model::Model;
@@ -49,6 +50,10 @@ struct ModelArgs {
     /// Attention formulation: auto (expanded prefill, absorbed decode), expanded or absorbed.
     #[arg(long, default_value = "auto", value_parser = parse_path)]
     attention: AttentionPath,
+    /// Quantize the eligible dense weights at load time: q8 or q4 (8.5 or 4.5 bits per
+    /// weight); embeddings, norms, routers and kv_b_proj stay dense.
+    #[arg(long)]
+    quantize: Option<QuantFormat>,
 }
 
 #[derive(Args)]

@@ -131,6 +131,38 @@ fn bench_runs_a_checkpoint_in_its_dtype() {
 }
 
 #[test]
+fn bench_quantizes_random_weights_at_load() {
+    let config = fixture("lite").join("config.json");
+    let out = dsv2(&[
+        "bench",
+        "--random-weights",
+        config.to_str().unwrap(),
+        "--quantize",
+        "q8",
+        "--prompt-lengths",
+        "4",
+        "--contexts",
+        "0",
+        "--batch-sizes",
+        "1",
+        "--decode-tokens",
+        "2",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let report = last_json(&out);
+    assert_eq!(report["weights_dtype"], "bf16, q8 at load");
+    // Matrices with 32-multiple rows of K become K + 2·K/32 bytes per row; embeddings,
+    // norms, routers and kv_b_proj stay bf16 (hand count over the lite fixture):
+    // embed 38,400; per layer q_proj 6,528, kv_a 2,720, kv_a_layernorm 64, kv_b 8,192,
+    // o_proj 4,352, norms 256 (×3); dense MLP 3 × 6,528; per MoE layer router 1,024,
+    // 8 experts × 6,528, shared 13,056 (×2); final norm 128; lm_head (q8) 20,400.
+    let want = 38_400 + 3 * 22_112 + 19_584 + 2 * 66_304 + 128 + 20_400;
+    assert_eq!(num(&report, "weight_bytes"), want as f64);
+    positive(&report["decode"][0], "tokens_per_s");
+}
+
+#[test]
 fn bench_rejects_what_it_cannot_run() {
     let config = fixture("lite").join("config.json");
     let config = config.to_str().unwrap();

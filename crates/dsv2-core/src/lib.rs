@@ -4,6 +4,7 @@
 //! - [`ModelConfig`] parses and validates a `config.json` of the DeepSeek-V2 family.
 //! - [`Checkpoint`] memory-maps `model.safetensors` or the shards of
 //!   `model.safetensors.index.json` and hands out [`TensorView`]s.
+//! - [`quant`] defines the `q8`/`q4` block formats and quantizes dense tensors.
 //! - [`expected_tensors`] lists the tensors a config implies, so a checkpoint is checked
 //!   for presence, shape and dtype before any compute.
 //!
@@ -20,8 +21,10 @@ pub mod checkpoint;
 pub mod config;
 pub mod error;
 pub mod inventory;
+pub mod quant;
 
-pub use checkpoint::{Bytes, Checkpoint, DType, ExpectedTensor, TensorView};
+pub use checkpoint::{Bytes, Checkpoint, DType, ExpectedTensor, TensorView, Weight};
 pub use config::{ModelConfig, MoeConfig, TopkMethod, YarnScaling};
 pub use error::{CoreError, Result};
 pub use inventory::expected_tensors;
+pub use quant::{QuantFormat, QuantizedTensor};

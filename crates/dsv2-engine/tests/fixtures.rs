@@ -221,3 +221,45 @@ fn bf16_compute_tracks_the_references() {
         }
     }
 }
+
+fn load_quantized(name: &str, format: dsv2_core::QuantFormat) -> (CpuBackend, Model<CpuBackend>) {
+    let dir = fixture_dir(name);
+    let config = ModelConfig::from_file(&dir.join("config.json")).unwrap();
+    let checkpoint = Checkpoint::open(&dir).unwrap();
+    let backend = CpuBackend::new(ComputeDtype::F32);
+    let options = dsv2_model::LoadOptions {
+        quantize: Some(format),
+    };
+    let model = Model::load_with(&backend, config, &checkpoint, &options).unwrap();
+    (backend, model)
+}
+
+#[test]
+fn quantized_logits_stay_within_the_format_budget() {
+    use dsv2_core::QuantFormat;
+    for (format, budget) in [(QuantFormat::Q8, 1e-2), (QuantFormat::Q4, 6e-2)] {
+        for name in FIXTURES {
+            let (backend, model) = load_quantized(name, format);
+            let reference = Reference::open(name);
+            let vocab = model.config.vocab_size;
+            for i in 0..reference.num_prompts() {
+                let prompt = reference.ids(&format!("prompt.{i}"));
+                let (want, _) = reference.f32s(&format!("logits.{i}"));
+                let got = all_logits(&backend, &model, &prompt, AttentionPath::Auto);
+                let err = rel_err(&got, &want);
+                let agree = (0..prompt.len())
+                    .filter(|p| {
+                        argmax(&got[p * vocab..(p + 1) * vocab])
+                            == argmax(&want[p * vocab..(p + 1) * vocab])
+                    })
+                    .count();
+                eprintln!(
+                    "{} {name} prompt {i}: relative error {err:.2e}, argmax {agree}/{}",
+                    format.name(),
+                    prompt.len()
+                );
+                assert!(err <= budget, "{} {name} prompt {i}: {err}", format.name());
+            }
+        }
+    }
+}

@@ -9,7 +9,8 @@ use dsv2_backend::{
     AttentionPath, Backend, Batch, CacheSpec, MlaAttention, MlaDims, Mlp, MoeWeights, RopeAngles,
     Routing,
 };
-use dsv2_core::{expected_tensors, Checkpoint, ModelConfig, TensorView, TopkMethod};
+use dsv2_core::quant::{quantize_tensor, quantized_format};
+use dsv2_core::{expected_tensors, Checkpoint, ModelConfig, QuantFormat, TopkMethod, Weight};
 
 use crate::error::{ModelError, Result};
 use crate::rope::Rope;
@@ -69,6 +70,14 @@ pub struct Model<B: Backend> {
     pub dims: MlaDims,
 }
 
+/// Options of [`Model::load_with`].
+#[derive(Debug, Clone, Default)]
+pub struct LoadOptions {
+    /// Quantize eligible dense weights at load time (like ISQ); weights already stored
+    /// quantized load as they are.
+    pub quantize: Option<QuantFormat>,
+}
+
 /// Reusable activation buffers of a forward pass, sized for `capacity` tokens.
 pub struct Workspace<B: Backend> {
     capacity: usize,
@@ -107,25 +116,56 @@ impl<B: Backend> Model<B> {
     /// # Errors
     /// A missing, misshapen or unsupported tensor, named with its file; a backend failure.
     pub fn load(backend: &B, config: ModelConfig, checkpoint: &Checkpoint) -> Result<Self> {
-        checkpoint.validate(&expected_tensors(&config))?;
-        Self::load_from(backend, config, |name| Ok(checkpoint.tensor(name)?.clone()))
+        Self::load_with(backend, config, checkpoint, &LoadOptions::default())
     }
 
-    /// Loads the weights `tensor` hands out, asked once for each tensor name `config`
-    /// implies (those of [`expected_tensors`]), one at a time. Each view is dropped as
-    /// soon as the backend has prepared it, so a source that makes tensors on demand
-    /// (random weights of a real model's shapes) never holds the model twice.
+    /// [`load`](Self::load) with options (quantization at load time).
     ///
     /// # Errors
-    /// What `tensor` reports; a backend failure (unsupported dtype or shape).
+    /// As [`load`](Self::load).
+    pub fn load_with(
+        backend: &B,
+        config: ModelConfig,
+        checkpoint: &Checkpoint,
+        options: &LoadOptions,
+    ) -> Result<Self> {
+        checkpoint.validate(&expected_tensors(&config))?;
+        Self::load_from(
+            backend,
+            config,
+            options,
+            |name| Ok(checkpoint.weight(name)?),
+        )
+    }
+
+    /// Loads the weights `weight` hands out, asked once for each tensor name `config`
+    /// implies (those of [`expected_tensors`]), one at a time; eligible dense weights are
+    /// quantized first under `options.quantize`. Each weight is dropped as soon as the
+    /// backend has prepared it, so a source that makes tensors on demand (random weights
+    /// of a real model's shapes) never holds the model twice.
+    ///
+    /// # Errors
+    /// What `weight` reports; a backend failure (unsupported dtype or shape).
     pub fn load_from(
         backend: &B,
         config: ModelConfig,
-        mut tensor: impl FnMut(&str) -> Result<TensorView>,
+        options: &LoadOptions,
+        mut weight: impl FnMut(&str) -> Result<Weight>,
     ) -> Result<Self> {
         let mut w = |name: &str| -> Result<B::Weight> {
-            let view = tensor(name)?;
-            Ok(backend.load_weight(&view)?)
+            let weight = match (weight(name)?, options.quantize) {
+                (Weight::Dense(view), Some(format)) => {
+                    match quantized_format(name, &view.shape, format) {
+                        Some(f) => Weight::Quantized(quantize_tensor(&view, f)),
+                        None => Weight::Dense(view),
+                    }
+                }
+                (weight, _) => weight,
+            };
+            Ok(match &weight {
+                Weight::Dense(view) => backend.load_weight(view)?,
+                Weight::Quantized(q) => backend.load_quantized(q)?,
+            })
         };
         let mut layers = Vec::with_capacity(config.num_hidden_layers);
         for i in 0..config.num_hidden_layers {

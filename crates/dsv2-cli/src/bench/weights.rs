@@ -6,8 +6,10 @@
 use std::collections::HashMap;
 
 use anyhow::{bail, Context, Result};
+use dsv2_core::quant::{quantized_format, BLOCK};
 use dsv2_core::{
-    expected_tensors, Checkpoint, CoreError, DType, ExpectedTensor, ModelConfig, TensorView,
+    expected_tensors, Checkpoint, CoreError, DType, ExpectedTensor, ModelConfig, QuantFormat,
+    TensorView, Weight,
 };
 use dsv2_model::synthetic::TensorInit;
 use indicatif::ProgressBar;
@@ -71,8 +73,8 @@ pub fn parse_weights_dtype(s: &str) -> Result<DType, String> {
         "f16" => Ok(DType::F16),
         "f32" => Ok(DType::F32),
         "q8" | "q4" => Err(format!(
-            "`{s}` is a quantized format: it comes through --quantize {s}, which this build \
-             does not have yet (random weights are bf16, f16 or f32)"
+            "`{s}` is a quantized format: add --quantize {s} (the random bf16, f16 or f32 \
+             weights are quantized as they load)"
         )),
         other => Err(format!(
             "unknown weights dtype `{other}` (bf16, f16 or f32)"
@@ -105,56 +107,111 @@ pub fn random_config(spec: &str, num_layers: Option<usize>) -> Result<(String, M
     Ok((label, config))
 }
 
-/// Hands out the tensors of a model as [`dsv2_model::Model::load_from`] asks for them.
-pub enum WeightSource {
-    /// A validated, memory-mapped checkpoint.
+/// Where the weights are stored.
+pub enum Stored {
+    /// A validated, memory-mapped checkpoint (dense or in a dsv2 quantized format).
     Checkpoint(Checkpoint),
     /// Random weights made on demand.
     Random(RandomWeights),
 }
 
+/// Hands out the weights of a model as [`dsv2_model::Model::load_from`] asks for them,
+/// and knows what reading each one costs once loaded.
+pub struct WeightSource {
+    stored: Stored,
+    /// The format the loader quantizes eligible dense weights to (`--quantize`).
+    quantize: Option<QuantFormat>,
+}
+
 impl WeightSource {
-    /// A checkpoint, once validated against `config`.
-    pub fn checkpoint(checkpoint: Checkpoint, config: &ModelConfig) -> Result<Self> {
-        checkpoint
-            .validate(&expected_tensors(config))
-            .with_context(|| format!("checking {}", checkpoint.root().display()))?;
-        Ok(WeightSource::Checkpoint(checkpoint))
+    /// Weights from `stored`, quantized at load to `quantize`. A checkpoint is validated
+    /// against `config` first.
+    pub fn new(
+        stored: Stored,
+        config: &ModelConfig,
+        quantize: Option<QuantFormat>,
+    ) -> Result<Self> {
+        if let Stored::Checkpoint(checkpoint) = &stored {
+            checkpoint
+                .validate(&expected_tensors(config))
+                .with_context(|| format!("checking {}", checkpoint.root().display()))?;
+        }
+        Ok(WeightSource { stored, quantize })
     }
 
-    /// The tensor `name`.
+    /// The progress bar weight generation advances (hidden for a checkpoint).
+    pub fn progress(&self) -> ProgressBar {
+        match &self.stored {
+            Stored::Random(r) => r.progress.clone(),
+            Stored::Checkpoint(_) => ProgressBar::hidden(),
+        }
+    }
+
+    /// The weight `name`, as stored.
     ///
     /// # Errors
-    /// A name the config does not imply.
-    pub fn tensor(&self, name: &str) -> dsv2_model::Result<TensorView> {
-        match self {
-            WeightSource::Checkpoint(c) => Ok(c.tensor(name)?.clone()),
-            WeightSource::Random(r) => r.tensor(name),
+    /// A name the config does not imply, inconsistent quantized planes.
+    pub fn weight(&self, name: &str) -> dsv2_model::Result<Weight> {
+        match &self.stored {
+            Stored::Checkpoint(c) => Ok(c.weight(name)?),
+            Stored::Random(r) => Ok(Weight::Dense(r.tensor(name)?)),
         }
     }
 
-    /// Stored bytes of `tensor` (what reading it once moves).
+    /// Bytes one read of `tensor` moves once loaded: its stored size, or its size in the
+    /// `--quantize` format when the loader quantizes it (the rule of
+    /// [`quantized_format`]).
     pub fn tensor_bytes(&self, tensor: &ExpectedTensor) -> usize {
-        match self {
-            WeightSource::Checkpoint(c) => {
-                c.get(&tensor.name).map_or(0, |t| t.data.as_slice().len())
+        let quantized = |format: QuantFormat, rows: usize, cols: usize| {
+            rows * (format.row_bytes(cols) + cols / BLOCK * std::mem::size_of::<u16>())
+        };
+        let load_format = self
+            .quantize
+            .and_then(|f| quantized_format(&tensor.name, &tensor.shape, f));
+        if let (Some(format), &[rows, cols]) = (load_format, tensor.shape.as_slice()) {
+            if self.stored_dense(&tensor.name) {
+                return quantized(format, rows, cols);
             }
-            WeightSource::Random(r) => numel(tensor) * r.elem_bytes(),
+        }
+        match &self.stored {
+            Stored::Random(r) => numel(tensor) * r.elem_bytes(),
+            Stored::Checkpoint(c) => match c.weight(&tensor.name) {
+                Ok(Weight::Dense(view)) => view.data.as_slice().len(),
+                Ok(Weight::Quantized(q)) => {
+                    q.qweight.data.as_slice().len() + q.scales.data.as_slice().len()
+                }
+                Err(_) => 0, // validated in `new`: every tensor is there
+            },
         }
     }
 
-    /// The dtypes of the stored tensors, for reports (`bf16`, or `bf16+f32`).
+    fn stored_dense(&self, name: &str) -> bool {
+        match &self.stored {
+            Stored::Random(_) => true,
+            Stored::Checkpoint(c) => c.get(name).is_some(),
+        }
+    }
+
+    /// The stored formats, for reports (`bf16`, `bf16+f32`, `q8+bf16`), followed by the
+    /// load-time quantization if any (`bf16, q8 at load`).
     pub fn dtype_label(&self, config: &ModelConfig) -> String {
-        let mut names: Vec<String> = match self {
-            WeightSource::Checkpoint(c) => expected_tensors(config)
+        let mut names: Vec<String> = match &self.stored {
+            Stored::Checkpoint(c) => expected_tensors(config)
                 .iter()
-                .filter_map(|t| c.get(&t.name).map(|v| v.dtype.to_string().to_lowercase()))
+                .filter_map(|t| match c.weight(&t.name).ok()? {
+                    Weight::Dense(view) => Some(view.dtype.to_string().to_lowercase()),
+                    Weight::Quantized(q) => Some(q.format.name().to_string()),
+                })
                 .collect(),
-            WeightSource::Random(r) => vec![r.dtype.to_string().to_lowercase()],
+            Stored::Random(r) => vec![r.dtype.to_string().to_lowercase()],
         };
         names.sort();
         names.dedup();
-        names.join("+")
+        let stored = names.join("+");
+        match self.quantize {
+            Some(format) => format!("{stored}, {} at load", format.name()),
+            None => stored,
+        }
     }
 }
 
@@ -187,11 +244,6 @@ impl RandomWeights {
             .progress
             .set_length((numel * weights.elem_bytes()) as u64);
         weights
-    }
-
-    /// The progress bar the generation advances.
-    pub fn progress(&self) -> &ProgressBar {
-        &self.progress
     }
 
     fn elem_bytes(&self) -> usize {
