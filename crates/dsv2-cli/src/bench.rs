@@ -15,7 +15,7 @@ mod weights;
 
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, ensure, Result};
+use anyhow::{bail, ensure, Context, Result};
 use clap::Args;
 use dsv2_backend::{AttentionPath, Backend, Batch, LogitsWanted};
 use dsv2_core::{expected_tensors, DType, ModelConfig};
@@ -92,8 +92,14 @@ pub fn run(args: BenchArgs) -> Result<()> {
         started,
         loading: source.progress(),
     };
+    // The bench reads no tokenizer or generation config, whatever the source.
+    let info = ModelInfo {
+        dir: None,
+        config,
+        generation_config: None,
+    };
     let weight = |name: &str| source.weight(name);
-    let report = load::with_weights(&args.model, config, &label, weight, task)?;
+    let report = load::with_weights(&args.model, info, &label, weight, task)?;
     report.print_table(&heading);
     if args.json {
         println!("{}", report.to_json(&label, &dtypes, params, weight_bytes));
@@ -104,11 +110,12 @@ pub fn run(args: BenchArgs) -> Result<()> {
 /// The model's config and where its weights come from, with a label for reports.
 fn open_source(args: &BenchArgs) -> Result<(String, ModelConfig, WeightSource)> {
     match (&args.model.model, &args.random_weights) {
-        (Some(dir), None) => {
+        (Some(spec), None) => {
             if args.weights_dtype.is_some() || args.num_layers.is_some() {
                 bail!("--weights-dtype and --num-layers apply to --random-weights only");
             }
-            let (config, checkpoint) = load::open_folder(dir)?;
+            let dir = load::resolve(Some(spec))?.context("--model names no folder")?;
+            let (config, checkpoint, _) = load::open_folder(&dir)?;
             let stored = Stored::Checkpoint(checkpoint);
             let source = WeightSource::new(stored, &config, args.model.quantize)?;
             Ok((dir.display().to_string(), config, source))

@@ -426,9 +426,9 @@ mod tests {
                     let wb = weight_block(w, j, b);
                     let dw = w.scales[j * k / BLOCK + b].to_f32() as f64;
                     let dx = acts.d[i * k / BLOCK + b] as f64;
-                    let xb = &acts.q[i * k + b * BLOCK..][..BLOCK];
-                    for (&wt, &xt) in wb.iter().zip(xb) {
-                        s += dw * wt as f64 * dx * xt as f64;
+                    let xb = &acts.q[i * k + b * BLOCK..i * k + (b + 1) * BLOCK];
+                    for (wv, xv) in wb.iter().zip(xb) {
+                        s += dw * *wv as f64 * dx * *xv as f64;
                     }
                 }
                 y[i * n + j] = s;

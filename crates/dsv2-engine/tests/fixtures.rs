@@ -162,7 +162,7 @@ fn greedy_continuations_match_the_reference() {
                 Generator::new(&backend, &model, prompt.len() + want.len()).unwrap();
             // No EOS: the reference continuations run the full length.
             let out = generator
-                .generate(&prompt, want.len(), &[], &mut Greedy, &mut |_| {})
+                .generate(&prompt, want.len(), &[], &mut Greedy, &mut |_| true)
                 .unwrap();
             assert_eq!(out.token_ids, want, "{name} prompt {i}");
         }
