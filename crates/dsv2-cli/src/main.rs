@@ -5,6 +5,7 @@ mod chat;
 mod generate;
 mod load;
 mod logits;
+mod quantize;
 mod tokenize;
 
 use std::process::ExitCode;
@@ -35,6 +36,8 @@ enum Command {
     Tokenize(tokenize::TokenizeArgs),
     /// Download a model from the HuggingFace hub into the HF cache without running it.
     Download(DownloadArgs),
+    /// Write a q8/q4 quantized copy of a checkpoint (loads memory-mapped, no re-quantizing).
+    Quantize(quantize::QuantizeArgs),
     /// Measure load time, prefill and decode speed, peak memory and the fraction of the
     /// memory-bandwidth floor reached, on a checkpoint or random weights of a model's shapes.
     Bench(bench::BenchArgs),
@@ -160,6 +163,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Generate(args) => generate::run(args),
         Command::Chat(args) => chat::run(args),
         Command::Tokenize(args) => tokenize::run(args),
+        Command::Quantize(args) => quantize::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Download(args) => {
             let dir = dsv2_core::download(&args.repo_id)?;
