@@ -53,6 +53,7 @@ pub trait ModelTask {
 
 /// Loads the model the arguments name on the device they name, then runs `task`.
 pub fn with_model<T: ModelTask>(args: &ModelArgs, task: T) -> Result<T::Output> {
+    #[cfg(not(feature = "cuda"))]
     if let Device::Cuda(_) = args.device {
         bail!(
             "--device cuda: this dsv2 binary was built without CUDA support \
@@ -82,6 +83,15 @@ pub fn with_model<T: ModelTask>(args: &ModelArgs, task: T) -> Result<T::Output> 
                 .with_context(|| format!("loading {root}"))?;
             task.run(&backend, &model, &info)
         }
+        #[cfg(feature = "cuda")]
+        Device::Cuda(ordinal) => {
+            let backend = dsv2_cuda::CudaBackend::new(ordinal, args.dtype)
+                .with_context(|| format!("--device cuda:{ordinal}"))?;
+            let model = Model::load(&backend, config, &checkpoint)
+                .with_context(|| format!("loading {root} on cuda:{ordinal}"))?;
+            task.run(&backend, &model, &info)
+        }
+        #[cfg(not(feature = "cuda"))]
         Device::Cuda(_) => unreachable!("rejected above"),
     }
 }

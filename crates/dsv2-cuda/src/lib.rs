@@ -148,6 +148,69 @@ impl CudaBackend {
         self.dev.sync("synchronize")
     }
 
+    /// A buffer holding `values` (rounded to bf16 in a bf16 backend): for tests and tools
+    /// that feed ops directly.
+    ///
+    /// # Errors
+    /// Device memory or copy failures.
+    pub fn upload(&self, values: &[f32]) -> Result<CudaBuffer> {
+        self.dev.bind()?;
+        let mem = self.dev.alloc(values.len() * self.elem())?;
+        self.write_elems(mem.ptr(), values)?;
+        Ok(CudaBuffer {
+            mem,
+            len: values.len(),
+        })
+    }
+
+    /// The values of `buf`, as f32 (waits for the device).
+    ///
+    /// # Errors
+    /// Device failures (including those of earlier work).
+    pub fn download(&self, buf: &CudaBuffer) -> Result<Vec<f32>> {
+        self.read_elems(buf.ptr(), buf.len)
+    }
+
+    /// The whole cache `[layers, blocks * block_size, W]`, as f32 (waits for the device).
+    ///
+    /// # Errors
+    /// Device failures.
+    pub fn download_cache(&self, cache: &CudaCache) -> Result<Vec<f32>> {
+        let s = cache.spec;
+        self.read_elems(
+            cache.mem.ptr(),
+            s.num_layers * s.num_blocks * s.block_size * s.width(),
+        )
+    }
+
+    fn write_elems(&self, dst: u64, values: &[f32]) -> Result<()> {
+        if self.dev.bf16 {
+            let bits: Vec<u16> = values
+                .iter()
+                .map(|&v| half::bf16::from_f32(v).to_bits())
+                .collect();
+            self.dev.htod(dst, &bits, "upload")
+        } else {
+            self.dev.htod(dst, values, "upload")
+        }
+    }
+
+    fn read_elems(&self, src: u64, len: usize) -> Result<Vec<f32>> {
+        self.dev.bind()?;
+        if self.dev.bf16 {
+            let mut bits = vec![0u16; len];
+            self.dev.dtoh(&mut bits, src, "download")?;
+            Ok(bits
+                .into_iter()
+                .map(|b| half::bf16::from_bits(b).to_f32())
+                .collect())
+        } else {
+            let mut out = vec![0f32; len];
+            self.dev.dtoh(&mut out, src, "download")?;
+            Ok(out)
+        }
+    }
+
     fn scratch(&self) -> std::sync::MutexGuard<'_, Scratch> {
         // A panic while holding the lock leaves buffers that are still valid memory.
         self.scratch.lock().unwrap_or_else(|e| e.into_inner())

@@ -1,0 +1,66 @@
+#!/usr/bin/env python3
+"""Runs `dsv2 logits --device cuda` on every prompt of every fixture, in bf16 and f32, and
+compares with the fixture's reference logits.
+
+Usage: check_fixtures_cli.py DSV2_BINARY FIXTURES_DIR
+
+bf16: relative error <= 2e-2 against the bf16 reference (logits_bf16.{i}) where the fixture
+has one, else the f32 reference, and argmax agreement >= 98% per prompt.
+f32: relative error <= 1e-4 against the f32 reference.
+Prints one RESULT line per run; exits 1 if any check fails.
+"""
+
+import os
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+from safetensors.numpy import load_file
+
+
+def compare(got, ref):
+    err = float(np.linalg.norm((got - ref).astype(np.float64)) / np.linalg.norm(ref.astype(np.float64)))
+    agree = float(np.mean(np.argmax(got, axis=1) == np.argmax(ref, axis=1)))
+    return err, agree
+
+
+def main():
+    dsv2, root = sys.argv[1], sys.argv[2]
+    failed = False
+    names = sorted(n for n in os.listdir(root) if os.path.isfile(os.path.join(root, n, "reference.safetensors")))
+    if not names:
+        print(f"no fixtures with reference.safetensors under {root}")
+        return 1
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in names:
+            folder = os.path.join(root, name)
+            ref = load_file(os.path.join(folder, "reference.safetensors"))
+            i = 0
+            while f"prompt.{i}" in ref:
+                ids = ref[f"prompt.{i}"].astype(np.int64)
+                for dtype in ("bf16", "f32"):
+                    out = os.path.join(tmp, f"{name}-{i}-{dtype}.safetensors")
+                    cmd = [dsv2, "logits", "--device", "cuda", "--dtype", dtype, "--model", folder,
+                           "--token-ids", ",".join(str(int(t)) for t in ids), "--output", out]
+                    run = subprocess.run(cmd, capture_output=True, text=True)
+                    if run.returncode != 0:
+                        print(f"RESULT cli {dtype} {name} prompt {i}: FAILED to run: {run.stderr.strip()}")
+                        failed = True
+                        continue
+                    got = load_file(out)["logits"]
+                    if dtype == "bf16" and f"logits_bf16.{i}" in ref:
+                        against, want = "bf16", ref[f"logits_bf16.{i}"]
+                    else:
+                        against, want = "f32", ref[f"logits.{i}"]
+                    err, agree = compare(got, want)
+                    ok = err <= 2e-2 and agree >= 0.98 if dtype == "bf16" else err <= 1e-4
+                    failed |= not ok
+                    print(f"RESULT cli {dtype} {name} prompt {i} ({len(ids)} tokens): vs {against} reference "
+                          f"rel err {err:.3e}, argmax {100 * agree:.1f}% {'ok' if ok else 'FAIL'}")
+                i += 1
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
