@@ -14,7 +14,7 @@
 
 pub mod routing;
 
-use dsv2_core::TensorView;
+use dsv2_core::{QuantizedTensor, TensorView};
 
 /// Precision of activations (weights keep their checkpoint dtype either way).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -279,6 +279,20 @@ pub trait Backend: Send + Sync {
 
     /// Prepares a checkpoint tensor for compute (no copy where the device allows it).
     fn load_weight(&self, view: &TensorView) -> Result<Self::Weight>;
+    /// Prepares a weight stored in one of dsv2's quantized formats.
+    ///
+    /// # Errors
+    /// The default: this backend does not run quantized weights.
+    fn load_quantized(&self, q: &QuantizedTensor) -> Result<Self::Weight> {
+        Err(BackendError::Weight {
+            name: q.name.clone(),
+            problem: format!(
+                "{} weights are not supported on {}",
+                q.format.name(),
+                self.describe()
+            ),
+        })
+    }
     /// Allocates an activation buffer of `len` values.
     fn alloc(&self, len: usize) -> Result<Self::Buffer>;
     /// Allocates the paged latent cache.

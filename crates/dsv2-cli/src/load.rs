@@ -1,14 +1,14 @@
-//! Picking a device and loading a model (a folder, or the built-in one).
+//! Picking a device, resolving a model (folder, hub id or the built-in one) and loading it.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use anyhow::{bail, Context, Result};
 use dsv2_backend::Backend;
-use dsv2_core::{Checkpoint, DType, ModelConfig};
+use dsv2_core::{Checkpoint, DType, GenerationConfig, ModelConfig, Tokenizer};
 use dsv2_cpu::CpuBackend;
 use dsv2_model::synthetic::{builtin_config, synthetic_checkpoint, BUILTIN_SEED};
-use dsv2_model::Model;
+use dsv2_model::{LoadOptions, Model};
 
 use crate::ModelArgs;
 
@@ -35,8 +35,24 @@ impl FromStr for Device {
 
 /// What a command needs from a model's files besides the weights.
 pub struct ModelInfo {
-    /// End-of-sequence ids from config.json.
-    pub eos_token_ids: Vec<u32>,
+    /// The model folder; `None` for the built-in model.
+    pub dir: Option<PathBuf>,
+    /// The validated config.
+    pub config: ModelConfig,
+    /// generation_config.json, when the folder has one.
+    pub generation_config: Option<GenerationConfig>,
+}
+
+impl ModelInfo {
+    /// The model's tokenizer: the folder's `tokenizer.json`, the vendored DeepSeek-V2
+    /// tokenizer for the built-in model, or `None` for a folder without one.
+    pub fn tokenizer(&self) -> Result<Option<Tokenizer>> {
+        match &self.dir {
+            None => Ok(Some(Tokenizer::builtin()?)),
+            Some(dir) if dir.join("tokenizer.json").exists() => Ok(Some(Tokenizer::from_dir(dir)?)),
+            Some(_) => Ok(None),
+        }
+    }
 }
 
 /// A command that runs on a loaded model, whatever the backend.
@@ -51,6 +67,20 @@ pub trait ModelTask {
     ) -> Result<Self::Output>;
 }
 
+/// Resolves `--model` (folder or hub id) to a local folder; `None` is the built-in model.
+pub fn resolve(spec: Option<&str>) -> Result<Option<PathBuf>> {
+    let Some(spec) = spec else { return Ok(None) };
+    let path = Path::new(spec);
+    if path.is_dir() {
+        return Ok(Some(path.to_path_buf()));
+    }
+    if path.is_absolute() || spec.starts_with('.') || path.exists() {
+        bail!("model folder {spec} does not exist");
+    }
+    let dir = dsv2_core::resolve_model(spec).with_context(|| format!("resolving model {spec}"))?;
+    Ok(Some(dir))
+}
+
 /// Loads the model the arguments name on the device they name, then runs `task`.
 pub fn with_model<T: ModelTask>(args: &ModelArgs, task: T) -> Result<T::Output> {
     #[cfg(not(feature = "cuda"))]
@@ -60,7 +90,8 @@ pub fn with_model<T: ModelTask>(args: &ModelArgs, task: T) -> Result<T::Output> 
              (build with `cargo build --release --features cuda`)"
         );
     }
-    let (config, checkpoint) = match &args.model {
+    let dir = resolve(args.model.as_deref())?;
+    let (config, checkpoint, generation_config) = match &dir {
         Some(dir) => open_folder(dir)?,
         None => {
             eprintln!(
@@ -69,17 +100,22 @@ pub fn with_model<T: ModelTask>(args: &ModelArgs, task: T) -> Result<T::Output> 
             );
             let config = builtin_config();
             let checkpoint = synthetic_checkpoint(&config, BUILTIN_SEED, DType::BF16);
-            (config, checkpoint)
+            (config, checkpoint, None)
         }
     };
     let info = ModelInfo {
-        eos_token_ids: config.eos_token_ids.clone(),
+        dir,
+        config: config.clone(),
+        generation_config,
+    };
+    let options = LoadOptions {
+        quantize: args.quantize,
     };
     let root = checkpoint.root().display().to_string();
     match args.device {
         Device::Cpu => {
             let backend = CpuBackend::new(args.dtype);
-            let model = Model::load(&backend, config, &checkpoint)
+            let model = Model::load_with(&backend, config, &checkpoint, &options)
                 .with_context(|| format!("loading {root}"))?;
             task.run(&backend, &model, &info)
         }
@@ -87,7 +123,8 @@ pub fn with_model<T: ModelTask>(args: &ModelArgs, task: T) -> Result<T::Output> 
         Device::Cuda(ordinal) => {
             let backend = dsv2_cuda::CudaBackend::new(ordinal, args.dtype)
                 .with_context(|| format!("--device cuda:{ordinal}"))?;
-            let model = Model::load(&backend, config, &checkpoint)
+            // Quantized weights are an error on the GPU (Backend::load_quantized).
+            let model = Model::load_with(&backend, config, &checkpoint, &options)
                 .with_context(|| format!("loading {root} on cuda:{ordinal}"))?;
             task.run(&backend, &model, &info)
         }
@@ -96,11 +133,9 @@ pub fn with_model<T: ModelTask>(args: &ModelArgs, task: T) -> Result<T::Output> 
     }
 }
 
-fn open_folder(dir: &Path) -> Result<(ModelConfig, Checkpoint)> {
-    if !dir.is_dir() {
-        bail!("model folder {} does not exist", dir.display());
-    }
+fn open_folder(dir: &Path) -> Result<(ModelConfig, Checkpoint, Option<GenerationConfig>)> {
     let config = ModelConfig::from_file(&dir.join("config.json"))?;
+    let generation_config = GenerationConfig::from_dir(dir)?;
     let checkpoint = Checkpoint::open(dir)?;
-    Ok((config, checkpoint))
+    Ok((config, checkpoint, generation_config))
 }

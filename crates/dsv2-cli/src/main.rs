@@ -1,18 +1,19 @@
 //! `dsv2`: run DeepSeek-V2 family checkpoints from the command line.
 
+mod chat;
+mod generate;
 mod load;
+mod logits;
+mod tokenize;
 
-use std::io::Write;
-use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{bail, Context, Result};
+use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
-use dsv2_backend::{AttentionPath, Backend, Batch, ComputeDtype, LogitsWanted};
-use dsv2_engine::{Generator, Greedy};
+use dsv2_backend::{AttentionPath, ComputeDtype};
+use dsv2_core::{QuantFormat, SamplingOverrides};
 
-use dsv2_model::Model;
-use load::{Device, ModelInfo, ModelTask};
+use load::Device;
 
 #[derive(Parser)]
 #[command(name = "dsv2", version, about = "DeepSeek-V2 inference engine")]
@@ -24,57 +25,93 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Write the logits of every position of a token sequence to a safetensors file.
-    Logits(LogitsArgs),
-    /// Generate a continuation of a prompt.
-    Generate(GenerateArgs),
+    Logits(logits::LogitsArgs),
+    /// Generate a continuation of a prompt (token ids or text), streamed to stdout.
+    Generate(generate::GenerateArgs),
+    /// Chat interactively: history, /system TEXT, /reset, /exit.
+    Chat(chat::ChatArgs),
+    /// Tokenize text or render a chat; needs only the tokenizer files.
+    Tokenize(tokenize::TokenizeArgs),
+    /// Download a model from the HuggingFace hub into the HF cache without running it.
+    Download(DownloadArgs),
 }
 
 /// Options shared by every command that runs the model.
-#[derive(Args, Clone)]
-struct ModelArgs {
-    /// Model folder in the HuggingFace layout (config.json + safetensors). Without it,
-    /// the small built-in model runs.
+#[derive(Args, Clone, Debug)]
+pub struct ModelArgs {
+    /// Model folder in the HuggingFace layout, or a hub id such as
+    /// deepseek-ai/DeepSeek-V2-Lite-Chat. Without it, the small built-in model runs.
     #[arg(long)]
-    model: Option<PathBuf>,
+    pub model: Option<String>,
     /// Compute precision of activations: f32 or bf16 (weights keep their dtype).
     #[arg(long, default_value = "f32")]
-    dtype: ComputeDtype,
+    pub dtype: ComputeDtype,
     /// Device: cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
-    device: Device,
+    pub device: Device,
     /// Attention formulation: auto (expanded prefill, absorbed decode), expanded or absorbed.
     #[arg(long, default_value = "auto", value_parser = parse_path)]
-    attention: AttentionPath,
-}
-
-#[derive(Args)]
-struct LogitsArgs {
-    #[command(flatten)]
-    model: ModelArgs,
-    /// Comma-separated token ids (no BOS is added).
-    #[arg(long, value_delimiter = ',', required = true)]
-    token_ids: Vec<u32>,
-    /// Output safetensors file; holds one f32 tensor `logits` [tokens, vocab_size].
+    pub attention: AttentionPath,
+    /// Quantize weights at load time: q8 or q4 (embeddings, norms and the router stay
+    /// in their checkpoint dtype).
     #[arg(long)]
-    output: PathBuf,
+    pub quantize: Option<QuantFormat>,
 }
 
-#[derive(Args)]
-struct GenerateArgs {
-    #[command(flatten)]
-    model: ModelArgs,
-    /// Comma-separated prompt token ids (used as given: no BOS is added).
-    #[arg(long, value_delimiter = ',', required = true)]
-    token_ids: Vec<u32>,
-    /// Most tokens to generate.
-    #[arg(long, default_value_t = 64)]
-    max_tokens: usize,
+/// Sampling options; unset ones come from generation_config.json (or greedy).
+#[derive(Args, Clone, Debug, Default)]
+pub struct SamplingArgs {
     /// Sampling temperature; 0 is greedy.
-    #[arg(long, default_value_t = 0.0)]
-    temperature: f32,
-    /// Print one JSON object as the last line of stdout.
     #[arg(long)]
-    json: bool,
+    pub temperature: Option<f32>,
+    /// Keep the k most likely tokens (0: off).
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    /// Keep the smallest set of tokens whose probability reaches p.
+    #[arg(long)]
+    pub top_p: Option<f32>,
+    /// Drop tokens less likely than min_p times the most likely one.
+    #[arg(long)]
+    pub min_p: Option<f32>,
+    /// HF repetition penalty over prompt and output (1: off).
+    #[arg(long)]
+    pub repetition_penalty: Option<f32>,
+    /// OpenAI presence penalty over generated tokens.
+    #[arg(long)]
+    pub presence_penalty: Option<f32>,
+    /// OpenAI frequency penalty over generated tokens.
+    #[arg(long)]
+    pub frequency_penalty: Option<f32>,
+    /// Random seed: the same seed gives the same output.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Stop string (repeatable); matched across tokens and not printed.
+    #[arg(long)]
+    pub stop: Vec<String>,
+}
+
+impl SamplingArgs {
+    /// The overrides these flags make to the model's generation defaults.
+    pub fn overrides(&self, max_tokens: Option<usize>) -> SamplingOverrides {
+        SamplingOverrides {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            min_p: self.min_p,
+            repetition_penalty: self.repetition_penalty,
+            presence_penalty: self.presence_penalty,
+            frequency_penalty: self.frequency_penalty,
+            seed: self.seed,
+            max_tokens,
+            stop: self.stop.clone(),
+        }
+    }
+}
+
+#[derive(Args)]
+struct DownloadArgs {
+    /// Repository id, e.g. deepseek-ai/DeepSeek-V2-Lite-Chat (optionally @revision).
+    repo_id: String,
 }
 
 fn parse_path(s: &str) -> Result<AttentionPath, String> {
@@ -115,103 +152,14 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Logits(args) => logits(args),
-        Command::Generate(args) => generate(args),
-    }
-}
-
-fn logits(args: LogitsArgs) -> Result<()> {
-    load::with_model(&args.model.clone(), LogitsTask(args))
-}
-
-struct LogitsTask(LogitsArgs);
-
-impl ModelTask for LogitsTask {
-    type Output = ();
-    fn run<B: Backend>(self, backend: &B, model: &Model<B>, _info: &ModelInfo) -> Result<()> {
-        let args = self.0;
-        let n = args.token_ids.len();
-        let vocab = model.config.vocab_size;
-        let block = dsv2_engine::BLOCK_SIZE;
-        let blocks: Vec<u32> = (0..n.div_ceil(block) as u32).collect();
-        let mut cache = backend.alloc_cache(model.cache_spec(blocks.len(), block))?;
-        let mut ws = model.workspace(backend, n)?;
-        let mut batch = Batch::default();
-        batch.push_seq(&args.token_ids, 0, &blocks, block, LogitsWanted::All);
-        let mut out = vec![0.0f32; n * vocab];
-        model
-            .forward(
-                backend,
-                &batch,
-                &mut cache,
-                &mut ws,
-                args.model.attention,
-                &mut out,
-            )
-            .context("forward pass")?;
-        let bytes: Vec<u8> = out.iter().flat_map(|v| v.to_le_bytes()).collect();
-        let view =
-            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![n, vocab], &bytes)?;
-        safetensors::serialize_to_file([("logits", view)], None, &args.output)
-            .with_context(|| format!("writing {}", args.output.display()))?;
-        Ok(())
-    }
-}
-
-fn generate(args: GenerateArgs) -> Result<()> {
-    if args.temperature != 0.0 {
-        bail!(
-            "--temperature {} is not supported yet: only greedy decoding (--temperature 0)",
-            args.temperature
-        );
-    }
-    load::with_model(&args.model.clone(), GenerateTask(args))
-}
-
-struct GenerateTask(GenerateArgs);
-
-impl ModelTask for GenerateTask {
-    type Output = ();
-    fn run<B: Backend>(self, backend: &B, model: &Model<B>, info: &ModelInfo) -> Result<()> {
-        let args = self.0;
-        let mut generator = Generator::new(backend, model, args.token_ids.len() + args.max_tokens)?;
-        generator.path = args.model.attention;
-        let started = std::time::Instant::now();
-        let mut stdout = std::io::stdout();
-        let json = args.json;
-        let mut on_token = |t: u32| {
-            if !json {
-                let _ = write!(stdout, "{t} ");
-                let _ = stdout.flush();
-            }
-        };
-        let out = generator.generate(
-            &args.token_ids,
-            args.max_tokens,
-            &info.eos_token_ids,
-            &mut Greedy,
-            &mut on_token,
-        )?;
-        let secs = started.elapsed().as_secs_f64();
-        if json {
-            let value = serde_json::json!({
-                "token_ids": out.token_ids,
-                "finish_reason": out.finish_reason.as_str(),
-                "usage": {
-                    "prompt_tokens": out.prompt_tokens,
-                    "completion_tokens": out.token_ids.len(),
-                    "total_tokens": out.prompt_tokens + out.token_ids.len(),
-                },
-            });
-            println!("{value}");
-        } else {
-            println!();
-            eprintln!(
-                "[{} tokens in {secs:.2}s, finish_reason {}]",
-                out.token_ids.len(),
-                out.finish_reason.as_str()
-            );
+        Command::Logits(args) => logits::run(args),
+        Command::Generate(args) => generate::run(args),
+        Command::Chat(args) => chat::run(args),
+        Command::Tokenize(args) => tokenize::run(args),
+        Command::Download(args) => {
+            let dir = dsv2_core::download(&args.repo_id)?;
+            println!("{}", dir.display());
+            Ok(())
         }
-        Ok(())
     }
 }

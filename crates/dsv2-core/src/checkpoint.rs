@@ -15,6 +15,14 @@ use half::{bf16, f16};
 use serde_json::Value;
 
 use crate::error::{CoreError, Result};
+use crate::quant::{QuantFormat, QuantizedTensor, BLOCK, QWEIGHT_SUFFIX, SCALES_SUFFIX};
+
+/// A weight as stored: dense, or quantized in one of dsv2's block formats.
+#[derive(Debug, Clone)]
+pub enum Weight {
+    Dense(TensorView),
+    Quantized(QuantizedTensor),
+}
 
 /// Element type of a stored tensor.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -22,6 +30,10 @@ pub enum DType {
     F32,
     F16,
     BF16,
+    /// Quantized values of dsv2's `q8` format.
+    I8,
+    /// Packed nibbles of dsv2's `q4` format.
+    U8,
     /// A dtype the engine cannot compute with (e.g. `F8_E4M3`); rejected at validation.
     Unsupported(String),
 }
@@ -32,6 +44,8 @@ impl DType {
             "F32" => DType::F32,
             "F16" => DType::F16,
             "BF16" => DType::BF16,
+            "I8" => DType::I8,
+            "U8" => DType::U8,
             other => DType::Unsupported(other.to_string()),
         }
     }
@@ -41,11 +55,12 @@ impl DType {
         match self {
             DType::F32 => Some(4),
             DType::F16 | DType::BF16 => Some(2),
+            DType::I8 | DType::U8 => Some(1),
             DType::Unsupported(s) => match s.as_str() {
                 "F64" | "I64" | "U64" => Some(8),
                 "I32" | "U32" => Some(4),
                 "I16" | "U16" => Some(2),
-                "I8" | "U8" | "BOOL" | "F8_E4M3" | "F8_E5M2" => Some(1),
+                "BOOL" | "F8_E4M3" | "F8_E5M2" => Some(1),
                 _ => None,
             },
         }
@@ -58,6 +73,8 @@ impl std::fmt::Display for DType {
             DType::F32 => f.write_str("F32"),
             DType::F16 => f.write_str("F16"),
             DType::BF16 => f.write_str("BF16"),
+            DType::I8 => f.write_str("I8"),
+            DType::U8 => f.write_str("U8"),
             DType::Unsupported(s) => f.write_str(s),
         }
     }
@@ -161,13 +178,43 @@ impl TensorView {
         bytemuck::cast_slice(self.data.as_slice())
     }
 
+    /// True for the float dtypes a dense weight may have.
+    pub fn is_float(&self) -> bool {
+        matches!(self.dtype, DType::F32 | DType::F16 | DType::BF16)
+    }
+
     /// Copies the elements out as f32 (for small tensors such as norm weights).
+    ///
+    /// # Panics
+    /// If the dtype is not a float dtype (checked at validation).
     pub fn to_f32_vec(&self) -> Vec<f32> {
+        let mut out = vec![0.0; self.numel()];
+        self.copy_f32(0, &mut out);
+        out
+    }
+
+    /// Copies row `r` of a 2-D float tensor into `out` as f32.
+    ///
+    /// # Panics
+    /// If the dtype is not a float dtype or the row is out of range.
+    pub fn row_to_f32(&self, r: usize, out: &mut [f32]) {
+        let cols = self.shape.last().copied().unwrap_or(1);
+        self.copy_f32(r * cols, &mut out[..cols]);
+    }
+
+    fn copy_f32(&self, start: usize, out: &mut [f32]) {
+        let n = out.len();
         match self.dtype {
-            DType::F32 => self.as_f32().to_vec(),
-            DType::F16 => self.as_f16().iter().map(|x| x.to_f32()).collect(),
-            DType::BF16 => self.as_bf16().iter().map(|x| x.to_f32()).collect(),
-            DType::Unsupported(_) => panic!("{}: unsupported dtype", self.name),
+            DType::F32 => out.copy_from_slice(&self.as_f32()[start..start + n]),
+            DType::F16 => out
+                .iter_mut()
+                .zip(&self.as_f16()[start..start + n])
+                .for_each(|(o, v)| *o = v.to_f32()),
+            DType::BF16 => out
+                .iter_mut()
+                .zip(&self.as_bf16()[start..start + n])
+                .for_each(|(o, v)| *o = v.to_f32()),
+            _ => panic!("{}: {} is not a float dtype", self.name, self.dtype),
         }
     }
 }
@@ -296,6 +343,22 @@ impl Checkpoint {
     /// The first missing, misshapen or unsupported tensor, with its file.
     pub fn validate(&self, expected: &[ExpectedTensor]) -> Result<()> {
         for want in expected {
+            if !self.tensors.contains_key(&want.name) {
+                if let Some(q) = self.quantized(&want.name)? {
+                    if [q.rows, q.cols] != want.shape[..] {
+                        return Err(CoreError::Tensor {
+                            file: q.qweight.file.clone(),
+                            tensor: want.name.clone(),
+                            problem: format!(
+                                "quantized shape [{}, {}] does not match {:?} implied by \
+                                 config.json",
+                                q.rows, q.cols, want.shape
+                            ),
+                        });
+                    }
+                    continue;
+                }
+            }
             let Some(have) = self.tensors.get(&want.name) else {
                 let hint = self.fused_expert_hint(&want.name);
                 return Err(CoreError::Tensor {
@@ -314,11 +377,11 @@ impl Checkpoint {
                     ),
                 });
             }
-            if let DType::Unsupported(d) = &have.dtype {
+            if !have.is_float() {
                 return Err(CoreError::Tensor {
                     file: have.file.clone(),
                     tensor: want.name.clone(),
-                    problem: format!("dtype {d} is not supported (BF16, F16 or F32)"),
+                    problem: format!("dtype {} is not supported (BF16, F16 or F32)", have.dtype),
                 });
             }
         }
@@ -338,6 +401,66 @@ impl Checkpoint {
         } else {
             String::new()
         }
+    }
+
+    /// The weight `name`, dense or in a dsv2 quantized format.
+    ///
+    /// # Errors
+    /// The tensor is missing or its quantized planes are inconsistent.
+    pub fn weight(&self, name: &str) -> Result<Weight> {
+        if let Some(view) = self.tensors.get(name) {
+            return Ok(Weight::Dense(view.clone()));
+        }
+        match self.quantized(name)? {
+            Some(q) => Ok(Weight::Quantized(q)),
+            None => self.tensor(name).map(|v| Weight::Dense(v.clone())),
+        }
+    }
+
+    /// The quantized planes of `name`, if the checkpoint stores it quantized.
+    fn quantized(&self, name: &str) -> Result<Option<QuantizedTensor>> {
+        let qname = format!("{name}{QWEIGHT_SUFFIX}");
+        let sname = format!("{name}{SCALES_SUFFIX}");
+        let (Some(qweight), Some(scales)) = (self.tensors.get(&qname), self.tensors.get(&sname))
+        else {
+            return Ok(None);
+        };
+        let bad = |problem: String| CoreError::Tensor {
+            file: qweight.file.clone(),
+            tensor: qname.clone(),
+            problem,
+        };
+        let format = match qweight.dtype {
+            DType::I8 => QuantFormat::Q8,
+            DType::U8 => QuantFormat::Q4,
+            ref d => return Err(bad(format!("dtype {d} is neither I8 (q8) nor U8 (q4)"))),
+        };
+        let [rows, qcols] = qweight.shape[..] else {
+            return Err(bad(format!(
+                "expected 2 dimensions, got {:?}",
+                qweight.shape
+            )));
+        };
+        let cols = match format {
+            QuantFormat::Q8 => qcols,
+            QuantFormat::Q4 => qcols * 2,
+        };
+        if cols % BLOCK != 0 || scales.dtype != DType::F16 || scales.shape != [rows, cols / BLOCK] {
+            return Err(bad(format!(
+                "scales `{sname}` must be F16 [{rows}, {}], got {} {:?}",
+                cols / BLOCK,
+                scales.dtype,
+                scales.shape
+            )));
+        }
+        Ok(Some(QuantizedTensor {
+            name: name.to_string(),
+            format,
+            rows,
+            cols,
+            qweight: qweight.clone(),
+            scales: scales.clone(),
+        }))
     }
 
     /// Returns a tensor that [`validate`](Self::validate) has checked.
@@ -439,7 +562,8 @@ fn read_safetensors(path: &Path) -> Result<HashMap<String, TensorView>> {
         };
         // Views are cast to typed slices; a misaligned tensor (odd header padding) is
         // copied once into an aligned buffer rather than read unaligned.
-        if (data.as_slice().as_ptr() as usize) % dtype.size().unwrap_or(1).min(4) != 0 {
+        let align = dtype.size().unwrap_or(1).min(4);
+        if !(data.as_slice().as_ptr() as usize).is_multiple_of(align) {
             data = Bytes::from_vec(data.as_slice().to_vec());
         }
         out.insert(
@@ -563,10 +687,10 @@ mod tests {
         let dir = tmpdir("dtype");
         write_file(
             &dir.join(SINGLE_FILE),
-            &[("q", Dtype::I8, vec![4], vec![0u8; 4])],
+            &[("q", Dtype::I32, vec![4], vec![0u8; 16])],
         );
         let ck = Checkpoint::open(&dir).unwrap();
         let e = ck.validate(&[expect("q", &[4])]).unwrap_err().to_string();
-        assert!(e.contains("`q`") && e.contains("I8"), "{e}");
+        assert!(e.contains("`q`") && e.contains("I32"), "{e}");
     }
 }

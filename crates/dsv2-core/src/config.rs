@@ -181,7 +181,7 @@ impl ModelConfig {
                 return Err(CoreError::config(key, "must be greater than 0"));
             }
         }
-        if self.qk_rope_head_dim == 0 || self.qk_rope_head_dim % 2 != 0 {
+        if self.qk_rope_head_dim == 0 || !self.qk_rope_head_dim.is_multiple_of(2) {
             return Err(CoreError::config(
                 "qk_rope_head_dim",
                 format!("must be even and > 0, got {}", self.qk_rope_head_dim),
@@ -193,10 +193,10 @@ impl ModelConfig {
                 "must be null or greater than 0",
             ));
         }
-        if !(self.rms_norm_eps > 0.0) {
+        if !is_positive(self.rms_norm_eps) {
             return Err(CoreError::config("rms_norm_eps", "must be greater than 0"));
         }
-        if !(self.rope_theta > 0.0) {
+        if !is_positive(self.rope_theta) {
             return Err(CoreError::config("rope_theta", "must be greater than 0"));
         }
         Ok(())
@@ -215,7 +215,9 @@ impl ModelConfig {
     /// True if layer `layer` uses the MoE block rather than the dense MLP.
     pub fn is_moe_layer(&self, layer: usize) -> bool {
         match &self.moe {
-            Some(moe) => layer >= moe.first_k_dense_replace && layer % moe.moe_layer_freq == 0,
+            Some(moe) => {
+                layer >= moe.first_k_dense_replace && layer.is_multiple_of(moe.moe_layer_freq)
+            }
             None => false,
         }
     }
@@ -232,6 +234,11 @@ impl ModelConfig {
         }
         scale
     }
+}
+
+/// True for a number greater than zero (false for NaN).
+fn is_positive(x: f64) -> bool {
+    x > 0.0
 }
 
 /// `0.1 * mscale * ln(scale) + 1` for `scale > 1`, else 1 (the reference's `yarn_get_mscale`).
@@ -288,7 +295,7 @@ fn parse_rope(obj: &Map<String, Value>) -> Result<(Option<f64>, Option<YarnScali
                 }
             };
             let factor = num("factor", None)?;
-            if !(factor > 0.0) {
+            if !is_positive(factor) {
                 return Err(CoreError::config(&sub("factor"), "must be greater than 0"));
             }
             let original = num("original_max_position_embeddings", Some(4096.0))?;

@@ -8,7 +8,7 @@
 use dsv2_backend::{AttentionPath, MlaAttention, MlaDims, SeqSlice};
 use rayon::prelude::*;
 
-use crate::kernels::{axpy, dot, round_bf16, SyncPtr};
+use crate::kernels::{axpy, dot, gemm_f32, round_bf16, MatRef, SyncPtr};
 use crate::{with_elems, CpuBackend, CpuCache};
 
 pub(crate) fn mla_attention(be: &CpuBackend, args: MlaAttention<'_, CpuBackend>, out: &mut [f32]) {
@@ -66,32 +66,69 @@ fn expanded(be: &CpuBackend, args: &MlaAttention<'_, CpuBackend>, seq: &SeqSlice
     be.round(&mut kv);
 
     let qd = d.q_head_dim();
+    let (tq, q_row) = (seq.query_len, h * qd);
+    let q_rows = &args.q[seq.query_start * q_row..(seq.query_start + tq) * q_row];
     let out_ptr = SyncPtr(out.as_mut_ptr());
     let out_row = h * dv;
     (0..h).into_par_iter().for_each(|head| {
-        let out_ptr = out_ptr;
-        let mut scores = vec![0.0f32; s_len];
-        let mut acc = vec![0.0f32; dv];
-        for i in 0..seq.query_len {
-            let t = seq.query_start + i;
-            let q = &args.q[t * h * qd + head * qd..][..qd];
+        let view = |data, row_stride, col_stride| MatRef {
+            data,
+            row_stride,
+            col_stride,
+        };
+        // scores[Tq, S] = q_nope · k_noneᵀ + q_pe · k_peᵀ (keys read transposed).
+        let mut scores = vec![0.0f32; tq * s_len];
+        let head_kv = &kv[head * (dn + dv)..];
+        let q_head = &q_rows[head * qd..];
+        gemm_f32(
+            tq,
+            s_len,
+            dn,
+            view(q_head, q_row, 1),
+            view(head_kv, 1, kv_w),
+            &mut scores,
+            s_len,
+            false,
+        );
+        gemm_f32(
+            tq,
+            s_len,
+            dr,
+            view(&q_head[dn..], q_row, 1),
+            view(&k_pe, 1, dr),
+            &mut scores,
+            s_len,
+            true,
+        );
+        // Scale, causal mask (query i sees positions ..= past + i), softmax.
+        for (i, row) in scores.chunks_mut(s_len).enumerate() {
             let visible = past + i + 1;
-            for (s, score) in scores[..visible].iter_mut().enumerate() {
-                let k_nope = &kv[s * kv_w + head * (dn + dv)..][..dn];
-                let raw = dot(k_nope, &q[..dn]) + dot(&k_pe[s * dr..(s + 1) * dr], &q[dn..]);
-                *score = scale_score(be, raw, d.softmax_scale);
+            for score in row[..visible].iter_mut() {
+                *score = scale_score(be, *score, d.softmax_scale);
             }
-            softmax(be, &mut scores[..visible]);
-            acc.fill(0.0);
-            for (s, &p) in scores[..visible].iter().enumerate() {
-                axpy(p, &kv[s * kv_w + head * (dn + dv) + dn..][..dv], &mut acc);
-            }
-            be.round(&mut acc);
+            softmax(be, &mut row[..visible]);
+            row[visible..].fill(0.0);
+        }
+        // out[Tq, Dv] = probs · v
+        let mut head_out = vec![0.0f32; tq * dv];
+        gemm_f32(
+            tq,
+            dv,
+            s_len,
+            view(&scores, s_len, 1),
+            view(&head_kv[dn..], kv_w, 1),
+            &mut head_out,
+            dv,
+            false,
+        );
+        be.round(&mut head_out);
+        for (i, row) in head_out.chunks(dv).enumerate() {
+            let t = seq.query_start + i;
             // SAFETY: row t, head `head` is written by this task only.
             let dst = unsafe {
-                std::slice::from_raw_parts_mut(out_ptr.0.add(t * out_row + head * dv), dv)
+                std::slice::from_raw_parts_mut(out_ptr.get().add(t * out_row + head * dv), dv)
             };
-            dst.copy_from_slice(&acc);
+            dst.copy_from_slice(row);
         }
     });
 }
@@ -107,7 +144,6 @@ fn absorbed(be: &CpuBackend, args: &MlaAttention<'_, CpuBackend>, seq: &SeqSlice
     let out_row = h * dv;
     with_elems!(args.kv_b_proj, |kv_b| {
         (0..h).into_par_iter().for_each(|head| {
-            let out_ptr = out_ptr;
             let w_uk = |j: usize| &kv_b[(head * (dn + dv) + j) * c..][..c];
             let w_uv = |j: usize| &kv_b[(head * (dn + dv) + dn + j) * c..][..c];
             let mut q_lat = vec![0.0f32; c];
@@ -138,7 +174,7 @@ fn absorbed(be: &CpuBackend, args: &MlaAttention<'_, CpuBackend>, seq: &SeqSlice
                 be.round(&mut o_lat);
                 // SAFETY: row t, head `head` is written by this task only.
                 let dst = unsafe {
-                    std::slice::from_raw_parts_mut(out_ptr.0.add(t * out_row + head * dv), dv)
+                    std::slice::from_raw_parts_mut(out_ptr.get().add(t * out_row + head * dv), dv)
                 };
                 for (j, o) in dst.iter_mut().enumerate() {
                     *o = dot(w_uv(j), &o_lat);

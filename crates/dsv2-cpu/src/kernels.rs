@@ -2,10 +2,10 @@
 //!
 //! Weights are read in their checkpoint dtype (bf16, f16 or f32) and widened to f32
 //! inside the kernel; activations are f32. `unsafe` here is limited to writing disjoint
-//! output ranges from several threads and to the `gemm` crate's raw-pointer interface.
+//! output ranges from several threads and to the `gemm` crate's raw-pointer interface;
+//! the tiled, batch-invariant weight product lives in [`crate::matmul`].
 
 use half::{bf16, f16};
-use rayon::prelude::*;
 
 /// A stored weight element that widens to f32.
 pub trait Elem: Copy + Send + Sync + 'static {
@@ -81,87 +81,85 @@ pub(crate) struct SyncPtr(pub *mut f32);
 unsafe impl Send for SyncPtr {}
 unsafe impl Sync for SyncPtr {}
 
-/// Output rows per parallel task in [`linear`].
-const ROW_BLOCK: usize = 64;
-/// Up to this many input rows, [`linear`] uses dot products instead of a GEMM.
-const MATVEC_MAX_ROWS: usize = 4;
-
-/// `y[m, n] = x[m, k] · w[n, k]ᵀ`, parallel over blocks of `n`.
-///
-/// Few rows (decode) stream the weight once with dot products; more rows widen a block
-/// of weight rows to f32 and multiply it with the `gemm` crate.
-pub fn linear<E: Elem>(x: &[f32], m: usize, w: &[E], n: usize, k: usize, y: &mut [f32]) {
-    assert!(x.len() >= m * k && w.len() == n * k && y.len() >= m * n);
-    if m == 0 {
-        return;
+impl SyncPtr {
+    /// The pointer (a method, so closures capture the whole `Sync` wrapper).
+    #[inline(always)]
+    pub(crate) fn get(self) -> *mut f32 {
+        self.0
     }
-    let y_ptr = SyncPtr(y.as_mut_ptr());
-    let blocks = n.div_ceil(ROW_BLOCK);
-    if m <= MATVEC_MAX_ROWS {
-        (0..blocks).into_par_iter().for_each(|b| {
-            let y_ptr = y_ptr;
-            let (n0, n1) = (b * ROW_BLOCK, ((b + 1) * ROW_BLOCK).min(n));
-            for j in n0..n1 {
-                let wrow = &w[j * k..(j + 1) * k];
-                for i in 0..m {
-                    let v = dot(wrow, &x[i * k..(i + 1) * k]);
-                    // SAFETY: (i, j) is written by exactly one task; y holds m*n values.
-                    unsafe { *y_ptr.0.add(i * n + j) = v };
-                }
-            }
-        });
-        return;
-    }
-    (0..blocks)
-        .into_par_iter()
-        .for_each_init(Vec::new, |scratch: &mut Vec<f32>, b| {
-            let y_ptr = y_ptr;
-            let (n0, n1) = (b * ROW_BLOCK, ((b + 1) * ROW_BLOCK).min(n));
-            let nb = n1 - n0;
-            let wblock = &w[n0 * k..n1 * k];
-            let rhs: &[f32] = match as_f32(wblock) {
-                Some(f) => f,
-                None => {
-                    scratch.clear();
-                    scratch.extend(wblock.iter().map(|v| v.to_f32()));
-                    scratch
-                }
-            };
-            // SAFETY: dst columns n0..n1 of every row belong to this task only; strides
-            // describe x [m,k] row-major, rhs as the [k,nb] transpose of a row-major [nb,k]
-            // block, and y [m,n] row-major.
-            unsafe {
-                gemm::gemm(
-                    m,
-                    nb,
-                    k,
-                    y_ptr.0.add(n0),
-                    1,
-                    n as isize,
-                    false,
-                    x.as_ptr(),
-                    1,
-                    k as isize,
-                    rhs.as_ptr(),
-                    k as isize,
-                    1,
-                    0.0f32,
-                    1.0f32,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                );
-            }
-        });
 }
 
-fn as_f32<E: Elem>(w: &[E]) -> Option<&[f32]> {
-    if std::any::TypeId::of::<E>() == std::any::TypeId::of::<f32>() {
-        // SAFETY: E is f32 (checked above), so the cast is the identity.
-        Some(unsafe { std::slice::from_raw_parts(w.as_ptr() as *const f32, w.len()) })
-    } else {
-        None
+/// `y[m, n] = x[m, k] · w[n, k]ᵀ`, batch-invariant (see [`crate::matmul`]).
+pub fn linear<E: crate::matmul::KindOf>(
+    x: &[f32],
+    m: usize,
+    w: &[E],
+    n: usize,
+    k: usize,
+    y: &mut [f32],
+) {
+    crate::matmul::matmul(x, m, w, n, k, y)
+}
+
+/// A strided f32 matrix view for [`gemm_f32`]: element `(r, c)` is at
+/// `data[r * row_stride + c * col_stride]`.
+#[derive(Clone, Copy)]
+pub struct MatRef<'a> {
+    pub data: &'a [f32],
+    pub row_stride: usize,
+    pub col_stride: usize,
+}
+
+/// `dst[m, n] (+)= a[m, k] · b[k, n]` in f32 through the `gemm` crate (single-threaded;
+/// callers parallelize outside). Its summation order depends on the shapes, so it is
+/// used only where all rows belong to one sequence (attention within a sequence).
+///
+/// # Panics
+/// If a view is too short for its shape and strides.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_f32(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: MatRef<'_>,
+    b: MatRef<'_>,
+    dst: &mut [f32],
+    dst_row_stride: usize,
+    accumulate: bool,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    let last = |v: &MatRef<'_>, rows: usize, cols: usize| {
+        (rows - 1) * v.row_stride + (cols.max(1) - 1) * v.col_stride
+    };
+    if k > 0 {
+        assert!(a.data.len() > last(&a, m, k) && b.data.len() > last(&b, k, n));
+    }
+    assert!(dst.len() > (m - 1) * dst_row_stride + n - 1);
+    // SAFETY: every index the strides reach was bounds-checked above.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            dst_row_stride as isize,
+            accumulate,
+            a.data.as_ptr(),
+            a.col_stride as isize,
+            a.row_stride as isize,
+            b.data.as_ptr(),
+            b.col_stride as isize,
+            b.row_stride as isize,
+            1.0f32,
+            1.0f32,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
     }
 }
 
@@ -211,7 +209,7 @@ mod tests {
         y
     }
 
-    fn check<E: Elem>(m: usize, n: usize, k: usize, conv: impl Fn(f32) -> E) {
+    fn check<E: crate::matmul::KindOf>(m: usize, n: usize, k: usize, conv: impl Fn(f32) -> E) {
         let x = values(m * k, 1);
         let w: Vec<E> = values(n * k, 2).into_iter().map(&conv).collect();
         let wf: Vec<f32> = w.iter().map(|v| v.to_f32()).collect();

@@ -13,13 +13,15 @@
 
 mod attention;
 pub mod kernels;
+pub mod matmul;
 mod moe;
+pub mod qmatmul;
 
 use dsv2_backend::{
     Backend, BackendError, Batch, CacheSpec, ComputeDtype, MlaAttention, MlaDims, Mlp, MoeWeights,
     Result, RopeAngles,
 };
-use dsv2_core::{DType, TensorView};
+use dsv2_core::{DType, QuantizedTensor, TensorView};
 use half::{bf16, f16};
 use rayon::prelude::*;
 
@@ -28,6 +30,8 @@ use kernels::{round_bf16, round_bf16_slice, Elem};
 /// A weight on the CPU: a view of the checkpoint bytes, never a converted copy.
 pub struct CpuWeight {
     view: TensorView,
+    /// The quantized planes, for a q8/q4 weight (then `view` is its `qweight` plane).
+    quant: Option<QuantizedTensor>,
     rows: usize,
     cols: usize,
     /// 1-D weights (norms) widened to f32 once at load: they are tiny and read per row.
@@ -59,7 +63,7 @@ impl CpuWeight {
             DType::F32 => WeightData::F32(self.view.as_f32()),
             DType::F16 => WeightData::F16(self.view.as_f16()),
             DType::BF16 => WeightData::Bf16(self.view.as_bf16()),
-            DType::Unsupported(_) => unreachable!("rejected in load_weight"),
+            _ => unreachable!("embeddings and kv_b_proj are never quantized"),
         }
     }
 
@@ -84,7 +88,29 @@ impl CpuWeight {
 
     /// `y[m, rows] = x[m, cols] · selfᵀ`.
     pub(crate) fn matmul(&self, x: &[f32], m: usize, y: &mut [f32]) {
-        with_elems!(self, |s| kernels::linear(x, m, s, self.rows, self.cols, y))
+        match &self.quant {
+            Some(q) => qmatmul::qmatmul(
+                x,
+                m,
+                qmatmul::QMatrix {
+                    format: q.format,
+                    rows: q.rows,
+                    cols: q.cols,
+                    q: q.qweight_bytes(),
+                    scales: q.scales(),
+                },
+                y,
+            ),
+            None => with_elems!(self, |s| kernels::linear(x, m, s, self.rows, self.cols, y)),
+        }
+    }
+
+    /// Bytes a full pass over this weight reads.
+    pub fn bytes(&self) -> usize {
+        match &self.quant {
+            Some(q) => q.qweight_bytes().len() + q.scales.data.as_slice().len(),
+            None => self.view.data.as_slice().len(),
+        }
     }
 }
 
@@ -211,10 +237,10 @@ impl Backend for CpuBackend {
     }
 
     fn load_weight(&self, view: &TensorView) -> Result<CpuWeight> {
-        if let DType::Unsupported(d) = &view.dtype {
+        if !view.is_float() {
             return Err(BackendError::Weight {
                 name: view.name.clone(),
-                problem: format!("dtype {d} is not supported"),
+                problem: format!("dtype {} is not supported", view.dtype),
             });
         }
         let (rows, cols, vector) = match view.shape.as_slice() {
@@ -229,9 +255,20 @@ impl Backend for CpuBackend {
         };
         Ok(CpuWeight {
             view: view.clone(),
+            quant: None,
             rows,
             cols,
             vector,
+        })
+    }
+
+    fn load_quantized(&self, q: &QuantizedTensor) -> Result<CpuWeight> {
+        Ok(CpuWeight {
+            view: q.qweight.clone(),
+            quant: Some(q.clone()),
+            rows: q.rows,
+            cols: q.cols,
+            vector: None,
         })
     }
 

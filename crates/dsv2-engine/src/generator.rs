@@ -13,6 +13,13 @@ pub trait TokenPicker {
     fn pick(&mut self, logits: &[f32], generated: &[u32]) -> u32;
 }
 
+impl TokenPicker for dsv2_core::Sampler {
+    fn pick(&mut self, logits: &[f32], _generated: &[u32]) -> u32 {
+        // The sampler records each id it returns for its penalties.
+        self.sample(logits)
+    }
+}
+
 /// Greedy decoding: the highest logit, ties to the lowest id.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Greedy;
@@ -97,7 +104,8 @@ impl<'m, B: Backend> Generator<'m, B> {
     }
 
     /// Generates up to `max_tokens` tokens after `prompt`, calling `on_token` with each,
-    /// stopping early at any of `eos_ids`.
+    /// stopping early at any of `eos_ids` or when `on_token` returns false (a stop
+    /// string, a user interrupt); both finish with [`FinishReason::Stop`].
     ///
     /// # Errors
     /// An empty prompt, a prompt plus `max_tokens` longer than the cache, or a model error.
@@ -107,7 +115,7 @@ impl<'m, B: Backend> Generator<'m, B> {
         max_tokens: usize,
         eos_ids: &[u32],
         picker: &mut dyn TokenPicker,
-        on_token: &mut dyn FnMut(u32),
+        on_token: &mut dyn FnMut(u32) -> bool,
     ) -> Result<Generation> {
         if prompt.is_empty() {
             return Err(EngineError::Request("the prompt is empty".into()));
@@ -138,7 +146,7 @@ impl<'m, B: Backend> Generator<'m, B> {
         eos_ids: &[u32],
         table: &[u32],
         picker: &mut dyn TokenPicker,
-        on_token: &mut dyn FnMut(u32),
+        on_token: &mut dyn FnMut(u32) -> bool,
     ) -> Result<Generation> {
         let mut generated = Vec::with_capacity(max_tokens);
         let mut finish_reason = FinishReason::Length;
@@ -166,7 +174,10 @@ impl<'m, B: Backend> Generator<'m, B> {
                 break;
             }
             generated.push(token);
-            on_token(token);
+            if !on_token(token) {
+                finish_reason = FinishReason::Stop;
+                break;
+            }
             next_input.clear();
             next_input.push(token);
         }

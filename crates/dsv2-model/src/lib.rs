@@ -29,5 +29,5 @@ pub mod rope;
 pub mod synthetic;
 
 pub use error::{ModelError, Result};
-pub use model::{Attention, FeedForward, Layer, Model, QueryProj, Workspace};
+pub use model::{Attention, FeedForward, Layer, LoadOptions, Model, QueryProj, Workspace};
 pub use rope::Rope;

@@ -9,7 +9,8 @@ use dsv2_backend::{
     AttentionPath, Backend, Batch, CacheSpec, MlaAttention, MlaDims, Mlp, MoeWeights, RopeAngles,
     Routing,
 };
-use dsv2_core::{expected_tensors, Checkpoint, ModelConfig, TopkMethod};
+use dsv2_core::quant::{quantize_tensor, quantized_format};
+use dsv2_core::{expected_tensors, Checkpoint, ModelConfig, QuantFormat, TopkMethod, Weight};
 
 use crate::error::{ModelError, Result};
 use crate::rope::Rope;
@@ -69,6 +70,14 @@ pub struct Model<B: Backend> {
     pub dims: MlaDims,
 }
 
+/// Options of [`Model::load_with`].
+#[derive(Debug, Clone, Default)]
+pub struct LoadOptions {
+    /// Quantize eligible dense weights at load time (like ISQ); weights already stored
+    /// quantized load as they are.
+    pub quantize: Option<QuantFormat>,
+}
+
 /// Reusable activation buffers of a forward pass, sized for `capacity` tokens.
 pub struct Workspace<B: Backend> {
     capacity: usize,
@@ -107,9 +116,34 @@ impl<B: Backend> Model<B> {
     /// # Errors
     /// A missing, misshapen or unsupported tensor, named with its file; a backend failure.
     pub fn load(backend: &B, config: ModelConfig, checkpoint: &Checkpoint) -> Result<Self> {
+        Self::load_with(backend, config, checkpoint, &LoadOptions::default())
+    }
+
+    /// [`load`](Self::load) with options (quantization at load time).
+    ///
+    /// # Errors
+    /// As [`load`](Self::load).
+    pub fn load_with(
+        backend: &B,
+        config: ModelConfig,
+        checkpoint: &Checkpoint,
+        options: &LoadOptions,
+    ) -> Result<Self> {
         checkpoint.validate(&expected_tensors(&config))?;
         let w = |name: &str| -> Result<B::Weight> {
-            Ok(backend.load_weight(checkpoint.tensor(name)?)?)
+            let weight = match (checkpoint.weight(name)?, options.quantize) {
+                (Weight::Dense(view), Some(format)) => {
+                    match quantized_format(name, &view.shape, format) {
+                        Some(f) => Weight::Quantized(quantize_tensor(&view, f)),
+                        None => Weight::Dense(view),
+                    }
+                }
+                (weight, _) => weight,
+            };
+            Ok(match &weight {
+                Weight::Dense(view) => backend.load_weight(view)?,
+                Weight::Quantized(q) => backend.load_quantized(q)?,
+            })
         };
         let mlp = |prefix: &str| -> Result<Mlp<B::Weight>> {
             Ok(Mlp {

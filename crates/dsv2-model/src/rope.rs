@@ -94,7 +94,7 @@ mod tests {
         let rope = Rope::new(&lite());
         assert_eq!(rope.inv_freq.len(), 32);
         // Values printed by the reference's fp32 table (numerics note §5.1).
-        let close = |a: f32, b: f32| ((a - b) / b).abs() < 2e-7;
+        let close = |a: f32, b: f64| ((a as f64 - b) / b).abs() < 2e-7;
         assert!(
             close(rope.inv_freq[11], 3.900692547e-02),
             "{}",
@@ -112,7 +112,7 @@ mod tests {
         );
         // Pairs up to the low end of the correction range (10) are not scaled.
         assert_eq!(rope.inv_freq[0], 1.0);
-        assert!(close(rope.inv_freq[10], 1.0 / 10000f32.powf(20.0 / 64.0)));
+        assert!(close(rope.inv_freq[10], 1.0 / 10000f64.powf(20.0 / 64.0)));
         assert_eq!(rope.amplitude, 1.0);
     }
 

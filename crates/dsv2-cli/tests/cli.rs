@@ -1,0 +1,193 @@
+//! The `dsv2` binary's command-line contracts, run as a user runs them.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn dsv2(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_dsv2"))
+        .args(args)
+        .output()
+        .expect("run dsv2")
+}
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures")
+        .join(name)
+}
+
+fn tmp(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("dsv2-cli-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Reads tensor `name` of a safetensors file as f32 (F32) or as ids (I64).
+fn read_tensor(path: &Path, name: &str) -> (Vec<f64>, Vec<usize>) {
+    let bytes = std::fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let t = st.tensor(name).unwrap();
+    let values = match t.dtype() {
+        safetensors::Dtype::F32 => t
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64)
+            .collect(),
+        safetensors::Dtype::I64 => t
+            .data()
+            .chunks_exact(8)
+            .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as f64)
+            .collect(),
+        other => panic!("unexpected dtype {other:?}"),
+    };
+    (values, t.shape().to_vec())
+}
+
+fn ids_arg(ids: &[f64]) -> String {
+    ids.iter()
+        .map(|v| (*v as u32).to_string())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn logits_command_writes_the_reference_logits() {
+    let dir = fixture("v2");
+    let reference = dir.join("reference.safetensors");
+    let (prompt, _) = read_tensor(&reference, "prompt.1");
+    let (want, want_shape) = read_tensor(&reference, "logits.1");
+    let out_path = tmp("logits").join("out.safetensors");
+    let out = dsv2(&[
+        "logits",
+        "--model",
+        dir.to_str().unwrap(),
+        "--token-ids",
+        &ids_arg(&prompt),
+        "--output",
+        out_path.to_str().unwrap(),
+        "--dtype",
+        "f32",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let (got, shape) = read_tensor(&out_path, "logits");
+    assert_eq!(shape, want_shape);
+    let vocab = shape[1];
+    for p in 0..shape[0] {
+        let (g, w) = (
+            &got[p * vocab..(p + 1) * vocab],
+            &want[p * vocab..(p + 1) * vocab],
+        );
+        let num: f64 = g.iter().zip(w).map(|(a, b)| (a - b).powi(2)).sum();
+        let den: f64 = w.iter().map(|b| b * b).sum();
+        assert!((num / den).sqrt() <= 1e-4, "position {p}");
+    }
+}
+
+#[test]
+fn generate_json_contract() {
+    let dir = fixture("lite");
+    let reference = dir.join("reference.safetensors");
+    let (prompt, _) = read_tensor(&reference, "prompt.0");
+    let (greedy, _) = read_tensor(&reference, "greedy.0");
+    let out = dsv2(&[
+        "generate",
+        "--model",
+        dir.to_str().unwrap(),
+        "--token-ids",
+        &ids_arg(&prompt),
+        "--max-tokens",
+        &greedy.len().to_string(),
+        "--temperature",
+        "0",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let last = stdout.trim_end().lines().last().unwrap();
+    let v: serde_json::Value = serde_json::from_str(last).unwrap();
+    let ids: Vec<f64> = v["token_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect();
+    assert_eq!(ids, greedy);
+    assert_eq!(v["finish_reason"], "length");
+    assert_eq!(v["usage"]["prompt_tokens"], prompt.len());
+    assert_eq!(v["usage"]["completion_tokens"], greedy.len());
+}
+
+#[test]
+fn builtin_model_runs_without_model_flag() {
+    let out = dsv2(&[
+        "generate",
+        "--token-ids",
+        "100000,5,17",
+        "--max-tokens",
+        "3",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("built-in model"));
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let v: serde_json::Value =
+        serde_json::from_str(stdout.trim_end().lines().last().unwrap()).unwrap();
+    assert_eq!(v["token_ids"].as_array().unwrap().len(), 3);
+}
+
+/// Asserts a failed run with exactly one line on stderr containing `needle`.
+fn assert_one_line_error(out: &Output, needle: &str) {
+    assert!(!out.status.success());
+    let err = stderr(out);
+    assert_eq!(err.trim_end().lines().count(), 1, "stderr: {err}");
+    assert!(err.contains(needle), "stderr: {err}");
+}
+
+#[test]
+fn bad_input_is_a_one_line_error() {
+    let lite = fixture("lite");
+    let lite = lite.to_str().unwrap();
+    let out = dsv2(&["generate", "--token-ids", "1", "--bogus"]);
+    assert_one_line_error(&out, "--bogus");
+    let out = dsv2(&["generate", "--model", lite, "--token-ids", "1,99999"]);
+    assert_one_line_error(&out, "token id 99999");
+    let out = dsv2(&[
+        "generate",
+        "--model",
+        "/nonexistent/model",
+        "--token-ids",
+        "1",
+    ]);
+    assert_one_line_error(&out, "/nonexistent/model");
+    let out = dsv2(&["generate", "--token-ids", "1", "--dtype", "f8"]);
+    assert_one_line_error(&out, "f8");
+}
+
+#[test]
+fn truncated_checkpoint_names_the_tensor_and_file() {
+    let dir = tmp("truncated");
+    for entry in std::fs::read_dir(fixture("plain")).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), dir.join(entry.file_name())).unwrap();
+    }
+    let shard = dir.join("model-00002-of-00002.safetensors");
+    let bytes = std::fs::read(&shard).unwrap();
+    std::fs::write(&shard, &bytes[..bytes.len() - 100]).unwrap();
+    let out = dsv2(&[
+        "logits",
+        "--model",
+        dir.to_str().unwrap(),
+        "--token-ids",
+        "1,2",
+        "--output",
+        dir.join("x.safetensors").to_str().unwrap(),
+    ]);
+    assert_one_line_error(&out, "model-00002-of-00002.safetensors");
+    assert!(stderr(&out).contains("truncated"), "{}", stderr(&out));
+    assert!(stderr(&out).contains("tensor `"), "{}", stderr(&out));
+}
