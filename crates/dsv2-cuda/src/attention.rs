@@ -20,7 +20,7 @@ use crate::scratch::{Scratch, Slot};
 use crate::{CudaBackend, CudaBuffer, CudaCache, CudaStep};
 
 /// Threads per attention block (warps split the context positions).
-const ATTN_THREADS: u32 = 128;
+const ATTN_THREADS: u32 = 256;
 /// Largest latent width and value head width the kernels hold in registers.
 const MAX_WIDTH: usize = 512;
 /// Keep in step with MAX_WARPS in attention.cu.

@@ -99,14 +99,15 @@ impl CudaCache {
 
 /// The CUDA implementation of [`Backend`].
 pub struct CudaBackend {
-    dev: Device,
-    dtype: ComputeDtype,
+    // Field order is drop order: device memory before the device's stream and handles.
     /// Grow-only work buffers shared by the ops (one stream: ops never overlap).
     scratch: Mutex<Scratch>,
     /// Per MoE layer (keyed by the router's address): the device table of its experts'
     /// gate, up and down weight addresses `[3, E]` (host copy, device table), uploaded at
     /// the layer's first use.
     expert_tables: Mutex<HashMap<u64, (Vec<u64>, DevMem)>>,
+    dev: Device,
+    dtype: ComputeDtype,
 }
 
 impl CudaBackend {
@@ -119,10 +120,10 @@ impl CudaBackend {
     pub fn new(ordinal: usize, dtype: ComputeDtype) -> Result<CudaBackend> {
         let dev = Device::new(ordinal, dtype == ComputeDtype::Bf16)?;
         Ok(CudaBackend {
-            dev,
-            dtype,
             scratch: Mutex::new(Scratch::default()),
             expert_tables: Mutex::new(HashMap::new()),
+            dev,
+            dtype,
         })
     }
 

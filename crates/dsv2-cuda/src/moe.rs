@@ -124,7 +124,7 @@ pub(crate) fn moe(
     let tiles = max_tiles(pairs, num_experts, m_tile);
     let tile_rows_total = tiles * m_tile;
     let row_token = scratch.get(dev, Slot::RowToken, tile_rows_total * 4)?;
-    let slot_of = scratch.get(dev, Slot::SlotOf, pairs * 4)?;
+    let slot_of = scratch.get(dev, Slot::PairRow, pairs * 4)?;
     let ptrs = scratch.get(dev, Slot::TilePtrs, NUM_PTR_ARRAYS * tiles * 8)?;
     let x_in = scratch.get(dev, Slot::ExpertIn, tile_rows_total * d * e)?;
     let gate_out = scratch.get(dev, Slot::ExpertGate, tile_rows_total * inter * e)?;

@@ -24,7 +24,7 @@ pub(crate) enum Slot {
     RouteIds,
     RouteWeights,
     RowToken,
-    SlotOf,
+    PairRow,
     TilePtrs,
     ExpertIn,
     ExpertGate,

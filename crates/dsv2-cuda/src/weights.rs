@@ -73,10 +73,10 @@ pub(crate) fn load(dev: &Device, view: &TensorView) -> Result<CudaWeight> {
     let src_size = match &view.dtype {
         DType::F32 => 4,
         DType::F16 | DType::BF16 => 2,
-        DType::Unsupported(d) => {
+        other => {
             return Err(unsupported(
                 "load_weight",
-                format!("dtype {d} is not supported"),
+                format!("dtype {other} is not supported as a dense weight"),
             ));
         }
     };

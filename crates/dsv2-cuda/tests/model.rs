@@ -119,43 +119,60 @@ fn schedule<B: Backend>(
 
 #[test]
 fn forward_matches_cpu_on_prompts_and_batched_decode() {
-    for dtype in [ComputeDtype::F32, ComputeDtype::Bf16] {
-        let Some(gpu) = cuda(dtype) else { return };
-        let cpu = CpuBackend::new(dtype);
-        // f32: summation order only. bf16: roundings of intermediates in different places
-        // compound over three layers.
-        let tol = match dtype {
-            ComputeDtype::F32 => 1e-4,
-            ComputeDtype::Bf16 => 2e-2,
-        };
-        for variant in ["lite", "v2", "plain"] {
-            let cfg = config(variant);
-            let ckpt = synthetic_checkpoint(&cfg, 11, DType::BF16);
-            let mc = Model::load(&cpu, cfg.clone(), &ckpt).unwrap();
-            let mg = Model::load(&gpu, cfg, &ckpt).unwrap();
-            let prompts = vec![tokens(5, 3), tokens(33, 4), tokens(1, 5), tokens(70, 6)];
-            for path in [
-                AttentionPath::Auto,
-                AttentionPath::Expanded,
-                AttentionPath::Absorbed,
-            ] {
-                let (want, _) = schedule(&cpu, &mc, &prompts, 4, path);
-                let (got, ids) = schedule(&gpu, &mg, &prompts, 4, path);
-                for (s, (g, w)) in got.iter().zip(&want).enumerate() {
-                    let err = rel_err(g, w);
-                    eprintln!("{variant} {dtype:?} {path:?} step {s}: relative error {err:.2e}");
-                    assert!(
-                        err <= tol,
-                        "{variant} {dtype:?} {path:?} step {s}: {err:.3e}"
-                    );
-                }
+    let (Some(gpu32), Some(gpu16)) = (cuda(ComputeDtype::F32), cuda(ComputeDtype::Bf16)) else {
+        return;
+    };
+    let (cpu32, cpu16) = (
+        CpuBackend::new(ComputeDtype::F32),
+        CpuBackend::new(ComputeDtype::Bf16),
+    );
+    for variant in ["lite", "v2", "plain"] {
+        let cfg = config(variant);
+        let ckpt = synthetic_checkpoint(&cfg, 11, DType::BF16);
+        let m_cpu32 = Model::load(&cpu32, cfg.clone(), &ckpt).unwrap();
+        let m_cpu16 = Model::load(&cpu16, cfg.clone(), &ckpt).unwrap();
+        let m_gpu32 = Model::load(&gpu32, cfg.clone(), &ckpt).unwrap();
+        let m_gpu16 = Model::load(&gpu16, cfg, &ckpt).unwrap();
+        let prompts = vec![tokens(5, 3), tokens(33, 4), tokens(1, 5), tokens(70, 6)];
+        for path in [
+            AttentionPath::Auto,
+            AttentionPath::Expanded,
+            AttentionPath::Absorbed,
+        ] {
+            let (exact, _) = schedule(&cpu32, &m_cpu32, &prompts, 4, path);
+            let (cpu_bf16, _) = schedule(&cpu16, &m_cpu16, &prompts, 4, path);
+            let (got32, ids32) = schedule(&gpu32, &m_gpu32, &prompts, 4, path);
+            let (got16, ids16) = schedule(&gpu16, &m_gpu16, &prompts, 4, path);
+            for s in 0..exact.len() {
+                // f32: the CPU's result up to summation order.
+                let err32 = rel_err(&got32[s], &exact[s]);
+                // bf16: no further from the f32 result than the CPU's own bf16 path is
+                // (50% margin: bf16 noise is amplified on these tiny random models).
+                let err16 = rel_err(&got16[s], &exact[s]);
+                let cpu_noise = rel_err(&cpu_bf16[s], &exact[s]);
+                let bound = (1.5 * cpu_noise).max(2e-2);
+                eprintln!(
+                    "{variant} {path:?} step {s}: f32 rel err {err32:.2e}; bf16 vs f32 {err16:.2e} \
+                     (CPU bf16 vs f32 {cpu_noise:.2e}, GPU vs CPU bf16 {:.2e})",
+                    rel_err(&got16[s], &cpu_bf16[s])
+                );
+                assert!(
+                    err32 <= 1e-4,
+                    "{variant} {path:?} step {s}: f32 {err32:.3e}"
+                );
+                assert!(
+                    err16 <= bound,
+                    "{variant} {path:?} step {s}: bf16 {err16:.3e} > {bound:.3e}"
+                );
+            }
+            for (got, ids, dtype) in [(&got32, &ids32, "f32"), (&got16, &ids16, "bf16")] {
                 let last = got.last().unwrap();
                 let vocab = last.len() / prompts.len();
                 for (i, &id) in ids.iter().enumerate() {
                     assert_eq!(
                         id as usize,
                         argmax(&last[i * vocab..(i + 1) * vocab]),
-                        "{variant} {dtype:?} greedy row {i}"
+                        "{variant} {dtype} greedy row {i}"
                     );
                 }
             }
