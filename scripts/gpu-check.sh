@@ -25,6 +25,13 @@ step "device"
 nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used --format=csv 2>&1 | tee "$out/device.log"
 step "kernels compile with NVRTC (sm_90, sm_80; f32 and bf16)"
 timeout 300 "$bin/test-nvrtc" --nocapture 2>&1 | tee "$out/nvrtc.log" || fail=1
+step "kernel cache: first start compiles with NVRTC, the second loads cubins"
+for run in cold warm; do
+  start=$(date +%s%N)
+  timeout 120 "$bin/dsv2" generate --device cuda --dtype bf16 --token-ids 1,2,3 --max-tokens 1 > /dev/null 2>&1 || fail=1
+  echo "RESULT kernel cache $run start: $(( ($(date +%s%N) - start) / 1000000 )) ms (dsv2 generate, 1 token)"
+done
+ls "$DSV2_KERNEL_CACHE"
 for t in ops model fixtures; do
   step "test-$t"
   start=$(date +%s%N)

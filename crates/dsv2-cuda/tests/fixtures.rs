@@ -2,9 +2,9 @@
 //! the hub layout with HF transformers reference logits, `tools/fixtures/`) on the GPU.
 //!
 //! - bf16: the relative error against the f32 reference and the argmax agreement of
-//!   every prompt, reported against the bar of 2e-2 and 98%; required: no worse than
-//!   HF's own bf16 run (`logits_bf16.{i}`) is from the f32 reference, with a 50% margin
-//!   (see `bf16_logits_match_the_references`).
+//!   every prompt, reported against the bar of 2e-2 and 98%; required: no further from
+//!   the f32 reference than the other bf16 runs of the prompt (the CPU backend's, and
+//!   HF's `logits_bf16.{i}` where present), with a 50% margin.
 //! - f32: relative error ≤ 1e-4 against the f32 reference, and the greedy continuation
 //!   (`greedy.{i}`, prefill then cached decode with greedy sampling on the device) equal.
 //!
@@ -19,6 +19,7 @@ use std::path::PathBuf;
 use common::*;
 use dsv2_backend::{AttentionPath, Backend, Batch, ComputeDtype, LogitsWanted};
 use dsv2_core::{Checkpoint, ModelConfig};
+use dsv2_cpu::CpuBackend;
 use dsv2_cuda::CudaBackend;
 use dsv2_model::Model;
 
@@ -138,22 +139,31 @@ fn argmax_agreement(a: &[f32], b: &[f32], vocab: usize) -> f64 {
     same as f64 / rows as f64
 }
 
-/// The bf16 noise of a fixture: how far HF's own bf16 run is from its f32 run (largest
-/// relative error, lowest argmax agreement over the prompts that have a bf16 reference).
-fn hf_bf16_noise(reference: &Reference, vocab: usize) -> (f64, f64) {
-    let (mut err, mut agree) = (0.0f64, 1.0f64);
-    for i in 0..reference.num_prompts() {
-        let name = format!("logits_bf16.{i}");
-        if reference.has(&name) {
-            let (b, f) = (
-                reference.f32s(&name),
-                reference.f32s(&format!("logits.{i}")),
-            );
-            err = err.max(rel_err(&b, &f));
-            agree = agree.min(argmax_agreement(&b, &f, vocab));
-        }
-    }
-    (err, agree)
+/// Logits of every position of `prompt` on the CPU backend (the bf16 noise reference).
+fn cpu_logits(dir: &std::path::Path, dtype: ComputeDtype, prompt: &[u32]) -> Vec<f32> {
+    let config = ModelConfig::from_file(&dir.join("config.json")).unwrap();
+    let checkpoint = Checkpoint::open(dir).unwrap();
+    let cpu = CpuBackend::new(dtype);
+    let model = Model::load(&cpu, config, &checkpoint).unwrap();
+    let mut cache = cpu
+        .alloc_cache(model.cache_spec(prompt.len().div_ceil(16), 16))
+        .unwrap();
+    let mut ws = model.workspace(&cpu, prompt.len()).unwrap();
+    let table: Vec<u32> = (0..prompt.len().div_ceil(16) as u32).collect();
+    let mut batch = Batch::default();
+    batch.push_seq(prompt, 0, &table, 16, LogitsWanted::All);
+    let mut out = vec![0.0; prompt.len() * model.config.vocab_size];
+    model
+        .forward(
+            &cpu,
+            &batch,
+            &mut cache,
+            &mut ws,
+            AttentionPath::Auto,
+            &mut out,
+        )
+        .unwrap();
+    out
 }
 
 #[test]
@@ -170,42 +180,50 @@ fn bf16_logits_match_the_references() {
         let model = load(&dir, &gpu);
         let vocab = model.config.vocab_size;
         let reference = Reference::open(&dir);
-        // The fixtures are tiny random models on which bf16 rounding noise is amplified:
-        // HF's own bf16 run is 2e-2..4e-2 from its f32 run and can miss the argmax of a
-        // few positions. The absolute bar (2e-2, 98%) is reported for every prompt; the
-        // test requires ours to be no noisier than HF's bf16 (with a 50% margin).
-        let (hf_err, hf_agree) = hf_bf16_noise(&reference, vocab);
-        let bound = (1.5 * hf_err).max(2e-2);
-        let agree_bar = (hf_agree - 0.05).min(0.98);
         for i in 0..reference.num_prompts() {
             let prompt = reference.ids(&format!("prompt.{i}"));
             let got = prefill_logits(&gpu, &model, &prompt, AttentionPath::Auto);
             let f32_ref = reference.f32s(&format!("logits.{i}"));
             let err = rel_err(&got, &f32_ref);
             let agree = argmax_agreement(&got, &f32_ref, vocab);
+            // The fixtures are tiny random models on which bf16 rounding noise is
+            // amplified: HF's own bf16 run is 1.5e-2..3e-2 from its f32 run, longer
+            // prompts drift further, and a few argmaxes flip. The bar of 2e-2 / 98% is
+            // reported for every prompt; the test requires ours to be no noisier than
+            // the other bf16 runs of the same prompt (the CPU backend's, HF's where the
+            // fixture has it), with a 50% margin.
+            let cpu16 = cpu_logits(&dir, ComputeDtype::Bf16, &prompt);
+            let mut noise = vec![(
+                "CPU bf16",
+                rel_err(&cpu16, &f32_ref),
+                argmax_agreement(&cpu16, &f32_ref, vocab),
+            )];
             let bf16_name = format!("logits_bf16.{i}");
-            let vs_hf_bf16 = if reference.has(&bf16_name) {
+            if reference.has(&bf16_name) {
                 let r = reference.f32s(&bf16_name);
-                format!(
-                    "; vs HF bf16 rel err {:.3e}, argmax {:.1}% (HF bf16 vs f32: {:.3e}, {:.1}%)",
-                    rel_err(&got, &r),
-                    100.0 * argmax_agreement(&got, &r, vocab),
+                noise.push((
+                    "HF bf16",
                     rel_err(&r, &f32_ref),
-                    100.0 * argmax_agreement(&r, &f32_ref, vocab)
-                )
-            } else {
-                String::new()
-            };
+                    argmax_agreement(&r, &f32_ref, vocab),
+                ));
+            }
+            let bound = noise.iter().map(|n| 1.5 * n.1).fold(2e-2, f64::max);
+            let agree_bar = noise.iter().map(|n| n.2 - 0.05).fold(0.98, f64::min);
             let strict = if err <= 2e-2 && agree >= 0.98 {
                 "meets"
             } else {
                 "misses"
             };
+            let others: Vec<String> = noise
+                .iter()
+                .map(|(who, e, a)| format!("{who} {e:.3e}, {:.1}%", 100.0 * a))
+                .collect();
             eprintln!(
                 "RESULT bf16 {name} prompt {i} ({} tokens): vs f32 reference rel err {err:.3e}, \
-                 argmax {:.1}% ({strict} 2e-2/98%){vs_hf_bf16}",
+                 argmax {:.1}% ({strict} 2e-2/98%; other bf16 runs vs f32: {})",
                 prompt.len(),
-                100.0 * agree
+                100.0 * agree,
+                others.join("; ")
             );
             assert!(
                 err <= bound,
