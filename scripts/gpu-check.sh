@@ -5,6 +5,7 @@
 #
 #   BIN/gpu-check.sh BIN        (BIN: the folder gpu-build.sh filled; default .gpu)
 #
+# LITE_BENCH=0 skips the V2-Lite-shaped memory and speed run (about 90 s).
 # Logs go to $OUT (default /tmp/dsv2-gpu-check), compiled kernels to $OUT/kernel-cache.
 # Each step has a time limit. Exit status: 0 when every check passed.
 set -uo pipefail
@@ -46,7 +47,12 @@ if "$bin/dsv2" logits --device cuda:7 --token-ids 1,2 --output "$out/none.safete
 else
   cat "$out/err.log"
 fi
-if [ -x "$bin/lite-bench" ]; then
+if "$bin/dsv2" logits --device cuda --quantize q8 --token-ids 1,2 --output "$out/none.safetensors" 2> "$out/err.log"; then
+  echo "FAIL: --quantize q8 on cuda succeeded"; fail=1
+else
+  cat "$out/err.log"
+fi
+if [ -x "$bin/lite-bench" ] && [ "${LITE_BENCH:-1}" != 0 ]; then
   step "V2-Lite shapes, random bf16 weights: memory and decode speed"
   timeout 400 "$bin/lite-bench" 2>&1 | tee "$out/lite-bench.log" || fail=1
 fi
