@@ -133,12 +133,24 @@ pub fn with_weights<T: ModelTask>(
                 .with_context(|| format!("loading {source}"))?;
             task.run(&backend, &model, &info)
         }
+        #[cfg(feature = "cuda")]
+        Device::Cuda(ordinal) => {
+            let backend = dsv2_cuda::CudaBackend::new(ordinal, args.dtype)
+                .with_context(|| format!("--device cuda:{ordinal}"))?;
+            // Quantized weights are an error on the GPU (Backend::load_quantized).
+            let model = Model::load_from(&backend, info.config.clone(), &options, weight)
+                .with_context(|| format!("loading {source} on cuda:{ordinal}"))?;
+            task.run(&backend, &model, &info)
+        }
+        #[cfg(not(feature = "cuda"))]
         Device::Cuda(_) => unreachable!("rejected above"),
     }
 }
 
 /// Fails early, before any loading, when the device the arguments name is unavailable.
+#[cfg_attr(feature = "cuda", allow(clippy::unnecessary_wraps, unused_variables))]
 fn check_device(args: &ModelArgs) -> Result<()> {
+    #[cfg(not(feature = "cuda"))]
     if let Device::Cuda(_) = args.device {
         bail!(
             "--device cuda: this dsv2 binary was built without CUDA support \

@@ -1,0 +1,123 @@
+// Row-wise and elementwise kernels: embedding, RMSNorm, residual add, RoPE, the latent
+// cache write, SwiGLU, row gathers and the greedy argmax.
+
+// out[t] = table[ids[t]]: grid (T), table [V, d], out [T, d].
+extern "C" __global__ void embed(const T* table, const u32* ids, T* out, int d) {
+    const T* src = table + (u64)ids[blockIdx.x] * d;
+    T* dst = out + (u64)blockIdx.x * d;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) dst[i] = src[i];
+}
+
+// RMSNorm of one row in place of the reference: y = w * rnd(x / rms(x)), rounded.
+__device__ void rms_norm_row(const T* x, const float* w, T* out, int d, float eps) {
+    float ss = 0.0f;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) {
+        float v = to_f(x[i]);
+        ss += v * v;
+    }
+    ss = block_sum(ss);
+    float inv = 1.0f / sqrtf(ss / (float)d + eps);
+    for (int i = threadIdx.x; i < d; i += blockDim.x) out[i] = from_f<T>(w[i] * rnd(to_f(x[i]) * inv));
+}
+
+// grid (rows): x, out [rows, d]; w [d].
+extern "C" __global__ void rms_norm(const T* x, const float* w, T* out, int d, float eps) {
+    u64 r = blockIdx.x;
+    rms_norm_row(x + r * d, w, out + r * d, d, eps);
+}
+
+// acc[i] = rnd(acc[i] + x[i]) for i < n.
+extern "C" __global__ void add_assign(T* acc, const T* x, u64 n) {
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x)
+        acc[i] = from_f<T>(to_f(acc[i]) + to_f(x[i]));
+}
+
+// Rotates the adjacent pair (2p, 2p+1) of `x` by the angle whose cos/sin are given.
+__device__ __forceinline__ void rotate_pair(const T* src, T* dst, float c, float s) {
+    float a = to_f(src[0]), b = to_f(src[1]);
+    dst[0] = from_f<T>(a * c - b * s);
+    dst[1] = from_f<T>(a * s + b * c);
+}
+
+// RoPE on the last `dr` values of each head of q [T, h, qd]: grid (T).
+// cos/sin [T, dr/2].
+extern "C" __global__ void rope_queries(T* q, const float* cos, const float* sin, int h, int qd, int dn, int dr) {
+    int t = blockIdx.x, half = dr / 2;
+    for (int i = threadIdx.x; i < h * half; i += blockDim.x) {
+        int head = i / half, p = i - head * half;
+        T* x = q + (u64)t * h * qd + (u64)head * qd + dn + 2 * p;
+        rotate_pair(x, x, cos[t * half + p], sin[t * half + p]);
+    }
+}
+
+// From kv_a [T, c + dr]: RMSNorm of the latent, RoPE of the key tail, both written to
+// `cache` [slots, c + dr] (one layer) at slots[t]. grid (T).
+extern "C" __global__ void mla_write_cache(const T* kv_a, const float* w, const u32* slots, const float* cos,
+                                           const float* sin, T* cache, int c, int dr, float eps) {
+    int t = blockIdx.x, width = c + dr, half = dr / 2;
+    const T* src = kv_a + (u64)t * width;
+    T* dst = cache + (u64)slots[t] * width;
+    rms_norm_row(src, w, dst, c, eps);
+    for (int p = threadIdx.x; p < half; p += blockDim.x)
+        rotate_pair(src + c + 2 * p, dst + c + 2 * p, cos[t * half + p], sin[t * half + p]);
+}
+
+// g[i] = rnd(rnd(silu(g[i])) * u[i]) for i < n: the SwiGLU product, in place.
+extern "C" __global__ void silu_mul(T* g, const T* u, u64 n) {
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x)
+        g[i] = from_f<T>(rnd(silu(to_f(g[i]))) * to_f(u[i]));
+}
+
+// out[r] = x[rows[r]]: grid (R), rows of width d.
+extern "C" __global__ void gather_rows(const T* x, const u32* rows, T* out, int d) {
+    const T* src = x + (u64)rows[blockIdx.x] * d;
+    T* dst = out + (u64)blockIdx.x * d;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) dst[i] = src[i];
+}
+
+// x[i] = rnd(x[i]) for f32 values (the bf16 logits of the reference, upcast).
+extern "C" __global__ void round_f32(float* x, u64 n) {
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x)
+        x[i] = rnd(x[i]);
+}
+
+// ids[r] = argmax of logits row r [v], ties to the lowest id. grid (R), block 1024.
+extern "C" __global__ void argmax_rows(const float* logits, u32* ids, int v) {
+    __shared__ float best_v[32];
+    __shared__ int best_i[32];
+    const float* row = logits + (u64)blockIdx.x * v;
+    float bv = NEG_INF;
+    int bi = -1;
+    for (int i = threadIdx.x; i < v; i += blockDim.x) {
+        float x = row[i];
+        if (bi < 0 || x > bv) {
+            bv = x;
+            bi = i;
+        }
+    }
+    for (int o = 16; o > 0; o >>= 1) {
+        float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+        int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+        if (oi >= 0 && (bi < 0 || ov > bv || (ov == bv && oi < bi))) {
+            bv = ov;
+            bi = oi;
+        }
+    }
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (lane == 0) {
+        best_v[warp] = bv;
+        best_i[warp] = bi;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        for (int w = 1; w < (int)(blockDim.x >> 5); w++) {
+            int oi = best_i[w];
+            float ov = best_v[w];
+            if (oi >= 0 && (bi < 0 || ov > bv || (ov == bv && oi < bi))) {
+                bv = ov;
+                bi = oi;
+            }
+        }
+        ids[blockIdx.x] = (u32)(bi < 0 ? 0 : bi);
+    }
+}

@@ -1,0 +1,199 @@
+// DeepSeekMoE on the device: routing, grouping the (token, expert) pairs by expert into
+// fixed-size row tiles, and the weighted combination. The experts themselves run as
+// batched cuBLAS GEMMs over the tiles (see moe.rs); nothing returns to the host.
+
+#define MAX_TOP_K 16
+
+// Warp-wide choice of the best (value, index): larger value, then lower index.
+__device__ __forceinline__ void warp_best(float& v, int& i) {
+    for (int o = 16; o > 0; o >>= 1) {
+        float ov = __shfl_xor_sync(0xffffffffu, v, o);
+        int oi = __shfl_xor_sync(0xffffffffu, i, o);
+        if (oi >= 0 && (i < 0 || ov > v || (ov == v && oi < i))) {
+            v = ov;
+            i = oi;
+        }
+    }
+}
+
+// One warp per token (4 per block). logits [rows, e] f32 in, softmax probabilities out;
+// ids/weights [rows, k]: the rule of dsv2_backend::routing::route_token (greedy or
+// group-limited greedy, renormalised or scaled).
+extern "C" __global__ void moe_route(float* logits, u32* ids, float* weights, int rows, int e, int k,
+                                     int n_group, int topk_group, int norm_topk_prob, float scaling) {
+    int lane = threadIdx.x & 31;
+    int t = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (t >= rows) return;
+    float* p = logits + (u64)t * e;
+    float mx = NEG_INF;
+    for (int i = lane; i < e; i += 32) mx = fmaxf(mx, p[i]);
+    mx = warp_max(mx);
+    float sum = 0.0f;
+    for (int i = lane; i < e; i += 32) {
+        float x = expf(p[i] - mx);
+        p[i] = x;
+        sum += x;
+    }
+    float inv = 1.0f / warp_sum(sum);
+    for (int i = lane; i < e; i += 32) p[i] *= inv;
+    __syncwarp();
+    // Group-limited: the topk_group groups with the best maximum probability compete.
+    u64 allowed = ~0ull;
+    int group_size = e;
+    if (n_group > 0) {
+        group_size = e / n_group;
+        allowed = 0;
+        for (int r = 0; r < topk_group; r++) {
+            float bv = NEG_INF;
+            int bi = -1;
+            for (int g = lane; g < n_group; g += 32) {
+                if (allowed & (1ull << g)) continue;
+                float s = NEG_INF;
+                for (int i = g * group_size; i < (g + 1) * group_size; i++) s = fmaxf(s, p[i]);
+                if (bi < 0 || s > bv) {
+                    bv = s;
+                    bi = g;
+                }
+            }
+            warp_best(bv, bi);
+            allowed |= 1ull << bi;
+        }
+    }
+    int chosen[MAX_TOP_K];
+    float chosen_w[MAX_TOP_K];
+    for (int slot = 0; slot < k; slot++) {
+        float bv = NEG_INF;
+        int bi = -1;
+        for (int i = lane; i < e; i += 32) {
+            bool taken = false;
+            for (int j = 0; j < slot; j++) taken |= chosen[j] == i;
+            if (taken) continue;
+            float v = (allowed & (1ull << (i / group_size))) ? p[i] : 0.0f;
+            if (bi < 0 || v > bv) {
+                bv = v;
+                bi = i;
+            }
+        }
+        warp_best(bv, bi);
+        chosen[slot] = bi;
+        chosen_w[slot] = bv;
+    }
+    if (lane == 0) {
+        if (norm_topk_prob && k > 1) {
+            float s = 0.0f;
+            for (int j = 0; j < k; j++) s += chosen_w[j];
+            s += 1e-20f;
+            for (int j = 0; j < k; j++) chosen_w[j] /= s;
+        } else {
+            for (int j = 0; j < k; j++) chosen_w[j] *= scaling;
+        }
+        for (int j = 0; j < k; j++) {
+            ids[(u64)t * k + j] = (u32)chosen[j];
+            weights[(u64)t * k + j] = chosen_w[j];
+        }
+    }
+}
+
+// Pointer arrays of the batched expert GEMMs, each [max_tiles]. See moe.rs.
+struct TilePtrs {
+    u64* gate_w;
+    u64* up_w;
+    u64* down_w;
+    u64* x_in;    // gathered activations of the tile   [m_tile, d]
+    u64* gate_out;  // gate projection, then SwiGLU product [m_tile, inter]
+    u64* up_out;    // up projection                        [m_tile, inter]
+    u64* down_out;  // expert output                        [m_tile, d]
+};
+
+// Plans the grouped expert computation. One block of >= e threads (e <= 1024).
+// ids [pairs] (pairs = rows * k). Expert x's pairs, in pair order, fill consecutive rows
+// of ceil(count / m_tile) tiles; row_token [max_tiles * m_tile] gets the token of each
+// row (NO_TOKEN for padding), slot_of [pairs] the row of each pair. Tiles past the last
+// used one repeat an expert already read and compute on padding rows only.
+// expert_w [3 * e]: gate, up and down weight pointers of every expert.
+extern "C" __global__ void moe_plan(const u32* ids, int pairs, int k, int e, int m_tile, int max_tiles,
+                                    const u64* expert_w, u64 x_in, u64 gate_out, u64 up_out, u64 down_out,
+                                    int d, int inter, int elem_bytes, u32* row_token, u32* slot_of, u64* ptrs) {
+    __shared__ u32 start[1025];
+    int x = threadIdx.x;
+    u32 count = 0;
+    if (x < e)
+        for (int r = 0; r < pairs; r++) count += ids[r] == (u32)x;
+    u32 tiles = (count + m_tile - 1) / m_tile;
+    if (x <= e) start[x] = x < e ? tiles : 0;
+    __syncthreads();
+    if (x == 0) {
+        u32 run = 0;
+        for (int i = 0; i <= e; i++) {
+            u32 n = start[i];
+            start[i] = run;
+            run += n;
+        }
+    }
+    __syncthreads();
+    TilePtrs p = {ptrs, ptrs + max_tiles, ptrs + 2 * max_tiles, ptrs + 3 * max_tiles,
+                  ptrs + 4 * max_tiles, ptrs + 5 * max_tiles, ptrs + 6 * max_tiles};
+    u32 used = start[e];
+    if (x < e && tiles > 0) {
+        u64 row0 = (u64)start[x] * m_tile;
+        u32 n = 0;
+        for (int r = 0; r < pairs; r++) {
+            if (ids[r] == (u32)x) {
+                row_token[row0 + n] = (u32)(r / k);
+                slot_of[r] = (u32)(row0 + n);
+                n++;
+            }
+        }
+        for (u64 i = n; i < (u64)tiles * m_tile; i++) row_token[row0 + i] = NO_TOKEN;
+    }
+    // Every tile, used or not, gets its pointers; unused tiles reuse the first pair's
+    // expert (already read this step) on their own padding rows.
+    for (int tile = x; tile < max_tiles; tile += blockDim.x) {
+        int ex = -1;
+        if ((u32)tile < used) {
+            int lo = 0, hi = e - 1;  // last expert whose first tile is <= tile
+            while (lo < hi) {
+                int mid = (lo + hi + 1) / 2;
+                if (start[mid] <= (u32)tile) lo = mid; else hi = mid - 1;
+            }
+            ex = lo;
+        } else {
+            ex = (int)ids[0];
+            for (int i = 0; i < m_tile; i++) row_token[(u64)tile * m_tile + i] = NO_TOKEN;
+        }
+        u64 row0 = (u64)tile * m_tile;
+        p.gate_w[tile] = expert_w[ex];
+        p.up_w[tile] = expert_w[e + ex];
+        p.down_w[tile] = expert_w[2 * e + ex];
+        p.x_in[tile] = x_in + row0 * d * elem_bytes;
+        p.gate_out[tile] = gate_out + row0 * inter * elem_bytes;
+        p.up_out[tile] = up_out + row0 * inter * elem_bytes;
+        p.down_out[tile] = down_out + row0 * d * elem_bytes;
+    }
+}
+
+// xg[r] = x[row_token[r]] (zeros for padding rows): grid (rows of all tiles).
+extern "C" __global__ void moe_gather(const T* x, const u32* row_token, T* xg, int d) {
+    u32 tok = row_token[blockIdx.x];
+    T* dst = xg + (u64)blockIdx.x * d;
+    if (tok == NO_TOKEN) {
+        for (int i = threadIdx.x; i < d; i += blockDim.x) dst[i] = from_f<T>(0.0f);
+        return;
+    }
+    const T* src = x + (u64)tok * d;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) dst[i] = src[i];
+}
+
+// out[t] = rnd(shared[t] + rnd(sum_j w[t, j] * y[slot_of[t, j]])) (without shared experts:
+// the rounded routed sum). `out` holds the shared experts' output on entry. grid (rows).
+extern "C" __global__ void moe_combine(const T* y, const u32* slot_of, const float* weights, T* out, int d,
+                                       int k, int has_shared) {
+    u64 t = blockIdx.x;
+    T* o = out + t * d;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) {
+        float acc = 0.0f;
+        for (int j = 0; j < k; j++) acc += weights[t * k + j] * to_f(y[(u64)slot_of[t * k + j] * d + i]);
+        float routed = rnd(acc);
+        o[i] = from_f<T>(has_shared ? to_f(o[i]) + routed : routed);
+    }
+}

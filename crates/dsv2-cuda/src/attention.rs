@@ -1,0 +1,309 @@
+//! MLA attention over the paged latent cache.
+//!
+//! Per sequence, like the CPU reference: `AttentionPath::Auto` runs the absorbed
+//! formulation for decode sequences (one new token) and the expanded one for prompts;
+//! the forced paths run one formulation for every sequence.
+//!
+//! - Absorbed: `q_lat = W_UK[h]ᵀ q_nope` (batched GEMM over heads), one kernel over the
+//!   576-wide cached rows shared by all heads giving `o_lat`, then `W_UV[h] o_lat`
+//!   (batched GEMM) into the heads' outputs. The two GEMMs cover every row of the batch;
+//!   rows of expanded-path sequences are overwritten by the expanded path, which runs
+//!   second.
+//! - Expanded: the context latents of the sequences are gathered out of the cache, keys
+//!   and values re-derived with one `kv_b_proj` GEMM, then causal MHA per (token, head).
+
+use dsv2_backend::{AttentionPath, CacheSpec, MlaAttention};
+
+use crate::device::{Gemm, NULL};
+use crate::error::{unsupported, Result};
+use crate::scratch::{Scratch, Slot};
+use crate::{CudaBackend, CudaBuffer, CudaCache, CudaStep};
+
+/// Threads per attention block (warps split the context positions).
+const ATTN_THREADS: u32 = 256;
+/// Largest latent width and value head width the kernels hold in registers.
+const MAX_WIDTH: usize = 512;
+/// Keep in step with MAX_WARPS in attention.cu.
+const MAX_WARPS: usize = 8;
+
+/// Device address of `layer`'s part of the cache.
+pub(crate) fn layer_ptr(be: &CudaBackend, cache: &CudaCache, layer: usize) -> u64 {
+    let s = cache.spec;
+    cache.mem.ptr() + (layer * s.num_blocks * s.block_size * s.width() * be.elem()) as u64
+}
+
+/// Checks that the step's slots, block ids and block tables fit the cache.
+pub(crate) fn check_step_against_cache(op: &str, step: &CudaStep, spec: &CacheSpec) -> Result<()> {
+    let c = &step.counts;
+    let slots = spec.num_blocks * spec.block_size;
+    if let Some(s) = c.max_slot.filter(|&s| s as usize >= slots) {
+        return Err(unsupported(
+            op,
+            format!("cache slot {s} outside the cache's {slots} slots"),
+        ));
+    }
+    if let Some(b) = c.max_block.filter(|&b| b as usize >= spec.num_blocks) {
+        return Err(unsupported(
+            op,
+            format!("block {b} outside the cache's {} blocks", spec.num_blocks),
+        ));
+    }
+    if let Some((blocks, ctx)) = c
+        .tightest_table
+        .filter(|&(b, ctx)| b * spec.block_size < ctx)
+    {
+        return Err(unsupported(
+            op,
+            format!("a block table of {blocks} blocks cannot hold a context of {ctx} tokens"),
+        ));
+    }
+    Ok(())
+}
+
+pub(crate) fn mla_attention(
+    be: &CudaBackend,
+    scratch: &mut Scratch,
+    args: MlaAttention<'_, CudaBackend>,
+    out: &mut CudaBuffer,
+) -> Result<()> {
+    let d = args.dims;
+    let spec = args.cache.spec;
+    let step = args.step;
+    let t = step.counts.tokens;
+    let op = "mla_attention";
+    if d.kv_lora_rank != spec.kv_lora_rank
+        || d.rope_dim != spec.rope_dim
+        || args.layer >= spec.num_layers
+    {
+        return Err(unsupported(
+            op,
+            format!(
+                "dims {d:?} / layer {} do not match the cache {spec:?}",
+                args.layer
+            ),
+        ));
+    }
+    if d.kv_lora_rank > MAX_WIDTH || d.v_dim > MAX_WIDTH {
+        return Err(unsupported(
+            op,
+            format!(
+                "latent width {} / value width {} over the kernels' {MAX_WIDTH}",
+                d.kv_lora_rank, d.v_dim
+            ),
+        ));
+    }
+    let (kv_rows, kv_cols) = args.kv_b_proj.matrix("kv_b_proj")?;
+    if kv_rows != d.num_heads * (d.nope_dim + d.v_dim) || kv_cols != d.kv_lora_rank {
+        return Err(unsupported(
+            op,
+            format!("kv_b_proj is [{kv_rows}, {kv_cols}], dims {d:?}"),
+        ));
+    }
+    check_step_against_cache(op, step, &spec)?;
+    be.check_len(op, "queries", args.q, t * d.num_heads * d.q_head_dim())?;
+    be.check_len(op, "output", out, t * d.num_heads * d.v_dim)?;
+    let c = &step.counts;
+    let (absorbed_tokens, expanded): (Option<(u64, usize)>, Option<Expanded>) = match args.path {
+        AttentionPath::Absorbed => (Some((NULL, t)), None),
+        AttentionPath::Expanded => (
+            None,
+            Some(Expanded {
+                seq_list: NULL,
+                seqs: c.seqs,
+                tok_list: NULL,
+                tokens: t,
+                goff: step.at(step.layout.goff_all),
+                gathered: c.gathered_all,
+                max_ctx: c.max_ctx_all,
+            }),
+        ),
+        AttentionPath::Auto => (
+            (c.abs_auto_tokens > 0)
+                .then(|| (step.at(step.layout.abs_auto_tokens), c.abs_auto_tokens)),
+            (c.exp_auto_seqs > 0).then(|| Expanded {
+                seq_list: step.at(step.layout.exp_auto_seqs),
+                seqs: c.exp_auto_seqs,
+                tok_list: step.at(step.layout.exp_auto_tokens),
+                tokens: c.exp_auto_tokens,
+                goff: step.at(step.layout.goff_auto),
+                gathered: c.gathered_auto,
+                max_ctx: c.max_ctx_auto,
+            }),
+        ),
+    };
+    if let Some((list, n)) = absorbed_tokens {
+        absorbed(be, scratch, &args, list, n, out)?;
+    }
+    if let Some(e) = expanded {
+        expanded_path(be, scratch, &args, &e, out)?;
+    }
+    Ok(())
+}
+
+fn absorbed(
+    be: &CudaBackend,
+    scratch: &mut Scratch,
+    args: &MlaAttention<'_, CudaBackend>,
+    tok_list: u64,
+    tokens: usize,
+    out: &mut CudaBuffer,
+) -> Result<()> {
+    let d = args.dims;
+    let step = args.step;
+    let spec = args.cache.spec;
+    let t = step.counts.tokens;
+    let (h, dn, dv, c, qd) = (
+        d.num_heads,
+        d.nope_dim,
+        d.v_dim,
+        d.kv_lora_rank,
+        d.q_head_dim(),
+    );
+    let e = be.elem();
+    let q_lat = scratch.get(&be.dev, Slot::QLat, t * h * c * e)?;
+    let o_lat = scratch.get(&be.dev, Slot::OLat, t * h * c * e)?;
+    let kv_b = args.kv_b_proj.ptr();
+    // q_lat[t, h] = W_UK[h]ᵀ q_nope[t, h]: per head, [C, Dn] · [Dn, T] column-major.
+    be.dev.gemm_strided(
+        "absorbed q_lat",
+        &Gemm {
+            trans_a: false,
+            trans_b: false,
+            m: c,
+            n: t,
+            k: dn,
+            a: kv_b,
+            lda: c,
+            b: args.q.ptr(),
+            ldb: h * qd,
+            c: q_lat,
+            ldc: h * c,
+        },
+        [(dn + dv) * c, qd, c],
+        h,
+    )?;
+    let k = &be.dev.kernels;
+    let smem = (spec.width() + 2 * MAX_WARPS + (ATTN_THREADS as usize / 32) * c) * 4;
+    be.dev.launch(
+        &k.mla_absorbed,
+        "mla_absorbed",
+        (tokens, h),
+        ATTN_THREADS,
+        smem as u32,
+        &[
+            args.q.ptr().into(),
+            q_lat.into(),
+            crate::attention::layer_ptr(be, args.cache, args.layer).into(),
+            tok_list.into(),
+            step.at(step.layout.tok_seq).into(),
+            step.at(step.layout.tok_visible).into(),
+            step.at(step.layout.seq_bt_off).into(),
+            step.at(step.layout.block_tables).into(),
+            o_lat.into(),
+            (h as i32).into(),
+            (qd as i32).into(),
+            (dn as i32).into(),
+            (c as i32).into(),
+            (d.rope_dim as i32).into(),
+            (spec.block_size as i32).into(),
+            d.softmax_scale.into(),
+        ],
+    )?;
+    // out[t, h] = W_UV[h] o_lat[t, h]: per head, [Dv, C] · [C, T] column-major.
+    be.dev.gemm_strided(
+        "absorbed W_UV",
+        &Gemm {
+            trans_a: true,
+            trans_b: false,
+            m: dv,
+            n: t,
+            k: c,
+            a: kv_b + (dn * c * e) as u64,
+            lda: c,
+            b: o_lat,
+            ldb: h * c,
+            c: out.ptr(),
+            ldc: h * dv,
+        },
+        [(dn + dv) * c, c, dv],
+        h,
+    )
+}
+
+/// The sequences and tokens the expanded path runs on.
+struct Expanded {
+    /// Sequence list (NULL: all `seqs`).
+    seq_list: u64,
+    seqs: usize,
+    /// Token list (NULL: all `tokens`).
+    tok_list: u64,
+    tokens: usize,
+    /// Per-sequence row offsets of the gathered context.
+    goff: u64,
+    gathered: usize,
+    max_ctx: usize,
+}
+
+fn expanded_path(
+    be: &CudaBackend,
+    scratch: &mut Scratch,
+    args: &MlaAttention<'_, CudaBackend>,
+    x: &Expanded,
+    out: &mut CudaBuffer,
+) -> Result<()> {
+    let d = args.dims;
+    let step = args.step;
+    let spec = args.cache.spec;
+    let (h, dn, dv, c, dr) = (d.num_heads, d.nope_dim, d.v_dim, d.kv_lora_rank, d.rope_dim);
+    let e = be.elem();
+    let g = x.gathered;
+    let lat = scratch.get(&be.dev, Slot::Latents, g * c * e)?;
+    let kpe = scratch.get(&be.dev, Slot::RopeKeys, g * dr * e)?;
+    let kv = scratch.get(&be.dev, Slot::ExpandedKv, g * h * (dn + dv) * e)?;
+    let k = &be.dev.kernels;
+    be.dev.launch(
+        &k.gather_context,
+        "gather_context",
+        (x.max_ctx.div_ceil(8), x.seqs),
+        ATTN_THREADS,
+        0,
+        &[
+            crate::attention::layer_ptr(be, args.cache, args.layer).into(),
+            x.seq_list.into(),
+            step.at(step.layout.seq_ctx).into(),
+            step.at(step.layout.seq_bt_off).into(),
+            step.at(step.layout.block_tables).into(),
+            x.goff.into(),
+            lat.into(),
+            kpe.into(),
+            (c as i32).into(),
+            (dr as i32).into(),
+            (spec.block_size as i32).into(),
+        ],
+    )?;
+    // [k_nope | v] of every head for every gathered position.
+    be.gemm_rows("expanded kv_b_proj", lat, g, args.kv_b_proj, kv, false)?;
+    let smem = (dn + dr + 2 * MAX_WARPS + (ATTN_THREADS as usize / 32) * dv) * 4;
+    be.dev.launch(
+        &k.mla_expanded,
+        "mla_expanded",
+        (x.tokens, h),
+        ATTN_THREADS,
+        smem as u32,
+        &[
+            args.q.ptr().into(),
+            kv.into(),
+            kpe.into(),
+            x.tok_list.into(),
+            step.at(step.layout.tok_seq).into(),
+            step.at(step.layout.tok_visible).into(),
+            x.goff.into(),
+            out.ptr().into(),
+            (h as i32).into(),
+            (dn as i32).into(),
+            (dr as i32).into(),
+            (dv as i32).into(),
+            d.softmax_scale.into(),
+        ],
+    )
+}

@@ -1,0 +1,695 @@
+//! The GPU underneath the backend: context and stream, device memory, kernel launches
+//! and cuBLAS GEMMs.
+//!
+//! Everything runs on one non-blocking stream in issue order, so cudarc's per-buffer event
+//! tracking is switched off and kernels take raw device addresses: buffers keep fixed
+//! addresses for their whole life (what CUDA graphs will need).
+
+use std::ffi::c_void;
+use std::sync::Arc;
+
+use cudarc::cublas::sys as blas;
+use cudarc::cublas::CudaBlas;
+use cudarc::driver::{result as drv, sys as drv_sys, CudaContext, CudaFunction, CudaStream};
+
+use crate::compile::{self, Source};
+use crate::error::{unsupported, CudaError, DriverContext, Result};
+
+/// Library symbols the backend calls, checked at start so that an old driver or library
+/// is a clear error rather than a panic inside the first call that needs one. All exist
+/// in CUDA 12.0 and later.
+const DRIVER_SYMBOLS: &[&str] = &[
+    "cuInit",
+    "cuDeviceGet",
+    "cuDeviceGetCount",
+    "cuDeviceGetAttribute",
+    "cuDeviceGetName",
+    "cuDeviceTotalMem_v2",
+    "cuDevicePrimaryCtxRetain",
+    "cuDevicePrimaryCtxRelease_v2",
+    "cuCtxGetCurrent",
+    "cuCtxSetCurrent",
+    "cuStreamCreate",
+    "cuStreamDestroy_v2",
+    "cuStreamSynchronize",
+    "cuMemAlloc_v2",
+    "cuMemFree_v2",
+    "cuMemGetInfo_v2",
+    "cuMemcpyHtoDAsync_v2",
+    "cuMemcpyDtoHAsync_v2",
+    "cuMemsetD8Async",
+    "cuModuleLoadData",
+    "cuModuleGetFunction",
+    "cuModuleUnload",
+    "cuLaunchKernel",
+];
+const BLAS_SYMBOLS: &[&str] = &[
+    "cublasCreate_v2",
+    "cublasDestroy_v2",
+    "cublasSetStream_v2",
+    "cublasSetWorkspace_v2",
+    "cublasGemmEx",
+    "cublasGemmStridedBatchedEx",
+    "cublasGemmBatchedEx",
+];
+const NVRTC_SYMBOLS: &[&str] = &[
+    "nvrtcVersion",
+    "nvrtcCreateProgram",
+    "nvrtcCompileProgram",
+    "nvrtcGetCUBINSize",
+    "nvrtcGetCUBIN",
+    "nvrtcGetProgramLogSize",
+    "nvrtcGetProgramLog",
+    "nvrtcDestroyProgram",
+];
+
+/// cuBLAS workspace, set explicitly so that GEMMs can later be captured in CUDA graphs.
+const BLAS_WORKSPACE_BYTES: usize = 32 << 20;
+
+/// Device memory owned by the backend: a fixed address until dropped.
+pub(crate) struct DevMem {
+    ptr: u64,
+    bytes: usize,
+    ctx: Arc<CudaContext>,
+}
+
+impl DevMem {
+    /// The device address.
+    pub fn ptr(&self) -> u64 {
+        self.ptr
+    }
+
+    /// Size in bytes.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+}
+
+impl Drop for DevMem {
+    fn drop(&mut self) {
+        // Errors cannot be reported from drop; the context records them.
+        self.ctx.record_err(self.ctx.bind_to_thread());
+        // SAFETY: `ptr` came from cuMemAlloc and is freed once. cuMemFree waits for
+        // outstanding work using it.
+        self.ctx.record_err(unsafe { drv::free_sync(self.ptr) });
+    }
+}
+
+/// A kernel argument: a device address, an integer or a float, passed by value (the
+/// kernel reads as many low bytes of the 8-byte slot as its parameter has).
+#[derive(Clone, Copy)]
+pub(crate) struct KArg(u64);
+
+impl From<u64> for KArg {
+    fn from(v: u64) -> Self {
+        KArg(v)
+    }
+}
+impl From<i32> for KArg {
+    fn from(v: i32) -> Self {
+        KArg(v as u32 as u64)
+    }
+}
+impl From<f32> for KArg {
+    fn from(v: f32) -> Self {
+        KArg(v.to_bits() as u64)
+    }
+}
+
+/// A null device pointer argument (an absent list).
+pub(crate) const NULL: u64 = 0;
+
+/// The kernels of the three modules.
+pub(crate) struct Kernels {
+    pub embed: CudaFunction,
+    pub rms_norm: CudaFunction,
+    pub add_assign: CudaFunction,
+    pub rope_queries: CudaFunction,
+    pub mla_write_cache: CudaFunction,
+    pub silu_mul: CudaFunction,
+    pub gather_rows: CudaFunction,
+    pub round_f32: CudaFunction,
+    pub argmax_rows: CudaFunction,
+    pub mla_absorbed: CudaFunction,
+    pub gather_context: CudaFunction,
+    pub mla_expanded: CudaFunction,
+    pub moe_route: CudaFunction,
+    pub moe_plan: CudaFunction,
+    pub moe_gather: CudaFunction,
+    pub moe_combine: CudaFunction,
+}
+
+impl Kernels {
+    fn load(ctx: &Arc<CudaContext>, arch: (i32, i32), bf16: bool) -> Result<Kernels> {
+        let module = |s: &Source| compile::load_module(ctx, s, arch, bf16);
+        let (ew, at, moe) = (
+            module(&compile::ELEMENTWISE)?,
+            module(&compile::ATTENTION)?,
+            module(&compile::MOE)?,
+        );
+        let f = |m: &Arc<cudarc::driver::CudaModule>, name: &str| {
+            m.load_function(name)
+                .ctx(format!("loading kernel `{name}`"))
+        };
+        Ok(Kernels {
+            embed: f(&ew, "embed")?,
+            rms_norm: f(&ew, "rms_norm")?,
+            add_assign: f(&ew, "add_assign")?,
+            rope_queries: f(&ew, "rope_queries")?,
+            mla_write_cache: f(&ew, "mla_write_cache")?,
+            silu_mul: f(&ew, "silu_mul")?,
+            gather_rows: f(&ew, "gather_rows")?,
+            round_f32: f(&ew, "round_f32")?,
+            argmax_rows: f(&ew, "argmax_rows")?,
+            mla_absorbed: f(&at, "mla_absorbed")?,
+            gather_context: f(&at, "gather_context")?,
+            mla_expanded: f(&at, "mla_expanded")?,
+            moe_route: f(&moe, "moe_route")?,
+            moe_plan: f(&moe, "moe_plan")?,
+            moe_gather: f(&moe, "moe_gather")?,
+            moe_combine: f(&moe, "moe_combine")?,
+        })
+    }
+}
+
+/// One GPU: its context, the stream every op runs on, cuBLAS and the kernels.
+pub(crate) struct Device {
+    // Field order is drop order: cuBLAS and memory before the stream and context.
+    blas: CudaBlas,
+    _blas_workspace: DevMem,
+    pub kernels: Kernels,
+    pub stream: Arc<CudaStream>,
+    pub ctx: Arc<CudaContext>,
+    pub ordinal: usize,
+    pub name: String,
+    pub arch: (i32, i32),
+    /// bf16 elements (else f32).
+    pub bf16: bool,
+}
+
+/// The symbols of `symbols` that the loaded library `$lib` does not export.
+macro_rules! missing_symbols {
+    ($lib:expr, $symbols:expr) => {{
+        let lib = $lib;
+        $symbols
+            .iter()
+            .copied()
+            // SAFETY: only looks the symbol up; nothing is called.
+            .filter(|s| unsafe { lib.get::<unsafe extern "C" fn()>(*s) }.is_err())
+            .collect::<Vec<&str>>()
+    }};
+}
+
+/// An error for a library that is absent, or lacks some of the symbols we call.
+fn check_library(
+    what: &str,
+    present: bool,
+    missing: impl FnOnce() -> Vec<&'static str>,
+) -> Result<()> {
+    if !present {
+        return Err(CudaError::Unavailable(format!(
+            "the {what} library could not be loaded (is the NVIDIA driver / CUDA toolkit \
+             installed, and its lib64 folder on LD_LIBRARY_PATH?)"
+        )));
+    }
+    let missing = missing();
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(CudaError::Unavailable(format!(
+            "the {what} library is too old: it lacks {} (CUDA 12.0 or newer is needed)",
+            missing.join(", ")
+        )))
+    }
+}
+
+impl Device {
+    /// Opens GPU `ordinal`, checks the libraries and compiles (or loads) the kernels.
+    pub fn new(ordinal: usize, bf16: bool) -> Result<Device> {
+        // The dynamic loader panics when a library or symbol is missing: turn any such
+        // panic into an error (the checks below should already have caught it).
+        match std::panic::catch_unwind(|| Device::open(ordinal, bf16)) {
+            Ok(r) => r,
+            Err(panic) => {
+                let msg = panic
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_else(|| "unknown failure".into());
+                Err(CudaError::Unavailable(msg))
+            }
+        }
+    }
+
+    fn open(ordinal: usize, bf16: bool) -> Result<Device> {
+        // SAFETY: these only try to load the libraries.
+        let (has_driver, has_blas, has_nvrtc) = unsafe {
+            (
+                drv_sys::is_culib_present(),
+                blas::is_culib_present(),
+                cudarc::nvrtc::sys::is_culib_present(),
+            )
+        };
+        if !has_driver {
+            return Err(CudaError::Unavailable(
+                "no NVIDIA driver on this machine (libcuda.so could not be loaded); \
+                 use --device cpu"
+                    .into(),
+            ));
+        }
+        // SAFETY (the three culib calls): each library was found above, and culib only
+        // loads it (it panics only when absent).
+        check_library("CUDA driver", true, || {
+            missing_symbols!(unsafe { drv_sys::culib() }, DRIVER_SYMBOLS)
+        })?;
+        check_library("cuBLAS", has_blas, || {
+            missing_symbols!(unsafe { blas::culib() }, BLAS_SYMBOLS)
+        })?;
+        check_library("NVRTC", has_nvrtc, || {
+            missing_symbols!(unsafe { cudarc::nvrtc::sys::culib() }, NVRTC_SYMBOLS)
+        })?;
+        drv::init().map_err(|e| {
+            CudaError::Unavailable(format!("cuInit failed ({:?}): no usable CUDA device", e.0))
+        })?;
+        let count = CudaContext::device_count().ctx("counting CUDA devices")? as usize;
+        if ordinal >= count {
+            return Err(CudaError::Unavailable(format!(
+                "device cuda:{ordinal} does not exist ({count} CUDA device(s) visible)"
+            )));
+        }
+        let ctx = CudaContext::new(ordinal).ctx(format!("creating a context on cuda:{ordinal}"))?;
+        // SAFETY: the backend issues all work on one stream in order, and buffers are
+        // only freed through DevMem (cuMemFree waits for work using them), so cudarc's
+        // cross-stream event tracking is not needed.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.new_stream().ctx("creating a stream")?;
+        let arch = ctx
+            .compute_capability()
+            .ctx("reading the compute capability")?;
+        if arch.0 < 7 {
+            return Err(CudaError::Unavailable(format!(
+                "cuda:{ordinal} has compute capability {}.{}; 7.0 or newer is needed",
+                arch.0, arch.1
+            )));
+        }
+        let name = ctx.name().ctx("reading the device name")?;
+        let blas = CudaBlas::new(stream.clone()).ctx("creating a cuBLAS handle")?;
+        let workspace = alloc(&ctx, BLAS_WORKSPACE_BYTES)?;
+        // SAFETY: the workspace outlives the handle (field order) and is used by it only.
+        unsafe {
+            blas::cublasSetWorkspace_v2(
+                *blas.handle(),
+                workspace.ptr() as *mut c_void,
+                workspace.bytes(),
+            )
+        }
+        .result()
+        .ctx("cublasSetWorkspace")?;
+        let kernels = Kernels::load(&ctx, arch, bf16)?;
+        Ok(Device {
+            blas,
+            _blas_workspace: workspace,
+            kernels,
+            stream,
+            ctx,
+            ordinal,
+            name,
+            arch,
+            bf16,
+        })
+    }
+
+    /// Bytes per element of activations, matrices and the cache.
+    pub fn elem_bytes(&self) -> usize {
+        if self.bf16 {
+            2
+        } else {
+            4
+        }
+    }
+
+    /// Makes the context current on the calling thread (the backend may be used from a
+    /// thread other than the one that created it).
+    pub fn bind(&self) -> Result<()> {
+        self.ctx.bind_to_thread().ctx("binding the CUDA context")
+    }
+
+    /// Allocates `bytes` of device memory (uninitialized).
+    pub fn alloc(&self, bytes: usize) -> Result<DevMem> {
+        alloc(&self.ctx, bytes)
+    }
+
+    /// Allocates `bytes` of device memory set to zero.
+    pub fn alloc_zeroed(&self, bytes: usize) -> Result<DevMem> {
+        let mem = self.alloc(bytes)?;
+        // SAFETY: the range lies in `mem`.
+        unsafe { drv::memset_d8_async(mem.ptr(), 0, mem.bytes(), self.stream.cu_stream()) }
+            .ctx(format!("clearing {bytes} bytes"))?;
+        Ok(mem)
+    }
+
+    /// Copies `src` to device address `dst` (which must hold `size_of_val(src)` bytes).
+    pub fn htod<T: Copy>(&self, dst: u64, src: &[T], op: &str) -> Result<()> {
+        if src.is_empty() {
+            return Ok(());
+        }
+        // SAFETY: callers pass a destination with room for `src`; pageable sources are
+        // staged by the driver before the call returns, so `src` may be reused at once.
+        unsafe { drv::memcpy_htod_async(dst, src, self.stream.cu_stream()) }
+            .ctx(format!("{op}: copy to the device"))
+    }
+
+    /// Copies from device address `src` into `dst` and waits for the stream.
+    pub fn dtoh<T: Copy>(&self, dst: &mut [T], src: u64, op: &str) -> Result<()> {
+        if dst.is_empty() {
+            return Ok(());
+        }
+        // SAFETY: callers pass a source holding `size_of_val(dst)` bytes.
+        unsafe { drv::memcpy_dtoh_async(dst, src, self.stream.cu_stream()) }
+            .ctx(format!("{op}: copy to the host"))?;
+        self.sync(op)
+    }
+
+    /// Waits for all work issued so far; reports asynchronous kernel failures.
+    pub fn sync(&self, op: &str) -> Result<()> {
+        self.stream
+            .synchronize()
+            .ctx(format!("{op}: waiting for the GPU"))
+    }
+
+    /// Device-memory read bandwidth in bytes per second: the best of several timed
+    /// device-to-device copies of a 1 GiB buffer (each copy reads and writes it, so the
+    /// bytes read per second are counted, as a decode step reads weights).
+    pub fn measure_read_bandwidth(&self) -> Result<f64> {
+        self.bind()?;
+        let bytes = 1usize << 30;
+        let (src, dst) = (self.alloc_zeroed(bytes)?, self.alloc(bytes)?);
+        let mut best = f64::INFINITY;
+        for _ in 0..6 {
+            self.sync("bandwidth probe")?;
+            let started = std::time::Instant::now();
+            // SAFETY: both ranges lie in buffers of `bytes` bytes.
+            unsafe { drv::memcpy_dtod_async(dst.ptr(), src.ptr(), bytes, self.stream.cu_stream()) }
+                .ctx("bandwidth probe: device copy")?;
+            self.sync("bandwidth probe")?;
+            best = best.min(started.elapsed().as_secs_f64());
+        }
+        // A copy moves each byte twice (read + write) at the same memory bandwidth.
+        Ok(2.0 * bytes as f64 / best)
+    }
+
+    /// Free and total device memory, in bytes.
+    pub fn memory_info(&self) -> Result<(usize, usize)> {
+        self.bind()?;
+        drv::mem_get_info().ctx("cuMemGetInfo")
+    }
+
+    /// Launches `f` on the stream. A grid with a zero dimension launches nothing.
+    pub fn launch(
+        &self,
+        f: &CudaFunction,
+        name: &str,
+        grid: (usize, usize),
+        block: u32,
+        smem: u32,
+        args: &[KArg],
+    ) -> Result<()> {
+        if grid.0 == 0 || grid.1 == 0 {
+            return Ok(());
+        }
+        if grid.0 > u32::MAX as usize || grid.1 > 65_535 {
+            return Err(unsupported(
+                name,
+                format!("grid {grid:?} exceeds the device's limits"),
+            ));
+        }
+        let mut slots: Vec<u64> = args.iter().map(|a| a.0).collect();
+        let mut params: Vec<*mut c_void> = slots
+            .iter_mut()
+            .map(|s| s as *mut u64 as *mut c_void)
+            .collect();
+        // SAFETY: every parameter points to an 8-byte slot holding the value of the
+        // kernel's parameter in its low bytes (little-endian); the slots outlive the call,
+        // which copies them. Device addresses passed in are live allocations sized by the
+        // callers for the kernel's documented shapes.
+        unsafe {
+            drv::launch_kernel(
+                f.cu_function(),
+                (grid.0 as u32, grid.1 as u32, 1),
+                (block, 1, 1),
+                smem,
+                self.stream.cu_stream(),
+                &mut params,
+            )
+        }
+        .ctx(format!("launching kernel `{name}`"))
+    }
+
+    fn dtype(&self) -> blas::cudaDataType {
+        if self.bf16 {
+            blas::cudaDataType::CUDA_R_16BF
+        } else {
+            blas::cudaDataType::CUDA_R_32F
+        }
+    }
+
+    fn compute(&self) -> blas::cublasComputeType_t {
+        if self.bf16 {
+            // bf16 products are exact in f32; accumulation in f32.
+            blas::cublasComputeType_t::CUBLAS_COMPUTE_32F
+        } else {
+            // No TF32 or other reduced-precision shortcuts for the f32 path.
+            blas::cublasComputeType_t::CUBLAS_COMPUTE_32F_PEDANTIC
+        }
+    }
+
+    /// `out[rows, n] = x[rows, k] · wᵀ` for `w` `[n, k]`, all row-major in the element
+    /// type; `out_f32` writes f32 output instead.
+    #[allow(clippy::too_many_arguments)]
+    pub fn linear(
+        &self,
+        op: &str,
+        x: u64,
+        rows: usize,
+        w: u64,
+        n: usize,
+        k: usize,
+        out: u64,
+        out_f32: bool,
+    ) -> Result<()> {
+        if rows == 0 {
+            return Ok(());
+        }
+        let g = Gemm {
+            trans_a: true,
+            trans_b: false,
+            m: n,
+            n: rows,
+            k,
+            a: w,
+            lda: k,
+            b: x,
+            ldb: k,
+            c: out,
+            ldc: n,
+        };
+        self.gemm(op, &g, out_f32)
+    }
+
+    fn gemm(&self, op: &str, g: &Gemm, out_f32: bool) -> Result<()> {
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        let dt = self.dtype();
+        let ct = if out_f32 {
+            blas::cudaDataType::CUDA_R_32F
+        } else {
+            dt
+        };
+        let dims = g.dims(op)?;
+        // SAFETY: the pointers are live device allocations holding the matrices the
+        // leading dimensions describe (callers size them); alpha/beta are host f32, as
+        // the f32 compute type requires.
+        unsafe {
+            blas::cublasGemmEx(
+                *self.blas.handle(),
+                op_of(g.trans_a),
+                op_of(g.trans_b),
+                dims[0],
+                dims[1],
+                dims[2],
+                &alpha as *const f32 as *const c_void,
+                g.a as *const c_void,
+                dt,
+                dims[3],
+                g.b as *const c_void,
+                dt,
+                dims[4],
+                &beta as *const f32 as *const c_void,
+                g.c as *mut c_void,
+                ct,
+                dims[5],
+                self.compute(),
+                blas::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }
+        .result()
+        .ctx(format!("{op}: GEMM m={} n={} k={}", g.m, g.n, g.k))
+    }
+
+    /// `batch` GEMMs whose operands sit `stride_*` elements apart.
+    pub fn gemm_strided(
+        &self,
+        op: &str,
+        g: &Gemm,
+        strides: [usize; 3],
+        batch: usize,
+    ) -> Result<()> {
+        if batch == 0 || g.n == 0 {
+            return Ok(());
+        }
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        let dt = self.dtype();
+        let dims = g.dims(op)?;
+        // SAFETY: as in `gemm`; the strided operands stay inside their allocations.
+        unsafe {
+            blas::cublasGemmStridedBatchedEx(
+                *self.blas.handle(),
+                op_of(g.trans_a),
+                op_of(g.trans_b),
+                dims[0],
+                dims[1],
+                dims[2],
+                &alpha as *const f32 as *const c_void,
+                g.a as *const c_void,
+                dt,
+                dims[3],
+                strides[0] as i64,
+                g.b as *const c_void,
+                dt,
+                dims[4],
+                strides[1] as i64,
+                &beta as *const f32 as *const c_void,
+                g.c as *mut c_void,
+                dt,
+                dims[5],
+                strides[2] as i64,
+                batch as i32,
+                self.compute(),
+                blas::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }
+        .result()
+        .ctx(format!(
+            "{op}: batched GEMM m={} n={} k={} batch={batch}",
+            g.m, g.n, g.k
+        ))
+    }
+
+    /// `batch` GEMMs `C[i] = op(A[i]) · op(B[i])` with the operands' addresses in the
+    /// device arrays `a`, `b`, `c` (`batch` addresses each); `g.a/b/c` are ignored.
+    pub fn gemm_pointers(
+        &self,
+        op: &str,
+        g: &Gemm,
+        a: u64,
+        b: u64,
+        c: u64,
+        batch: usize,
+    ) -> Result<()> {
+        if batch == 0 {
+            return Ok(());
+        }
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        let dt = self.dtype();
+        let dims = g.dims(op)?;
+        // SAFETY: `a`, `b`, `c` are device arrays of `batch` live device addresses, each
+        // holding a matrix the leading dimensions describe (written by moe_plan).
+        unsafe {
+            blas::cublasGemmBatchedEx(
+                *self.blas.handle(),
+                op_of(g.trans_a),
+                op_of(g.trans_b),
+                dims[0],
+                dims[1],
+                dims[2],
+                &alpha as *const f32 as *const c_void,
+                a as *const *const c_void,
+                dt,
+                dims[3],
+                b as *const *const c_void,
+                dt,
+                dims[4],
+                &beta as *const f32 as *const c_void,
+                c as *const *mut c_void,
+                dt,
+                dims[5],
+                batch as i32,
+                self.compute(),
+                blas::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }
+        .result()
+        .ctx(format!(
+            "{op}: pointer-batched GEMM m={} n={} k={} batch={batch}",
+            g.m, g.n, g.k
+        ))
+    }
+}
+
+fn alloc(ctx: &Arc<CudaContext>, bytes: usize) -> Result<DevMem> {
+    ctx.bind_to_thread().ctx("binding the CUDA context")?;
+    // cuMemAlloc rejects zero bytes; a minimal allocation keeps every buffer addressable.
+    let size = bytes.max(256);
+    // SAFETY: a plain device allocation, freed by DevMem's drop.
+    let ptr = unsafe { drv::malloc_sync(size) }.map_err(|e| CudaError::Driver {
+        op: format!(
+            "allocating {:.1} MiB of device memory",
+            size as f64 / (1 << 20) as f64
+        ),
+        code: format!("{:?}", e.0),
+    })?;
+    Ok(DevMem {
+        ptr,
+        bytes: size,
+        ctx: ctx.clone(),
+    })
+}
+
+fn op_of(trans: bool) -> blas::cublasOperation_t {
+    if trans {
+        blas::cublasOperation_t::CUBLAS_OP_T
+    } else {
+        blas::cublasOperation_t::CUBLAS_OP_N
+    }
+}
+
+/// A column-major cuBLAS GEMM `C[m, n] = op(A) · op(B)` (dimensions as cuBLAS sees them).
+pub(crate) struct Gemm {
+    pub trans_a: bool,
+    pub trans_b: bool,
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub a: u64,
+    pub lda: usize,
+    pub b: u64,
+    pub ldb: usize,
+    pub c: u64,
+    pub ldc: usize,
+}
+
+impl Gemm {
+    /// m, n, k, lda, ldb, ldc as cuBLAS ints.
+    fn dims(&self, op: &str) -> Result<[i32; 6]> {
+        let v = [self.m, self.n, self.k, self.lda, self.ldb, self.ldc];
+        let mut out = [0i32; 6];
+        for (o, &x) in out.iter_mut().zip(&v) {
+            *o = i32::try_from(x).map_err(|_| {
+                unsupported(
+                    op,
+                    format!("GEMM dimension {x} does not fit cuBLAS's 32-bit ints"),
+                )
+            })?;
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,628 @@
+//! The CUDA backend: the DeepSeek-V2 forward pass on an NVIDIA GPU.
+//!
+//! [`CudaBackend`] implements [`dsv2_backend::Backend`] with weights resident on the
+//! device in bf16 (or f32 for [`ComputeDtype::F32`]), activations in the same element
+//! type with f32 arithmetic inside every kernel, GEMMs through cuBLAS with f32
+//! accumulation, and kernels written in CUDA C++ (`kernels/*.cu`) that NVRTC compiles for
+//! the device's architecture at first use and caches on disk ([`compile`]).
+//!
+//! - [`CudaWeight`]: a matrix in the element type, or a vector (norm weight) in f32.
+//! - [`CudaBuffer`]: an activation buffer; [`CudaCache`]: the paged latent cache
+//!   `[layers, blocks * block_size, C + Dr]`; [`CudaStep`]: a step's metadata, uploaded
+//!   once per step by `prepare_step`.
+//! - Attention ([`attention`](crate::attention)) runs the absorbed formulation for decode
+//!   tokens and the expanded one for prompts; MoE ([`moe`](crate::moe)) routes on the
+//!   device and runs the experts as batched GEMMs over device-planned tiles, so nothing
+//!   returns to the host inside a step except the logits or the greedy token ids.
+//!
+//! The crate builds without the CUDA toolkit: the driver, cuBLAS and NVRTC are loaded at
+//! run time, and [`CudaBackend::new`] returns [`CudaError::Unavailable`] on a machine
+//! without them.
+//!
+//! ```no_run
+//! use dsv2_backend::ComputeDtype;
+//! let backend = dsv2_cuda::CudaBackend::new(0, ComputeDtype::Bf16)?;
+//! let mem = backend.memory_info()?;
+//! println!("{}: {} of {} bytes free", backend_name(&backend), mem.free, mem.total);
+//! # fn backend_name(b: &dsv2_cuda::CudaBackend) -> String { dsv2_backend::Backend::describe(b) }
+//! # Ok::<(), dsv2_cuda::CudaError>(())
+//! ```
+
+mod attention;
+pub mod compile;
+mod device;
+mod error;
+mod moe;
+mod scratch;
+mod step;
+mod weights;
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use dsv2_backend::{
+    Backend, BackendError, Batch, CacheSpec, ComputeDtype, MlaAttention, MlaDims, Mlp, MoeWeights,
+    Result as BResult, RopeAngles,
+};
+use dsv2_core::TensorView;
+
+use device::{DevMem, Device};
+pub use error::{CudaError, Result};
+use scratch::{Scratch, Slot};
+pub use step::CudaStep;
+pub use weights::CudaWeight;
+
+/// Threads per block of the row kernels.
+const ROW_THREADS: u32 = 256;
+
+/// Free and total memory of a device, in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryInfo {
+    pub free: usize,
+    pub total: usize,
+}
+
+/// An activation buffer on the device: `len` values of the backend's element type.
+pub struct CudaBuffer {
+    mem: DevMem,
+    len: usize,
+}
+
+impl CudaBuffer {
+    /// Number of values.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True when the buffer holds no values.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    fn ptr(&self) -> u64 {
+        self.mem.ptr()
+    }
+}
+
+/// The paged latent cache on the device: `[layers, blocks * block_size, W]`.
+pub struct CudaCache {
+    mem: DevMem,
+    spec: CacheSpec,
+}
+
+impl CudaCache {
+    /// The shape of the cache.
+    pub fn spec(&self) -> CacheSpec {
+        self.spec
+    }
+}
+
+/// The CUDA implementation of [`Backend`].
+pub struct CudaBackend {
+    // Field order is drop order: device memory before the device's stream and handles.
+    /// Grow-only work buffers shared by the ops (one stream: ops never overlap).
+    scratch: Mutex<Scratch>,
+    /// Per MoE layer (keyed by the router's address): the device table of its experts'
+    /// gate, up and down weight addresses `[3, E]` (host copy, device table), uploaded at
+    /// the layer's first use.
+    expert_tables: Mutex<HashMap<u64, (Vec<u64>, DevMem)>>,
+    dev: Device,
+    dtype: ComputeDtype,
+}
+
+impl CudaBackend {
+    /// Opens GPU `ordinal` computing in `dtype` (bf16: weights and activations in bf16;
+    /// f32: both in f32) and prepares its kernels.
+    ///
+    /// # Errors
+    /// [`CudaError::Unavailable`] without a driver, libraries or such a device; a kernel
+    /// compilation or driver failure otherwise.
+    pub fn new(ordinal: usize, dtype: ComputeDtype) -> Result<CudaBackend> {
+        let dev = Device::new(ordinal, dtype == ComputeDtype::Bf16)?;
+        Ok(CudaBackend {
+            scratch: Mutex::new(Scratch::default()),
+            expert_tables: Mutex::new(HashMap::new()),
+            dev,
+            dtype,
+        })
+    }
+
+    /// Free and total memory of the device (for sizing the latent cache).
+    ///
+    /// # Errors
+    /// A driver failure.
+    pub fn memory_info(&self) -> Result<MemoryInfo> {
+        let (free, total) = self.dev.memory_info()?;
+        Ok(MemoryInfo { free, total })
+    }
+
+    /// Bytes one cached token takes in one layer (`W` values of the element type).
+    pub fn cache_bytes_per_token(&self, spec: &CacheSpec) -> usize {
+        spec.width() * self.dev.elem_bytes()
+    }
+
+    /// Waits until the device has finished all work issued so far.
+    ///
+    /// # Errors
+    /// A failure of that work (kernel faults surface here).
+    pub fn synchronize(&self) -> Result<()> {
+        self.dev.sync("synchronize")
+    }
+
+    /// A buffer holding `values` (rounded to bf16 in a bf16 backend): for tests and tools
+    /// that feed ops directly.
+    ///
+    /// # Errors
+    /// Device memory or copy failures.
+    pub fn upload(&self, values: &[f32]) -> Result<CudaBuffer> {
+        self.dev.bind()?;
+        let mem = self.dev.alloc(values.len() * self.elem())?;
+        self.write_elems(mem.ptr(), values)?;
+        Ok(CudaBuffer {
+            mem,
+            len: values.len(),
+        })
+    }
+
+    /// The values of `buf`, as f32 (waits for the device).
+    ///
+    /// # Errors
+    /// Device failures (including those of earlier work).
+    pub fn download(&self, buf: &CudaBuffer) -> Result<Vec<f32>> {
+        self.read_elems(buf.ptr(), buf.len)
+    }
+
+    /// The whole cache `[layers, blocks * block_size, W]`, as f32 (waits for the device).
+    ///
+    /// # Errors
+    /// Device failures.
+    pub fn download_cache(&self, cache: &CudaCache) -> Result<Vec<f32>> {
+        let s = cache.spec;
+        self.read_elems(
+            cache.mem.ptr(),
+            s.num_layers * s.num_blocks * s.block_size * s.width(),
+        )
+    }
+
+    fn write_elems(&self, dst: u64, values: &[f32]) -> Result<()> {
+        if self.dev.bf16 {
+            let bits: Vec<u16> = values
+                .iter()
+                .map(|&v| half::bf16::from_f32(v).to_bits())
+                .collect();
+            self.dev.htod(dst, &bits, "upload")
+        } else {
+            self.dev.htod(dst, values, "upload")
+        }
+    }
+
+    fn read_elems(&self, src: u64, len: usize) -> Result<Vec<f32>> {
+        self.dev.bind()?;
+        if self.dev.bf16 {
+            let mut bits = vec![0u16; len];
+            self.dev.dtoh(&mut bits, src, "download")?;
+            Ok(bits
+                .into_iter()
+                .map(|b| half::bf16::from_bits(b).to_f32())
+                .collect())
+        } else {
+            let mut out = vec![0f32; len];
+            self.dev.dtoh(&mut out, src, "download")?;
+            Ok(out)
+        }
+    }
+
+    fn scratch(&self) -> std::sync::MutexGuard<'_, Scratch> {
+        // A panic while holding the lock leaves buffers that are still valid memory.
+        self.scratch.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn elem(&self) -> usize {
+        self.dev.elem_bytes()
+    }
+
+    fn check_len(&self, op: &str, what: &str, buf: &CudaBuffer, needed: usize) -> Result<()> {
+        if buf.len < needed {
+            return Err(error::unsupported(
+                op,
+                format!("{what} holds {} values, {needed} needed", buf.len),
+            ));
+        }
+        Ok(())
+    }
+
+    /// `out = x · wᵀ` over `rows` rows (the one GEMM wrapper the ops share).
+    fn gemm_rows(
+        &self,
+        op: &str,
+        x: u64,
+        rows: usize,
+        w: &CudaWeight,
+        out: u64,
+        out_f32: bool,
+    ) -> Result<()> {
+        let (n, k) = w.matrix(op)?;
+        self.dev.linear(op, x, rows, w.ptr(), n, k, out, out_f32)
+    }
+
+    fn rms_norm_impl(
+        &self,
+        x: &CudaBuffer,
+        w: &CudaWeight,
+        eps: f32,
+        rows: usize,
+        out: &mut CudaBuffer,
+    ) -> Result<()> {
+        let d = w.vector("rms_norm")?;
+        self.check_len("rms_norm", "input", x, rows * d)?;
+        self.check_len("rms_norm", "output", out, rows * d)?;
+        let k = &self.dev.kernels;
+        self.dev.launch(
+            &k.rms_norm,
+            "rms_norm",
+            (rows, 1),
+            ROW_THREADS,
+            0,
+            &[
+                x.ptr().into(),
+                w.ptr().into(),
+                out.ptr().into(),
+                (d as i32).into(),
+                eps.into(),
+            ],
+        )
+    }
+
+    /// SwiGLU MLP into `out`, with its work buffers taken from `scratch`.
+    fn mlp_impl(
+        &self,
+        scratch: &mut Scratch,
+        x: &CudaBuffer,
+        rows: usize,
+        mlp: &Mlp<CudaWeight>,
+        out: &mut CudaBuffer,
+    ) -> Result<()> {
+        let (inter, d) = mlp.gate_proj.matrix("mlp gate_proj")?;
+        let (d_out, _) = mlp.down_proj.matrix("mlp down_proj")?;
+        self.check_len("mlp", "input", x, rows * d)?;
+        self.check_len("mlp", "output", out, rows * d_out)?;
+        let e = self.elem();
+        let g = scratch.get(&self.dev, Slot::MlpGate, rows * inter * e)?;
+        let u = scratch.get(&self.dev, Slot::MlpUp, rows * inter * e)?;
+        self.gemm_rows("mlp gate_proj", x.ptr(), rows, &mlp.gate_proj, g, false)?;
+        self.gemm_rows("mlp up_proj", x.ptr(), rows, &mlp.up_proj, u, false)?;
+        self.silu_mul(g, u, rows * inter)?;
+        self.gemm_rows("mlp down_proj", g, rows, &mlp.down_proj, out.ptr(), false)
+    }
+
+    fn silu_mul(&self, g: u64, u: u64, n: usize) -> Result<()> {
+        let k = &self.dev.kernels;
+        self.dev.launch(
+            &k.silu_mul,
+            "silu_mul",
+            (grid_for(n), 1),
+            ROW_THREADS,
+            0,
+            &[g.into(), u.into(), (n as u64).into()],
+        )
+    }
+
+    /// f32 logits `[R, V]` of the step's logits rows, in scratch; returns (address, R, V).
+    fn logits_device(
+        &self,
+        scratch: &mut Scratch,
+        x: &CudaBuffer,
+        step: &CudaStep,
+        lm_head: &CudaWeight,
+    ) -> Result<(u64, usize, usize)> {
+        let (v, d) = lm_head.matrix("lm_head")?;
+        let r = step.counts.logits_rows;
+        self.check_len("logits", "hidden states", x, step.counts.tokens * d)?;
+        let rows = scratch.get(&self.dev, Slot::LogitsRows, r * d * self.elem())?;
+        let logits = scratch.get(&self.dev, Slot::Logits, r * v * 4)?;
+        let k = &self.dev.kernels;
+        self.dev.launch(
+            &k.gather_rows,
+            "gather_rows",
+            (r, 1),
+            ROW_THREADS,
+            0,
+            &[
+                x.ptr().into(),
+                step.at(step.layout.logits_rows).into(),
+                rows.into(),
+                (d as i32).into(),
+            ],
+        )?;
+        self.dev
+            .linear("lm_head", rows, r, lm_head.ptr(), v, d, logits, true)?;
+        if self.dtype == ComputeDtype::Bf16 {
+            // The reference's head is a bf16 GEMM, upcast afterwards.
+            self.dev.launch(
+                &k.round_f32,
+                "round_f32",
+                (grid_for(r * v), 1),
+                ROW_THREADS,
+                0,
+                &[logits.into(), ((r * v) as u64).into()],
+            )?;
+        }
+        Ok((logits, r, v))
+    }
+}
+
+/// Blocks for a grid-stride loop over `n` values.
+fn grid_for(n: usize) -> usize {
+    n.div_ceil(ROW_THREADS as usize).clamp(1, 8192)
+}
+
+impl Backend for CudaBackend {
+    type Weight = CudaWeight;
+    type Buffer = CudaBuffer;
+    type Cache = CudaCache;
+    type Step = CudaStep;
+
+    fn describe(&self) -> String {
+        let dtype = match self.dtype {
+            ComputeDtype::F32 => "f32",
+            ComputeDtype::Bf16 => "bf16",
+        };
+        format!(
+            "cuda:{} ({}, sm_{}{}, {dtype} weights and activations)",
+            self.dev.ordinal, self.dev.name, self.dev.arch.0, self.dev.arch.1
+        )
+    }
+
+    fn load_weight(&self, view: &TensorView) -> BResult<CudaWeight> {
+        self.dev.bind()?;
+        weights::load(&self.dev, view).map_err(|e| BackendError::Weight {
+            name: view.name.clone(),
+            problem: e.to_string(),
+        })
+    }
+
+    fn alloc(&self, len: usize) -> BResult<CudaBuffer> {
+        let mem = self.dev.alloc_zeroed(len * self.elem())?;
+        Ok(CudaBuffer { mem, len })
+    }
+
+    fn cache_value_bytes(&self) -> usize {
+        self.elem()
+    }
+
+    fn measure_read_bandwidth(&self) -> BResult<f64> {
+        Ok(self.dev.measure_read_bandwidth()?)
+    }
+
+    fn cache_bytes(&self, spec: CacheSpec) -> usize {
+        spec.num_layers * spec.num_blocks * spec.block_size * spec.width() * self.elem()
+    }
+
+    fn alloc_cache(&self, spec: CacheSpec) -> BResult<CudaCache> {
+        let bytes =
+            spec.num_layers * spec.num_blocks * spec.block_size * spec.width() * self.elem();
+        let mem = self.dev.alloc_zeroed(bytes)?;
+        Ok(CudaCache { mem, spec })
+    }
+
+    fn alloc_step(&self, max_tokens: usize) -> BResult<CudaStep> {
+        Ok(CudaStep::new(&self.dev, max_tokens)?)
+    }
+
+    fn prepare_step(
+        &self,
+        batch: &Batch,
+        angles: RopeAngles<'_>,
+        step: &mut CudaStep,
+    ) -> BResult<()> {
+        self.dev.bind()?;
+        Ok(step.prepare(&self.dev, batch, angles)?)
+    }
+
+    fn embed(&self, table: &CudaWeight, step: &CudaStep, out: &mut CudaBuffer) -> BResult<()> {
+        let (vocab, d) = table.matrix("embed")?;
+        if let Some(&bad) = step.token_ids.iter().find(|&&id| id as usize >= vocab) {
+            return Err(BackendError::Device {
+                op: "embed",
+                problem: format!("token id {bad} >= vocabulary size {vocab}"),
+            });
+        }
+        self.check_len("embed", "output", out, step.counts.tokens * d)?;
+        let k = &self.dev.kernels;
+        Ok(self.dev.launch(
+            &k.embed,
+            "embed",
+            (step.counts.tokens, 1),
+            ROW_THREADS,
+            0,
+            &[
+                table.ptr().into(),
+                step.at(step.layout.token_ids).into(),
+                out.ptr().into(),
+                (d as i32).into(),
+            ],
+        )?)
+    }
+
+    fn rms_norm(
+        &self,
+        x: &CudaBuffer,
+        weight: &CudaWeight,
+        eps: f32,
+        rows: usize,
+        out: &mut CudaBuffer,
+    ) -> BResult<()> {
+        Ok(self.rms_norm_impl(x, weight, eps, rows, out)?)
+    }
+
+    fn linear(
+        &self,
+        x: &CudaBuffer,
+        rows: usize,
+        w: &CudaWeight,
+        out: &mut CudaBuffer,
+    ) -> BResult<()> {
+        let (n, k) = w.matrix("linear")?;
+        self.check_len("linear", "input", x, rows * k)?;
+        self.check_len("linear", "output", out, rows * n)?;
+        Ok(self.gemm_rows("linear", x.ptr(), rows, w, out.ptr(), false)?)
+    }
+
+    fn add_assign(&self, acc: &mut CudaBuffer, x: &CudaBuffer, len: usize) -> BResult<()> {
+        self.check_len("add_assign", "accumulator", acc, len)?;
+        self.check_len("add_assign", "input", x, len)?;
+        let k = &self.dev.kernels;
+        Ok(self.dev.launch(
+            &k.add_assign,
+            "add_assign",
+            (grid_for(len), 1),
+            ROW_THREADS,
+            0,
+            &[acc.ptr().into(), x.ptr().into(), (len as u64).into()],
+        )?)
+    }
+
+    fn rope_queries(&self, q: &mut CudaBuffer, dims: MlaDims, step: &CudaStep) -> BResult<()> {
+        let t = step.counts.tokens;
+        let qd = dims.q_head_dim();
+        self.check_len("rope_queries", "queries", q, t * dims.num_heads * qd)?;
+        let k = &self.dev.kernels;
+        Ok(self.dev.launch(
+            &k.rope_queries,
+            "rope_queries",
+            (t, 1),
+            ROW_THREADS,
+            0,
+            &[
+                q.ptr().into(),
+                step.at(step.layout.cos).into(),
+                step.at(step.layout.sin).into(),
+                (dims.num_heads as i32).into(),
+                (qd as i32).into(),
+                (dims.nope_dim as i32).into(),
+                (dims.rope_dim as i32).into(),
+            ],
+        )?)
+    }
+
+    fn mla_write_cache(
+        &self,
+        kv_a: &CudaBuffer,
+        kv_norm: &CudaWeight,
+        eps: f32,
+        step: &CudaStep,
+        layer: usize,
+        cache: &mut CudaCache,
+    ) -> BResult<()> {
+        let spec = cache.spec;
+        let c = kv_norm.vector("mla_write_cache")?;
+        if c != spec.kv_lora_rank || layer >= spec.num_layers {
+            return Err(error::unsupported(
+                "mla_write_cache",
+                format!("layer {layer}, latent {c} vs cache {spec:?}"),
+            )
+            .into());
+        }
+        attention::check_step_against_cache("mla_write_cache", step, &spec)?;
+        self.check_len(
+            "mla_write_cache",
+            "kv_a",
+            kv_a,
+            step.counts.tokens * spec.width(),
+        )?;
+        let k = &self.dev.kernels;
+        Ok(self.dev.launch(
+            &k.mla_write_cache,
+            "mla_write_cache",
+            (step.counts.tokens, 1),
+            ROW_THREADS,
+            0,
+            &[
+                kv_a.ptr().into(),
+                kv_norm.ptr().into(),
+                step.at(step.layout.slots).into(),
+                step.at(step.layout.cos).into(),
+                step.at(step.layout.sin).into(),
+                attention::layer_ptr(self, cache, layer).into(),
+                (c as i32).into(),
+                (spec.rope_dim as i32).into(),
+                eps.into(),
+            ],
+        )?)
+    }
+
+    fn mla_attention(&self, args: MlaAttention<'_, Self>, out: &mut CudaBuffer) -> BResult<()> {
+        let mut scratch = self.scratch();
+        Ok(attention::mla_attention(self, &mut scratch, args, out)?)
+    }
+
+    fn mlp(
+        &self,
+        x: &CudaBuffer,
+        rows: usize,
+        mlp: &Mlp<CudaWeight>,
+        out: &mut CudaBuffer,
+    ) -> BResult<()> {
+        let mut scratch = self.scratch();
+        Ok(self.mlp_impl(&mut scratch, x, rows, mlp, out)?)
+    }
+
+    fn moe(
+        &self,
+        x: &CudaBuffer,
+        rows: usize,
+        moe: &MoeWeights<CudaWeight>,
+        out: &mut CudaBuffer,
+    ) -> BResult<()> {
+        let mut scratch = self.scratch();
+        Ok(moe::moe(self, &mut scratch, x, rows, moe, out)?)
+    }
+
+    fn logits(
+        &self,
+        x: &CudaBuffer,
+        step: &CudaStep,
+        lm_head: &CudaWeight,
+        out: &mut [f32],
+    ) -> BResult<()> {
+        let mut scratch = self.scratch();
+        let (logits, r, v) = self.logits_device(&mut scratch, x, step, lm_head)?;
+        if out.len() < r * v {
+            return Err(error::unsupported(
+                "logits",
+                format!("output holds {} values, {r} x {v} needed", out.len()),
+            )
+            .into());
+        }
+        Ok(self.dev.dtoh(&mut out[..r * v], logits, "logits")?)
+    }
+
+    fn greedy_tokens(
+        &self,
+        x: &CudaBuffer,
+        step: &CudaStep,
+        lm_head: &CudaWeight,
+        out: &mut [u32],
+    ) -> BResult<()> {
+        let mut scratch = self.scratch();
+        let (logits, r, v) = self.logits_device(&mut scratch, x, step, lm_head)?;
+        if out.len() < r {
+            return Err(error::unsupported(
+                "greedy_tokens",
+                format!("output holds {} ids, {r} needed", out.len()),
+            )
+            .into());
+        }
+        let ids = scratch.get(&self.dev, Slot::TokenIds, r * 4)?;
+        let k = &self.dev.kernels;
+        self.dev.launch(
+            &k.argmax_rows,
+            "argmax_rows",
+            (r, 1),
+            1024,
+            0,
+            &[logits.into(), ids.into(), (v as i32).into()],
+        )?;
+        Ok(self.dev.dtoh(&mut out[..r], ids, "greedy_tokens")?)
+    }
+}

@@ -1,0 +1,294 @@
+//! DeepSeekMoE on the device, with no host round-trip.
+//!
+//! 1. The shared experts run first, straight into `out`.
+//! 2. Router logits `[rows, E]` in f32 (a GEMM of the bf16 activations and weights with
+//!    f32 output: the products are exact, as in the reference's f32 router), then
+//!    `moe_route` (softmax, greedy or group-limited top-k, scaling) per token.
+//! 3. `moe_plan` groups the `rows * k` (token, expert) pairs by expert into tiles of
+//!    `m_tile` rows and writes the address arrays of three pointer-batched cuBLAS GEMMs
+//!    (gate, up, down). The host only knows an upper bound on the number of tiles, so the
+//!    batches run over that bound; tiles past the used ones compute on padding rows.
+//! 4. `moe_gather` copies each tile row's token; the GEMMs and SwiGLU run on all tiles;
+//!    `moe_combine` adds each token's weighted expert outputs (f32 sum, one rounding) to
+//!    the shared experts' output.
+
+use dsv2_backend::MoeWeights;
+
+use crate::device::{DevMem, Gemm};
+use crate::error::{unsupported, Result};
+use crate::scratch::{Scratch, Slot};
+use crate::{CudaBackend, CudaBuffer, CudaWeight, ROW_THREADS};
+
+/// Limits of the kernels: experts (one plan thread each, plus one), top-k, groups.
+const MAX_EXPERTS: usize = 1023;
+const MAX_TOP_K: usize = 16;
+const MAX_GROUPS: usize = 64;
+/// Pointer arrays written by moe_plan (see TilePtrs in moe.cu).
+const NUM_PTR_ARRAYS: usize = 7;
+
+/// Rows per expert tile: about the mean number of pairs per used expert, as a power of
+/// two in 16..=128 (small tiles waste little on decode steps, large ones make prefill
+/// GEMMs efficient).
+fn tile_rows(pairs: usize, experts: usize) -> usize {
+    let mean = pairs.div_ceil(experts.min(pairs).max(1));
+    mean.next_power_of_two().clamp(16, 128)
+}
+
+/// Upper bound on the tiles `pairs` pairs can need: every used expert wastes at most
+/// `m_tile - 1` rows, and at most `min(experts, pairs)` experts are used.
+fn max_tiles(pairs: usize, experts: usize, m_tile: usize) -> usize {
+    (pairs + experts.min(pairs) * (m_tile - 1)) / m_tile
+}
+
+pub(crate) fn moe(
+    be: &CudaBackend,
+    scratch: &mut Scratch,
+    x: &CudaBuffer,
+    rows: usize,
+    moe: &MoeWeights<CudaWeight>,
+    out: &mut CudaBuffer,
+) -> Result<()> {
+    let op = "moe";
+    let (num_experts, d) = moe.gate.matrix("moe router")?;
+    let r = &moe.routing;
+    let k = r.top_k;
+    if num_experts > MAX_EXPERTS
+        || k == 0
+        || k > MAX_TOP_K
+        || k > num_experts
+        || moe.experts.len() != num_experts
+    {
+        return Err(unsupported(
+            op,
+            format!("{num_experts} experts ({} loaded), top-{k}: at most {MAX_EXPERTS} experts and top-{MAX_TOP_K}", moe.experts.len()),
+        ));
+    }
+    let (n_group, topk_group) = r.groups.unwrap_or((0, 0));
+    if r.groups.is_some()
+        && (n_group == 0
+            || n_group > MAX_GROUPS
+            || num_experts % n_group != 0
+            || topk_group > n_group
+            || topk_group == 0)
+    {
+        return Err(unsupported(
+            op,
+            format!("{num_experts} experts in {n_group} groups, top {topk_group} groups"),
+        ));
+    }
+    let (inter, d_in) = moe.experts[0].gate_proj.matrix("expert gate_proj")?;
+    if d_in != d {
+        return Err(unsupported(
+            op,
+            format!("experts take {d_in} inputs, the router {d}"),
+        ));
+    }
+    be.check_len(op, "input", x, rows * d)?;
+    be.check_len(op, "output", out, rows * d)?;
+    if rows == 0 {
+        return Ok(());
+    }
+    if let Some(shared) = &moe.shared_experts {
+        be.mlp_impl(scratch, x, rows, shared, out)?;
+    }
+    let dev = &be.dev;
+    let e = be.elem();
+    let kern = &dev.kernels;
+    // Routing.
+    let logits = scratch.get(dev, Slot::Router, rows * num_experts * 4)?;
+    be.gemm_rows("moe router", x.ptr(), rows, &moe.gate, logits, true)?;
+    let pairs = rows * k;
+    let ids = scratch.get(dev, Slot::RouteIds, pairs * 4)?;
+    let weights = scratch.get(dev, Slot::RouteWeights, pairs * 4)?;
+    dev.launch(
+        &kern.moe_route,
+        "moe_route",
+        (rows.div_ceil(4), 1),
+        128,
+        0,
+        &[
+            logits.into(),
+            ids.into(),
+            weights.into(),
+            (rows as i32).into(),
+            (num_experts as i32).into(),
+            (k as i32).into(),
+            (n_group as i32).into(),
+            (topk_group as i32).into(),
+            (r.norm_topk_prob as i32).into(),
+            r.routed_scaling_factor.into(),
+        ],
+    )?;
+    // Tiles.
+    let m_tile = tile_rows(pairs, num_experts);
+    let tiles = max_tiles(pairs, num_experts, m_tile);
+    let tile_rows_total = tiles * m_tile;
+    let row_token = scratch.get(dev, Slot::RowToken, tile_rows_total * 4)?;
+    let slot_of = scratch.get(dev, Slot::PairRow, pairs * 4)?;
+    let ptrs = scratch.get(dev, Slot::TilePtrs, NUM_PTR_ARRAYS * tiles * 8)?;
+    let x_in = scratch.get(dev, Slot::ExpertIn, tile_rows_total * d * e)?;
+    let gate_out = scratch.get(dev, Slot::ExpertGate, tile_rows_total * inter * e)?;
+    let up_out = scratch.get(dev, Slot::ExpertUp, tile_rows_total * inter * e)?;
+    let down_out = scratch.get(dev, Slot::ExpertOut, tile_rows_total * d * e)?;
+    let table = expert_table(be, moe, inter, d)?;
+    dev.launch(
+        &kern.moe_plan,
+        "moe_plan",
+        (1, 1),
+        ((num_experts + 1).div_ceil(32) * 32) as u32,
+        0,
+        &[
+            ids.into(),
+            (pairs as i32).into(),
+            (k as i32).into(),
+            (num_experts as i32).into(),
+            (m_tile as i32).into(),
+            (tiles as i32).into(),
+            table.into(),
+            x_in.into(),
+            gate_out.into(),
+            up_out.into(),
+            down_out.into(),
+            (d as i32).into(),
+            (inter as i32).into(),
+            (e as i32).into(),
+            row_token.into(),
+            slot_of.into(),
+            ptrs.into(),
+        ],
+    )?;
+    dev.launch(
+        &kern.moe_gather,
+        "moe_gather",
+        (tile_rows_total, 1),
+        ROW_THREADS,
+        0,
+        &[
+            x.ptr().into(),
+            row_token.into(),
+            x_in.into(),
+            (d as i32).into(),
+        ],
+    )?;
+    // The experts: out_tile[m_tile, N] = in_tile[m_tile, K] · Wᵀ per tile.
+    let array = |i: usize| ptrs + (i * tiles * 8) as u64;
+    let proj = |n: usize, kk: usize| Gemm {
+        trans_a: true,
+        trans_b: false,
+        m: n,
+        n: m_tile,
+        k: kk,
+        a: 0,
+        lda: kk,
+        b: 0,
+        ldb: kk,
+        c: 0,
+        ldc: n,
+    };
+    dev.gemm_pointers(
+        "expert gate_proj",
+        &proj(inter, d),
+        array(0),
+        array(3),
+        array(4),
+        tiles,
+    )?;
+    dev.gemm_pointers(
+        "expert up_proj",
+        &proj(inter, d),
+        array(1),
+        array(3),
+        array(5),
+        tiles,
+    )?;
+    be.silu_mul(gate_out, up_out, tile_rows_total * inter)?;
+    dev.gemm_pointers(
+        "expert down_proj",
+        &proj(d, inter),
+        array(2),
+        array(4),
+        array(6),
+        tiles,
+    )?;
+    dev.launch(
+        &kern.moe_combine,
+        "moe_combine",
+        (rows, 1),
+        ROW_THREADS,
+        0,
+        &[
+            down_out.into(),
+            slot_of.into(),
+            weights.into(),
+            out.ptr().into(),
+            (d as i32).into(),
+            (k as i32).into(),
+            (moe.shared_experts.is_some() as i32).into(),
+        ],
+    )
+}
+
+/// The device table `[3, E]` of the experts' gate, up and down weight addresses, made at
+/// the layer's first use (checking that every expert has the same shape).
+fn expert_table(
+    be: &CudaBackend,
+    moe: &MoeWeights<CudaWeight>,
+    inter: usize,
+    d: usize,
+) -> Result<u64> {
+    let mut tables = be.expert_tables.lock().unwrap_or_else(|e| e.into_inner());
+    let key = moe.gate.ptr();
+    let mut addrs = Vec::with_capacity(3 * moe.experts.len());
+    for (i, proj) in ["gate_proj", "up_proj", "down_proj"].iter().enumerate() {
+        for (x, expert) in moe.experts.iter().enumerate() {
+            let w = [&expert.gate_proj, &expert.up_proj, &expert.down_proj][i];
+            let want = if i == 2 { (d, inter) } else { (inter, d) };
+            let got = w.matrix("moe expert")?;
+            if got != want {
+                return Err(unsupported(
+                    "moe",
+                    format!("expert {x} {proj} is {got:?}, expected {want:?}"),
+                ));
+            }
+            addrs.push(w.ptr());
+        }
+    }
+    // Reuse the table while it still names these experts (a later model could reuse the
+    // router's address).
+    if let Some((known, mem)) = tables.get(&key) {
+        if *known == addrs {
+            return Ok(mem.ptr());
+        }
+    }
+    let mem: DevMem = be.dev.alloc(addrs.len() * 8)?;
+    be.dev.htod(mem.ptr(), &addrs, "moe expert table")?;
+    let ptr = mem.ptr();
+    tables.insert(key, (addrs, mem));
+    Ok(ptr)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tile_bound_covers_the_worst_split() {
+        for &(pairs, experts) in &[(6, 64), (384, 64), (1536, 64), (24, 8), (1, 8), (3120, 160)] {
+            let m = tile_rows(pairs, experts);
+            let bound = max_tiles(pairs, experts, m);
+            // Worst case: as many experts as possible with one pair over a full tile.
+            let used = experts.min(pairs);
+            let mut counts = vec![1usize; used];
+            counts[0] += pairs - used;
+            let need: usize = counts.iter().map(|c| c.div_ceil(m)).sum();
+            assert!(
+                need <= bound,
+                "pairs {pairs} experts {experts}: {need} > {bound}"
+            );
+            // And the bound is tight for a decode step.
+            if pairs <= experts {
+                assert_eq!(bound, pairs);
+            }
+        }
+    }
+}

@@ -1,0 +1,392 @@
+//! Every op of the CUDA backend against the CPU backend (the reference) on random inputs,
+//! in f32 and bf16. Skipped without a GPU unless DSV2_REQUIRE_GPU is set.
+
+mod common;
+
+use common::*;
+use dsv2_backend::{
+    AttentionPath, Backend, Batch, CacheSpec, ComputeDtype, LogitsWanted, MlaAttention, MlaDims,
+    Mlp, MoeWeights, RopeAngles, Routing,
+};
+use dsv2_cpu::CpuBackend;
+use dsv2_cuda::CudaBackend;
+
+const DTYPES: [ComputeDtype; 2] = [ComputeDtype::F32, ComputeDtype::Bf16];
+
+/// Runs `f` for each dtype with both backends.
+fn each_dtype(mut f: impl FnMut(ComputeDtype, &CpuBackend, &CudaBackend)) {
+    for dtype in DTYPES {
+        let Some(gpu) = cuda(dtype) else { return };
+        f(dtype, &CpuBackend::new(dtype), &gpu);
+    }
+}
+
+fn check(what: &str, dtype: ComputeDtype, got: &[f32], want: &[f32]) {
+    let err = rel_err(got, want);
+    eprintln!("{what} ({dtype:?}): relative error {err:.2e}");
+    assert!(
+        err <= op_tolerance(dtype),
+        "{what} ({dtype:?}): relative error {err:.3e}"
+    );
+}
+
+/// Same input on both backends (rounded to bf16 so that both see identical values).
+fn inputs(gpu: &CudaBackend, values: &[f32]) -> (Vec<f32>, dsv2_cuda::CudaBuffer) {
+    (values.to_vec(), gpu.upload(values).unwrap())
+}
+
+#[test]
+fn rms_norm_linear_add_embed() {
+    each_dtype(|dtype, cpu, gpu| {
+        let (rows, d, n, vocab) = (37, 300, 257, 500);
+        let x = bf16_values(rows * d, 1, 2.0);
+        let norm = norm_tensor("norm", d, 2);
+        let w = tensor("w", &[n, d], 3, 0.1);
+        let table = tensor("embed", &[vocab, d], 4, 1.0);
+        let (xc, xg) = inputs(gpu, &x);
+        // RMSNorm.
+        let (nc, ng) = (
+            cpu.load_weight(&norm).unwrap(),
+            gpu.load_weight(&norm).unwrap(),
+        );
+        let mut oc = cpu.alloc(rows * d).unwrap();
+        let mut og = gpu.alloc(rows * d).unwrap();
+        cpu.rms_norm(&xc, &nc, 1e-6, rows, &mut oc).unwrap();
+        gpu.rms_norm(&xg, &ng, 1e-6, rows, &mut og).unwrap();
+        check("rms_norm", dtype, &gpu.download(&og).unwrap(), &oc);
+        // Linear, on the normed rows.
+        let (wc, wg) = (cpu.load_weight(&w).unwrap(), gpu.load_weight(&w).unwrap());
+        let mut lc = cpu.alloc(rows * n).unwrap();
+        let mut lg = gpu.alloc(rows * n).unwrap();
+        cpu.linear(&oc, rows, &wc, &mut lc).unwrap();
+        gpu.linear(&og, rows, &wg, &mut lg).unwrap();
+        check("linear", dtype, &gpu.download(&lg).unwrap(), &lc);
+        // Residual add.
+        let (mut ac, mut ag) = inputs(gpu, &x);
+        cpu.add_assign(&mut ac, &oc, rows * d).unwrap();
+        gpu.add_assign(&mut ag, &og, rows * d).unwrap();
+        check("add_assign", dtype, &gpu.download(&ag).unwrap(), &ac);
+        // Embedding lookup through a step.
+        let mut batch = Batch::default();
+        let ids: Vec<u32> = (0..rows as u32)
+            .map(|i| (i * 131 + 7) % vocab as u32)
+            .collect();
+        batch.push_seq(&ids, 0, &[0, 1, 2], 16, LogitsWanted::Last);
+        let half = 4;
+        let (cos, sin) = (values(rows * half, 5, 1.0), values(rows * half, 6, 1.0));
+        let angles = RopeAngles {
+            cos: &cos,
+            sin: &sin,
+        };
+        let (mut sc, mut sg) = (cpu.alloc_step(rows).unwrap(), gpu.alloc_step(rows).unwrap());
+        cpu.prepare_step(&batch, angles, &mut sc).unwrap();
+        gpu.prepare_step(&batch, angles, &mut sg).unwrap();
+        let (tc, tg) = (
+            cpu.load_weight(&table).unwrap(),
+            gpu.load_weight(&table).unwrap(),
+        );
+        cpu.embed(&tc, &sc, &mut oc).unwrap();
+        gpu.embed(&tg, &sg, &mut og).unwrap();
+        assert_eq!(gpu.download(&og).unwrap(), oc, "embed ({dtype:?})");
+        // An out-of-vocabulary id is an error, not a read out of bounds.
+        batch.clear();
+        batch.push_seq(&[1, vocab as u32], 0, &[0], 16, LogitsWanted::Last);
+        gpu.prepare_step(&batch, angles, &mut sg).unwrap();
+        let e = gpu.embed(&tg, &sg, &mut og).unwrap_err().to_string();
+        assert!(e.contains("token id 500"), "{e}");
+    });
+}
+
+/// Attention shapes: (heads, nope, rope, v, latent).
+const SHAPES: [(usize, usize, usize, usize, usize); 2] =
+    [(4, 16, 8, 16, 32), (16, 128, 64, 128, 512)];
+
+/// A batch of a prompt continued after a cached past, a decode token, and a fresh prompt,
+/// with paged, interleaved block tables; and the batch that wrote the pasts.
+fn attention_batches(block: usize) -> (Batch, Batch, usize) {
+    let tables: [Vec<u32>; 3] = [vec![5, 0, 7], vec![2, 8, 1, 9], vec![4]];
+    let pasts = [13usize, 40, 0];
+    let news = [20usize, 1, 7];
+    let mut history = Batch::default();
+    let mut step = Batch::default();
+    for i in 0..3 {
+        let toks: Vec<u32> = (0..pasts[i] as u32).collect();
+        if !toks.is_empty() {
+            history.push_seq(&toks, 0, &tables[i], block, LogitsWanted::None);
+        }
+        let toks: Vec<u32> = (0..news[i] as u32).collect();
+        step.push_seq(&toks, pasts[i], &tables[i], block, LogitsWanted::Last);
+    }
+    (history, step, 10)
+}
+
+#[test]
+fn rope_cache_write_and_attention_paths() {
+    each_dtype(|dtype, cpu, gpu| {
+        for &(h, dn, dr, dv, c) in &SHAPES {
+            let block = 16;
+            let (history, batch, num_blocks) = attention_batches(block);
+            let spec = CacheSpec {
+                num_layers: 2,
+                num_blocks,
+                block_size: block,
+                kv_lora_rank: c,
+                rope_dim: dr,
+            };
+            let mut cc = cpu.alloc_cache(spec).unwrap();
+            let mut cg = gpu.alloc_cache(spec).unwrap();
+            let kv_norm = norm_tensor("kv_norm", c, 11);
+            let (nc, ng) = (
+                cpu.load_weight(&kv_norm).unwrap(),
+                gpu.load_weight(&kv_norm).unwrap(),
+            );
+            let dims = MlaDims {
+                num_heads: h,
+                nope_dim: dn,
+                rope_dim: dr,
+                v_dim: dv,
+                kv_lora_rank: c,
+                softmax_scale: 0.1147,
+            };
+            let qd = dn + dr;
+            // Write the pasts, then the step's tokens, to layer 1.
+            for (i, b) in [&history, &batch].into_iter().enumerate() {
+                let t = b.num_tokens();
+                let cos: Vec<f32> = values(t * dr / 2, 20 + i as u64, 1.0);
+                let sin: Vec<f32> = cos.iter().map(|v| (1.0 - v * v).sqrt()).collect();
+                let angles = RopeAngles {
+                    cos: &cos,
+                    sin: &sin,
+                };
+                let (mut sc, mut sg) = (cpu.alloc_step(t).unwrap(), gpu.alloc_step(t).unwrap());
+                cpu.prepare_step(b, angles, &mut sc).unwrap();
+                gpu.prepare_step(b, angles, &mut sg).unwrap();
+                let kv_a = bf16_values(t * (c + dr), 30 + i as u64, 2.0);
+                let (kc, kg) = inputs(gpu, &kv_a);
+                cpu.mla_write_cache(&kc, &nc, 1e-6, &sc, 1, &mut cc)
+                    .unwrap();
+                gpu.mla_write_cache(&kg, &ng, 1e-6, &sg, 1, &mut cg)
+                    .unwrap();
+                if i == 0 {
+                    continue;
+                }
+                // The cache rows of every written slot.
+                let all = gpu.download_cache(&cg).unwrap();
+                let w = c + dr;
+                let slots = num_blocks * block;
+                let (mut got, mut want) = (Vec::new(), Vec::new());
+                for b2 in [&history, &batch] {
+                    for &slot in &b2.slots {
+                        let at = (slots + slot as usize) * w;
+                        got.extend_from_slice(&all[at..at + w]);
+                        want.extend_from_slice(cc.row(1, slot as usize));
+                    }
+                }
+                check(&format!("mla_write_cache h{h} c{c}"), dtype, &got, &want);
+                // RoPE on queries.
+                let q = bf16_values(t * h * qd, 40, 1.0);
+                let (mut qc, mut qg) = inputs(gpu, &q);
+                cpu.rope_queries(&mut qc, dims, &sc).unwrap();
+                gpu.rope_queries(&mut qg, dims, &sg).unwrap();
+                check(
+                    &format!("rope_queries h{h}"),
+                    dtype,
+                    &gpu.download(&qg).unwrap(),
+                    &qc,
+                );
+                // Attention, all three path choices.
+                let kv_b = tensor("kv_b", &[h * (dn + dv), c], 50, 0.15);
+                let (bc, bg) = (
+                    cpu.load_weight(&kv_b).unwrap(),
+                    gpu.load_weight(&kv_b).unwrap(),
+                );
+                for path in [
+                    AttentionPath::Auto,
+                    AttentionPath::Expanded,
+                    AttentionPath::Absorbed,
+                ] {
+                    let mut oc = cpu.alloc(t * h * dv).unwrap();
+                    let mut og = gpu.alloc(t * h * dv).unwrap();
+                    cpu.mla_attention(
+                        MlaAttention {
+                            q: &qc,
+                            kv_b_proj: &bc,
+                            cache: &cc,
+                            layer: 1,
+                            step: &sc,
+                            dims,
+                            path,
+                        },
+                        &mut oc,
+                    )
+                    .unwrap();
+                    gpu.mla_attention(
+                        MlaAttention {
+                            q: &qg,
+                            kv_b_proj: &bg,
+                            cache: &cg,
+                            layer: 1,
+                            step: &sg,
+                            dims,
+                            path,
+                        },
+                        &mut og,
+                    )
+                    .unwrap();
+                    check(
+                        &format!("mla_attention {path:?} h{h} c{c}"),
+                        dtype,
+                        &gpu.download(&og).unwrap(),
+                        &oc,
+                    );
+                }
+            }
+        }
+    });
+}
+
+fn mlp_weights<B: Backend>(
+    be: &B,
+    prefix: &str,
+    d: usize,
+    inter: usize,
+    seed: u64,
+) -> Mlp<B::Weight> {
+    Mlp {
+        gate_proj: be
+            .load_weight(&tensor(&format!("{prefix}.gate"), &[inter, d], seed, 0.2))
+            .unwrap(),
+        up_proj: be
+            .load_weight(&tensor(&format!("{prefix}.up"), &[inter, d], seed + 1, 0.2))
+            .unwrap(),
+        down_proj: be
+            .load_weight(&tensor(
+                &format!("{prefix}.down"),
+                &[d, inter],
+                seed + 2,
+                0.2,
+            ))
+            .unwrap(),
+    }
+}
+
+fn moe_weights<B: Backend>(
+    be: &B,
+    d: usize,
+    inter: usize,
+    experts: usize,
+    shared: bool,
+    routing: Routing,
+) -> MoeWeights<B::Weight> {
+    MoeWeights {
+        gate: be
+            .load_weight(&tensor("router", &[experts, d], 60, 0.5))
+            .unwrap(),
+        experts: (0..experts)
+            .map(|e| mlp_weights(be, &format!("e{e}"), d, inter, 100 + 3 * e as u64))
+            .collect(),
+        shared_experts: shared.then(|| mlp_weights(be, "shared", d, 2 * inter, 90)),
+        routing,
+    }
+}
+
+#[test]
+fn mlp_and_moe_routing_variants() {
+    each_dtype(|dtype, cpu, gpu| {
+        let (d, inter) = (64, 32);
+        let greedy = Routing {
+            top_k: 3,
+            groups: None,
+            norm_topk_prob: false,
+            routed_scaling_factor: 1.0,
+        };
+        let grouped = Routing {
+            top_k: 4,
+            groups: Some((4, 2)),
+            norm_topk_prob: false,
+            routed_scaling_factor: 16.0,
+        };
+        let renorm = Routing {
+            top_k: 2,
+            groups: None,
+            norm_topk_prob: true,
+            routed_scaling_factor: 16.0,
+        };
+        for rows in [1usize, 5, 70, 300] {
+            let x = bf16_values(rows * d, rows as u64, 2.0);
+            let (xc, xg) = inputs(gpu, &x);
+            let (mc, mg) = (
+                mlp_weights(cpu, "mlp", d, 96, 7),
+                mlp_weights(gpu, "mlp", d, 96, 7),
+            );
+            let mut oc = cpu.alloc(rows * d).unwrap();
+            let mut og = gpu.alloc(rows * d).unwrap();
+            cpu.mlp(&xc, rows, &mc, &mut oc).unwrap();
+            gpu.mlp(&xg, rows, &mg, &mut og).unwrap();
+            check(
+                &format!("mlp rows {rows}"),
+                dtype,
+                &gpu.download(&og).unwrap(),
+                &oc,
+            );
+            for (name, routing, experts, shared) in [
+                ("greedy", greedy, 8, true),
+                ("group-limited", grouped, 16, true),
+                ("renormalized", renorm, 8, false),
+            ] {
+                let wc = moe_weights(cpu, d, inter, experts, shared, routing);
+                let wg = moe_weights(gpu, d, inter, experts, shared, routing);
+                cpu.moe(&xc, rows, &wc, &mut oc).unwrap();
+                gpu.moe(&xg, rows, &wg, &mut og).unwrap();
+                check(
+                    &format!("moe {name} rows {rows}"),
+                    dtype,
+                    &gpu.download(&og).unwrap(),
+                    &oc,
+                );
+            }
+        }
+    });
+}
+
+#[test]
+fn logits_and_greedy_tokens() {
+    each_dtype(|dtype, cpu, gpu| {
+        let (t, d, vocab) = (9, 128, 3000);
+        let x = bf16_values(t * d, 70, 1.0);
+        let head = tensor("lm_head", &[vocab, d], 71, 0.3);
+        let (hc, hg) = (
+            cpu.load_weight(&head).unwrap(),
+            gpu.load_weight(&head).unwrap(),
+        );
+        let (xc, xg) = inputs(gpu, &x);
+        let mut batch = Batch::default();
+        batch.push_seq(&[1, 2, 3, 4], 0, &[0], 16, LogitsWanted::All);
+        batch.push_seq(&[5, 6, 7, 8, 9], 0, &[1], 16, LogitsWanted::Last);
+        let cos = vec![1.0; t * 4];
+        let sin = vec![0.0; t * 4];
+        let angles = RopeAngles {
+            cos: &cos,
+            sin: &sin,
+        };
+        let (mut sc, mut sg) = (cpu.alloc_step(t).unwrap(), gpu.alloc_step(t).unwrap());
+        cpu.prepare_step(&batch, angles, &mut sc).unwrap();
+        gpu.prepare_step(&batch, angles, &mut sg).unwrap();
+        let rows = batch.logits_rows.len();
+        let mut lc = vec![0.0; rows * vocab];
+        let mut lg = vec![f32::NAN; rows * vocab];
+        cpu.logits(&xc, &sc, &hc, &mut lc).unwrap();
+        gpu.logits(&xg, &sg, &hg, &mut lg).unwrap();
+        check("logits", dtype, &lg, &lc);
+        let mut ids = vec![u32::MAX; rows];
+        gpu.greedy_tokens(&xg, &sg, &hg, &mut ids).unwrap();
+        for (r, &id) in ids.iter().enumerate() {
+            // The device's argmax of its own logits, ties to the lowest id.
+            assert_eq!(
+                id as usize,
+                argmax(&lg[r * vocab..(r + 1) * vocab]),
+                "row {r} ({dtype:?})"
+            );
+        }
+    });
+}
