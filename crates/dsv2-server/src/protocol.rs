@@ -54,6 +54,35 @@ pub struct CommonParams {
     pub return_token_ids: bool,
 }
 
+/// Tool calling and structured output change what a response means: rather than ignore
+/// them silently, a request that asks for them gets a 400 naming the field.
+fn reject_unsupported_chat_options(map: &Map<String, Value>) -> Result<(), ApiError> {
+    let asks = |key: &str| match map.get(key) {
+        None | Some(Value::Null) => false,
+        Some(Value::Array(a)) => !a.is_empty(),
+        Some(Value::String(s)) => key != "tool_choice" || s != "none",
+        Some(Value::Object(o)) => {
+            key != "response_format" || o.get("type").and_then(Value::as_str) != Some("text")
+        }
+        Some(_) => true,
+    };
+    for key in [
+        "tools",
+        "functions",
+        "tool_choice",
+        "function_call",
+        "response_format",
+    ] {
+        if asks(key) {
+            return Err(ApiError::invalid(
+                key,
+                format!("`{key}` is not supported by this server"),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// A `POST /v1/chat/completions` body.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ChatRequest {
@@ -307,6 +336,7 @@ fn token_id(name: &str, v: &Value) -> Result<u32, ApiError> {
 pub fn parse_chat(body: &[u8]) -> Result<ChatRequest, ApiError> {
     let map = parse_object(body)?;
     let f = Fields(&map);
+    reject_unsupported_chat_options(&map)?;
     let common = common(&f)?;
     let messages = match f.get("messages") {
         Some(Value::Array(items)) if !items.is_empty() => items
@@ -598,5 +628,38 @@ mod tests {
         }
         let e = parse_completion(br#"{"model":"m","prompt":"x","logprobs":21}"#).unwrap_err();
         assert_eq!(e.param.as_deref(), Some("logprobs"));
+    }
+}
+
+#[cfg(test)]
+mod unsupported_options {
+    use super::*;
+
+    #[test]
+    fn tools_and_structured_output_are_rejected_by_name() {
+        let base = r#""model": "m", "messages": [{"role": "user", "content": "hi"}]"#;
+        for (extra, key) in [
+            (
+                r#""tools": [{"type": "function", "function": {"name": "f"}}]"#,
+                "tools",
+            ),
+            (r#""tool_choice": "auto""#, "tool_choice"),
+            (
+                r#""response_format": {"type": "json_object"}"#,
+                "response_format",
+            ),
+        ] {
+            let body = format!("{{{base}, {extra}}}");
+            let err = parse_chat(body.as_bytes()).unwrap_err();
+            assert!(format!("{err:?}").contains(key), "{err:?}");
+        }
+        for extra in [
+            r#""tools": []"#,
+            r#""tool_choice": "none""#,
+            r#""response_format": {"type": "text"}"#,
+        ] {
+            let body = format!("{{{base}, {extra}}}");
+            assert!(parse_chat(body.as_bytes()).is_ok(), "{extra}");
+        }
     }
 }
