@@ -298,6 +298,12 @@ pub trait Backend: Send + Sync {
     /// Allocates the paged latent cache.
     fn alloc_cache(&self, spec: CacheSpec) -> Result<Self::Cache>;
 
+    /// Bytes the paged latent cache of `spec` occupies on the device, so that the cache
+    /// can be sized from a memory budget. The default assumes f32 values.
+    fn cache_bytes(&self, spec: CacheSpec) -> usize {
+        spec.num_layers * spec.num_blocks * spec.block_size * spec.width() * 4
+    }
+
     /// Allocates step metadata for up to `max_tokens` tokens.
     fn alloc_step(&self, max_tokens: usize) -> Result<Self::Step>;
     /// Copies a batch's metadata and RoPE angles into `step` (the one host-to-device

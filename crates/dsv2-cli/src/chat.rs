@@ -188,3 +188,35 @@ impl ModelTask for ChatTask {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn read_all(text: &str) -> Vec<String> {
+        let mut lines = text.lines().map(|l| Ok(l.to_string()));
+        let mut out = Vec::new();
+        loop {
+            match read_input(&mut lines).unwrap() {
+                Input::Eof => return out,
+                Input::Message(m) => out.push(format!("message: {m}")),
+                Input::Command(c, rest) => out.push(format!("command: {c} [{rest}]")),
+            }
+        }
+    }
+
+    #[test]
+    fn multi_line_input_and_commands() {
+        let got = read_all("one \\\ntwo\n\"\"\"\na\n\nb\n\"\"\"\n/system Be brief.\n/reset\nlast");
+        assert_eq!(
+            got,
+            vec![
+                "message: one \ntwo",
+                "message: a\n\nb",
+                "command: system [Be brief.]",
+                "command: reset []",
+                "message: last",
+            ]
+        );
+    }
+}

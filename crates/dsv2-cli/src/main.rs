@@ -4,6 +4,8 @@ mod chat;
 mod generate;
 mod load;
 mod logits;
+mod quantize;
+mod serve;
 mod tokenize;
 
 use std::process::ExitCode;
@@ -34,6 +36,10 @@ enum Command {
     Tokenize(tokenize::TokenizeArgs),
     /// Download a model from the HuggingFace hub into the HF cache without running it.
     Download(DownloadArgs),
+    /// Write a q8/q4 quantized copy of a checkpoint (loads memory-mapped, no re-quantizing).
+    Quantize(quantize::QuantizeArgs),
+    /// Serve the OpenAI- and DeepSeek-compatible HTTP API.
+    Serve(serve::ServeArgs),
 }
 
 /// Options shared by every command that runs the model.
@@ -156,6 +162,8 @@ fn run(cli: Cli) -> Result<()> {
         Command::Generate(args) => generate::run(args),
         Command::Chat(args) => chat::run(args),
         Command::Tokenize(args) => tokenize::run(args),
+        Command::Quantize(args) => quantize::run(args),
+        Command::Serve(args) => serve::run(args),
         Command::Download(args) => {
             let dir = dsv2_core::download(&args.repo_id)?;
             println!("{}", dir.display());

@@ -191,3 +191,207 @@ fn truncated_checkpoint_names_the_tensor_and_file() {
     assert!(stderr(&out).contains("truncated"), "{}", stderr(&out));
     assert!(stderr(&out).contains("tensor `"), "{}", stderr(&out));
 }
+
+#[test]
+fn quantized_checkpoint_loads_without_requantizing() {
+    for format in ["q8", "q4"] {
+        let dir = tmp(&format!("quantize-{format}"));
+        let out_dir = dir.join("model");
+        let lite = fixture("lite");
+        let out = dsv2(&[
+            "quantize",
+            "--model",
+            lite.to_str().unwrap(),
+            "--to",
+            format,
+            "--output",
+            out_dir.to_str().unwrap(),
+        ]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        // The file holds the quantized planes and says which format it is.
+        let bytes = std::fs::read(out_dir.join("model.safetensors")).unwrap();
+        let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+        assert_eq!(
+            meta.metadata().as_ref().unwrap()["dsv2_quantization"],
+            format
+        );
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let plane = st
+            .tensor("model.layers.1.mlp.experts.0.up_proj.weight.qweight")
+            .unwrap();
+        let want = if format == "q8" {
+            safetensors::Dtype::I8
+        } else {
+            safetensors::Dtype::U8
+        };
+        assert_eq!(plane.dtype(), want);
+        assert!(st.tensor("model.embed_tokens.weight").is_ok());
+        // Loading it gives exactly the logits of quantizing at load time.
+        let run = |model: &Path, extra: &[&str], file: &str| {
+            let path = dir.join(file);
+            let mut args = vec![
+                "logits",
+                "--model",
+                model.to_str().unwrap(),
+                "--token-ids",
+                "1,2,3,4,5",
+                "--output",
+                path.to_str().unwrap(),
+            ];
+            args.extend_from_slice(extra);
+            let out = dsv2(&args);
+            assert!(out.status.success(), "{}", stderr(&out));
+            std::fs::read(path).unwrap()
+        };
+        let from_file = run(&out_dir, &[], "a.safetensors");
+        let at_load = run(&lite, &["--quantize", format], "b.safetensors");
+        assert_eq!(from_file, at_load, "{format}");
+    }
+}
+
+#[test]
+fn tokenize_text_and_chat() {
+    let out = dsv2(&["tokenize", "--text", "Hello world", "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["token_ids"][0], 100000, "BOS first");
+    assert_eq!(v["text"], "Hello world");
+    let dir = tmp("tokenize");
+    let chat = dir.join("chat.json");
+    std::fs::write(
+        &chat,
+        r#"[{"role": "system", "content": "S"}, {"role": "user", "content": "U"},
+            {"role": "assistant", "content": "A"}, {"role": "user", "content": "V"}]"#,
+    )
+    .unwrap();
+    let out = dsv2(&[
+        "tokenize",
+        "--chat",
+        chat.to_str().unwrap(),
+        "--add-generation-prompt",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        v["text"],
+        "<｜begin▁of▁sentence｜>S\n\nUser: U\n\nAssistant: A<｜end▁of▁sentence｜>User: V\n\nAssistant:"
+    );
+    let ids = v["token_ids"].as_array().unwrap();
+    assert_eq!(ids[0], 100000);
+    assert_eq!(ids.iter().filter(|x| **x == 100000).count(), 1, "one BOS");
+}
+
+#[test]
+fn seeded_sampling_repeats_and_stop_strings_cut() {
+    let gen = |seed: &str| {
+        let out = dsv2(&[
+            "generate",
+            "--prompt",
+            "Hello",
+            "--max-tokens",
+            "12",
+            "--temperature",
+            "1.0",
+            "--top-p",
+            "0.9",
+            "--seed",
+            seed,
+            "--json",
+        ]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let stdout = String::from_utf8(out.stdout).unwrap();
+        serde_json::from_str::<serde_json::Value>(stdout.trim_end().lines().last().unwrap())
+            .unwrap()
+    };
+    let (a, b, c) = (gen("7"), gen("7"), gen("8"));
+    assert_eq!(a["token_ids"], b["token_ids"]);
+    assert_ne!(a["token_ids"], c["token_ids"]);
+    // A stop string taken from the middle of the seeded text: generation stops there and
+    // the stop string is not emitted.
+    let text = a["text"].as_str().unwrap().to_string();
+    let chars: Vec<char> = text.chars().collect();
+    let stop: String = chars[chars.len() / 2..chars.len() / 2 + 3].iter().collect();
+    let out = dsv2(&[
+        "generate",
+        "--prompt",
+        "Hello",
+        "--max-tokens",
+        "12",
+        "--temperature",
+        "1.0",
+        "--top-p",
+        "0.9",
+        "--seed",
+        "7",
+        "--stop",
+        &stop,
+        "--json",
+    ]);
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let v: serde_json::Value =
+        serde_json::from_str(stdout.trim_end().lines().last().unwrap()).unwrap();
+    let cut = v["text"].as_str().unwrap();
+    assert_eq!(v["finish_reason"], "stop");
+    assert!(
+        text.starts_with(cut) && !cut.contains(&stop),
+        "{cut:?} / {stop:?}"
+    );
+    assert_eq!(cut, &text[..text.find(&stop).unwrap()]);
+}
+
+#[test]
+fn chat_repl_keeps_history_and_survives_ctrl_c() {
+    use std::io::Write;
+    use std::process::Stdio;
+    use std::time::{Duration, Instant};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_dsv2"))
+        .args(["chat", "--max-tokens", "50000", "--temperature", "0"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        use std::io::Read;
+        let mut all = Vec::new();
+        let mut buf = [0u8; 256];
+        while let Ok(n) = stdout.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            all.extend_from_slice(&buf[..n]);
+            let _ = tx.send(());
+        }
+        all
+    });
+    // A long answer, interrupted with SIGINT once it streams: the answer stops, the
+    // program does not.
+    writeln!(stdin, "Tell me a long story").unwrap();
+    stdin.flush().unwrap();
+    rx.recv_timeout(Duration::from_secs(60))
+        .expect("the answer starts streaming");
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    // Then commands and a clean exit.
+    writeln!(stdin, "/system Be brief.").unwrap();
+    writeln!(stdin, "/reset").unwrap();
+    writeln!(stdin, "/exit").unwrap();
+    drop(stdin);
+    let started = Instant::now();
+    let out = child.wait_with_output().unwrap();
+    assert!(started.elapsed() < Duration::from_secs(120));
+    let answer = reader.join().unwrap();
+    assert!(!answer.is_empty());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("(stopped)"), "{err}");
+    assert!(err.contains("(conversation cleared)"), "{err}");
+    assert!(err.contains("tokens/s]"), "{err}");
+}

@@ -304,6 +304,13 @@ mod x86 {
         _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), aw, sx)
     }
 
+    /// f16 → f32 of one scale with F16C (no run-time feature check per call).
+    #[inline]
+    #[target_feature(enable = "f16c")]
+    pub(super) fn f16_to_f32(h: f16) -> f32 {
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h.to_bits() as i32)))
+    }
+
     macro_rules! tile_fn {
         ($name:ident, $features:literal, $dot:ident) => {
             #[target_feature(enable = $features)]
@@ -316,18 +323,23 @@ mod x86 {
             ) {
                 let k = w.cols;
                 let nb = k / BLOCK;
+                // Bounds are checked once here; the loop reads through slices of exactly
+                // these rows.
+                let scales: [&[f16]; C] =
+                    std::array::from_fn(|j| &w.scales[(j0 + j) * nb..(j0 + j + 1) * nb]);
+                let xd: [&[f32]; R] =
+                    std::array::from_fn(|i| &acts.d[(i0 + i) * nb..(i0 + i + 1) * nb]);
                 let mut acc = [[_mm256_setzero_ps(); C]; R];
                 for b in 0..nb {
                     let mut wv = [_mm256_setzero_si256(); C];
                     let mut dw = [0.0f32; C];
                     for j in 0..C {
                         wv[j] = load_weights(&w, j0 + j, b);
-                        dw[j] = w.scales[(j0 + j) * nb + b].to_f32();
+                        dw[j] = f16_to_f32(scales[j][b]);
                     }
                     for (i, acc_row) in acc.iter_mut().enumerate() {
-                        let row = i0 + i;
-                        let xv = load_acts(acts, k, row, b);
-                        let dx = acts.d[row * nb + b];
+                        let xv = load_acts(acts, k, i0 + i, b);
+                        let dx = xd[i][b];
                         for j in 0..C {
                             let lanes = _mm256_cvtepi32_ps($dot(wv[j], xv));
                             let d = _mm256_set1_ps(dw[j] * dx);

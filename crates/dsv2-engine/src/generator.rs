@@ -6,6 +6,7 @@ use dsv2_model::{Model, Workspace};
 
 use crate::block_allocator::BlockAllocator;
 use crate::error::{EngineError, Result};
+use crate::sequence::FinishReason;
 
 /// Chooses the next token from a row of logits.
 pub trait TokenPicker {
@@ -41,31 +42,14 @@ pub fn argmax(x: &[f32]) -> u32 {
     best as u32
 }
 
-/// Why generation stopped.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FinishReason {
-    /// An end-of-sequence token (not included in the output).
-    Stop,
-    /// `max_tokens` reached.
-    Length,
-}
-
-impl FinishReason {
-    /// The OpenAI spelling.
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            FinishReason::Stop => "stop",
-            FinishReason::Length => "length",
-        }
-    }
-}
-
 /// What a generation produced.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Generation {
     /// Generated ids (an EOS that stopped generation is not included).
     pub token_ids: Vec<u32>,
+    /// Why generation stopped.
     pub finish_reason: FinishReason,
+    /// Tokens in the prompt.
     pub prompt_tokens: usize,
 }
 
