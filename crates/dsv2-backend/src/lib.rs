@@ -162,6 +162,12 @@ impl CacheSpec {
     pub fn width(&self) -> usize {
         self.kv_lora_rank + self.rope_dim
     }
+
+    /// Bytes one token takes in the cache across all layers, for a backend that stores
+    /// each value in `value_bytes` (see [`Backend::cache_value_bytes`]).
+    pub fn bytes_per_token(&self, value_bytes: usize) -> usize {
+        self.num_layers * self.width() * value_bytes
+    }
 }
 
 /// Attention dimensions of one layer.
@@ -297,6 +303,16 @@ pub trait Backend: Send + Sync {
     fn alloc(&self, len: usize) -> Result<Self::Buffer>;
     /// Allocates the paged latent cache.
     fn alloc_cache(&self, spec: CacheSpec) -> Result<Self::Cache>;
+    /// Bytes one value of the latent cache takes on this backend (4 for an f32 cache, 2
+    /// for bf16); [`CacheSpec::bytes_per_token`] turns it into bytes per cached token.
+    fn cache_value_bytes(&self) -> usize;
+
+    /// Measures the read bandwidth, in bytes per second, of the memory that holds the
+    /// weights and the cache (host memory for the CPU, device memory for a GPU): the best
+    /// of a few passes over a buffer several times larger than the last-level cache.
+    /// Benchmarks divide the bytes a decode step must read by it to get the step's floor,
+    /// so it is measured in the same run, under the same neighbours.
+    fn measure_read_bandwidth(&self) -> Result<f64>;
 
     /// Bytes the paged latent cache of `spec` occupies on the device, so that the cache
     /// can be sized from a memory budget. The default assumes f32 values.

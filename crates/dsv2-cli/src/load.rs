@@ -5,7 +5,9 @@ use std::str::FromStr;
 
 use anyhow::{bail, Context, Result};
 use dsv2_backend::Backend;
-use dsv2_core::{Checkpoint, DType, GenerationConfig, ModelConfig, Tokenizer};
+use dsv2_core::{
+    expected_tensors, Checkpoint, DType, GenerationConfig, ModelConfig, Tokenizer, Weight,
+};
 use dsv2_cpu::CpuBackend;
 use dsv2_model::synthetic::{builtin_config, synthetic_checkpoint, BUILTIN_SEED};
 use dsv2_model::{LoadOptions, Model};
@@ -83,13 +85,7 @@ pub fn resolve(spec: Option<&str>) -> Result<Option<PathBuf>> {
 
 /// Loads the model the arguments name on the device they name, then runs `task`.
 pub fn with_model<T: ModelTask>(args: &ModelArgs, task: T) -> Result<T::Output> {
-    #[cfg(not(feature = "cuda"))]
-    if let Device::Cuda(_) = args.device {
-        bail!(
-            "--device cuda: this dsv2 binary was built without CUDA support \
-             (build with `cargo build --release --features cuda`)"
-        );
-    }
+    check_device(args)?;
     let dir = resolve(args.model.as_deref())?;
     let (config, checkpoint, generation_config) = match &dir {
         Some(dir) => open_folder(dir)?,
@@ -103,20 +99,38 @@ pub fn with_model<T: ModelTask>(args: &ModelArgs, task: T) -> Result<T::Output> 
             (config, checkpoint, None)
         }
     };
+    let root = checkpoint.root().display().to_string();
+    checkpoint
+        .validate(&expected_tensors(&config))
+        .with_context(|| format!("loading {root}"))?;
     let info = ModelInfo {
         dir,
-        config: config.clone(),
+        config,
         generation_config,
     };
+    let weight = |name: &str| Ok(checkpoint.weight(name)?);
+    with_weights(args, info, &root, weight, task)
+}
+
+/// Loads the weights of `info.config` from `weight` (asked once per tensor name, as
+/// [`Model::load_from`] does; `source` names it in errors) on the device the arguments
+/// name, quantized as they ask, then runs `task`.
+pub fn with_weights<T: ModelTask>(
+    args: &ModelArgs,
+    info: ModelInfo,
+    source: &str,
+    weight: impl FnMut(&str) -> dsv2_model::Result<Weight>,
+    task: T,
+) -> Result<T::Output> {
+    check_device(args)?;
     let options = LoadOptions {
         quantize: args.quantize,
     };
-    let root = checkpoint.root().display().to_string();
     match args.device {
         Device::Cpu => {
             let backend = CpuBackend::new(args.dtype);
-            let model = Model::load_with(&backend, config, &checkpoint, &options)
-                .with_context(|| format!("loading {root}"))?;
+            let model = Model::load_from(&backend, info.config.clone(), &options, weight)
+                .with_context(|| format!("loading {source}"))?;
             task.run(&backend, &model, &info)
         }
         #[cfg(feature = "cuda")]
@@ -124,8 +138,8 @@ pub fn with_model<T: ModelTask>(args: &ModelArgs, task: T) -> Result<T::Output> 
             let backend = dsv2_cuda::CudaBackend::new(ordinal, args.dtype)
                 .with_context(|| format!("--device cuda:{ordinal}"))?;
             // Quantized weights are an error on the GPU (Backend::load_quantized).
-            let model = Model::load_with(&backend, config, &checkpoint, &options)
-                .with_context(|| format!("loading {root} on cuda:{ordinal}"))?;
+            let model = Model::load_from(&backend, info.config.clone(), &options, weight)
+                .with_context(|| format!("loading {source} on cuda:{ordinal}"))?;
             task.run(&backend, &model, &info)
         }
         #[cfg(not(feature = "cuda"))]
@@ -133,7 +147,22 @@ pub fn with_model<T: ModelTask>(args: &ModelArgs, task: T) -> Result<T::Output> 
     }
 }
 
-fn open_folder(dir: &Path) -> Result<(ModelConfig, Checkpoint, Option<GenerationConfig>)> {
+/// Fails early, before any loading, when the device the arguments name is unavailable.
+#[cfg_attr(feature = "cuda", allow(clippy::unnecessary_wraps, unused_variables))]
+fn check_device(args: &ModelArgs) -> Result<()> {
+    #[cfg(not(feature = "cuda"))]
+    if let Device::Cuda(_) = args.device {
+        bail!(
+            "--device cuda: this dsv2 binary was built without CUDA support \
+             (build with `cargo build --release --features cuda`)"
+        );
+    }
+    Ok(())
+}
+
+/// Reads `config.json` and `generation_config.json` of the model folder `dir` and opens
+/// its checkpoint.
+pub fn open_folder(dir: &Path) -> Result<(ModelConfig, Checkpoint, Option<GenerationConfig>)> {
     let config = ModelConfig::from_file(&dir.join("config.json"))?;
     let generation_config = GenerationConfig::from_dir(dir)?;
     let checkpoint = Checkpoint::open(dir)?;

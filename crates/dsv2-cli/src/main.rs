@@ -1,5 +1,6 @@
 //! `dsv2`: run DeepSeek-V2 family checkpoints from the command line.
 
+mod bench;
 mod chat;
 mod generate;
 mod load;
@@ -40,6 +41,9 @@ enum Command {
     Quantize(quantize::QuantizeArgs),
     /// Serve the OpenAI- and DeepSeek-compatible HTTP API.
     Serve(serve::ServeArgs),
+    /// Measure load time, prefill and decode speed, peak memory and the fraction of the
+    /// memory-bandwidth floor reached, on a checkpoint or random weights of a model's shapes.
+    Bench(bench::BenchArgs),
 }
 
 /// Options shared by every command that runs the model.
@@ -164,6 +168,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Tokenize(args) => tokenize::run(args),
         Command::Quantize(args) => quantize::run(args),
         Command::Serve(args) => serve::run(args),
+        Command::Bench(args) => bench::run(args),
         Command::Download(args) => {
             let dir = dsv2_core::download(&args.repo_id)?;
             println!("{}", dir.display());

@@ -90,8 +90,19 @@ pub struct Bytes {
 
 impl Bytes {
     /// Wraps owned bytes, stored 4-byte aligned so any supported dtype can be viewed.
+    ///
+    /// The vector is kept as it is when its buffer is already 4-byte aligned (what the
+    /// system allocator returns for any buffer of that size in practice), so wrapping a
+    /// large tensor does not hold two copies; otherwise the bytes are copied once.
     pub fn from_vec(bytes: Vec<u8>) -> Bytes {
         let len = bytes.len();
+        if (bytes.as_ptr() as usize).is_multiple_of(4) {
+            return Bytes {
+                owner: Arc::new(bytes),
+                start: 0,
+                len,
+            };
+        }
         let mut words = vec![0u32; len.div_ceil(4)];
         bytemuck::cast_slice_mut::<u32, u8>(&mut words)[..len].copy_from_slice(&bytes);
         Bytes {
@@ -692,5 +703,22 @@ mod tests {
         let ck = Checkpoint::open(&dir).unwrap();
         let e = ck.validate(&[expect("q", &[4])]).unwrap_err().to_string();
         assert!(e.contains("`q`") && e.contains("I32"), "{e}");
+    }
+
+    #[test]
+    fn owned_bytes_are_aligned_and_not_copied_when_aligned() {
+        let bytes: Vec<u8> = (0..4096u32).map(|i| i as u8).collect();
+        let ptr = bytes.as_ptr();
+        let aligned = (ptr as usize).is_multiple_of(4);
+        let wrapped = Bytes::from_vec(bytes);
+        assert!((wrapped.as_slice().as_ptr() as usize).is_multiple_of(4));
+        assert_eq!(wrapped.as_slice()[4095], 255);
+        if aligned {
+            assert_eq!(
+                wrapped.as_slice().as_ptr(),
+                ptr,
+                "an aligned vector is kept"
+            );
+        }
     }
 }

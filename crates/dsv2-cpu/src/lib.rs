@@ -12,6 +12,7 @@
 //! ```
 
 mod attention;
+pub mod bandwidth;
 pub mod kernels;
 pub mod matmul;
 mod moe;
@@ -282,6 +283,14 @@ impl Backend for CpuBackend {
             spec,
             data: vec![0.0; len],
         })
+    }
+
+    fn cache_value_bytes(&self) -> usize {
+        std::mem::size_of::<f32>()
+    }
+
+    fn measure_read_bandwidth(&self) -> Result<f64> {
+        Ok(bandwidth::measure_read_bandwidth(bandwidth::buffer_bytes()))
     }
 
     fn alloc_step(&self, max_tokens: usize) -> Result<CpuStep> {

@@ -377,6 +377,27 @@ impl Device {
             .ctx(format!("{op}: waiting for the GPU"))
     }
 
+    /// Device-memory read bandwidth in bytes per second: the best of several timed
+    /// device-to-device copies of a 1 GiB buffer (each copy reads and writes it, so the
+    /// bytes read per second are counted, as a decode step reads weights).
+    pub fn measure_read_bandwidth(&self) -> Result<f64> {
+        self.bind()?;
+        let bytes = 1usize << 30;
+        let (src, dst) = (self.alloc_zeroed(bytes)?, self.alloc(bytes)?);
+        let mut best = f64::INFINITY;
+        for _ in 0..6 {
+            self.sync("bandwidth probe")?;
+            let started = std::time::Instant::now();
+            // SAFETY: both ranges lie in buffers of `bytes` bytes.
+            unsafe { drv::memcpy_dtod_async(dst.ptr(), src.ptr(), bytes, self.stream.cu_stream()) }
+                .ctx("bandwidth probe: device copy")?;
+            self.sync("bandwidth probe")?;
+            best = best.min(started.elapsed().as_secs_f64());
+        }
+        // A copy moves each byte twice (read + write) at the same memory bandwidth.
+        Ok(2.0 * bytes as f64 / best)
+    }
+
     /// Free and total device memory, in bytes.
     pub fn memory_info(&self) -> Result<(usize, usize)> {
         self.bind()?;

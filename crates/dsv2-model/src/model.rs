@@ -130,8 +130,30 @@ impl<B: Backend> Model<B> {
         options: &LoadOptions,
     ) -> Result<Self> {
         checkpoint.validate(&expected_tensors(&config))?;
-        let w = |name: &str| -> Result<B::Weight> {
-            let weight = match (checkpoint.weight(name)?, options.quantize) {
+        Self::load_from(
+            backend,
+            config,
+            options,
+            |name| Ok(checkpoint.weight(name)?),
+        )
+    }
+
+    /// Loads the weights `weight` hands out, asked once for each tensor name `config`
+    /// implies (those of [`expected_tensors`]), one at a time; eligible dense weights are
+    /// quantized first under `options.quantize`. Each weight is dropped as soon as the
+    /// backend has prepared it, so a source that makes tensors on demand (random weights
+    /// of a real model's shapes) never holds the model twice.
+    ///
+    /// # Errors
+    /// What `weight` reports; a backend failure (unsupported dtype or shape).
+    pub fn load_from(
+        backend: &B,
+        config: ModelConfig,
+        options: &LoadOptions,
+        mut weight: impl FnMut(&str) -> Result<Weight>,
+    ) -> Result<Self> {
+        let mut w = |name: &str| -> Result<B::Weight> {
+            let weight = match (weight(name)?, options.quantize) {
                 (Weight::Dense(view), Some(format)) => {
                     match quantized_format(name, &view.shape, format) {
                         Some(f) => Weight::Quantized(quantize_tensor(&view, f)),
@@ -143,13 +165,6 @@ impl<B: Backend> Model<B> {
             Ok(match &weight {
                 Weight::Dense(view) => backend.load_weight(view)?,
                 Weight::Quantized(q) => backend.load_quantized(q)?,
-            })
-        };
-        let mlp = |prefix: &str| -> Result<Mlp<B::Weight>> {
-            Ok(Mlp {
-                gate_proj: w(&format!("{prefix}.gate_proj.weight"))?,
-                up_proj: w(&format!("{prefix}.up_proj.weight"))?,
-                down_proj: w(&format!("{prefix}.down_proj.weight"))?,
             })
         };
         let mut layers = Vec::with_capacity(config.num_hidden_layers);
@@ -177,10 +192,10 @@ impl<B: Backend> Model<B> {
                 (Some(moe), true) => FeedForward::Moe(MoeWeights {
                     gate: w(&format!("{p}.mlp.gate.weight"))?,
                     experts: (0..moe.n_routed_experts)
-                        .map(|e| mlp(&format!("{p}.mlp.experts.{e}")))
+                        .map(|e| load_mlp(&mut w, &format!("{p}.mlp.experts.{e}")))
                         .collect::<Result<_>>()?,
                     shared_experts: if moe.n_shared_experts > 0 {
-                        Some(mlp(&format!("{p}.mlp.shared_experts"))?)
+                        Some(load_mlp(&mut w, &format!("{p}.mlp.shared_experts"))?)
                     } else {
                         None
                     },
@@ -197,7 +212,7 @@ impl<B: Backend> Model<B> {
                         routed_scaling_factor: moe.routed_scaling_factor as f32,
                     },
                 }),
-                _ => FeedForward::Dense(mlp(&format!("{p}.mlp"))?),
+                _ => FeedForward::Dense(load_mlp(&mut w, &format!("{p}.mlp"))?),
             };
             layers.push(Layer {
                 input_layernorm: w(&format!("{p}.input_layernorm.weight"))?,
@@ -328,18 +343,10 @@ impl<B: Backend> Model<B> {
         ws: &mut Workspace<B>,
         path: AttentionPath,
     ) -> Result<()> {
-        self.check_batch(batch, ws)?;
+        self.prepare_and_embed(backend, batch, ws)?;
         let t = batch.num_tokens();
         let d = self.config.hidden_size;
         let eps = self.config.rms_norm_eps as f32;
-        self.rope.angles(&batch.positions, &mut ws.cos, &mut ws.sin);
-        let angles = RopeAngles {
-            cos: &ws.cos,
-            sin: &ws.sin,
-        };
-        backend.prepare_step(batch, angles, &mut ws.step)?;
-
-        backend.embed(&self.embed_tokens, &ws.step, &mut ws.hidden)?;
         for (i, layer) in self.layers.iter().enumerate() {
             // h = h + attention(input_layernorm(h))
             backend.rms_norm(&ws.hidden, &layer.input_layernorm, eps, t, &mut ws.normed)?;
@@ -362,6 +369,47 @@ impl<B: Backend> Model<B> {
         }
         // The final norm; the head runs on the requested rows.
         backend.rms_norm(&ws.hidden, &self.norm, eps, t, &mut ws.normed)?;
+        Ok(())
+    }
+
+    /// Fills the latent cache for the batch's tokens cheaply: each layer caches the
+    /// latent of the token's embedding (`kv_a_proj_with_mqa` of `input_layernorm` of the
+    /// embedding), skipping attention and the MLPs that a real prefill runs first. For
+    /// benchmarks of decode at long contexts, where the cache's size matters and its
+    /// contents do not: filling costs one `[T, D]·[D, C + Dr]` product per layer.
+    ///
+    /// # Errors
+    /// As [`forward`](Self::forward).
+    pub fn write_latents(
+        &self,
+        backend: &B,
+        batch: &Batch,
+        cache: &mut B::Cache,
+        ws: &mut Workspace<B>,
+    ) -> Result<()> {
+        self.prepare_and_embed(backend, batch, ws)?;
+        let t = batch.num_tokens();
+        let eps = self.config.rms_norm_eps as f32;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let attn = &layer.self_attn;
+            backend.rms_norm(&ws.hidden, &layer.input_layernorm, eps, t, &mut ws.normed)?;
+            backend.linear(&ws.normed, t, &attn.kv_a_proj_with_mqa, &mut ws.kv_a)?;
+            backend.mla_write_cache(&ws.kv_a, &attn.kv_a_layernorm, eps, &ws.step, i, cache)?;
+        }
+        Ok(())
+    }
+
+    /// Checks the batch, uploads its metadata and RoPE angles, and embeds its tokens into
+    /// `ws.hidden` `[T, D]`.
+    fn prepare_and_embed(&self, backend: &B, batch: &Batch, ws: &mut Workspace<B>) -> Result<()> {
+        self.check_batch(batch, ws)?;
+        self.rope.angles(&batch.positions, &mut ws.cos, &mut ws.sin);
+        let angles = RopeAngles {
+            cos: &ws.cos,
+            sin: &ws.sin,
+        };
+        backend.prepare_step(batch, angles, &mut ws.step)?;
+        backend.embed(&self.embed_tokens, &ws.step, &mut ws.hidden)?;
         Ok(())
     }
 
@@ -441,4 +489,13 @@ impl<B: Backend> Model<B> {
         }
         Ok(())
     }
+}
+
+/// Loads the three projections of the SwiGLU MLP under `prefix`.
+fn load_mlp<W>(w: &mut impl FnMut(&str) -> Result<W>, prefix: &str) -> Result<Mlp<W>> {
+    Ok(Mlp {
+        gate_proj: w(&format!("{prefix}.gate_proj.weight"))?,
+        up_proj: w(&format!("{prefix}.up_proj.weight"))?,
+        down_proj: w(&format!("{prefix}.down_proj.weight"))?,
+    })
 }

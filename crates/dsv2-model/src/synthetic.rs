@@ -78,46 +78,91 @@ fn uniform(key: u64, index: u64) -> f32 {
     (bits >> 40) as f32 / (1u64 << 23) as f32 - 1.0
 }
 
-/// Value of element `index` of tensor `name`: norms near 1, matrices uniform with a
+/// How the elements of one tensor are drawn: norms near 1, matrices uniform with a
 /// variance that keeps activations O(1), the router sharper so routing is decisive.
-fn init_value(seed: u64, name: &str, shape: &[usize], index: usize) -> f32 {
-    let u = uniform(seed ^ name_key(name), index as u64);
-    if shape.len() == 1 {
-        return 1.0 + 0.1 * u;
+///
+/// Element `index` is a pure function of (seed, tensor name, index), so any range of a
+/// tensor can be generated on its own, in any order and on any thread.
+#[derive(Debug, Clone, Copy)]
+pub struct TensorInit {
+    /// The tensor's element stream: `seed ^ fnv1a(name)`.
+    key: u64,
+    /// `None` for a 1-D tensor; `Some((gain, sqrt(3 / fan_in)))` for a matrix.
+    matrix: Option<(f32, f32)>,
+}
+
+impl TensorInit {
+    /// The element rule of tensor `name` of shape `shape` in the model of `seed`.
+    pub fn new(seed: u64, name: &str, shape: &[usize]) -> Self {
+        let matrix = (shape.len() > 1).then(|| {
+            let fan_in = shape[1] as f32;
+            let gain = if name.ends_with("mlp.gate.weight") {
+                4.0
+            } else if name.contains("embed_tokens") {
+                fan_in.sqrt() // embeddings of unit scale per element
+            } else {
+                1.0
+            };
+            (gain, (3.0 / fan_in).sqrt())
+        });
+        TensorInit {
+            key: seed ^ name_key(name),
+            matrix,
+        }
     }
-    let fan_in = shape[1] as f32;
-    let gain = if name.ends_with("mlp.gate.weight") {
-        4.0
-    } else if name.contains("embed_tokens") {
-        fan_in.sqrt() // embeddings of unit scale per element
-    } else {
-        1.0
-    };
-    u * gain * (3.0 / fan_in).sqrt()
+
+    /// Value of element `index` (row-major).
+    pub fn value(&self, index: usize) -> f32 {
+        let u = uniform(self.key, index as u64);
+        match self.matrix {
+            None => 1.0 + 0.1 * u,
+            Some((gain, scale)) => u * gain * scale,
+        }
+    }
+
+    /// Writes elements `first..` as little-endian `dtype` values into `out`, which holds a
+    /// whole number of them. F32 and F16 are written as such, any other dtype as BF16.
+    pub fn fill(&self, dtype: &DType, first: usize, out: &mut [u8]) {
+        match dtype {
+            DType::F32 => self.fill_with(first, out, f32::to_le_bytes),
+            DType::F16 => self.fill_with(first, out, |v| f16::from_f32(v).to_le_bytes()),
+            _ => self.fill_with(first, out, |v| bf16::from_f32(v).to_le_bytes()),
+        }
+    }
+
+    fn fill_with<const N: usize>(
+        &self,
+        first: usize,
+        out: &mut [u8],
+        to_bytes: impl Fn(f32) -> [u8; N],
+    ) {
+        debug_assert!(out.len().is_multiple_of(N));
+        for (i, chunk) in out.chunks_exact_mut(N).enumerate() {
+            chunk.copy_from_slice(&to_bytes(self.value(first + i)));
+        }
+    }
+}
+
+/// The dtype [`synthetic_checkpoint`] stores for a requested `dtype`: F32 and F16 as
+/// asked, BF16 for anything else.
+pub fn synthetic_dtype(dtype: &DType) -> DType {
+    match dtype {
+        DType::F32 | DType::F16 => dtype.clone(),
+        _ => DType::BF16,
+    }
 }
 
 /// A checkpoint with every tensor `config` implies, filled deterministically from
 /// `seed`, stored as `dtype` (BF16, F16 or F32).
 pub fn synthetic_checkpoint(config: &ModelConfig, seed: u64, dtype: DType) -> Checkpoint {
+    let dtype = synthetic_dtype(&dtype);
+    let size = dtype.size().expect("a float dtype");
     let tensors = expected_tensors(config)
         .into_iter()
         .map(|t| {
-            let n: usize = t.shape.iter().product();
-            let values = (0..n).map(|i| init_value(seed, &t.name, &t.shape, i));
-            let bytes: Vec<u8> = match dtype {
-                DType::F32 => values.flat_map(f32::to_le_bytes).collect(),
-                DType::F16 => values
-                    .flat_map(|v| f16::from_f32(v).to_bits().to_le_bytes())
-                    .collect(),
-                _ => values
-                    .flat_map(|v| bf16::from_f32(v).to_bits().to_le_bytes())
-                    .collect(),
-            };
-            let dtype = match dtype {
-                DType::F32 | DType::F16 => dtype.clone(),
-                _ => DType::BF16,
-            };
-            TensorView::owned(&t.name, dtype, t.shape, bytes)
+            let mut bytes = vec![0u8; t.shape.iter().product::<usize>() * size];
+            TensorInit::new(seed, &t.name, &t.shape).fill(&dtype, 0, &mut bytes);
+            TensorView::owned(&t.name, dtype.clone(), t.shape, bytes)
         })
         .collect();
     Checkpoint::from_tensors("<synthetic weights>", tensors)
@@ -145,5 +190,24 @@ mod tests {
         );
         let norm = a.get("model.norm.weight").unwrap().to_f32_vec();
         assert!(norm.iter().all(|v| (0.89..=1.11).contains(v)));
+    }
+
+    #[test]
+    fn any_range_of_a_tensor_fills_alone() {
+        let shape = [48, 32];
+        let init = TensorInit::new(3, "model.layers.0.mlp.gate.weight", &shape);
+        for dtype in [DType::F32, DType::F16, DType::BF16] {
+            let size = dtype.size().unwrap();
+            let mut whole = vec![0u8; 48 * 32 * size];
+            init.fill(&dtype, 0, &mut whole);
+            let mut parts = vec![0u8; whole.len()];
+            let (head, tail) = parts.split_at_mut(100 * size);
+            init.fill(&dtype, 100, tail);
+            init.fill(&dtype, 0, head);
+            assert_eq!(whole, parts, "{dtype}");
+        }
+        let mut f32s = vec![0u8; 4];
+        init.fill(&DType::F32, 7, &mut f32s);
+        assert_eq!(f32::from_le_bytes(f32s.try_into().unwrap()), init.value(7));
     }
 }

@@ -1,0 +1,612 @@
+//! `dsv2 bench`: load time, prefill and decode speed, peak memory, latent-cache size and
+//! the fraction of the memory-bandwidth floor a decode step reaches, on a checkpoint or
+//! on random weights of a real model's exact shapes (made in memory, so the real cost of
+//! the format is measured without a checkpoint on disk).
+//!
+//! Decode at context `C`: every sequence's first `C` cache slots are filled cheaply
+//! ([`Model::write_latents`]: one `kv_a_proj_with_mqa` product per layer instead of a
+//! full prefill; attention costs the same whatever the cached values), one untimed step
+//! runs, then `--decode-tokens` steps of the whole batch are timed. The floor of a step
+//! is the bytes it must read ([`floor::decode_step_bytes`]) over the read bandwidth the
+//! backend measures in the same run ([`Backend::measure_read_bandwidth`]).
+
+mod floor;
+mod weights;
+
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use clap::Args;
+use dsv2_backend::{AttentionPath, Backend, Batch, LogitsWanted};
+use dsv2_core::{expected_tensors, DType, ModelConfig};
+use dsv2_model::{Model, Workspace};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::json;
+
+use crate::load::{self, ModelInfo, ModelTask};
+use crate::ModelArgs;
+use floor::{decode_step_bytes, expected_distinct_experts, DecodeStep};
+use weights::{parse_weights_dtype, random_config, RandomWeights, Stored, WeightSource};
+
+/// Tokens the cache is filled with per [`Model::write_latents`] call, at most.
+const FILL_CHUNK: usize = 512;
+/// Tokens of the untimed prompt that runs before anything is timed.
+const WARMUP_TOKENS: usize = 32;
+
+/// Options of `dsv2 bench`.
+#[derive(Args)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Random weights of a model's exact shapes, made in memory instead of read from a
+    /// checkpoint: `deepseek-v2-lite`, `deepseek-v2` or the path of a config.json.
+    #[arg(long, value_name = "NAME|CONFIG", conflicts_with = "model")]
+    random_weights: Option<String>,
+    /// Storage of the random weights: bf16 (default), f16 or f32.
+    #[arg(long, value_name = "DTYPE", value_parser = parse_weights_dtype)]
+    weights_dtype: Option<DType>,
+    /// Keep only the first N layers of the random-weights config (to fit in memory).
+    #[arg(long, value_name = "N")]
+    num_layers: Option<usize>,
+    /// Prompt lengths of the prefill rows (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "128,512,2048")]
+    prompt_lengths: Vec<usize>,
+    /// Cached tokens per sequence before the timed decode steps (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "0,1024,4096")]
+    contexts: Vec<usize>,
+    /// Sequences decoded together (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "1,8")]
+    batch_sizes: Vec<usize>,
+    /// Timed decode steps per (batch size, context) row.
+    #[arg(long, default_value_t = 16)]
+    decode_tokens: usize,
+    /// Print one JSON object with every figure as the last line of stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Runs `dsv2 bench`.
+pub fn run(args: BenchArgs) -> Result<()> {
+    let started = Instant::now();
+    let (label, config, source) = open_source(&args)?;
+    check_grid(&args, &config)?;
+    let weight_bytes: usize = expected_tensors(&config)
+        .iter()
+        .map(|t| source.tensor_bytes(t))
+        .sum();
+    let params: usize = expected_tensors(&config)
+        .iter()
+        .map(|t| t.shape.iter().product::<usize>())
+        .sum();
+    let dtypes = source.dtype_label(&config);
+    let heading = format!(
+        "{label}: {} layers, {} parameters, {} of {dtypes} weights",
+        config.num_hidden_layers,
+        si(params as f64, ""),
+        si(weight_bytes as f64, "B"),
+    );
+    eprintln!("dsv2 bench: {heading}");
+    let task = BenchTask {
+        args: &args,
+        source: &source,
+        started,
+        loading: source.progress(),
+    };
+    // The bench reads no tokenizer or generation config, whatever the source.
+    let info = ModelInfo {
+        dir: None,
+        config,
+        generation_config: None,
+    };
+    let weight = |name: &str| source.weight(name);
+    let report = load::with_weights(&args.model, info, &label, weight, task)?;
+    report.print_table(&heading);
+    if args.json {
+        println!("{}", report.to_json(&label, &dtypes, params, weight_bytes));
+    }
+    Ok(())
+}
+
+/// The model's config and where its weights come from, with a label for reports.
+fn open_source(args: &BenchArgs) -> Result<(String, ModelConfig, WeightSource)> {
+    match (&args.model.model, &args.random_weights) {
+        (Some(spec), None) => {
+            if args.weights_dtype.is_some() || args.num_layers.is_some() {
+                bail!("--weights-dtype and --num-layers apply to --random-weights only");
+            }
+            let dir = load::resolve(Some(spec))?.context("--model names no folder")?;
+            let (config, checkpoint, _) = load::open_folder(&dir)?;
+            let stored = Stored::Checkpoint(checkpoint);
+            let source = WeightSource::new(stored, &config, args.model.quantize)?;
+            Ok((dir.display().to_string(), config, source))
+        }
+        (None, Some(spec)) => {
+            let (label, config) = random_config(spec, args.num_layers)?;
+            let dtype = args.weights_dtype.clone().unwrap_or(DType::BF16);
+            let random = RandomWeights::new(&config, dtype, bytes_bar("generating weights"));
+            let source = WeightSource::new(Stored::Random(random), &config, args.model.quantize)?;
+            Ok((label, config, source))
+        }
+        _ => bail!(
+            "dsv2 bench needs --model DIR or --random-weights deepseek-v2-lite|deepseek-v2|CONFIG"
+        ),
+    }
+}
+
+/// Checks the grid against itself and against the model's context length.
+fn check_grid(args: &BenchArgs, config: &ModelConfig) -> Result<()> {
+    ensure!(
+        args.prompt_lengths.iter().all(|&p| p > 0),
+        "--prompt-lengths must be positive"
+    );
+    ensure!(
+        args.batch_sizes.iter().all(|&b| b > 0),
+        "--batch-sizes must be positive"
+    );
+    ensure!(args.decode_tokens > 0, "--decode-tokens must be positive");
+    let max_pos = config.max_position_embeddings;
+    let longest_prompt = args.prompt_lengths.iter().max().copied().unwrap_or(0);
+    ensure!(
+        longest_prompt <= max_pos,
+        "a prompt of {longest_prompt} tokens exceeds max_position_embeddings ({max_pos})"
+    );
+    let last_position = max_of(&args.contexts) + args.decode_tokens;
+    ensure!(
+        last_position < max_pos,
+        "context {} plus {} decode steps reaches position {last_position}, past \
+         max_position_embeddings ({max_pos})",
+        max_of(&args.contexts),
+        args.decode_tokens
+    );
+    Ok(())
+}
+
+fn max_of(values: &[usize]) -> usize {
+    values.iter().max().copied().unwrap_or(0)
+}
+
+/// The benchmark, run once the model is loaded on the chosen backend.
+struct BenchTask<'a> {
+    args: &'a BenchArgs,
+    source: &'a WeightSource,
+    started: Instant,
+    loading: ProgressBar,
+}
+
+impl ModelTask for BenchTask<'_> {
+    type Output = Report;
+
+    fn run<B: Backend>(self, backend: &B, model: &Model<B>, _info: &ModelInfo) -> Result<Report> {
+        let load_s = self.started.elapsed().as_secs_f64();
+        self.loading.finish_and_clear();
+        let args = self.args;
+        let kv_bytes_per_token = model
+            .cache_spec(1, dsv2_engine::BLOCK_SIZE)
+            .bytes_per_token(backend.cache_value_bytes());
+        let mut runner = Runner::new(backend, model, args)?;
+        let rows = args.prompt_lengths.len() + args.contexts.len() * args.batch_sizes.len();
+        let bar = rows_bar(rows as u64);
+        bar.set_message(format!("warm-up ({WARMUP_TOKENS}-token prompt)"));
+        runner.prefill(WARMUP_TOKENS.min(runner.tokens.len()))?;
+
+        let mut prefill = Vec::new();
+        for &len in &args.prompt_lengths {
+            bar.set_message(format!("prefill of {len} tokens"));
+            let seconds = runner.prefill(len)?;
+            prefill.push(PrefillRow {
+                prompt_tokens: len,
+                seconds,
+            });
+            bar.inc(1);
+        }
+
+        let max_batch = max_of(&args.batch_sizes);
+        let max_context = max_of(&args.contexts);
+        bar.set_message(format!(
+            "filling {max_batch} contexts of {max_context} tokens"
+        ));
+        runner.fill_contexts(max_batch, max_context)?;
+        let mut decode = Vec::new();
+        for &context in &args.contexts {
+            for &batch in &args.batch_sizes {
+                bar.set_message(format!("decode: batch {batch}, context {context}"));
+                let seconds = runner.decode(batch, context, args.decode_tokens)?;
+                let bytes_per_step = mean_step_bytes(
+                    &model.config,
+                    self.source,
+                    kv_bytes_per_token,
+                    batch,
+                    context,
+                    args.decode_tokens,
+                );
+                decode.push(DecodeRow {
+                    batch,
+                    context,
+                    steps: args.decode_tokens,
+                    seconds,
+                    bytes_per_step,
+                });
+                bar.inc(1);
+            }
+        }
+        // Read before the bandwidth probe allocates its buffer.
+        let peak_rss_bytes = peak_rss_bytes();
+        bar.set_message("measuring the read bandwidth");
+        let bandwidth = backend.measure_read_bandwidth()?;
+        bar.finish_and_clear();
+        Ok(Report {
+            device: backend.describe(),
+            load_s,
+            peak_rss_bytes,
+            kv_bytes_per_token,
+            bandwidth,
+            prefill,
+            decode,
+        })
+    }
+}
+
+/// Mean bytes a timed decode step reads: step `i` (1-based, after the untimed one) of
+/// each sequence attends over `context + i + 1` cached tokens.
+fn mean_step_bytes(
+    config: &ModelConfig,
+    source: &WeightSource,
+    kv_bytes_per_token: usize,
+    batch: usize,
+    context: usize,
+    steps: usize,
+) -> f64 {
+    let distinct_experts = config.moe.as_ref().map_or(0.0, |moe| {
+        expected_distinct_experts(batch, moe.num_experts_per_tok, moe.n_routed_experts)
+    });
+    let total: f64 = (1..=steps)
+        .map(|i| {
+            let step = DecodeStep {
+                batch,
+                cache_tokens: batch * (context + i + 1),
+                distinct_experts,
+            };
+            decode_step_bytes(config, &step, kv_bytes_per_token, |t| {
+                source.tensor_bytes(t) as f64
+            })
+            .total()
+        })
+        .sum();
+    total / steps as f64
+}
+
+/// The cache, buffers and block tables the rows share.
+struct Runner<'m, B: Backend> {
+    backend: &'m B,
+    model: &'m Model<B>,
+    path: AttentionPath,
+    cache: B::Cache,
+    ws: Workspace<B>,
+    batch: Batch,
+    block_size: usize,
+    /// Block table of the prefill rows' one sequence.
+    prompt_table: Vec<u32>,
+    /// Block tables of the decode rows' sequences (disjoint).
+    seq_tables: Vec<Vec<u32>>,
+    /// Token ids of prompts and filled contexts.
+    tokens: Vec<u32>,
+}
+
+impl<'m, B: Backend> Runner<'m, B> {
+    fn new(backend: &'m B, model: &'m Model<B>, args: &BenchArgs) -> Result<Self> {
+        let block_size = dsv2_engine::BLOCK_SIZE;
+        let max_prompt = max_of(&args.prompt_lengths).max(WARMUP_TOKENS);
+        let max_context = max_of(&args.contexts);
+        let max_batch = max_of(&args.batch_sizes);
+        // Positions context ..= context + steps (the untimed step, then the timed ones).
+        let blocks_per_seq = (max_context + args.decode_tokens + 1).div_ceil(block_size);
+        let prompt_blocks = max_prompt.div_ceil(block_size);
+        let num_blocks = (max_batch * blocks_per_seq).max(prompt_blocks);
+        let cache = backend.alloc_cache(model.cache_spec(num_blocks, block_size))?;
+        let capacity = max_prompt.max(max_batch).max(max_context.min(FILL_CHUNK));
+        let ws = model.workspace(backend, capacity)?;
+        let seq_tables = (0..max_batch)
+            .map(|s| ((s * blocks_per_seq) as u32..((s + 1) * blocks_per_seq) as u32).collect())
+            .collect();
+        let vocab = model.config.vocab_size;
+        Ok(Runner {
+            backend,
+            model,
+            path: args.model.attention,
+            cache,
+            ws,
+            batch: Batch::default(),
+            block_size,
+            prompt_table: (0..prompt_blocks as u32).collect(),
+            seq_tables,
+            tokens: (0..max_prompt.max(max_context))
+                .map(|i| token_id(i, vocab))
+                .collect(),
+        })
+    }
+
+    /// Runs a prompt of `len` tokens from an empty cache; returns its seconds.
+    fn prefill(&mut self, len: usize) -> Result<f64> {
+        self.batch.clear();
+        self.batch.push_seq(
+            &self.tokens[..len],
+            0,
+            &self.prompt_table,
+            self.block_size,
+            LogitsWanted::Last,
+        );
+        let mut next = [0u32];
+        let started = Instant::now();
+        self.model.forward_greedy(
+            self.backend,
+            &self.batch,
+            &mut self.cache,
+            &mut self.ws,
+            self.path,
+            &mut next,
+        )?;
+        Ok(started.elapsed().as_secs_f64())
+    }
+
+    /// Fills the first `context` slots of the first `num_seqs` sequences.
+    fn fill_contexts(&mut self, num_seqs: usize, context: usize) -> Result<()> {
+        let chunk = self.ws.capacity();
+        for table in &self.seq_tables[..num_seqs] {
+            for start in (0..context).step_by(chunk) {
+                let len = chunk.min(context - start);
+                self.batch.clear();
+                self.batch.push_seq(
+                    &self.tokens[start..start + len],
+                    start,
+                    table,
+                    self.block_size,
+                    LogitsWanted::None,
+                );
+                self.model.write_latents(
+                    self.backend,
+                    &self.batch,
+                    &mut self.cache,
+                    &mut self.ws,
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Decodes `steps` timed tokens for each of `batch` sequences holding `context`
+    /// cached tokens, after one untimed step; returns the timed seconds.
+    fn decode(&mut self, batch: usize, context: usize, steps: usize) -> Result<f64> {
+        let vocab = self.model.config.vocab_size;
+        let mut next: Vec<u32> = (0..batch).map(|s| token_id(context + s, vocab)).collect();
+        let mut out = vec![0u32; batch];
+        self.decode_step(context, &mut next, &mut out)?;
+        let started = Instant::now();
+        for i in 1..=steps {
+            self.decode_step(context + i, &mut next, &mut out)?;
+        }
+        Ok(started.elapsed().as_secs_f64())
+    }
+
+    /// One decode step of `next.len()` sequences at `position`; their greedy tokens are
+    /// fed back as the next step's input.
+    fn decode_step(&mut self, position: usize, next: &mut [u32], out: &mut [u32]) -> Result<()> {
+        self.batch.clear();
+        for (s, token) in next.iter().enumerate() {
+            self.batch.push_seq(
+                std::slice::from_ref(token),
+                position,
+                &self.seq_tables[s],
+                self.block_size,
+                LogitsWanted::Last,
+            );
+        }
+        self.model.forward_greedy(
+            self.backend,
+            &self.batch,
+            &mut self.cache,
+            &mut self.ws,
+            self.path,
+            out,
+        )?;
+        next.copy_from_slice(out);
+        Ok(())
+    }
+}
+
+/// A deterministic, well-spread token id for position `i`.
+fn token_id(i: usize, vocab: usize) -> u32 {
+    let h = (i as u64 ^ 0x5DEE_CE66).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    ((h >> 32) % vocab as u64) as u32
+}
+
+/// One prefill measurement.
+struct PrefillRow {
+    prompt_tokens: usize,
+    seconds: f64,
+}
+
+impl PrefillRow {
+    fn tokens_per_s(&self) -> f64 {
+        self.prompt_tokens as f64 / self.seconds
+    }
+}
+
+/// One decode measurement.
+struct DecodeRow {
+    batch: usize,
+    context: usize,
+    steps: usize,
+    seconds: f64,
+    /// Mean bytes a timed step must read (weights touched and latent cache).
+    bytes_per_step: f64,
+}
+
+impl DecodeRow {
+    fn tokens_per_s(&self) -> f64 {
+        (self.batch * self.steps) as f64 / self.seconds
+    }
+
+    fn step_s(&self) -> f64 {
+        self.seconds / self.steps as f64
+    }
+
+    /// Tokens per second if every step took exactly its bytes over `bandwidth`.
+    fn floor_tokens_per_s(&self, bandwidth: f64) -> f64 {
+        self.batch as f64 * bandwidth / self.bytes_per_step
+    }
+
+    /// Fraction of the floor reached: achieved read rate over `bandwidth`.
+    fn bandwidth_fraction(&self, bandwidth: f64) -> f64 {
+        self.bytes_per_step / self.step_s() / bandwidth
+    }
+}
+
+/// Every figure of a run.
+struct Report {
+    device: String,
+    load_s: f64,
+    peak_rss_bytes: Option<u64>,
+    kv_bytes_per_token: usize,
+    /// Read bandwidth, bytes per second.
+    bandwidth: f64,
+    prefill: Vec<PrefillRow>,
+    decode: Vec<DecodeRow>,
+}
+
+impl Report {
+    fn print_table(&self, heading: &str) {
+        let rss = self
+            .peak_rss_bytes
+            .map_or("unknown".into(), |b| si(b as f64, "B"));
+        println!("{heading}");
+        println!("device: {}", self.device);
+        println!(
+            "load {:.2} s | peak RSS {rss} | latent cache {} B/token | read bandwidth {:.1} GB/s",
+            self.load_s,
+            self.kv_bytes_per_token,
+            self.bandwidth / 1e9
+        );
+        println!();
+        println!(
+            "{:>14} {:>10} {:>10}",
+            "prompt tokens", "seconds", "tokens/s"
+        );
+        for row in &self.prefill {
+            println!(
+                "{:>14} {:>10.3} {:>10.1}",
+                row.prompt_tokens,
+                row.seconds,
+                row.tokens_per_s()
+            );
+        }
+        println!();
+        println!(
+            "{:>6} {:>8} {:>10} {:>10} {:>9} {:>12} {:>9}",
+            "batch", "context", "ms/step", "tokens/s", "MB/step", "floor tok/s", "of floor"
+        );
+        for row in &self.decode {
+            println!(
+                "{:>6} {:>8} {:>10.2} {:>10.2} {:>9.2} {:>12.2} {:>8.1}%",
+                row.batch,
+                row.context,
+                row.step_s() * 1e3,
+                row.tokens_per_s(),
+                row.bytes_per_step / 1e6,
+                row.floor_tokens_per_s(self.bandwidth),
+                100.0 * row.bandwidth_fraction(self.bandwidth)
+            );
+        }
+    }
+
+    fn to_json(
+        &self,
+        label: &str,
+        dtypes: &str,
+        params: usize,
+        weight_bytes: usize,
+    ) -> serde_json::Value {
+        let prefill: Vec<_> = self
+            .prefill
+            .iter()
+            .map(|r| {
+                json!({
+                    "prompt_tokens": r.prompt_tokens,
+                    "seconds": r.seconds,
+                    "tokens_per_s": r.tokens_per_s(),
+                })
+            })
+            .collect();
+        let decode: Vec<_> = self
+            .decode
+            .iter()
+            .map(|r| {
+                json!({
+                    "batch": r.batch,
+                    "context": r.context,
+                    "steps": r.steps,
+                    "seconds": r.seconds,
+                    "tokens_per_s": r.tokens_per_s(),
+                    "bytes_per_step": r.bytes_per_step,
+                    "floor_tokens_per_s": r.floor_tokens_per_s(self.bandwidth),
+                    "bandwidth_fraction": r.bandwidth_fraction(self.bandwidth),
+                })
+            })
+            .collect();
+        json!({
+            "model": label,
+            "device": self.device,
+            "weights_dtype": dtypes,
+            "params": params,
+            "weight_bytes": weight_bytes,
+            "load_s": self.load_s,
+            "peak_rss_bytes": self.peak_rss_bytes,
+            "kv_bytes_per_token": self.kv_bytes_per_token,
+            "bandwidth_gbps": self.bandwidth / 1e9,
+            "prefill": prefill,
+            "decode": decode,
+        })
+    }
+}
+
+/// `x` with a decimal SI prefix (`1.23 G` + `unit`).
+fn si(x: f64, unit: &str) -> String {
+    let (value, prefix) = [(1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")]
+        .into_iter()
+        .find(|&(scale, _)| x >= scale)
+        .map_or((x, ""), |(scale, prefix)| (x / scale, prefix));
+    format!("{value:.2} {prefix}{unit}")
+}
+
+/// Peak resident memory of this process (`VmHWM`), where Linux reports it.
+fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// A progress bar in bytes (drawn on stderr when it is a terminal).
+fn bytes_bar(message: &'static str) -> ProgressBar {
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{msg} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} ({bytes_per_sec}, eta {eta})",
+        )
+        .expect("a valid template"),
+    );
+    bar.set_message(message);
+    bar
+}
+
+/// A progress bar over the benchmark's rows, ticking while a row runs.
+fn rows_bar(rows: u64) -> ProgressBar {
+    let bar = ProgressBar::new(rows);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} rows: {msg}",
+        )
+        .expect("a valid template"),
+    );
+    bar.enable_steady_tick(Duration::from_millis(200));
+    bar
+}

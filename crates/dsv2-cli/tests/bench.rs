@@ -1,0 +1,190 @@
+//! `dsv2 bench` end to end on the tiny `lite` fixture config.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+fn dsv2(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_dsv2"))
+        .args(args)
+        .output()
+        .expect("run dsv2")
+}
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures")
+        .join(name)
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// The JSON object on the last line of stdout.
+fn last_json(out: &Output) -> Value {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let last = stdout.lines().last().expect("some stdout");
+    serde_json::from_str(last).unwrap_or_else(|e| panic!("{e}: {last}"))
+}
+
+fn num(v: &Value, key: &str) -> f64 {
+    v[key]
+        .as_f64()
+        .unwrap_or_else(|| panic!("`{key}` is not a number in {v}"))
+}
+
+fn positive(v: &Value, key: &str) -> f64 {
+    let x = num(v, key);
+    assert!(x.is_finite() && x > 0.0, "`{key}` = {x} in {v}");
+    x
+}
+
+/// Parameters of the lite fixture a batch-1 decode step reads (hand count): per layer,
+/// attention (q_proj 96·64, kv_a 40·64, kv_a_layernorm 32, kv_b 128·32, o_proj 64·64,
+/// two norms of 64) = 17,056, times 3 layers; dense layer 0: 3·96·64 = 18,432; per MoE
+/// layer, router 8·64, shared 3·64·64 and 3 routed experts of 3·32·64 = 31,232, times 2;
+/// lm_head 300·64; one embedding row and the final norm, 64 each.
+const LITE_STEP_PARAMS: f64 = 3.0 * 17_056.0 + 18_432.0 + 2.0 * 31_232.0 + 19_200.0 + 128.0;
+
+#[test]
+fn bench_random_weights_reports_every_figure() {
+    let config = fixture("lite").join("config.json");
+    let out = dsv2(&[
+        "bench",
+        "--random-weights",
+        config.to_str().unwrap(),
+        "--prompt-lengths",
+        "8,32",
+        "--contexts",
+        "0,100",
+        "--batch-sizes",
+        "1,3",
+        "--decode-tokens",
+        "3",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let report = last_json(&out);
+
+    positive(&report, "load_s");
+    positive(&report, "peak_rss_bytes");
+    positive(&report, "bandwidth_gbps");
+    // 3 layers × (kv_lora_rank 32 + qk_rope_head_dim 8) × 4 bytes (the CPU cache is f32).
+    assert_eq!(num(&report, "kv_bytes_per_token"), 480.0);
+    assert_eq!(num(&report, "params"), 231_968.0);
+    assert_eq!(num(&report, "weight_bytes"), 2.0 * 231_968.0);
+    assert_eq!(report["weights_dtype"], "bf16");
+
+    let prefill = report["prefill"].as_array().unwrap();
+    let lengths: Vec<f64> = prefill.iter().map(|r| num(r, "prompt_tokens")).collect();
+    assert_eq!(lengths, [8.0, 32.0]);
+    for row in prefill {
+        positive(row, "tokens_per_s");
+    }
+
+    let decode = report["decode"].as_array().unwrap();
+    let grid: Vec<(f64, f64)> = decode
+        .iter()
+        .map(|r| (num(r, "context"), num(r, "batch")))
+        .collect();
+    assert_eq!(grid, [(0.0, 1.0), (0.0, 3.0), (100.0, 1.0), (100.0, 3.0)]);
+    for row in decode {
+        let tps = positive(row, "tokens_per_s");
+        let fraction = positive(row, "bandwidth_fraction");
+        let floor = positive(row, "floor_tokens_per_s");
+        assert!((fraction - tps / floor).abs() < 1e-9 * fraction, "{row}");
+        assert_eq!(num(row, "steps"), 3.0);
+    }
+    // Batch 1 at context 0: the weights touched in bf16, plus the timed steps' mean
+    // context (2, 3 and 4 cached tokens) of 480 bytes each.
+    let bytes = num(&decode[0], "bytes_per_step");
+    assert_eq!(bytes, 2.0 * LITE_STEP_PARAMS + 3.0 * 480.0);
+    // Context 100 reads 100 more tokens of cache per step.
+    assert_eq!(num(&decode[2], "bytes_per_step") - bytes, 100.0 * 480.0);
+}
+
+#[test]
+fn bench_runs_a_checkpoint_in_its_dtype() {
+    let dir = fixture("lite");
+    let out = dsv2(&[
+        "bench",
+        "--model",
+        dir.to_str().unwrap(),
+        "--prompt-lengths",
+        "4",
+        "--contexts",
+        "0",
+        "--batch-sizes",
+        "2",
+        "--decode-tokens",
+        "2",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let report = last_json(&out);
+    assert_eq!(report["weights_dtype"], "f32");
+    assert_eq!(num(&report, "weight_bytes"), 4.0 * 231_968.0);
+    positive(&report["decode"][0], "tokens_per_s");
+    positive(&report["prefill"][0], "tokens_per_s");
+}
+
+#[test]
+fn bench_quantizes_random_weights_at_load() {
+    let config = fixture("lite").join("config.json");
+    let out = dsv2(&[
+        "bench",
+        "--random-weights",
+        config.to_str().unwrap(),
+        "--quantize",
+        "q8",
+        "--prompt-lengths",
+        "4",
+        "--contexts",
+        "0",
+        "--batch-sizes",
+        "1",
+        "--decode-tokens",
+        "2",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let report = last_json(&out);
+    assert_eq!(report["weights_dtype"], "bf16, q8 at load");
+    // Matrices with 32-multiple rows of K become K + 2·K/32 bytes per row; embeddings,
+    // norms, routers and kv_b_proj stay bf16 (hand count over the lite fixture):
+    // embed 38,400; per layer q_proj 6,528, kv_a 2,720, kv_a_layernorm 64, kv_b 8,192,
+    // o_proj 4,352, norms 256 (×3); dense MLP 3 × 6,528; per MoE layer router 1,024,
+    // 8 experts × 6,528, shared 13,056 (×2); final norm 128; lm_head (q8) 20,400.
+    let want = 38_400 + 3 * 22_112 + 19_584 + 2 * 66_304 + 128 + 20_400;
+    assert_eq!(num(&report, "weight_bytes"), want as f64);
+    positive(&report["decode"][0], "tokens_per_s");
+}
+
+#[test]
+fn bench_rejects_what_it_cannot_run() {
+    let config = fixture("lite").join("config.json");
+    let config = config.to_str().unwrap();
+    let cases: [(&[&str], &str); 5] = [
+        (&["bench"], "--random-weights"),
+        (
+            &["bench", "--random-weights", config, "--weights-dtype", "q8"],
+            "--quantize",
+        ),
+        (
+            &["bench", "--random-weights", config, "--contexts", "5110"],
+            "max_position_embeddings",
+        ),
+        (
+            &["bench", "--random-weights", config, "--device", "cuda"],
+            "CUDA",
+        ),
+        (&["bench", "--random-weights", "deepseek-v3"], "deepseek-v3"),
+    ];
+    for (args, needle) in cases {
+        let out = dsv2(args);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        assert!(stderr(&out).contains(needle), "{args:?}: {}", stderr(&out));
+    }
+}

@@ -1,0 +1,118 @@
+//! Host memory read bandwidth, measured the way a memory-bound decode step reads its
+//! weights: every core streaming its own part of a buffer far larger than the caches.
+
+use std::time::Instant;
+
+use rayon::prelude::*;
+
+/// Smallest buffer read, whatever the caches (bytes).
+const MIN_BYTES: usize = 512 << 20;
+/// Largest buffer read, so that a machine with a huge last-level cache is not asked for
+/// gigabytes of scratch memory (bytes).
+const MAX_BYTES: usize = 2 << 30;
+/// How many times larger than the last-level cache the buffer is.
+const LLC_MULTIPLE: usize = 8;
+/// Timed passes; the best one is reported.
+const PASSES: usize = 8;
+
+/// Bytes one measurement reads per pass: [`LLC_MULTIPLE`] times the largest cache this
+/// machine reports, within [`MIN_BYTES`]..=[`MAX_BYTES`].
+pub fn buffer_bytes() -> usize {
+    (largest_cache_bytes().unwrap_or(0) * LLC_MULTIPLE).clamp(MIN_BYTES, MAX_BYTES)
+}
+
+/// The best read bandwidth in bytes per second over a few passes of a read of `bytes`
+/// bytes by all of rayon's threads (the threads the kernels run on).
+pub fn measure_read_bandwidth(bytes: usize) -> f64 {
+    let words = (bytes / 8).max(1);
+    // Written with distinct non-zero values first: a page never written reads the shared
+    // zero page, which would measure the caches instead of memory.
+    let mut buf = Vec::with_capacity(words);
+    (0..words)
+        .into_par_iter()
+        .map(|i| (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+        .collect_into_vec(&mut buf);
+    let chunk = words
+        .div_ceil(rayon::current_num_threads() * 8)
+        .max(1 << 12);
+    let mut best = f64::INFINITY;
+    for _ in 0..PASSES {
+        let started = Instant::now();
+        let sum = buf
+            .par_chunks(chunk)
+            .map(sum_words)
+            .reduce(|| 0, u64::wrapping_add);
+        std::hint::black_box(sum);
+        best = best.min(started.elapsed().as_secs_f64());
+    }
+    (words * 8) as f64 / best.max(1e-9)
+}
+
+/// Wrapping sum of `words` with eight independent accumulators, so the loop is bound by
+/// loads, not by the latency of one add chain (it vectorizes on every target).
+fn sum_words(words: &[u64]) -> u64 {
+    let mut acc = [0u64; 8];
+    let mut blocks = words.chunks_exact(8);
+    for block in &mut blocks {
+        for (a, w) in acc.iter_mut().zip(block) {
+            *a = a.wrapping_add(*w);
+        }
+    }
+    acc.iter()
+        .chain(blocks.remainder())
+        .fold(0, |s, &w| s.wrapping_add(w))
+}
+
+/// Size of the largest CPU cache Linux reports for cpu0 (`None` elsewhere).
+fn largest_cache_bytes() -> Option<usize> {
+    let dir = std::fs::read_dir("/sys/devices/system/cpu/cpu0/cache").ok()?;
+    dir.filter_map(|entry| {
+        let text = std::fs::read_to_string(entry.ok()?.path().join("size")).ok()?;
+        parse_cache_size(text.trim())
+    })
+    .max()
+}
+
+/// Parses sysfs cache sizes such as `32768K`, `2M` or `512`.
+fn parse_cache_size(text: &str) -> Option<usize> {
+    let (digits, unit) = match text.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        Some((at, _)) => text.split_at(at),
+        None => (text, ""),
+    };
+    let scale = match unit {
+        "" => 1,
+        "K" => 1 << 10,
+        "M" => 1 << 20,
+        "G" => 1 << 30,
+        _ => return None,
+    };
+    digits.parse::<usize>().ok().map(|n| n * scale)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sums_every_word() {
+        let words: Vec<u64> = (1..=1003).collect();
+        assert_eq!(sum_words(&words), 1003 * 1004 / 2);
+        assert_eq!(sum_words(&[]), 0);
+    }
+
+    #[test]
+    fn parses_sysfs_sizes() {
+        assert_eq!(parse_cache_size("32768K"), Some(32 << 20));
+        assert_eq!(parse_cache_size("2M"), Some(2 << 20));
+        assert_eq!(parse_cache_size("512"), Some(512));
+        assert_eq!(parse_cache_size("big"), None);
+        assert!((MIN_BYTES..=MAX_BYTES).contains(&buffer_bytes()));
+    }
+
+    #[test]
+    fn measures_a_plausible_bandwidth() {
+        // A small buffer (mostly cache-resident): only the arithmetic is checked here.
+        let bw = measure_read_bandwidth(8 << 20);
+        assert!(bw.is_finite() && bw > 1e8, "{bw}");
+    }
+}
