@@ -207,9 +207,9 @@ fn bf16_compute_tracks_the_references() {
                  {hf_bf16:.2e}), vs HF bf16 {err_bf16:.2e}, argmax {agree}/{}",
                 prompt.len()
             );
-            // bf16 keeps 8 mantissa bits: on these tiny random models HF's own bf16 run is
-            // 2e-2..5e-2 from its f32 run. Ours must be no further from f32 than HF's bf16
-            // (50% margin: the noise is chaotic on these models), and within both noises.
+            // bf16 keeps 8 mantissa bits: HF's own bf16 run is ~8e-3 from its f32 run on
+            // these fixtures. Ours must be within 2e-2 (or no further than HF's bf16 with a
+            // 50% margin), and within both noises of HF's bf16 run.
             let bound = (1.5 * hf_bf16).max(2e-2);
             assert!(err_f32 <= bound, "{name} prompt {i}: {err_f32} > {bound}");
             assert!(err_bf16 <= 2.0 * bound, "{name} prompt {i}: {err_bf16}");
@@ -237,12 +237,11 @@ fn load_quantized(name: &str, format: dsv2_core::QuantFormat) -> (CpuBackend, Mo
 #[test]
 fn quantized_logits_stay_within_the_format_budget() {
     use dsv2_core::QuantFormat;
-    // These random fixtures amplify any perturbation about tenfold (HF's own bf16 run is
-    // 2e-2..3e-2 from its f32 run), so the budgets of issue #5 (1e-2 / 6e-2, meant for
-    // trained models) do not apply here. The bounds below are what the formats give on
-    // them (q8 ≈ 2x the bf16 noise; q4's ~7% per-weight error becomes ~0.5) with margin:
-    // they catch a wrong scale, packing or routing, not the last percent.
-    for (format, budget) in [(QuantFormat::Q8, 8e-2), (QuantFormat::Q4, 0.7)] {
+    // Random tiny models amplify perturbations (HF's own bf16 run is ~8e-3 from its f32
+    // run here), so issue #5's budgets for trained models (1e-2 / 6e-2) are measured,
+    // reported and bounded with the amplification allowed for: q8 gives 1.2e-2..2e-2,
+    // q4 0.09..0.18 on these fixtures.
+    for (format, budget) in [(QuantFormat::Q8, 3e-2), (QuantFormat::Q4, 0.25)] {
         for name in FIXTURES {
             let (backend, model) = load_quantized(name, format);
             let reference = Reference::open(name);
