@@ -183,61 +183,7 @@ pub fn silu(x: f32) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// A deterministic generator of test values in [-1, 1).
-    fn values(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-            })
-            .collect()
-    }
-
-    fn reference(x: &[f32], m: usize, w: &[f32], n: usize, k: usize) -> Vec<f64> {
-        let mut y = vec![0.0f64; m * n];
-        for i in 0..m {
-            for j in 0..n {
-                y[i * n + j] = (0..k)
-                    .map(|t| x[i * k + t] as f64 * w[j * k + t] as f64)
-                    .sum();
-            }
-        }
-        y
-    }
-
-    fn check<E: crate::matmul::KindOf>(m: usize, n: usize, k: usize, conv: impl Fn(f32) -> E) {
-        let x = values(m * k, 1);
-        let w: Vec<E> = values(n * k, 2).into_iter().map(&conv).collect();
-        let wf: Vec<f32> = w.iter().map(|v| v.to_f32()).collect();
-        let mut y = vec![f32::NAN; m * n];
-        linear(&x, m, &w, n, k, &mut y);
-        let r = reference(&x, m, &wf, n, k);
-        for (a, b) in y.iter().zip(&r) {
-            assert!(
-                (*a as f64 - b).abs() <= 1e-5 * (k as f64).sqrt() * (1.0 + b.abs()),
-                "m={m} n={n} k={k}: {a} vs {b}"
-            );
-        }
-    }
-
-    #[test]
-    fn linear_matches_plain_reference_on_ragged_sizes() {
-        for &(m, n, k) in &[
-            (1, 1, 1),
-            (1, 130, 67),
-            (3, 65, 1408),
-            (5, 64, 33),
-            (17, 200, 96),
-        ] {
-            check(m, n, k, |v| v);
-            check(m, n, k, bf16::from_f32);
-            check(m, n, k, f16::from_f32);
-        }
-    }
+    use crate::test_values as values;
 
     #[test]
     fn dot_and_axpy_match_plain_loops() {

@@ -12,6 +12,20 @@
 //! ```
 
 mod attention;
+
+/// Deterministic test values in [-1, 1) (xorshift64), shared by the kernel tests.
+#[cfg(test)]
+pub(crate) fn test_values(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        })
+        .collect()
+}
 pub mod bandwidth;
 pub mod kernels;
 pub mod matmul;

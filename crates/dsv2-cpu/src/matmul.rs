@@ -236,18 +236,7 @@ unsafe fn tile_avx2<E: KindOf, const R: usize, const C: usize>(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn values(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-            })
-            .collect()
-    }
+    use crate::test_values as values;
 
     fn check<E: KindOf>(m: usize, n: usize, k: usize, conv: impl Fn(f32) -> E) {
         let x = values(m * k, 1);

@@ -369,19 +369,8 @@ use x86::{tile_avx2, tile_avx_vnni};
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_values as values;
     use dsv2_core::quant::quantize_row;
-
-    fn values(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-            })
-            .collect()
-    }
 
     struct Owned {
         format: QuantFormat,
