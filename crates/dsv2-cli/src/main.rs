@@ -62,8 +62,8 @@ pub struct ModelArgs {
     /// Attention formulation: auto (expanded prefill, absorbed decode), expanded or absorbed.
     #[arg(long, default_value = "auto", value_parser = parse_path)]
     pub attention: AttentionPath,
-    /// Quantize weights at load time: q8 or q4 (embeddings, norms and the router stay
-    /// in their checkpoint dtype).
+    /// Quantize weights at load time: q8 or q4 (q4: routed experts at 4 bits, other
+    /// matrices at q8; embeddings, norms and the router stay in their checkpoint dtype).
     #[arg(long)]
     pub quantize: Option<QuantFormat>,
 }

@@ -25,7 +25,7 @@ pub struct QuantizeArgs {
     /// Model folder or hub id to quantize.
     #[arg(long)]
     model: String,
-    /// Target format: q8 or q4.
+    /// Target format: q8, or q4 (routed experts at 4 bits, other matrices at q8).
     #[arg(long)]
     to: QuantFormat,
     /// Output folder (created; must not hold a model.safetensors already).

@@ -237,12 +237,19 @@ fn load_quantized(name: &str, format: dsv2_core::QuantFormat) -> (CpuBackend, Mo
 #[test]
 fn quantized_logits_stay_within_the_format_budget() {
     use dsv2_core::QuantFormat;
-    // Random tiny models amplify perturbations (HF's own bf16 run is ~8e-3 from its f32
-    // run here), so issue #5's budgets for trained models (1e-2 / 6e-2) are measured,
-    // reported and bounded with the amplification allowed for: q8 gives 1.2e-2..2e-2,
-    // q4 0.09..0.18 on these fixtures.
-    for (format, budget) in [(QuantFormat::Q8, 3e-2), (QuantFormat::Q4, 0.25)] {
+    // Measured on these fixtures (f32 reference): q8 1.2e-2..2.0e-2 (weight-only q8, the
+    // floor of any 8.5-bit block format, is already 0.8e-2..1.5e-2 here; the int8
+    // activations add the rest, as llama.cpp's q8_0 does); q4 (routed experts only)
+    // 2.8e-2..3.9e-2 on `lite` and `plain`, inside issue #5's 6e-2, and 8e-2..1.1e-1 on
+    // `v2`, whose routed_scaling_factor of 16 multiplies the routed experts' error.
+    let budget = |format: QuantFormat, name: &str| match (format, name) {
+        (QuantFormat::Q8, _) => 2.5e-2,
+        (QuantFormat::Q4, "v2") => 0.13,
+        (QuantFormat::Q4, _) => 6e-2,
+    };
+    for format in [QuantFormat::Q8, QuantFormat::Q4] {
         for name in FIXTURES {
+            let budget = budget(format, name);
             let (backend, model) = load_quantized(name, format);
             let reference = Reference::open(name);
             let vocab = model.config.vocab_size;
