@@ -52,7 +52,7 @@ pub enum AttentionPath {
 }
 
 /// One sequence's part of a batch.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, PartialEq, Eq, Default)]
 pub struct SeqSlice {
     /// First row of this sequence's new tokens in the flattened batch.
     pub query_start: usize,
@@ -64,8 +64,31 @@ pub struct SeqSlice {
     pub block_table: Vec<u32>,
 }
 
+impl Clone for SeqSlice {
+    fn clone(&self) -> Self {
+        SeqSlice {
+            query_start: self.query_start,
+            query_len: self.query_len,
+            context_len: self.context_len,
+            block_table: self.block_table.clone(),
+        }
+    }
+
+    /// Reuses the block table's buffer (no allocation once it is large enough).
+    fn clone_from(&mut self, source: &Self) {
+        self.query_start = source.query_start;
+        self.query_len = source.query_len;
+        self.context_len = source.context_len;
+        self.block_table.clone_from(&source.block_table);
+    }
+}
+
 /// The inputs of one forward step: several sequences of different lengths, flattened.
-#[derive(Debug, Clone, Default)]
+///
+/// Built step after step with [`clear`](Batch::clear) and [`push_seq`](Batch::push_seq)
+/// (or copied with `clone_from`), a batch reuses its buffers: the per-token path does not
+/// allocate once the batch has reached its size.
+#[derive(Debug, Default)]
 pub struct Batch {
     /// `[T]` token ids.
     pub token_ids: Vec<u32>,
@@ -77,6 +100,46 @@ pub struct Batch {
     pub seqs: Vec<SeqSlice>,
     /// Rows whose logits are wanted, in output order.
     pub logits_rows: Vec<u32>,
+    /// Block-table buffers of cleared sequences, reused by `push_seq`.
+    spare_tables: Vec<Vec<u32>>,
+}
+
+impl Clone for Batch {
+    fn clone(&self) -> Self {
+        Batch {
+            token_ids: self.token_ids.clone(),
+            positions: self.positions.clone(),
+            slots: self.slots.clone(),
+            seqs: self.seqs.clone(),
+            logits_rows: self.logits_rows.clone(),
+            spare_tables: Vec::new(),
+        }
+    }
+
+    /// Reuses every buffer of `self` (the per-step copy into a backend's step state).
+    fn clone_from(&mut self, source: &Self) {
+        self.token_ids.clone_from(&source.token_ids);
+        self.positions.clone_from(&source.positions);
+        self.slots.clone_from(&source.slots);
+        self.logits_rows.clone_from(&source.logits_rows);
+        let keep = self.seqs.len().min(source.seqs.len());
+        for seq in self.seqs.drain(keep..) {
+            self.spare_tables.push(seq.block_table);
+        }
+        for (dst, src) in self.seqs.iter_mut().zip(&source.seqs) {
+            dst.clone_from(src);
+        }
+        for src in &source.seqs[keep..] {
+            let mut block_table = self.spare_tables.pop().unwrap_or_default();
+            block_table.clone_from(&src.block_table);
+            self.seqs.push(SeqSlice {
+                query_start: src.query_start,
+                query_len: src.query_len,
+                context_len: src.context_len,
+                block_table,
+            });
+        }
+    }
 }
 
 impl Batch {
@@ -85,7 +148,9 @@ impl Batch {
         self.token_ids.clear();
         self.positions.clear();
         self.slots.clear();
-        self.seqs.clear();
+        for seq in self.seqs.drain(..) {
+            self.spare_tables.push(seq.block_table);
+        }
         self.logits_rows.clear();
     }
 
@@ -122,11 +187,14 @@ impl Batch {
                     .extend((query_start..query_start + tokens.len()).map(|r| r as u32));
             }
         }
+        let mut table = self.spare_tables.pop().unwrap_or_default();
+        table.clear();
+        table.extend_from_slice(block_table);
         self.seqs.push(SeqSlice {
             query_start,
             query_len: tokens.len(),
             context_len: past_len + tokens.len(),
-            block_table: block_table.to_vec(),
+            block_table: table,
         });
     }
 

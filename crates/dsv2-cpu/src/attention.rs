@@ -9,6 +9,7 @@ use dsv2_backend::{AttentionPath, MlaAttention, MlaDims, SeqSlice};
 use rayon::prelude::*;
 
 use crate::kernels::{axpy, dot, gemm_f32, round_bf16, MatRef, SyncPtr};
+use crate::scratch::take;
 use crate::{with_elems, CpuBackend, CpuCache};
 
 pub(crate) fn mla_attention(be: &CpuBackend, args: MlaAttention<'_, CpuBackend>, out: &mut [f32]) {
@@ -53,15 +54,15 @@ fn expanded(be: &CpuBackend, args: &MlaAttention<'_, CpuBackend>, seq: &SeqSlice
     let s_len = seq.context_len;
     let past = s_len - seq.query_len;
     // Gather the context's latents and RoPE keys, then expand keys and values per head.
-    let mut latents = vec![0.0f32; s_len * c];
-    let mut k_pe = vec![0.0f32; s_len * dr];
+    let mut latents = take::<f32>(s_len * c);
+    let mut k_pe = take::<f32>(s_len * dr);
     for pos in 0..s_len {
         let row = cache.row(args.layer, slot(seq, bs, pos));
         latents[pos * c..(pos + 1) * c].copy_from_slice(&row[..c]);
         k_pe[pos * dr..(pos + 1) * dr].copy_from_slice(&row[c..]);
     }
     let kv_w = h * (dn + dv);
-    let mut kv = vec![0.0f32; s_len * kv_w];
+    let mut kv = take::<f32>(s_len * kv_w);
     args.kv_b_proj.matmul(&latents, s_len, &mut kv);
     be.round(&mut kv);
 
@@ -77,7 +78,7 @@ fn expanded(be: &CpuBackend, args: &MlaAttention<'_, CpuBackend>, seq: &SeqSlice
             col_stride,
         };
         // scores[Tq, S] = q_nope · k_noneᵀ + q_pe · k_peᵀ (keys read transposed).
-        let mut scores = vec![0.0f32; tq * s_len];
+        let mut scores = take::<f32>(tq * s_len);
         let head_kv = &kv[head * (dn + dv)..];
         let q_head = &q_rows[head * qd..];
         gemm_f32(
@@ -110,7 +111,7 @@ fn expanded(be: &CpuBackend, args: &MlaAttention<'_, CpuBackend>, seq: &SeqSlice
             row[visible..].fill(0.0);
         }
         // out[Tq, Dv] = probs · v
-        let mut head_out = vec![0.0f32; tq * dv];
+        let mut head_out = take::<f32>(tq * dv);
         gemm_f32(
             tq,
             dv,
@@ -133,6 +134,16 @@ fn expanded(be: &CpuBackend, args: &MlaAttention<'_, CpuBackend>, seq: &SeqSlice
     });
 }
 
+/// Cache positions per parallel task of the absorbed scores.
+const SCORE_CHUNK: usize = 64;
+/// Latent columns per parallel task of the absorbed weighted sum.
+const LATENT_CHUNK: usize = 64;
+
+/// Absorbed attention (the decode path), one query token at a time. All heads share one
+/// latent per cached token, so each pass reads every cache row once for all heads (not
+/// once per head): the scores are split over cache positions, the weighted sum over
+/// latent columns, both across threads. Per value the arithmetic is the same fixed
+/// sequence whatever the split, so results do not depend on the thread count.
 fn absorbed(be: &CpuBackend, args: &MlaAttention<'_, CpuBackend>, seq: &SeqSlice, out: &mut [f32]) {
     let d: MlaDims = args.dims;
     let cache: &CpuCache = args.cache;
@@ -140,47 +151,92 @@ fn absorbed(be: &CpuBackend, args: &MlaAttention<'_, CpuBackend>, seq: &SeqSlice
     let (c, dn, dv, h) = (d.kv_lora_rank, d.nope_dim, d.v_dim, d.num_heads);
     let past = seq.context_len - seq.query_len;
     let qd = d.q_head_dim();
-    let out_ptr = SyncPtr(out.as_mut_ptr());
     let out_row = h * dv;
+    // Scratch of the calling thread: queries in latent space, scores, latent outputs.
+    let mut q_lat = take::<f32>(h * c);
+    let mut o_lat = take::<f32>(h * c);
+    let mut scores = take::<f32>(h * seq.context_len);
     with_elems!(args.kv_b_proj, |kv_b| {
-        (0..h).into_par_iter().for_each(|head| {
-            let w_uk = |j: usize| &kv_b[(head * (dn + dv) + j) * c..][..c];
-            let w_uv = |j: usize| &kv_b[(head * (dn + dv) + dn + j) * c..][..c];
-            let mut q_lat = vec![0.0f32; c];
-            let mut o_lat = vec![0.0f32; c];
-            let mut scores = vec![0.0f32; seq.context_len];
-            for i in 0..seq.query_len {
-                let t = seq.query_start + i;
-                let q = &args.q[t * h * qd + head * qd..][..qd];
-                // q_lat = W_UK[head]ᵀ · q_nope: the query moved into latent space.
-                q_lat.fill(0.0);
-                for (j, &qv) in q[..dn].iter().enumerate() {
-                    axpy(qv, w_uk(j), &mut q_lat);
+        let w_uk = |head: usize, j: usize| &kv_b[(head * (dn + dv) + j) * c..][..c];
+        let w_uv = |head: usize, j: usize| &kv_b[(head * (dn + dv) + dn + j) * c..][..c];
+        for i in 0..seq.query_len {
+            let t = seq.query_start + i;
+            let q_tok = &args.q[t * h * qd..(t + 1) * h * qd];
+            let visible = past + i + 1;
+            // q_lat[head] = W_UK[head]ᵀ · q_nope[head]: each query moved into latent space.
+            q_lat.par_chunks_mut(c).enumerate().for_each(|(head, ql)| {
+                ql.fill(0.0);
+                for (j, &qv) in q_tok[head * qd..head * qd + dn].iter().enumerate() {
+                    axpy(qv, w_uk(head, j), ql);
                 }
-                be.round(&mut q_lat);
-                let visible = past + i + 1;
-                for (s, score) in scores[..visible].iter_mut().enumerate() {
-                    let row = cache.row(args.layer, slot(seq, bs, s));
-                    let raw = dot(&row[..c], &q_lat) + dot(&row[c..], &q[dn..]);
-                    *score = scale_score(be, raw, d.softmax_scale);
-                }
-                softmax(be, &mut scores[..visible]);
-                // o_lat = Σ p_s c_s, then o = W_UV[head] · o_lat.
-                o_lat.fill(0.0);
-                for (s, &p) in scores[..visible].iter().enumerate() {
-                    let row = cache.row(args.layer, slot(seq, bs, s));
-                    axpy(p, &row[..c], &mut o_lat);
-                }
-                be.round(&mut o_lat);
-                // SAFETY: row t, head `head` is written by this task only.
-                let dst = unsafe {
-                    std::slice::from_raw_parts_mut(out_ptr.get().add(t * out_row + head * dv), dv)
-                };
-                for (j, o) in dst.iter_mut().enumerate() {
-                    *o = dot(w_uv(j), &o_lat);
-                }
-                be.round(dst);
+                be.round(ql);
+            });
+            // scores[head, s] = q_lat · c_s + q_pe · k_pe_s, every head per cache row.
+            let q_lat_ref: &[f32] = &q_lat;
+            let score_ptr = SyncPtr(scores.as_mut_ptr());
+            let ctx = seq.context_len;
+            (0..visible.div_ceil(SCORE_CHUNK))
+                .into_par_iter()
+                .for_each(|chunk| {
+                    let s1 = ((chunk + 1) * SCORE_CHUNK).min(visible);
+                    for s in chunk * SCORE_CHUNK..s1 {
+                        let row = cache.row(args.layer, slot(seq, bs, s));
+                        for head in 0..h {
+                            let q_pe = &q_tok[head * qd + dn..(head + 1) * qd];
+                            let raw = dot(&row[..c], &q_lat_ref[head * c..(head + 1) * c])
+                                + dot(&row[c..], q_pe);
+                            // SAFETY: position s of every head is written by this task only.
+                            unsafe {
+                                *score_ptr.get().add(head * ctx + s) =
+                                    scale_score(be, raw, d.softmax_scale)
+                            };
+                        }
+                    }
+                });
+            for head in 0..h {
+                softmax(be, &mut scores[head * ctx..head * ctx + visible]);
             }
-        })
+            // o_lat[head] = Σ_s p[head, s] · c_s, split over latent columns.
+            let scores_ref: &[f32] = &scores;
+            let o_ptr = SyncPtr(o_lat.as_mut_ptr());
+            (0..c.div_ceil(LATENT_CHUNK))
+                .into_par_iter()
+                .for_each(|chunk| {
+                    let (c0, c1) = (chunk * LATENT_CHUNK, ((chunk + 1) * LATENT_CHUNK).min(c));
+                    for head in 0..h {
+                        // SAFETY: columns c0..c1 of every head are written by this task only.
+                        let dst = unsafe {
+                            std::slice::from_raw_parts_mut(o_ptr.get().add(head * c + c0), c1 - c0)
+                        };
+                        dst.fill(0.0);
+                    }
+                    for s in 0..visible {
+                        let row = &cache.row(args.layer, slot(seq, bs, s))[c0..c1];
+                        for head in 0..h {
+                            let p = scores_ref[head * ctx + s];
+                            // SAFETY: as above.
+                            let dst = unsafe {
+                                std::slice::from_raw_parts_mut(
+                                    o_ptr.get().add(head * c + c0),
+                                    c1 - c0,
+                                )
+                            };
+                            axpy(p, row, dst);
+                        }
+                    }
+                });
+            be.round(&mut o_lat);
+            // out[head] = W_UV[head] · o_lat[head].
+            out[t * out_row..(t + 1) * out_row]
+                .par_chunks_mut(dv)
+                .enumerate()
+                .for_each(|(head, dst)| {
+                    let ol = &o_lat[head * c..(head + 1) * c];
+                    for (j, o) in dst.iter_mut().enumerate() {
+                        *o = dot(w_uv(head, j), ol);
+                    }
+                    be.round(dst);
+                });
+        }
     });
 }

@@ -31,6 +31,7 @@ pub mod kernels;
 pub mod matmul;
 mod moe;
 pub mod qmatmul;
+mod scratch;
 
 use dsv2_backend::{
     Backend, BackendError, Batch, CacheSpec, ComputeDtype, MlaAttention, MlaDims, Mlp, MoeWeights,
@@ -444,9 +445,11 @@ impl Backend for CpuBackend {
     ) -> Result<()> {
         let rows = &step.batch.logits_rows;
         let (d, v) = (lm_head.cols, lm_head.rows);
-        let mut gathered = Vec::with_capacity(rows.len() * d);
+        let mut gathered = scratch::take_empty::<f32>();
         for &r in rows {
-            gathered.extend_from_slice(&x[r as usize * d..(r as usize + 1) * d]);
+            gathered
+                .vec()
+                .extend_from_slice(&x[r as usize * d..(r as usize + 1) * d]);
         }
         lm_head.matmul(&gathered, rows.len(), &mut out[..rows.len() * v]);
         self.round(&mut out[..rows.len() * v]);
@@ -461,7 +464,7 @@ impl Backend for CpuBackend {
         out: &mut [u32],
     ) -> Result<()> {
         let v = lm_head.rows;
-        let mut logits = vec![0.0f32; step.batch.logits_rows.len() * v];
+        let mut logits = scratch::take::<f32>(step.batch.logits_rows.len() * v);
         self.logits(x, step, lm_head, &mut logits)?;
         for (o, row) in out.iter_mut().zip(logits.chunks(v)) {
             *o = kernels::argmax(row);

@@ -4,6 +4,7 @@ use dsv2_backend::routing::{route_token, softmax_in_place};
 use dsv2_backend::{Mlp, MoeWeights};
 
 use crate::kernels::{round_bf16, silu};
+use crate::scratch::{take, take_empty};
 use crate::{CpuBackend, CpuWeight};
 
 /// `out[rows, D] = down(silu(gate(x)) * up(x))` with the reference's bf16 rounding
@@ -16,8 +17,8 @@ pub(crate) fn mlp_rows(
     out: &mut [f32],
 ) {
     let inter = mlp.gate_proj.rows();
-    let mut gate = vec![0.0f32; rows * inter];
-    let mut up = vec![0.0f32; rows * inter];
+    let mut gate = take::<f32>(rows * inter);
+    let mut up = take::<f32>(rows * inter);
     mlp.gate_proj.matmul(x, rows, &mut gate);
     mlp.up_proj.matmul(x, rows, &mut up);
     if be.bf16() {
@@ -47,10 +48,10 @@ pub(crate) fn moe(
     let num_experts = moe.gate.rows();
     let k = moe.routing.top_k;
     // Router: f32 logits of the (bf16-representable, in bf16 mode) activations.
-    let mut probs = vec![0.0f32; rows * num_experts];
+    let mut probs = take::<f32>(rows * num_experts);
     moe.gate.matmul(x, rows, &mut probs);
-    let mut ids = vec![0u32; rows * k];
-    let mut weights = vec![0.0f32; rows * k];
+    let mut ids = take::<u32>(rows * k);
+    let mut weights = take::<f32>(rows * k);
     for t in 0..rows {
         let p = &mut probs[t * num_experts..(t + 1) * num_experts];
         softmax_in_place(p);
@@ -62,29 +63,35 @@ pub(crate) fn moe(
         );
     }
     // Group tokens by expert: each expert's weights are read once per step.
-    let mut routed = vec![0.0f32; rows * d];
-    let mut gathered = Vec::new();
-    let mut members: Vec<(usize, f32)> = Vec::new();
-    let mut expert_out = Vec::new();
+    let mut routed = take::<f32>(rows * d);
+    let mut gathered = take_empty::<f32>();
+    let mut member_rows = take_empty::<u32>();
+    let mut member_weights = take_empty::<f32>();
+    let mut expert_out = take_empty::<f32>();
     for (e, expert) in moe.experts.iter().enumerate() {
-        members.clear();
+        member_rows.vec().clear();
+        member_weights.vec().clear();
         for t in 0..rows {
             for j in 0..k {
                 if ids[t * k + j] as usize == e {
-                    members.push((t, weights[t * k + j]));
+                    member_rows.vec().push(t as u32);
+                    member_weights.vec().push(weights[t * k + j]);
                 }
             }
         }
-        if members.is_empty() {
+        if member_rows.is_empty() {
             continue;
         }
-        gathered.clear();
-        for &(t, _) in &members {
-            gathered.extend_from_slice(&x[t * d..(t + 1) * d]);
+        gathered.vec().clear();
+        for &t in member_rows.iter() {
+            let t = t as usize;
+            gathered.vec().extend_from_slice(&x[t * d..(t + 1) * d]);
         }
-        expert_out.resize(members.len() * d, 0.0);
-        mlp_rows(be, &gathered, members.len(), expert, &mut expert_out);
-        for (m, &(t, w)) in members.iter().enumerate() {
+        let n = member_rows.len();
+        expert_out.vec().resize(n * d, 0.0);
+        mlp_rows(be, &gathered, n, expert, &mut expert_out);
+        for (m, (&t, &w)) in member_rows.iter().zip(member_weights.iter()).enumerate() {
+            let t = t as usize;
             for (acc, v) in routed[t * d..(t + 1) * d]
                 .iter_mut()
                 .zip(&expert_out[m * d..(m + 1) * d])

@@ -186,14 +186,20 @@ impl<'m, B: Backend> Engine<'m, B> {
 
     /// Runs steps until drained (see [`EngineHandle::drain`]) or until every handle and
     /// stream is gone. Sleeps while there is nothing to do.
+    ///
+    /// The loop runs on a worker of the global rayon pool (the calling thread waits), so
+    /// a CPU backend's parallel kernels start from inside the pool: no job is injected
+    /// into it from outside and a step makes no allocation there.
     pub fn run(mut self) {
-        while self.receive_commands() {
-            if !self.scheduler.is_idle() {
-                self.step();
+        rayon::scope(|_| {
+            while self.receive_commands() {
+                if !self.scheduler.is_idle() {
+                    self.step();
+                }
             }
-        }
-        self.abort_all("the server is shutting down");
-        self.publish_stats();
+            self.abort_all("the server is shutting down");
+            self.publish_stats();
+        });
     }
 
     /// Takes pending commands (blocking while idle) and drops the sequences of clients

@@ -1,0 +1,103 @@
+//! Per-thread scratch buffers for the per-token path.
+//!
+//! A buffer taken here comes from a per-thread pool and goes back to it when dropped, so
+//! once a step of a given shape has run, the same step runs again without touching the
+//! allocator (checked by `crates/dsv2-model/tests/no_alloc.rs`). Buffers are handed out
+//! last-in first-out, so a fixed sequence of calls gets the same buffers every time.
+
+use std::cell::RefCell;
+use std::ops::{Deref, DerefMut};
+
+/// Element types with a scratch pool.
+pub(crate) trait Pooled: Copy + Default + 'static {
+    /// Runs `f` on this thread's pool of `Self` buffers.
+    fn with_pool<R>(f: impl FnOnce(&mut Vec<Vec<Self>>) -> R) -> Option<R>;
+}
+
+macro_rules! pooled {
+    ($t:ty, $pool:ident) => {
+        thread_local! {
+            static $pool: RefCell<Vec<Vec<$t>>> = const { RefCell::new(Vec::new()) };
+        }
+        impl Pooled for $t {
+            fn with_pool<R>(f: impl FnOnce(&mut Vec<Vec<Self>>) -> R) -> Option<R> {
+                $pool.try_with(|p| f(&mut p.borrow_mut())).ok()
+            }
+        }
+    };
+}
+pooled!(f32, F32_POOL);
+pooled!(u32, U32_POOL);
+
+/// A zero-filled scratch buffer that returns to its thread's pool when dropped.
+pub(crate) struct Scratch<T: Pooled> {
+    buf: Vec<T>,
+}
+
+/// A scratch buffer of `len` default values (zeros).
+pub(crate) fn take<T: Pooled>(len: usize) -> Scratch<T> {
+    let mut buf = T::with_pool(|p| p.pop()).flatten().unwrap_or_default();
+    buf.clear();
+    buf.resize(len, T::default());
+    Scratch { buf }
+}
+
+/// An empty scratch buffer (its capacity kept from earlier use), for `push`/`extend`.
+pub(crate) fn take_empty<T: Pooled>() -> Scratch<T> {
+    take(0)
+}
+
+impl<T: Pooled> Scratch<T> {
+    /// The underlying vector, to grow it in place.
+    pub(crate) fn vec(&mut self) -> &mut Vec<T> {
+        &mut self.buf
+    }
+}
+
+impl<T: Pooled> Deref for Scratch<T> {
+    type Target = [T];
+    fn deref(&self) -> &[T] {
+        &self.buf
+    }
+}
+
+impl<T: Pooled> DerefMut for Scratch<T> {
+    fn deref_mut(&mut self) -> &mut [T] {
+        &mut self.buf
+    }
+}
+
+impl<'a, T: Pooled> IntoIterator for &'a Scratch<T> {
+    type Item = &'a T;
+    type IntoIter = std::slice::Iter<'a, T>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.buf.iter()
+    }
+}
+
+impl<T: Pooled> Drop for Scratch<T> {
+    fn drop(&mut self) {
+        let buf = std::mem::take(&mut self.buf);
+        // During thread teardown the pool may be gone: the buffer is then just freed.
+        let _ = T::with_pool(|p| p.push(buf));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buffers_are_zeroed_and_reused() {
+        let ptr = {
+            let mut a = take::<f32>(100);
+            a[3] = 7.0;
+            a.as_ptr()
+        };
+        let b = take::<f32>(50);
+        assert_eq!(b.as_ptr(), ptr, "the returned buffer is handed out again");
+        assert!(b.iter().all(|&v| v == 0.0));
+        let c = take::<f32>(10);
+        assert_ne!(c.as_ptr(), ptr, "a buffer in use is not handed out twice");
+    }
+}
