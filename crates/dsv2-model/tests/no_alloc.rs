@@ -97,7 +97,7 @@ fn prefill_and_decode(
     model
         .forward_greedy(
             backend,
-            &batch,
+            batch,
             &mut cache,
             &mut ws,
             AttentionPath::Auto,
@@ -127,7 +127,7 @@ fn prefill_and_decode(
             model
                 .forward_greedy(
                     backend,
-                    &batch,
+                    batch,
                     &mut cache,
                     &mut ws,
                     AttentionPath::Auto,
@@ -139,7 +139,7 @@ fn prefill_and_decode(
             model
                 .forward(
                     backend,
-                    &batch,
+                    batch,
                     &mut cache,
                     &mut ws,
                     AttentionPath::Auto,
