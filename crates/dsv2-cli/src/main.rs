@@ -5,6 +5,7 @@ mod chat;
 mod generate;
 mod load;
 mod logits;
+mod perplexity;
 mod quantize;
 mod serve;
 mod tokenize;
@@ -37,6 +38,8 @@ enum Command {
     Tokenize(tokenize::TokenizeArgs),
     /// Download a model from the HuggingFace hub into the HF cache without running it.
     Download(DownloadArgs),
+    /// Perplexity of the model on a text (or token ids), to compare weight formats.
+    Perplexity(perplexity::PerplexityArgs),
     /// Write a q8/q4 quantized copy of a checkpoint (loads memory-mapped, no re-quantizing).
     Quantize(quantize::QuantizeArgs),
     /// Serve the OpenAI- and DeepSeek-compatible HTTP API.
@@ -167,6 +170,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Chat(args) => chat::run(args),
         Command::Tokenize(args) => tokenize::run(args),
         Command::Quantize(args) => quantize::run(args),
+        Command::Perplexity(args) => perplexity::run(args),
         Command::Serve(args) => serve::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Download(args) => {

@@ -395,3 +395,61 @@ fn chat_repl_keeps_history_and_survives_ctrl_c() {
     assert!(err.contains("(conversation cleared)"), "{err}");
     assert!(err.contains("tokens/s]"), "{err}");
 }
+
+#[test]
+fn perplexity_matches_the_reference_logits() {
+    // The first 260 tokens of the 520-token prompt as one chunk; the expected value is
+    // computed here from the fixture's HF reference logits (its second half scored).
+    let dir = fixture("plain");
+    let reference = dir.join("reference.safetensors");
+    let (prompt, _) = read_tensor(&reference, "prompt.2");
+    let (logits, shape) = read_tensor(&reference, "logits.2");
+    let vocab = shape[1];
+    let context = 260;
+    let (mut sum, mut count) = (0.0f64, 0usize);
+    for pos in context / 2..context - 1 {
+        let row = &logits[pos * vocab..(pos + 1) * vocab];
+        let max = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let z: f64 = row.iter().map(|v| (v - max).exp()).sum();
+        sum += max + z.ln() - row[prompt[pos + 1] as usize];
+        count += 1;
+    }
+    let want = (sum / count as f64).exp();
+    let out = dsv2(&[
+        "perplexity",
+        "--model",
+        dir.to_str().unwrap(),
+        "--token-ids",
+        &ids_arg(&prompt[..context]),
+        "--context",
+        &context.to_string(),
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let report: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    let got = report["perplexity"].as_f64().unwrap();
+    assert!(
+        (got / want - 1.0).abs() < 1e-4,
+        "perplexity {got}, reference {want}"
+    );
+    assert_eq!(report["tokens_scored"], serde_json::json!(context / 2 - 1));
+    assert_eq!(report["chunks"], serde_json::json!(1));
+
+    // Too short an input names the problem.
+    let out = dsv2(&[
+        "perplexity",
+        "--model",
+        dir.to_str().unwrap(),
+        "--token-ids",
+        "1,2,3",
+        "--context",
+        "8",
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("fewer than one chunk"),
+        "{}",
+        stderr(&out)
+    );
+}
