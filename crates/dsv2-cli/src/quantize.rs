@@ -2,7 +2,8 @@
 //!
 //! The output folder holds `model.safetensors` (quantized planes `<name>.qweight` and
 //! `<name>.scales` for eligible matrices, every other tensor as stored) with
-//! `{"dsv2_quantization": FORMAT, "dsv2_quant_version": "1"}` metadata, plus copies of
+//! `{"dsv2_quantization": FORMAT, "dsv2_quant_version": "2"}` metadata (the interleaved
+//! layout documented in `dsv2_core::quant`), plus copies of
 //! the config, tokenizer and generation files. It loads memory-mapped, without
 //! re-quantizing. Tensors are quantized one at a time while the file is written, so
 //! memory stays near one tensor's size.
@@ -14,7 +15,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use dsv2_core::quant::{
-    quantize_tensor, quantized_format, QuantFormat, METADATA_KEY, QWEIGHT_SUFFIX, SCALES_SUFFIX,
+    quantize_tensor, quantized_format, QuantFormat, LAYOUT_VERSION, METADATA_KEY, QWEIGHT_SUFFIX,
+    SCALES_SUFFIX, VERSION_KEY,
 };
 use dsv2_core::{expected_tensors, Checkpoint, DType, ModelConfig, TensorView, Weight};
 use safetensors::tensor::View;
@@ -141,7 +143,7 @@ pub fn run(args: QuantizeArgs) -> Result<()> {
     }
     let metadata = HashMap::from([
         (METADATA_KEY.to_string(), args.to.name().to_string()),
-        ("dsv2_quant_version".to_string(), "1".to_string()),
+        (VERSION_KEY.to_string(), LAYOUT_VERSION.to_string()),
     ]);
     safetensors::serialize_to_file(
         planes.iter().map(|(n, p)| (n.as_str(), p)),

@@ -246,6 +246,31 @@ fn quantized_checkpoint_loads_without_requantizing() {
         let from_file = run(&out_dir, &[], "a.safetensors");
         let at_load = run(&lite, &["--quantize", format], "b.safetensors");
         assert_eq!(from_file, at_load, "{format}");
+        // A file of the old row-major layout (version 1) is refused, not misread.
+        assert_eq!(meta.metadata().as_ref().unwrap()["dsv2_quant_version"], "2");
+        let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+        let header = std::str::from_utf8(&bytes[8..8 + header_len]).unwrap();
+        let old = header.replace(r#""dsv2_quant_version":"2""#, r#""dsv2_quant_version":"1""#);
+        assert_ne!(old, header);
+        let mut v1 = bytes[..8].to_vec();
+        v1.extend_from_slice(old.as_bytes());
+        v1.extend_from_slice(&bytes[8 + header_len..]);
+        std::fs::write(out_dir.join("model.safetensors"), v1).unwrap();
+        let out = dsv2(&[
+            "logits",
+            "--model",
+            out_dir.to_str().unwrap(),
+            "--token-ids",
+            "1,2",
+            "--output",
+            dir.join("c.safetensors").to_str().unwrap(),
+        ]);
+        assert!(!out.status.success());
+        assert!(
+            stderr(&out).contains("layout version 1"),
+            "{}",
+            stderr(&out)
+        );
     }
 }
 

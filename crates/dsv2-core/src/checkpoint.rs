@@ -487,6 +487,27 @@ impl Checkpoint {
     }
 }
 
+/// Refuses a file written by `dsv2 quantize` in another layout version than this
+/// build's (the planes would be read in the wrong order).
+fn check_quant_version(metadata: &Value) -> std::result::Result<(), String> {
+    let Some(format) = metadata.get(crate::quant::METADATA_KEY) else {
+        return Ok(());
+    };
+    let version = metadata
+        .get(crate::quant::VERSION_KEY)
+        .and_then(Value::as_str)
+        .unwrap_or("1");
+    if version == crate::quant::LAYOUT_VERSION {
+        return Ok(());
+    }
+    Err(format!(
+        "quantized ({format}) in dsv2 quantization layout version {version}, but this dsv2 \
+         reads only version {}; quantize the original checkpoint again with this dsv2 \
+         (`dsv2 quantize`), or pass the original with `--quantize`",
+        crate::quant::LAYOUT_VERSION
+    ))
+}
+
 /// Parses one safetensors file's header and maps its data.
 fn read_safetensors(path: &Path) -> Result<HashMap<String, TensorView>> {
     let io_err = |source| CoreError::Io {
@@ -523,6 +544,7 @@ fn read_safetensors(path: &Path) -> Result<HashMap<String, TensorView>> {
     let mut out = HashMap::with_capacity(header.len());
     for (name, info) in header {
         if name == "__metadata__" {
+            check_quant_version(info).map_err(bad)?;
             continue;
         }
         let tensor_err = |problem: String| CoreError::Tensor {

@@ -1,19 +1,37 @@
-//! Block-quantized weights: dsv2's `q8` and `q4` formats.
+//! Block-quantized weights: dsv2's `q8` and `q4` formats (layout version 2).
 //!
 //! A quantized matrix `[rows, cols]` (`cols` a multiple of [`BLOCK`]) is stored as two
 //! planes, so both can be memory-mapped and read with aligned vector loads:
 //!
-//! | format | `<name>.qweight` | `<name>.scales` | value of element `j` of a block |
+//! | format | `<name>.qweight` | `<name>.scales` | value of a weight |
 //! |---|---|---|---|
-//! | `q8` | I8 `[rows, cols]` in −127..=127 | F16 `[rows, cols/32]` | `scale · q[j]` |
-//! | `q4` | U8 `[rows, cols/2]`: byte `i` of a block's 16 holds element `i` in its low nibble and element `i+16` in its high nibble | F16 `[rows, cols/32]` | `scale · (nibble − 8)` |
+//! | `q8` | I8 `[rows, cols]` in −127..=127 | F16 `[rows, cols/32]` | `scale · q` |
+//! | `q4` | U8 `[rows, cols/2]`: 4-bit codes 0..=15 | F16 `[rows, cols/32]` | `scale · (code − 8)` |
 //!
-//! That is 8.5 and 4.5 bits per weight. `<name>` is the checkpoint's tensor name
+//! That is 8.5 and 4.5 bits per weight. The plane shapes are logical sizes; the bytes are
+//! interleaved for the int8 dot-product instructions (`vpdpbusd`: 16 output rows × 4
+//! consecutive `k` per instruction):
+//!
+//! * Rows are grouped in tiles of [`TILE`] = 16 (the last tile of a matrix whose `rows`
+//!   is not a multiple of 16 has `R = rows % 16` rows; every other tile has `R = 16`).
+//!   Tile `t` starts at byte `16·t·row_bytes` of `qweight` and at element `16·t·cols/32`
+//!   of `scales`; within a tile, block `b` (`k` in `32b..32b+32`) takes `R·32` bytes (q8)
+//!   or `R·16` bytes (q4) at offset `b·R·32` / `b·R·16`, and its `R` scales are
+//!   contiguous at `b·R` (row `r` of the tile at `b·R + r`).
+//! * q8, within a block: the byte of tile row `r` and `k = 32b + 4g + j` (`g` in 0..8,
+//!   `j` in 0..4) is at `g·4R + 4r + j`.
+//! * q4, within a block: byte `c·4R + 4r + j` (`c` in 0..4, `j` in 0..4) holds the code of
+//!   tile row `r` at `k = 32b + 8c + j` in its low nibble and at `k = 32b + 8c + 4 + j` in
+//!   its high nibble.
+//!
+//! So a full tile's block is 8 (q8) or 4 (q4) 64-byte vectors, each holding 4 weights of
+//! each of the 16 rows. `<name>` is the checkpoint's tensor name
 //! (`model.layers.3.mlp.experts.7.up_proj.weight`); a file written by `dsv2 quantize`
-//! records `{"dsv2_quantization": "q8"|"q4", "dsv2_quant_version": "1"}` in its
-//! safetensors metadata. Embeddings, norms, the MoE router and `kv_b_proj` (read per head
-//! by the attention) are never quantized; under `q4` only the routed experts take 4 bits
-//! and every other matrix is q8 (see [`quantized_format`]).
+//! records `{"dsv2_quantization": "q8"|"q4", "dsv2_quant_version": "2"}` in its
+//! safetensors metadata (version 1, the row-major layout of earlier dsv2 versions, is
+//! refused at load: re-quantize). Embeddings, norms, the MoE router and `kv_b_proj` (read
+//! per head by the attention) are never quantized; under `q4` only the routed experts
+//! take 4 bits and every other matrix is q8 (see [`quantized_format`]).
 
 use half::f16;
 use rayon::prelude::*;
@@ -22,6 +40,20 @@ use crate::checkpoint::{DType, TensorView};
 
 /// Elements per quantization block.
 pub const BLOCK: usize = 32;
+
+/// Weight rows per interleaved tile of the stored layout.
+pub const TILE: usize = 16;
+
+/// The layout version written to (and required in) a quantized file's metadata.
+pub const LAYOUT_VERSION: &str = "2";
+
+/// Safetensors metadata key holding [`LAYOUT_VERSION`].
+pub const VERSION_KEY: &str = "dsv2_quant_version";
+
+/// Rows of tile `t` of a `rows`-row matrix: 16, or fewer for the last tile.
+pub fn tile_rows(rows: usize, t: usize) -> usize {
+    (rows - t * TILE).min(TILE)
+}
 
 /// A quantized weight format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,6 +79,11 @@ impl QuantFormat {
             QuantFormat::Q8 => cols,
             QuantFormat::Q4 => cols / 2,
         }
+    }
+
+    /// Bytes per 32-weight block of one row: 32 (q8) or 16 (q4).
+    pub fn block_bytes(self) -> usize {
+        self.row_bytes(BLOCK)
     }
 
     /// Storage bits per weight, scales included.
@@ -103,27 +140,79 @@ impl QuantizedTensor {
 
     /// Dequantizes row `r` (for tests and reference code).
     pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
-        let nb = self.cols / BLOCK;
-        let rb = self.format.row_bytes(self.cols);
-        let q = &self.qweight_bytes()[r * rb..(r + 1) * rb];
-        let s = &self.scales()[r * nb..(r + 1) * nb];
-        for b in 0..nb {
-            let d = s[b].to_f32();
-            let o = &mut out[b * BLOCK..(b + 1) * BLOCK];
-            match self.format {
-                QuantFormat::Q8 => {
-                    for (j, v) in o.iter_mut().enumerate() {
-                        *v = d * (q[b * BLOCK + j] as i8) as f32;
-                    }
-                }
-                QuantFormat::Q4 => {
-                    let qb = &q[b * BLOCK / 2..(b + 1) * BLOCK / 2];
-                    for i in 0..BLOCK / 2 {
-                        o[i] = d * ((qb[i] & 0x0f) as i32 - 8) as f32;
-                        o[i + BLOCK / 2] = d * ((qb[i] >> 4) as i32 - 8) as f32;
-                    }
-                }
+        dequantize_row(
+            self.format,
+            self.rows,
+            self.cols,
+            self.qweight_bytes(),
+            self.scales(),
+            r,
+            out,
+        );
+    }
+}
+
+/// Byte offset of tile `t` in a `qweight` plane, the rows of the tile, and the offset
+/// of its scales.
+fn tile_at(format: QuantFormat, rows: usize, cols: usize, t: usize) -> (usize, usize, usize) {
+    (
+        t * TILE * format.row_bytes(cols),
+        tile_rows(rows, t),
+        t * TILE * (cols / BLOCK),
+    )
+}
+
+/// The integer weights (q8: −127..=127, q4: code − 8) of row `r`, block `b` of a
+/// quantized matrix stored in the layout of [`crate::quant`], and the block's scale.
+pub fn weight_block(
+    format: QuantFormat,
+    rows: usize,
+    cols: usize,
+    q: &[u8],
+    scales: &[f16],
+    r: usize,
+    b: usize,
+) -> ([i8; BLOCK], f16) {
+    let (t, rr) = (r / TILE, r % TILE);
+    let (qt, rt, st) = tile_at(format, rows, cols, t);
+    let qb = &q[qt + b * rt * format.block_bytes()..][..rt * format.block_bytes()];
+    let mut out = [0i8; BLOCK];
+    match format {
+        QuantFormat::Q8 => {
+            for (k, o) in out.iter_mut().enumerate() {
+                *o = qb[(k / 4) * 4 * rt + 4 * rr + k % 4] as i8;
             }
+        }
+        QuantFormat::Q4 => {
+            for (k, o) in out.iter_mut().enumerate() {
+                let byte = qb[(k / 8) * 4 * rt + 4 * rr + k % 4];
+                let code = if (k / 4) % 2 == 0 {
+                    byte & 0x0f
+                } else {
+                    byte >> 4
+                };
+                *o = code as i8 - 8;
+            }
+        }
+    }
+    (out, scales[st + b * rt + rr])
+}
+
+/// Dequantizes row `r` of a quantized matrix stored in the layout of [`crate::quant`].
+pub fn dequantize_row(
+    format: QuantFormat,
+    rows: usize,
+    cols: usize,
+    q: &[u8],
+    scales: &[f16],
+    r: usize,
+    out: &mut [f32],
+) {
+    for (b, o) in out[..cols].chunks_exact_mut(BLOCK).enumerate() {
+        let (w, d) = weight_block(format, rows, cols, q, scales, r, b);
+        let d = d.to_f32();
+        for (o, w) in o.iter_mut().zip(w) {
+            *o = d * w as f32;
         }
     }
 }
@@ -153,29 +242,73 @@ pub fn quantized_format(name: &str, shape: &[usize], format: QuantFormat) -> Opt
     }
 }
 
-/// Quantizes one row of `cols` values into `q` (row bytes) and `scales` (`cols/32`).
-pub fn quantize_row(format: QuantFormat, x: &[f32], q: &mut [u8], scales: &mut [f16]) {
-    for (b, block) in x.chunks_exact(BLOCK).enumerate() {
-        match format {
-            QuantFormat::Q8 => {
-                let amax = block.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-                let d = f16::from_f32(amax / 127.0);
-                let inv = if d.to_f32() > 0.0 {
-                    1.0 / d.to_f32()
-                } else {
-                    0.0
-                };
-                for (j, v) in block.iter().enumerate() {
-                    q[b * BLOCK + j] = ((v * inv).round().clamp(-127.0, 127.0) as i8) as u8;
-                }
-                scales[b] = d;
+/// Quantizes one block: its scale and integer weights (q8: −127..=127, q4: −8..=7).
+fn quantize_block(format: QuantFormat, block: &[f32]) -> (f16, [i8; BLOCK]) {
+    let mut q = [0i8; BLOCK];
+    match format {
+        QuantFormat::Q8 => {
+            let amax = block.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            let d = f16::from_f32(amax / 127.0);
+            let inv = if d.to_f32() > 0.0 {
+                1.0 / d.to_f32()
+            } else {
+                0.0
+            };
+            for (o, v) in q.iter_mut().zip(block) {
+                *o = (v * inv).round().clamp(-127.0, 127.0) as i8;
             }
-            QuantFormat::Q4 => {
-                let (d, codes) = best_q4_block(block);
-                for i in 0..BLOCK / 2 {
-                    q[b * BLOCK / 2 + i] = codes[i] | (codes[i + BLOCK / 2] << 4);
+            (d, q)
+        }
+        QuantFormat::Q4 => {
+            let (d, codes) = best_q4_block(block);
+            for (o, c) in q.iter_mut().zip(codes) {
+                *o = c as i8 - 8;
+            }
+            (d, q)
+        }
+    }
+}
+
+/// Quantizes `x` (`x.len() / cols` rows of `cols` values) into `q`
+/// (`rows · row_bytes(cols)` bytes) and `scales` (`rows · cols/32`) in the interleaved
+/// layout of [`crate::quant`]. A matrix's tiles are independent: quantizing rows
+/// `16t..16t+16` alone gives exactly tile `t`'s bytes.
+pub fn quantize_rows(
+    format: QuantFormat,
+    x: &[f32],
+    cols: usize,
+    q: &mut [u8],
+    scales: &mut [f16],
+) {
+    assert!(cols.is_multiple_of(BLOCK) && x.len().is_multiple_of(cols));
+    let rows = x.len() / cols;
+    let nb = cols / BLOCK;
+    let bb = format.block_bytes();
+    assert!(q.len() >= rows * format.row_bytes(cols) && scales.len() >= rows * nb);
+    for t in 0..rows.div_ceil(TILE) {
+        let (qt, rt, st) = tile_at(format, rows, cols, t);
+        for rr in 0..rt {
+            let row = &x[(t * TILE + rr) * cols..][..cols];
+            for (b, block) in row.chunks_exact(BLOCK).enumerate() {
+                let (d, w) = quantize_block(format, block);
+                scales[st + b * rt + rr] = d;
+                let qb = &mut q[qt + b * rt * bb..][..rt * bb];
+                match format {
+                    QuantFormat::Q8 => {
+                        for (k, &v) in w.iter().enumerate() {
+                            qb[(k / 4) * 4 * rt + 4 * rr + k % 4] = v as u8;
+                        }
+                    }
+                    QuantFormat::Q4 => {
+                        for c in 0..4 {
+                            for j in 0..4 {
+                                let lo = (w[8 * c + j] + 8) as u8;
+                                let hi = (w[8 * c + 4 + j] + 8) as u8;
+                                qb[c * 4 * rt + 4 * rr + j] = lo | (hi << 4);
+                            }
+                        }
+                    }
                 }
-                scales[b] = d;
             }
         }
     }
@@ -225,14 +358,17 @@ pub fn quantize_tensor(view: &TensorView, format: QuantFormat) -> QuantizedTenso
     let nb = cols / BLOCK;
     let mut q = vec![0u8; rows * rb];
     let mut scales = vec![f16::ZERO; rows * nb];
-    q.par_chunks_mut(rb)
-        .zip(scales.par_chunks_mut(nb))
+    q.par_chunks_mut(TILE * rb)
+        .zip(scales.par_chunks_mut(TILE * nb))
         .enumerate()
         .for_each_init(
-            || vec![0.0f32; cols],
-            |row, (r, (qr, sr))| {
-                view.row_to_f32(r, row);
-                quantize_row(format, row, qr, sr);
+            || vec![0.0f32; TILE * cols],
+            |tile, (t, (qt, st))| {
+                let rt = tile_rows(rows, t);
+                for rr in 0..rt {
+                    view.row_to_f32(t * TILE + rr, &mut tile[rr * cols..(rr + 1) * cols]);
+                }
+                quantize_rows(format, &tile[..rt * cols], cols, qt, st);
             },
         );
     let (qdtype, qshape) = match format {
@@ -278,12 +414,12 @@ mod tests {
     }
 
     fn rel_err(format: QuantFormat) -> f64 {
-        let view = dense("w", 8, 96, 3);
+        let view = dense("w", 40, 96, 3);
         let qt = quantize_tensor(&view, format);
         let src = view.as_f32();
         let mut row = vec![0.0; 96];
         let (mut num, mut den) = (0.0f64, 0.0f64);
-        for r in 0..8 {
+        for r in 0..40 {
             qt.dequantize_row(r, &mut row);
             for (a, b) in row.iter().zip(&src[r * 96..(r + 1) * 96]) {
                 num += ((a - b) as f64).powi(2);
@@ -305,16 +441,45 @@ mod tests {
 
     #[test]
     fn q4_packs_low_and_high_nibbles() {
-        let mut x = vec![0.0f32; 32];
+        let mut x = vec![0.0f32; 64];
         x[0] = -8.0;
-        x[16] = 7.0;
+        x[4] = 7.0;
         x[1] = 1.0;
-        let mut q = vec![0u8; 16];
-        let mut s = vec![f16::ZERO; 1];
-        quantize_row(QuantFormat::Q4, &x, &mut q, &mut s);
+        x[32 + 8] = 7.0; // row 1, k = 8: byte c = 1, low nibble
+        let mut q = vec![0u8; 32];
+        let mut s = vec![f16::ZERO; 2];
+        quantize_rows(QuantFormat::Q4, &x, 32, &mut q, &mut s);
         assert_eq!(s[0].to_f32(), 1.0);
-        assert_eq!(q[0], 0x0f << 4); // element 0 -> code 0, element 16 -> code 15
+        assert_eq!(q[0], 0x0f << 4); // k = 0 -> code 0 (low), k = 4 -> code 15 (high)
         assert_eq!(q[1] & 0x0f, 9);
+        // Two rows: byte c·4R + 4r + j = 1·8 + 4 + 0.
+        assert_eq!(q[12], 0x80 | 15);
+    }
+
+    #[test]
+    fn the_interleaved_layout_round_trips_on_ragged_tiles() {
+        for format in [QuantFormat::Q8, QuantFormat::Q4] {
+            let (rows, cols) = (37, 96);
+            let x = values(rows * cols, 5);
+            let mut q = vec![0u8; rows * format.row_bytes(cols)];
+            let mut s = vec![f16::ZERO; rows * cols / BLOCK];
+            quantize_rows(format, &x, cols, &mut q, &mut s);
+            let mut out = vec![0.0f32; cols];
+            for r in 0..rows {
+                dequantize_row(format, rows, cols, &q, &s, r, &mut out);
+                for (b, block) in x[r * cols..(r + 1) * cols].chunks_exact(BLOCK).enumerate() {
+                    let (d, w) = quantize_block(format, block);
+                    for (j, v) in w.iter().enumerate() {
+                        assert_eq!(out[b * BLOCK + j], d.to_f32() * *v as f32);
+                    }
+                }
+            }
+            // q8 at row 17 (tile 1, R = 16), k = 32 + 4·2 + 1: byte 16·96 + 512 + 128 + 4 + 1.
+            if format == QuantFormat::Q8 {
+                let (w, _) = weight_block(format, rows, cols, &q, &s, 17, 1);
+                assert_eq!(q[16 * 96 + 512 + 2 * 64 + 4 + 1] as i8, w[9]);
+            }
+        }
     }
 
     #[test]

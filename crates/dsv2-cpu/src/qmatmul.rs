@@ -1,26 +1,43 @@
 //! `y[m, n] = x[m, k] · w[n, k]ᵀ` for `q8`/`q4` weights, batch-invariant.
 //!
+//! The weights are stored in the interleaved tiles of [`dsv2_core::quant`]: per 16 weight
+//! rows and 32-element block, 8 (q8) or 4 (q4) 64-byte vectors that each hold 4
+//! consecutive weights of each of the 16 rows, and the 16 f16 scales contiguous. One
+//! AVX-512 `vpdpbusd` thus computes 4 multiply-adds for each of 16 outputs, and the
+//! per-block scale work is one `vcvtph2ps` and, per activation row, one
+//! `sub`/`cvt`/`mul`/`fma` for 16 outputs.
+//!
 //! Activations are quantized per row to int8 in blocks of 32 (scale `amax/127`, like
-//! llama.cpp's `q8_0`). Per output and block, the 32 integer products are summed exactly
-//! into 8 i32 lanes (lane `l` holds elements `4l..4l+4`), converted to f32 and multiplied
-//! by the two scales into 8 f32 lane accumulators; lanes are reduced in a fixed tree at
-//! the end. The integer part is exact, so the AVX2 (`maddubs`) and AVX-VNNI (`dpbusd`)
-//! paths give identical results; every output uses the same arithmetic whatever `m` is.
+//! llama.cpp's `q8_0`), with the block sums `Σx` precomputed. `vpdpbusd` multiplies an
+//! unsigned by a signed byte, so q8 weights are biased to `q + 128` in the register and
+//! q4 codes are used as they are (`code = q + 8`); the bias times `Σx` is subtracted.
+//!
+//! **Numerics (the contract every instruction path keeps):** for output `(i, r)`,
+//! `acc = 0`, then for each block `b` in order:
+//! `acc = fma(f32(s_b), dw_b · dx_b, acc)` where `s_b = Σ q·x` over the block is an exact
+//! integer (however it is computed), `dw_b` the weight scale (f16 widened exactly),
+//! `dx_b` the activation scale, `dw_b · dx_b` one f32 product and `fma` one fused
+//! multiply-add. Each SIMD lane is one output, so there is no cross-lane reduction: the
+//! AVX-512 VNNI, AVX-VNNI, AVX2 and portable paths give bit-identical results, and a
+//! row's result does not depend on `m` or on the other rows (batch invariance).
 
 use std::cell::RefCell;
+use std::ops::Range;
 
-use dsv2_core::quant::{QuantFormat, BLOCK};
+use dsv2_core::quant::{QuantFormat, BLOCK, TILE};
 use half::f16;
 use rayon::prelude::*;
 
 use crate::kernels::SyncPtr;
 
-/// Weight rows per parallel task.
-const ROW_BLOCK: usize = 32;
-/// Activation rows per tile.
-const MR: usize = 4;
-/// Weight rows per tile.
-const NR: usize = 2;
+/// Most activation rows in one register tile.
+const MR_MAX: usize = 8;
+/// Most weight tiles (of 16 rows) in one register tile.
+const NC_MAX: usize = 2;
+/// Output scratch of one register tile: `[MR_MAX][NC_MAX][TILE]`.
+const OUT_LEN: usize = MR_MAX * NC_MAX * TILE;
+/// Activation rows per parallel task in prefill (a multiple of the 6-row tile).
+const ROW_CHUNK: usize = 96;
 
 /// A quantized weight matrix borrowed from its planes.
 #[derive(Clone, Copy)]
@@ -28,37 +45,102 @@ pub struct QMatrix<'a> {
     pub format: QuantFormat,
     pub rows: usize,
     pub cols: usize,
-    /// Row-major quantized values (`format.row_bytes(cols)` bytes per row).
+    /// The interleaved `qweight` plane (`rows · format.row_bytes(cols)` bytes).
     pub q: &'a [u8],
-    /// `[rows, cols/32]` block scales.
+    /// The `rows · cols/32` block scales, interleaved per tile.
     pub scales: &'a [f16],
 }
 
-/// Activations quantized to int8 blocks.
+impl QMatrix<'_> {
+    fn check(&self) {
+        assert!(self.cols.is_multiple_of(BLOCK), "cols {} % 32 != 0", self.cols);
+        assert!(self.q.len() >= self.rows * self.format.row_bytes(self.cols));
+        assert!(self.scales.len() >= self.rows * self.cols / BLOCK);
+    }
+
+    fn tiles(&self) -> usize {
+        self.rows.div_ceil(TILE)
+    }
+}
+
+/// Activations quantized to int8 blocks of 32, ready for [`qmatmul_rows`].
 #[derive(Default)]
 pub struct QActivations {
+    /// `[m, k]` int8 values.
     q: Vec<i8>,
     /// `[m, k/32]` block scales.
     d: Vec<f32>,
+    /// `[m, k/32]` `128 · Σx` (the q8 bias correction).
+    c128: Vec<i32>,
+    /// `[m, k/32]` `8 · Σx` (the q4 bias correction).
+    c8: Vec<i32>,
+    m: usize,
+    k: usize,
+}
+
+/// `round_ties_even(y)` for `|y| < 2²²` in plain f32 arithmetic (vectorizes; no libm).
+const ROUND_MAGIC: f32 = 12_582_912.0;
+
+fn quantize_row(x: &[f32], q: &mut [i8], d: &mut [f32], c128: &mut [i32], c8: &mut [i32]) {
+    for (b, (xb, qb)) in x
+        .chunks_exact(BLOCK)
+        .zip(q.chunks_exact_mut(BLOCK))
+        .enumerate()
+    {
+        let amax = xb.iter().fold(0.0f32, |a, v| a.max(v.abs()));
+        d[b] = amax / 127.0;
+        let inv = if amax > 0.0 { 127.0 / amax } else { 0.0 };
+        let mut sum = 0i32;
+        for (q, v) in qb.iter_mut().zip(xb) {
+            let r = ((v * inv + ROUND_MAGIC) - ROUND_MAGIC).clamp(-127.0, 127.0);
+            *q = r as i8;
+            sum += r as i32;
+        }
+        c128[b] = 128 * sum;
+        c8[b] = 8 * sum;
+    }
 }
 
 impl QActivations {
-    /// Quantizes `x[m, k]` row by row (reusing the buffers).
+    /// Quantizes `x[m, k]` row by row (reusing the buffers; rows in parallel when large).
     pub fn quantize(&mut self, x: &[f32], m: usize, k: usize) {
+        assert!(k.is_multiple_of(BLOCK) && x.len() >= m * k, "x [{m}, {k}]");
+        let nb = k / BLOCK;
         self.q.resize(m * k, 0);
-        self.d.resize(m * k / BLOCK, 0.0);
-        for ((xb, qb), d) in x[..m * k]
-            .chunks_exact(BLOCK)
-            .zip(self.q.chunks_exact_mut(BLOCK))
-            .zip(self.d.iter_mut())
-        {
-            let amax = xb.iter().fold(0.0f32, |a, v| a.max(v.abs()));
-            *d = amax / 127.0;
-            let inv = if amax > 0.0 { 127.0 / amax } else { 0.0 };
-            for (q, v) in qb.iter_mut().zip(xb) {
-                *q = (v * inv).round().clamp(-127.0, 127.0) as i8;
-            }
+        self.d.resize(m * nb, 0.0);
+        self.c128.resize(m * nb, 0);
+        self.c8.resize(m * nb, 0);
+        self.m = m;
+        self.k = k;
+        if m == 0 || k == 0 {
+            return;
         }
+        let x = &x[..m * k];
+        if m * k >= 1 << 16 {
+            x.par_chunks_exact(k)
+                .zip(self.q.par_chunks_exact_mut(k))
+                .zip(self.d.par_chunks_exact_mut(nb))
+                .zip(self.c128.par_chunks_exact_mut(nb))
+                .zip(self.c8.par_chunks_exact_mut(nb))
+                .for_each(|((((x, q), d), c128), c8)| quantize_row(x, q, d, c128, c8));
+        } else {
+            x.chunks_exact(k)
+                .zip(self.q.chunks_exact_mut(k))
+                .zip(self.d.chunks_exact_mut(nb))
+                .zip(self.c128.chunks_exact_mut(nb))
+                .zip(self.c8.chunks_exact_mut(nb))
+                .for_each(|((((x, q), d), c128), c8)| quantize_row(x, q, d, c128, c8));
+        }
+    }
+
+    /// Rows quantized by the last [`quantize`](Self::quantize).
+    pub fn rows(&self) -> usize {
+        self.m
+    }
+
+    /// Columns (`k`) of the last [`quantize`](Self::quantize).
+    pub fn cols(&self) -> usize {
+        self.k
     }
 }
 
@@ -71,34 +153,58 @@ thread_local! {
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Isa {
     #[cfg(target_arch = "x86_64")]
+    Avx512Vnni,
+    #[cfg(target_arch = "x86_64")]
     AvxVnni,
     #[cfg(target_arch = "x86_64")]
     Avx2,
     Portable,
 }
 
+#[cfg(target_arch = "x86_64")]
+fn has_avx2() -> bool {
+    std::is_x86_feature_detected!("avx2")
+        && std::is_x86_feature_detected!("fma")
+        && std::is_x86_feature_detected!("f16c")
+}
+
+#[cfg(target_arch = "x86_64")]
+fn has_avx512_vnni() -> bool {
+    std::is_x86_feature_detected!("avx512f")
+        && std::is_x86_feature_detected!("avx512bw")
+        && std::is_x86_feature_detected!("avx512vnni")
+}
+
+/// Every instruction path this CPU can run, best first.
+fn available() -> Vec<Isa> {
+    #[allow(unused_mut)]
+    let mut out = Vec::new();
+    #[cfg(target_arch = "x86_64")]
+    {
+        if has_avx512_vnni() {
+            out.push(Isa::Avx512Vnni);
+        }
+        if has_avx2() && std::is_x86_feature_detected!("avxvnni") {
+            out.push(Isa::AvxVnni);
+        }
+        if has_avx2() {
+            out.push(Isa::Avx2);
+        }
+    }
+    out.push(Isa::Portable);
+    out
+}
+
 fn isa() -> Isa {
     static ISA: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
-    *ISA.get_or_init(|| {
-        #[cfg(target_arch = "x86_64")]
-        {
-            let avx2 = std::is_x86_feature_detected!("avx2")
-                && std::is_x86_feature_detected!("fma")
-                && std::is_x86_feature_detected!("f16c");
-            if avx2 && std::is_x86_feature_detected!("avxvnni") {
-                return Isa::AvxVnni;
-            }
-            if avx2 {
-                return Isa::Avx2;
-            }
-        }
-        Isa::Portable
-    })
+    *ISA.get_or_init(|| available()[0])
 }
 
 /// Name of the quantized-kernel instruction path in use (for reports).
 pub fn isa_name() -> &'static str {
     match isa() {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512Vnni => "avx512-vnni",
         #[cfg(target_arch = "x86_64")]
         Isa::AvxVnni => "avx-vnni",
         #[cfg(target_arch = "x86_64")]
@@ -107,142 +213,326 @@ pub fn isa_name() -> &'static str {
     }
 }
 
-/// `y[m, n] = x[m, k] · wᵀ` for a quantized `w` `[n, k]`.
+/// `y[m, n] = x[m, k] · wᵀ` for a quantized `w` `[n, k]`, in parallel over rayon.
 pub fn qmatmul(x: &[f32], m: usize, w: QMatrix<'_>, y: &mut [f32]) {
+    qmatmul_isa(isa(), x, m, w, y)
+}
+
+fn qmatmul_isa(isa: Isa, x: &[f32], m: usize, w: QMatrix<'_>, y: &mut [f32]) {
     let (n, k) = (w.rows, w.cols);
-    assert!(k % BLOCK == 0 && x.len() >= m * k && y.len() >= m * n);
+    w.check();
+    assert!(x.len() >= m * k && y.len() >= m * n);
     if m == 0 || n == 0 {
         return;
     }
-    ACTIVATIONS.with(|acts| {
-        let mut acts = acts.borrow_mut();
-        acts.quantize(x, m, k);
-        let acts = &*acts;
-        let y_ptr = SyncPtr(y.as_mut_ptr());
-        let isa = isa();
-        (0..n.div_ceil(ROW_BLOCK)).into_par_iter().for_each(|b| {
-            let (n0, n1) = (b * ROW_BLOCK, ((b + 1) * ROW_BLOCK).min(n));
-            let mut i0 = 0;
-            while i0 < m {
-                let mr = (m - i0).min(MR);
-                let mut j0 = n0;
-                while j0 < n1 {
-                    let nr = (n1 - j0).min(NR);
-                    let mut tile = [[0.0f32; NR]; MR];
-                    tile_dispatch(isa, mr, nr, acts, i0, w, j0, &mut tile);
-                    for (i, row) in tile.iter().enumerate().take(mr) {
-                        for (j, &v) in row.iter().enumerate().take(nr) {
-                            // SAFETY: (i0 + i, j0 + j) lies in this task's column block.
-                            unsafe { *y_ptr.get().add((i0 + i) * n + j0 + j) = v };
-                        }
-                    }
-                    j0 += nr;
-                }
-                i0 += mr;
-            }
-        });
+    let mut run = |acts: &QActivations| acts_matmul(isa, acts, m, w, y);
+    // The thread-local buffers may be borrowed already (a rayon worker waiting in an outer
+    // qmatmul can steal a task that calls qmatmul): then use fresh ones.
+    ACTIVATIONS.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut acts) => {
+            acts.quantize(x, m, k);
+            run(&acts);
+        }
+        Err(_) => {
+            let mut acts = QActivations::default();
+            acts.quantize(x, m, k);
+            run(&acts);
+        }
     });
 }
 
-#[allow(clippy::too_many_arguments)]
-fn tile_dispatch(
+fn acts_matmul(isa: Isa, acts: &QActivations, m: usize, w: QMatrix<'_>, y: &mut [f32]) {
+    let n = w.rows;
+    let tiles = w.tiles();
+    let job = Job::new(isa, acts, w, 0..tiles);
+    let threads = rayon::current_num_threads().max(1);
+    let y_ptr = SyncPtr(y.as_mut_ptr());
+    if m <= MR_MAX {
+        // Decode: stream the weights once, both cores over disjoint row tiles.
+        let per_task = tiles.div_ceil(threads * 8).max(1);
+        (0..tiles.div_ceil(per_task)).into_par_iter().for_each(|c| {
+            let t = c * per_task..((c + 1) * per_task).min(tiles);
+            // SAFETY: tasks write disjoint output columns of `y` ([m, n]).
+            unsafe { job.run(0..m, t, 0..n, y_ptr.get(), n, 0) };
+        });
+    } else {
+        let row_chunks = m.div_ceil(ROW_CHUNK);
+        let per_task = (tiles * row_chunks)
+            .div_ceil(threads * 4)
+            .clamp(NC_MAX, 16)
+            .next_multiple_of(NC_MAX);
+        let tile_chunks = tiles.div_ceil(per_task);
+        (0..tile_chunks * row_chunks)
+            .into_par_iter()
+            .for_each(|task| {
+                let (tc, rc) = (task / row_chunks, task % row_chunks);
+                let t = tc * per_task..((tc + 1) * per_task).min(tiles);
+                let i = rc * ROW_CHUNK..((rc + 1) * ROW_CHUNK).min(m);
+                // SAFETY: tasks write disjoint (row, column) blocks of `y` ([m, n]).
+                unsafe { job.run(i, t, 0..n, y_ptr.get(), n, 0) };
+            });
+    }
+}
+
+/// Computes weight rows `rows` (start a multiple of 16; end a multiple of 16 or
+/// `w.rows`) for the `m` quantized activation rows, serially on the calling thread:
+/// `y[i·y_stride + r − rows.start] = Σ_k x[i, k] · w[r, k]`. The results are bit-identical
+/// to [`qmatmul`]'s.
+///
+/// # Panics
+/// If `acts` does not hold `m` rows of `w.cols`, the range is misaligned, or `y` is short.
+pub fn qmatmul_rows(
+    acts: &QActivations,
+    m: usize,
+    w: QMatrix<'_>,
+    rows: Range<usize>,
+    y: &mut [f32],
+    y_stride: usize,
+) {
+    w.check();
+    assert!(acts.m >= m && acts.k == w.cols, "activations do not match");
+    assert!(
+        rows.start.is_multiple_of(TILE)
+            && rows.start <= rows.end
+            && rows.end <= w.rows
+            && (rows.end.is_multiple_of(TILE) || rows.end == w.rows),
+        "rows {rows:?} of {}",
+        w.rows
+    );
+    let width = rows.end - rows.start;
+    if m == 0 || width == 0 {
+        return;
+    }
+    assert!(y.len() >= (m - 1) * y_stride + width && y_stride >= width);
+    let tiles = rows.start / TILE..rows.end.div_ceil(TILE);
+    let job = Job::new(isa(), acts, w, tiles.clone());
+    // SAFETY: writes y[i·y_stride + r − rows.start] for r in `rows`, i < m: in bounds.
+    unsafe {
+        job.run(
+            0..m,
+            tiles,
+            rows.clone(),
+            y.as_mut_ptr(),
+            y_stride,
+            rows.start,
+        )
+    };
+}
+
+/// One product's shared state: the weights, and a zero-padded copy of a ragged last tile.
+struct Job<'a> {
     isa: Isa,
-    mr: usize,
-    nr: usize,
-    acts: &QActivations,
-    i0: usize,
-    w: QMatrix<'_>,
-    j0: usize,
-    out: &mut [[f32; NR]; MR],
-) {
-    macro_rules! go {
-        ($f:ident $(, $extra:expr)?) => {
-            match (mr, nr) {
-                (1, 1) => $f::<1, 1>(acts, i0, w, j0, out $(, $extra)?),
-                (1, 2) => $f::<1, 2>(acts, i0, w, j0, out $(, $extra)?),
-                (2, 1) => $f::<2, 1>(acts, i0, w, j0, out $(, $extra)?),
-                (2, 2) => $f::<2, 2>(acts, i0, w, j0, out $(, $extra)?),
-                (3, 1) => $f::<3, 1>(acts, i0, w, j0, out $(, $extra)?),
-                (3, 2) => $f::<3, 2>(acts, i0, w, j0, out $(, $extra)?),
-                (4, 1) => $f::<4, 1>(acts, i0, w, j0, out $(, $extra)?),
-                (4, 2) => $f::<4, 2>(acts, i0, w, j0, out $(, $extra)?),
-                _ => unreachable!("tile {mr}x{nr}"),
-            }
-        };
-    }
-    match isa {
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: the CPU has AVX2, FMA, F16C and AVX-VNNI (checked in `isa`).
-        Isa::AvxVnni => unsafe { go!(tile_avx_vnni) },
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: the CPU has AVX2, FMA and F16C (checked in `isa`).
-        Isa::Avx2 => unsafe { go!(tile_avx2) },
-        Isa::Portable => go!(tile_portable),
-    }
+    acts: &'a QActivations,
+    w: QMatrix<'a>,
+    /// The last tile padded to 16 rows when `rows % 16 != 0` and it is used.
+    pad: Option<(Vec<u8>, Vec<f16>)>,
 }
 
-/// The fixed lane-reduction tree (the same as the dense kernel's).
-#[inline(always)]
-fn reduce_lanes(l: [f32; 8]) -> f32 {
-    let s0 = (l[0] + l[4]) + (l[1] + l[5]);
-    let s1 = (l[2] + l[6]) + (l[3] + l[7]);
-    s0 + s1
-}
-
-/// The 32 signed weights of block `b` of row `r`.
-#[inline(always)]
-fn weight_block(w: &QMatrix<'_>, r: usize, b: usize) -> [i8; BLOCK] {
-    let mut out = [0i8; BLOCK];
-    match w.format {
-        QuantFormat::Q8 => {
-            let at = r * w.cols + b * BLOCK;
-            for (o, &v) in out.iter_mut().zip(&w.q[at..at + BLOCK]) {
-                *o = v as i8;
-            }
-        }
-        QuantFormat::Q4 => {
-            let at = r * w.cols / 2 + b * BLOCK / 2;
-            for i in 0..BLOCK / 2 {
-                let byte = w.q[at + i];
-                out[i] = (byte & 0x0f) as i8 - 8;
-                out[i + BLOCK / 2] = (byte >> 4) as i8 - 8;
-            }
+impl<'a> Job<'a> {
+    fn new(isa: Isa, acts: &'a QActivations, w: QMatrix<'a>, tiles: Range<usize>) -> Job<'a> {
+        let last = w.tiles().saturating_sub(1);
+        let ragged = !w.rows.is_multiple_of(TILE) && tiles.contains(&last);
+        Job {
+            isa,
+            acts,
+            w,
+            pad: ragged.then(|| padded_tile(&w, last)),
         }
     }
-    out
-}
 
-fn tile_portable<const R: usize, const C: usize>(
-    acts: &QActivations,
-    i0: usize,
-    w: QMatrix<'_>,
-    j0: usize,
-    out: &mut [[f32; NR]; MR],
-) {
-    let k = w.cols;
-    let nb = k / BLOCK;
-    let mut acc = [[[0.0f32; 8]; C]; R];
-    for b in 0..nb {
-        for j in 0..C {
-            let wb = weight_block(&w, j0 + j, b);
-            let dw = w.scales[(j0 + j) * nb + b].to_f32();
-            for (i, acc_row) in acc.iter_mut().enumerate() {
-                let row = i0 + i;
-                let xq = &acts.q[row * k + b * BLOCK..row * k + (b + 1) * BLOCK];
-                let d = dw * acts.d[row * nb + b];
-                for (l, lane) in acc_row[j].iter_mut().enumerate() {
-                    let s: i32 = (0..4)
-                        .map(|t| wb[4 * l + t] as i32 * xq[4 * l + t] as i32)
-                        .sum();
-                    *lane += d * s as f32;
+    /// The 16-row tile `t`: its bytes and scales.
+    fn tile(&self, t: usize) -> (*const u8, *const f16) {
+        let w = &self.w;
+        if (t + 1) * TILE > w.rows {
+            let (q, s) = self.pad.as_ref().expect("padded last tile");
+            return (q.as_ptr(), s.as_ptr());
+        }
+        let (rb, nb) = (w.format.row_bytes(w.cols), w.cols / BLOCK);
+        (
+            w.q[t * TILE * rb..].as_ptr(),
+            w.scales[t * TILE * nb..].as_ptr(),
+        )
+    }
+
+    /// Register-tile shape (activation rows, weight tiles) for a chunk of `m` rows.
+    fn shape(&self, m: usize) -> (usize, usize) {
+        match self.isa {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512Vnni if m <= MR_MAX => (m, 1),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512Vnni => (6, 2),
+            _ => (4, 1),
+        }
+    }
+
+    /// Outputs of activation rows `act_rows` × weight rows of `tiles` that lie in `keep`,
+    /// written to `y[i·y_stride + r − origin]` (`i` counted from 0 at `act_rows.start`
+    /// relative to `y`, i.e. `y` row `i` is activation row `i`).
+    ///
+    /// # Safety
+    /// Those `y` elements must be valid for writes and not accessed concurrently.
+    unsafe fn run(
+        &self,
+        act_rows: Range<usize>,
+        tiles: Range<usize>,
+        keep: Range<usize>,
+        y: *mut f32,
+        y_stride: usize,
+        origin: usize,
+    ) {
+        let (mr_max, nc_max) = self.shape(act_rows.len());
+        let q4 = self.w.format == QuantFormat::Q4;
+        let mut out = [0.0f32; OUT_LEN];
+        let mut t = tiles.start;
+        while t < tiles.end {
+            let nc = nc_max.min(tiles.end - t);
+            let (q0, s0) = self.tile(t);
+            let (q1, s1) = if nc > 1 { self.tile(t + 1) } else { (q0, s0) };
+            let (wq, ws) = ([q0, q1], [s0, s1]);
+            let mut i0 = act_rows.start;
+            while i0 < act_rows.end {
+                let mr = mr_max.min(act_rows.end - i0);
+                // SAFETY: the tile pointers hold full 16-row tiles of `cols` columns and
+                // `acts` holds rows i0..i0 + mr of `cols` (checked by the callers).
+                unsafe { self.kernel(q4, mr, nc, i0, wq, ws, &mut out) };
+                for i in 0..mr {
+                    for c in 0..nc {
+                        let r0 = (t + c) * TILE;
+                        for (l, &v) in out[(i * NC_MAX + c) * TILE..][..TILE].iter().enumerate() {
+                            if keep.contains(&(r0 + l)) {
+                                // SAFETY: in bounds and exclusive (the caller's contract).
+                                unsafe { *y.add((i0 + i) * y_stride + r0 + l - origin) = v };
+                            }
+                        }
+                    }
                 }
+                i0 += mr;
+            }
+            t += nc;
+        }
+    }
+
+    /// Runs the register tile `mr × nc` of this ISA.
+    ///
+    /// # Safety
+    /// `wq`/`ws` point to `nc` full tiles; `acts` holds rows `i0..i0 + mr`.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn kernel(
+        &self,
+        q4: bool,
+        mr: usize,
+        nc: usize,
+        i0: usize,
+        wq: [*const u8; 2],
+        ws: [*const f16; 2],
+        out: &mut [f32; OUT_LEN],
+    ) {
+        let a = self.acts;
+        macro_rules! arms {
+            ($f:ident; $(($m:literal, $n:literal)),*) => {
+                match (q4, mr, nc) {
+                    $(
+                        (false, $m, $n) => $f::<false, $m, $n>(a, i0, wq, ws, out),
+                        (true, $m, $n) => $f::<true, $m, $n>(a, i0, wq, ws, out),
+                    )*
+                    _ => unreachable!("tile {mr}x{nc}"),
+                }
+            };
+        }
+        match self.isa {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: the CPU has AVX-512 F/BW/VNNI (checked in `available`).
+            Isa::Avx512Vnni => unsafe {
+                arms!(kern512; (1, 1), (2, 1), (3, 1), (4, 1), (5, 1), (6, 1), (7, 1),
+                      (8, 1), (1, 2), (2, 2), (3, 2), (4, 2), (5, 2), (6, 2))
+            },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: the CPU has AVX2, FMA, F16C and AVX-VNNI (checked in `available`).
+            Isa::AvxVnni => unsafe { arms!(kern_avx_vnni; (1, 1), (2, 1), (3, 1), (4, 1)) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: the CPU has AVX2, FMA and F16C (checked in `available`).
+            Isa::Avx2 => unsafe { arms!(kern_avx2; (1, 1), (2, 1), (3, 1), (4, 1)) },
+            // SAFETY: as this function's contract.
+            Isa::Portable => unsafe { kern_portable(q4, mr, a, i0, wq[0], ws[0], out) },
+        }
+    }
+}
+
+/// The ragged last tile `t` of `w` copied into a full 16-row tile (zero rows after).
+fn padded_tile(w: &QMatrix<'_>, t: usize) -> (Vec<u8>, Vec<f16>) {
+    let (rb, nb) = (w.format.row_bytes(w.cols), w.cols / BLOCK);
+    let rt = dsv2_core::quant::tile_rows(w.rows, t);
+    // 64-byte units per block: 8 (q8) or 4 (q4), each 4 bytes per row.
+    let units = w.format.block_bytes() / 4;
+    let src = &w.q[t * TILE * rb..][..rt * rb];
+    let src_s = &w.scales[t * TILE * nb..][..rt * nb];
+    let mut q = vec![0u8; TILE * rb];
+    let mut s = vec![f16::ZERO; TILE * nb];
+    for b in 0..nb {
+        for u in 0..units {
+            let from = &src[(b * units + u) * 4 * rt..][..4 * rt];
+            q[(b * units + u) * 4 * TILE..][..4 * rt].copy_from_slice(from);
+        }
+        s[b * TILE..][..rt].copy_from_slice(&src_s[b * rt..][..rt]);
+    }
+    (q, s)
+}
+
+/// The portable path: one register tile of `mr` rows × one weight tile.
+///
+/// # Safety
+/// `wq`/`ws` point to a full tile; `a` holds rows `i0..i0 + mr`.
+unsafe fn kern_portable(
+    q4: bool,
+    mr: usize,
+    a: &QActivations,
+    i0: usize,
+    wq: *const u8,
+    ws: *const f16,
+    out: &mut [f32; OUT_LEN],
+) {
+    let (k, nb) = (a.k, a.k / BLOCK);
+    let bb = if q4 { BLOCK / 2 } else { BLOCK } * TILE;
+    // SAFETY: a full tile is 16 rows × k weights and 16 × nb scales.
+    let (wq, ws) = unsafe {
+        (
+            std::slice::from_raw_parts(wq, nb * bb),
+            std::slice::from_raw_parts(ws, nb * TILE),
+        )
+    };
+    let mut acc = [[0.0f32; TILE]; MR_MAX];
+    for b in 0..nb {
+        // The tile's weights of this block as [row][k] integers.
+        let mut w = [[0i8; BLOCK]; TILE];
+        let blk = &wq[b * bb..][..bb];
+        for (r, wr) in w.iter_mut().enumerate() {
+            for (kk, v) in wr.iter_mut().enumerate() {
+                *v = if q4 {
+                    let byte = blk[(kk / 8) * 4 * TILE + 4 * r + kk % 4];
+                    let code = if (kk / 4) % 2 == 0 {
+                        byte & 0x0f
+                    } else {
+                        byte >> 4
+                    };
+                    code as i8 - 8
+                } else {
+                    blk[(kk / 4) * 4 * TILE + 4 * r + kk % 4] as i8
+                };
+            }
+        }
+        for (i, acc_row) in acc.iter_mut().enumerate().take(mr) {
+            let row = i0 + i;
+            let x = &a.q[row * k + b * BLOCK..][..BLOCK];
+            let dx = a.d[row * nb + b];
+            for (r, o) in acc_row.iter_mut().enumerate() {
+                let s: i32 = w[r].iter().zip(x).map(|(&p, &q)| p as i32 * q as i32).sum();
+                let d = ws[b * TILE + r].to_f32() * dx;
+                *o = (s as f32).mul_add(d, *o);
             }
         }
     }
-    for i in 0..R {
-        for j in 0..C {
-            out[i][j] = reduce_lanes(acc[i][j]);
-        }
+    for (i, acc_row) in acc.iter().enumerate().take(mr) {
+        out[i * NC_MAX * TILE..][..TILE].copy_from_slice(acc_row);
     }
 }
 
@@ -252,125 +542,256 @@ mod x86 {
 
     use super::*;
 
-    /// Loads block `b` of weight row `r` as 32 signed bytes.
-    #[inline]
-    #[target_feature(enable = "avx2")]
-    pub(super) fn load_weights(w: &QMatrix<'_>, r: usize, b: usize) -> __m256i {
-        match w.format {
-            QuantFormat::Q8 => {
-                let at = r * w.cols + b * BLOCK;
-                let s = &w.q[at..at + BLOCK];
-                // SAFETY: `s` holds 32 bytes.
-                unsafe { _mm256_loadu_si256(s.as_ptr() as *const __m256i) }
+    /// 4 activation bytes broadcast to every 32-bit lane.
+    #[inline(always)]
+    unsafe fn bcast4(p: *const i8) -> i32 {
+        // SAFETY: the caller's pointer is in bounds for 4 bytes.
+        unsafe { (p as *const i32).read_unaligned() }
+    }
+
+    /// AVX-512 VNNI register tile: `MR` activation rows × `NC` tiles of 16 weight rows.
+    ///
+    /// # Safety
+    /// AVX-512 F/BW/VNNI; `wq`/`ws` point to `NC` full tiles; `a` holds rows
+    /// `i0..i0 + MR`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub(super) unsafe fn kern512<const Q4: bool, const MR: usize, const NC: usize>(
+        a: &QActivations,
+        i0: usize,
+        wq: [*const u8; 2],
+        ws: [*const f16; 2],
+        out: &mut [f32; OUT_LEN],
+    ) {
+        let (k, nb) = (a.k, a.k / BLOCK);
+        let bb = if Q4 { 256 } else { 512 };
+        let corr = if Q4 { &a.c8 } else { &a.c128 };
+        let xq: [*const i8; MR] = std::array::from_fn(|i| a.q[(i0 + i) * k..].as_ptr());
+        let xd: [&[f32]; MR] = std::array::from_fn(|i| &a.d[(i0 + i) * nb..][..nb]);
+        let xc: [&[i32]; MR] = std::array::from_fn(|i| &corr[(i0 + i) * nb..][..nb]);
+        // With few accumulators, alternate two integer chains to hide dpbusd latency
+        // (integer sums are exact: the split does not change results).
+        let split = MR * NC <= 2;
+        let low4 = _mm512_set1_epi8(0x0f);
+        let bias = _mm512_set1_epi8(-128);
+        let mut facc = [[_mm512_setzero_ps(); NC]; MR];
+        for b in 0..nb {
+            let mut acc = [[_mm512_setzero_si512(); NC]; MR];
+            let mut acc2 = [[_mm512_setzero_si512(); NC]; MR];
+            // SAFETY (all loads below): block b of a full tile, k < cols of the rows.
+            unsafe {
+                if Q4 {
+                    for u in 0..4 {
+                        let mut lo = [_mm512_setzero_si512(); NC];
+                        let mut hi = [_mm512_setzero_si512(); NC];
+                        for c in 0..NC {
+                            let raw = _mm512_loadu_si512(wq[c].add(b * bb + u * 64) as *const _);
+                            lo[c] = _mm512_and_si512(raw, low4);
+                            hi[c] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), low4);
+                        }
+                        for i in 0..MR {
+                            let xl = _mm512_set1_epi32(bcast4(xq[i].add(b * BLOCK + 8 * u)));
+                            let xh = _mm512_set1_epi32(bcast4(xq[i].add(b * BLOCK + 8 * u + 4)));
+                            for c in 0..NC {
+                                acc[i][c] = _mm512_dpbusd_epi32(acc[i][c], lo[c], xl);
+                                if split {
+                                    acc2[i][c] = _mm512_dpbusd_epi32(acc2[i][c], hi[c], xh);
+                                } else {
+                                    acc[i][c] = _mm512_dpbusd_epi32(acc[i][c], hi[c], xh);
+                                }
+                            }
+                        }
+                    }
+                } else {
+                    for g in 0..8 {
+                        let mut wv = [_mm512_setzero_si512(); NC];
+                        for c in 0..NC {
+                            let raw = _mm512_loadu_si512(wq[c].add(b * bb + g * 64) as *const _);
+                            wv[c] = _mm512_xor_si512(raw, bias);
+                        }
+                        for i in 0..MR {
+                            let xb = _mm512_set1_epi32(bcast4(xq[i].add(b * BLOCK + 4 * g)));
+                            for c in 0..NC {
+                                if split && g % 2 == 1 {
+                                    acc2[i][c] = _mm512_dpbusd_epi32(acc2[i][c], wv[c], xb);
+                                } else {
+                                    acc[i][c] = _mm512_dpbusd_epi32(acc[i][c], wv[c], xb);
+                                }
+                            }
+                        }
+                    }
+                }
             }
-            QuantFormat::Q4 => {
-                let at = r * w.cols / 2 + b * BLOCK / 2;
-                let s = &w.q[at..at + BLOCK / 2];
-                // SAFETY: `s` holds 16 bytes.
-                let packed = unsafe { _mm_loadu_si128(s.as_ptr() as *const __m128i) };
-                let both = _mm256_set_m128i(_mm_srli_epi16(packed, 4), packed);
-                let codes = _mm256_and_si256(both, _mm256_set1_epi8(0x0f));
-                _mm256_sub_epi8(codes, _mm256_set1_epi8(8))
+            let dw: [__m512; NC] = std::array::from_fn(|c| {
+                // SAFETY: the 16 scales of block b of a full tile.
+                _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(ws[c].add(b * TILE) as *const _) })
+            });
+            for i in 0..MR {
+                let dx = _mm512_set1_ps(xd[i][b]);
+                let cx = _mm512_set1_epi32(xc[i][b]);
+                for c in 0..NC {
+                    let mut s = acc[i][c];
+                    if split {
+                        s = _mm512_add_epi32(s, acc2[i][c]);
+                    }
+                    let s = _mm512_cvtepi32_ps(_mm512_sub_epi32(s, cx));
+                    facc[i][c] = _mm512_fmadd_ps(s, _mm512_mul_ps(dw[c], dx), facc[i][c]);
+                }
+            }
+        }
+        for (i, row) in facc.iter().enumerate() {
+            for (c, v) in row.iter().enumerate() {
+                // SAFETY: 16 floats at (i·NC_MAX + c)·16 < OUT_LEN.
+                unsafe { _mm512_storeu_ps(out[(i * NC_MAX + c) * TILE..].as_mut_ptr(), *v) };
             }
         }
     }
 
-    /// Loads 32 activation bytes of row `row`, block `b`.
-    #[inline]
-    #[target_feature(enable = "avx2")]
-    pub(super) fn load_acts(acts: &QActivations, k: usize, row: usize, b: usize) -> __m256i {
-        let s = &acts.q[row * k + b * BLOCK..row * k + (b + 1) * BLOCK];
-        // SAFETY: `s` holds 32 bytes.
-        unsafe { _mm256_loadu_si256(s.as_ptr() as *const __m256i) }
+    /// q8 on AVX2: `Σ q·x` per 4 bytes via `maddubs(|q|, sign(x, q))` + `madd` (|q|,
+    /// |x| ≤ 127: no saturation); no bias.
+    #[inline(always)]
+    unsafe fn dot8_avx2(acc: __m256i, w: __m256i, x: __m256i) -> __m256i {
+        unsafe {
+            let p = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
+            _mm256_add_epi32(acc, _mm256_madd_epi16(p, _mm256_set1_epi16(1)))
+        }
     }
 
-    /// Eight i32 lanes of `Σ w·x` over groups of 4 (exact), via `maddubs` + `madd`.
-    #[inline]
-    #[target_feature(enable = "avx2")]
-    pub(super) fn dot_lanes_avx2(w: __m256i, x: __m256i) -> __m256i {
-        let aw = _mm256_sign_epi8(w, w);
-        let sx = _mm256_sign_epi8(x, w);
-        // |w| ≤ 127 and |x| ≤ 127: pair sums stay within i16.
-        let pairs = _mm256_maddubs_epi16(aw, sx);
-        _mm256_madd_epi16(pairs, _mm256_set1_epi16(1))
+    /// q4 codes (0..=15, unsigned) on AVX2: `maddubs` + `madd`.
+    #[inline(always)]
+    unsafe fn dot4_avx2(acc: __m256i, w: __m256i, x: __m256i) -> __m256i {
+        unsafe {
+            let p = _mm256_maddubs_epi16(w, x);
+            _mm256_add_epi32(acc, _mm256_madd_epi16(p, _mm256_set1_epi16(1)))
+        }
     }
 
-    /// The same lanes via AVX-VNNI's `vpdpbusd`.
-    #[inline]
-    #[target_feature(enable = "avx2,avxvnni")]
-    pub(super) fn dot_lanes_vnni(w: __m256i, x: __m256i) -> __m256i {
-        let aw = _mm256_sign_epi8(w, w);
-        let sx = _mm256_sign_epi8(x, w);
-        _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), aw, sx)
+    /// q8 on AVX-VNNI: `(q + 128)·x` (the bias is subtracted per block).
+    #[inline(always)]
+    unsafe fn dot8_vnni(acc: __m256i, w: __m256i, x: __m256i) -> __m256i {
+        unsafe {
+            let u = _mm256_xor_si256(w, _mm256_set1_epi8(-128));
+            _mm256_dpbusd_avx_epi32(acc, u, x)
+        }
     }
 
-    /// f16 → f32 of one scale with F16C (no run-time feature check per call).
-    #[inline]
-    #[target_feature(enable = "f16c")]
-    pub(super) fn f16_to_f32(h: f16) -> f32 {
-        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h.to_bits() as i32)))
+    #[inline(always)]
+    unsafe fn dot4_vnni(acc: __m256i, w: __m256i, x: __m256i) -> __m256i {
+        unsafe { _mm256_dpbusd_avx_epi32(acc, w, x) }
     }
 
-    macro_rules! tile_fn {
-        ($name:ident, $features:literal, $dot:ident) => {
+    /// 256-bit register tile: `MR` activation rows × one 16-row tile (two ymm halves).
+    macro_rules! kern256 {
+        ($name:ident, $features:literal, $dot8:ident, $dot4:ident, $q8_bias:literal) => {
+            /// # Safety
+            /// The CPU features; `wq`/`ws` point to one full tile; `a` holds rows
+            /// `i0..i0 + MR`.
             #[target_feature(enable = $features)]
-            pub(super) fn $name<const R: usize, const C: usize>(
-                acts: &QActivations,
+            pub(super) unsafe fn $name<const Q4: bool, const MR: usize, const NC: usize>(
+                a: &QActivations,
                 i0: usize,
-                w: QMatrix<'_>,
-                j0: usize,
-                out: &mut [[f32; NR]; MR],
+                wq: [*const u8; 2],
+                ws: [*const f16; 2],
+                out: &mut [f32; OUT_LEN],
             ) {
-                let k = w.cols;
-                let nb = k / BLOCK;
-                // Bounds are checked once here; the loop reads through slices of exactly
-                // these rows.
-                let scales: [&[f16]; C] =
-                    std::array::from_fn(|j| &w.scales[(j0 + j) * nb..(j0 + j + 1) * nb]);
-                let xd: [&[f32]; R] =
-                    std::array::from_fn(|i| &acts.d[(i0 + i) * nb..(i0 + i + 1) * nb]);
-                let mut acc = [[_mm256_setzero_ps(); C]; R];
-                for b in 0..nb {
-                    let mut wv = [_mm256_setzero_si256(); C];
-                    let mut dw = [0.0f32; C];
-                    for j in 0..C {
-                        wv[j] = load_weights(&w, j0 + j, b);
-                        dw[j] = f16_to_f32(scales[j][b]);
+                debug_assert_eq!(NC, 1);
+                let (k, nb) = (a.k, a.k / BLOCK);
+                let bb = if Q4 { 256 } else { 512 };
+                let xq: [*const i8; MR] = std::array::from_fn(|i| a.q[(i0 + i) * k..].as_ptr());
+                let xd: [&[f32]; MR] = std::array::from_fn(|i| &a.d[(i0 + i) * nb..][..nb]);
+                let xc: [&[i32]; MR] = std::array::from_fn(|i| {
+                    if Q4 {
+                        &a.c8[(i0 + i) * nb..][..nb]
+                    } else {
+                        &a.c128[(i0 + i) * nb..][..nb]
                     }
-                    for (i, acc_row) in acc.iter_mut().enumerate() {
-                        let xv = load_acts(acts, k, i0 + i, b);
-                        let dx = xd[i][b];
-                        for j in 0..C {
-                            let lanes = _mm256_cvtepi32_ps($dot(wv[j], xv));
-                            let d = _mm256_set1_ps(dw[j] * dx);
-                            acc_row[j] = _mm256_fmadd_ps(d, lanes, acc_row[j]);
+                });
+                let low4 = _mm256_set1_epi8(0x0f);
+                let mut facc = [[_mm256_setzero_ps(); 2]; MR];
+                for b in 0..nb {
+                    let mut acc = [[_mm256_setzero_si256(); 2]; MR];
+                    // SAFETY (loads): block b of a full tile; k within the rows.
+                    unsafe {
+                        let blk = wq[0].add(b * bb);
+                        if Q4 {
+                            for u in 0..4 {
+                                for h in 0..2 {
+                                    let raw = _mm256_loadu_si256(
+                                        blk.add(u * 64 + h * 32) as *const __m256i
+                                    );
+                                    let lo = _mm256_and_si256(raw, low4);
+                                    let hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low4);
+                                    for i in 0..MR {
+                                        let p = xq[i].add(b * BLOCK + 8 * u);
+                                        let xl = _mm256_set1_epi32(bcast4(p));
+                                        let xh = _mm256_set1_epi32(bcast4(p.add(4)));
+                                        acc[i][h] = $dot4(acc[i][h], lo, xl);
+                                        acc[i][h] = $dot4(acc[i][h], hi, xh);
+                                    }
+                                }
+                            }
+                        } else {
+                            for g in 0..8 {
+                                for h in 0..2 {
+                                    let wv = _mm256_loadu_si256(
+                                        blk.add(g * 64 + h * 32) as *const __m256i
+                                    );
+                                    for i in 0..MR {
+                                        let p = xq[i].add(b * BLOCK + 4 * g);
+                                        let xb = _mm256_set1_epi32(bcast4(p));
+                                        acc[i][h] = $dot8(acc[i][h], wv, xb);
+                                    }
+                                }
+                            }
+                        }
+                    }
+                    // SAFETY: the 16 scales of block b of a full tile.
+                    let dwh = unsafe { _mm_loadu_si128(ws[0].add(b * TILE) as *const __m128i) };
+                    let dwl = unsafe { _mm_loadu_si128(ws[0].add(b * TILE + 8) as *const __m128i) };
+                    let dw = [_mm256_cvtph_ps(dwh), _mm256_cvtph_ps(dwl)];
+                    for i in 0..MR {
+                        let dx = _mm256_set1_ps(xd[i][b]);
+                        let cx = if Q4 || $q8_bias {
+                            _mm256_set1_epi32(xc[i][b])
+                        } else {
+                            _mm256_setzero_si256()
+                        };
+                        for h in 0..2 {
+                            let s = _mm256_cvtepi32_ps(_mm256_sub_epi32(acc[i][h], cx));
+                            let d = _mm256_mul_ps(dw[h], dx);
+                            facc[i][h] = _mm256_fmadd_ps(s, d, facc[i][h]);
                         }
                     }
                 }
-                for i in 0..R {
-                    for j in 0..C {
-                        let mut lanes = [0.0f32; 8];
-                        // SAFETY: `lanes` holds 8 f32.
-                        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), acc[i][j]) };
-                        out[i][j] = reduce_lanes(lanes);
+                for (i, row) in facc.iter().enumerate() {
+                    for (h, v) in row.iter().enumerate() {
+                        // SAFETY: 8 floats at i·NC_MAX·16 + 8h < OUT_LEN.
+                        unsafe {
+                            _mm256_storeu_ps(out[i * NC_MAX * TILE + 8 * h..].as_mut_ptr(), *v)
+                        };
                     }
                 }
             }
         };
     }
 
-    tile_fn!(tile_avx2, "avx2,fma,f16c", dot_lanes_avx2);
-    tile_fn!(tile_avx_vnni, "avx2,fma,f16c,avxvnni", dot_lanes_vnni);
+    kern256!(kern_avx2, "avx2,fma,f16c", dot8_avx2, dot4_avx2, false);
+    kern256!(
+        kern_avx_vnni,
+        "avx2,fma,f16c,avxvnni",
+        dot8_vnni,
+        dot4_vnni,
+        true
+    );
 }
 
 #[cfg(target_arch = "x86_64")]
-use x86::{tile_avx2, tile_avx_vnni};
+use x86::{kern512, kern_avx2, kern_avx_vnni};
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::test_values as values;
-    use dsv2_core::quant::quantize_row;
+    use dsv2_core::quant::{quantize_rows, weight_block};
 
     struct Owned {
         format: QuantFormat,
@@ -383,17 +804,9 @@ mod tests {
     impl Owned {
         fn new(format: QuantFormat, rows: usize, cols: usize, seed: u64) -> Owned {
             let src = values(rows * cols, seed);
-            let rb = format.row_bytes(cols);
-            let mut q = vec![0u8; rows * rb];
+            let mut q = vec![0u8; rows * format.row_bytes(cols)];
             let mut scales = vec![f16::ZERO; rows * cols / BLOCK];
-            for r in 0..rows {
-                quantize_row(
-                    format,
-                    &src[r * cols..(r + 1) * cols],
-                    &mut q[r * rb..(r + 1) * rb],
-                    &mut scales[r * cols / BLOCK..(r + 1) * cols / BLOCK],
-                );
-            }
+            quantize_rows(format, &src, cols, &mut q, &mut scales);
             Owned {
                 format,
                 rows,
@@ -414,82 +827,113 @@ mod tests {
         }
     }
 
-    /// Plain reference: dequantize both operands and sum in f64.
-    fn reference(x: &[f32], m: usize, w: &QMatrix<'_>) -> Vec<f64> {
+    /// Plain scalar reference of the documented arithmetic, from the layout's own
+    /// accessor (not the kernels' addressing): per block, the exact integer dot, then
+    /// `acc = fma(s, dw·dx, acc)`. Also returns an f64 sum for a sanity bound.
+    fn reference(x: &[f32], m: usize, w: &QMatrix<'_>) -> (Vec<f32>, Vec<f64>) {
         let (n, k) = (w.rows, w.cols);
         let mut acts = QActivations::default();
         acts.quantize(x, m, k);
-        let mut y = vec![0.0; m * n];
+        let (mut y, mut y64) = (vec![0.0; m * n], vec![0.0; m * n]);
         for i in 0..m {
             for j in 0..n {
-                let mut s = 0.0f64;
+                let (mut acc, mut s64) = (0.0f32, 0.0f64);
                 for b in 0..k / BLOCK {
-                    let wb = weight_block(w, j, b);
-                    let dw = w.scales[j * k / BLOCK + b].to_f32() as f64;
-                    let dx = acts.d[i * k / BLOCK + b] as f64;
-                    let xb = &acts.q[i * k + b * BLOCK..i * k + (b + 1) * BLOCK];
-                    for (wv, xv) in wb.iter().zip(xb) {
-                        s += dw * *wv as f64 * dx * *xv as f64;
+                    let (wb, dw) = weight_block(w.format, n, k, w.q, w.scales, j, b);
+                    let dx = acts.d[i * k / BLOCK + b];
+                    let xb = &acts.q[i * k + b * BLOCK..][..BLOCK];
+                    let s: i32 = wb.iter().zip(xb).map(|(&a, &b)| a as i32 * b as i32).sum();
+                    acc = (s as f32).mul_add(dw.to_f32() * dx, acc);
+                    s64 += dw.to_f32() as f64 * dx as f64 * s as f64;
+                }
+                y[i * n + j] = acc;
+                y64[i * n + j] = s64;
+            }
+        }
+        (y, y64)
+    }
+
+    const SIZES: [(usize, usize, usize); 8] = [
+        (1, 1, 32),
+        (1, 67, 1408),
+        (2, 16, 64),
+        (3, 33, 64),
+        (6, 65, 96),
+        (8, 40, 2048),
+        (9, 40, 1408),
+        (13, 100, 160),
+    ];
+
+    #[test]
+    fn every_path_matches_the_scalar_reference_bit_for_bit() {
+        let paths = available();
+        eprintln!("paths: {paths:?}");
+        for format in [QuantFormat::Q8, QuantFormat::Q4] {
+            for &(m, n, k) in &SIZES {
+                let w = Owned::new(format, n, k, 7 + n as u64);
+                let x = values(m * k, 8 + k as u64);
+                let (want, want64) = reference(&x, m, &w.view());
+                for (a, b) in want.iter().zip(&want64) {
+                    assert!((*a as f64 - b).abs() <= 1e-5 * (1.0 + b.abs()) * (k as f64).sqrt());
+                }
+                for &isa in &paths {
+                    let mut y = vec![f32::NAN; m * n];
+                    qmatmul_isa(isa, &x, m, w.view(), &mut y);
+                    for (j, (a, b)) in y.iter().zip(&want).enumerate() {
+                        assert_eq!(
+                            a.to_bits(),
+                            b.to_bits(),
+                            "{isa:?} {format:?} m={m} n={n} k={k} at {j}: {a} vs {b}"
+                        );
                     }
                 }
-                y[i * n + j] = s;
-            }
-        }
-        y
-    }
-
-    #[test]
-    fn matches_the_plain_reference_on_ragged_sizes() {
-        for format in [QuantFormat::Q8, QuantFormat::Q4] {
-            for &(m, n, k) in &[
-                (1, 1, 32),
-                (1, 67, 1408),
-                (3, 33, 64),
-                (6, 65, 96),
-                (9, 40, 2048),
-            ] {
-                let w = Owned::new(format, n, k, 7);
-                let x = values(m * k, 8);
-                let mut y = vec![f32::NAN; m * n];
-                qmatmul(&x, m, w.view(), &mut y);
-                let r = reference(&x, m, &w.view());
-                for (a, b) in y.iter().zip(&r) {
-                    assert!(
-                        (*a as f64 - b).abs() <= 1e-5 * (1.0 + b.abs()) * (k as f64).sqrt(),
-                        "{format:?} m={m} n={n} k={k}: {a} vs {b}"
-                    );
-                }
             }
         }
     }
 
     #[test]
-    fn instruction_paths_agree_exactly_and_rows_are_batch_invariant() {
+    fn rows_are_batch_invariant() {
         for format in [QuantFormat::Q8, QuantFormat::Q4] {
             let (n, k) = (37, 1408);
             let w = Owned::new(format, n, k, 9);
-            let x = values(11 * k, 10);
-            let mut all = vec![0.0f32; 11 * n];
-            qmatmul(&x, 11, w.view(), &mut all);
-            for m in [1usize, 2, 5] {
-                let mut part = vec![0.0f32; m * n];
-                qmatmul(&x[3 * k..], m, w.view(), &mut part);
-                for (a, b) in part.iter().zip(&all[3 * n..(3 + m) * n]) {
-                    assert_eq!(a.to_bits(), b.to_bits(), "{format:?} m={m}");
+            let x = values(200 * k, 10);
+            for &isa in &available() {
+                let mut all = vec![0.0f32; 200 * n];
+                qmatmul_isa(isa, &x, 200, w.view(), &mut all);
+                for (start, m) in [(3usize, 1usize), (3, 2), (0, 5), (7, 8), (3, 13), (101, 99)] {
+                    let mut part = vec![0.0f32; m * n];
+                    qmatmul_isa(isa, &x[start * k..], m, w.view(), &mut part);
+                    for (a, b) in part.iter().zip(&all[start * n..(start + m) * n]) {
+                        assert_eq!(a.to_bits(), b.to_bits(), "{isa:?} {format:?} m={m}");
+                    }
                 }
             }
-            #[cfg(target_arch = "x86_64")]
-            if isa() == Isa::AvxVnni {
-                // The integer lanes are exact, so maddubs and dpbusd agree bit for bit.
-                let mut acts = QActivations::default();
-                acts.quantize(&x, 4, k);
-                let (mut a, mut b) = ([[0.0f32; NR]; MR], [[0.0f32; NR]; MR]);
-                // SAFETY: AVX-VNNI implies the AVX2 features (checked by `isa`).
-                unsafe {
-                    tile_avx2::<4, 2>(&acts, 0, w.view(), 0, &mut a);
-                    tile_avx_vnni::<4, 2>(&acts, 0, w.view(), 0, &mut b);
+        }
+    }
+
+    #[test]
+    fn qmatmul_rows_computes_a_strided_slice_of_the_product() {
+        for format in [QuantFormat::Q8, QuantFormat::Q4] {
+            let (m, n, k) = (5, 45, 96);
+            let w = Owned::new(format, n, k, 11);
+            let x = values(m * k, 12);
+            let mut full = vec![0.0f32; m * n];
+            qmatmul(&x, m, w.view(), &mut full);
+            let mut acts = QActivations::default();
+            acts.quantize(&x, m, k);
+            for rows in [0..16, 16..45, 32..45, 0..45, 16..32] {
+                let stride = rows.len() + 3;
+                let mut y = vec![f32::NAN; m * stride];
+                qmatmul_rows(&acts, m, w.view(), rows.clone(), &mut y, stride);
+                for i in 0..m {
+                    for r in rows.clone() {
+                        let got = y[i * stride + r - rows.start];
+                        assert_eq!(got.to_bits(), full[i * n + r].to_bits(), "{rows:?}");
+                    }
+                    for pad in rows.len()..stride {
+                        assert!(y[i * stride + pad].is_nan());
+                    }
                 }
-                assert_eq!(a, b);
             }
         }
     }
