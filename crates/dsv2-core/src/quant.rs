@@ -34,6 +34,7 @@
 //! take 4 bits and every other matrix is q8 (see [`quantized_format`]).
 
 use half::f16;
+use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
 use crate::checkpoint::{DType, TensorView};
@@ -128,6 +129,42 @@ pub struct QuantizedTensor {
 }
 
 impl QuantizedTensor {
+    /// A quantized tensor owning its two planes (`q`: `rows · row_bytes(cols)` bytes in
+    /// the interleaved layout, `scales`: `rows · cols/32`), as `quantize_rows` writes them.
+    pub fn from_planes(
+        name: &str,
+        format: QuantFormat,
+        rows: usize,
+        cols: usize,
+        q: Vec<u8>,
+        scales: Vec<f16>,
+    ) -> QuantizedTensor {
+        assert_eq!(
+            q.len(),
+            rows * format.row_bytes(cols),
+            "{name}: qweight size"
+        );
+        assert_eq!(scales.len(), rows * cols / BLOCK, "{name}: scales size");
+        let (qdtype, qshape) = match format {
+            QuantFormat::Q8 => (DType::I8, vec![rows, cols]),
+            QuantFormat::Q4 => (DType::U8, vec![rows, cols / 2]),
+        };
+        let scale_bytes: Vec<u8> = bytemuck::cast_slice(&scales).to_vec();
+        QuantizedTensor {
+            name: name.to_string(),
+            format,
+            rows,
+            cols,
+            qweight: TensorView::owned(&format!("{name}{QWEIGHT_SUFFIX}"), qdtype, qshape, q),
+            scales: TensorView::owned(
+                &format!("{name}{SCALES_SUFFIX}"),
+                DType::F16,
+                vec![rows, cols / BLOCK],
+                scale_bytes,
+            ),
+        }
+    }
+
     /// The quantized values as bytes (i8 for q8, packed nibbles for q4).
     pub fn qweight_bytes(&self) -> &[u8] {
         self.qweight.data.as_slice()
@@ -243,11 +280,13 @@ pub fn quantized_format(name: &str, shape: &[usize], format: QuantFormat) -> Opt
 }
 
 /// Quantizes one block: its scale and integer weights (q8: −127..=127, q4: −8..=7).
+#[inline(always)]
 fn quantize_block(format: QuantFormat, block: &[f32]) -> (f16, [i8; BLOCK]) {
+    let block: &[f32; BLOCK] = block.try_into().expect("a block of 32");
     let mut q = [0i8; BLOCK];
     match format {
         QuantFormat::Q8 => {
-            let amax = block.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            let amax = abs_max(block);
             let d = f16::from_f32(amax / 127.0);
             let inv = if d.to_f32() > 0.0 {
                 1.0 / d.to_f32()
@@ -269,11 +308,53 @@ fn quantize_block(format: QuantFormat, block: &[f32]) -> (f16, [i8; BLOCK]) {
     }
 }
 
+/// `max |v|` of a block, as an integer maximum over the magnitude bits (the same order
+/// as the floats' for finite values), which vectorizes where a float `max` fold cannot.
+#[inline(always)]
+fn abs_max(block: &[f32; BLOCK]) -> f32 {
+    let mut m = 0u32;
+    for v in block {
+        m = m.max(v.to_bits() & 0x7fff_ffff);
+    }
+    f32::from_bits(m)
+}
+
 /// Quantizes `x` (`x.len() / cols` rows of `cols` values) into `q`
 /// (`rows · row_bytes(cols)` bytes) and `scales` (`rows · cols/32`) in the interleaved
 /// layout of [`crate::quant`]. A matrix's tiles are independent: quantizing rows
 /// `16t..16t+16` alone gives exactly tile `t`'s bytes.
 pub fn quantize_rows(
+    format: QuantFormat,
+    x: &[f32],
+    cols: usize,
+    q: &mut [u8],
+    scales: &mut [f16],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512bw") {
+        // SAFETY: the CPU has the features the function is compiled for.
+        unsafe { quantize_rows_avx512(format, x, cols, q, scales) };
+        return;
+    }
+    quantize_rows_body(format, x, cols, q, scales);
+}
+
+/// [`quantize_rows`] compiled for AVX-512 (the same code, auto-vectorized; the same
+/// results: every operation is exact or correctly rounded either way).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,f16c")]
+unsafe fn quantize_rows_avx512(
+    format: QuantFormat,
+    x: &[f32],
+    cols: usize,
+    q: &mut [u8],
+    scales: &mut [f16],
+) {
+    quantize_rows_body(format, x, cols, q, scales);
+}
+
+#[inline(always)]
+fn quantize_rows_body(
     format: QuantFormat,
     x: &[f32],
     cols: usize,
@@ -295,8 +376,11 @@ pub fn quantize_rows(
                 let qb = &mut q[qt + b * rt * bb..][..rt * bb];
                 match format {
                     QuantFormat::Q8 => {
-                        for (k, &v) in w.iter().enumerate() {
-                            qb[(k / 4) * 4 * rt + 4 * rr + k % 4] = v as u8;
+                        for (g, four) in w.chunks_exact(4).enumerate() {
+                            let at = g * 4 * rt + 4 * rr;
+                            for (o, &v) in qb[at..at + 4].iter_mut().zip(four) {
+                                *o = v as u8;
+                            }
                         }
                     }
                     QuantFormat::Q4 => {
@@ -314,35 +398,61 @@ pub fn quantize_rows(
     }
 }
 
+/// Candidate divisors of `amax` for a q4 block's scale: `amax/8` (no clipping of the
+/// negative end) to `amax/6` in steps of 1/8.
+const Q4_DIVISORS: [f32; 17] = {
+    let mut d = [0.0f32; 17];
+    let mut i = 0;
+    while i < 17 {
+        d[i] = 8.0 - i as f32 * 0.125;
+        i += 1;
+    }
+    d
+};
+
 /// The 4-bit codes (0..=15, value `code − 8`) and scale minimizing the block's squared
-/// error, searched over scales around `amax / 8` (a small grid, as llama.cpp's
-/// `make_qx_quants` does).
-fn best_q4_block(block: &[f32]) -> (f16, [u8; BLOCK]) {
-    let amax = block.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-    let mut best = (f16::ZERO, [8u8; BLOCK], f32::INFINITY);
+/// error over the f16 scales `amax / Q4_DIVISORS` (a small grid, as llama.cpp's
+/// `make_qx_quants` does). The search runs over all candidates at once per element, so
+/// the compiler vectorizes it across candidates; the first best candidate wins.
+#[inline(always)]
+fn best_q4_block(block: &[f32; BLOCK]) -> (f16, [u8; BLOCK]) {
+    let amax = abs_max(block);
     if amax == 0.0 {
-        return (best.0, best.1);
+        return (f16::ZERO, [8u8; BLOCK]);
     }
-    for step in 0..=16 {
-        // Candidate scales from amax/8 (no clipping of the negative end) to amax/6.
-        let d = f16::from_f32(amax / (8.0 - step as f32 * 0.125));
-        let df = d.to_f32();
-        if df == 0.0 {
-            continue;
-        }
-        let mut codes = [0u8; BLOCK];
-        let mut err = 0.0f32;
-        for (j, v) in block.iter().enumerate() {
-            let c = ((v / df).round() + 8.0).clamp(0.0, 15.0);
-            codes[j] = c as u8;
-            let e = v - df * (c - 8.0);
-            err += e * e;
-        }
-        if err < best.2 {
-            best = (d, codes, err);
+    let mut wide = [0.0f32; 17];
+    for (w, div) in wide.iter_mut().zip(Q4_DIVISORS) {
+        *w = amax / div;
+    }
+    let mut half = [f16::ZERO; 17];
+    half.convert_from_f32_slice(&wide);
+    let mut scale = [0.0f32; 17];
+    half.convert_to_f32_slice(&mut scale);
+    let mut inv = [0.0f32; 17];
+    for (i, d) in inv.iter_mut().zip(scale) {
+        *i = if d > 0.0 { 1.0 / d } else { 0.0 };
+    }
+    let mut err = [0.0f32; 17];
+    for &v in block {
+        for c in 0..17 {
+            let q = (v * inv[c]).round().clamp(-8.0, 7.0);
+            let e = v - scale[c] * q;
+            err[c] += e * e;
         }
     }
-    (best.0, best.1)
+    let mut best = 0;
+    for c in 1..17 {
+        if scale[c] > 0.0 && (err[c] < err[best] || scale[best] == 0.0) {
+            best = c;
+        }
+    }
+    let mut codes = [8u8; BLOCK];
+    if scale[best] > 0.0 {
+        for (o, v) in codes.iter_mut().zip(block) {
+            *o = ((v * inv[best]).round().clamp(-8.0, 7.0) + 8.0) as u8;
+        }
+    }
+    (half[best], codes)
 }
 
 /// Quantizes a dense 2-D tensor (BF16, F16 or F32) into `format`, in parallel over rows.
@@ -371,24 +481,7 @@ pub fn quantize_tensor(view: &TensorView, format: QuantFormat) -> QuantizedTenso
                 quantize_rows(format, &tile[..rt * cols], cols, qt, st);
             },
         );
-    let (qdtype, qshape) = match format {
-        QuantFormat::Q8 => (DType::I8, vec![rows, cols]),
-        QuantFormat::Q4 => (DType::U8, vec![rows, cols / 2]),
-    };
-    let scale_bytes: Vec<u8> = bytemuck::cast_slice(&scales).to_vec();
-    QuantizedTensor {
-        name: view.name.clone(),
-        format,
-        rows,
-        cols,
-        qweight: TensorView::owned(&format!("{}{QWEIGHT_SUFFIX}", view.name), qdtype, qshape, q),
-        scales: TensorView::owned(
-            &format!("{}{SCALES_SUFFIX}", view.name),
-            DType::F16,
-            vec![rows, nb],
-            scale_bytes,
-        ),
-    }
+    QuantizedTensor::from_planes(&view.name, format, rows, cols, q, scales)
 }
 
 #[cfg(test)]

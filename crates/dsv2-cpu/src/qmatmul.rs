@@ -53,7 +53,11 @@ pub struct QMatrix<'a> {
 
 impl QMatrix<'_> {
     fn check(&self) {
-        assert!(self.cols.is_multiple_of(BLOCK), "cols {} % 32 != 0", self.cols);
+        assert!(
+            self.cols.is_multiple_of(BLOCK),
+            "cols {} % 32 != 0",
+            self.cols
+        );
         assert!(self.q.len() >= self.rows * self.format.row_bytes(self.cols));
         assert!(self.scales.len() >= self.rows * self.cols / BLOCK);
     }

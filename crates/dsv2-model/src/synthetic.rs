@@ -58,6 +58,7 @@ pub fn builtin_config() -> ModelConfig {
 }
 
 /// SplitMix64 finalizer: a well-mixed 64-bit hash of `x`.
+#[inline(always)]
 fn splitmix64(mut x: u64) -> u64 {
     x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
     x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
@@ -73,6 +74,7 @@ fn name_key(name: &str) -> u64 {
 }
 
 /// Uniform value in [-1, 1) for element `index` of the stream `key`.
+#[inline(always)]
 fn uniform(key: u64, index: u64) -> f32 {
     let bits = splitmix64(key ^ index.wrapping_mul(0xD1B5_4A32_D192_ED03));
     (bits >> 40) as f32 / (1u64 << 23) as f32 - 1.0
@@ -111,7 +113,47 @@ impl TensorInit {
         }
     }
 
+    /// Writes elements `first..first + out.len()` into `out` as f32, each rounded to
+    /// `dtype` (F32 and F16 as such, anything else as BF16): the values a tensor of that
+    /// dtype holds, read back. Vectorized with AVX-512 where the CPU has it.
+    pub fn values_as_stored(&self, dtype: &DType, first: usize, out: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512dq") {
+            // SAFETY: the CPU has the features the function is compiled for.
+            unsafe { self.values_as_stored_avx512(dtype, first, out) };
+            return;
+        }
+        self.values_as_stored_body(dtype, first, out);
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512dq,avx512vl,avx512bw")]
+    unsafe fn values_as_stored_avx512(&self, dtype: &DType, first: usize, out: &mut [f32]) {
+        self.values_as_stored_body(dtype, first, out);
+    }
+
+    #[inline(always)]
+    fn values_as_stored_body(&self, dtype: &DType, first: usize, out: &mut [f32]) {
+        match dtype {
+            DType::F32 => self.values_with(first, out, |v| v),
+            DType::F16 => self.values_with(first, out, |v| f16::from_f32(v).to_f32()),
+            // Round to nearest even on the top 16 bits (the values are finite).
+            _ => self.values_with(first, out, |v| {
+                let bits = v.to_bits();
+                f32::from_bits((bits + 0x7fff + ((bits >> 16) & 1)) & 0xffff_0000)
+            }),
+        }
+    }
+
+    #[inline(always)]
+    fn values_with(&self, first: usize, out: &mut [f32], stored: impl Fn(f32) -> f32) {
+        for (i, o) in out.iter_mut().enumerate() {
+            *o = stored(self.value(first + i));
+        }
+    }
+
     /// Value of element `index` (row-major).
+    #[inline(always)]
     pub fn value(&self, index: usize) -> f32 {
         let u = uniform(self.key, index as u64);
         match self.matrix {
@@ -171,6 +213,20 @@ pub fn synthetic_checkpoint(config: &ModelConfig, seed: u64, dtype: DType) -> Ch
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn values_as_stored_round_like_the_stored_dtype() {
+        let init = TensorInit::new(5, "model.layers.1.mlp.experts.2.up_proj.weight", &[64, 96]);
+        for dtype in [DType::F32, DType::F16, DType::BF16] {
+            let mut got = vec![0.0f32; 1000];
+            init.values_as_stored(&dtype, 77, &mut got);
+            let size = dtype.size().unwrap();
+            let mut bytes = vec![0u8; 1000 * size];
+            init.fill(&dtype, 77, &mut bytes);
+            let view = TensorView::owned("t", dtype.clone(), vec![1000], bytes);
+            assert_eq!(got, view.to_f32_vec(), "{dtype:?}");
+        }
+    }
 
     #[test]
     fn weights_are_deterministic_and_shaped() {

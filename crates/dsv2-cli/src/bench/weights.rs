@@ -6,12 +6,13 @@
 use std::collections::HashMap;
 
 use anyhow::{bail, Context, Result};
-use dsv2_core::quant::{quantized_format, BLOCK};
+use dsv2_core::quant::{quantize_rows, quantized_format, tile_rows, QuantizedTensor, BLOCK, TILE};
 use dsv2_core::{
     expected_tensors, Checkpoint, CoreError, DType, ExpectedTensor, ModelConfig, QuantFormat,
     TensorView, Weight,
 };
 use dsv2_model::synthetic::TensorInit;
+use half::f16;
 use indicatif::ProgressBar;
 use rayon::prelude::*;
 
@@ -154,7 +155,18 @@ impl WeightSource {
     pub fn weight(&self, name: &str) -> dsv2_model::Result<Weight> {
         match &self.stored {
             Stored::Checkpoint(c) => Ok(c.weight(name)?),
-            Stored::Random(r) => Ok(Weight::Dense(r.tensor(name)?)),
+            Stored::Random(r) => {
+                let format = self.quantize.and_then(|f| {
+                    r.shapes
+                        .get(name)
+                        .and_then(|shape| quantized_format(name, shape, f))
+                });
+                match format {
+                    // Made directly in the quantized format: no dense copy ever exists.
+                    Some(format) => Ok(Weight::Quantized(r.quantized(name, format)?)),
+                    None => Ok(Weight::Dense(r.tensor(name)?)),
+                }
+            }
         }
     }
 
@@ -276,6 +288,39 @@ impl RandomWeights {
     }
 }
 
+impl RandomWeights {
+    /// Makes matrix `name` directly in `format`, tile by tile of 16 rows in parallel:
+    /// each value is drawn, rounded to the stored dtype and quantized, so the result is
+    /// bit-identical to quantizing the dense tensor [`tensor`](Self::tensor) makes (the
+    /// loader's `--quantize` path), without the dense tensor.
+    fn quantized(&self, name: &str, format: QuantFormat) -> dsv2_model::Result<QuantizedTensor> {
+        let shape = &self.shapes[name];
+        let [rows, cols] = shape[..] else {
+            unreachable!("quantized_format accepts matrices only")
+        };
+        let init = TensorInit::new(SEED, name, shape);
+        let (rb, nb) = (format.row_bytes(cols), cols / BLOCK);
+        let mut q = vec![0u8; rows * rb];
+        let mut scales = vec![f16::ZERO; rows * nb];
+        q.par_chunks_mut(TILE * rb)
+            .zip(scales.par_chunks_mut(TILE * nb))
+            .enumerate()
+            .for_each_init(
+                || vec![0.0f32; TILE * cols],
+                |tile, (t, (qt, st))| {
+                    let n = tile_rows(rows, t) * cols;
+                    let first = t * TILE * cols;
+                    init.values_as_stored(&self.dtype, first, &mut tile[..n]);
+                    quantize_rows(format, &tile[..n], cols, qt, st);
+                    self.progress.inc((n * self.elem_bytes()) as u64);
+                },
+            );
+        Ok(QuantizedTensor::from_planes(
+            name, format, rows, cols, q, scales,
+        ))
+    }
+}
+
 fn numel(tensor: &ExpectedTensor) -> usize {
     tensor.shape.iter().product()
 }
@@ -338,6 +383,25 @@ mod tests {
             assert_eq!(values[i], init.value(i), "element {i}");
         }
         assert!(weights.tensor("model.layers.9.mlp.gate.weight").is_err());
+        // Made directly quantized = the dense random tensor quantized at load, bit for
+        // bit (bf16 storage; an expert at q4, the 576-row kv_a_proj at q8).
+        let bf16 = RandomWeights::new(&config, DType::BF16, ProgressBar::hidden());
+        for (name, format) in [
+            (
+                "model.layers.1.mlp.experts.5.down_proj.weight",
+                QuantFormat::Q4,
+            ),
+            (
+                "model.layers.0.self_attn.kv_a_proj_with_mqa.weight",
+                QuantFormat::Q8,
+            ),
+        ] {
+            let direct = bf16.quantized(name, format).unwrap();
+            let at_load = dsv2_core::quant::quantize_tensor(&bf16.tensor(name).unwrap(), format);
+            assert_eq!(direct.qweight_bytes(), at_load.qweight_bytes(), "{name}");
+            assert_eq!(direct.scales(), at_load.scales(), "{name}");
+            assert_eq!(direct.qweight.shape, at_load.qweight.shape, "{name}");
+        }
         assert!(parse_weights_dtype("q8")
             .unwrap_err()
             .contains("--quantize"));
