@@ -102,21 +102,21 @@ impl CpuWeight {
             .for_each(|(o, v)| *o = v.to_f32()))
     }
 
+    /// The quantized planes, when this weight is quantized.
+    pub(crate) fn qmatrix(&self) -> Option<qmatmul::QMatrix<'_>> {
+        self.quant.as_ref().map(|q| qmatmul::QMatrix {
+            format: q.format,
+            rows: q.rows,
+            cols: q.cols,
+            q: q.qweight_bytes(),
+            scales: q.scales(),
+        })
+    }
+
     /// `y[m, rows] = x[m, cols] · selfᵀ`.
     pub(crate) fn matmul(&self, x: &[f32], m: usize, y: &mut [f32]) {
-        match &self.quant {
-            Some(q) => qmatmul::qmatmul(
-                x,
-                m,
-                qmatmul::QMatrix {
-                    format: q.format,
-                    rows: q.rows,
-                    cols: q.cols,
-                    q: q.qweight_bytes(),
-                    scales: q.scales(),
-                },
-                y,
-            ),
+        match self.qmatrix() {
+            Some(q) => qmatmul::qmatmul(x, m, q, y),
             None => with_elems!(self, |s| kernels::linear(x, m, s, self.rows, self.cols, y)),
         }
     }
