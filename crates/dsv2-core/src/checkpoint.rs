@@ -84,6 +84,8 @@ impl std::fmt::Display for DType {
 #[derive(Clone)]
 pub struct Bytes {
     owner: Arc<dyn AsRef<[u8]> + Send + Sync>,
+    /// The same owner when it is a file mapping (for `release_pages`).
+    map: Option<Arc<Mapped>>,
     start: usize,
     len: usize,
 }
@@ -99,6 +101,7 @@ impl Bytes {
         if (bytes.as_ptr() as usize).is_multiple_of(4) {
             return Bytes {
                 owner: Arc::new(bytes),
+                map: None,
                 start: 0,
                 len,
             };
@@ -107,6 +110,7 @@ impl Bytes {
         bytemuck::cast_slice_mut::<u32, u8>(&mut words)[..len].copy_from_slice(&bytes);
         Bytes {
             owner: Arc::new(AlignedBytes { words, len }),
+            map: None,
             start: 0,
             len,
         }
@@ -115,6 +119,25 @@ impl Bytes {
     /// The bytes.
     pub fn as_slice(&self) -> &[u8] {
         &(*self.owner).as_ref()[self.start..self.start + self.len]
+    }
+
+    /// Drops these bytes' pages from the process when they are a window into a file
+    /// mapping, so a tensor read once (quantized at load, say) stops counting in the
+    /// resident set; touched again, they are read back from the file. Owned bytes are
+    /// left as they are.
+    pub fn release_pages(&self) {
+        #[cfg(unix)]
+        if let Some(map) = &self.map {
+            // SAFETY: the mapping is a read-only file mapping: MADV_DONTNEED discards no
+            // data, the pages are faulted in again from the file on the next access.
+            let _ = unsafe {
+                map.0.unchecked_advise_range(
+                    memmap2::UncheckedAdvice::DontNeed,
+                    self.start,
+                    self.len,
+                )
+            };
+        }
     }
 }
 
@@ -540,7 +563,8 @@ fn read_safetensors(path: &Path) -> Result<HashMap<String, TensorView>> {
         .as_object()
         .ok_or_else(|| bad("safetensors header is not a JSON object".into()))?;
     let data_start = 8 + header_len;
-    let owner: Arc<dyn AsRef<[u8]> + Send + Sync> = Arc::new(Mapped(mmap));
+    let map = Arc::new(Mapped(mmap));
+    let owner: Arc<dyn AsRef<[u8]> + Send + Sync> = map.clone();
     let mut out = HashMap::with_capacity(header.len());
     for (name, info) in header {
         if name == "__metadata__" {
@@ -590,6 +614,7 @@ fn read_safetensors(path: &Path) -> Result<HashMap<String, TensorView>> {
         }
         let mut data = Bytes {
             owner: owner.clone(),
+            map: Some(map.clone()),
             start: data_start + begin,
             len: end - begin,
         };
@@ -667,6 +692,47 @@ mod tests {
         assert!(e.contains("`a`") && e.contains("shape [2, 2]"), "{e}");
         let e = ck.validate(&[expect("c", &[1])]).unwrap_err().to_string();
         assert!(e.contains("`c`: missing"), "{e}");
+    }
+
+    #[test]
+    fn released_pages_read_back_from_the_file() {
+        let dir = tmpdir("release");
+        // Two tensors sharing pages: releasing one must not disturb the other.
+        let big: Vec<f32> = (0..50_000).map(|i| i as f32 * 0.5).collect();
+        let small = [7.0f32, 8.0, 9.0];
+        write_file(
+            &dir.join(SINGLE_FILE),
+            &[
+                (
+                    "big",
+                    Dtype::F32,
+                    vec![50_000],
+                    bytemuck::cast_slice(&big).to_vec(),
+                ),
+                (
+                    "small",
+                    Dtype::F32,
+                    vec![3],
+                    bytemuck::cast_slice(&small).to_vec(),
+                ),
+            ],
+        );
+        let ck = Checkpoint::open(&dir).unwrap();
+        let (b, s) = (ck.get("big").unwrap(), ck.get("small").unwrap());
+        assert_eq!(b.as_f32(), &big[..]);
+        b.data.release_pages();
+        s.data.release_pages();
+        assert_eq!(b.as_f32(), &big[..]);
+        assert_eq!(s.as_f32(), &small[..]);
+        // Owned bytes are untouched.
+        let owned = TensorView::owned(
+            "o",
+            DType::F32,
+            vec![3],
+            bytemuck::cast_slice(&small).to_vec(),
+        );
+        owned.data.release_pages();
+        assert_eq!(owned.as_f32(), &small[..]);
     }
 
     #[test]

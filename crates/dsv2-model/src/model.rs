@@ -156,7 +156,13 @@ impl<B: Backend> Model<B> {
             let weight = match (weight(name)?, options.quantize) {
                 (Weight::Dense(view), Some(format)) => {
                     match quantized_format(name, &view.shape, format) {
-                        Some(f) => Weight::Quantized(quantize_tensor(&view, f)),
+                        Some(f) => {
+                            let quantized = quantize_tensor(&view, f);
+                            // The dense tensor was read once: its mapped pages need
+                            // not stay resident next to the quantized copy.
+                            view.data.release_pages();
+                            Weight::Quantized(quantized)
+                        }
                         None => Weight::Dense(view),
                     }
                 }
