@@ -39,6 +39,7 @@ const OUT_LEN: usize = MR_MAX * NC_MAX * TILE;
 /// Blocks ahead to prefetch weights in the AVX-512 kernel (0: none): 8 KiB of q8. Tiles
 /// of a task are contiguous, so this runs on into the next tile. Measured: decode m = 8
 /// from DRAM 10 → 24 GB/s (one core's worth on a loaded machine), m = 1 unchanged.
+#[cfg(target_arch = "x86_64")]
 const PREFETCH: usize = 16;
 /// Activation rows per parallel task in prefill (a multiple of the 6-row tile).
 const ROW_CHUNK: usize = 96;
@@ -472,6 +473,7 @@ impl<'a> Job<'a> {
         out: &mut [f32; OUT_LEN],
     ) {
         let a = self.acts;
+        #[allow(unused_macros)] // only the x86 paths use it
         macro_rules! arms {
             ($f:ident; $(($m:literal, $n:literal)),*) => {
                 match (q4, mr, nc) {
