@@ -336,11 +336,16 @@ pub fn quantize_rows(
         unsafe { quantize_rows_avx512(format, x, cols, q, scales) };
         return;
     }
-    quantize_rows_body(format, x, cols, q, scales);
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("f16c") {
+        // SAFETY: the features were just detected.
+        return unsafe { quantize_rows_avx2(format, x, cols, q, scales) };
+    }
+    quantize_rows_impl(format, x, cols, q, scales)
 }
 
-/// [`quantize_rows`] compiled for AVX-512 (the same code, auto-vectorized; the same
-/// results: every operation is exact or correctly rounded either way).
+/// [`quantize_rows`] compiled for AVX-512: the same IEEE operations (`round` lowered
+/// inline exactly, no FMA contraction), auto-vectorized, so the same bytes.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,f16c")]
 unsafe fn quantize_rows_avx512(
@@ -350,11 +355,26 @@ unsafe fn quantize_rows_avx512(
     q: &mut [u8],
     scales: &mut [f16],
 ) {
-    quantize_rows_body(format, x, cols, q, scales);
+    quantize_rows_impl(format, x, cols, q, scales)
+}
+
+/// [`quantize_rows`] compiled for AVX2/F16C: the same IEEE operations (`round` is
+/// lowered inline exactly instead of calling libm; Rust never contracts to FMA), so the
+/// same bytes, several times faster.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,f16c")]
+fn quantize_rows_avx2(
+    format: QuantFormat,
+    x: &[f32],
+    cols: usize,
+    q: &mut [u8],
+    scales: &mut [f16],
+) {
+    quantize_rows_impl(format, x, cols, q, scales)
 }
 
 #[inline(always)]
-fn quantize_rows_body(
+fn quantize_rows_impl(
     format: QuantFormat,
     x: &[f32],
     cols: usize,
@@ -530,6 +550,41 @@ mod tests {
         assert!(q8 < 5e-3, "q8 {q8}");
         assert!(q4 < 8e-2, "q4 {q4}");
         assert!(q4 > q8);
+    }
+
+    #[test]
+    fn the_compiled_for_avx2_quantizer_gives_the_same_bytes() {
+        for format in [QuantFormat::Q8, QuantFormat::Q4] {
+            let (rows, cols) = (21, 256);
+            let mut x = values(rows * cols, 9);
+            // Exact ties of the rounding: multiples of half a step.
+            for (i, v) in x.iter_mut().enumerate().take(cols) {
+                *v = (i % 17) as f32 * 0.5 - 4.0;
+            }
+            let (mut q1, mut q2) = (vec![0u8; rows * cols], vec![0u8; rows * cols]);
+            let (mut s1, mut s2) = (vec![f16::ZERO; rows * 8], vec![f16::ZERO; rows * 8]);
+            quantize_rows(format, &x, cols, &mut q1, &mut s1);
+            quantize_rows_impl(format, &x, cols, &mut q2, &mut s2);
+            assert_eq!(q1, q2, "{format:?}");
+            assert_eq!(s1, s2, "{format:?}");
+        }
+    }
+
+    #[test]
+    #[ignore]
+    fn quantize_speed() {
+        let (rows, cols) = (1408, 2048);
+        let x = values(rows * cols, 1);
+        let mut q = vec![0u8; rows * cols];
+        let mut s = vec![f16::ZERO; rows * cols / BLOCK];
+        for format in [QuantFormat::Q8, QuantFormat::Q4] {
+            let t = std::time::Instant::now();
+            quantize_rows(format, &x, cols, &mut q, &mut s);
+            let fast = t.elapsed();
+            let t = std::time::Instant::now();
+            quantize_rows_impl(format, &x, cols, &mut q, &mut s);
+            eprintln!("{format:?}: {fast:?} (generic {:?})", t.elapsed());
+        }
     }
 
     #[test]

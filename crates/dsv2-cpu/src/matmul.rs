@@ -7,9 +7,12 @@
 //! decoding (m = 1) reproduces a prefill (m = many) bit for bit. Register tiles of up to
 //! 4 rows × 3 weight rows give prefill reuse; decode streams the weights once.
 //!
-//! Two instruction paths, chosen once per process: AVX2 + FMA + F16C (lanes fused
-//! multiply-add), and a portable path (separate multiply and add). Each is internally
-//! consistent; they differ from each other in the last bits.
+//! Three instruction paths, chosen once per process: AVX-512 (F + DQ), AVX2 + FMA + F16C
+//! (lanes fused multiply-add), and a portable path (separate multiply and add). The
+//! AVX-512 path computes exactly the AVX2 arithmetic, two weight rows per `zmm` (each
+//! 256-bit half holds one row's eight lanes, the activations are broadcast to both
+//! halves), so the two are bit-identical; the portable path differs from them in the
+//! last bits (it does not fuse).
 
 use std::sync::OnceLock;
 
@@ -22,8 +25,11 @@ use crate::kernels::{Elem, SyncPtr};
 const ROW_BLOCK: usize = 48;
 /// Activation rows per register tile.
 const MR: usize = 4;
-/// Weight rows per register tile.
-const NR: usize = 3;
+/// Weight rows per register tile (the AVX2 and portable kernels take up to
+/// [`NR_SMALL`] at a time).
+const NR: usize = 6;
+/// Weight rows per AVX2/portable register tile.
+const NR_SMALL: usize = 3;
 
 /// Storage kinds the tile kernels read.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -51,27 +57,40 @@ impl KindOf for f16 {
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Isa {
     #[cfg(target_arch = "x86_64")]
+    Avx512,
+    #[cfg(target_arch = "x86_64")]
     Avx2,
     Portable,
 }
 
+/// Every instruction path this CPU can run, best first.
+fn available() -> Vec<Isa> {
+    #[allow(unused_mut)]
+    let mut out = Vec::new();
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2")
+        && std::is_x86_feature_detected!("fma")
+        && std::is_x86_feature_detected!("f16c")
+    {
+        if std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512dq") {
+            out.push(Isa::Avx512);
+        }
+        out.push(Isa::Avx2);
+    }
+    out.push(Isa::Portable);
+    out
+}
+
 fn isa() -> Isa {
     static ISA: OnceLock<Isa> = OnceLock::new();
-    *ISA.get_or_init(|| {
-        #[cfg(target_arch = "x86_64")]
-        if std::is_x86_feature_detected!("avx2")
-            && std::is_x86_feature_detected!("fma")
-            && std::is_x86_feature_detected!("f16c")
-        {
-            return Isa::Avx2;
-        }
-        Isa::Portable
-    })
+    *ISA.get_or_init(|| available()[0])
 }
 
 /// Name of the instruction path in use (for reports).
 pub fn isa_name() -> &'static str {
     match isa() {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => "avx512+fma",
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => "avx2+fma",
         Isa::Portable => "portable",
@@ -80,12 +99,23 @@ pub fn isa_name() -> &'static str {
 
 /// `y[m, n] = x[m, k] · w[n, k]ᵀ`, parallel over blocks of weight rows.
 pub(crate) fn matmul<E: KindOf>(x: &[f32], m: usize, w: &[E], n: usize, k: usize, y: &mut [f32]) {
+    matmul_isa(isa(), x, m, w, n, k, y)
+}
+
+fn matmul_isa<E: KindOf>(
+    isa: Isa,
+    x: &[f32],
+    m: usize,
+    w: &[E],
+    n: usize,
+    k: usize,
+    y: &mut [f32],
+) {
     assert!(x.len() >= m * k && w.len() == n * k && y.len() >= m * n);
     if m == 0 || n == 0 {
         return;
     }
     let y_ptr = SyncPtr(y.as_mut_ptr());
-    let isa = isa();
     (0..n.div_ceil(ROW_BLOCK)).into_par_iter().for_each(|b| {
         let (n0, n1) = (b * ROW_BLOCK, ((b + 1) * ROW_BLOCK).min(n));
         let mut i0 = 0;
@@ -119,6 +149,62 @@ fn tile_dispatch<E: KindOf>(
     k: usize,
     out: &mut [[f32; NR]; MR],
 ) {
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx512 && nr >= 2 {
+        macro_rules! go512 {
+            ($(($m:literal, $p:literal)),*) => {
+                match (mr, nr / 2) {
+                    // SAFETY: the CPU supports AVX-512 F/DQ, AVX2, FMA and F16C (checked in
+                    // `available`); `x` holds mr rows and `w` nr rows of k.
+                    $(($m, $p) => unsafe { tile_avx512::<E, $m, $p>(x, w, k, out) },)*
+                    _ => unreachable!("tile {mr}x{nr}"),
+                }
+            };
+        }
+        go512!(
+            (1, 1),
+            (1, 2),
+            (1, 3),
+            (2, 1),
+            (2, 2),
+            (2, 3),
+            (3, 1),
+            (3, 2),
+            (3, 3),
+            (4, 1),
+            (4, 2),
+            (4, 3)
+        );
+        if nr % 2 == 1 {
+            let mut last = [[0.0f32; NR]; MR];
+            tile_small(Isa::Avx2, mr, 1, x, &w[(nr - 1) * k..], k, &mut last);
+            for (o, l) in out.iter_mut().zip(&last).take(mr) {
+                o[nr - 1] = l[0];
+            }
+        }
+        return;
+    }
+    let first = nr.min(NR_SMALL);
+    tile_small(isa, mr, first, x, w, k, out);
+    if nr > first {
+        let mut rest = [[0.0f32; NR]; MR];
+        tile_small(isa, mr, nr - first, x, &w[first * k..], k, &mut rest);
+        for (o, r) in out.iter_mut().zip(&rest).take(mr) {
+            o[first..nr].copy_from_slice(&r[..nr - first]);
+        }
+    }
+}
+
+/// The AVX2 or portable kernel for an `mr × nr` tile (`nr ≤ NR_SMALL`).
+fn tile_small<E: KindOf>(
+    isa: Isa,
+    mr: usize,
+    nr: usize,
+    x: &[f32],
+    w: &[E],
+    k: usize,
+    out: &mut [[f32; NR]; MR],
+) {
     macro_rules! go {
         ($f:ident) => {
             match (mr, nr) {
@@ -140,8 +226,9 @@ fn tile_dispatch<E: KindOf>(
     }
     match isa {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: the CPU supports AVX2, FMA and F16C (checked in `isa`).
-        Isa::Avx2 => unsafe { go!(tile_avx2) },
+        // SAFETY: the CPU supports AVX2, FMA and F16C (checked in `available`; AVX-512
+        // is only offered with them).
+        Isa::Avx2 | Isa::Avx512 => unsafe { go!(tile_avx2) },
         Isa::Portable => go!(tile_portable),
     }
 }
@@ -233,6 +320,76 @@ unsafe fn tile_avx2<E: KindOf, const R: usize, const C: usize>(
     }
 }
 
+/// The AVX2 tile's arithmetic on AVX-512: `R` activation rows × `P` pairs of weight
+/// rows, one row per 256-bit half of each `zmm` (the activations broadcast to both
+/// halves), so each half runs exactly [`tile_avx2`]'s lanes.
+///
+/// # Safety
+/// AVX-512 F/DQ, AVX2, FMA and F16C; `x` holds `R` rows and `w` `2P` rows of `k`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512dq,avx2,fma,f16c")]
+unsafe fn tile_avx512<E: KindOf, const R: usize, const P: usize>(
+    x: &[f32],
+    w: &[E],
+    k: usize,
+    out: &mut [[f32; NR]; MR],
+) {
+    use std::arch::x86_64::*;
+    assert!(x.len() >= R * k && w.len() >= 2 * P * k);
+    let (xp, wp) = (x.as_ptr(), w.as_ptr());
+    let mut acc = [[_mm512_setzero_ps(); P]; R];
+    let chunks = k / 8;
+    for c in 0..chunks {
+        let mut wv = [_mm512_setzero_ps(); P];
+        for (p, v) in wv.iter_mut().enumerate() {
+            // SAFETY: rows 2p and 2p + 1 of w, elements c*8..c*8+8 < k.
+            *v = unsafe {
+                let (p0, p1) = (wp.add(2 * p * k + c * 8), wp.add((2 * p + 1) * k + c * 8));
+                match E::KIND {
+                    Kind::F32 => _mm512_insertf32x8::<1>(
+                        _mm512_castps256_ps512(_mm256_loadu_ps(p0 as *const f32)),
+                        _mm256_loadu_ps(p1 as *const f32),
+                    ),
+                    Kind::Bf16 => {
+                        let h = _mm256_inserti128_si256::<1>(
+                            _mm256_castsi128_si256(_mm_loadu_si128(p0 as *const __m128i)),
+                            _mm_loadu_si128(p1 as *const __m128i),
+                        );
+                        _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
+                    }
+                    Kind::F16 => _mm512_cvtph_ps(_mm256_inserti128_si256::<1>(
+                        _mm256_castsi128_si256(_mm_loadu_si128(p0 as *const __m128i)),
+                        _mm_loadu_si128(p1 as *const __m128i),
+                    )),
+                }
+            };
+        }
+        for (i, row) in acc.iter_mut().enumerate() {
+            // SAFETY: i*k + c*8 + 8 <= R*k, within x.
+            let xv = _mm512_broadcast_f32x8(unsafe { _mm256_loadu_ps(xp.add(i * k + c * 8)) });
+            for (a, v) in row.iter_mut().zip(&wv) {
+                *a = _mm512_fmadd_ps(xv, *v, *a);
+            }
+        }
+    }
+    for (i, row) in acc.iter().enumerate() {
+        for (p, a) in row.iter().enumerate() {
+            let mut lanes = [0.0f32; 16];
+            // SAFETY: lanes holds 16 f32.
+            unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), *a) };
+            for h in 0..2 {
+                let j = 2 * p + h;
+                let mut tail = 0.0f32;
+                for t in chunks * 8..k {
+                    tail = x[i * k + t].mul_add(w[j * k + t].to_f32(), tail);
+                }
+                let l: [f32; 8] = lanes[8 * h..8 * h + 8].try_into().expect("8 lanes");
+                out[i][j] = reduce_lanes(l) + tail;
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -273,6 +430,40 @@ mod tests {
     }
 
     #[test]
+    fn simd_paths_are_bit_identical() {
+        fn agree<E: KindOf>(conv: impl Fn(f32) -> E) {
+            let paths: Vec<Isa> = available()
+                .into_iter()
+                .filter(|&i| i != Isa::Portable)
+                .collect();
+            for &(m, n, k) in &[
+                (1, 1, 1),
+                (1, 130, 67),
+                (3, 65, 1408),
+                (7, 50, 2048),
+                (13, 97, 96),
+            ] {
+                let x = values(m * k, 3);
+                let w: Vec<E> = values(n * k, 4).into_iter().map(&conv).collect();
+                let mut want = vec![f32::NAN; m * n];
+                matmul_isa(paths[paths.len() - 1], &x, m, &w, n, k, &mut want);
+                for &isa in &paths {
+                    let mut y = vec![f32::NAN; m * n];
+                    matmul_isa(isa, &x, m, &w, n, k, &mut y);
+                    for (a, b) in y.iter().zip(&want) {
+                        assert_eq!(a.to_bits(), b.to_bits(), "{isa:?} m={m} n={n} k={k}");
+                    }
+                }
+            }
+        }
+        if available().len() > 1 {
+            agree(|v| v);
+            agree(bf16::from_f32);
+            agree(f16::from_f32);
+        }
+    }
+
+    #[test]
     fn rows_are_bitwise_independent_of_the_batch() {
         let (n, k) = (101, 1411);
         let x = values(37 * k, 5);
@@ -287,6 +478,42 @@ mod tests {
                 for (a, b) in part.iter().zip(&all[start * n..(start + rows) * n]) {
                     assert_eq!(a.to_bits(), b.to_bits(), "m={m} start={start}");
                 }
+            }
+        }
+    }
+}
+
+/// Min-of-N timings per path: `cargo test --release -p dsv2-cpu dtiming -- --ignored
+/// --nocapture`.
+#[cfg(test)]
+mod timing {
+    use super::*;
+    use crate::test_values as values;
+    use std::time::Instant;
+
+    #[test]
+    #[ignore]
+    fn dtiming() {
+        let (n, k) = (10944, 2048);
+        let w: Vec<bf16> = values(n * k, 3).into_iter().map(bf16::from_f32).collect();
+        let x = values(128 * k, 4);
+        let mut y = vec![0.0f32; 128 * n];
+        for isa in available() {
+            if isa == Isa::Portable {
+                continue;
+            }
+            for m in [1usize, 4, 128] {
+                let mut best = f64::INFINITY;
+                for _ in 0..if m == 128 { 5 } else { 30 } {
+                    let t = Instant::now();
+                    matmul_isa(isa, &x, m, &w, n, k, &mut y);
+                    best = best.min(t.elapsed().as_secs_f64());
+                }
+                eprintln!(
+                    "{isa:?} bf16 m={m}: {:.1} GB/s, {:.0} GMAC/s",
+                    (n * k * 2) as f64 / best / 1e9,
+                    (m * n * k) as f64 / best / 1e9
+                );
             }
         }
     }
