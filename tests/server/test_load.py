@@ -119,18 +119,19 @@ def test_full_queue_answers_503_with_retry_after(start_server):
 
 
 def test_tiny_cache_preempts_and_finishes_everything(start_server):
-    # 40 blocks of 16 tokens: eight 100-token sequences cannot all hold their blocks.
+    # 40 blocks of 16 tokens: a 220-token sequence needs 14, so no three of the eight
+    # fit together.
     per_block = 3 * 16 * 40 * 4
     s = start_server("--kv-cache-memory", str(per_block * 40), "--max-model-len", "400")
     c = client(s.url, timeout=120)
     prompts = [[(i * 13 + j) % 290 for j in range(20)] for i in range(8)]
     with ThreadPoolExecutor(8) as pool:
         results = list(pool.map(
-            lambda p: c.completions.create(model="deepseek-chat", prompt=p, max_tokens=80,
+            lambda p: c.completions.create(model="deepseek-chat", prompt=p, max_tokens=200,
                                            temperature=0, extra_body={"ignore_eos": True}),
             prompts))
     for r in results:
-        assert r.usage.completion_tokens == 80 and r.choices[0].finish_reason == "length"
+        assert r.usage.completion_tokens == 200 and r.choices[0].finish_reason == "length"
     values, _ = metrics(s.url)
     assert values["dsv2:num_preemptions_total"] > 0
     assert values["dsv2:kv_cache_blocks_used"] == 0

@@ -81,6 +81,9 @@ pub struct Engine<'m, B: Backend> {
     plan: Vec<ScheduledSeq>,
     finished: Vec<Sequence>,
     closed: Vec<SeqId>,
+    /// `Finished` events of this step, sent once its blocks are free and the metrics
+    /// published, so a client that got its answer sees the cache as it now is.
+    finishing: Vec<(UnboundedSender<Event>, Event)>,
     scheduler: Scheduler,
     requests: HashMap<SeqId, RequestState>,
     commands: Receiver<Command>,
@@ -164,6 +167,7 @@ impl<'m, B: Backend> Engine<'m, B> {
             plan: Vec::with_capacity(c.max_num_seqs),
             finished: Vec::with_capacity(c.max_num_seqs),
             closed: Vec::new(),
+            finishing: Vec::with_capacity(c.max_num_seqs),
             scheduler,
             requests: HashMap::new(),
             commands,
@@ -187,19 +191,20 @@ impl<'m, B: Backend> Engine<'m, B> {
     /// Runs steps until drained (see [`EngineHandle::drain`]) or until every handle and
     /// stream is gone. Sleeps while there is nothing to do.
     ///
-    /// The loop runs on a worker of the global rayon pool (the calling thread waits), so
-    /// a CPU backend's parallel kernels start from inside the pool: no job is injected
-    /// into it from outside and a step makes no allocation there.
+    /// Each step runs on a worker of the global rayon pool (`rayon::scope`; the engine
+    /// thread waits), so a CPU backend's hundreds of parallel kernels per step start
+    /// from inside the pool instead of each being injected from outside (rayon's
+    /// injector queue allocates a block per 63 injections: one per 63 steps this way).
+    /// The engine never holds a worker between steps, so engines and other pool users
+    /// cannot starve each other.
     pub fn run(mut self) {
-        rayon::scope(|_| {
-            while self.receive_commands() {
-                if !self.scheduler.is_idle() {
-                    self.step();
-                }
+        while self.receive_commands() {
+            if !self.scheduler.is_idle() {
+                rayon::scope(|_| self.step());
             }
-            self.abort_all("the server is shutting down");
-            self.publish_stats();
-        });
+        }
+        self.abort_all("the server is shutting down");
+        self.publish_stats();
     }
 
     /// Takes pending commands (blocking while idle) and drops the sequences of clients
@@ -313,6 +318,9 @@ impl<'m, B: Backend> Engine<'m, B> {
         }
         self.shared.stats.num_steps.fetch_add(1, Relaxed);
         self.publish_stats();
+        for (events, event) in self.finishing.drain(..) {
+            let _ = events.send(event);
+        }
     }
 
     /// Sends `Started` to newly admitted requests.
@@ -393,9 +401,11 @@ impl<'m, B: Backend> Engine<'m, B> {
                 }
                 (true, Some(reason)) => {
                     let usage = usage(seq);
-                    let _ = state.events.send(Event::Finished { reason, usage });
                     self.scheduler.finish(p.index, reason);
-                    self.requests.remove(&p.seq_id);
+                    if let Some(state) = self.requests.remove(&p.seq_id) {
+                        self.finishing
+                            .push((state.events, Event::Finished { reason, usage }));
+                    }
                 }
                 (true, None) => {}
             }

@@ -77,10 +77,12 @@ fn with_engine<R>(cfg: EngineConfig, body: impl FnOnce(&EngineHandle) -> R) -> R
     let (engine, handle) = Engine::new(&backend, &model, cfg).unwrap();
     std::thread::scope(|s| {
         let runner = s.spawn(move || engine.run());
-        let out = body(&handle);
+        // Drain even when the body fails, so a failed assertion fails the test instead
+        // of leaving the scope waiting for the engine forever.
+        let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| body(&handle)));
         handle.drain(Instant::now() + Duration::from_secs(30));
         runner.join().unwrap();
-        out
+        out.unwrap_or_else(|e| std::panic::resume_unwind(e))
     })
 }
 
@@ -171,7 +173,12 @@ fn dropping_a_stream_frees_its_blocks() {
                 None => panic!("stream ended early"),
             }
         }
-        assert!(h.stats().blocks_used > 0);
+        // Metrics are published at the end of each step, just after its tokens are sent.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while h.stats().blocks_used == 0 {
+            assert!(Instant::now() < deadline, "no blocks in use");
+            std::thread::sleep(Duration::from_millis(1));
+        }
         drop(stream);
         let deadline = Instant::now() + Duration::from_secs(10);
         while h.stats().blocks_used > 0 || h.stats().num_running > 0 {
