@@ -253,7 +253,7 @@ fn quantize_block(format: QuantFormat, block: &[f32]) -> (f16, [i8; BLOCK]) {
             (d, q)
         }
         QuantFormat::Q4 => {
-            let (d, codes) = best_q4_block_fast(block);
+            let (d, codes) = best_q4_block(block);
             for (o, c) in q.iter_mut().zip(codes) {
                 *o = c as i8 - 8;
             }
@@ -370,105 +370,6 @@ fn best_q4_block(block: &[f32]) -> (f16, [u8; BLOCK]) {
     (best.0, best.1)
 }
 
-/// [`best_q4_block`], with the 17 candidate scales evaluated in parallel SIMD lanes where
-/// AVX-512 is available: each lane runs exactly the scalar per-candidate arithmetic in
-/// the same order, so the result is identical (tested), about 10× faster.
-#[inline(always)]
-fn best_q4_block_fast(block: &[f32]) -> (f16, [u8; BLOCK]) {
-    #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx512f") {
-        // SAFETY: the feature was just detected.
-        return unsafe { best_q4_block_avx512(block) };
-    }
-    best_q4_block(block)
-}
-
-/// The candidate scales of [`best_q4_block`]: `(f16, f32)` for steps 0..=16.
-#[inline(always)]
-fn q4_candidates(amax: f32) -> [(f16, f32); 17] {
-    std::array::from_fn(|step| {
-        let d = f16::from_f32(amax / (8.0 - step as f32 * 0.125));
-        (d, d.to_f32())
-    })
-}
-
-/// The codes of `block` at scale `df` (as [`best_q4_block`] computes them).
-#[inline(always)]
-fn q4_codes(block: &[f32], df: f32) -> [u8; BLOCK] {
-    let mut codes = [0u8; BLOCK];
-    for (c, v) in codes.iter_mut().zip(block) {
-        *c = ((v / df).round() + 8.0).clamp(0.0, 15.0) as u8;
-    }
-    codes
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-fn best_q4_block_avx512(block: &[f32]) -> (f16, [u8; BLOCK]) {
-    use std::arch::x86_64::*;
-    let amax = block.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-    if amax == 0.0 {
-        return (f16::ZERO, [8u8; BLOCK]);
-    }
-    let cand = q4_candidates(amax);
-    let dfs: [f32; 16] = std::array::from_fn(|s| cand[s].1);
-    // SAFETY: 16 f32.
-    let df = unsafe { _mm512_loadu_ps(dfs.as_ptr()) };
-    let (eight, zero, fifteen) = (
-        _mm512_set1_ps(8.0),
-        _mm512_setzero_ps(),
-        _mm512_set1_ps(15.0),
-    );
-    let (half, one) = (_mm512_set1_ps(0.5), _mm512_set1_ps(1.0));
-    let sign = _mm512_set1_epi32(i32::MIN);
-    let mut err = _mm512_setzero_ps();
-    for &v in block {
-        let vv = _mm512_set1_ps(v);
-        let x = _mm512_div_ps(vv, df);
-        // round half away from zero, exactly: trunc, then ±1 where |x − trunc| ≥ 0.5.
-        let t = _mm512_roundscale_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(x);
-        let frac = _mm512_sub_ps(x, t);
-        let away = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(_mm512_abs_ps(frac), half);
-        let signed_one = _mm512_castsi512_ps(_mm512_or_si512(
-            _mm512_and_si512(_mm512_castps_si512(x), sign),
-            _mm512_castps_si512(one),
-        ));
-        let r = _mm512_mask_add_ps(t, away, t, signed_one);
-        // clamp(0, 15) keeping NaN (as f32::clamp): max/min return the second operand
-        // when one is NaN, so put the value second.
-        let c = _mm512_min_ps(fifteen, _mm512_max_ps(zero, _mm512_add_ps(r, eight)));
-        let e = _mm512_sub_ps(vv, _mm512_mul_ps(df, _mm512_sub_ps(c, eight)));
-        err = _mm512_add_ps(err, _mm512_mul_ps(e, e));
-    }
-    let mut errs = [0.0f32; 17];
-    // SAFETY: 16 f32.
-    unsafe { _mm512_storeu_ps(errs.as_mut_ptr(), err) };
-    // Step 16 in scalar, the same arithmetic.
-    let df16 = cand[16].1;
-    let mut e16 = 0.0f32;
-    for v in block {
-        let c = ((v / df16).round() + 8.0).clamp(0.0, 15.0);
-        let e = v - df16 * (c - 8.0);
-        e16 += e * e;
-    }
-    errs[16] = e16;
-    let mut best: Option<usize> = None;
-    let mut best_err = f32::INFINITY;
-    for (step, &e) in errs.iter().enumerate() {
-        if cand[step].1 == 0.0 {
-            continue;
-        }
-        if e < best_err {
-            best = Some(step);
-            best_err = e;
-        }
-    }
-    match best {
-        Some(step) => (cand[step].0, q4_codes(block, cand[step].1)),
-        None => (f16::ZERO, [8u8; BLOCK]),
-    }
-}
-
 /// Quantizes a dense 2-D tensor (BF16, F16 or F32) into `format`, in parallel over rows.
 ///
 /// # Panics
@@ -578,27 +479,6 @@ mod tests {
             quantize_rows_impl(format, &x, cols, &mut q2, &mut s2);
             assert_eq!(q1, q2, "{format:?}");
             assert_eq!(s1, s2, "{format:?}");
-        }
-    }
-
-    #[test]
-    fn the_vectorized_q4_search_picks_what_the_scalar_one_does() {
-        let x = values(32 * 4000, 13);
-        for (i, block) in x.chunks_exact(BLOCK).enumerate() {
-            let mut b: Vec<f32> = block.to_vec();
-            match i % 8 {
-                // Tiny blocks: candidate scales underflow in f16 (some become 0).
-                0 => b.iter_mut().for_each(|v| *v *= 1e-7),
-                1 => b.iter_mut().for_each(|v| *v = (*v * 16.0).round() / 2.0), // ties
-                2 => b[3] = f32::NAN,
-                3 => b.iter_mut().for_each(|v| *v *= 1e6), // scales overflow f16
-                4 => b.iter_mut().skip(1).for_each(|v| *v = 0.0),
-                _ => {}
-            }
-            let want = best_q4_block(&b);
-            let got = best_q4_block_fast(&b);
-            assert_eq!(want.0.to_bits(), got.0.to_bits(), "block {i}: {b:?}");
-            assert_eq!(want.1, got.1, "block {i}");
         }
     }
 
