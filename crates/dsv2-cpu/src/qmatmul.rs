@@ -100,11 +100,26 @@ fn quantize_row_impl(x: &[f32], q: &mut [i8], d: &mut [f32], c128: &mut [i32], c
     {
         let xb: &[f32; BLOCK] = xb.try_into().expect("a block");
         let qb: &mut [i8; BLOCK] = qb.try_into().expect("a block");
-        let mut amax = 0.0f32;
-        for v in xb {
-            let a = v.abs();
-            amax = if a > amax { a } else { amax };
+        // amax over the block (NaNs count as 0), as a fixed tree so that it vectorizes;
+        // a maximum does not depend on the order anyway.
+        let abs = |v: f32| if v.is_nan() { 0.0 } else { v.abs() };
+        let mut mx = [0.0f32; BLOCK / 2];
+        for (j, m) in mx.iter_mut().enumerate() {
+            let (a, b) = (abs(xb[j]), abs(xb[j + BLOCK / 2]));
+            *m = if a > b { a } else { b };
         }
+        let mut width = BLOCK / 4;
+        while width > 0 {
+            for j in 0..width {
+                mx[j] = if mx[j] > mx[j + width] {
+                    mx[j]
+                } else {
+                    mx[j + width]
+                };
+            }
+            width /= 2;
+        }
+        let amax = mx[0];
         d[b] = amax / 127.0;
         let inv = if amax > 0.0 { 127.0 / amax } else { 0.0 };
         let mut r = [0i32; BLOCK];
@@ -115,11 +130,10 @@ fn quantize_row_impl(x: &[f32], q: &mut [i8], d: &mut [f32], c128: &mut [i32], c
             // SAFETY: an integer-valued float within ±127.
             *r = unsafe { y.to_int_unchecked::<i32>() };
         }
-        let mut sum = 0i32;
         for (q, r) in qb.iter_mut().zip(&r) {
             *q = *r as i8;
-            sum += r;
         }
+        let sum: i32 = r.iter().sum();
         c128[b] = 128 * sum;
         c8[b] = 8 * sum;
     }
@@ -131,7 +145,57 @@ fn quantize_row_avx2(x: &[f32], q: &mut [i8], d: &mut [f32], c128: &mut [i32], c
     quantize_row_impl(x, q, d, c128, c8)
 }
 
+/// [`quantize_row_impl`] with AVX-512 intrinsics: the same operations per element (the
+/// maximum and the integer sum do not depend on the order).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+fn quantize_row_avx512(x: &[f32], q: &mut [i8], d: &mut [f32], c128: &mut [i32], c8: &mut [i32]) {
+    use std::arch::x86_64::*;
+    let nb = x.len() / BLOCK;
+    assert!(q.len() >= nb * BLOCK && d.len() >= nb && c128.len() >= nb && c8.len() >= nb);
+    let abs_mask = _mm512_set1_epi32(0x7fff_ffff);
+    let magic = _mm512_set1_ps(ROUND_MAGIC);
+    let (lo, hi) = (_mm512_set1_ps(-127.0), _mm512_set1_ps(127.0));
+    for b in 0..nb {
+        // SAFETY: block b lies within x and q (asserted above).
+        let (v0, v1) = unsafe {
+            let p = x.as_ptr().add(b * BLOCK);
+            (_mm512_loadu_ps(p), _mm512_loadu_ps(p.add(16)))
+        };
+        let abs = |v: __m512| {
+            let a = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(v), abs_mask));
+            // NaNs count as 0.
+            _mm512_maskz_mov_ps(_mm512_cmp_ps_mask::<_CMP_ORD_Q>(v, v), a)
+        };
+        let amax = _mm512_reduce_max_ps(_mm512_max_ps(abs(v0), abs(v1)));
+        d[b] = amax / 127.0;
+        let inv = _mm512_set1_ps(if amax > 0.0 { 127.0 / amax } else { 0.0 });
+        let quant = |v: __m512| {
+            let y = _mm512_sub_ps(_mm512_add_ps(_mm512_mul_ps(v, inv), magic), magic);
+            let ordered = _mm512_cmp_ps_mask::<_CMP_ORD_Q>(y, y);
+            let y = _mm512_min_ps(_mm512_max_ps(y, lo), hi);
+            _mm512_maskz_cvttps_epi32(ordered, y)
+        };
+        let (r0, r1) = (quant(v0), quant(v1));
+        // SAFETY: as above.
+        unsafe {
+            let p = q.as_mut_ptr().add(b * BLOCK);
+            _mm_storeu_si128(p as *mut __m128i, _mm512_cvtepi32_epi8(r0));
+            _mm_storeu_si128(p.add(16) as *mut __m128i, _mm512_cvtepi32_epi8(r1));
+        }
+        let sum = _mm512_reduce_add_epi32(_mm512_add_epi32(r0, r1));
+        c128[b] = 128 * sum;
+        c8[b] = 8 * sum;
+    }
+}
+
 fn quantize_row(x: &[f32], q: &mut [i8], d: &mut [f32], c128: &mut [i32], c8: &mut [i32]) {
+    #[cfg(target_arch = "x86_64")]
+    if isa() == Isa::Avx512Vnni {
+        // SAFETY: implied by the AVX-512 VNNI path (checked in `available`); the same
+        // arithmetic as the generic code (no FMA contraction).
+        return unsafe { quantize_row_avx512(x, q, d, c128, c8) };
+    }
     #[cfg(target_arch = "x86_64")]
     if isa() != Isa::Portable {
         // SAFETY: every non-portable path implies AVX2 and FMA (checked in `available`).
@@ -954,6 +1018,8 @@ mod tests {
         let (m, k) = (7, 1408);
         let mut x = values(m * k, 21);
         x[5] = f32::NAN;
+        x[70 + 2 * k] = f32::INFINITY;
+        x[3 * k + 33] = f32::NEG_INFINITY;
         x[40] = 0.5; // exact ties after scaling land on both sides
         x[64..96].iter_mut().for_each(|v| *v = 0.0);
         let mut a = QActivations::default();
@@ -1066,6 +1132,29 @@ mod timing {
         }
         let k = 2048;
         let x = values(512 * k, 2);
+        if only.is_empty() || only == "overhead" {
+            // Fixed cost of one call: a 16 × 2048 q8 matrix (34 KB, L2-resident).
+            let (q, s) = matrix(QuantFormat::Q8, 16, k, 9);
+            let w = QMatrix {
+                format: QuantFormat::Q8,
+                rows: 16,
+                cols: k,
+                q: &q,
+                scales: &s,
+            };
+            let mut y = vec![0.0f32; 16];
+            let t = min_time(200, || qmatmul(&x, 1, w, &mut y));
+            let mut acts = QActivations::default();
+            acts.quantize(&x, 1, k);
+            let t_rows = min_time(200, || qmatmul_rows(&acts, 1, w, 0..16, &mut y, 16));
+            eprintln!(
+                "overhead: qmatmul 16x2048 m=1 {:.1} us, qmatmul_rows {:.1} us",
+                t * 1e6,
+                t_rows * 1e6
+            );
+            let t_q = min_time(20, || acts.quantize(&x, 48, k));
+            eprintln!("quantize 48x2048 activations: {:.1} us", t_q * 1e6);
+        }
         for format in [QuantFormat::Q8, QuantFormat::Q4] {
             for n in [10944usize, 102400] {
                 if !only.is_empty() && !format!("{}{n}", format.name()).contains(&only) {
