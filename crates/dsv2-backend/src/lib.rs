@@ -331,6 +331,28 @@ pub trait Backend: Send + Sync {
         step: &mut Self::Step,
     ) -> Result<()>;
 
+    /// Starts the device work of a step that the backend may replay as a whole (a CUDA
+    /// graph): called after [`prepare_step`](Self::prepare_step), before the step's ops.
+    /// `key` names the model and the ops the caller is about to issue (same key, same
+    /// sequence of ops for a step of the same shape). Returns `true` when the backend has
+    /// already issued the whole work (a replay): the caller then skips the ops and goes
+    /// on after [`end_step_graph`](Self::end_step_graph)'s place. Returns `false` when
+    /// the caller must issue the ops and then call `end_step_graph` (the backend may be
+    /// recording them). The default never replays.
+    fn begin_step_graph(&self, step: &Self::Step, cache: &Self::Cache, key: u64) -> Result<bool> {
+        let _ = (step, cache, key);
+        Ok(false)
+    }
+
+    /// Ends what [`begin_step_graph`](Self::begin_step_graph) started when it returned
+    /// `false`: `ok` says whether every op of the step succeeded (if not, any recording is
+    /// dropped). When the ops were recorded, the recording is issued now. The default
+    /// does nothing.
+    fn end_step_graph(&self, step: &Self::Step, ok: bool) -> Result<()> {
+        let _ = (step, ok);
+        Ok(())
+    }
+
     /// `out[t] = table[token_ids[t]]`: table `[V, D]`, out `[T, D]`.
     fn embed(&self, table: &Self::Weight, step: &Self::Step, out: &mut Self::Buffer) -> Result<()>;
 

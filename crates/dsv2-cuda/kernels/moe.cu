@@ -197,3 +197,133 @@ extern "C" __global__ void moe_combine(const T* y, const u32* slot_of, const flo
         o[i] = from_f<T>(has_shared ? to_f(o[i]) + routed : routed);
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// Small-batch MoE (bf16 builds): two GEMV-style launches instead of the tiled GEMMs, so
+// that a decode step of a few tokens reads each chosen expert's rows once, with 16-byte
+// loads, and the shared experts run in the same launches.
+//   moe_small_up:   hid[p] = rnd(rnd(silu(rnd(x Wg^T))) * rnd(x Wu^T)) for every (token,
+//                   expert) pair p and, after them, the shared experts of every token.
+//   moe_small_down: out[t] = rnd(rnd(hid_sh[t] Wd_sh^T) + rnd(sum_j w[t, j] rnd(hid[p] Wd[p]^T)))
+// The roundings are those of the GEMM path (bf16 GEMM outputs, f32 weighted sum).
+// One warp computes 4 output rows; a block of 8 warps 32 rows.
+
+#define SMALL_ROWS_PER_WARP 4
+#define SMALL_ROWS_PER_BLOCK 32
+
+// Dot of 8 bf16 weights with 8 bf16 activations, in f32.
+__device__ __forceinline__ float dot8(uint4 w, uint4 x) {
+    float s = 0.0f;
+    u32 wa[4] = {w.x, w.y, w.z, w.w}, xa[4] = {x.x, x.y, x.z, x.w};
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        s += __uint_as_float(wa[i] << 16) * __uint_as_float(xa[i] << 16);
+        s += __uint_as_float(wa[i] & 0xffff0000u) * __uint_as_float(xa[i] & 0xffff0000u);
+    }
+    return s;
+}
+
+// grid (ceil(max(inter, inter_sh) / 32), rows * k + (has_shared ? rows : 0)), block 256.
+// x [rows, d]; ids [rows, k]; expert_w [3, e] (gate, up, down addresses);
+// hid [rows * k, inter]; hid_sh [rows, inter_sh].
+extern "C" __global__ void moe_small_up(const T* x, const u32* ids, const u64* expert_w, int e, int k, int rows,
+                                        const T* sh_gate, const T* sh_up, int inter, int inter_sh, int d, T* hid,
+                                        T* hid_sh) {
+#ifdef DSV2_BF16
+    int p = blockIdx.y, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const T *wg, *wu;
+    T* out;
+    int width, token;
+    if (p < rows * k) {
+        token = p / k;
+        u32 ex = ids[p];
+        wg = (const T*)expert_w[ex];
+        wu = (const T*)expert_w[e + ex];
+        width = inter;
+        out = hid + (u64)p * inter;
+    } else {
+        token = p - rows * k;
+        wg = sh_gate;
+        wu = sh_up;
+        width = inter_sh;
+        out = hid_sh + (u64)token * inter_sh;
+    }
+    int i0 = blockIdx.x * SMALL_ROWS_PER_BLOCK + warp * SMALL_ROWS_PER_WARP;
+    if (i0 >= width) return;
+    const uint4* xv = (const uint4*)(x + (u64)token * d);
+    float ag[SMALL_ROWS_PER_WARP], au[SMALL_ROWS_PER_WARP];
+    const uint4 *gr[SMALL_ROWS_PER_WARP], *ur[SMALL_ROWS_PER_WARP];
+#pragma unroll
+    for (int r = 0; r < SMALL_ROWS_PER_WARP; r++) {
+        int i = min(i0 + r, width - 1);
+        gr[r] = (const uint4*)(wg + (u64)i * d);
+        ur[r] = (const uint4*)(wu + (u64)i * d);
+        ag[r] = au[r] = 0.0f;
+    }
+    for (int c = lane; c < d / 8; c += 32) {
+        uint4 xx = xv[c];
+#pragma unroll
+        for (int r = 0; r < SMALL_ROWS_PER_WARP; r++) {
+            ag[r] += dot8(gr[r][c], xx);
+            au[r] += dot8(ur[r][c], xx);
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < SMALL_ROWS_PER_WARP; r++) {
+        float g = warp_sum(ag[r]), u = warp_sum(au[r]);
+        if (lane == 0 && i0 + r < width) out[i0 + r] = from_f<T>(rnd(silu(rnd(g))) * rnd(u));
+    }
+#endif
+}
+
+// Dot products of SMALL_ROWS_PER_WARP weight rows (width n) with one activation row,
+// summed over the warp (every lane gets them).
+__device__ __forceinline__ void small_rows_dot(const T* w, int row0, int rows_total, const T* h, int n,
+                                               float* acc) {
+    int lane = threadIdx.x & 31;
+    const uint4* hv = (const uint4*)h;
+    const uint4* wr[SMALL_ROWS_PER_WARP];
+#pragma unroll
+    for (int r = 0; r < SMALL_ROWS_PER_WARP; r++) {
+        wr[r] = (const uint4*)(w + (u64)min(row0 + r, rows_total - 1) * n);
+        acc[r] = 0.0f;
+    }
+    for (int c = lane; c < n / 8; c += 32) {
+        uint4 hh = hv[c];
+#pragma unroll
+        for (int r = 0; r < SMALL_ROWS_PER_WARP; r++) acc[r] += dot8(wr[r][c], hh);
+    }
+#pragma unroll
+    for (int r = 0; r < SMALL_ROWS_PER_WARP; r++) acc[r] = warp_sum(acc[r]);
+}
+
+// grid (ceil(d / 32), rows), block 256. weights [rows, k] (routing weights); out [rows, d].
+extern "C" __global__ void moe_small_down(const T* hid, const T* hid_sh, const u32* ids, const float* weights,
+                                          const u64* expert_w, int e, int k, const T* sh_down, int inter,
+                                          int inter_sh, int d, int has_shared, T* out) {
+#ifdef DSV2_BF16
+    int t = blockIdx.y, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    int j0 = blockIdx.x * SMALL_ROWS_PER_BLOCK + warp * SMALL_ROWS_PER_WARP;
+    if (j0 >= d) return;
+    float acc[SMALL_ROWS_PER_WARP], part[SMALL_ROWS_PER_WARP];
+#pragma unroll
+    for (int r = 0; r < SMALL_ROWS_PER_WARP; r++) acc[r] = 0.0f;
+    for (int j = 0; j < k; j++) {
+        u64 p = (u64)t * k + j;
+        const T* w = (const T*)expert_w[2 * e + ids[p]];
+        small_rows_dot(w, j0, d, hid + p * inter, inter, part);
+        float wt = weights[p];
+#pragma unroll
+        for (int r = 0; r < SMALL_ROWS_PER_WARP; r++) acc[r] += wt * rnd(part[r]);
+    }
+    if (has_shared) small_rows_dot(sh_down, j0, d, hid_sh + (u64)t * inter_sh, inter_sh, part);
+    if (lane == 0) {
+#pragma unroll
+        for (int r = 0; r < SMALL_ROWS_PER_WARP; r++) {
+            if (j0 + r >= d) continue;
+            float routed = rnd(acc[r]);
+            out[(u64)t * d + j0 + r] = from_f<T>(has_shared ? rnd(part[r]) + routed : routed);
+        }
+    }
+#endif
+}

@@ -12,9 +12,9 @@
 //! - Expanded: the context latents of the sequences are gathered out of the cache, keys
 //!   and values re-derived with one `kv_b_proj` GEMM, then causal MHA per (token, head).
 
-use dsv2_backend::{AttentionPath, CacheSpec, MlaAttention};
+use dsv2_backend::{AttentionPath, CacheSpec, MlaAttention, MlaDims};
 
-use crate::device::{Gemm, NULL};
+use crate::device::{Gemm, MLA_DECODE_SMEM, NULL};
 use crate::error::{unsupported, Result};
 use crate::scratch::{Scratch, Slot};
 use crate::{CudaBackend, CudaBuffer, CudaCache, CudaStep};
@@ -25,6 +25,12 @@ const ATTN_THREADS: u32 = 256;
 const MAX_WIDTH: usize = 512;
 /// Keep in step with MAX_WARPS in attention.cu.
 const MAX_WARPS: usize = 8;
+/// Heads per block of the decode kernel (DEC_HEADS in attention.cu).
+const DECODE_HEADS: usize = 16;
+/// Most context splits per decode token.
+const MAX_SPLITS: usize = 32;
+/// Multiprocessors the split count aims to fill (an H100/H200 has 132).
+const SMS: usize = 132;
 
 /// Device address of `layer`'s part of the cache.
 pub(crate) fn layer_ptr(be: &CudaBackend, cache: &CudaCache, layer: usize) -> u64 {
@@ -150,7 +156,6 @@ fn absorbed(
 ) -> Result<()> {
     let d = args.dims;
     let step = args.step;
-    let spec = args.cache.spec;
     let t = step.counts.tokens;
     let (h, dn, dv, c, qd) = (
         d.num_heads,
@@ -182,33 +187,11 @@ fn absorbed(
         [(dn + dv) * c, qd, c],
         h,
     )?;
-    let k = &be.dev.kernels;
-    let smem = (spec.width() + 2 * MAX_WARPS + (ATTN_THREADS as usize / 32) * c) * 4;
-    be.dev.launch(
-        &k.mla_absorbed,
-        "mla_absorbed",
-        (tokens, h),
-        ATTN_THREADS,
-        smem as u32,
-        &[
-            args.q.ptr().into(),
-            q_lat.into(),
-            crate::attention::layer_ptr(be, args.cache, args.layer).into(),
-            tok_list.into(),
-            step.at(step.layout.tok_seq).into(),
-            step.at(step.layout.tok_visible).into(),
-            step.at(step.layout.seq_bt_off).into(),
-            step.at(step.layout.block_tables).into(),
-            o_lat.into(),
-            (h as i32).into(),
-            (qd as i32).into(),
-            (dn as i32).into(),
-            (c as i32).into(),
-            (d.rope_dim as i32).into(),
-            (spec.block_size as i32).into(),
-            d.softmax_scale.into(),
-        ],
-    )?;
+    if decode_kernel_applies(be, &d) {
+        absorbed_split(be, scratch, args, tok_list, tokens, q_lat, o_lat)?;
+    } else {
+        absorbed_simple(be, args, tok_list, tokens, q_lat, o_lat)?;
+    }
     // out[t, h] = W_UV[h] o_lat[t, h]: per head, [Dv, C] · [C, T] column-major.
     be.dev.gemm_strided(
         "absorbed W_UV",
@@ -227,6 +210,125 @@ fn absorbed(
         },
         [(dn + dv) * c, c, dv],
         h,
+    )
+}
+
+/// True when the split-KV tensor-core decode kernel runs this layer: bf16, sm_80 or
+/// newer, a 512-wide latent with a 64-wide RoPE key, heads in groups of 16
+/// (`DSV2_CUDA_SIMPLE_ATTENTION=1` forces the simple kernel, for comparisons).
+fn decode_kernel_applies(be: &CudaBackend, d: &MlaDims) -> bool {
+    be.dev.bf16
+        && be.dev.arch.0 >= 8
+        && d.kv_lora_rank == 512
+        && d.rope_dim == 64
+        && d.num_heads % DECODE_HEADS == 0
+        && std::env::var("DSV2_CUDA_SIMPLE_ATTENTION").map_or(true, |v| v != "1")
+}
+
+/// The split-KV tensor-core kernel and its combine: `o_lat` of the listed tokens.
+fn absorbed_split(
+    be: &CudaBackend,
+    scratch: &mut Scratch,
+    args: &MlaAttention<'_, CudaBackend>,
+    tok_list: u64,
+    tokens: usize,
+    q_lat: u64,
+    o_lat: u64,
+) -> Result<()> {
+    let d = args.dims;
+    let step = args.step;
+    let spec = args.cache.spec;
+    let (h, dn, c, qd) = (d.num_heads, d.nope_dim, d.kv_lora_rank, d.q_head_dim());
+    let k = &be.dev.kernels;
+    // Splits chosen from the token count alone (so that one captured graph serves every
+    // context length): about two blocks per multiprocessor.
+    let groups = h / DECODE_HEADS;
+    let splits = (2 * SMS).div_ceil(tokens * groups).clamp(1, MAX_SPLITS);
+    let slots = tokens * splits * groups;
+    let part_o = scratch.get(&be.dev, Slot::AttnPartial, slots * DECODE_HEADS * (c + 2) * 4)?;
+    let part_ml = part_o + (slots * DECODE_HEADS * c * 4) as u64;
+    be.dev.launch(
+        &k.mla_decode,
+        "mla_decode",
+        (tokens, splits * groups),
+        128,
+        MLA_DECODE_SMEM as u32,
+        &[
+            args.q.ptr().into(),
+            q_lat.into(),
+            layer_ptr(be, args.cache, args.layer).into(),
+            tok_list.into(),
+            step.at(step.layout.tok_seq).into(),
+            step.at(step.layout.tok_visible).into(),
+            step.at(step.layout.seq_bt_off).into(),
+            step.at(step.layout.block_tables).into(),
+            part_o.into(),
+            part_ml.into(),
+            (h as i32).into(),
+            (qd as i32).into(),
+            (dn as i32).into(),
+            (spec.block_size as i32).into(),
+            (splits as i32).into(),
+            d.softmax_scale.into(),
+        ],
+    )?;
+    be.dev.launch(
+        &k.mla_decode_combine,
+        "mla_decode_combine",
+        (tokens, h),
+        128,
+        0,
+        &[
+            part_o.into(),
+            part_ml.into(),
+            tok_list.into(),
+            o_lat.into(),
+            (h as i32).into(),
+            (c as i32).into(),
+            (splits as i32).into(),
+        ],
+    )
+}
+
+/// The one-block-per-(token, head) absorbed kernel (f32 builds and other shapes).
+fn absorbed_simple(
+    be: &CudaBackend,
+    args: &MlaAttention<'_, CudaBackend>,
+    tok_list: u64,
+    tokens: usize,
+    q_lat: u64,
+    o_lat: u64,
+) -> Result<()> {
+    let d = args.dims;
+    let step = args.step;
+    let spec = args.cache.spec;
+    let (h, dn, c, qd) = (d.num_heads, d.nope_dim, d.kv_lora_rank, d.q_head_dim());
+    let k = &be.dev.kernels;
+    let smem = (spec.width() + 2 * MAX_WARPS + (ATTN_THREADS as usize / 32) * c) * 4;
+    be.dev.launch(
+        &k.mla_absorbed,
+        "mla_absorbed",
+        (tokens, h),
+        ATTN_THREADS,
+        smem as u32,
+        &[
+            args.q.ptr().into(),
+            q_lat.into(),
+            layer_ptr(be, args.cache, args.layer).into(),
+            tok_list.into(),
+            step.at(step.layout.tok_seq).into(),
+            step.at(step.layout.tok_visible).into(),
+            step.at(step.layout.seq_bt_off).into(),
+            step.at(step.layout.block_tables).into(),
+            o_lat.into(),
+            (h as i32).into(),
+            (qd as i32).into(),
+            (dn as i32).into(),
+            (c as i32).into(),
+            (d.rope_dim as i32).into(),
+            (spec.block_size as i32).into(),
+            d.softmax_scale.into(),
+        ],
     )
 }
 

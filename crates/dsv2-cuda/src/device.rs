@@ -5,12 +5,15 @@
 //! tracking is switched off and kernels take raw device addresses: buffers keep fixed
 //! addresses for their whole life (what CUDA graphs will need).
 
+use std::collections::BTreeMap;
 use std::ffi::c_void;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use cudarc::cublas::sys as blas;
 use cudarc::cublas::CudaBlas;
-use cudarc::driver::{result as drv, sys as drv_sys, CudaContext, CudaFunction, CudaStream};
+use cudarc::driver::{
+    result as drv, sys as drv_sys, CudaContext, CudaEvent, CudaFunction, CudaStream,
+};
 
 use crate::compile::{self, Source};
 use crate::error::{unsupported, CudaError, DriverContext, Result};
@@ -43,6 +46,13 @@ const DRIVER_SYMBOLS: &[&str] = &[
     "cuModuleGetFunction",
     "cuModuleUnload",
     "cuLaunchKernel",
+    "cuFuncSetAttribute",
+    "cuStreamBeginCapture_v2",
+    "cuStreamEndCapture",
+    "cuGraphInstantiateWithFlags",
+    "cuGraphLaunch",
+    "cuGraphExecDestroy",
+    "cuGraphDestroy",
 ];
 const BLAS_SYMBOLS: &[&str] = &[
     "cublasCreate_v2",
@@ -63,6 +73,11 @@ const NVRTC_SYMBOLS: &[&str] = &[
     "nvrtcGetProgramLog",
     "nvrtcDestroyProgram",
 ];
+
+/// Dynamic shared memory of `mla_decode` (keep in step with attention.cu): the 16 query
+/// rows and two 32-row latent tiles, each row padded to 584 bf16, plus the probabilities
+/// and the per-warp maxima.
+pub(crate) const MLA_DECODE_SMEM: usize = (16 + 2 * 32) * 584 * 2 + 16 * 40 * 2 + 4 * 16 * 4;
 
 /// cuBLAS workspace, set explicitly so that GEMMs can later be captured in CUDA graphs.
 const BLAS_WORKSPACE_BYTES: usize = 32 << 20;
@@ -138,6 +153,10 @@ pub(crate) struct Kernels {
     pub moe_plan: CudaFunction,
     pub moe_gather: CudaFunction,
     pub moe_combine: CudaFunction,
+    pub mla_decode: CudaFunction,
+    pub mla_decode_combine: CudaFunction,
+    pub moe_small_up: CudaFunction,
+    pub moe_small_down: CudaFunction,
 }
 
 impl Kernels {
@@ -169,6 +188,10 @@ impl Kernels {
             moe_plan: f(&moe, "moe_plan")?,
             moe_gather: f(&moe, "moe_gather")?,
             moe_combine: f(&moe, "moe_combine")?,
+            mla_decode: f(&at, "mla_decode")?,
+            mla_decode_combine: f(&at, "mla_decode_combine")?,
+            moe_small_up: f(&moe, "moe_small_up")?,
+            moe_small_down: f(&moe, "moe_small_down")?,
         })
     }
 }
@@ -186,6 +209,53 @@ pub(crate) struct Device {
     pub arch: (i32, i32),
     /// bf16 elements (else f32).
     pub bf16: bool,
+    /// Per-op timing with events (`DSV2_CUDA_PROFILE=1`): for finding where a step's
+    /// time goes, never on by default (it adds two event records around every op).
+    pub profile: Option<Mutex<Profile>>,
+}
+
+/// Event timings of every op, grouped by the step's token count and the op's name.
+#[derive(Default)]
+pub(crate) struct Profile {
+    /// Token count of the current step (set by `prepare_step`).
+    pub tokens: usize,
+    pending: Vec<(usize, String, CudaEvent, CudaEvent)>,
+    /// (tokens, op) -> (launches, milliseconds).
+    totals: BTreeMap<(usize, String), (usize, f64)>,
+}
+
+impl Profile {
+    /// Folds the recorded events into the totals (waits for them).
+    fn collect(&mut self) {
+        for (tokens, name, start, end) in self.pending.drain(..) {
+            let ms = start.elapsed_ms(&end).unwrap_or(0.0) as f64;
+            let e = self.totals.entry((tokens, name)).or_insert((0, 0.0));
+            e.0 += 1;
+            e.1 += ms;
+        }
+    }
+
+    /// The table of totals, per token count, the costliest ops first.
+    pub fn report(&mut self) -> String {
+        self.collect();
+        let mut by_tokens: BTreeMap<usize, Vec<(&String, usize, f64)>> = BTreeMap::new();
+        for ((tokens, name), (n, ms)) in &self.totals {
+            by_tokens.entry(*tokens).or_default().push((name, *n, *ms));
+        }
+        let mut out = String::new();
+        for (tokens, mut ops) in by_tokens {
+            ops.sort_by(|a, b| b.2.total_cmp(&a.2));
+            let total: f64 = ops.iter().map(|o| o.2).sum();
+            out += &format!("profile: steps of {tokens} tokens: {total:.3} ms in ops\n");
+            for (name, n, ms) in ops {
+                out += &format!(
+                    "  {name:<28} {n:>7} launches {ms:>10.3} ms {:>9.1} us each\n",
+                    1e3 * ms / n as f64
+                );
+            }
+        }
+        out
+    }
 }
 
 /// The symbols of `symbols` that the loaded library `$lib` does not export.
@@ -307,6 +377,18 @@ impl Device {
         .result()
         .ctx("cublasSetWorkspace")?;
         let kernels = Kernels::load(&ctx, arch, bf16)?;
+        // The decode attention kernel holds its latent tiles in more shared memory than a
+        // block gets by default.
+        kernels
+            .mla_decode
+            .set_attribute(
+                drv_sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                MLA_DECODE_SMEM as i32,
+            )
+            .ctx("raising the shared memory of mla_decode")?;
+        let profile = std::env::var("DSV2_CUDA_PROFILE")
+            .is_ok_and(|v| v == "1")
+            .then(|| Mutex::new(Profile::default()));
         Ok(Device {
             blas,
             _blas_workspace: workspace,
@@ -317,6 +399,7 @@ impl Device {
             name,
             arch,
             bf16,
+            profile,
         })
     }
 
@@ -371,6 +454,20 @@ impl Device {
         self.sync(op)
     }
 
+    /// Starts recording the work issued on the stream (by this thread) into a graph.
+    pub fn begin_capture(&self) -> Result<()> {
+        self.stream
+            .begin_capture(drv_sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .ctx("starting a graph capture")
+    }
+
+    /// Ends the recording begun by `begin_capture` and instantiates it.
+    pub fn end_capture(&self) -> Result<Option<cudarc::driver::CudaGraph>> {
+        self.stream
+            .end_capture(drv_sys::CUgraphInstantiate_flags(0))
+            .ctx("ending a graph capture")
+    }
+
     /// Waits for all work issued so far; reports asynchronous kernel failures.
     pub fn sync(&self, op: &str) -> Result<()> {
         self.stream
@@ -405,6 +502,38 @@ impl Device {
         drv::mem_get_info().ctx("cuMemGetInfo")
     }
 
+    /// Starts timing an op (profiling only).
+    fn prof_start(&self) -> Option<CudaEvent> {
+        self.profile.as_ref()?;
+        let ev = self
+            .ctx
+            .new_event(Some(drv_sys::CUevent_flags::CU_EVENT_DEFAULT))
+            .ok()?;
+        ev.record(&self.stream).ok()?;
+        Some(ev)
+    }
+
+    /// Ends timing an op started by `prof_start`.
+    fn prof_end(&self, start: Option<CudaEvent>, name: &str) {
+        let (Some(start), Some(p)) = (start, self.profile.as_ref()) else {
+            return;
+        };
+        let Ok(end) = self
+            .ctx
+            .new_event(Some(drv_sys::CUevent_flags::CU_EVENT_DEFAULT))
+        else {
+            return;
+        };
+        if end.record(&self.stream).is_ok() {
+            let mut p = p.lock().unwrap_or_else(|e| e.into_inner());
+            let tokens = p.tokens;
+            p.pending.push((tokens, name.to_string(), start, end));
+            if p.pending.len() > 4096 {
+                p.collect();
+            }
+        }
+    }
+
     /// Launches `f` on the stream. A grid with a zero dimension launches nothing.
     pub fn launch(
         &self,
@@ -429,6 +558,7 @@ impl Device {
             .iter_mut()
             .map(|s| s as *mut u64 as *mut c_void)
             .collect();
+        let prof = self.prof_start();
         // SAFETY: every parameter points to an 8-byte slot holding the value of the
         // kernel's parameter in its low bytes (little-endian); the slots outlive the call,
         // which copies them. Device addresses passed in are live allocations sized by the
@@ -443,7 +573,9 @@ impl Device {
                 &mut params,
             )
         }
-        .ctx(format!("launching kernel `{name}`"))
+        .ctx(format!("launching kernel `{name}`"))?;
+        self.prof_end(prof, name);
+        Ok(())
     }
 
     fn dtype(&self) -> blas::cudaDataType {
@@ -506,6 +638,7 @@ impl Device {
             dt
         };
         let dims = g.dims(op)?;
+        let prof = self.prof_start();
         // SAFETY: the pointers are live device allocations holding the matrices the
         // leading dimensions describe (callers size them); alpha/beta are host f32, as
         // the f32 compute type requires.
@@ -533,7 +666,9 @@ impl Device {
             )
         }
         .result()
-        .ctx(format!("{op}: GEMM m={} n={} k={}", g.m, g.n, g.k))
+        .ctx(format!("{op}: GEMM m={} n={} k={}", g.m, g.n, g.k))?;
+        self.prof_end(prof, op);
+        Ok(())
     }
 
     /// `batch` GEMMs whose operands sit `stride_*` elements apart.
@@ -550,6 +685,7 @@ impl Device {
         let (alpha, beta) = (1.0f32, 0.0f32);
         let dt = self.dtype();
         let dims = g.dims(op)?;
+        let prof = self.prof_start();
         // SAFETY: as in `gemm`; the strided operands stay inside their allocations.
         unsafe {
             blas::cublasGemmStridedBatchedEx(
@@ -582,7 +718,9 @@ impl Device {
         .ctx(format!(
             "{op}: batched GEMM m={} n={} k={} batch={batch}",
             g.m, g.n, g.k
-        ))
+        ))?;
+        self.prof_end(prof, op);
+        Ok(())
     }
 
     /// `batch` GEMMs `C[i] = op(A[i]) · op(B[i])` with the operands' addresses in the
@@ -602,6 +740,7 @@ impl Device {
         let (alpha, beta) = (1.0f32, 0.0f32);
         let dt = self.dtype();
         let dims = g.dims(op)?;
+        let prof = self.prof_start();
         // SAFETY: `a`, `b`, `c` are device arrays of `batch` live device addresses, each
         // holding a matrix the leading dimensions describe (written by moe_plan).
         unsafe {
@@ -632,7 +771,9 @@ impl Device {
         .ctx(format!(
             "{op}: pointer-batched GEMM m={} n={} k={} batch={batch}",
             g.m, g.n, g.k
-        ))
+        ))?;
+        self.prof_end(prof, op);
+        Ok(())
     }
 }
 

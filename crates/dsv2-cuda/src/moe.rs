@@ -88,8 +88,11 @@ pub(crate) fn moe(
     if rows == 0 {
         return Ok(());
     }
-    if let Some(shared) = &moe.shared_experts {
-        be.mlp_impl(scratch, x, rows, shared, out)?;
+    let small = small_batch_applies(be, moe, rows, d, inter)?;
+    if !small {
+        if let Some(shared) = &moe.shared_experts {
+            be.mlp_impl(scratch, x, rows, shared, out)?;
+        }
     }
     let dev = &be.dev;
     let e = be.elem();
@@ -119,6 +122,26 @@ pub(crate) fn moe(
             r.routed_scaling_factor.into(),
         ],
     )?;
+    if small {
+        let table = expert_table(be, moe, inter, d)?;
+        return small_batch(
+            be,
+            scratch,
+            x,
+            rows,
+            moe,
+            SmallArgs {
+                ids,
+                weights,
+                table,
+                num_experts,
+                k,
+                d,
+                inter,
+            },
+            out,
+        );
+    }
     // Tiles.
     let m_tile = tile_rows(pairs, num_experts);
     let tiles = max_tiles(pairs, num_experts, m_tile);
@@ -227,6 +250,131 @@ pub(crate) fn moe(
         ],
     )
 }
+
+/// Most tokens the small-batch kernels take by default (`DSV2_CUDA_MOE_SMALL_MAX`
+/// overrides it; 0 turns them off).
+const SMALL_MAX_ROWS: usize = 8;
+
+/// True when the small-batch MoE kernels run this call: bf16, at most
+/// [`SMALL_MAX_ROWS`] tokens, widths that allow 16-byte loads, and shared experts (if
+/// any) whose input width matches.
+fn small_batch_applies(
+    be: &CudaBackend,
+    moe: &MoeWeights<CudaWeight>,
+    rows: usize,
+    d: usize,
+    inter: usize,
+) -> Result<bool> {
+    let max = std::env::var("DSV2_CUDA_MOE_SMALL_MAX")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(SMALL_MAX_ROWS);
+    if !be.dev.bf16 || rows > max || d % 8 != 0 || inter % 8 != 0 {
+        return Ok(false);
+    }
+    if let Some(sh) = &moe.shared_experts {
+        let (si, sd) = sh.gate_proj.matrix("shared gate_proj")?;
+        if sd != d
+            || si % 8 != 0
+            || sh.up_proj.matrix("shared up_proj")? != (si, d)
+            || sh.down_proj.matrix("shared down_proj")? != (d, si)
+        {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+/// Routing results and shapes the small-batch kernels need.
+struct SmallArgs {
+    ids: u64,
+    weights: u64,
+    table: u64,
+    num_experts: usize,
+    k: usize,
+    d: usize,
+    inter: usize,
+}
+
+/// The routed and shared experts of a few tokens in two launches (see moe.cu).
+fn small_batch(
+    be: &CudaBackend,
+    scratch: &mut Scratch,
+    x: &CudaBuffer,
+    rows: usize,
+    moe: &MoeWeights<CudaWeight>,
+    a: SmallArgs,
+    out: &mut CudaBuffer,
+) -> Result<()> {
+    let dev = &be.dev;
+    let e = be.elem();
+    let (sh_gate, sh_up, sh_down, inter_sh) = match &moe.shared_experts {
+        Some(sh) => (
+            sh.gate_proj.ptr(),
+            sh.up_proj.ptr(),
+            sh.down_proj.ptr(),
+            sh.gate_proj.matrix("shared gate_proj")?.0,
+        ),
+        None => (0, 0, 0, 0),
+    };
+    let pairs = rows * a.k;
+    let routed = pairs * a.inter;
+    let hid = scratch.get(dev, Slot::MoeHidden, (routed + rows * inter_sh) * e)?;
+    let hid_sh = hid + (routed * e) as u64;
+    let has_shared = moe.shared_experts.is_some();
+    let width = a.inter.max(inter_sh);
+    let kern = &dev.kernels;
+    dev.launch(
+        &kern.moe_small_up,
+        "moe_small_up",
+        (
+            width.div_ceil(SMALL_ROWS_PER_BLOCK),
+            pairs + if has_shared { rows } else { 0 },
+        ),
+        256,
+        0,
+        &[
+            x.ptr().into(),
+            a.ids.into(),
+            a.table.into(),
+            (a.num_experts as i32).into(),
+            (a.k as i32).into(),
+            (rows as i32).into(),
+            sh_gate.into(),
+            sh_up.into(),
+            (a.inter as i32).into(),
+            (inter_sh as i32).into(),
+            (a.d as i32).into(),
+            hid.into(),
+            hid_sh.into(),
+        ],
+    )?;
+    dev.launch(
+        &kern.moe_small_down,
+        "moe_small_down",
+        (a.d.div_ceil(SMALL_ROWS_PER_BLOCK), rows),
+        256,
+        0,
+        &[
+            hid.into(),
+            hid_sh.into(),
+            a.ids.into(),
+            a.weights.into(),
+            a.table.into(),
+            (a.num_experts as i32).into(),
+            (a.k as i32).into(),
+            sh_down.into(),
+            (a.inter as i32).into(),
+            (inter_sh as i32).into(),
+            (a.d as i32).into(),
+            (has_shared as i32).into(),
+            out.ptr().into(),
+        ],
+    )
+}
+
+/// Output rows per block of the small-batch kernels (SMALL_ROWS_PER_BLOCK in moe.cu).
+const SMALL_ROWS_PER_BLOCK: usize = 32;
 
 /// The device table `[3, E]` of the experts' gate, up and down weight addresses, made at
 /// the layer's first use (checking that every expert has the same shape).

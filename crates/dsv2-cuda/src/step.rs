@@ -12,7 +12,7 @@ use crate::device::{DevMem, Device};
 use crate::error::{unsupported, Result};
 
 /// Word offsets of the sections of the packed metadata.
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) struct Layout {
     pub token_ids: usize,
     pub slots: usize,
@@ -38,7 +38,7 @@ pub(crate) struct Layout {
 }
 
 /// Counts the host needs to size launches (the lists themselves stay on the device).
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) struct Counts {
     pub tokens: usize,
     pub seqs: usize,
@@ -70,6 +70,18 @@ pub struct CudaStep {
     pub(crate) token_ids: Vec<u32>,
     staging: Vec<u32>,
     max_tokens: usize,
+    /// Unique among the steps of this process (keys captured graphs).
+    pub(crate) id: u64,
+    /// Bumped whenever `mem` moves (graphs captured before then are stale).
+    pub(crate) generation: u64,
+}
+
+/// Source of [`CudaStep::id`] and of the caches' ids.
+pub(crate) static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+/// A fresh id for a step or a cache.
+pub(crate) fn next_id() -> u64 {
+    NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
 impl CudaStep {
@@ -83,6 +95,8 @@ impl CudaStep {
             token_ids: Vec::with_capacity(max_tokens),
             staging: Vec::with_capacity(words),
             max_tokens,
+            id: next_id(),
+            generation: 0,
         })
     }
 
@@ -219,18 +233,21 @@ impl CudaStep {
             s.extend((seq.query_start..seq.query_start + seq.query_len).map(|r| r as u32));
         }
         c.exp_auto_tokens = s.len() - l.exp_auto_tokens;
+        // The angles before the block tables: then every offset of a decode step depends
+        // on its counts only, not on its context lengths (what a captured graph needs).
+        section(s, &mut l.cos, &mut angles.cos.iter().map(|v| v.to_bits()));
+        section(s, &mut l.sin, &mut angles.sin.iter().map(|v| v.to_bits()));
         l.block_tables = s.len();
         for seq in &batch.seqs {
             s.extend_from_slice(&seq.block_table);
         }
-        section(s, &mut l.cos, &mut angles.cos.iter().map(|v| v.to_bits()));
-        section(s, &mut l.sin, &mut angles.sin.iter().map(|v| v.to_bits()));
         l.words = s.len();
         let needed = l.words * 4;
         if self.mem.as_ref().is_none_or(|m| m.bytes() < needed) {
             // Free the old buffer first (cuMemFree waits for work still reading it).
             self.mem = None;
             self.mem = Some(dev.alloc_zeroed(needed + needed / 4)?);
+            self.generation += 1;
         }
         dev.htod(self.at(0), &self.staging, "prepare_step")?;
         self.layout = l;

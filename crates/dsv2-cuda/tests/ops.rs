@@ -245,6 +245,124 @@ fn rope_cache_write_and_attention_paths() {
     });
 }
 
+/// Decode tokens over long paged contexts at the real V2-Lite attention shape: the split-KV
+/// decode kernel with several 32-row tiles per split (and splits of one tile), against
+/// the CPU, for batches of 1 and 3 sequences.
+#[test]
+fn long_context_decode_attention() {
+    each_dtype(|dtype, cpu, gpu| {
+        let (h, dn, dr, dv, c) = (16, 128, 64, 128, 512);
+        let block = 16;
+        for contexts in [vec![1500usize], vec![1100, 37, 2600]] {
+            let blocks: Vec<usize> = contexts.iter().map(|&x| x.div_ceil(block)).collect();
+            let num_blocks: usize = blocks.iter().sum::<usize>() + 3;
+            // Interleaved tables: sequence i takes blocks i, i + n, i + 2n, ... where free.
+            let mut tables: Vec<Vec<u32>> = vec![Vec::new(); contexts.len()];
+            let mut next = 0u32;
+            while tables.iter().zip(&blocks).any(|(t, &b)| t.len() < b) {
+                for (t, &b) in tables.iter_mut().zip(&blocks) {
+                    if t.len() < b {
+                        t.push(next);
+                        next += 1;
+                    }
+                }
+            }
+            let spec = CacheSpec {
+                num_layers: 1,
+                num_blocks,
+                block_size: block,
+                kv_lora_rank: c,
+                rope_dim: dr,
+            };
+            let mut cc = cpu.alloc_cache(spec).unwrap();
+            let mut cg = gpu.alloc_cache(spec).unwrap();
+            let kv_norm = norm_tensor("kv_norm", c, 12);
+            let (nc, ng) = (
+                cpu.load_weight(&kv_norm).unwrap(),
+                gpu.load_weight(&kv_norm).unwrap(),
+            );
+            let dims = MlaDims {
+                num_heads: h,
+                nope_dim: dn,
+                rope_dim: dr,
+                v_dim: dv,
+                kv_lora_rank: c,
+                softmax_scale: 0.1147,
+            };
+            // The pasts (context - 1 tokens each), then one decode token per sequence.
+            let mut history = Batch::default();
+            let mut step = Batch::default();
+            for (i, &ctx) in contexts.iter().enumerate() {
+                let toks: Vec<u32> = (0..ctx as u32 - 1).collect();
+                history.push_seq(&toks, 0, &tables[i], block, LogitsWanted::None);
+                step.push_seq(&[7], ctx - 1, &tables[i], block, LogitsWanted::Last);
+            }
+            for (i, b) in [&history, &step].into_iter().enumerate() {
+                let t = b.num_tokens();
+                let cos: Vec<f32> = values(t * dr / 2, 70 + i as u64, 1.0);
+                let sin: Vec<f32> = cos.iter().map(|v| (1.0 - v * v).sqrt()).collect();
+                let angles = RopeAngles {
+                    cos: &cos,
+                    sin: &sin,
+                };
+                let (mut sc, mut sg) = (cpu.alloc_step(t).unwrap(), gpu.alloc_step(t).unwrap());
+                cpu.prepare_step(b, angles, &mut sc).unwrap();
+                gpu.prepare_step(b, angles, &mut sg).unwrap();
+                let kv_a = bf16_values(t * (c + dr), 80 + i as u64, 2.0);
+                let (kc, kg) = inputs(gpu, &kv_a);
+                cpu.mla_write_cache(&kc, &nc, 1e-6, &sc, 0, &mut cc)
+                    .unwrap();
+                gpu.mla_write_cache(&kg, &ng, 1e-6, &sg, 0, &mut cg)
+                    .unwrap();
+                if i == 0 {
+                    continue;
+                }
+                let q = bf16_values(t * h * (dn + dr), 90, 1.0);
+                let (qc, qg) = inputs(gpu, &q);
+                let kv_b = tensor("kv_b", &[h * (dn + dv), c], 91, 0.15);
+                let (bc, bg) = (
+                    cpu.load_weight(&kv_b).unwrap(),
+                    gpu.load_weight(&kv_b).unwrap(),
+                );
+                let mut oc = cpu.alloc(t * h * dv).unwrap();
+                let mut og = gpu.alloc(t * h * dv).unwrap();
+                cpu.mla_attention(
+                    MlaAttention {
+                        q: &qc,
+                        kv_b_proj: &bc,
+                        cache: &cc,
+                        layer: 0,
+                        step: &sc,
+                        dims,
+                        path: AttentionPath::Auto,
+                    },
+                    &mut oc,
+                )
+                .unwrap();
+                gpu.mla_attention(
+                    MlaAttention {
+                        q: &qg,
+                        kv_b_proj: &bg,
+                        cache: &cg,
+                        layer: 0,
+                        step: &sg,
+                        dims,
+                        path: AttentionPath::Auto,
+                    },
+                    &mut og,
+                )
+                .unwrap();
+                check(
+                    &format!("decode attention, contexts {contexts:?}"),
+                    dtype,
+                    &gpu.download(&og).unwrap(),
+                    &oc,
+                );
+            }
+        }
+    });
+}
+
 fn mlp_weights<B: Backend>(
     be: &B,
     prefix: &str,

@@ -68,7 +68,12 @@ pub struct Model<B: Backend> {
     pub lm_head: Option<B::Weight>,
     pub rope: Rope,
     pub dims: MlaDims,
+    /// Unique among the models of this process: keys the step graphs a backend captures.
+    id: u64,
 }
+
+/// Source of [`Model`] ids.
+static NEXT_MODEL_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 /// Options of [`Model::load_with`].
 #[derive(Debug, Clone, Default)]
@@ -241,6 +246,7 @@ impl<B: Backend> Model<B> {
             rope: Rope::new(&config),
             dims,
             config,
+            id: NEXT_MODEL_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         })
     }
 
@@ -343,8 +349,30 @@ impl<B: Backend> Model<B> {
         ws: &mut Workspace<B>,
         path: AttentionPath,
     ) -> Result<()> {
-        self.prepare_and_embed(backend, batch, ws)?;
-        let t = batch.num_tokens();
+        self.prepare(backend, batch, ws)?;
+        // The ops below depend on the step's shape and `path` only: a backend may replay
+        // them as one graph (CUDA graphs for decode steps).
+        let key = (self.id << 8) | path as u64;
+        if backend.begin_step_graph(&ws.step, cache, key)? {
+            return Ok(());
+        }
+        let result = self.decoder(backend, batch.num_tokens(), cache, ws, path);
+        let ended = backend.end_step_graph(&ws.step, result.is_ok());
+        result?;
+        ended?;
+        Ok(())
+    }
+
+    /// Embedding, decoder layers and final norm of a prepared step of `t` tokens.
+    fn decoder(
+        &self,
+        backend: &B,
+        t: usize,
+        cache: &mut B::Cache,
+        ws: &mut Workspace<B>,
+        path: AttentionPath,
+    ) -> Result<()> {
+        backend.embed(&self.embed_tokens, &ws.step, &mut ws.hidden)?;
         let d = self.config.hidden_size;
         let eps = self.config.rms_norm_eps as f32;
         for (i, layer) in self.layers.iter().enumerate() {
@@ -402,6 +430,13 @@ impl<B: Backend> Model<B> {
     /// Checks the batch, uploads its metadata and RoPE angles, and embeds its tokens into
     /// `ws.hidden` `[T, D]`.
     fn prepare_and_embed(&self, backend: &B, batch: &Batch, ws: &mut Workspace<B>) -> Result<()> {
+        self.prepare(backend, batch, ws)?;
+        backend.embed(&self.embed_tokens, &ws.step, &mut ws.hidden)?;
+        Ok(())
+    }
+
+    /// Checks the batch and uploads its metadata and RoPE angles.
+    fn prepare(&self, backend: &B, batch: &Batch, ws: &mut Workspace<B>) -> Result<()> {
         self.check_batch(batch, ws)?;
         self.rope.angles(&batch.positions, &mut ws.cos, &mut ws.sin);
         let angles = RopeAngles {
@@ -409,7 +444,6 @@ impl<B: Backend> Model<B> {
             sin: &ws.sin,
         };
         backend.prepare_step(batch, angles, &mut ws.step)?;
-        backend.embed(&self.embed_tokens, &ws.step, &mut ws.hidden)?;
         Ok(())
     }
 
