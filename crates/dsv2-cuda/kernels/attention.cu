@@ -386,3 +386,173 @@ extern "C" __global__ void mla_decode_combine(const float* part_o, const float* 
         o_lat[((u64)t * h + head) * c + k] = from_f<T>(acc * inv);
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// Expanded (prefill) path on the tensor cores, bf16 builds (FlashAttention-2 style): one
+// block per (64 new tokens of a sequence, head); each of its 4 warps owns 16 query rows
+// and keeps their online softmax and output [16, 128] in registers. Key blocks of 64
+// gathered positions ([k_nope | k_pe], and v) go through shared memory; S = Q K^T and
+// O += P V run as mma.sync m16n8k16 (bf16 in, f32 accumulation), P taken straight from
+// the score registers. Requires dn == 128, dr == 64, dv == 128 (checked on the host).
+// grid (ceil(max query_len / 64), seqs * h), block 128.
+// seq_list null: sequence = blockIdx.y / h. q [T, h, 192]; kv [G, h * 256] per head
+// [k_nope | v]; kpe [G, 64]; out [T, h * 128].
+
+#define PF_DN 128
+#define PF_DR 64
+#define PF_DQ 192
+#define PF_DV 128
+#define PF_BLOCK 64
+#define PF_KSTRIDE 200
+#define PF_VSTRIDE 136
+
+extern "C" __global__ void __launch_bounds__(128) mla_prefill(
+    const T* q, const T* kv, const T* kpe, const u32* seq_list, const u32* seq_qstart, const u32* seq_qlen,
+    const u32* seq_ctx, const u32* seq_goff, T* out, int h, float scale) {
+#if defined(DSV2_BF16) && __CUDA_ARCH__ >= 800
+    __shared__ __align__(16) u16 ks[PF_BLOCK * PF_KSTRIDE];  // Q first, then key blocks
+    __shared__ __align__(16) u16 vs[PF_BLOCK * PF_VSTRIDE];
+    int si = blockIdx.y / h, head = blockIdx.y % h;
+    u32 seq = seq_list ? seq_list[si] : (u32)si;
+    int qlen = (int)seq_qlen[seq];
+    int q0 = blockIdx.x * PF_BLOCK;
+    if (q0 >= qlen) return;
+    int ctx = (int)seq_ctx[seq], past = ctx - qlen;
+    u64 goff = seq_goff[seq];
+    u64 tok0 = seq_qstart[seq];
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, tig = lane & 3;
+    // Queries of the block into shared memory, then into registers (A fragments).
+    for (int idx = threadIdx.x; idx < PF_BLOCK * (PF_DQ / 8); idx += 128) {
+        int r = idx / (PF_DQ / 8), c8 = (idx - r * (PF_DQ / 8)) * 8;
+        bool valid = q0 + r < qlen;
+        const T* src = q + ((tok0 + (valid ? q0 + r : q0)) * h + head) * PF_DQ + c8;
+        cp_async16(ks + r * PF_KSTRIDE + c8, src, valid ? 16 : 0);
+    }
+    cp_async_commit();
+    cp_async_wait_all();
+    __syncthreads();
+    u32 qf[PF_DQ / 16][4];
+    {
+        const u16* r0 = ks + (warp * 16 + g) * PF_KSTRIDE + 2 * tig;
+        const u16* r1 = r0 + 8 * PF_KSTRIDE;
+#pragma unroll
+        for (int kk = 0; kk < PF_DQ / 16; kk++) {
+            qf[kk][0] = ld_u32(r0 + 16 * kk);
+            qf[kk][1] = ld_u32(r1 + 16 * kk);
+            qf[kk][2] = ld_u32(r0 + 16 * kk + 8);
+            qf[kk][3] = ld_u32(r1 + 16 * kk + 8);
+        }
+    }
+    __syncthreads();
+    int row0 = q0 + warp * 16 + g, row1 = row0 + 8;  // query rows of this lane
+    int vis0 = past + row0 + 1, vis1 = past + row1 + 1;
+    int kend = past + min(qlen, q0 + PF_BLOCK);
+    float o[PF_DV / 8][4];
+#pragma unroll
+    for (int nb = 0; nb < PF_DV / 8; nb++) o[nb][0] = o[nb][1] = o[nb][2] = o[nb][3] = 0.0f;
+    float m0 = NEG_INF, m1 = NEG_INF, l0 = 0.0f, l1 = 0.0f;
+    u64 kvw = (u64)h * (PF_DN + PF_DV);
+    for (int kb = 0; kb < kend; kb += PF_BLOCK) {
+        for (int idx = threadIdx.x; idx < PF_BLOCK * 40; idx += 128) {
+            int j = idx / 40, c = idx - j * 40;
+            int pos = kb + j;
+            bool valid = pos < kend;
+            u64 row = goff + (valid ? pos : kb);
+            const T* src;
+            u16* dst;
+            if (c < 16) {
+                src = kv + row * kvw + (u64)head * (PF_DN + PF_DV) + c * 8;
+                dst = ks + j * PF_KSTRIDE + c * 8;
+            } else if (c < 24) {
+                src = kpe + row * PF_DR + (c - 16) * 8;
+                dst = ks + j * PF_KSTRIDE + PF_DN + (c - 16) * 8;
+            } else {
+                src = kv + row * kvw + (u64)head * (PF_DN + PF_DV) + PF_DN + (c - 24) * 8;
+                dst = vs + j * PF_VSTRIDE + (c - 24) * 8;
+            }
+            cp_async16(dst, src, valid ? 16 : 0);
+        }
+        cp_async_commit();
+        cp_async_wait_all();
+        __syncthreads();
+        float sc[PF_BLOCK / 8][4];
+#pragma unroll
+        for (int nb = 0; nb < PF_BLOCK / 8; nb++) {
+            sc[nb][0] = sc[nb][1] = sc[nb][2] = sc[nb][3] = 0.0f;
+            const u16* kr = ks + (nb * 8 + g) * PF_KSTRIDE + 2 * tig;
+#pragma unroll
+            for (int kk = 0; kk < PF_DQ / 16; kk++)
+                mma_bf16_16816(sc[nb], qf[kk][0], qf[kk][1], qf[kk][2], qf[kk][3], ld_u32(kr + 16 * kk),
+                               ld_u32(kr + 16 * kk + 8));
+        }
+        float mx0 = NEG_INF, mx1 = NEG_INF;
+#pragma unroll
+        for (int nb = 0; nb < PF_BLOCK / 8; nb++) {
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                int pos = kb + nb * 8 + 2 * tig + (i & 1);
+                int vis = i < 2 ? vis0 : vis1;
+                sc[nb][i] = pos < vis ? rnd(rnd(sc[nb][i]) * scale) : NEG_INF;
+            }
+            mx0 = fmaxf(mx0, fmaxf(sc[nb][0], sc[nb][1]));
+            mx1 = fmaxf(mx1, fmaxf(sc[nb][2], sc[nb][3]));
+        }
+        for (int o2 = 1; o2 < 4; o2 <<= 1) {
+            mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, o2));
+            mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, o2));
+        }
+        float n0 = fmaxf(m0, mx0), n1 = fmaxf(m1, mx1);
+        float a0 = n0 == NEG_INF ? 1.0f : (m0 == NEG_INF ? 0.0f : expf(m0 - n0));
+        float a1 = n1 == NEG_INF ? 1.0f : (m1 == NEG_INF ? 0.0f : expf(m1 - n1));
+        m0 = n0;
+        m1 = n1;
+        u32 pf[PF_BLOCK / 8][2];
+#pragma unroll
+        for (int nb = 0; nb < PF_BLOCK / 8; nb++) {
+            float p0 = sc[nb][0] == NEG_INF ? 0.0f : expf(sc[nb][0] - n0);
+            float p1 = sc[nb][1] == NEG_INF ? 0.0f : expf(sc[nb][1] - n0);
+            float p2 = sc[nb][2] == NEG_INF ? 0.0f : expf(sc[nb][2] - n1);
+            float p3 = sc[nb][3] == NEG_INF ? 0.0f : expf(sc[nb][3] - n1);
+            l0 = l0 * (nb == 0 ? a0 : 1.0f) + p0 + p1;
+            l1 = l1 * (nb == 0 ? a1 : 1.0f) + p2 + p3;
+            pf[nb][0] = pack2(f32_to_bf16_bits(p0), f32_to_bf16_bits(p1));
+            pf[nb][1] = pack2(f32_to_bf16_bits(p2), f32_to_bf16_bits(p3));
+        }
+#pragma unroll
+        for (int nb = 0; nb < PF_DV / 8; nb++) {
+            o[nb][0] *= a0;
+            o[nb][1] *= a0;
+            o[nb][2] *= a1;
+            o[nb][3] *= a1;
+        }
+#pragma unroll
+        for (int kk = 0; kk < PF_BLOCK / 16; kk++) {
+            u32 pa0 = pf[2 * kk][0], pa1 = pf[2 * kk][1], pa2 = pf[2 * kk + 1][0], pa3 = pf[2 * kk + 1][1];
+            const u16* v0 = vs + (16 * kk + 2 * tig) * PF_VSTRIDE + g;
+#pragma unroll
+            for (int nb = 0; nb < PF_DV / 8; nb++) {
+                const u16* v = v0 + nb * 8;
+                u32 b0 = pack2(v[0], v[PF_VSTRIDE]);
+                u32 b1 = pack2(v[8 * PF_VSTRIDE], v[9 * PF_VSTRIDE]);
+                mma_bf16_16816(o[nb], pa0, pa1, pa2, pa3, b0, b1);
+            }
+        }
+        __syncthreads();
+    }
+    for (int o2 = 1; o2 < 4; o2 <<= 1) {
+        l0 += __shfl_xor_sync(0xffffffffu, l0, o2);
+        l1 += __shfl_xor_sync(0xffffffffu, l1, o2);
+    }
+    float inv0 = 1.0f / l0, inv1 = 1.0f / l1;
+#pragma unroll
+    for (int nb = 0; nb < PF_DV / 8; nb++) {
+        int col = head * PF_DV + nb * 8 + 2 * tig;
+        if (row0 < qlen)
+            *(u32*)(out + (tok0 + row0) * h * PF_DV + col) =
+                pack2(f32_to_bf16_bits(o[nb][0] * inv0), f32_to_bf16_bits(o[nb][1] * inv0));
+        if (row1 < qlen)
+            *(u32*)(out + (tok0 + row1) * h * PF_DV + col) =
+                pack2(f32_to_bf16_bits(o[nb][2] * inv1), f32_to_bf16_bits(o[nb][3] * inv1));
+    }
+#endif
+}

@@ -105,47 +105,52 @@ struct TilePtrs {
     u64* down_out;  // expert output                        [m_tile, d]
 };
 
-// Plans the grouped expert computation. One block of >= e threads (e <= 1024).
-// ids [pairs] (pairs = rows * k). Expert x's pairs, in pair order, fill consecutive rows
-// of ceil(count / m_tile) tiles; row_token [max_tiles * m_tile] gets the token of each
-// row (NO_TOKEN for padding), slot_of [pairs] the row of each pair. Tiles past the last
-// used one repeat an expert already read and compute on padding rows only.
-// expert_w [3 * e]: gate, up and down weight pointers of every expert.
+// Plans the grouped expert computation. One block of >= e + 1 threads (e <= 1023).
+// ids [pairs] (pairs = rows * k). Expert x's pairs fill consecutive rows of
+// ceil(count / m_tile) tiles (in an order set by shared-memory atomics: each row is
+// computed on its own, so the order changes nothing in the results); row_token
+// [max_tiles * m_tile] gets the token of each row (NO_TOKEN for padding), slot_of [pairs]
+// the row of each pair. Tiles past the last used one repeat an expert already read and
+// compute on padding rows only. expert_w [3 * e]: gate, up and down weight pointers.
 extern "C" __global__ void moe_plan(const u32* ids, int pairs, int k, int e, int m_tile, int max_tiles,
                                     const u64* expert_w, u64 x_in, u64 gate_out, u64 up_out, u64 down_out,
                                     int d, int inter, int elem_bytes, u32* row_token, u32* slot_of, u64* ptrs) {
+    __shared__ u32 count[1024];
     __shared__ u32 start[1025];
+    __shared__ u32 fill[1024];
     int x = threadIdx.x;
-    u32 count = 0;
-    if (x < e)
-        for (int r = 0; r < pairs; r++) count += ids[r] == (u32)x;
-    u32 tiles = (count + m_tile - 1) / m_tile;
-    if (x <= e) start[x] = x < e ? tiles : 0;
+    for (int i = x; i < e; i += blockDim.x) {
+        count[i] = 0;
+        fill[i] = 0;
+    }
+    __syncthreads();
+    for (int r = x; r < pairs; r += blockDim.x) atomicAdd(&count[ids[r]], 1u);
     __syncthreads();
     if (x == 0) {
         u32 run = 0;
-        for (int i = 0; i <= e; i++) {
-            u32 n = start[i];
+        for (int i = 0; i < e; i++) {
             start[i] = run;
-            run += n;
+            run += (count[i] + m_tile - 1) / m_tile;
         }
+        start[e] = run;
     }
     __syncthreads();
+    for (int r = x; r < pairs; r += blockDim.x) {
+        u32 ex = ids[r];
+        u32 n = atomicAdd(&fill[ex], 1u);
+        u64 row = (u64)start[ex] * m_tile + n;
+        row_token[row] = (u32)(r / k);
+        slot_of[r] = (u32)row;
+    }
+    // Padding rows of each used expert's last tile.
+    for (int ex = x; ex < e; ex += blockDim.x) {
+        u32 tiles = start[ex + 1] - start[ex];
+        u64 row0 = (u64)start[ex] * m_tile;
+        for (u64 i = count[ex]; i < (u64)tiles * m_tile; i++) row_token[row0 + i] = NO_TOKEN;
+    }
     TilePtrs p = {ptrs, ptrs + max_tiles, ptrs + 2 * max_tiles, ptrs + 3 * max_tiles,
                   ptrs + 4 * max_tiles, ptrs + 5 * max_tiles, ptrs + 6 * max_tiles};
     u32 used = start[e];
-    if (x < e && tiles > 0) {
-        u64 row0 = (u64)start[x] * m_tile;
-        u32 n = 0;
-        for (int r = 0; r < pairs; r++) {
-            if (ids[r] == (u32)x) {
-                row_token[row0 + n] = (u32)(r / k);
-                slot_of[r] = (u32)(row0 + n);
-                n++;
-            }
-        }
-        for (u64 i = n; i < (u64)tiles * m_tile; i++) row_token[row0 + i] = NO_TOKEN;
-    }
     // Every tile, used or not, gets its pointers; unused tiles reuse the first pair's
     // expert (already read this step) on their own padding rows.
     for (int tile = x; tile < max_tiles; tile += blockDim.x) {

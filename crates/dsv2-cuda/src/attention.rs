@@ -27,6 +27,8 @@ const MAX_WIDTH: usize = 512;
 const MAX_WARPS: usize = 8;
 /// Heads per block of the decode kernel (DEC_HEADS in attention.cu).
 const DECODE_HEADS: usize = 16;
+/// Query rows per block of the prefill kernel (PF_BLOCK in attention.cu).
+const PREFILL_BLOCK: usize = 64;
 /// Most context splits per decode token.
 const MAX_SPLITS: usize = 32;
 /// Multiprocessors the split count aims to fill (an H100/H200 has 132).
@@ -121,6 +123,7 @@ pub(crate) fn mla_attention(
                 goff: step.at(step.layout.goff_all),
                 gathered: c.gathered_all,
                 max_ctx: c.max_ctx_all,
+                max_qlen: c.max_qlen_all,
             }),
         ),
         AttentionPath::Auto => (
@@ -134,6 +137,7 @@ pub(crate) fn mla_attention(
                 goff: step.at(step.layout.goff_auto),
                 gathered: c.gathered_auto,
                 max_ctx: c.max_ctx_auto,
+                max_qlen: c.max_qlen_auto,
             }),
         ),
     };
@@ -225,6 +229,18 @@ fn decode_kernel_applies(be: &CudaBackend, d: &MlaDims) -> bool {
         && std::env::var("DSV2_CUDA_SIMPLE_ATTENTION").map_or(true, |v| v != "1")
 }
 
+/// True when the tensor-core prefill kernel runs the expanded path: bf16, sm_80 or
+/// newer, and the head widths of DeepSeek-V2 (`Dn` 128, `Dr` 64, `Dv` 128)
+/// (`DSV2_CUDA_SIMPLE_ATTENTION=1` forces the simple kernel).
+fn prefill_kernel_applies(be: &CudaBackend, d: &MlaDims) -> bool {
+    be.dev.bf16
+        && be.dev.arch.0 >= 8
+        && d.nope_dim == 128
+        && d.rope_dim == 64
+        && d.v_dim == 128
+        && std::env::var("DSV2_CUDA_SIMPLE_ATTENTION").map_or(true, |v| v != "1")
+}
+
 /// The split-KV tensor-core kernel and its combine: `o_lat` of the listed tokens.
 fn absorbed_split(
     be: &CudaBackend,
@@ -245,7 +261,11 @@ fn absorbed_split(
     let groups = h / DECODE_HEADS;
     let splits = (2 * SMS).div_ceil(tokens * groups).clamp(1, MAX_SPLITS);
     let slots = tokens * splits * groups;
-    let part_o = scratch.get(&be.dev, Slot::AttnPartial, slots * DECODE_HEADS * (c + 2) * 4)?;
+    let part_o = scratch.get(
+        &be.dev,
+        Slot::AttnPartial,
+        slots * DECODE_HEADS * (c + 2) * 4,
+    )?;
     let part_ml = part_o + (slots * DECODE_HEADS * c * 4) as u64;
     be.dev.launch(
         &k.mla_decode,
@@ -344,6 +364,8 @@ struct Expanded {
     goff: u64,
     gathered: usize,
     max_ctx: usize,
+    /// Most new tokens of one of the sequences.
+    max_qlen: usize,
 }
 
 fn expanded_path(
@@ -385,6 +407,28 @@ fn expanded_path(
     )?;
     // [k_nope | v] of every head for every gathered position.
     be.gemm_rows("expanded kv_b_proj", lat, g, args.kv_b_proj, kv, false)?;
+    if prefill_kernel_applies(be, &d) {
+        return be.dev.launch(
+            &k.mla_prefill,
+            "mla_prefill",
+            (x.max_qlen.div_ceil(PREFILL_BLOCK), x.seqs * h),
+            128,
+            0,
+            &[
+                args.q.ptr().into(),
+                kv.into(),
+                kpe.into(),
+                x.seq_list.into(),
+                step.at(step.layout.seq_qstart).into(),
+                step.at(step.layout.seq_qlen).into(),
+                step.at(step.layout.seq_ctx).into(),
+                x.goff.into(),
+                out.ptr().into(),
+                (h as i32).into(),
+                d.softmax_scale.into(),
+            ],
+        );
+    }
     let smem = (dn + dr + 2 * MAX_WARPS + (ATTN_THREADS as usize / 32) * dv) * 4;
     be.dev.launch(
         &k.mla_expanded,

@@ -155,6 +155,7 @@ pub(crate) struct Kernels {
     pub moe_combine: CudaFunction,
     pub mla_decode: CudaFunction,
     pub mla_decode_combine: CudaFunction,
+    pub mla_prefill: CudaFunction,
     pub moe_small_up: CudaFunction,
     pub moe_small_down: CudaFunction,
 }
@@ -190,6 +191,7 @@ impl Kernels {
             moe_combine: f(&moe, "moe_combine")?,
             mla_decode: f(&at, "mla_decode")?,
             mla_decode_combine: f(&at, "mla_decode_combine")?,
+            mla_prefill: f(&at, "mla_prefill")?,
             moe_small_up: f(&moe, "moe_small_up")?,
             moe_small_down: f(&moe, "moe_small_down")?,
         })

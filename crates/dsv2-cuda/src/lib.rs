@@ -43,8 +43,8 @@ use std::sync::Mutex;
 use cudarc::driver::CudaGraph;
 
 use dsv2_backend::{
-    AttentionPath, Backend, BackendError, Batch, CacheSpec, ComputeDtype, MlaAttention, MlaDims, Mlp, MoeWeights,
-    Result as BResult, RopeAngles,
+    AttentionPath, Backend, BackendError, Batch, CacheSpec, ComputeDtype, MlaAttention, MlaDims,
+    Mlp, MoeWeights, Result as BResult, RopeAngles,
 };
 use dsv2_core::TensorView;
 

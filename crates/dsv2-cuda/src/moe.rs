@@ -158,7 +158,7 @@ pub(crate) fn moe(
         &kern.moe_plan,
         "moe_plan",
         (1, 1),
-        ((num_experts + 1).div_ceil(32) * 32) as u32,
+        1024,
         0,
         &[
             ids.into(),

@@ -20,6 +20,9 @@ pub(crate) struct Layout {
     pub tok_visible: usize,
     pub logits_rows: usize,
     pub seq_ctx: usize,
+    /// Per sequence: first row and number of its new tokens.
+    pub seq_qstart: usize,
+    pub seq_qlen: usize,
     pub seq_bt_off: usize,
     /// Row offset of each sequence's context when every sequence is gathered.
     pub goff_all: usize,
@@ -52,6 +55,9 @@ pub(crate) struct Counts {
     /// Longest context: all sequences / prefill ones only.
     pub max_ctx_all: usize,
     pub max_ctx_auto: usize,
+    /// Most new tokens of one sequence: all sequences / prefill ones only.
+    pub max_qlen_all: usize,
+    pub max_qlen_auto: usize,
     /// Largest cache slot written and block referenced (checked against the cache).
     pub max_slot: Option<u32>,
     pub max_block: Option<u32>,
@@ -194,6 +200,16 @@ impl CudaStep {
             &mut l.seq_ctx,
             &mut batch.seqs.iter().map(|q| q.context_len as u32),
         );
+        section(
+            s,
+            &mut l.seq_qstart,
+            &mut batch.seqs.iter().map(|q| q.query_start as u32),
+        );
+        section(
+            s,
+            &mut l.seq_qlen,
+            &mut batch.seqs.iter().map(|q| q.query_len as u32),
+        );
         // Block tables, flattened, and each sequence's offset into them.
         let mut bt_off = 0usize;
         l.seq_bt_off = s.len();
@@ -207,6 +223,7 @@ impl CudaStep {
             s.push(c.gathered_all as u32);
             c.gathered_all += seq.context_len;
             c.max_ctx_all = c.max_ctx_all.max(seq.context_len);
+            c.max_qlen_all = c.max_qlen_all.max(seq.query_len);
         }
         l.goff_auto = s.len();
         for seq in &batch.seqs {
@@ -214,6 +231,7 @@ impl CudaStep {
             if seq.query_len > 1 {
                 c.gathered_auto += seq.context_len;
                 c.max_ctx_auto = c.max_ctx_auto.max(seq.context_len);
+                c.max_qlen_auto = c.max_qlen_auto.max(seq.query_len);
             }
         }
         l.abs_auto_tokens = s.len();

@@ -245,15 +245,27 @@ fn rope_cache_write_and_attention_paths() {
     });
 }
 
-/// Decode tokens over long paged contexts at the real V2-Lite attention shape: the split-KV
-/// decode kernel with several 32-row tiles per split (and splits of one tile), against
-/// the CPU, for batches of 1 and 3 sequences.
+/// Long paged contexts at the real V2-Lite attention shape, against the CPU: decode tokens
+/// (the split-KV decode kernel with several 32-row tiles per split, and splits of one
+/// tile) for batches of 1 and 3 sequences, and prompts of over 64 new tokens after a
+/// cached past and from scratch (the prefill kernel with several key blocks and query
+/// blocks), on both paths.
 #[test]
-fn long_context_decode_attention() {
+fn long_context_attention() {
     each_dtype(|dtype, cpu, gpu| {
         let (h, dn, dr, dv, c) = (16, 128, 64, 128, 512);
         let block = 16;
-        for contexts in [vec![1500usize], vec![1100, 37, 2600]] {
+        let cases: [(Vec<usize>, Vec<usize>, &[AttentionPath]); 3] = [
+            (vec![1499], vec![1], &[AttentionPath::Auto]),
+            (vec![1099, 36, 2599], vec![1, 1, 1], &[AttentionPath::Auto]),
+            (
+                vec![100, 0, 3],
+                vec![150, 130, 1],
+                &[AttentionPath::Auto, AttentionPath::Expanded],
+            ),
+        ];
+        for (pasts, news, paths) in cases {
+            let contexts: Vec<usize> = pasts.iter().zip(&news).map(|(p, n)| p + n).collect();
             let blocks: Vec<usize> = contexts.iter().map(|&x| x.div_ceil(block)).collect();
             let num_blocks: usize = blocks.iter().sum::<usize>() + 3;
             // Interleaved tables: sequence i takes blocks i, i + n, i + 2n, ... where free.
@@ -289,13 +301,16 @@ fn long_context_decode_attention() {
                 kv_lora_rank: c,
                 softmax_scale: 0.1147,
             };
-            // The pasts (context - 1 tokens each), then one decode token per sequence.
+            // The pasts, then the new tokens of every sequence.
             let mut history = Batch::default();
             let mut step = Batch::default();
-            for (i, &ctx) in contexts.iter().enumerate() {
-                let toks: Vec<u32> = (0..ctx as u32 - 1).collect();
-                history.push_seq(&toks, 0, &tables[i], block, LogitsWanted::None);
-                step.push_seq(&[7], ctx - 1, &tables[i], block, LogitsWanted::Last);
+            for i in 0..contexts.len() {
+                if pasts[i] > 0 {
+                    let toks: Vec<u32> = (0..pasts[i] as u32).collect();
+                    history.push_seq(&toks, 0, &tables[i], block, LogitsWanted::None);
+                }
+                let toks: Vec<u32> = (0..news[i] as u32).collect();
+                step.push_seq(&toks, pasts[i], &tables[i], block, LogitsWanted::Last);
             }
             for (i, b) in [&history, &step].into_iter().enumerate() {
                 let t = b.num_tokens();
@@ -324,40 +339,42 @@ fn long_context_decode_attention() {
                     cpu.load_weight(&kv_b).unwrap(),
                     gpu.load_weight(&kv_b).unwrap(),
                 );
-                let mut oc = cpu.alloc(t * h * dv).unwrap();
-                let mut og = gpu.alloc(t * h * dv).unwrap();
-                cpu.mla_attention(
-                    MlaAttention {
-                        q: &qc,
-                        kv_b_proj: &bc,
-                        cache: &cc,
-                        layer: 0,
-                        step: &sc,
-                        dims,
-                        path: AttentionPath::Auto,
-                    },
-                    &mut oc,
-                )
-                .unwrap();
-                gpu.mla_attention(
-                    MlaAttention {
-                        q: &qg,
-                        kv_b_proj: &bg,
-                        cache: &cg,
-                        layer: 0,
-                        step: &sg,
-                        dims,
-                        path: AttentionPath::Auto,
-                    },
-                    &mut og,
-                )
-                .unwrap();
-                check(
-                    &format!("decode attention, contexts {contexts:?}"),
-                    dtype,
-                    &gpu.download(&og).unwrap(),
-                    &oc,
-                );
+                for &path in paths {
+                    let mut oc = cpu.alloc(t * h * dv).unwrap();
+                    let mut og = gpu.alloc(t * h * dv).unwrap();
+                    cpu.mla_attention(
+                        MlaAttention {
+                            q: &qc,
+                            kv_b_proj: &bc,
+                            cache: &cc,
+                            layer: 0,
+                            step: &sc,
+                            dims,
+                            path,
+                        },
+                        &mut oc,
+                    )
+                    .unwrap();
+                    gpu.mla_attention(
+                        MlaAttention {
+                            q: &qg,
+                            kv_b_proj: &bg,
+                            cache: &cg,
+                            layer: 0,
+                            step: &sg,
+                            dims,
+                            path,
+                        },
+                        &mut og,
+                    )
+                    .unwrap();
+                    check(
+                        &format!("attention {path:?}, pasts {pasts:?}, new tokens {news:?}"),
+                        dtype,
+                        &gpu.download(&og).unwrap(),
+                        &oc,
+                    );
+                }
             }
         }
     });
