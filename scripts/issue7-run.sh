@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Issue #7 device runs: the op and model checks of the new kernels, a per-op profile of
 # decode steps, and the dsv2 bench grid. Usage: scripts/issue7-run.sh BIN MODE
-#   MODE: check (test-ops + test-model), profile, bench, all.
+#   MODE: check (test-ops + test-model), profile, bench, peer, all (check, bench, peer).
+# PEER: the folder holding hf_transformers.py (default bench/peers).
 set -uo pipefail
 bin=${1:-.gpu}
 mode=${2:-all}
@@ -9,7 +10,7 @@ out=${OUT:-/tmp/issue7}
 mkdir -p "$out"
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 export DSV2_REQUIRE_GPU=1 DSV2_KERNEL_CACHE=$out/kernel-cache
-lite="--device cuda --random-weights deepseek-v2-lite"
+lite="--device cuda --dtype bf16 --random-weights deepseek-v2-lite"
 if [[ $mode == check || $mode == all ]]; then
   for t in ops model; do
     echo "=== test-$t"
@@ -18,7 +19,7 @@ if [[ $mode == check || $mode == all ]]; then
     grep -E "test result|panicked|decode attention|moe .*Bf16|mla_attention .*h16" "$out/$t.log" | head -40
   done
 fi
-if [[ $mode == profile || $mode == all ]]; then
+if [[ $mode == profile ]]; then
   echo "=== profile (no graphs), batch 1 and 256 at context 1024"
   DSV2_CUDA_PROFILE=1 timeout 300 "$bin/dsv2" bench $lite --prompt-lengths 512 --contexts 1024 \
     --batch-sizes 1,256 --decode-tokens 8 > "$out/profile.txt" 2> "$out/profile.log"
@@ -35,4 +36,13 @@ if [[ $mode == bench || $mode == all ]]; then
   echo "exit $?"
   head -n -1 "$out/bench.txt"
   tail -n 1 "$out/bench.txt" > "$out/bench.json"
+fi
+if [[ $mode == peer || $mode == all ]]; then
+  echo "=== HF transformers peer"
+  PYTHONUNBUFFERED=1 timeout 330 python3 "${PEER:-bench/peers}/hf_transformers.py" --prompt-lengths 512,2048 \
+    --prefill-batch 4 --batch-sizes 1,8,32,128,256 --context 1024 --decode-tokens 16 --deadline-s 300 \
+    --json "$out/peer.json" > "$out/peer.txt" 2> "$out/peer.log"
+  echo "exit $?"
+  head -n -1 "$out/peer.txt"
+  tail -5 "$out/peer.log"
 fi
