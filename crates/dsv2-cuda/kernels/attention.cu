@@ -362,28 +362,31 @@ extern "C" __global__ void __launch_bounds__(DEC_THREADS) mla_decode(
 }
 
 // Merges the splits of mla_decode: o_lat[t, head] = sum_s e^(m_s - M) O_s / sum_s e^(m_s - M) l_s.
-// grid (tokens, h), block 128. `splits` per head group; gridDim.y of mla_decode was
-// splits * h / 16.
+// grid (tokens, h), block 128; splits <= 32 per head group (gridDim.y of mla_decode was
+// splits * h / 16). The first warp turns the splits' maxima and sums into weights.
 extern "C" __global__ void mla_decode_combine(const float* part_o, const float* part_ml, const u32* tok_list,
                                               T* o_lat, int h, int c, int splits) {
+    __shared__ float wts[32];
     int t = tok_list ? (int)tok_list[blockIdx.x] : (int)blockIdx.x;
     int head = blockIdx.y, hg = head / DEC_HEADS, r = head % DEC_HEADS;
     u64 base = (u64)blockIdx.x * (splits * (h / DEC_HEADS)) + (u64)hg * splits;
-    float big = NEG_INF;
-    for (int s = 0; s < splits; s++) big = fmaxf(big, part_ml[((base + s) * DEC_HEADS + r) * 2]);
-    float total = 0.0f;
-    for (int s = 0; s < splits; s++) {
-        float m = part_ml[((base + s) * DEC_HEADS + r) * 2];
-        if (m != NEG_INF) total += part_ml[((base + s) * DEC_HEADS + r) * 2 + 1] * expf(m - big);
+    if (threadIdx.x < 32) {
+        int s = threadIdx.x;
+        float m = s < splits ? part_ml[((base + s) * DEC_HEADS + r) * 2] : NEG_INF;
+        float l = s < splits ? part_ml[((base + s) * DEC_HEADS + r) * 2 + 1] : 0.0f;
+        float big = warp_max(m);
+        float wgt = m == NEG_INF ? 0.0f : expf(m - big);
+        float total = warp_sum(wgt * l);
+        wts[s] = wgt / total;
     }
-    float inv = 1.0f / total;
+    __syncthreads();
     for (int k = threadIdx.x; k < c; k += blockDim.x) {
         float acc = 0.0f;
         for (int s = 0; s < splits; s++) {
-            float m = part_ml[((base + s) * DEC_HEADS + r) * 2];
-            if (m != NEG_INF) acc += part_o[((base + s) * DEC_HEADS + r) * (u64)c + k] * expf(m - big);
+            float wgt = wts[s];
+            if (wgt != 0.0f) acc += part_o[((base + s) * DEC_HEADS + r) * (u64)c + k] * wgt;
         }
-        o_lat[((u64)t * h + head) * c + k] = from_f<T>(acc * inv);
+        o_lat[((u64)t * h + head) * c + k] = from_f<T>(acc);
     }
 }
 

@@ -75,3 +75,15 @@ __device__ float block_sum(float v) {
 }
 
 __device__ __forceinline__ float silu(float x) { return x / (1.0f + expf(-x)); }
+
+// Dot of 8 bf16 weights with 8 bf16 activations, in f32.
+__device__ __forceinline__ float dot8(uint4 w, uint4 x) {
+    float s = 0.0f;
+    u32 wa[4] = {w.x, w.y, w.z, w.w}, xa[4] = {x.x, x.y, x.z, x.w};
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        s += __uint_as_float(wa[i] << 16) * __uint_as_float(xa[i] << 16);
+        s += __uint_as_float(wa[i] & 0xffff0000u) * __uint_as_float(xa[i] & 0xffff0000u);
+    }
+    return s;
+}

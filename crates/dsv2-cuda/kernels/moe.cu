@@ -216,18 +216,6 @@ extern "C" __global__ void moe_combine(const T* y, const u32* slot_of, const flo
 #define SMALL_ROWS_PER_WARP 4
 #define SMALL_ROWS_PER_BLOCK 32
 
-// Dot of 8 bf16 weights with 8 bf16 activations, in f32.
-__device__ __forceinline__ float dot8(uint4 w, uint4 x) {
-    float s = 0.0f;
-    u32 wa[4] = {w.x, w.y, w.z, w.w}, xa[4] = {x.x, x.y, x.z, x.w};
-#pragma unroll
-    for (int i = 0; i < 4; i++) {
-        s += __uint_as_float(wa[i] << 16) * __uint_as_float(xa[i] << 16);
-        s += __uint_as_float(wa[i] & 0xffff0000u) * __uint_as_float(xa[i] & 0xffff0000u);
-    }
-    return s;
-}
-
 // grid (ceil(max(inter, inter_sh) / 32), rows * k + (has_shared ? rows : 0)), block 256.
 // x [rows, d]; ids [rows, k]; expert_w [3, e] (gate, up, down addresses);
 // hid [rows * k, inter]; hid_sh [rows, inter_sh].
@@ -302,32 +290,89 @@ __device__ __forceinline__ void small_rows_dot(const T* w, int row0, int rows_to
     for (int r = 0; r < SMALL_ROWS_PER_WARP; r++) acc[r] = warp_sum(acc[r]);
 }
 
-// grid (ceil(d / 32), rows), block 256. weights [rows, k] (routing weights); out [rows, d].
-extern "C" __global__ void moe_small_down(const T* hid, const T* hid_sh, const u32* ids, const float* weights,
-                                          const u64* expert_w, int e, int k, const T* sh_down, int inter,
-                                          int inter_sh, int d, int has_shared, T* out) {
+// grid (ceil(d / 32), rows * (k + 1)), block 256: block (x, t * (k + 1) + j) computes
+// rows x*32.. of expert j's down projection of token t (j == k: the shared experts, when
+// has_shared), rounded like a bf16 GEMM output, into part [rows, k + 1, d] (f32).
+extern "C" __global__ void moe_small_down(const T* hid, const T* hid_sh, const u32* ids, const u64* expert_w,
+                                          int e, int k, const T* sh_down, int inter, int inter_sh, int d,
+                                          int has_shared, float* part) {
 #ifdef DSV2_BF16
-    int t = blockIdx.y, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    int t = blockIdx.y / (k + 1), j = blockIdx.y % (k + 1), lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     int j0 = blockIdx.x * SMALL_ROWS_PER_BLOCK + warp * SMALL_ROWS_PER_WARP;
-    if (j0 >= d) return;
-    float acc[SMALL_ROWS_PER_WARP], part[SMALL_ROWS_PER_WARP];
-#pragma unroll
-    for (int r = 0; r < SMALL_ROWS_PER_WARP; r++) acc[r] = 0.0f;
-    for (int j = 0; j < k; j++) {
+    if (j0 >= d || (j == k && !has_shared)) return;
+    float acc[SMALL_ROWS_PER_WARP];
+    if (j < k) {
         u64 p = (u64)t * k + j;
-        const T* w = (const T*)expert_w[2 * e + ids[p]];
-        small_rows_dot(w, j0, d, hid + p * inter, inter, part);
-        float wt = weights[p];
-#pragma unroll
-        for (int r = 0; r < SMALL_ROWS_PER_WARP; r++) acc[r] += wt * rnd(part[r]);
+        small_rows_dot((const T*)expert_w[2 * e + ids[p]], j0, d, hid + p * inter, inter, acc);
+    } else {
+        small_rows_dot(sh_down, j0, d, hid_sh + (u64)t * inter_sh, inter_sh, acc);
     }
-    if (has_shared) small_rows_dot(sh_down, j0, d, hid_sh + (u64)t * inter_sh, inter_sh, part);
     if (lane == 0) {
+        float* out = part + ((u64)t * (k + 1) + j) * d;
 #pragma unroll
-        for (int r = 0; r < SMALL_ROWS_PER_WARP; r++) {
-            if (j0 + r >= d) continue;
-            float routed = rnd(acc[r]);
-            out[(u64)t * d + j0 + r] = from_f<T>(has_shared ? rnd(part[r]) + routed : routed);
+        for (int r = 0; r < SMALL_ROWS_PER_WARP; r++)
+            if (j0 + r < d) out[j0 + r] = rnd(acc[r]);
+    }
+#endif
+}
+
+// out[t] = rnd(shared + rnd(sum_j w[t, j] part[t, j])) (without shared experts: the rounded
+// routed sum), the combination of moe_combine. grid (rows), block 256.
+extern "C" __global__ void moe_small_combine(const float* part, const float* weights, int k, int d,
+                                             int has_shared, T* out) {
+    u64 t = blockIdx.x;
+    const float* pt = part + t * (k + 1) * d;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) {
+        float acc = 0.0f;
+        for (int j = 0; j < k; j++) acc += weights[t * k + j] * pt[(u64)j * d + i];
+        float routed = rnd(acc);
+        out[t * d + i] = from_f<T>(has_shared ? pt[(u64)k * d + i] + routed : routed);
+    }
+}
+
+// Small-batch linear layer (bf16 builds): out[t, n] = x[t, :] . w[n, :] for t < rows <= 8,
+// reading each weight row once with 16-byte loads (cuBLAS runs such shapes far below the
+// memory's speed). w [N, K] with K % 8 == 0; out [rows, N], f32 when out_f32 (else
+// rounded to T, as a bf16 GEMM output). grid (ceil(N / 16)), block 256: two rows a warp.
+#define GEMV_MAX_ROWS 8
+extern "C" __global__ void gemv_small(const T* x, const T* w, void* out, int rows, int n, int k, int out_f32) {
+#ifdef DSV2_BF16
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    int n0 = blockIdx.x * 16 + warp * 2;
+    if (n0 >= n) return;
+    bool two = n0 + 1 < n;
+    const uint4* w0 = (const uint4*)(w + (u64)n0 * k);
+    const uint4* w1 = two ? w0 + k / 8 : w0;
+    float a0[GEMV_MAX_ROWS], a1[GEMV_MAX_ROWS];
+#pragma unroll
+    for (int t = 0; t < GEMV_MAX_ROWS; t++) a0[t] = a1[t] = 0.0f;
+    int chunks = k / 8;
+#pragma unroll 4
+    for (int c = lane; c < chunks; c += 32) {
+        uint4 wa = w0[c], wb = w1[c];
+#pragma unroll
+        for (int t = 0; t < GEMV_MAX_ROWS; t++) {
+            if (t < rows) {
+                uint4 xx = ((const uint4*)(x + (u64)t * k))[c];
+                a0[t] += dot8(wa, xx);
+                a1[t] += dot8(wb, xx);
+            }
+        }
+    }
+#pragma unroll
+    for (int t = 0; t < GEMV_MAX_ROWS; t++) {
+        if (t < rows) {
+            float s0 = warp_sum(a0[t]), s1 = warp_sum(a1[t]);
+            if (lane == 0) {
+                u64 o = (u64)t * n + n0;
+                if (out_f32) {
+                    ((float*)out)[o] = s0;
+                    if (two) ((float*)out)[o + 1] = s1;
+                } else {
+                    ((T*)out)[o] = from_f<T>(s0);
+                    if (two) ((T*)out)[o + 1] = from_f<T>(s1);
+                }
+            }
         }
     }
 #endif

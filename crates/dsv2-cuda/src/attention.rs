@@ -29,7 +29,7 @@ const MAX_WARPS: usize = 8;
 const DECODE_HEADS: usize = 16;
 /// Query rows per block of the prefill kernel (PF_BLOCK in attention.cu).
 const PREFILL_BLOCK: usize = 64;
-/// Most context splits per decode token.
+/// Most context splits per decode token (at most 32: the combine merges them in a warp).
 const MAX_SPLITS: usize = 32;
 /// Multiprocessors the split count aims to fill (an H100/H200 has 132).
 const SMS: usize = 132;
@@ -259,7 +259,8 @@ fn absorbed_split(
     // Splits chosen from the token count alone (so that one captured graph serves every
     // context length): about two blocks per multiprocessor.
     let groups = h / DECODE_HEADS;
-    let splits = (2 * SMS).div_ceil(tokens * groups).clamp(1, MAX_SPLITS);
+    // One wave: (tokens * groups * splits) blocks at most 2 per SM (shared memory).
+    let splits = (2 * SMS / (tokens * groups)).clamp(1, MAX_SPLITS);
     let slots = tokens * splits * groups;
     let part_o = scratch.get(
         &be.dev,

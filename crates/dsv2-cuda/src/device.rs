@@ -79,6 +79,9 @@ const NVRTC_SYMBOLS: &[&str] = &[
 /// and the per-warp maxima.
 pub(crate) const MLA_DECODE_SMEM: usize = (16 + 2 * 32) * 584 * 2 + 16 * 40 * 2 + 4 * 16 * 4;
 
+/// Most rows of the small-batch GEMV kernel (GEMV_MAX_ROWS in moe.cu).
+const GEMV_MAX_ROWS: usize = 8;
+
 /// cuBLAS workspace, set explicitly so that GEMMs can later be captured in CUDA graphs.
 const BLAS_WORKSPACE_BYTES: usize = 32 << 20;
 
@@ -158,6 +161,8 @@ pub(crate) struct Kernels {
     pub mla_prefill: CudaFunction,
     pub moe_small_up: CudaFunction,
     pub moe_small_down: CudaFunction,
+    pub moe_small_combine: CudaFunction,
+    pub gemv_small: CudaFunction,
 }
 
 impl Kernels {
@@ -194,6 +199,8 @@ impl Kernels {
             mla_prefill: f(&at, "mla_prefill")?,
             moe_small_up: f(&moe, "moe_small_up")?,
             moe_small_down: f(&moe, "moe_small_down")?,
+            moe_small_combine: f(&moe, "moe_small_combine")?,
+            gemv_small: f(&moe, "gemv_small")?,
         })
     }
 }
@@ -214,6 +221,9 @@ pub(crate) struct Device {
     /// Per-op timing with events (`DSV2_CUDA_PROFILE=1`): for finding where a step's
     /// time goes, never on by default (it adds two event records around every op).
     pub profile: Option<Mutex<Profile>>,
+    /// Most rows `linear` runs through `gemv_small` (bf16; `DSV2_CUDA_GEMV_MAX`, at most
+    /// 8, 0 for cuBLAS always).
+    gemv_max_rows: usize,
 }
 
 /// Event timings of every op, grouped by the step's token count and the op's name.
@@ -402,6 +412,11 @@ impl Device {
             arch,
             bf16,
             profile,
+            gemv_max_rows: std::env::var("DSV2_CUDA_GEMV_MAX")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(GEMV_MAX_ROWS)
+                .min(GEMV_MAX_ROWS),
         })
     }
 
@@ -614,6 +629,25 @@ impl Device {
     ) -> Result<()> {
         if rows == 0 {
             return Ok(());
+        }
+        if self.bf16 && rows <= self.gemv_max_rows && k % 8 == 0 {
+            // A few rows: one pass over the weights with 16-byte loads beats cuBLAS.
+            return self.launch(
+                &self.kernels.gemv_small,
+                op,
+                (n.div_ceil(16), 1),
+                256,
+                0,
+                &[
+                    x.into(),
+                    w.into(),
+                    out.into(),
+                    (rows as i32).into(),
+                    (n as i32).into(),
+                    (k as i32).into(),
+                    (out_f32 as i32).into(),
+                ],
+            );
         }
         let g = Gemm {
             trans_a: true,

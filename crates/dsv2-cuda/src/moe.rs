@@ -1,5 +1,11 @@
 //! DeepSeekMoE on the device, with no host round-trip.
 //!
+//! Up to a few tokens (bf16), the experts run as GEMV-style kernels instead of steps 3-4
+//! below: `moe_small_up` (gate and up of every chosen and shared expert, SwiGLU fused),
+//! `moe_small_down` (each expert's down projection, one block per output rows and
+//! expert) and `moe_small_combine` (the weighted sum), so each chosen expert's weights
+//! are read once with 16-byte loads.
+//!
 //! 1. The shared experts run first, straight into `out`.
 //! 2. Router logits `[rows, E]` in f32 (a GEMM of the bf16 activations and weights with
 //!    f32 output: the products are exact, as in the reference's f32 router), then
@@ -349,23 +355,38 @@ fn small_batch(
             hid_sh.into(),
         ],
     )?;
+    let part = scratch.get(dev, Slot::MoePartial, rows * (a.k + 1) * a.d * 4)?;
     dev.launch(
         &kern.moe_small_down,
         "moe_small_down",
-        (a.d.div_ceil(SMALL_ROWS_PER_BLOCK), rows),
+        (a.d.div_ceil(SMALL_ROWS_PER_BLOCK), rows * (a.k + 1)),
         256,
         0,
         &[
             hid.into(),
             hid_sh.into(),
             a.ids.into(),
-            a.weights.into(),
             a.table.into(),
             (a.num_experts as i32).into(),
             (a.k as i32).into(),
             sh_down.into(),
             (a.inter as i32).into(),
             (inter_sh as i32).into(),
+            (a.d as i32).into(),
+            (has_shared as i32).into(),
+            part.into(),
+        ],
+    )?;
+    dev.launch(
+        &kern.moe_small_combine,
+        "moe_small_combine",
+        (rows, 1),
+        256,
+        0,
+        &[
+            part.into(),
+            a.weights.into(),
+            (a.k as i32).into(),
             (a.d as i32).into(),
             (has_shared as i32).into(),
             out.ptr().into(),

@@ -34,9 +34,11 @@ pub(crate) enum Slot {
     AttnPartial,
     /// SwiGLU products of the small-batch MoE kernels.
     MoeHidden,
+    /// Per-expert down projections of the small-batch MoE kernels.
+    MoePartial,
 }
 
-const NUM_SLOTS: usize = Slot::MoeHidden as usize + 1;
+const NUM_SLOTS: usize = Slot::MoePartial as usize + 1;
 
 /// The buffers, by slot.
 #[derive(Default)]

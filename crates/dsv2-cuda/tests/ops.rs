@@ -380,6 +380,31 @@ fn long_context_attention() {
     });
 }
 
+/// `linear` at 1 to 8 rows (the small-batch GEMV kernel in bf16) and 9 rows (cuBLAS),
+/// with an odd output width.
+#[test]
+fn small_batch_linear() {
+    each_dtype(|dtype, cpu, gpu| {
+        let (k, n) = (512, 259);
+        let w = tensor("w_small", &[n, k], 3, 0.2);
+        let (wc, wg) = (cpu.load_weight(&w).unwrap(), gpu.load_weight(&w).unwrap());
+        for rows in [1usize, 3, 8, 9] {
+            let x = bf16_values(rows * k, 40 + rows as u64, 1.0);
+            let (xc, xg) = inputs(gpu, &x);
+            let mut lc = cpu.alloc(rows * n).unwrap();
+            let mut lg = gpu.alloc(rows * n).unwrap();
+            cpu.linear(&xc, rows, &wc, &mut lc).unwrap();
+            gpu.linear(&xg, rows, &wg, &mut lg).unwrap();
+            check(
+                &format!("linear rows {rows}"),
+                dtype,
+                &gpu.download(&lg).unwrap(),
+                &lc,
+            );
+        }
+    });
+}
+
 fn mlp_weights<B: Backend>(
     be: &B,
     prefix: &str,
