@@ -20,14 +20,14 @@ if [[ $mode == check || $mode == all ]]; then
   done
 fi
 if [[ $mode == profile ]]; then
-  echo "=== profile (no graphs), batch 1 and 256 at context 1024"
-  DSV2_CUDA_PROFILE=1 timeout 300 "$bin/dsv2" bench $lite --prompt-lengths 512 --contexts 1024 \
-    --batch-sizes 1,256 --decode-tokens 8 > "$out/profile.txt" 2> "$out/profile.log"
+  echo "=== profile (no graphs): prefill 4 x 2048, decode batch 1 and 256 at context 1024"
+  DSV2_CUDA_PROFILE=1 timeout 300 "$bin/dsv2" bench $lite --prompt-lengths 2048 --prefill-batch 4 \
+    --contexts 1024 --batch-sizes 1,256 --decode-tokens 8 > "$out/profile.txt" 2> "$out/profile.log"
   echo "exit $?"
   cat "$out/profile.txt"
   grep -A25 "profile: steps of 1 tokens" "$out/profile.log"
   grep -A25 "profile: steps of 256 tokens" "$out/profile.log"
-  grep -A25 "profile: steps of 512 tokens" "$out/profile.log"
+  grep -A25 "profile: steps of 8192 tokens" "$out/profile.log"
 fi
 if [[ $mode == bench || $mode == all ]]; then
   echo "=== dsv2 bench grid"

@@ -332,14 +332,20 @@ extern "C" __global__ void moe_small_combine(const float* part, const float* wei
 
 // Small-batch linear layer (bf16 builds): out[t, n] = x[t, :] . w[n, :] for t < rows <= 8,
 // reading each weight row once with 16-byte loads (cuBLAS runs such shapes far below the
-// memory's speed). w [N, K] with K % 8 == 0; out [rows, N], f32 when out_f32 (else
-// rounded to T, as a bf16 GEMM output). grid (ceil(N / 16)), block 256: two rows a warp.
+// memory's speed). w [N, K] with K % 8 == 0 (rows K apart); x rows ldx apart, out rows
+// ldo apart; blockIdx.y selects a batch member (offsets bx, bw, bo elements apart: the
+// heads of the absorbed W_UV product). out f32 when out_f32, else rounded to T, as a
+// bf16 GEMM output. grid (ceil(N / 16), batch), block 256: two rows a warp.
 #define GEMV_MAX_ROWS 8
-extern "C" __global__ void gemv_small(const T* x, const T* w, void* out, int rows, int n, int k, int out_f32) {
+extern "C" __global__ void gemv_small(const T* x, const T* w, void* out, int rows, int n, int k, int out_f32,
+                                      int ldx, int ldo, u64 bx, u64 bw, u64 bo) {
 #ifdef DSV2_BF16
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     int n0 = blockIdx.x * 16 + warp * 2;
     if (n0 >= n) return;
+    x += blockIdx.y * bx;
+    w += blockIdx.y * bw;
+    u64 out0 = blockIdx.y * bo;
     bool two = n0 + 1 < n;
     const uint4* w0 = (const uint4*)(w + (u64)n0 * k);
     const uint4* w1 = two ? w0 + k / 8 : w0;
@@ -353,7 +359,7 @@ extern "C" __global__ void gemv_small(const T* x, const T* w, void* out, int row
 #pragma unroll
         for (int t = 0; t < GEMV_MAX_ROWS; t++) {
             if (t < rows) {
-                uint4 xx = ((const uint4*)(x + (u64)t * k))[c];
+                uint4 xx = ((const uint4*)(x + (u64)t * ldx))[c];
                 a0[t] += dot8(wa, xx);
                 a1[t] += dot8(wb, xx);
             }
@@ -364,7 +370,7 @@ extern "C" __global__ void gemv_small(const T* x, const T* w, void* out, int row
         if (t < rows) {
             float s0 = warp_sum(a0[t]), s1 = warp_sum(a1[t]);
             if (lane == 0) {
-                u64 o = (u64)t * n + n0;
+                u64 o = out0 + (u64)t * ldo + n0;
                 if (out_f32) {
                     ((float*)out)[o] = s0;
                     if (two) ((float*)out)[o + 1] = s1;
@@ -373,6 +379,43 @@ extern "C" __global__ void gemv_small(const T* x, const T* w, void* out, int row
                     if (two) ((T*)out)[o + 1] = from_f<T>(s1);
                 }
             }
+        }
+    }
+#endif
+}
+
+// Small-batch absorbed query (bf16 builds): q_lat[t, h, :] = W_UK[h]^T q_nope[t, h] for
+// t < rows <= 8, with W_UK[h] the dn rows of kv_b [h * (dn + dv) + i, c]. Each thread
+// owns two latent columns and walks the dn rows (coalesced across the block). q [T, h, qd].
+// grid (c / 128, h), block 64.
+extern "C" __global__ void absorb_q_small(const T* q, const T* kv_b, T* q_lat, int rows, int h, int qd, int dn,
+                                          int dv, int c) {
+#ifdef DSV2_BF16
+    int head = blockIdx.y, col = blockIdx.x * 128 + threadIdx.x * 2;
+    if (col >= c) return;
+    const T* wk = kv_b + (u64)head * (dn + dv) * c + col;
+    float acc[GEMV_MAX_ROWS][2];
+#pragma unroll
+    for (int t = 0; t < GEMV_MAX_ROWS; t++) acc[t][0] = acc[t][1] = 0.0f;
+#pragma unroll 8
+    for (int i = 0; i < dn; i++) {
+        u32 wv = *(const u32*)(wk + (u64)i * c);
+        float w0 = __uint_as_float(wv << 16), w1 = __uint_as_float(wv & 0xffff0000u);
+#pragma unroll
+        for (int t = 0; t < GEMV_MAX_ROWS; t++) {
+            if (t < rows) {
+                float qv = to_f(q[((u64)t * h + head) * qd + i]);
+                acc[t][0] += qv * w0;
+                acc[t][1] += qv * w1;
+            }
+        }
+    }
+#pragma unroll
+    for (int t = 0; t < GEMV_MAX_ROWS; t++) {
+        if (t < rows) {
+            T* o = q_lat + ((u64)t * h + head) * c + col;
+            o[0] = from_f<T>(acc[t][0]);
+            o[1] = from_f<T>(acc[t][1]);
         }
     }
 #endif

@@ -14,7 +14,7 @@
 
 use dsv2_backend::{AttentionPath, CacheSpec, MlaAttention, MlaDims};
 
-use crate::device::{Gemm, MLA_DECODE_SMEM, NULL};
+use crate::device::{Gemm, Gemv, MLA_DECODE_SMEM, NULL};
 use crate::error::{unsupported, Result};
 use crate::scratch::{Scratch, Slot};
 use crate::{CudaBackend, CudaBuffer, CudaCache, CudaStep};
@@ -172,31 +172,73 @@ fn absorbed(
     let q_lat = scratch.get(&be.dev, Slot::QLat, t * h * c * e)?;
     let o_lat = scratch.get(&be.dev, Slot::OLat, t * h * c * e)?;
     let kv_b = args.kv_b_proj.ptr();
-    // q_lat[t, h] = W_UK[h]ᵀ q_nope[t, h]: per head, [C, Dn] · [Dn, T] column-major.
-    be.dev.gemm_strided(
-        "absorbed q_lat",
-        &Gemm {
-            trans_a: false,
-            trans_b: false,
-            m: c,
-            n: t,
-            k: dn,
-            a: kv_b,
-            lda: c,
-            b: args.q.ptr(),
-            ldb: h * qd,
-            c: q_lat,
-            ldc: h * c,
-        },
-        [(dn + dv) * c, qd, c],
-        h,
-    )?;
+    // q_lat[t, h] = W_UK[h]ᵀ q_nope[t, h].
+    let small = be.dev.gemv_applies(t) && c % 128 == 0 && c % 8 == 0;
+    if small {
+        be.dev.launch(
+            &be.dev.kernels.absorb_q_small,
+            "absorbed q_lat",
+            (c / 128, h),
+            64,
+            0,
+            &[
+                args.q.ptr().into(),
+                kv_b.into(),
+                q_lat.into(),
+                (t as i32).into(),
+                (h as i32).into(),
+                (qd as i32).into(),
+                (dn as i32).into(),
+                (dv as i32).into(),
+                (c as i32).into(),
+            ],
+        )?;
+    } else {
+        // Per head, [C, Dn] · [Dn, T] column-major.
+        be.dev.gemm_strided(
+            "absorbed q_lat",
+            &Gemm {
+                trans_a: false,
+                trans_b: false,
+                m: c,
+                n: t,
+                k: dn,
+                a: kv_b,
+                lda: c,
+                b: args.q.ptr(),
+                ldb: h * qd,
+                c: q_lat,
+                ldc: h * c,
+            },
+            [(dn + dv) * c, qd, c],
+            h,
+        )?;
+    }
     if decode_kernel_applies(be, &d) {
         absorbed_split(be, scratch, args, tok_list, tokens, q_lat, o_lat)?;
     } else {
         absorbed_simple(be, args, tok_list, tokens, q_lat, o_lat)?;
     }
-    // out[t, h] = W_UV[h] o_lat[t, h]: per head, [Dv, C] · [C, T] column-major.
+    // out[t, h] = W_UV[h] o_lat[t, h].
+    if small {
+        return be.dev.gemv(
+            "absorbed W_UV",
+            &Gemv {
+                x: o_lat,
+                w: kv_b + (dn * c * e) as u64,
+                out: out.ptr(),
+                rows: t,
+                n: dv,
+                k: c,
+                out_f32: false,
+                ldx: h * c,
+                ldo: h * dv,
+            },
+            h,
+            [c, (dn + dv) * c, dv],
+        );
+    }
+    // Per head, [Dv, C] · [C, T] column-major.
     be.dev.gemm_strided(
         "absorbed W_UV",
         &Gemm {

@@ -163,6 +163,7 @@ pub(crate) struct Kernels {
     pub moe_small_down: CudaFunction,
     pub moe_small_combine: CudaFunction,
     pub gemv_small: CudaFunction,
+    pub absorb_q_small: CudaFunction,
 }
 
 impl Kernels {
@@ -201,6 +202,7 @@ impl Kernels {
             moe_small_down: f(&moe, "moe_small_down")?,
             moe_small_combine: f(&moe, "moe_small_combine")?,
             gemv_small: f(&moe, "gemv_small")?,
+            absorb_q_small: f(&moe, "absorb_q_small")?,
         })
     }
 }
@@ -630,23 +632,23 @@ impl Device {
         if rows == 0 {
             return Ok(());
         }
-        if self.bf16 && rows <= self.gemv_max_rows && k % 8 == 0 {
+        if self.gemv_applies(rows) && k % 8 == 0 {
             // A few rows: one pass over the weights with 16-byte loads beats cuBLAS.
-            return self.launch(
-                &self.kernels.gemv_small,
+            return self.gemv(
                 op,
-                (n.div_ceil(16), 1),
-                256,
-                0,
-                &[
-                    x.into(),
-                    w.into(),
-                    out.into(),
-                    (rows as i32).into(),
-                    (n as i32).into(),
-                    (k as i32).into(),
-                    (out_f32 as i32).into(),
-                ],
+                &Gemv {
+                    x,
+                    w,
+                    out,
+                    rows,
+                    n,
+                    k,
+                    out_f32,
+                    ldx: k,
+                    ldo: n,
+                },
+                1,
+                [0; 3],
             );
         }
         let g = Gemm {
@@ -705,6 +707,43 @@ impl Device {
         .ctx(format!("{op}: GEMM m={} n={} k={}", g.m, g.n, g.k))?;
         self.prof_end(prof, op);
         Ok(())
+    }
+
+    /// True when `gemv` takes `rows` rows (bf16 and at most `DSV2_CUDA_GEMV_MAX`).
+    pub fn gemv_applies(&self, rows: usize) -> bool {
+        self.bf16 && rows <= self.gemv_max_rows
+    }
+
+    /// `batch` small-batch products `out[t, n] = x[t, :] · w[n, :]` through `gemv_small`,
+    /// member `i` offset by `i * strides` elements (x, w, out). Callers check
+    /// `gemv_applies` and `k % 8 == 0`.
+    pub fn gemv(&self, op: &str, g: &Gemv, batch: usize, strides: [usize; 3]) -> Result<()> {
+        let i32_of = |v: usize| -> Result<KArg> {
+            i32::try_from(v)
+                .map(KArg::from)
+                .map_err(|_| unsupported(op, format!("GEMV dimension {v} over 32 bits")))
+        };
+        self.launch(
+            &self.kernels.gemv_small,
+            op,
+            (g.n.div_ceil(16), batch),
+            256,
+            0,
+            &[
+                g.x.into(),
+                g.w.into(),
+                g.out.into(),
+                i32_of(g.rows)?,
+                i32_of(g.n)?,
+                i32_of(g.k)?,
+                (g.out_f32 as i32).into(),
+                i32_of(g.ldx)?,
+                i32_of(g.ldo)?,
+                (strides[0] as u64).into(),
+                (strides[1] as u64).into(),
+                (strides[2] as u64).into(),
+            ],
+        )
     }
 
     /// `batch` GEMMs whose operands sit `stride_*` elements apart.
@@ -838,6 +877,19 @@ fn op_of(trans: bool) -> blas::cublasOperation_t {
     } else {
         blas::cublasOperation_t::CUBLAS_OP_N
     }
+}
+
+/// A small-batch product for `Device::gemv` (row-major; element strides).
+pub(crate) struct Gemv {
+    pub x: u64,
+    pub w: u64,
+    pub out: u64,
+    pub rows: usize,
+    pub n: usize,
+    pub k: usize,
+    pub out_f32: bool,
+    pub ldx: usize,
+    pub ldo: usize,
 }
 
 /// A column-major cuBLAS GEMM `C[m, n] = op(A) · op(B)` (dimensions as cuBLAS sees them).
