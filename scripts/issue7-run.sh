@@ -40,7 +40,7 @@ fi
 if [[ $mode == peer || $mode == all ]]; then
   echo "=== HF transformers peer"
   PYTHONUNBUFFERED=1 timeout 330 python3 "${PEER:-bench/peers}/hf_transformers.py" --prompt-lengths 512,2048 \
-    --prefill-batch 4 --batch-sizes 1,8,32,128,256 --context 1024 --decode-tokens 16 --deadline-s 300 \
+    --prefill-batch 4 --batch-sizes 1,8,32,128,256 --context 1024 --decode-tokens 16 --deadline-s "${PEER_DEADLINE:-300}" \
     --json "$out/peer.json" > "$out/peer.txt" 2> "$out/peer.log"
   echo "exit $?"
   head -n -1 "$out/peer.txt"
