@@ -5,8 +5,8 @@
 //!
 //! Decode at context `C`: every sequence's first `C` cache slots are filled cheaply
 //! ([`Model::write_latents`]: one `kv_a_proj_with_mqa` product per layer instead of a
-//! full prefill; attention costs the same whatever the cached values), one untimed step
-//! runs, then `--decode-tokens` steps of the whole batch are timed. The floor of a step
+//! full prefill; attention costs the same whatever the cached values), three untimed
+//! steps run (where a backend captures its step graphs), then `--decode-tokens` steps of the whole batch are timed. The floor of a step
 //! is the bytes it must read ([`floor::decode_step_bytes`]) over the read bandwidth the
 //! backend measures in the same run ([`Backend::measure_read_bandwidth`]).
 
@@ -32,6 +32,10 @@ use weights::{parse_weights_dtype, random_config, RandomWeights, Stored, WeightS
 const FILL_CHUNK: usize = 512;
 /// Tokens of the untimed prompt that runs before anything is timed.
 const WARMUP_TOKENS: usize = 32;
+/// Untimed decode steps before each decode row's timed ones: a backend that captures a
+/// step graph per batch shape (CUDA) does so in these, a one-time cost per shape that a
+/// server pays once, not per token.
+const WARMUP_STEPS: usize = 3;
 
 /// Options of `dsv2 bench`.
 #[derive(Args)]
@@ -159,7 +163,7 @@ fn check_grid(args: &BenchArgs, config: &ModelConfig) -> Result<()> {
         longest_prompt <= max_pos,
         "a prompt of {longest_prompt} tokens exceeds max_position_embeddings ({max_pos})"
     );
-    let last_position = max_of(&args.contexts) + args.decode_tokens;
+    let last_position = max_of(&args.contexts) + WARMUP_STEPS + args.decode_tokens;
     ensure!(
         last_position < max_pos,
         "context {} plus {} decode steps reaches position {last_position}, past \
@@ -258,8 +262,8 @@ impl ModelTask for BenchTask<'_> {
     }
 }
 
-/// Mean bytes a timed decode step reads: step `i` (1-based, after the untimed one) of
-/// each sequence attends over `context + i + 1` cached tokens.
+/// Mean bytes a timed decode step reads: step `i` (0-based, after the untimed ones) of
+/// each sequence attends over `context + WARMUP_STEPS + i + 1` cached tokens.
 fn mean_step_bytes(
     config: &ModelConfig,
     source: &WeightSource,
@@ -271,11 +275,11 @@ fn mean_step_bytes(
     let distinct_experts = config.moe.as_ref().map_or(0.0, |moe| {
         expected_distinct_experts(batch, moe.num_experts_per_tok, moe.n_routed_experts)
     });
-    let total: f64 = (1..=steps)
+    let total: f64 = (0..steps)
         .map(|i| {
             let step = DecodeStep {
                 batch,
-                cache_tokens: batch * (context + i + 1),
+                cache_tokens: batch * (context + WARMUP_STEPS + i + 1),
                 distinct_experts,
             };
             decode_step_bytes(config, &step, kv_bytes_per_token, |t| {
@@ -310,8 +314,8 @@ impl<'m, B: Backend> Runner<'m, B> {
         let max_prompt = max_of(&args.prompt_lengths).max(WARMUP_TOKENS);
         let max_context = max_of(&args.contexts);
         let max_batch = max_of(&args.batch_sizes);
-        // Positions context ..= context + steps (the untimed step, then the timed ones).
-        let blocks_per_seq = (max_context + args.decode_tokens + 1).div_ceil(block_size);
+        // Positions context .. context + warm-up + steps (untimed steps, then timed ones).
+        let blocks_per_seq = (max_context + WARMUP_STEPS + args.decode_tokens).div_ceil(block_size);
         let prompt_blocks = max_prompt.div_ceil(block_size);
         let prompts = args.prefill_batch;
         let num_blocks = (max_batch * blocks_per_seq).max(prompts * prompt_blocks);
@@ -394,15 +398,17 @@ impl<'m, B: Backend> Runner<'m, B> {
     }
 
     /// Decodes `steps` timed tokens for each of `batch` sequences holding `context`
-    /// cached tokens, after one untimed step; returns the timed seconds.
+    /// cached tokens, after [`WARMUP_STEPS`] untimed steps; returns the timed seconds.
     fn decode(&mut self, batch: usize, context: usize, steps: usize) -> Result<f64> {
         let vocab = self.model.config.vocab_size;
         let mut next: Vec<u32> = (0..batch).map(|s| token_id(context + s, vocab)).collect();
         let mut out = vec![0u32; batch];
-        self.decode_step(context, &mut next, &mut out)?;
-        let started = Instant::now();
-        for i in 1..=steps {
+        for i in 0..WARMUP_STEPS {
             self.decode_step(context + i, &mut next, &mut out)?;
+        }
+        let started = Instant::now();
+        for i in 0..steps {
+            self.decode_step(context + WARMUP_STEPS + i, &mut next, &mut out)?;
         }
         Ok(started.elapsed().as_secs_f64())
     }
