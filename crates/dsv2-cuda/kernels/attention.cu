@@ -362,13 +362,16 @@ extern "C" __global__ void __launch_bounds__(DEC_THREADS) mla_decode(
 }
 
 // Merges the splits of mla_decode: o_lat[t, head] = sum_s e^(m_s - M) O_s / sum_s e^(m_s - M) l_s.
-// grid (tokens, h), block 128; splits <= 32 per head group (gridDim.y of mla_decode was
-// splits * h / 16). The first warp turns the splits' maxima and sums into weights.
+// grid (tokens, h * c / 128), block 128 (one latent column a thread); splits <= 32 per
+// head group (gridDim.y of mla_decode was splits * h / 16). The first warp turns the
+// splits' maxima and sums into weights.
 extern "C" __global__ void mla_decode_combine(const float* part_o, const float* part_ml, const u32* tok_list,
                                               T* o_lat, int h, int c, int splits) {
     __shared__ float wts[32];
     int t = tok_list ? (int)tok_list[blockIdx.x] : (int)blockIdx.x;
-    int head = blockIdx.y, hg = head / DEC_HEADS, r = head % DEC_HEADS;
+    int chunks = c / 128;
+    int head = blockIdx.y / chunks, k = (blockIdx.y % chunks) * 128 + threadIdx.x;
+    int hg = head / DEC_HEADS, r = head % DEC_HEADS;
     u64 base = (u64)blockIdx.x * (splits * (h / DEC_HEADS)) + (u64)hg * splits;
     if (threadIdx.x < 32) {
         int s = threadIdx.x;
@@ -380,14 +383,10 @@ extern "C" __global__ void mla_decode_combine(const float* part_o, const float* 
         wts[s] = wgt / total;
     }
     __syncthreads();
-    for (int k = threadIdx.x; k < c; k += blockDim.x) {
-        float acc = 0.0f;
-        for (int s = 0; s < splits; s++) {
-            float wgt = wts[s];
-            if (wgt != 0.0f) acc += part_o[((base + s) * DEC_HEADS + r) * (u64)c + k] * wgt;
-        }
-        o_lat[((u64)t * h + head) * c + k] = from_f<T>(acc);
-    }
+    float acc = 0.0f;
+#pragma unroll 8
+    for (int s = 0; s < splits; s++) acc += part_o[((base + s) * DEC_HEADS + r) * (u64)c + k] * wts[s];
+    o_lat[((u64)t * h + head) * c + k] = from_f<T>(acc);
 }
 
 // ---------------------------------------------------------------------------------------

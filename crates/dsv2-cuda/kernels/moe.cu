@@ -19,12 +19,11 @@ __device__ __forceinline__ void warp_best(float& v, int& i) {
 // One warp per token (4 per block). logits [rows, e] f32 in, softmax probabilities out;
 // ids/weights [rows, k]: the rule of dsv2_backend::routing::route_token (greedy or
 // group-limited greedy, renormalised or scaled).
-extern "C" __global__ void moe_route(float* logits, u32* ids, float* weights, int rows, int e, int k,
-                                     int n_group, int topk_group, int norm_topk_prob, float scaling) {
+// The routing of token t by one warp, from its router logits p [e] (overwritten by the
+// softmax probabilities).
+__device__ void route_row(float* p, int t, u32* ids, float* weights, int e, int k, int n_group, int topk_group,
+                          int norm_topk_prob, float scaling) {
     int lane = threadIdx.x & 31;
-    int t = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-    if (t >= rows) return;
-    float* p = logits + (u64)t * e;
     float mx = NEG_INF;
     for (int i = lane; i < e; i += 32) mx = fmaxf(mx, p[i]);
     mx = warp_max(mx);
@@ -92,6 +91,36 @@ extern "C" __global__ void moe_route(float* logits, u32* ids, float* weights, in
             weights[(u64)t * k + j] = chosen_w[j];
         }
     }
+}
+
+extern "C" __global__ void moe_route(float* logits, u32* ids, float* weights, int rows, int e, int k,
+                                     int n_group, int topk_group, int norm_topk_prob, float scaling) {
+    int t = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (t >= rows) return;
+    route_row(logits + (u64)t * e, t, ids, weights, e, k, n_group, topk_group, norm_topk_prob, scaling);
+}
+
+// Router and routing of one token in one block (bf16 builds, small batches): the f32
+// logits x[t] . gate[i] (exact products, f32 sums, as the f32 router GEMM) into shared
+// memory, one warp per expert in turn, then route_row. grid (rows), block 256; d % 8 == 0.
+extern "C" __global__ void moe_route_small(const T* x, const T* gate, u32* ids, float* weights, int e, int k,
+                                           int n_group, int topk_group, int norm_topk_prob, float scaling,
+                                           int d) {
+#ifdef DSV2_BF16
+    __shared__ float logits[1024];
+    int t = blockIdx.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const uint4* xv = (const uint4*)(x + (u64)t * d);
+    for (int i = warp; i < e; i += blockDim.x >> 5) {
+        const uint4* gv = (const uint4*)(gate + (u64)i * d);
+        float acc = 0.0f;
+#pragma unroll 4
+        for (int c = lane; c < d / 8; c += 32) acc += dot8(gv[c], xv[c]);
+        acc = warp_sum(acc);
+        if (lane == 0) logits[i] = acc;
+    }
+    __syncthreads();
+    if (warp == 0) route_row(logits, t, ids, weights, e, k, n_group, topk_group, norm_topk_prob, scaling);
+#endif
 }
 
 // Pointer arrays of the batched expert GEMMs, each [max_tiles]. See moe.rs.
@@ -317,12 +346,13 @@ extern "C" __global__ void moe_small_down(const T* hid, const T* hid_sh, const u
 }
 
 // out[t] = rnd(shared + rnd(sum_j w[t, j] part[t, j])) (without shared experts: the rounded
-// routed sum), the combination of moe_combine. grid (rows), block 256.
+// routed sum), the combination of moe_combine. grid (rows, ceil(d / 256)), block 256.
 extern "C" __global__ void moe_small_combine(const float* part, const float* weights, int k, int d,
                                              int has_shared, T* out) {
     u64 t = blockIdx.x;
     const float* pt = part + t * (k + 1) * d;
-    for (int i = threadIdx.x; i < d; i += blockDim.x) {
+    int i = blockIdx.y * blockDim.x + threadIdx.x;
+    if (i < d) {
         float acc = 0.0f;
         for (int j = 0; j < k; j++) acc += weights[t * k + j] * pt[(u64)j * d + i];
         float routed = rnd(acc);

@@ -267,7 +267,7 @@ fn decode_kernel_applies(be: &CudaBackend, d: &MlaDims) -> bool {
         && be.dev.arch.0 >= 8
         && d.kv_lora_rank == 512
         && d.rope_dim == 64
-        && d.num_heads % DECODE_HEADS == 0
+        && d.num_heads.is_multiple_of(DECODE_HEADS)
         && std::env::var("DSV2_CUDA_SIMPLE_ATTENTION").map_or(true, |v| v != "1")
 }
 
@@ -338,7 +338,7 @@ fn absorbed_split(
     be.dev.launch(
         &k.mla_decode_combine,
         "mla_decode_combine",
-        (tokens, h),
+        (tokens, h * (c / 128)),
         128,
         0,
         &[

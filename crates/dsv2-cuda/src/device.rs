@@ -164,6 +164,7 @@ pub(crate) struct Kernels {
     pub moe_small_combine: CudaFunction,
     pub gemv_small: CudaFunction,
     pub absorb_q_small: CudaFunction,
+    pub moe_route_small: CudaFunction,
 }
 
 impl Kernels {
@@ -203,6 +204,7 @@ impl Kernels {
             moe_small_combine: f(&moe, "moe_small_combine")?,
             gemv_small: f(&moe, "gemv_small")?,
             absorb_q_small: f(&moe, "absorb_q_small")?,
+            moe_route_small: f(&moe, "moe_route_small")?,
         })
     }
 }
@@ -632,7 +634,7 @@ impl Device {
         if rows == 0 {
             return Ok(());
         }
-        if self.gemv_applies(rows) && k % 8 == 0 {
+        if self.gemv_applies(rows) && k.is_multiple_of(8) {
             // A few rows: one pass over the weights with 16-byte loads beats cuBLAS.
             return self.gemv(
                 op,

@@ -104,31 +104,31 @@ pub(crate) fn moe(
     let e = be.elem();
     let kern = &dev.kernels;
     // Routing.
-    let logits = scratch.get(dev, Slot::Router, rows * num_experts * 4)?;
-    be.gemm_rows("moe router", x.ptr(), rows, &moe.gate, logits, true)?;
     let pairs = rows * k;
     let ids = scratch.get(dev, Slot::RouteIds, pairs * 4)?;
     let weights = scratch.get(dev, Slot::RouteWeights, pairs * 4)?;
-    dev.launch(
-        &kern.moe_route,
-        "moe_route",
-        (rows.div_ceil(4), 1),
-        128,
-        0,
-        &[
-            logits.into(),
-            ids.into(),
-            weights.into(),
-            (rows as i32).into(),
-            (num_experts as i32).into(),
-            (k as i32).into(),
-            (n_group as i32).into(),
-            (topk_group as i32).into(),
-            (r.norm_topk_prob as i32).into(),
-            r.routed_scaling_factor.into(),
-        ],
-    )?;
     if small {
+        // Router and routing of each token in one block.
+        dev.launch(
+            &kern.moe_route_small,
+            "moe_route_small",
+            (rows, 1),
+            256,
+            0,
+            &[
+                x.ptr().into(),
+                moe.gate.ptr().into(),
+                ids.into(),
+                weights.into(),
+                (num_experts as i32).into(),
+                (k as i32).into(),
+                (n_group as i32).into(),
+                (topk_group as i32).into(),
+                (r.norm_topk_prob as i32).into(),
+                r.routed_scaling_factor.into(),
+                (d as i32).into(),
+            ],
+        )?;
         let table = expert_table(be, moe, inter, d)?;
         return small_batch(
             be,
@@ -148,6 +148,27 @@ pub(crate) fn moe(
             out,
         );
     }
+    let logits = scratch.get(dev, Slot::Router, rows * num_experts * 4)?;
+    be.gemm_rows("moe router", x.ptr(), rows, &moe.gate, logits, true)?;
+    dev.launch(
+        &kern.moe_route,
+        "moe_route",
+        (rows.div_ceil(4), 1),
+        128,
+        0,
+        &[
+            logits.into(),
+            ids.into(),
+            weights.into(),
+            (rows as i32).into(),
+            (num_experts as i32).into(),
+            (k as i32).into(),
+            (n_group as i32).into(),
+            (topk_group as i32).into(),
+            (r.norm_topk_prob as i32).into(),
+            r.routed_scaling_factor.into(),
+        ],
+    )?;
     // Tiles.
     let m_tile = tile_rows(pairs, num_experts);
     let tiles = max_tiles(pairs, num_experts, m_tile);
@@ -259,7 +280,7 @@ pub(crate) fn moe(
 
 /// Most tokens the small-batch kernels take by default (`DSV2_CUDA_MOE_SMALL_MAX`
 /// overrides it; 0 turns them off).
-const SMALL_MAX_ROWS: usize = 8;
+const SMALL_MAX_ROWS: usize = 4;
 
 /// True when the small-batch MoE kernels run this call: bf16, at most
 /// [`SMALL_MAX_ROWS`] tokens, widths that allow 16-byte loads, and shared experts (if
@@ -275,7 +296,7 @@ fn small_batch_applies(
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(SMALL_MAX_ROWS);
-    if !be.dev.bf16 || rows > max || d % 8 != 0 || inter % 8 != 0 {
+    if !be.dev.bf16 || rows > max || !d.is_multiple_of(8) || !inter.is_multiple_of(8) {
         return Ok(false);
     }
     if let Some(sh) = &moe.shared_experts {
@@ -380,7 +401,7 @@ fn small_batch(
     dev.launch(
         &kern.moe_small_combine,
         "moe_small_combine",
-        (rows, 1),
+        (rows, a.d.div_ceil(256)),
         256,
         0,
         &[

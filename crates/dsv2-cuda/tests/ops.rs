@@ -472,7 +472,7 @@ fn mlp_and_moe_routing_variants() {
             norm_topk_prob: true,
             routed_scaling_factor: 16.0,
         };
-        for rows in [1usize, 5, 70, 300] {
+        for rows in [1usize, 3, 5, 70, 300] {
             let x = bf16_values(rows * d, rows as u64, 2.0);
             let (xc, xg) = inputs(gpu, &x);
             let (mc, mg) = (
