@@ -192,6 +192,25 @@ __device__ __forceinline__ void mma_bf16_16816(float* c, u32 a0, u32 a1, u32 a2,
 }
 
 __device__ __forceinline__ u32 ld_u32(const u16* p) { return *(const u32*)p; }
+
+__device__ __forceinline__ unsigned smem_addr(const void* p) {
+    unsigned s;
+    asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(s) : "l"(p));
+    return s;
+}
+
+// Four 8x8 bf16 matrices from shared memory (lane l gives the address of a 16-byte row:
+// lanes 8i..8i+7 the rows of matrix i), in the mma fragment layout; `_t` transposed.
+__device__ __forceinline__ void ldsm_x4(u32* r, const u16* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_addr(p)));
+}
+__device__ __forceinline__ void ldsm_x4_t(u32* r, const u16* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_addr(p)));
+}
 __device__ __forceinline__ u32 pack2(u16 lo, u16 hi) { return (u32)lo | ((u32)hi << 16); }
 
 // Loads the cache rows of positions [pos0, pos0 + 32) (those >= end zero-filled) into a tile.
@@ -263,13 +282,20 @@ extern "C" __global__ void __launch_bounds__(DEC_THREADS) mla_decode(
         const u16* kb = ks + (it & 1) * DEC_TILE * DEC_STRIDE;
         // Scores of this warp's 8 positions for the 16 heads.
         float sc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-        const u16* kr = kb + (warp * 8 + g) * DEC_STRIDE + 2 * tig;
-        const u16* q0 = qs + g * DEC_STRIDE + 2 * tig;
-        const u16* q1 = q0 + 8 * DEC_STRIDE;
-#pragma unroll 4
-        for (int k0 = 0; k0 < DEC_W; k0 += 16)
-            mma_bf16_16816(sc, ld_u32(q0 + k0), ld_u32(q1 + k0), ld_u32(q0 + k0 + 8), ld_u32(q1 + k0 + 8),
-                           ld_u32(kr + k0), ld_u32(kr + k0 + 8));
+        // ldmatrix rows: Q rows (lane % 16), columns +8 for lanes 16..31 (A fragments);
+        // this warp's key rows (lane % 8), columns +8 per group of 8 lanes (B fragments of
+        // two k-steps).
+        const u16* qa = qs + (lane & 15) * DEC_STRIDE + ((lane >> 4) << 3);
+        const u16* kr = kb + (warp * 8 + (lane & 7)) * DEC_STRIDE + ((lane >> 3) << 3);
+#pragma unroll 3
+        for (int k0 = 0; k0 < DEC_W; k0 += 32) {
+            u32 a[4], a2[4], b[4];
+            ldsm_x4(a, qa + k0);
+            ldsm_x4(a2, qa + k0 + 16);
+            ldsm_x4(b, kr + k0);
+            mma_bf16_16816(sc, a[0], a[1], a[2], a[3], b[0], b[1]);
+            mma_bf16_16816(sc, a2[0], a2[1], a2[2], a2[3], b[2], b[3]);
+        }
         int pa = pos0 + warp * 8 + 2 * tig;
 #pragma unroll
         for (int i = 0; i < 4; i++) {
@@ -320,13 +346,15 @@ extern "C" __global__ void __launch_bounds__(DEC_THREADS) mla_decode(
             const u16* pr0 = ps + g * DEC_PSTRIDE + ks16 + 2 * tig;
             const u16* pr1 = pr0 + 8 * DEC_PSTRIDE;
             u32 pa0 = ld_u32(pr0), pa1 = ld_u32(pr1), pa2 = ld_u32(pr0 + 8), pa3 = ld_u32(pr1 + 8);
-            const u16* v0 = kb + (ks16 + 2 * tig) * DEC_STRIDE + warp * 128 + g;
+            // Transposed ldmatrix: key rows ks16 + (lane % 16), columns +8 for lanes 16..31:
+            // the B fragments of two column blocks.
+            const u16* v0 = kb + (ks16 + (lane & 15)) * DEC_STRIDE + warp * 128 + ((lane >> 4) << 3);
 #pragma unroll
-            for (int nb = 0; nb < 16; nb++) {
-                const u16* v = v0 + nb * 8;
-                u32 b0 = pack2(v[0], v[DEC_STRIDE]);
-                u32 b1 = pack2(v[8 * DEC_STRIDE], v[9 * DEC_STRIDE]);
-                mma_bf16_16816(o[nb], pa0, pa1, pa2, pa3, b0, b1);
+            for (int nb = 0; nb < 16; nb += 2) {
+                u32 b[4];
+                ldsm_x4_t(b, v0 + nb * 8);
+                mma_bf16_16816(o[nb], pa0, pa1, pa2, pa3, b[0], b[1]);
+                mma_bf16_16816(o[nb + 1], pa0, pa1, pa2, pa3, b[2], b[3]);
             }
         }
         __syncthreads();
@@ -481,11 +509,14 @@ extern "C" __global__ void __launch_bounds__(128) mla_prefill(
 #pragma unroll
         for (int nb = 0; nb < PF_BLOCK / 8; nb++) {
             sc[nb][0] = sc[nb][1] = sc[nb][2] = sc[nb][3] = 0.0f;
-            const u16* kr = ks + (nb * 8 + g) * PF_KSTRIDE + 2 * tig;
+            const u16* kr = ks + (nb * 8 + (lane & 7)) * PF_KSTRIDE + ((lane >> 3) << 3);
 #pragma unroll
-            for (int kk = 0; kk < PF_DQ / 16; kk++)
-                mma_bf16_16816(sc[nb], qf[kk][0], qf[kk][1], qf[kk][2], qf[kk][3], ld_u32(kr + 16 * kk),
-                               ld_u32(kr + 16 * kk + 8));
+            for (int kk = 0; kk < PF_DQ / 16; kk += 2) {
+                u32 b[4];
+                ldsm_x4(b, kr + 16 * kk);
+                mma_bf16_16816(sc[nb], qf[kk][0], qf[kk][1], qf[kk][2], qf[kk][3], b[0], b[1]);
+                mma_bf16_16816(sc[nb], qf[kk + 1][0], qf[kk + 1][1], qf[kk + 1][2], qf[kk + 1][3], b[2], b[3]);
+            }
         }
         float mx0 = NEG_INF, mx1 = NEG_INF;
 #pragma unroll
@@ -530,13 +561,13 @@ extern "C" __global__ void __launch_bounds__(128) mla_prefill(
 #pragma unroll
         for (int kk = 0; kk < PF_BLOCK / 16; kk++) {
             u32 pa0 = pf[2 * kk][0], pa1 = pf[2 * kk][1], pa2 = pf[2 * kk + 1][0], pa3 = pf[2 * kk + 1][1];
-            const u16* v0 = vs + (16 * kk + 2 * tig) * PF_VSTRIDE + g;
+            const u16* v0 = vs + (16 * kk + (lane & 15)) * PF_VSTRIDE + ((lane >> 4) << 3);
 #pragma unroll
-            for (int nb = 0; nb < PF_DV / 8; nb++) {
-                const u16* v = v0 + nb * 8;
-                u32 b0 = pack2(v[0], v[PF_VSTRIDE]);
-                u32 b1 = pack2(v[8 * PF_VSTRIDE], v[9 * PF_VSTRIDE]);
-                mma_bf16_16816(o[nb], pa0, pa1, pa2, pa3, b0, b1);
+            for (int nb = 0; nb < PF_DV / 8; nb += 2) {
+                u32 b[4];
+                ldsm_x4_t(b, v0 + nb * 8);
+                mma_bf16_16816(o[nb], pa0, pa1, pa2, pa3, b[0], b[1]);
+                mma_bf16_16816(o[nb + 1], pa0, pa1, pa2, pa3, b[2], b[3]);
             }
         }
         __syncthreads();
