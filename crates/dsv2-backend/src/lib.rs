@@ -378,6 +378,25 @@ pub trait Backend: Send + Sync {
     /// `acc[i] += x[i]` for the first `len` values (the residual add).
     fn add_assign(&self, acc: &mut Self::Buffer, x: &Self::Buffer, len: usize) -> Result<()>;
 
+    /// The residual add then the next block's RMSNorm, fused where a backend can:
+    /// `acc += x` over `rows` rows of width `dim`, then `out = rms_norm(acc)` with
+    /// `weight` `[dim]`. The default runs [`add_assign`](Self::add_assign) and
+    /// [`rms_norm`](Self::rms_norm).
+    #[allow(clippy::too_many_arguments)]
+    fn add_rms_norm(
+        &self,
+        acc: &mut Self::Buffer,
+        x: &Self::Buffer,
+        weight: &Self::Weight,
+        eps: f32,
+        rows: usize,
+        dim: usize,
+        out: &mut Self::Buffer,
+    ) -> Result<()> {
+        self.add_assign(acc, x, rows * dim)?;
+        self.rms_norm(acc, weight, eps, rows, out)
+    }
+
     /// Applies RoPE in place to the last `Dr` values of each of the `H` heads of `q`
     /// `[T, H, Dn + Dr]`, at the step's positions.
     fn rope_queries(&self, q: &mut Self::Buffer, dims: MlaDims, step: &Self::Step) -> Result<()>;

@@ -509,14 +509,12 @@ extern "C" __global__ void __launch_bounds__(128) mla_prefill(
 #pragma unroll
         for (int nb = 0; nb < PF_BLOCK / 8; nb++) {
             sc[nb][0] = sc[nb][1] = sc[nb][2] = sc[nb][3] = 0.0f;
-            const u16* kr = ks + (nb * 8 + (lane & 7)) * PF_KSTRIDE + ((lane >> 3) << 3);
+            // (Plain 32-bit fragment loads: ldmatrix measured slower in this kernel.)
+            const u16* kr = ks + (nb * 8 + g) * PF_KSTRIDE + 2 * tig;
 #pragma unroll
-            for (int kk = 0; kk < PF_DQ / 16; kk += 2) {
-                u32 b[4];
-                ldsm_x4(b, kr + 16 * kk);
-                mma_bf16_16816(sc[nb], qf[kk][0], qf[kk][1], qf[kk][2], qf[kk][3], b[0], b[1]);
-                mma_bf16_16816(sc[nb], qf[kk + 1][0], qf[kk + 1][1], qf[kk + 1][2], qf[kk + 1][3], b[2], b[3]);
-            }
+            for (int kk = 0; kk < PF_DQ / 16; kk++)
+                mma_bf16_16816(sc[nb], qf[kk][0], qf[kk][1], qf[kk][2], qf[kk][3], ld_u32(kr + 16 * kk),
+                               ld_u32(kr + 16 * kk + 8));
         }
         float mx0 = NEG_INF, mx1 = NEG_INF;
 #pragma unroll
@@ -561,13 +559,13 @@ extern "C" __global__ void __launch_bounds__(128) mla_prefill(
 #pragma unroll
         for (int kk = 0; kk < PF_BLOCK / 16; kk++) {
             u32 pa0 = pf[2 * kk][0], pa1 = pf[2 * kk][1], pa2 = pf[2 * kk + 1][0], pa3 = pf[2 * kk + 1][1];
-            const u16* v0 = vs + (16 * kk + (lane & 15)) * PF_VSTRIDE + ((lane >> 4) << 3);
+            const u16* v0 = vs + (16 * kk + 2 * tig) * PF_VSTRIDE + g;
 #pragma unroll
-            for (int nb = 0; nb < PF_DV / 8; nb += 2) {
-                u32 b[4];
-                ldsm_x4_t(b, v0 + nb * 8);
-                mma_bf16_16816(o[nb], pa0, pa1, pa2, pa3, b[0], b[1]);
-                mma_bf16_16816(o[nb + 1], pa0, pa1, pa2, pa3, b[2], b[3]);
+            for (int nb = 0; nb < PF_DV / 8; nb++) {
+                const u16* v = v0 + nb * 8;
+                u32 b0 = pack2(v[0], v[PF_VSTRIDE]);
+                u32 b1 = pack2(v[8 * PF_VSTRIDE], v[9 * PF_VSTRIDE]);
+                mma_bf16_16816(o[nb], pa0, pa1, pa2, pa3, b0, b1);
             }
         }
         __syncthreads();

@@ -26,6 +26,17 @@ extern "C" __global__ void rms_norm(const T* x, const float* w, T* out, int d, f
     rms_norm_row(x + r * d, w, out + r * d, d, eps);
 }
 
+// The residual add then RMSNorm of one row a block: acc = rnd(acc + x), then out =
+// rms_norm(acc) as rms_norm does. grid (rows): acc, x, out [rows, d]; w [d].
+extern "C" __global__ void add_rms_norm(T* acc, const T* x, const float* w, T* out, int d, float eps) {
+    u64 r = blockIdx.x;
+    T* a = acc + r * d;
+    const T* b = x + r * d;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) a[i] = from_f<T>(to_f(a[i]) + to_f(b[i]));
+    __syncthreads();
+    rms_norm_row(a, w, out + r * d, d, eps);
+}
+
 // acc[i] = rnd(acc[i] + x[i]) for i < n.
 extern "C" __global__ void add_assign(T* acc, const T* x, u64 n) {
     for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x)

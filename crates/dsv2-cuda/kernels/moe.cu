@@ -102,7 +102,7 @@ extern "C" __global__ void moe_route(float* logits, u32* ids, float* weights, in
 
 // Router and routing of one token in one block (bf16 builds, small batches): the f32
 // logits x[t] . gate[i] (exact products, f32 sums, as the f32 router GEMM) into shared
-// memory, one warp per expert in turn, then route_row. grid (rows), block 256; d % 8 == 0.
+// memory, one warp per expert in turn, then route_row. grid (rows), block 1024; d % 8 == 0.
 extern "C" __global__ void moe_route_small(const T* x, const T* gate, u32* ids, float* weights, int e, int k,
                                            int n_group, int topk_group, int norm_topk_prob, float scaling,
                                            int d) {
@@ -415,26 +415,29 @@ extern "C" __global__ void gemv_small(const T* x, const T* w, void* out, int row
 }
 
 // Small-batch absorbed query (bf16 builds): q_lat[t, h, :] = W_UK[h]^T q_nope[t, h] for
-// t < rows <= 8, with W_UK[h] the dn rows of kv_b [h * (dn + dv) + i, c]. Each thread
-// owns two latent columns and walks the dn rows (coalesced across the block). q [T, h, qd].
-// grid (c / 128, h), block 64.
+// t < rows <= 8, with W_UK[h] the dn rows of kv_b [h * (dn + dv) + i, c]. A block covers
+// 128 latent columns of one head: its 256 threads are 4 groups of 64, each thread two
+// columns (coalesced across the group) over a quarter of the dn rows; the groups' sums
+// meet in shared memory. q [T, h, qd]. grid (c / 128, h), block 256; dn % 4 == 0.
 extern "C" __global__ void absorb_q_small(const T* q, const T* kv_b, T* q_lat, int rows, int h, int qd, int dn,
                                           int dv, int c) {
 #ifdef DSV2_BF16
-    int head = blockIdx.y, col = blockIdx.x * 128 + threadIdx.x * 2;
-    if (col >= c) return;
-    const T* wk = kv_b + (u64)head * (dn + dv) * c + col;
+    __shared__ float part[4][GEMV_MAX_ROWS][128];
+    int head = blockIdx.y, grp = threadIdx.x >> 6, lc = (threadIdx.x & 63) * 2;
+    int col = blockIdx.x * 128 + lc;
+    int quarter = dn / 4, i0 = grp * quarter;
+    const T* wk = kv_b + ((u64)head * (dn + dv) + i0) * c + col;
     float acc[GEMV_MAX_ROWS][2];
 #pragma unroll
     for (int t = 0; t < GEMV_MAX_ROWS; t++) acc[t][0] = acc[t][1] = 0.0f;
 #pragma unroll 8
-    for (int i = 0; i < dn; i++) {
+    for (int i = 0; i < quarter; i++) {
         u32 wv = *(const u32*)(wk + (u64)i * c);
         float w0 = __uint_as_float(wv << 16), w1 = __uint_as_float(wv & 0xffff0000u);
 #pragma unroll
         for (int t = 0; t < GEMV_MAX_ROWS; t++) {
             if (t < rows) {
-                float qv = to_f(q[((u64)t * h + head) * qd + i]);
+                float qv = to_f(q[((u64)t * h + head) * qd + i0 + i]);
                 acc[t][0] += qv * w0;
                 acc[t][1] += qv * w1;
             }
@@ -442,10 +445,16 @@ extern "C" __global__ void absorb_q_small(const T* q, const T* kv_b, T* q_lat, i
     }
 #pragma unroll
     for (int t = 0; t < GEMV_MAX_ROWS; t++) {
-        if (t < rows) {
-            T* o = q_lat + ((u64)t * h + head) * c + col;
-            o[0] = from_f<T>(acc[t][0]);
-            o[1] = from_f<T>(acc[t][1]);
+        part[grp][t][lc] = acc[t][0];
+        part[grp][t][lc + 1] = acc[t][1];
+    }
+    __syncthreads();
+    // Thread j of the block finishes column j of every token.
+    int j = threadIdx.x;
+    if (j < 128) {
+        for (int t = 0; t < rows; t++) {
+            float v = part[0][t][j] + part[1][t][j] + part[2][t][j] + part[3][t][j];
+            q_lat[((u64)t * h + head) * c + blockIdx.x * 128 + j] = from_f<T>(v);
         }
     }
 #endif

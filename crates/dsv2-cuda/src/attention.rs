@@ -173,13 +173,13 @@ fn absorbed(
     let o_lat = scratch.get(&be.dev, Slot::OLat, t * h * c * e)?;
     let kv_b = args.kv_b_proj.ptr();
     // q_lat[t, h] = W_UK[h]ᵀ q_nope[t, h].
-    let small = be.dev.gemv_applies(t) && c % 128 == 0 && c % 8 == 0;
+    let small = be.dev.gemv_applies(t) && c.is_multiple_of(128) && dn.is_multiple_of(4);
     if small {
         be.dev.launch(
             &be.dev.kernels.absorb_q_small,
             "absorbed q_lat",
             (c / 128, h),
-            64,
+            256,
             0,
             &[
                 args.q.ptr().into(),

@@ -644,6 +644,45 @@ impl Backend for CudaBackend {
         )?)
     }
 
+    fn add_rms_norm(
+        &self,
+        acc: &mut CudaBuffer,
+        x: &CudaBuffer,
+        weight: &CudaWeight,
+        eps: f32,
+        rows: usize,
+        dim: usize,
+        out: &mut CudaBuffer,
+    ) -> BResult<()> {
+        let d = weight.vector("add_rms_norm")?;
+        if d != dim {
+            return Err(error::unsupported(
+                "add_rms_norm",
+                format!("norm weight of {d} values for rows of {dim}"),
+            )
+            .into());
+        }
+        self.check_len("add_rms_norm", "accumulator", acc, rows * d)?;
+        self.check_len("add_rms_norm", "input", x, rows * d)?;
+        self.check_len("add_rms_norm", "output", out, rows * d)?;
+        let k = &self.dev.kernels;
+        Ok(self.dev.launch(
+            &k.add_rms_norm,
+            "add_rms_norm",
+            (rows, 1),
+            ROW_THREADS,
+            0,
+            &[
+                acc.ptr().into(),
+                x.ptr().into(),
+                weight.ptr().into(),
+                out.ptr().into(),
+                (d as i32).into(),
+                eps.into(),
+            ],
+        )?)
+    }
+
     fn rope_queries(&self, q: &mut CudaBuffer, dims: MlaDims, step: &CudaStep) -> BResult<()> {
         let t = step.counts.tokens;
         let qd = dims.q_head_dim();

@@ -113,7 +113,7 @@ pub(crate) fn moe(
             &kern.moe_route_small,
             "moe_route_small",
             (rows, 1),
-            256,
+            1024,
             0,
             &[
                 x.ptr().into(),

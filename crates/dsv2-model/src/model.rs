@@ -376,27 +376,48 @@ impl<B: Backend> Model<B> {
         let d = self.config.hidden_size;
         let eps = self.config.rms_norm_eps as f32;
         for (i, layer) in self.layers.iter().enumerate() {
-            // h = h + attention(input_layernorm(h))
-            backend.rms_norm(&ws.hidden, &layer.input_layernorm, eps, t, &mut ws.normed)?;
+            // h = h + attention(input_layernorm(h)); the previous block's residual add is
+            // fused with this norm.
+            if i == 0 {
+                backend.rms_norm(&ws.hidden, &layer.input_layernorm, eps, t, &mut ws.normed)?;
+            } else {
+                backend.add_rms_norm(
+                    &mut ws.hidden,
+                    &ws.block_out,
+                    &layer.input_layernorm,
+                    eps,
+                    t,
+                    d,
+                    &mut ws.normed,
+                )?;
+            }
             self.attention(backend, i, &layer.self_attn, t, cache, ws, path)?;
             backend.linear(&ws.attn, t, &layer.self_attn.o_proj, &mut ws.block_out)?;
-            backend.add_assign(&mut ws.hidden, &ws.block_out, t * d)?;
             // h = h + mlp_or_moe(post_attention_layernorm(h))
-            backend.rms_norm(
-                &ws.hidden,
+            backend.add_rms_norm(
+                &mut ws.hidden,
+                &ws.block_out,
                 &layer.post_attention_layernorm,
                 eps,
                 t,
+                d,
                 &mut ws.normed,
             )?;
             match &layer.mlp {
                 FeedForward::Dense(mlp) => backend.mlp(&ws.normed, t, mlp, &mut ws.block_out)?,
                 FeedForward::Moe(moe) => backend.moe(&ws.normed, t, moe, &mut ws.block_out)?,
             }
-            backend.add_assign(&mut ws.hidden, &ws.block_out, t * d)?;
         }
-        // The final norm; the head runs on the requested rows.
-        backend.rms_norm(&ws.hidden, &self.norm, eps, t, &mut ws.normed)?;
+        // The last residual add and the final norm; the head runs on the requested rows.
+        backend.add_rms_norm(
+            &mut ws.hidden,
+            &ws.block_out,
+            &self.norm,
+            eps,
+            t,
+            d,
+            &mut ws.normed,
+        )?;
         Ok(())
     }
 
