@@ -24,12 +24,19 @@ typedef float T;
 __device__ __forceinline__ float to_f(float x) { return x; }
 __device__ __forceinline__ float to_f(bf16 x) { return __uint_as_float(((u32)x.bits) << 16); }
 
-// Round to nearest even, as `half::bf16::from_f32` and PyTorch do; NaN stays NaN.
+// Round to nearest even, as `half::bf16::from_f32` and PyTorch do; NaN stays NaN (one
+// instruction on sm_80 and newer).
 __device__ __forceinline__ unsigned short f32_to_bf16_bits(float f) {
+#if __CUDA_ARCH__ >= 800
+    unsigned short r;
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r) : "f"(f));
+    return r;
+#else
     u32 u = __float_as_uint(f);
     if ((u & 0x7fffffffu) > 0x7f800000u) return (unsigned short)((u >> 16) | 0x40u);
     u += 0x7fffu + ((u >> 16) & 1u);
     return (unsigned short)(u >> 16);
+#endif
 }
 
 template <typename E> __device__ __forceinline__ E from_f(float x);
