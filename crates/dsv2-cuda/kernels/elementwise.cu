@@ -28,13 +28,37 @@ extern "C" __global__ void rms_norm(const T* x, const float* w, T* out, int d, f
 
 // The residual add then RMSNorm of one row a block: acc = rnd(acc + x), then out =
 // rms_norm(acc) as rms_norm does. grid (rows): acc, x, out [rows, d]; w [d].
+// Rows of up to 8 values a thread stay in registers (one pass over the memory).
+#define ARN_MAX 8
 extern "C" __global__ void add_rms_norm(T* acc, const T* x, const float* w, T* out, int d, float eps) {
     u64 r = blockIdx.x;
     T* a = acc + r * d;
     const T* b = x + r * d;
-    for (int i = threadIdx.x; i < d; i += blockDim.x) a[i] = from_f<T>(to_f(a[i]) + to_f(b[i]));
-    __syncthreads();
-    rms_norm_row(a, w, out + r * d, d, eps);
+    if (d > ARN_MAX * (int)blockDim.x) {
+        for (int i = threadIdx.x; i < d; i += blockDim.x) a[i] = from_f<T>(to_f(a[i]) + to_f(b[i]));
+        __syncthreads();
+        rms_norm_row(a, w, out + r * d, d, eps);
+        return;
+    }
+    float v[ARN_MAX];
+    float ss = 0.0f;
+#pragma unroll
+    for (int j = 0; j < ARN_MAX; j++) {
+        int i = threadIdx.x + j * blockDim.x;
+        if (i < d) {
+            v[j] = rnd(to_f(a[i]) + to_f(b[i]));
+            a[i] = from_f<T>(v[j]);
+            ss += v[j] * v[j];
+        }
+    }
+    ss = block_sum(ss);
+    float inv = 1.0f / sqrtf(ss / (float)d + eps);
+    T* o = out + r * d;
+#pragma unroll
+    for (int j = 0; j < ARN_MAX; j++) {
+        int i = threadIdx.x + j * blockDim.x;
+        if (i < d) o[i] = from_f<T>(w[i] * rnd(v[j] * inv));
+    }
 }
 
 // acc[i] = rnd(acc[i] + x[i]) for i < n.

@@ -240,12 +240,12 @@ extern "C" __global__ void moe_combine(const T* y, const u32* slot_of, const flo
 //                   expert) pair p and, after them, the shared experts of every token.
 //   moe_small_down: out[t] = rnd(rnd(hid_sh[t] Wd_sh^T) + rnd(sum_j w[t, j] rnd(hid[p] Wd[p]^T)))
 // The roundings are those of the GEMM path (bf16 GEMM outputs, f32 weighted sum).
-// One warp computes 4 output rows; a block of 8 warps 32 rows.
+// One warp computes 4 output rows; a block of 4 warps 16 rows.
 
 #define SMALL_ROWS_PER_WARP 4
-#define SMALL_ROWS_PER_BLOCK 32
+#define SMALL_ROWS_PER_BLOCK 16
 
-// grid (ceil(max(inter, inter_sh) / 32), rows * k + (has_shared ? rows : 0)), block 256.
+// grid (ceil(max(inter, inter_sh) / 16), rows * k + (has_shared ? rows : 0)), block 128.
 // x [rows, d]; ids [rows, k]; expert_w [3, e] (gate, up, down addresses);
 // hid [rows * k, inter]; hid_sh [rows, inter_sh].
 extern "C" __global__ void moe_small_up(const T* x, const u32* ids, const u64* expert_w, int e, int k, int rows,
@@ -319,8 +319,8 @@ __device__ __forceinline__ void small_rows_dot(const T* w, int row0, int rows_to
     for (int r = 0; r < SMALL_ROWS_PER_WARP; r++) acc[r] = warp_sum(acc[r]);
 }
 
-// grid (ceil(d / 32), rows * (k + 1)), block 256: block (x, t * (k + 1) + j) computes
-// rows x*32.. of expert j's down projection of token t (j == k: the shared experts, when
+// grid (ceil(d / 16), rows * (k + 1)), block 128: block (x, t * (k + 1) + j) computes
+// rows x*16.. of expert j's down projection of token t (j == k: the shared experts, when
 // has_shared), rounded like a bf16 GEMM output, into part [rows, k + 1, d] (f32).
 extern "C" __global__ void moe_small_down(const T* hid, const T* hid_sh, const u32* ids, const u64* expert_w,
                                           int e, int k, const T* sh_down, int inter, int inter_sh, int d,
@@ -365,13 +365,13 @@ extern "C" __global__ void moe_small_combine(const float* part, const float* wei
 // memory's speed). w [N, K] with K % 8 == 0 (rows K apart); x rows ldx apart, out rows
 // ldo apart; blockIdx.y selects a batch member (offsets bx, bw, bo elements apart: the
 // heads of the absorbed W_UV product). out f32 when out_f32, else rounded to T, as a
-// bf16 GEMM output. grid (ceil(N / 16), batch), block 256: two rows a warp.
+// bf16 GEMM output. grid (ceil(N / 8), batch), block 128: two rows a warp.
 #define GEMV_MAX_ROWS 8
 extern "C" __global__ void gemv_small(const T* x, const T* w, void* out, int rows, int n, int k, int out_f32,
                                       int ldx, int ldo, u64 bx, u64 bw, u64 bo) {
 #ifdef DSV2_BF16
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    int n0 = blockIdx.x * 16 + warp * 2;
+    int n0 = (blockIdx.x * (blockDim.x >> 5) + warp) * 2;
     if (n0 >= n) return;
     x += blockIdx.y * bx;
     w += blockIdx.y * bw;
@@ -455,6 +455,108 @@ extern "C" __global__ void absorb_q_small(const T* q, const T* kv_b, T* q_lat, i
         for (int t = 0; t < rows; t++) {
             float v = part[0][t][j] + part[1][t][j] + part[2][t][j] + part[3][t][j];
             q_lat[((u64)t * h + head) * c + blockIdx.x * 128 + j] = from_f<T>(v);
+        }
+    }
+#endif
+}
+
+// Expert tiles of at most 8 tokens as GEMVs (bf16 builds; batches of a few dozen tokens):
+// moe_plan's tiles with m_tile 8, each block reading its tile's expert rows once for all
+// the tile's tokens (16-byte loads), in place of the gather, the three batched GEMMs and
+// silu_mul of the tiled path; moe_combine sums as before. A tile whose first row is
+// padding is unused (rows fill from the first). Two output rows a warp, 4 warps a block.
+#define TILE_M 8
+
+// h[tile * 8 + r, i] = rnd(rnd(silu(rnd(x_r . gate[i]))) * rnd(x_r . up[i])) for the
+// tile's tokens r. grid (ceil(inter / 8), max_tiles), block 128. gate_w / up_w: the
+// tiles' weight addresses (moe_plan's arrays).
+extern "C" __global__ void moe_tile_up(const T* x, const u32* row_token, const u64* gate_w, const u64* up_w,
+                                       int inter, int d, T* h) {
+#ifdef DSV2_BF16
+    int tile = blockIdx.y, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const u32* rt = row_token + (u64)tile * TILE_M;
+    if (rt[0] == NO_TOKEN) return;
+    int i0 = (blockIdx.x * (blockDim.x >> 5) + warp) * 2;
+    if (i0 >= inter) return;
+    bool two = i0 + 1 < inter;
+    u32 tok[TILE_M];
+#pragma unroll
+    for (int r = 0; r < TILE_M; r++) tok[r] = rt[r];
+    const uint4* g0 = (const uint4*)((const T*)gate_w[tile] + (u64)i0 * d);
+    const uint4* u0 = (const uint4*)((const T*)up_w[tile] + (u64)i0 * d);
+    const uint4* g1 = two ? g0 + d / 8 : g0;
+    const uint4* u1 = two ? u0 + d / 8 : u0;
+    float ag[2][TILE_M], au[2][TILE_M];
+#pragma unroll
+    for (int r = 0; r < TILE_M; r++) ag[0][r] = ag[1][r] = au[0][r] = au[1][r] = 0.0f;
+#pragma unroll 2
+    for (int c = lane; c < d / 8; c += 32) {
+        uint4 wg0 = g0[c], wg1 = g1[c], wu0 = u0[c], wu1 = u1[c];
+#pragma unroll
+        for (int r = 0; r < TILE_M; r++) {
+            if (tok[r] != NO_TOKEN) {
+                uint4 xx = ((const uint4*)(x + (u64)tok[r] * d))[c];
+                ag[0][r] += dot8(wg0, xx);
+                ag[1][r] += dot8(wg1, xx);
+                au[0][r] += dot8(wu0, xx);
+                au[1][r] += dot8(wu1, xx);
+            }
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < TILE_M; r++) {
+        if (tok[r] == NO_TOKEN) continue;
+        float gA = warp_sum(ag[0][r]), gB = warp_sum(ag[1][r]);
+        float uA = warp_sum(au[0][r]), uB = warp_sum(au[1][r]);
+        if (lane == 0) {
+            T* o = h + ((u64)tile * TILE_M + r) * inter + i0;
+            o[0] = from_f<T>(rnd(silu(rnd(gA))) * rnd(uA));
+            if (two) o[1] = from_f<T>(rnd(silu(rnd(gB))) * rnd(uB));
+        }
+    }
+#endif
+}
+
+// y[tile * 8 + r, j] = rnd(h[tile * 8 + r] . down[j]) for the tile's tokens r.
+// grid (ceil(d / 8), max_tiles), block 128.
+extern "C" __global__ void moe_tile_down(const T* h, const u32* row_token, const u64* down_w, int inter, int d,
+                                         T* y) {
+#ifdef DSV2_BF16
+    int tile = blockIdx.y, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const u32* rt = row_token + (u64)tile * TILE_M;
+    if (rt[0] == NO_TOKEN) return;
+    int j0 = (blockIdx.x * (blockDim.x >> 5) + warp) * 2;
+    if (j0 >= d) return;
+    bool two = j0 + 1 < d;
+    bool valid[TILE_M];
+#pragma unroll
+    for (int r = 0; r < TILE_M; r++) valid[r] = rt[r] != NO_TOKEN;
+    const uint4* w0 = (const uint4*)((const T*)down_w[tile] + (u64)j0 * inter);
+    const uint4* w1 = two ? w0 + inter / 8 : w0;
+    const T* hb = h + (u64)tile * TILE_M * inter;
+    float a0[TILE_M], a1[TILE_M];
+#pragma unroll
+    for (int r = 0; r < TILE_M; r++) a0[r] = a1[r] = 0.0f;
+#pragma unroll 2
+    for (int c = lane; c < inter / 8; c += 32) {
+        uint4 wa = w0[c], wb = w1[c];
+#pragma unroll
+        for (int r = 0; r < TILE_M; r++) {
+            if (valid[r]) {
+                uint4 hh = ((const uint4*)(hb + (u64)r * inter))[c];
+                a0[r] += dot8(wa, hh);
+                a1[r] += dot8(wb, hh);
+            }
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < TILE_M; r++) {
+        if (!valid[r]) continue;
+        float s0 = warp_sum(a0[r]), s1 = warp_sum(a1[r]);
+        if (lane == 0) {
+            T* o = y + ((u64)tile * TILE_M + r) * d + j0;
+            o[0] = from_f<T>(s0);
+            if (two) o[1] = from_f<T>(s1);
         }
     }
 #endif

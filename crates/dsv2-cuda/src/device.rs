@@ -166,6 +166,8 @@ pub(crate) struct Kernels {
     pub gemv_small: CudaFunction,
     pub absorb_q_small: CudaFunction,
     pub moe_route_small: CudaFunction,
+    pub moe_tile_up: CudaFunction,
+    pub moe_tile_down: CudaFunction,
 }
 
 impl Kernels {
@@ -207,6 +209,8 @@ impl Kernels {
             gemv_small: f(&moe, "gemv_small")?,
             absorb_q_small: f(&moe, "absorb_q_small")?,
             moe_route_small: f(&moe, "moe_route_small")?,
+            moe_tile_up: f(&moe, "moe_tile_up")?,
+            moe_tile_down: f(&moe, "moe_tile_down")?,
         })
     }
 }
@@ -730,8 +734,8 @@ impl Device {
         self.launch(
             &self.kernels.gemv_small,
             op,
-            (g.n.div_ceil(16), batch),
-            256,
+            (g.n.div_ceil(8), batch),
+            128,
             0,
             &[
                 g.x.into(),

@@ -169,8 +169,17 @@ pub(crate) fn moe(
             r.routed_scaling_factor.into(),
         ],
     )?;
-    // Tiles.
-    let m_tile = tile_rows(pairs, num_experts);
+    // Tiles (of 8 rows for the GEMV tiles of a few dozen tokens).
+    let tile_gemv = be.dev.bf16
+        && rows <= TILE_GEMV_MAX_ROWS
+        && d.is_multiple_of(8)
+        && inter.is_multiple_of(8)
+        && std::env::var("DSV2_CUDA_MOE_TILE_GEMV").map_or(true, |v| v != "0");
+    let m_tile = if tile_gemv {
+        TILE_GEMV_M
+    } else {
+        tile_rows(pairs, num_experts)
+    };
     let tiles = max_tiles(pairs, num_experts, m_tile);
     let tile_rows_total = tiles * m_tile;
     let row_token = scratch.get(dev, Slot::RowToken, tile_rows_total * 4)?;
@@ -207,6 +216,95 @@ pub(crate) fn moe(
             ptrs.into(),
         ],
     )?;
+    let array = |i: usize| ptrs + (i * tiles * 8) as u64;
+    if tile_gemv {
+        dev.launch(
+            &kern.moe_tile_up,
+            "moe_tile_up",
+            (inter.div_ceil(8), tiles),
+            128,
+            0,
+            &[
+                x.ptr().into(),
+                row_token.into(),
+                array(0).into(),
+                array(1).into(),
+                (inter as i32).into(),
+                (d as i32).into(),
+                gate_out.into(),
+            ],
+        )?;
+        dev.launch(
+            &kern.moe_tile_down,
+            "moe_tile_down",
+            (d.div_ceil(8), tiles),
+            128,
+            0,
+            &[
+                gate_out.into(),
+                row_token.into(),
+                array(2).into(),
+                (inter as i32).into(),
+                (d as i32).into(),
+                down_out.into(),
+            ],
+        )?;
+    } else {
+        tiled_gemms(
+            be,
+            x,
+            &TiledArgs {
+                row_token,
+                ptrs,
+                tiles,
+                m_tile,
+                x_in,
+                gate_out,
+                up_out,
+                d,
+                inter,
+            },
+        )?;
+    }
+    dev.launch(
+        &kern.moe_combine,
+        "moe_combine",
+        (rows, 1),
+        ROW_THREADS,
+        0,
+        &[
+            down_out.into(),
+            slot_of.into(),
+            weights.into(),
+            out.ptr().into(),
+            (d as i32).into(),
+            (k as i32).into(),
+            (moe.shared_experts.is_some() as i32).into(),
+        ],
+    )
+}
+
+/// Buffers and shape of the tiled expert GEMMs.
+struct TiledArgs {
+    row_token: u64,
+    ptrs: u64,
+    tiles: usize,
+    m_tile: usize,
+    x_in: u64,
+    gate_out: u64,
+    up_out: u64,
+    d: usize,
+    inter: usize,
+}
+
+/// The gather, the three pointer-batched GEMMs and SwiGLU over moe_plan's tiles.
+fn tiled_gemms(be: &CudaBackend, x: &CudaBuffer, a: &TiledArgs) -> Result<()> {
+    let dev = &be.dev;
+    let kern = &dev.kernels;
+    let (tiles, m_tile, d, inter) = (a.tiles, a.m_tile, a.d, a.inter);
+    let (row_token, ptrs, x_in, gate_out, up_out) =
+        (a.row_token, a.ptrs, a.x_in, a.gate_out, a.up_out);
+    let tile_rows_total = tiles * m_tile;
     dev.launch(
         &kern.moe_gather,
         "moe_gather",
@@ -259,24 +357,13 @@ pub(crate) fn moe(
         array(4),
         array(6),
         tiles,
-    )?;
-    dev.launch(
-        &kern.moe_combine,
-        "moe_combine",
-        (rows, 1),
-        ROW_THREADS,
-        0,
-        &[
-            down_out.into(),
-            slot_of.into(),
-            weights.into(),
-            out.ptr().into(),
-            (d as i32).into(),
-            (k as i32).into(),
-            (moe.shared_experts.is_some() as i32).into(),
-        ],
     )
 }
+
+/// Most tokens of the GEMV expert tiles (`moe_tile_up` / `moe_tile_down`), and their rows
+/// per tile (TILE_M in moe.cu). `DSV2_CUDA_MOE_TILE_GEMV=0` turns them off.
+const TILE_GEMV_MAX_ROWS: usize = 32;
+const TILE_GEMV_M: usize = 8;
 
 /// Most tokens the small-batch kernels take by default (`DSV2_CUDA_MOE_SMALL_MAX`
 /// overrides it; 0 turns them off).
@@ -358,7 +445,7 @@ fn small_batch(
             width.div_ceil(SMALL_ROWS_PER_BLOCK),
             pairs + if has_shared { rows } else { 0 },
         ),
-        256,
+        128,
         0,
         &[
             x.ptr().into(),
@@ -381,7 +468,7 @@ fn small_batch(
         &kern.moe_small_down,
         "moe_small_down",
         (a.d.div_ceil(SMALL_ROWS_PER_BLOCK), rows * (a.k + 1)),
-        256,
+        128,
         0,
         &[
             hid.into(),
@@ -416,7 +503,7 @@ fn small_batch(
 }
 
 /// Output rows per block of the small-batch kernels (SMALL_ROWS_PER_BLOCK in moe.cu).
-const SMALL_ROWS_PER_BLOCK: usize = 32;
+const SMALL_ROWS_PER_BLOCK: usize = 16;
 
 /// The device table `[3, E]` of the experts' gate, up and down weight addresses, made at
 /// the layer's first use (checking that every expert has the same shape).
