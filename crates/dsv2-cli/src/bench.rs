@@ -58,6 +58,9 @@ pub struct BenchArgs {
     /// Prompts prefilled together in each prefill step (all of the row's length).
     #[arg(long, default_value_t = 1)]
     prefill_batch: usize,
+    /// Times each prefill row runs; the median is reported.
+    #[arg(long, default_value_t = 1)]
+    prefill_runs: usize,
     /// Peak dense matrix rate of the device, TFLOP/s, for the prefill's MFU (default:
     /// the H200/H100 SXM datasheet's dense bf16 figure).
     #[arg(long, default_value_t = 989.0)]
@@ -156,6 +159,7 @@ fn check_grid(args: &BenchArgs, config: &ModelConfig) -> Result<()> {
     );
     ensure!(args.decode_tokens > 0, "--decode-tokens must be positive");
     ensure!(args.prefill_batch > 0, "--prefill-batch must be positive");
+    ensure!(args.prefill_runs > 0, "--prefill-runs must be positive");
     ensure!(args.peak_tflops > 0.0, "--peak-tflops must be positive");
     let max_pos = config.max_position_embeddings;
     let longest_prompt = args.prompt_lengths.iter().max().copied().unwrap_or(0);
@@ -205,7 +209,11 @@ impl ModelTask for BenchTask<'_> {
         let mut prefill = Vec::new();
         for &len in &args.prompt_lengths {
             bar.set_message(format!("prefill of {len} tokens"));
-            let seconds = runner.prefill(len, args.prefill_batch)?;
+            let mut runs = (0..args.prefill_runs)
+                .map(|_| runner.prefill(len, args.prefill_batch))
+                .collect::<Result<Vec<f64>>>()?;
+            runs.sort_by(f64::total_cmp);
+            let seconds = runs[runs.len() / 2];
             prefill.push(PrefillRow {
                 prompt_tokens: len,
                 prompts: args.prefill_batch,

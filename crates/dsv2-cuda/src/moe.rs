@@ -362,7 +362,7 @@ fn tiled_gemms(be: &CudaBackend, x: &CudaBuffer, a: &TiledArgs) -> Result<()> {
 
 /// Most tokens of the GEMV expert tiles (`moe_tile_up` / `moe_tile_down`), and their rows
 /// per tile (TILE_M in moe.cu). `DSV2_CUDA_MOE_TILE_GEMV=0` turns them off.
-const TILE_GEMV_MAX_ROWS: usize = 32;
+const TILE_GEMV_MAX_ROWS: usize = 16;
 const TILE_GEMV_M: usize = 8;
 
 /// Most tokens the small-batch kernels take by default (`DSV2_CUDA_MOE_SMALL_MAX`
