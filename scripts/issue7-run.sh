@@ -17,7 +17,7 @@ if [[ $mode == final ]]; then
   echo "=== gpu-check.sh (LITE_BENCH=0)"
   LITE_BENCH=0 OUT=$out/gpu-check timeout 900 "$bin/gpu-check.sh" "$bin" > "$out/gpu-check.log" 2>&1
   echo "exit $?"
-  grep -E "^RESULT|^FAIL|test result|exit|^===" "$out/gpu-check.log" | tail -40
+  grep -E "^RESULT|FAIL|test result|^===|GPU CHECK" "$out/gpu-check.log" | tail -45
   mode=final-rest
 fi
 if [[ $mode == check || $mode == all ]]; then
