@@ -59,6 +59,7 @@ extern "C" __global__ void mla_absorbed(const T* q, const T* q_lat, const T* cac
                                         const u32* tok_seq, const u32* tok_visible, const u32* seq_bt_off,
                                         const u32* block_tables, T* o_lat, int h, int qd, int dn, int c,
                                         int dr, int bs, float scale) {
+    pdl_prologue();
     extern __shared__ float smem[];
     int t = tok_list ? (int)tok_list[blockIdx.x] : (int)blockIdx.x;
     int head = blockIdx.y, width = c + dr;
@@ -98,6 +99,7 @@ extern "C" __global__ void mla_absorbed(const T* q, const T* q_lat, const T* cac
 extern "C" __global__ void gather_context(const T* cache, const u32* seq_list, const u32* seq_ctx,
                                           const u32* seq_bt_off, const u32* block_tables, const u32* seq_goff,
                                           T* lat, T* kpe, int c, int dr, int bs) {
+    pdl_prologue();
     u32 seq = seq_list ? seq_list[blockIdx.y] : blockIdx.y;
     int ctx = (int)seq_ctx[seq], width = c + dr;
     const u32* table = block_tables + seq_bt_off[seq];
@@ -120,6 +122,7 @@ extern "C" __global__ void gather_context(const T* cache, const u32* seq_list, c
 extern "C" __global__ void mla_expanded(const T* q, const T* kv, const T* kpe, const u32* tok_list,
                                         const u32* tok_seq, const u32* tok_visible, const u32* seq_goff, T* out,
                                         int h, int dn, int dr, int dv, float scale) {
+    pdl_prologue();
     extern __shared__ float smem[];
     int t = tok_list ? (int)tok_list[blockIdx.x] : (int)blockIdx.x;
     int head = blockIdx.y, qd = dn + dr, kvw = h * (dn + dv);
@@ -232,6 +235,7 @@ extern "C" __global__ void __launch_bounds__(DEC_THREADS) mla_decode(
     const T* q, const T* q_lat, const T* cache, const u32* tok_list, const u32* tok_seq, const u32* tok_visible,
     const u32* seq_bt_off, const u32* block_tables, float* part_o, float* part_ml, int h, int qd, int dn, int bs,
     int splits, float scale) {
+    pdl_prologue();
 #if defined(DSV2_BF16) && __CUDA_ARCH__ >= 800
     extern __shared__ __align__(16) unsigned char dec_smem[];
     u16* qs = (u16*)dec_smem;                            // [16][DEC_STRIDE]
@@ -395,6 +399,7 @@ extern "C" __global__ void __launch_bounds__(DEC_THREADS) mla_decode(
 // splits' maxima and sums into weights.
 extern "C" __global__ void mla_decode_combine(const float* part_o, const float* part_ml, const u32* tok_list,
                                               T* o_lat, int h, int c, int splits) {
+    pdl_prologue();
     __shared__ float wts[32];
     int t = tok_list ? (int)tok_list[blockIdx.x] : (int)blockIdx.x;
     int chunks = c / 128;
@@ -439,6 +444,7 @@ extern "C" __global__ void mla_decode_combine(const float* part_o, const float* 
 extern "C" __global__ void __launch_bounds__(128) mla_prefill(
     const T* q, const T* kv, const T* kpe, const u32* seq_list, const u32* seq_qstart, const u32* seq_qlen,
     const u32* seq_ctx, const u32* seq_goff, T* out, int h, float scale) {
+    pdl_prologue();
 #if defined(DSV2_BF16) && __CUDA_ARCH__ >= 800
     __shared__ __align__(16) u16 ks[PF_BLOCK * PF_KSTRIDE];  // Q first, then key blocks
     __shared__ __align__(16) u16 vs[PF_BLOCK * PF_VSTRIDE];

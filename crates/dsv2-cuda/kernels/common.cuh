@@ -94,3 +94,13 @@ __device__ __forceinline__ float dot8(uint4 w, uint4 x) {
     }
     return s;
 }
+
+// Programmatic dependent launch (sm_90): the backend launches every kernel allowing it to
+// start while the previous one finishes; each kernel first waits for its predecessor's
+// completion (and memory), then lets its own successor launch. Before sm_90: nothing.
+__device__ __forceinline__ void pdl_prologue() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;\n" ::: "memory");
+    asm volatile("griddepcontrol.launch_dependents;\n" :::);
+#endif
+}

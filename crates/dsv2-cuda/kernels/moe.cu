@@ -95,6 +95,7 @@ __device__ void route_row(float* p, int t, u32* ids, float* weights, int e, int 
 
 extern "C" __global__ void moe_route(float* logits, u32* ids, float* weights, int rows, int e, int k,
                                      int n_group, int topk_group, int norm_topk_prob, float scaling) {
+    pdl_prologue();
     int t = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (t >= rows) return;
     route_row(logits + (u64)t * e, t, ids, weights, e, k, n_group, topk_group, norm_topk_prob, scaling);
@@ -106,6 +107,7 @@ extern "C" __global__ void moe_route(float* logits, u32* ids, float* weights, in
 extern "C" __global__ void moe_route_small(const T* x, const T* gate, u32* ids, float* weights, int e, int k,
                                            int n_group, int topk_group, int norm_topk_prob, float scaling,
                                            int d) {
+    pdl_prologue();
 #ifdef DSV2_BF16
     __shared__ float logits[1024];
     int t = blockIdx.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -144,6 +146,7 @@ struct TilePtrs {
 extern "C" __global__ void moe_plan(const u32* ids, int pairs, int k, int e, int m_tile, int max_tiles,
                                     const u64* expert_w, u64 x_in, u64 gate_out, u64 up_out, u64 down_out,
                                     int d, int inter, int elem_bytes, u32* row_token, u32* slot_of, u64* ptrs) {
+    pdl_prologue();
     __shared__ u32 count[1024];
     __shared__ u32 start[1025];
     __shared__ u32 fill[1024];
@@ -208,6 +211,7 @@ extern "C" __global__ void moe_plan(const u32* ids, int pairs, int k, int e, int
 
 // xg[r] = x[row_token[r]] (zeros for padding rows): grid (rows of all tiles).
 extern "C" __global__ void moe_gather(const T* x, const u32* row_token, T* xg, int d) {
+    pdl_prologue();
     u32 tok = row_token[blockIdx.x];
     T* dst = xg + (u64)blockIdx.x * d;
     if (tok == NO_TOKEN) {
@@ -222,6 +226,7 @@ extern "C" __global__ void moe_gather(const T* x, const u32* row_token, T* xg, i
 // the rounded routed sum). `out` holds the shared experts' output on entry. grid (rows).
 extern "C" __global__ void moe_combine(const T* y, const u32* slot_of, const float* weights, T* out, int d,
                                        int k, int has_shared) {
+    pdl_prologue();
     u64 t = blockIdx.x;
     T* o = out + t * d;
     for (int i = threadIdx.x; i < d; i += blockDim.x) {
@@ -251,6 +256,7 @@ extern "C" __global__ void moe_combine(const T* y, const u32* slot_of, const flo
 extern "C" __global__ void moe_small_up(const T* x, const u32* ids, const u64* expert_w, int e, int k, int rows,
                                         const T* sh_gate, const T* sh_up, int inter, int inter_sh, int d, T* hid,
                                         T* hid_sh) {
+    pdl_prologue();
 #ifdef DSV2_BF16
     int p = blockIdx.y, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const T *wg, *wu;
@@ -325,6 +331,7 @@ __device__ __forceinline__ void small_rows_dot(const T* w, int row0, int rows_to
 extern "C" __global__ void moe_small_down(const T* hid, const T* hid_sh, const u32* ids, const u64* expert_w,
                                           int e, int k, const T* sh_down, int inter, int inter_sh, int d,
                                           int has_shared, float* part) {
+    pdl_prologue();
 #ifdef DSV2_BF16
     int t = blockIdx.y / (k + 1), j = blockIdx.y % (k + 1), lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     int j0 = blockIdx.x * SMALL_ROWS_PER_BLOCK + warp * SMALL_ROWS_PER_WARP;
@@ -349,6 +356,7 @@ extern "C" __global__ void moe_small_down(const T* hid, const T* hid_sh, const u
 // routed sum), the combination of moe_combine. grid (rows, ceil(d / 256)), block 256.
 extern "C" __global__ void moe_small_combine(const float* part, const float* weights, int k, int d,
                                              int has_shared, T* out) {
+    pdl_prologue();
     u64 t = blockIdx.x;
     const float* pt = part + t * (k + 1) * d;
     int i = blockIdx.y * blockDim.x + threadIdx.x;
@@ -369,6 +377,7 @@ extern "C" __global__ void moe_small_combine(const float* part, const float* wei
 #define GEMV_MAX_ROWS 8
 extern "C" __global__ void gemv_small(const T* x, const T* w, void* out, int rows, int n, int k, int out_f32,
                                       int ldx, int ldo, u64 bx, u64 bw, u64 bo) {
+    pdl_prologue();
 #ifdef DSV2_BF16
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     int n0 = (blockIdx.x * (blockDim.x >> 5) + warp) * 2;
@@ -421,6 +430,7 @@ extern "C" __global__ void gemv_small(const T* x, const T* w, void* out, int row
 // meet in shared memory. q [T, h, qd]. grid (c / 128, h), block 256; dn % 4 == 0.
 extern "C" __global__ void absorb_q_small(const T* q, const T* kv_b, T* q_lat, int rows, int h, int qd, int dn,
                                           int dv, int c) {
+    pdl_prologue();
 #ifdef DSV2_BF16
     __shared__ float part[4][GEMV_MAX_ROWS][128];
     int head = blockIdx.y, grp = threadIdx.x >> 6, lc = (threadIdx.x & 63) * 2;
@@ -472,6 +482,7 @@ extern "C" __global__ void absorb_q_small(const T* q, const T* kv_b, T* q_lat, i
 // tiles' weight addresses (moe_plan's arrays).
 extern "C" __global__ void moe_tile_up(const T* x, const u32* row_token, const u64* gate_w, const u64* up_w,
                                        int inter, int d, T* h) {
+    pdl_prologue();
 #ifdef DSV2_BF16
     int tile = blockIdx.y, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const u32* rt = row_token + (u64)tile * TILE_M;
@@ -521,6 +532,7 @@ extern "C" __global__ void moe_tile_up(const T* x, const u32* row_token, const u
 // grid (ceil(d / 8), max_tiles), block 128.
 extern "C" __global__ void moe_tile_down(const T* h, const u32* row_token, const u64* down_w, int inter, int d,
                                          T* y) {
+    pdl_prologue();
 #ifdef DSV2_BF16
     int tile = blockIdx.y, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const u32* rt = row_token + (u64)tile * TILE_M;

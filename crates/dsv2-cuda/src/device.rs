@@ -46,6 +46,7 @@ const DRIVER_SYMBOLS: &[&str] = &[
     "cuModuleGetFunction",
     "cuModuleUnload",
     "cuLaunchKernel",
+    "cuLaunchKernelEx",
     "cuFuncSetAttribute",
     "cuStreamBeginCapture_v2",
     "cuStreamEndCapture",
@@ -234,6 +235,8 @@ pub(crate) struct Device {
     /// Most rows `linear` runs through `gemv_small` (bf16; `DSV2_CUDA_GEMV_MAX`, at most
     /// 8, 0 for cuBLAS always).
     gemv_max_rows: usize,
+    /// Launch with programmatic dependent launch (sm_90; `DSV2_CUDA_PDL=0` turns it off).
+    pdl: bool,
 }
 
 /// Event timings of every op, grouped by the step's token count and the op's name.
@@ -422,6 +425,7 @@ impl Device {
             arch,
             bf16,
             profile,
+            pdl: arch.0 >= 9 && std::env::var("DSV2_CUDA_PDL").map_or(true, |v| v != "0"),
             gemv_max_rows: std::env::var("DSV2_CUDA_GEMV_MAX")
                 .ok()
                 .and_then(|v| v.parse().ok())
@@ -586,21 +590,58 @@ impl Device {
             .map(|s| s as *mut u64 as *mut c_void)
             .collect();
         let prof = self.prof_start();
-        // SAFETY: every parameter points to an 8-byte slot holding the value of the
-        // kernel's parameter in its low bytes (little-endian); the slots outlive the call,
-        // which copies them. Device addresses passed in are live allocations sized by the
-        // callers for the kernel's documented shapes.
-        unsafe {
-            drv::launch_kernel(
-                f.cu_function(),
-                (grid.0 as u32, grid.1 as u32, 1),
-                (block, 1, 1),
-                smem,
-                self.stream.cu_stream(),
-                &mut params,
-            )
+        if self.pdl {
+            // Programmatic dependent launch: the kernel may start while the previous one
+            // drains; every kernel begins with `pdl_prologue` (common.cuh), which waits for
+            // its predecessor's completion before touching memory.
+            // SAFETY: a zeroed attribute value is valid; only the serialization flag is set.
+            let mut value: drv_sys::CUlaunchAttributeValue = unsafe { std::mem::zeroed() };
+            value.programmaticStreamSerializationAllowed = 1;
+            let mut attr = drv_sys::CUlaunchAttribute {
+                id: drv_sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION,
+                pad: [0; 4],
+                value,
+            };
+            let config = drv_sys::CUlaunchConfig {
+                gridDimX: grid.0 as u32,
+                gridDimY: grid.1 as u32,
+                gridDimZ: 1,
+                blockDimX: block,
+                blockDimY: 1,
+                blockDimZ: 1,
+                sharedMemBytes: smem,
+                hStream: self.stream.cu_stream(),
+                attrs: &mut attr,
+                numAttrs: 1,
+            };
+            // SAFETY: as for cuLaunchKernel below; `config` and `attr` outlive the call.
+            unsafe {
+                drv_sys::cuLaunchKernelEx(
+                    &config,
+                    f.cu_function(),
+                    params.as_mut_ptr(),
+                    std::ptr::null_mut(),
+                )
+            }
+            .result()
+            .ctx(format!("launching kernel `{name}`"))?;
+        } else {
+            // SAFETY: every parameter points to an 8-byte slot holding the value of the
+            // kernel's parameter in its low bytes (little-endian); the slots outlive the
+            // call, which copies them. Device addresses passed in are live allocations
+            // sized by the callers for the kernel's documented shapes.
+            unsafe {
+                drv::launch_kernel(
+                    f.cu_function(),
+                    (grid.0 as u32, grid.1 as u32, 1),
+                    (block, 1, 1),
+                    smem,
+                    self.stream.cu_stream(),
+                    &mut params,
+                )
+            }
+            .ctx(format!("launching kernel `{name}`"))?;
         }
-        .ctx(format!("launching kernel `{name}`"))?;
         self.prof_end(prof, name);
         Ok(())
     }
