@@ -288,6 +288,7 @@ extern "C" __global__ void moe_small_up(const T* x, const u32* ids, const u64* e
         ur[r] = (const uint4*)(wu + (u64)i * d);
         ag[r] = au[r] = 0.0f;
     }
+#pragma unroll 4
     for (int c = lane; c < d / 8; c += 32) {
         uint4 xx = xv[c];
 #pragma unroll
@@ -316,6 +317,7 @@ __device__ __forceinline__ void small_rows_dot(const T* w, int row0, int rows_to
         wr[r] = (const uint4*)(w + (u64)min(row0 + r, rows_total - 1) * n);
         acc[r] = 0.0f;
     }
+#pragma unroll 4
     for (int c = lane; c < n / 8; c += 32) {
         uint4 hh = hv[c];
 #pragma unroll
