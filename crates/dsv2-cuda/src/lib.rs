@@ -529,6 +529,9 @@ impl Backend for CudaBackend {
             logits_rows: c.logits_rows,
         };
         if let Some(g) = graphs.ready.get(&gk) {
+            // The checks the skipped ops would make on the host: the step's slots and
+            // block tables must fit the cache.
+            attention::check_step_against_cache("step graph", step, &cache.spec)?;
             g.0.launch()
                 .map_err(|e| error::unsupported("step graph", format!("launch: {e:?}")))?;
             return Ok(true);
