@@ -375,6 +375,23 @@ pub trait Backend: Send + Sync {
         out: &mut Self::Buffer,
     ) -> Result<()>;
 
+    /// Two products of the same input, `out_a = x · w_aᵀ` and `out_b = x · w_bᵀ` (a layer's
+    /// query and latent projections), in one pass where a backend can. The default runs
+    /// two [`linear`](Self::linear)s.
+    #[allow(clippy::too_many_arguments)]
+    fn linear_pair(
+        &self,
+        x: &Self::Buffer,
+        rows: usize,
+        w_a: &Self::Weight,
+        out_a: &mut Self::Buffer,
+        w_b: &Self::Weight,
+        out_b: &mut Self::Buffer,
+    ) -> Result<()> {
+        self.linear(x, rows, w_a, out_a)?;
+        self.linear(x, rows, w_b, out_b)
+    }
+
     /// `acc[i] += x[i]` for the first `len` values (the residual add).
     fn add_assign(&self, acc: &mut Self::Buffer, x: &Self::Buffer, len: usize) -> Result<()>;
 
@@ -413,6 +430,25 @@ pub trait Backend: Send + Sync {
         layer: usize,
         cache: &mut Self::Cache,
     ) -> Result<()>;
+
+    /// [`rope_queries`](Self::rope_queries) then
+    /// [`mla_write_cache`](Self::mla_write_cache), in one pass where a backend can (the
+    /// default runs both).
+    #[allow(clippy::too_many_arguments)]
+    fn rope_and_write_cache(
+        &self,
+        q: &mut Self::Buffer,
+        dims: MlaDims,
+        kv_a: &Self::Buffer,
+        kv_norm: &Self::Weight,
+        eps: f32,
+        step: &Self::Step,
+        layer: usize,
+        cache: &mut Self::Cache,
+    ) -> Result<()> {
+        self.rope_queries(q, dims, step)?;
+        self.mla_write_cache(kv_a, kv_norm, eps, step, layer, cache)
+    }
 
     /// Causal attention of every sequence's new tokens over its cached latents; writes
     /// `out` `[T, H * Dv]` (heads concatenated, ready for `o_proj`).

@@ -103,6 +103,24 @@ extern "C" __global__ void mla_write_cache(const T* kv_a, const float* w, const 
         rotate_pair(src + c + 2 * p, dst + c + 2 * p, cos[t * half + p], sin[t * half + p]);
 }
 
+// rope_queries and mla_write_cache of token blockIdx.x in one launch (their arguments).
+extern "C" __global__ void rope_and_write_cache(T* q, const T* kv_a, const float* w, const u32* slots,
+                                                const float* cos, const float* sin, T* cache, int h, int qd,
+                                                int dn, int c, int dr, float eps) {
+    pdl_prologue();
+    int t = blockIdx.x, width = c + dr, half = dr / 2;
+    const T* src = kv_a + (u64)t * width;
+    T* dst = cache + (u64)slots[t] * width;
+    rms_norm_row(src, w, dst, c, eps);
+    for (int p = threadIdx.x; p < half; p += blockDim.x)
+        rotate_pair(src + c + 2 * p, dst + c + 2 * p, cos[t * half + p], sin[t * half + p]);
+    for (int i = threadIdx.x; i < h * half; i += blockDim.x) {
+        int head = i / half, p = i - head * half;
+        T* x = q + (u64)t * h * qd + (u64)head * qd + dn + 2 * p;
+        rotate_pair(x, x, cos[t * half + p], sin[t * half + p]);
+    }
+}
+
 // g[i] = rnd(rnd(silu(g[i])) * u[i]) for i < n: the SwiGLU product, in place.
 extern "C" __global__ void silu_mul(T* g, const T* u, u64 n) {
     pdl_prologue();

@@ -375,14 +375,25 @@ extern "C" __global__ void moe_small_combine(const float* part, const float* wei
 // memory's speed). w [N, K] with K % 8 == 0 (rows K apart); x rows ldx apart, out rows
 // ldo apart; blockIdx.y selects a batch member (offsets bx, bw, bo elements apart: the
 // heads of the absorbed W_UV product). out f32 when out_f32, else rounded to T, as a
-// bf16 GEMM output. grid (ceil(N / 8), batch), block 128: two rows a warp.
+// bf16 GEMM output. grid (ceil(N / 8) + ceil(N2 / 8), batch), block 128: two rows a warp.
+// Blocks from blocks_a on compute a second product of the same x (the pair of a layer's
+// query and latent projections): w2 [N2, K] into out2 (rows N2 apart), batch 1 only.
 #define GEMV_MAX_ROWS 8
 extern "C" __global__ void gemv_small(const T* x, const T* w, void* out, int rows, int n, int k, int out_f32,
-                                      int ldx, int ldo, u64 bx, u64 bw, u64 bo) {
+                                      int ldx, int ldo, u64 bx, u64 bw, u64 bo, const T* w2, void* out2, int n2,
+                                      int blocks_a) {
     pdl_prologue();
 #ifdef DSV2_BF16
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    int n0 = (blockIdx.x * (blockDim.x >> 5) + warp) * 2;
+    int bid = blockIdx.x;
+    if (bid >= blocks_a) {
+        bid -= blocks_a;
+        w = w2;
+        out = out2;
+        n = n2;
+        ldo = n2;
+    }
+    int n0 = (bid * (blockDim.x >> 5) + warp) * 2;
     if (n0 >= n) return;
     x += blockIdx.y * bx;
     w += blockIdx.y * bw;

@@ -146,6 +146,7 @@ pub(crate) struct Kernels {
     pub add_assign: CudaFunction,
     pub add_rms_norm: CudaFunction,
     pub rope_queries: CudaFunction,
+    pub rope_and_write_cache: CudaFunction,
     pub mla_write_cache: CudaFunction,
     pub silu_mul: CudaFunction,
     pub gather_rows: CudaFunction,
@@ -189,6 +190,7 @@ impl Kernels {
             add_assign: f(&ew, "add_assign")?,
             add_rms_norm: f(&ew, "add_rms_norm")?,
             rope_queries: f(&ew, "rope_queries")?,
+            rope_and_write_cache: f(&ew, "rope_and_write_cache")?,
             mla_write_cache: f(&ew, "mla_write_cache")?,
             silu_mul: f(&ew, "silu_mul")?,
             gather_rows: f(&ew, "gather_rows")?,
@@ -767,15 +769,30 @@ impl Device {
     /// member `i` offset by `i * strides` elements (x, w, out). Callers check
     /// `gemv_applies` and `k % 8 == 0`.
     pub fn gemv(&self, op: &str, g: &Gemv, batch: usize, strides: [usize; 3]) -> Result<()> {
+        self.gemv_pair(op, g, None, batch, strides)
+    }
+
+    /// `gemv`, plus (batch 1) a second product `(w, out, n)` of the same input in the
+    /// same launch.
+    pub fn gemv_pair(
+        &self,
+        op: &str,
+        g: &Gemv,
+        second: Option<(u64, u64, usize)>,
+        batch: usize,
+        strides: [usize; 3],
+    ) -> Result<()> {
         let i32_of = |v: usize| -> Result<KArg> {
             i32::try_from(v)
                 .map(KArg::from)
                 .map_err(|_| unsupported(op, format!("GEMV dimension {v} over 32 bits")))
         };
+        let blocks_a = g.n.div_ceil(8);
+        let (w2, out2, n2) = second.unwrap_or((0, 0, 0));
         self.launch(
             &self.kernels.gemv_small,
             op,
-            (g.n.div_ceil(8), batch),
+            (blocks_a + n2.div_ceil(8), batch),
             128,
             0,
             &[
@@ -791,6 +808,10 @@ impl Device {
                 (strides[0] as u64).into(),
                 (strides[1] as u64).into(),
                 (strides[2] as u64).into(),
+                w2.into(),
+                out2.into(),
+                i32_of(n2)?,
+                i32_of(blocks_a)?,
             ],
         )
     }

@@ -364,6 +364,29 @@ impl CudaBackend {
         self.gemm_rows("mlp down_proj", g, rows, &mlp.down_proj, out.ptr(), false)
     }
 
+    /// Checks a latent cache write of `layer`; returns the latent width.
+    fn check_cache_write(
+        &self,
+        op: &str,
+        kv_a: &CudaBuffer,
+        kv_norm: &CudaWeight,
+        step: &CudaStep,
+        layer: usize,
+        cache: &CudaCache,
+    ) -> Result<usize> {
+        let spec = cache.spec;
+        let c = kv_norm.vector(op)?;
+        if c != spec.kv_lora_rank || layer >= spec.num_layers {
+            return Err(error::unsupported(
+                op,
+                format!("layer {layer}, latent {c} vs cache {spec:?}"),
+            ));
+        }
+        attention::check_step_against_cache(op, step, &spec)?;
+        self.check_len(op, "kv_a", kv_a, step.counts.tokens * spec.width())?;
+        Ok(c)
+    }
+
     fn silu_mul(&self, g: u64, u: u64, n: usize) -> Result<()> {
         let k = &self.dev.kernels;
         self.dev.launch(
@@ -647,6 +670,91 @@ impl Backend for CudaBackend {
         )?)
     }
 
+    fn linear_pair(
+        &self,
+        x: &CudaBuffer,
+        rows: usize,
+        w_a: &CudaWeight,
+        out_a: &mut CudaBuffer,
+        w_b: &CudaWeight,
+        out_b: &mut CudaBuffer,
+    ) -> BResult<()> {
+        let (n_a, k_a) = w_a.matrix("linear_pair")?;
+        let (n_b, k_b) = w_b.matrix("linear_pair")?;
+        if k_a != k_b || !self.dev.gemv_applies(rows) || !k_a.is_multiple_of(8) {
+            self.linear(x, rows, w_a, out_a)?;
+            return self.linear(x, rows, w_b, out_b);
+        }
+        self.check_len("linear_pair", "input", x, rows * k_a)?;
+        self.check_len("linear_pair", "first output", out_a, rows * n_a)?;
+        self.check_len("linear_pair", "second output", out_b, rows * n_b)?;
+        Ok(self.dev.gemv_pair(
+            "linear_pair",
+            &device::Gemv {
+                x: x.ptr(),
+                w: w_a.ptr(),
+                out: out_a.ptr(),
+                rows,
+                n: n_a,
+                k: k_a,
+                out_f32: false,
+                ldx: k_a,
+                ldo: n_a,
+            },
+            Some((w_b.ptr(), out_b.ptr(), n_b)),
+            1,
+            [0; 3],
+        )?)
+    }
+
+    fn rope_and_write_cache(
+        &self,
+        q: &mut CudaBuffer,
+        dims: MlaDims,
+        kv_a: &CudaBuffer,
+        kv_norm: &CudaWeight,
+        eps: f32,
+        step: &CudaStep,
+        layer: usize,
+        cache: &mut CudaCache,
+    ) -> BResult<()> {
+        let op = "rope_and_write_cache";
+        let t = step.counts.tokens;
+        let qd = dims.q_head_dim();
+        self.check_len(op, "queries", q, t * dims.num_heads * qd)?;
+        let c = self.check_cache_write(op, kv_a, kv_norm, step, layer, cache)?;
+        if dims.rope_dim != cache.spec.rope_dim {
+            return Err(error::unsupported(
+                op,
+                format!("RoPE width {} vs cache {:?}", dims.rope_dim, cache.spec),
+            )
+            .into());
+        }
+        let k = &self.dev.kernels;
+        Ok(self.dev.launch(
+            &k.rope_and_write_cache,
+            op,
+            (t, 1),
+            ROW_THREADS,
+            0,
+            &[
+                q.ptr().into(),
+                kv_a.ptr().into(),
+                kv_norm.ptr().into(),
+                step.at(step.layout.slots).into(),
+                step.at(step.layout.cos).into(),
+                step.at(step.layout.sin).into(),
+                attention::layer_ptr(self, cache, layer).into(),
+                (dims.num_heads as i32).into(),
+                (qd as i32).into(),
+                (dims.nope_dim as i32).into(),
+                (c as i32).into(),
+                (dims.rope_dim as i32).into(),
+                eps.into(),
+            ],
+        )?)
+    }
+
     fn add_rms_norm(
         &self,
         acc: &mut CudaBuffer,
@@ -719,21 +827,7 @@ impl Backend for CudaBackend {
         cache: &mut CudaCache,
     ) -> BResult<()> {
         let spec = cache.spec;
-        let c = kv_norm.vector("mla_write_cache")?;
-        if c != spec.kv_lora_rank || layer >= spec.num_layers {
-            return Err(error::unsupported(
-                "mla_write_cache",
-                format!("layer {layer}, latent {c} vs cache {spec:?}"),
-            )
-            .into());
-        }
-        attention::check_step_against_cache("mla_write_cache", step, &spec)?;
-        self.check_len(
-            "mla_write_cache",
-            "kv_a",
-            kv_a,
-            step.counts.tokens * spec.width(),
-        )?;
+        let c = self.check_cache_write("mla_write_cache", kv_a, kv_norm, step, layer, cache)?;
         let k = &self.dev.kernels;
         Ok(self.dev.launch(
             &k.mla_write_cache,

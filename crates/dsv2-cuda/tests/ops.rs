@@ -405,6 +405,103 @@ fn small_batch_linear() {
     });
 }
 
+/// `linear_pair` (one GEMV launch for both products up to 8 rows) and
+/// `rope_and_write_cache` (one kernel) against the CPU's unfused defaults.
+#[test]
+fn fused_projection_pair_and_cache_write() {
+    each_dtype(|dtype, cpu, gpu| {
+        let (k, na, nb) = (256, 200, 72);
+        let wa = tensor("wa", &[na, k], 5, 0.2);
+        let wb = tensor("wb", &[nb, k], 6, 0.2);
+        let (wac, wag) = (cpu.load_weight(&wa).unwrap(), gpu.load_weight(&wa).unwrap());
+        let (wbc, wbg) = (cpu.load_weight(&wb).unwrap(), gpu.load_weight(&wb).unwrap());
+        for rows in [1usize, 3, 9] {
+            let x = bf16_values(rows * k, 60 + rows as u64, 1.0);
+            let (xc, xg) = inputs(gpu, &x);
+            let (mut ac, mut bc) = (cpu.alloc(rows * na).unwrap(), cpu.alloc(rows * nb).unwrap());
+            let (mut ag, mut bg) = (gpu.alloc(rows * na).unwrap(), gpu.alloc(rows * nb).unwrap());
+            cpu.linear_pair(&xc, rows, &wac, &mut ac, &wbc, &mut bc)
+                .unwrap();
+            gpu.linear_pair(&xg, rows, &wag, &mut ag, &wbg, &mut bg)
+                .unwrap();
+            check(
+                &format!("linear_pair a rows {rows}"),
+                dtype,
+                &gpu.download(&ag).unwrap(),
+                &ac,
+            );
+            check(
+                &format!("linear_pair b rows {rows}"),
+                dtype,
+                &gpu.download(&bg).unwrap(),
+                &bc,
+            );
+        }
+        // RoPE of the queries and the cache write of a paged batch, fused on the GPU.
+        let (h, dn, dr, c) = (16, 128, 64, 512);
+        let block = 16;
+        let (_, batch, num_blocks) = attention_batches(block);
+        let spec = CacheSpec {
+            num_layers: 2,
+            num_blocks,
+            block_size: block,
+            kv_lora_rank: c,
+            rope_dim: dr,
+        };
+        let (mut cc, mut cg) = (
+            cpu.alloc_cache(spec).unwrap(),
+            gpu.alloc_cache(spec).unwrap(),
+        );
+        let kv_norm = norm_tensor("kv_norm", c, 13);
+        let (nc, ng) = (
+            cpu.load_weight(&kv_norm).unwrap(),
+            gpu.load_weight(&kv_norm).unwrap(),
+        );
+        let dims = MlaDims {
+            num_heads: h,
+            nope_dim: dn,
+            rope_dim: dr,
+            v_dim: 128,
+            kv_lora_rank: c,
+            softmax_scale: 0.1,
+        };
+        let t = batch.num_tokens();
+        let cos: Vec<f32> = values(t * dr / 2, 21, 1.0);
+        let sin: Vec<f32> = cos.iter().map(|v| (1.0 - v * v).sqrt()).collect();
+        let angles = RopeAngles {
+            cos: &cos,
+            sin: &sin,
+        };
+        let (mut sc, mut sg) = (cpu.alloc_step(t).unwrap(), gpu.alloc_step(t).unwrap());
+        cpu.prepare_step(&batch, angles, &mut sc).unwrap();
+        gpu.prepare_step(&batch, angles, &mut sg).unwrap();
+        let kv_a = bf16_values(t * (c + dr), 31, 2.0);
+        let (kc, kg) = inputs(gpu, &kv_a);
+        let q = bf16_values(t * h * (dn + dr), 41, 1.0);
+        let (mut qc, mut qg) = inputs(gpu, &q);
+        cpu.rope_and_write_cache(&mut qc, dims, &kc, &nc, 1e-6, &sc, 1, &mut cc)
+            .unwrap();
+        gpu.rope_and_write_cache(&mut qg, dims, &kg, &ng, 1e-6, &sg, 1, &mut cg)
+            .unwrap();
+        check(
+            "rope_and_write_cache q",
+            dtype,
+            &gpu.download(&qg).unwrap(),
+            &qc,
+        );
+        let all = gpu.download_cache(&cg).unwrap();
+        let w = c + dr;
+        let slots = num_blocks * block;
+        let (mut got, mut want) = (Vec::new(), Vec::new());
+        for &slot in &batch.slots {
+            let at = (slots + slot as usize) * w;
+            got.extend_from_slice(&all[at..at + w]);
+            want.extend_from_slice(cc.row(1, slot as usize));
+        }
+        check("rope_and_write_cache cache", dtype, &got, &want);
+    });
+}
+
 fn mlp_weights<B: Backend>(
     be: &B,
     prefix: &str,

@@ -482,23 +482,41 @@ impl<B: Backend> Model<B> {
         path: AttentionPath,
     ) -> Result<()> {
         let eps = self.config.rms_norm_eps as f32;
-        // q = q_proj(x), or q_b_proj(q_a_layernorm(q_a_proj(x))); RoPE on each head's tail.
+        // q = q_proj(x), or q_b_proj(q_a_layernorm(q_a_proj(x))), and
+        // [latent | k_pe] = kv_a_proj_with_mqa(x): the two products of x in one call.
+        let kv_a_proj = &attn.kv_a_proj_with_mqa;
         match &attn.query {
-            QueryProj::Plain { q_proj } => backend.linear(&ws.normed, t, q_proj, &mut ws.q)?,
+            QueryProj::Plain { q_proj } => {
+                backend.linear_pair(&ws.normed, t, q_proj, &mut ws.q, kv_a_proj, &mut ws.kv_a)?
+            }
             QueryProj::LowRank {
                 q_a_proj,
                 q_a_layernorm,
                 q_b_proj,
             } => {
-                backend.linear(&ws.normed, t, q_a_proj, &mut ws.q_low)?;
+                backend.linear_pair(
+                    &ws.normed,
+                    t,
+                    q_a_proj,
+                    &mut ws.q_low,
+                    kv_a_proj,
+                    &mut ws.kv_a,
+                )?;
                 backend.rms_norm(&ws.q_low, q_a_layernorm, eps, t, &mut ws.q_low_normed)?;
                 backend.linear(&ws.q_low_normed, t, q_b_proj, &mut ws.q)?;
             }
         }
-        backend.rope_queries(&mut ws.q, self.dims, &ws.step)?;
-        // [latent | k_pe] = kv_a_proj_with_mqa(x); cache kv_a_layernorm(latent), rope(k_pe).
-        backend.linear(&ws.normed, t, &attn.kv_a_proj_with_mqa, &mut ws.kv_a)?;
-        backend.mla_write_cache(&ws.kv_a, &attn.kv_a_layernorm, eps, &ws.step, layer, cache)?;
+        // RoPE on each query head's tail; cache kv_a_layernorm(latent) and rope(k_pe).
+        backend.rope_and_write_cache(
+            &mut ws.q,
+            self.dims,
+            &ws.kv_a,
+            &attn.kv_a_layernorm,
+            eps,
+            &ws.step,
+            layer,
+            cache,
+        )?;
         backend.mla_attention(
             MlaAttention {
                 q: &ws.q,
