@@ -399,6 +399,28 @@ pub trait Backend: Send + Sync {
         step: &mut Self::Step,
     ) -> Result<()>;
 
+    /// Starts the device work of a step that the backend may replay as a whole (a CUDA
+    /// graph): called after [`prepare_step`](Self::prepare_step), before the step's ops.
+    /// `key` names the model and the ops the caller is about to issue (same key, same
+    /// sequence of ops for a step of the same shape). Returns `true` when the backend has
+    /// already issued the whole work (a replay): the caller then skips the ops and goes
+    /// on after [`end_step_graph`](Self::end_step_graph)'s place. Returns `false` when
+    /// the caller must issue the ops and then call `end_step_graph` (the backend may be
+    /// recording them). The default never replays.
+    fn begin_step_graph(&self, step: &Self::Step, cache: &Self::Cache, key: u64) -> Result<bool> {
+        let _ = (step, cache, key);
+        Ok(false)
+    }
+
+    /// Ends what [`begin_step_graph`](Self::begin_step_graph) started when it returned
+    /// `false`: `ok` says whether every op of the step succeeded (if not, any recording is
+    /// dropped). When the ops were recorded, the recording is issued now. The default
+    /// does nothing.
+    fn end_step_graph(&self, step: &Self::Step, ok: bool) -> Result<()> {
+        let _ = (step, ok);
+        Ok(())
+    }
+
     /// `out[t] = table[token_ids[t]]`: table `[V, D]`, out `[T, D]`.
     fn embed(&self, table: &Self::Weight, step: &Self::Step, out: &mut Self::Buffer) -> Result<()>;
 
@@ -421,8 +443,44 @@ pub trait Backend: Send + Sync {
         out: &mut Self::Buffer,
     ) -> Result<()>;
 
+    /// Two products of the same input, `out_a = x · w_aᵀ` and `out_b = x · w_bᵀ` (a layer's
+    /// query and latent projections), in one pass where a backend can. The default runs
+    /// two [`linear`](Self::linear)s.
+    #[allow(clippy::too_many_arguments)]
+    fn linear_pair(
+        &self,
+        x: &Self::Buffer,
+        rows: usize,
+        w_a: &Self::Weight,
+        out_a: &mut Self::Buffer,
+        w_b: &Self::Weight,
+        out_b: &mut Self::Buffer,
+    ) -> Result<()> {
+        self.linear(x, rows, w_a, out_a)?;
+        self.linear(x, rows, w_b, out_b)
+    }
+
     /// `acc[i] += x[i]` for the first `len` values (the residual add).
     fn add_assign(&self, acc: &mut Self::Buffer, x: &Self::Buffer, len: usize) -> Result<()>;
+
+    /// The residual add then the next block's RMSNorm, fused where a backend can:
+    /// `acc += x` over `rows` rows of width `dim`, then `out = rms_norm(acc)` with
+    /// `weight` `[dim]`. The default runs [`add_assign`](Self::add_assign) and
+    /// [`rms_norm`](Self::rms_norm).
+    #[allow(clippy::too_many_arguments)]
+    fn add_rms_norm(
+        &self,
+        acc: &mut Self::Buffer,
+        x: &Self::Buffer,
+        weight: &Self::Weight,
+        eps: f32,
+        rows: usize,
+        dim: usize,
+        out: &mut Self::Buffer,
+    ) -> Result<()> {
+        self.add_assign(acc, x, rows * dim)?;
+        self.rms_norm(acc, weight, eps, rows, out)
+    }
 
     /// Applies RoPE in place to the last `Dr` values of each of the `H` heads of `q`
     /// `[T, H, Dn + Dr]`, at the step's positions.
@@ -440,6 +498,25 @@ pub trait Backend: Send + Sync {
         layer: usize,
         cache: &mut Self::Cache,
     ) -> Result<()>;
+
+    /// [`rope_queries`](Self::rope_queries) then
+    /// [`mla_write_cache`](Self::mla_write_cache), in one pass where a backend can (the
+    /// default runs both).
+    #[allow(clippy::too_many_arguments)]
+    fn rope_and_write_cache(
+        &self,
+        q: &mut Self::Buffer,
+        dims: MlaDims,
+        kv_a: &Self::Buffer,
+        kv_norm: &Self::Weight,
+        eps: f32,
+        step: &Self::Step,
+        layer: usize,
+        cache: &mut Self::Cache,
+    ) -> Result<()> {
+        self.rope_queries(q, dims, step)?;
+        self.mla_write_cache(kv_a, kv_norm, eps, step, layer, cache)
+    }
 
     /// Causal attention of every sequence's new tokens over its cached latents; writes
     /// `out` `[T, H * Dv]` (heads concatenated, ready for `o_proj`).

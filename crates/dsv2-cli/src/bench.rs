@@ -5,8 +5,8 @@
 //!
 //! Decode at context `C`: every sequence's first `C` cache slots are filled cheaply
 //! ([`Model::write_latents`]: one `kv_a_proj_with_mqa` product per layer instead of a
-//! full prefill; attention costs the same whatever the cached values), one untimed step
-//! runs, then `--decode-tokens` steps of the whole batch are timed. The floor of a step
+//! full prefill; attention costs the same whatever the cached values), three untimed
+//! steps run (where a backend captures its step graphs), then `--decode-tokens` steps of the whole batch are timed. The floor of a step
 //! is the bytes it must read ([`floor::decode_step_bytes`]) over the read bandwidth the
 //! backend measures in the same run ([`Backend::measure_read_bandwidth`]).
 
@@ -32,6 +32,10 @@ use weights::{parse_weights_dtype, random_config, RandomWeights, Stored, WeightS
 const FILL_CHUNK: usize = 512;
 /// Tokens of the untimed prompt that runs before anything is timed.
 const WARMUP_TOKENS: usize = 32;
+/// Untimed decode steps before each decode row's timed ones: a backend that captures a
+/// step graph per batch shape (CUDA) does so in these, a one-time cost per shape that a
+/// server pays once, not per token.
+const WARMUP_STEPS: usize = 3;
 
 /// Options of `dsv2 bench`.
 #[derive(Args)]
@@ -51,6 +55,16 @@ pub struct BenchArgs {
     /// Prompt lengths of the prefill rows (comma-separated).
     #[arg(long, value_delimiter = ',', default_value = "128,512,2048")]
     prompt_lengths: Vec<usize>,
+    /// Prompts prefilled together in each prefill step (all of the row's length).
+    #[arg(long, default_value_t = 1)]
+    prefill_batch: usize,
+    /// Times each prefill row runs; the median is reported.
+    #[arg(long, default_value_t = 1)]
+    prefill_runs: usize,
+    /// Peak dense matrix rate of the device, TFLOP/s, for the prefill's MFU (default:
+    /// the H200/H100 SXM datasheet's dense bf16 figure).
+    #[arg(long, default_value_t = 989.0)]
+    peak_tflops: f64,
     /// Cached tokens per sequence before the timed decode steps (comma-separated).
     #[arg(long, value_delimiter = ',', default_value = "0,1024,4096")]
     contexts: Vec<usize>,
@@ -144,13 +158,16 @@ fn check_grid(args: &BenchArgs, config: &ModelConfig) -> Result<()> {
         "--batch-sizes must be positive"
     );
     ensure!(args.decode_tokens > 0, "--decode-tokens must be positive");
+    ensure!(args.prefill_batch > 0, "--prefill-batch must be positive");
+    ensure!(args.prefill_runs > 0, "--prefill-runs must be positive");
+    ensure!(args.peak_tflops > 0.0, "--peak-tflops must be positive");
     let max_pos = config.max_position_embeddings;
     let longest_prompt = args.prompt_lengths.iter().max().copied().unwrap_or(0);
     ensure!(
         longest_prompt <= max_pos,
         "a prompt of {longest_prompt} tokens exceeds max_position_embeddings ({max_pos})"
     );
-    let last_position = max_of(&args.contexts) + args.decode_tokens;
+    let last_position = max_of(&args.contexts) + WARMUP_STEPS + args.decode_tokens;
     ensure!(
         last_position < max_pos,
         "context {} plus {} decode steps reaches position {last_position}, past \
@@ -187,15 +204,21 @@ impl ModelTask for BenchTask<'_> {
         let rows = args.prompt_lengths.len() + args.contexts.len() * args.batch_sizes.len();
         let bar = rows_bar(rows as u64);
         bar.set_message(format!("warm-up ({WARMUP_TOKENS}-token prompt)"));
-        runner.prefill(WARMUP_TOKENS.min(runner.tokens.len()))?;
+        runner.prefill(WARMUP_TOKENS.min(runner.tokens.len()), 1)?;
 
         let mut prefill = Vec::new();
         for &len in &args.prompt_lengths {
             bar.set_message(format!("prefill of {len} tokens"));
-            let seconds = runner.prefill(len)?;
+            let mut runs = (0..args.prefill_runs)
+                .map(|_| runner.prefill(len, args.prefill_batch))
+                .collect::<Result<Vec<f64>>>()?;
+            runs.sort_by(f64::total_cmp);
+            let seconds = runs[runs.len() / 2];
             prefill.push(PrefillRow {
                 prompt_tokens: len,
+                prompts: args.prefill_batch,
                 seconds,
+                flops: args.prefill_batch as f64 * floor::prefill_flops(&model.config, len),
             });
             bar.inc(1);
         }
@@ -240,14 +263,15 @@ impl ModelTask for BenchTask<'_> {
             peak_rss_bytes,
             kv_bytes_per_token,
             bandwidth,
+            peak_flops: args.peak_tflops * 1e12,
             prefill,
             decode,
         })
     }
 }
 
-/// Mean bytes a timed decode step reads: step `i` (1-based, after the untimed one) of
-/// each sequence attends over `context + i + 1` cached tokens.
+/// Mean bytes a timed decode step reads: step `i` (0-based, after the untimed ones) of
+/// each sequence attends over `context + WARMUP_STEPS + i + 1` cached tokens.
 fn mean_step_bytes(
     config: &ModelConfig,
     source: &WeightSource,
@@ -259,11 +283,11 @@ fn mean_step_bytes(
     let distinct_experts = config.moe.as_ref().map_or(0.0, |moe| {
         expected_distinct_experts(batch, moe.num_experts_per_tok, moe.n_routed_experts)
     });
-    let total: f64 = (1..=steps)
+    let total: f64 = (0..steps)
         .map(|i| {
             let step = DecodeStep {
                 batch,
-                cache_tokens: batch * (context + i + 1),
+                cache_tokens: batch * (context + WARMUP_STEPS + i + 1),
                 distinct_experts,
             };
             decode_step_bytes(config, &step, kv_bytes_per_token, |t| {
@@ -284,8 +308,8 @@ struct Runner<'m, B: Backend> {
     ws: Workspace<B>,
     batch: Batch,
     block_size: usize,
-    /// Block table of the prefill rows' one sequence.
-    prompt_table: Vec<u32>,
+    /// Block tables of the prefill rows' sequences (disjoint).
+    prompt_tables: Vec<Vec<u32>>,
     /// Block tables of the decode rows' sequences (disjoint).
     seq_tables: Vec<Vec<u32>>,
     /// Token ids of prompts and filled contexts.
@@ -298,12 +322,15 @@ impl<'m, B: Backend> Runner<'m, B> {
         let max_prompt = max_of(&args.prompt_lengths).max(WARMUP_TOKENS);
         let max_context = max_of(&args.contexts);
         let max_batch = max_of(&args.batch_sizes);
-        // Positions context ..= context + steps (the untimed step, then the timed ones).
-        let blocks_per_seq = (max_context + args.decode_tokens + 1).div_ceil(block_size);
+        // Positions context .. context + warm-up + steps (untimed steps, then timed ones).
+        let blocks_per_seq = (max_context + WARMUP_STEPS + args.decode_tokens).div_ceil(block_size);
         let prompt_blocks = max_prompt.div_ceil(block_size);
-        let num_blocks = (max_batch * blocks_per_seq).max(prompt_blocks);
+        let prompts = args.prefill_batch;
+        let num_blocks = (max_batch * blocks_per_seq).max(prompts * prompt_blocks);
         let cache = backend.alloc_cache(model.cache_spec(num_blocks, block_size))?;
-        let capacity = max_prompt.max(max_batch).max(max_context.min(FILL_CHUNK));
+        let capacity = (prompts * max_prompt)
+            .max(max_batch)
+            .max(max_context.min(FILL_CHUNK));
         let ws = model.workspace(backend, capacity)?;
         let seq_tables = (0..max_batch)
             .map(|s| ((s * blocks_per_seq) as u32..((s + 1) * blocks_per_seq) as u32).collect())
@@ -317,7 +344,9 @@ impl<'m, B: Backend> Runner<'m, B> {
             ws,
             batch: Batch::default(),
             block_size,
-            prompt_table: (0..prompt_blocks as u32).collect(),
+            prompt_tables: (0..prompts)
+                .map(|p| ((p * prompt_blocks) as u32..((p + 1) * prompt_blocks) as u32).collect())
+                .collect(),
             seq_tables,
             tokens: (0..max_prompt.max(max_context))
                 .map(|i| token_id(i, vocab))
@@ -325,17 +354,20 @@ impl<'m, B: Backend> Runner<'m, B> {
         })
     }
 
-    /// Runs a prompt of `len` tokens from an empty cache; returns its seconds.
-    fn prefill(&mut self, len: usize) -> Result<f64> {
+    /// Runs `prompts` prompts of `len` tokens each, in one step, from an empty cache;
+    /// returns its seconds.
+    fn prefill(&mut self, len: usize, prompts: usize) -> Result<f64> {
         self.batch.clear();
-        self.batch.push_seq(
-            &self.tokens[..len],
-            0,
-            &self.prompt_table,
-            self.block_size,
-            LogitsWanted::Last,
-        );
-        let mut next = [0u32];
+        for table in &self.prompt_tables[..prompts] {
+            self.batch.push_seq(
+                &self.tokens[..len],
+                0,
+                table,
+                self.block_size,
+                LogitsWanted::Last,
+            );
+        }
+        let mut next = vec![0u32; prompts];
         let started = Instant::now();
         self.model.forward_greedy(
             self.backend,
@@ -374,15 +406,17 @@ impl<'m, B: Backend> Runner<'m, B> {
     }
 
     /// Decodes `steps` timed tokens for each of `batch` sequences holding `context`
-    /// cached tokens, after one untimed step; returns the timed seconds.
+    /// cached tokens, after [`WARMUP_STEPS`] untimed steps; returns the timed seconds.
     fn decode(&mut self, batch: usize, context: usize, steps: usize) -> Result<f64> {
         let vocab = self.model.config.vocab_size;
         let mut next: Vec<u32> = (0..batch).map(|s| token_id(context + s, vocab)).collect();
         let mut out = vec![0u32; batch];
-        self.decode_step(context, &mut next, &mut out)?;
-        let started = Instant::now();
-        for i in 1..=steps {
+        for i in 0..WARMUP_STEPS {
             self.decode_step(context + i, &mut next, &mut out)?;
+        }
+        let started = Instant::now();
+        for i in 0..steps {
+            self.decode_step(context + WARMUP_STEPS + i, &mut next, &mut out)?;
         }
         Ok(started.elapsed().as_secs_f64())
     }
@@ -422,12 +456,20 @@ fn token_id(i: usize, vocab: usize) -> u32 {
 /// One prefill measurement.
 struct PrefillRow {
     prompt_tokens: usize,
+    /// Prompts of `prompt_tokens` in the step.
+    prompts: usize,
     seconds: f64,
+    /// Model FLOPs of the step ([`floor::prefill_flops`]).
+    flops: f64,
 }
 
 impl PrefillRow {
     fn tokens_per_s(&self) -> f64 {
-        self.prompt_tokens as f64 / self.seconds
+        (self.prompt_tokens * self.prompts) as f64 / self.seconds
+    }
+
+    fn flops_per_s(&self) -> f64 {
+        self.flops / self.seconds
     }
 }
 
@@ -469,6 +511,8 @@ struct Report {
     kv_bytes_per_token: usize,
     /// Read bandwidth, bytes per second.
     bandwidth: f64,
+    /// Peak matrix rate the MFU is reckoned against, FLOP/s.
+    peak_flops: f64,
     prefill: Vec<PrefillRow>,
     decode: Vec<DecodeRow>,
 }
@@ -488,15 +532,24 @@ impl Report {
         );
         println!();
         println!(
-            "{:>14} {:>10} {:>10}",
-            "prompt tokens", "seconds", "tokens/s"
+            "{:>14} {:>8} {:>10} {:>10} {:>9} {:>6}  (MFU against {:.0} TFLOP/s)",
+            "prompt tokens",
+            "prompts",
+            "seconds",
+            "tokens/s",
+            "TFLOP/s",
+            "MFU",
+            self.peak_flops / 1e12
         );
         for row in &self.prefill {
             println!(
-                "{:>14} {:>10.3} {:>10.1}",
+                "{:>14} {:>8} {:>10.3} {:>10.1} {:>9.1} {:>5.1}%",
                 row.prompt_tokens,
+                row.prompts,
                 row.seconds,
-                row.tokens_per_s()
+                row.tokens_per_s(),
+                row.flops_per_s() / 1e12,
+                100.0 * row.flops_per_s() / self.peak_flops
             );
         }
         println!();
@@ -531,8 +584,12 @@ impl Report {
             .map(|r| {
                 json!({
                     "prompt_tokens": r.prompt_tokens,
+                    "prompts": r.prompts,
                     "seconds": r.seconds,
                     "tokens_per_s": r.tokens_per_s(),
+                    "flops": r.flops,
+                    "tflops_per_s": r.flops_per_s() / 1e12,
+                    "mfu": r.flops_per_s() / self.peak_flops,
                 })
             })
             .collect();
@@ -562,6 +619,7 @@ impl Report {
             "peak_rss_bytes": self.peak_rss_bytes,
             "kv_bytes_per_token": self.kv_bytes_per_token,
             "bandwidth_gbps": self.bandwidth / 1e9,
+            "peak_tflops": self.peak_flops / 1e12,
             "prefill": prefill,
             "decode": decode,
         })

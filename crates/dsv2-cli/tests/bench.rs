@@ -98,9 +98,9 @@ fn bench_random_weights_reports_every_figure() {
         assert_eq!(num(row, "steps"), 3.0);
     }
     // Batch 1 at context 0: the weights touched in bf16, plus the timed steps' mean
-    // context (2, 3 and 4 cached tokens) of 480 bytes each.
+    // context (4, 5 and 6 cached tokens, after the 3 untimed steps) of 480 bytes each.
     let bytes = num(&decode[0], "bytes_per_step");
-    assert_eq!(bytes, 2.0 * LITE_STEP_PARAMS + 3.0 * 480.0);
+    assert_eq!(bytes, 2.0 * LITE_STEP_PARAMS + 5.0 * 480.0);
     // Context 100 reads 100 more tokens of cache per step.
     assert_eq!(num(&decode[2], "bytes_per_step") - bytes, 100.0 * 480.0);
 }

@@ -24,12 +24,19 @@ typedef float T;
 __device__ __forceinline__ float to_f(float x) { return x; }
 __device__ __forceinline__ float to_f(bf16 x) { return __uint_as_float(((u32)x.bits) << 16); }
 
-// Round to nearest even, as `half::bf16::from_f32` and PyTorch do; NaN stays NaN.
+// Round to nearest even, as `half::bf16::from_f32` and PyTorch do; NaN stays NaN (one
+// instruction on sm_80 and newer).
 __device__ __forceinline__ unsigned short f32_to_bf16_bits(float f) {
+#if __CUDA_ARCH__ >= 800
+    unsigned short r;
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r) : "f"(f));
+    return r;
+#else
     u32 u = __float_as_uint(f);
     if ((u & 0x7fffffffu) > 0x7f800000u) return (unsigned short)((u >> 16) | 0x40u);
     u += 0x7fffu + ((u >> 16) & 1u);
     return (unsigned short)(u >> 16);
+#endif
 }
 
 template <typename E> __device__ __forceinline__ E from_f(float x);
@@ -75,3 +82,25 @@ __device__ float block_sum(float v) {
 }
 
 __device__ __forceinline__ float silu(float x) { return x / (1.0f + expf(-x)); }
+
+// Dot of 8 bf16 weights with 8 bf16 activations, in f32.
+__device__ __forceinline__ float dot8(uint4 w, uint4 x) {
+    float s = 0.0f;
+    u32 wa[4] = {w.x, w.y, w.z, w.w}, xa[4] = {x.x, x.y, x.z, x.w};
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        s += __uint_as_float(wa[i] << 16) * __uint_as_float(xa[i] << 16);
+        s += __uint_as_float(wa[i] & 0xffff0000u) * __uint_as_float(xa[i] & 0xffff0000u);
+    }
+    return s;
+}
+
+// Programmatic dependent launch (sm_90): the backend launches every kernel allowing it to
+// start while the previous one finishes; each kernel first waits for its predecessor's
+// completion (and memory), then lets its own successor launch. Before sm_90: nothing.
+__device__ __forceinline__ void pdl_prologue() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;\n" ::: "memory");
+    asm volatile("griddepcontrol.launch_dependents;\n" :::);
+#endif
+}

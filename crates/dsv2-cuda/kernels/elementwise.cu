@@ -3,6 +3,7 @@
 
 // out[t] = table[ids[t]]: grid (T), table [V, d], out [T, d].
 extern "C" __global__ void embed(const T* table, const u32* ids, T* out, int d) {
+    pdl_prologue();
     const T* src = table + (u64)ids[blockIdx.x] * d;
     T* dst = out + (u64)blockIdx.x * d;
     for (int i = threadIdx.x; i < d; i += blockDim.x) dst[i] = src[i];
@@ -22,12 +23,50 @@ __device__ void rms_norm_row(const T* x, const float* w, T* out, int d, float ep
 
 // grid (rows): x, out [rows, d]; w [d].
 extern "C" __global__ void rms_norm(const T* x, const float* w, T* out, int d, float eps) {
+    pdl_prologue();
     u64 r = blockIdx.x;
     rms_norm_row(x + r * d, w, out + r * d, d, eps);
 }
 
+// The residual add then RMSNorm of one row a block: acc = rnd(acc + x), then out =
+// rms_norm(acc) as rms_norm does. grid (rows): acc, x, out [rows, d]; w [d].
+// Rows of up to 8 values a thread stay in registers (one pass over the memory).
+#define ARN_MAX 8
+extern "C" __global__ void add_rms_norm(T* acc, const T* x, const float* w, T* out, int d, float eps) {
+    pdl_prologue();
+    u64 r = blockIdx.x;
+    T* a = acc + r * d;
+    const T* b = x + r * d;
+    if (d > ARN_MAX * (int)blockDim.x) {
+        for (int i = threadIdx.x; i < d; i += blockDim.x) a[i] = from_f<T>(to_f(a[i]) + to_f(b[i]));
+        __syncthreads();
+        rms_norm_row(a, w, out + r * d, d, eps);
+        return;
+    }
+    float v[ARN_MAX];
+    float ss = 0.0f;
+#pragma unroll
+    for (int j = 0; j < ARN_MAX; j++) {
+        int i = threadIdx.x + j * blockDim.x;
+        if (i < d) {
+            v[j] = rnd(to_f(a[i]) + to_f(b[i]));
+            a[i] = from_f<T>(v[j]);
+            ss += v[j] * v[j];
+        }
+    }
+    ss = block_sum(ss);
+    float inv = 1.0f / sqrtf(ss / (float)d + eps);
+    T* o = out + r * d;
+#pragma unroll
+    for (int j = 0; j < ARN_MAX; j++) {
+        int i = threadIdx.x + j * blockDim.x;
+        if (i < d) o[i] = from_f<T>(w[i] * rnd(v[j] * inv));
+    }
+}
+
 // acc[i] = rnd(acc[i] + x[i]) for i < n.
 extern "C" __global__ void add_assign(T* acc, const T* x, u64 n) {
+    pdl_prologue();
     for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x)
         acc[i] = from_f<T>(to_f(acc[i]) + to_f(x[i]));
 }
@@ -42,6 +81,7 @@ __device__ __forceinline__ void rotate_pair(const T* src, T* dst, float c, float
 // RoPE on the last `dr` values of each head of q [T, h, qd]: grid (T).
 // cos/sin [T, dr/2].
 extern "C" __global__ void rope_queries(T* q, const float* cos, const float* sin, int h, int qd, int dn, int dr) {
+    pdl_prologue();
     int t = blockIdx.x, half = dr / 2;
     for (int i = threadIdx.x; i < h * half; i += blockDim.x) {
         int head = i / half, p = i - head * half;
@@ -54,6 +94,7 @@ extern "C" __global__ void rope_queries(T* q, const float* cos, const float* sin
 // `cache` [slots, c + dr] (one layer) at slots[t]. grid (T).
 extern "C" __global__ void mla_write_cache(const T* kv_a, const float* w, const u32* slots, const float* cos,
                                            const float* sin, T* cache, int c, int dr, float eps) {
+    pdl_prologue();
     int t = blockIdx.x, width = c + dr, half = dr / 2;
     const T* src = kv_a + (u64)t * width;
     T* dst = cache + (u64)slots[t] * width;
@@ -62,14 +103,34 @@ extern "C" __global__ void mla_write_cache(const T* kv_a, const float* w, const 
         rotate_pair(src + c + 2 * p, dst + c + 2 * p, cos[t * half + p], sin[t * half + p]);
 }
 
+// rope_queries and mla_write_cache of token blockIdx.x in one launch (their arguments).
+extern "C" __global__ void rope_and_write_cache(T* q, const T* kv_a, const float* w, const u32* slots,
+                                                const float* cos, const float* sin, T* cache, int h, int qd,
+                                                int dn, int c, int dr, float eps) {
+    pdl_prologue();
+    int t = blockIdx.x, width = c + dr, half = dr / 2;
+    const T* src = kv_a + (u64)t * width;
+    T* dst = cache + (u64)slots[t] * width;
+    rms_norm_row(src, w, dst, c, eps);
+    for (int p = threadIdx.x; p < half; p += blockDim.x)
+        rotate_pair(src + c + 2 * p, dst + c + 2 * p, cos[t * half + p], sin[t * half + p]);
+    for (int i = threadIdx.x; i < h * half; i += blockDim.x) {
+        int head = i / half, p = i - head * half;
+        T* x = q + (u64)t * h * qd + (u64)head * qd + dn + 2 * p;
+        rotate_pair(x, x, cos[t * half + p], sin[t * half + p]);
+    }
+}
+
 // g[i] = rnd(rnd(silu(g[i])) * u[i]) for i < n: the SwiGLU product, in place.
 extern "C" __global__ void silu_mul(T* g, const T* u, u64 n) {
+    pdl_prologue();
     for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x)
         g[i] = from_f<T>(rnd(silu(to_f(g[i]))) * to_f(u[i]));
 }
 
 // out[r] = x[rows[r]]: grid (R), rows of width d.
 extern "C" __global__ void gather_rows(const T* x, const u32* rows, T* out, int d) {
+    pdl_prologue();
     const T* src = x + (u64)rows[blockIdx.x] * d;
     T* dst = out + (u64)blockIdx.x * d;
     for (int i = threadIdx.x; i < d; i += blockDim.x) dst[i] = src[i];
@@ -77,12 +138,14 @@ extern "C" __global__ void gather_rows(const T* x, const u32* rows, T* out, int 
 
 // x[i] = rnd(x[i]) for f32 values (the bf16 logits of the reference, upcast).
 extern "C" __global__ void round_f32(float* x, u64 n) {
+    pdl_prologue();
     for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x)
         x[i] = rnd(x[i]);
 }
 
 // ids[r] = argmax of logits row r [v], ties to the lowest id. grid (R), block 1024.
 extern "C" __global__ void argmax_rows(const float* logits, u32* ids, int v) {
+    pdl_prologue();
     __shared__ float best_v[32];
     __shared__ int best_i[32];
     const float* row = logits + (u64)blockIdx.x * v;

@@ -19,12 +19,11 @@ __device__ __forceinline__ void warp_best(float& v, int& i) {
 // One warp per token (4 per block). logits [rows, e] f32 in, softmax probabilities out;
 // ids/weights [rows, k]: the rule of dsv2_backend::routing::route_token (greedy or
 // group-limited greedy, renormalised or scaled).
-extern "C" __global__ void moe_route(float* logits, u32* ids, float* weights, int rows, int e, int k,
-                                     int n_group, int topk_group, int norm_topk_prob, float scaling) {
+// The routing of token t by one warp, from its router logits p [e] (overwritten by the
+// softmax probabilities).
+__device__ void route_row(float* p, int t, u32* ids, float* weights, int e, int k, int n_group, int topk_group,
+                          int norm_topk_prob, float scaling) {
     int lane = threadIdx.x & 31;
-    int t = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-    if (t >= rows) return;
-    float* p = logits + (u64)t * e;
     float mx = NEG_INF;
     for (int i = lane; i < e; i += 32) mx = fmaxf(mx, p[i]);
     mx = warp_max(mx);
@@ -94,6 +93,38 @@ extern "C" __global__ void moe_route(float* logits, u32* ids, float* weights, in
     }
 }
 
+extern "C" __global__ void moe_route(float* logits, u32* ids, float* weights, int rows, int e, int k,
+                                     int n_group, int topk_group, int norm_topk_prob, float scaling) {
+    pdl_prologue();
+    int t = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (t >= rows) return;
+    route_row(logits + (u64)t * e, t, ids, weights, e, k, n_group, topk_group, norm_topk_prob, scaling);
+}
+
+// Router and routing of one token in one block (bf16 builds, small batches): the f32
+// logits x[t] . gate[i] (exact products, f32 sums, as the f32 router GEMM) into shared
+// memory, one warp per expert in turn, then route_row. grid (rows), block 1024; d % 8 == 0.
+extern "C" __global__ void moe_route_small(const T* x, const T* gate, u32* ids, float* weights, int e, int k,
+                                           int n_group, int topk_group, int norm_topk_prob, float scaling,
+                                           int d) {
+    pdl_prologue();
+#ifdef DSV2_BF16
+    __shared__ float logits[1024];
+    int t = blockIdx.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const uint4* xv = (const uint4*)(x + (u64)t * d);
+    for (int i = warp; i < e; i += blockDim.x >> 5) {
+        const uint4* gv = (const uint4*)(gate + (u64)i * d);
+        float acc = 0.0f;
+#pragma unroll 4
+        for (int c = lane; c < d / 8; c += 32) acc += dot8(gv[c], xv[c]);
+        acc = warp_sum(acc);
+        if (lane == 0) logits[i] = acc;
+    }
+    __syncthreads();
+    if (warp == 0) route_row(logits, t, ids, weights, e, k, n_group, topk_group, norm_topk_prob, scaling);
+#endif
+}
+
 // Pointer arrays of the batched expert GEMMs, each [max_tiles]. See moe.rs.
 struct TilePtrs {
     u64* gate_w;
@@ -105,47 +136,53 @@ struct TilePtrs {
     u64* down_out;  // expert output                        [m_tile, d]
 };
 
-// Plans the grouped expert computation. One block of >= e threads (e <= 1024).
-// ids [pairs] (pairs = rows * k). Expert x's pairs, in pair order, fill consecutive rows
-// of ceil(count / m_tile) tiles; row_token [max_tiles * m_tile] gets the token of each
-// row (NO_TOKEN for padding), slot_of [pairs] the row of each pair. Tiles past the last
-// used one repeat an expert already read and compute on padding rows only.
-// expert_w [3 * e]: gate, up and down weight pointers of every expert.
+// Plans the grouped expert computation. One block of >= e + 1 threads (e <= 1023).
+// ids [pairs] (pairs = rows * k). Expert x's pairs fill consecutive rows of
+// ceil(count / m_tile) tiles (in an order set by shared-memory atomics: each row is
+// computed on its own, so the order changes nothing in the results); row_token
+// [max_tiles * m_tile] gets the token of each row (NO_TOKEN for padding), slot_of [pairs]
+// the row of each pair. Tiles past the last used one repeat an expert already read and
+// compute on padding rows only. expert_w [3 * e]: gate, up and down weight pointers.
 extern "C" __global__ void moe_plan(const u32* ids, int pairs, int k, int e, int m_tile, int max_tiles,
                                     const u64* expert_w, u64 x_in, u64 gate_out, u64 up_out, u64 down_out,
                                     int d, int inter, int elem_bytes, u32* row_token, u32* slot_of, u64* ptrs) {
+    pdl_prologue();
+    __shared__ u32 count[1024];
     __shared__ u32 start[1025];
+    __shared__ u32 fill[1024];
     int x = threadIdx.x;
-    u32 count = 0;
-    if (x < e)
-        for (int r = 0; r < pairs; r++) count += ids[r] == (u32)x;
-    u32 tiles = (count + m_tile - 1) / m_tile;
-    if (x <= e) start[x] = x < e ? tiles : 0;
+    for (int i = x; i < e; i += blockDim.x) {
+        count[i] = 0;
+        fill[i] = 0;
+    }
+    __syncthreads();
+    for (int r = x; r < pairs; r += blockDim.x) atomicAdd(&count[ids[r]], 1u);
     __syncthreads();
     if (x == 0) {
         u32 run = 0;
-        for (int i = 0; i <= e; i++) {
-            u32 n = start[i];
+        for (int i = 0; i < e; i++) {
             start[i] = run;
-            run += n;
+            run += (count[i] + m_tile - 1) / m_tile;
         }
+        start[e] = run;
     }
     __syncthreads();
+    for (int r = x; r < pairs; r += blockDim.x) {
+        u32 ex = ids[r];
+        u32 n = atomicAdd(&fill[ex], 1u);
+        u64 row = (u64)start[ex] * m_tile + n;
+        row_token[row] = (u32)(r / k);
+        slot_of[r] = (u32)row;
+    }
+    // Padding rows of each used expert's last tile.
+    for (int ex = x; ex < e; ex += blockDim.x) {
+        u32 tiles = start[ex + 1] - start[ex];
+        u64 row0 = (u64)start[ex] * m_tile;
+        for (u64 i = count[ex]; i < (u64)tiles * m_tile; i++) row_token[row0 + i] = NO_TOKEN;
+    }
     TilePtrs p = {ptrs, ptrs + max_tiles, ptrs + 2 * max_tiles, ptrs + 3 * max_tiles,
                   ptrs + 4 * max_tiles, ptrs + 5 * max_tiles, ptrs + 6 * max_tiles};
     u32 used = start[e];
-    if (x < e && tiles > 0) {
-        u64 row0 = (u64)start[x] * m_tile;
-        u32 n = 0;
-        for (int r = 0; r < pairs; r++) {
-            if (ids[r] == (u32)x) {
-                row_token[row0 + n] = (u32)(r / k);
-                slot_of[r] = (u32)(row0 + n);
-                n++;
-            }
-        }
-        for (u64 i = n; i < (u64)tiles * m_tile; i++) row_token[row0 + i] = NO_TOKEN;
-    }
     // Every tile, used or not, gets its pointers; unused tiles reuse the first pair's
     // expert (already read this step) on their own padding rows.
     for (int tile = x; tile < max_tiles; tile += blockDim.x) {
@@ -174,6 +211,7 @@ extern "C" __global__ void moe_plan(const u32* ids, int pairs, int k, int e, int
 
 // xg[r] = x[row_token[r]] (zeros for padding rows): grid (rows of all tiles).
 extern "C" __global__ void moe_gather(const T* x, const u32* row_token, T* xg, int d) {
+    pdl_prologue();
     u32 tok = row_token[blockIdx.x];
     T* dst = xg + (u64)blockIdx.x * d;
     if (tok == NO_TOKEN) {
@@ -188,6 +226,7 @@ extern "C" __global__ void moe_gather(const T* x, const u32* row_token, T* xg, i
 // the rounded routed sum). `out` holds the shared experts' output on entry. grid (rows).
 extern "C" __global__ void moe_combine(const T* y, const u32* slot_of, const float* weights, T* out, int d,
                                        int k, int has_shared) {
+    pdl_prologue();
     u64 t = blockIdx.x;
     T* o = out + t * d;
     for (int i = threadIdx.x; i < d; i += blockDim.x) {
@@ -196,4 +235,354 @@ extern "C" __global__ void moe_combine(const T* y, const u32* slot_of, const flo
         float routed = rnd(acc);
         o[i] = from_f<T>(has_shared ? to_f(o[i]) + routed : routed);
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// Small-batch MoE (bf16 builds): two GEMV-style launches instead of the tiled GEMMs, so
+// that a decode step of a few tokens reads each chosen expert's rows once, with 16-byte
+// loads, and the shared experts run in the same launches.
+//   moe_small_up:   hid[p] = rnd(rnd(silu(rnd(x Wg^T))) * rnd(x Wu^T)) for every (token,
+//                   expert) pair p and, after them, the shared experts of every token.
+//   moe_small_down: out[t] = rnd(rnd(hid_sh[t] Wd_sh^T) + rnd(sum_j w[t, j] rnd(hid[p] Wd[p]^T)))
+// The roundings are those of the GEMM path (bf16 GEMM outputs, f32 weighted sum).
+// One warp computes 4 output rows; a block of 4 warps 16 rows.
+
+#define SMALL_ROWS_PER_WARP 4
+#define SMALL_ROWS_PER_BLOCK 16
+
+// grid (ceil(max(inter, inter_sh) / 16), rows * k + (has_shared ? rows : 0)), block 128.
+// x [rows, d]; ids [rows, k]; expert_w [3, e] (gate, up, down addresses);
+// hid [rows * k, inter]; hid_sh [rows, inter_sh].
+extern "C" __global__ void moe_small_up(const T* x, const u32* ids, const u64* expert_w, int e, int k, int rows,
+                                        const T* sh_gate, const T* sh_up, int inter, int inter_sh, int d, T* hid,
+                                        T* hid_sh) {
+    pdl_prologue();
+#ifdef DSV2_BF16
+    int p = blockIdx.y, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const T *wg, *wu;
+    T* out;
+    int width, token;
+    if (p < rows * k) {
+        token = p / k;
+        u32 ex = ids[p];
+        wg = (const T*)expert_w[ex];
+        wu = (const T*)expert_w[e + ex];
+        width = inter;
+        out = hid + (u64)p * inter;
+    } else {
+        token = p - rows * k;
+        wg = sh_gate;
+        wu = sh_up;
+        width = inter_sh;
+        out = hid_sh + (u64)token * inter_sh;
+    }
+    int i0 = blockIdx.x * SMALL_ROWS_PER_BLOCK + warp * SMALL_ROWS_PER_WARP;
+    if (i0 >= width) return;
+    const uint4* xv = (const uint4*)(x + (u64)token * d);
+    float ag[SMALL_ROWS_PER_WARP], au[SMALL_ROWS_PER_WARP];
+    const uint4 *gr[SMALL_ROWS_PER_WARP], *ur[SMALL_ROWS_PER_WARP];
+#pragma unroll
+    for (int r = 0; r < SMALL_ROWS_PER_WARP; r++) {
+        int i = min(i0 + r, width - 1);
+        gr[r] = (const uint4*)(wg + (u64)i * d);
+        ur[r] = (const uint4*)(wu + (u64)i * d);
+        ag[r] = au[r] = 0.0f;
+    }
+#pragma unroll 4
+    for (int c = lane; c < d / 8; c += 32) {
+        uint4 xx = xv[c];
+#pragma unroll
+        for (int r = 0; r < SMALL_ROWS_PER_WARP; r++) {
+            ag[r] += dot8(gr[r][c], xx);
+            au[r] += dot8(ur[r][c], xx);
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < SMALL_ROWS_PER_WARP; r++) {
+        float g = warp_sum(ag[r]), u = warp_sum(au[r]);
+        if (lane == 0 && i0 + r < width) out[i0 + r] = from_f<T>(rnd(silu(rnd(g))) * rnd(u));
+    }
+#endif
+}
+
+// Dot products of SMALL_ROWS_PER_WARP weight rows (width n) with one activation row,
+// summed over the warp (every lane gets them).
+__device__ __forceinline__ void small_rows_dot(const T* w, int row0, int rows_total, const T* h, int n,
+                                               float* acc) {
+    int lane = threadIdx.x & 31;
+    const uint4* hv = (const uint4*)h;
+    const uint4* wr[SMALL_ROWS_PER_WARP];
+#pragma unroll
+    for (int r = 0; r < SMALL_ROWS_PER_WARP; r++) {
+        wr[r] = (const uint4*)(w + (u64)min(row0 + r, rows_total - 1) * n);
+        acc[r] = 0.0f;
+    }
+#pragma unroll 4
+    for (int c = lane; c < n / 8; c += 32) {
+        uint4 hh = hv[c];
+#pragma unroll
+        for (int r = 0; r < SMALL_ROWS_PER_WARP; r++) acc[r] += dot8(wr[r][c], hh);
+    }
+#pragma unroll
+    for (int r = 0; r < SMALL_ROWS_PER_WARP; r++) acc[r] = warp_sum(acc[r]);
+}
+
+// grid (ceil(d / 16), rows * (k + 1)), block 128: block (x, t * (k + 1) + j) computes
+// rows x*16.. of expert j's down projection of token t (j == k: the shared experts, when
+// has_shared), rounded like a bf16 GEMM output, into part [rows, k + 1, d] (f32).
+extern "C" __global__ void moe_small_down(const T* hid, const T* hid_sh, const u32* ids, const u64* expert_w,
+                                          int e, int k, const T* sh_down, int inter, int inter_sh, int d,
+                                          int has_shared, float* part) {
+    pdl_prologue();
+#ifdef DSV2_BF16
+    int t = blockIdx.y / (k + 1), j = blockIdx.y % (k + 1), lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    int j0 = blockIdx.x * SMALL_ROWS_PER_BLOCK + warp * SMALL_ROWS_PER_WARP;
+    if (j0 >= d || (j == k && !has_shared)) return;
+    float acc[SMALL_ROWS_PER_WARP];
+    if (j < k) {
+        u64 p = (u64)t * k + j;
+        small_rows_dot((const T*)expert_w[2 * e + ids[p]], j0, d, hid + p * inter, inter, acc);
+    } else {
+        small_rows_dot(sh_down, j0, d, hid_sh + (u64)t * inter_sh, inter_sh, acc);
+    }
+    if (lane == 0) {
+        float* out = part + ((u64)t * (k + 1) + j) * d;
+#pragma unroll
+        for (int r = 0; r < SMALL_ROWS_PER_WARP; r++)
+            if (j0 + r < d) out[j0 + r] = rnd(acc[r]);
+    }
+#endif
+}
+
+// out[t] = rnd(shared + rnd(sum_j w[t, j] part[t, j])) (without shared experts: the rounded
+// routed sum), the combination of moe_combine. grid (rows, ceil(d / 256)), block 256.
+extern "C" __global__ void moe_small_combine(const float* part, const float* weights, int k, int d,
+                                             int has_shared, T* out) {
+    pdl_prologue();
+    u64 t = blockIdx.x;
+    const float* pt = part + t * (k + 1) * d;
+    int i = blockIdx.y * blockDim.x + threadIdx.x;
+    if (i < d) {
+        float acc = 0.0f;
+        for (int j = 0; j < k; j++) acc += weights[t * k + j] * pt[(u64)j * d + i];
+        float routed = rnd(acc);
+        out[t * d + i] = from_f<T>(has_shared ? pt[(u64)k * d + i] + routed : routed);
+    }
+}
+
+// Small-batch linear layer (bf16 builds): out[t, n] = x[t, :] . w[n, :] for t < rows <= 8,
+// reading each weight row once with 16-byte loads (cuBLAS runs such shapes far below the
+// memory's speed). w [N, K] with K % 8 == 0 (rows K apart); x rows ldx apart, out rows
+// ldo apart; blockIdx.y selects a batch member (offsets bx, bw, bo elements apart: the
+// heads of the absorbed W_UV product). out f32 when out_f32, else rounded to T, as a
+// bf16 GEMM output. grid (ceil(N / 8) + ceil(N2 / 8), batch), block 128: two rows a warp.
+// Blocks from blocks_a on compute a second product of the same x (the pair of a layer's
+// query and latent projections): w2 [N2, K] into out2 (rows N2 apart), batch 1 only.
+#define GEMV_MAX_ROWS 8
+extern "C" __global__ void gemv_small(const T* x, const T* w, void* out, int rows, int n, int k, int out_f32,
+                                      int ldx, int ldo, u64 bx, u64 bw, u64 bo, const T* w2, void* out2, int n2,
+                                      int blocks_a) {
+    pdl_prologue();
+#ifdef DSV2_BF16
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    int bid = blockIdx.x;
+    if (bid >= blocks_a) {
+        bid -= blocks_a;
+        w = w2;
+        out = out2;
+        n = n2;
+        ldo = n2;
+    }
+    int n0 = (bid * (blockDim.x >> 5) + warp) * 2;
+    if (n0 >= n) return;
+    x += blockIdx.y * bx;
+    w += blockIdx.y * bw;
+    u64 out0 = blockIdx.y * bo;
+    bool two = n0 + 1 < n;
+    const uint4* w0 = (const uint4*)(w + (u64)n0 * k);
+    const uint4* w1 = two ? w0 + k / 8 : w0;
+    float a0[GEMV_MAX_ROWS], a1[GEMV_MAX_ROWS];
+#pragma unroll
+    for (int t = 0; t < GEMV_MAX_ROWS; t++) a0[t] = a1[t] = 0.0f;
+    int chunks = k / 8;
+#pragma unroll 4
+    for (int c = lane; c < chunks; c += 32) {
+        uint4 wa = w0[c], wb = w1[c];
+#pragma unroll
+        for (int t = 0; t < GEMV_MAX_ROWS; t++) {
+            if (t < rows) {
+                uint4 xx = ((const uint4*)(x + (u64)t * ldx))[c];
+                a0[t] += dot8(wa, xx);
+                a1[t] += dot8(wb, xx);
+            }
+        }
+    }
+#pragma unroll
+    for (int t = 0; t < GEMV_MAX_ROWS; t++) {
+        if (t < rows) {
+            float s0 = warp_sum(a0[t]), s1 = warp_sum(a1[t]);
+            if (lane == 0) {
+                u64 o = out0 + (u64)t * ldo + n0;
+                if (out_f32) {
+                    ((float*)out)[o] = s0;
+                    if (two) ((float*)out)[o + 1] = s1;
+                } else {
+                    ((T*)out)[o] = from_f<T>(s0);
+                    if (two) ((T*)out)[o + 1] = from_f<T>(s1);
+                }
+            }
+        }
+    }
+#endif
+}
+
+// Small-batch absorbed query (bf16 builds): q_lat[t, h, :] = W_UK[h]^T q_nope[t, h] for
+// t < rows <= 8, with W_UK[h] the dn rows of kv_b [h * (dn + dv) + i, c]. A block covers
+// 128 latent columns of one head: its 256 threads are 4 groups of 64, each thread two
+// columns (coalesced across the group) over a quarter of the dn rows; the groups' sums
+// meet in shared memory. q [T, h, qd]. grid (c / 128, h), block 256; dn % 4 == 0.
+extern "C" __global__ void absorb_q_small(const T* q, const T* kv_b, T* q_lat, int rows, int h, int qd, int dn,
+                                          int dv, int c) {
+    pdl_prologue();
+#ifdef DSV2_BF16
+    __shared__ float part[4][GEMV_MAX_ROWS][128];
+    int head = blockIdx.y, grp = threadIdx.x >> 6, lc = (threadIdx.x & 63) * 2;
+    int col = blockIdx.x * 128 + lc;
+    int quarter = dn / 4, i0 = grp * quarter;
+    const T* wk = kv_b + ((u64)head * (dn + dv) + i0) * c + col;
+    float acc[GEMV_MAX_ROWS][2];
+#pragma unroll
+    for (int t = 0; t < GEMV_MAX_ROWS; t++) acc[t][0] = acc[t][1] = 0.0f;
+#pragma unroll 8
+    for (int i = 0; i < quarter; i++) {
+        u32 wv = *(const u32*)(wk + (u64)i * c);
+        float w0 = __uint_as_float(wv << 16), w1 = __uint_as_float(wv & 0xffff0000u);
+#pragma unroll
+        for (int t = 0; t < GEMV_MAX_ROWS; t++) {
+            if (t < rows) {
+                float qv = to_f(q[((u64)t * h + head) * qd + i0 + i]);
+                acc[t][0] += qv * w0;
+                acc[t][1] += qv * w1;
+            }
+        }
+    }
+#pragma unroll
+    for (int t = 0; t < GEMV_MAX_ROWS; t++) {
+        part[grp][t][lc] = acc[t][0];
+        part[grp][t][lc + 1] = acc[t][1];
+    }
+    __syncthreads();
+    // Thread j of the block finishes column j of every token.
+    int j = threadIdx.x;
+    if (j < 128) {
+        for (int t = 0; t < rows; t++) {
+            float v = part[0][t][j] + part[1][t][j] + part[2][t][j] + part[3][t][j];
+            q_lat[((u64)t * h + head) * c + blockIdx.x * 128 + j] = from_f<T>(v);
+        }
+    }
+#endif
+}
+
+// Expert tiles of at most 8 tokens as GEMVs (bf16 builds; batches of a few dozen tokens):
+// moe_plan's tiles with m_tile 8, each block reading its tile's expert rows once for all
+// the tile's tokens (16-byte loads), in place of the gather, the three batched GEMMs and
+// silu_mul of the tiled path; moe_combine sums as before. A tile whose first row is
+// padding is unused (rows fill from the first). Two output rows a warp, 4 warps a block.
+#define TILE_M 8
+
+// h[tile * 8 + r, i] = rnd(rnd(silu(rnd(x_r . gate[i]))) * rnd(x_r . up[i])) for the
+// tile's tokens r. grid (ceil(inter / 8), max_tiles), block 128. gate_w / up_w: the
+// tiles' weight addresses (moe_plan's arrays).
+extern "C" __global__ void moe_tile_up(const T* x, const u32* row_token, const u64* gate_w, const u64* up_w,
+                                       int inter, int d, T* h) {
+    pdl_prologue();
+#ifdef DSV2_BF16
+    int tile = blockIdx.y, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const u32* rt = row_token + (u64)tile * TILE_M;
+    if (rt[0] == NO_TOKEN) return;
+    int i0 = (blockIdx.x * (blockDim.x >> 5) + warp) * 2;
+    if (i0 >= inter) return;
+    bool two = i0 + 1 < inter;
+    u32 tok[TILE_M];
+#pragma unroll
+    for (int r = 0; r < TILE_M; r++) tok[r] = rt[r];
+    const uint4* g0 = (const uint4*)((const T*)gate_w[tile] + (u64)i0 * d);
+    const uint4* u0 = (const uint4*)((const T*)up_w[tile] + (u64)i0 * d);
+    const uint4* g1 = two ? g0 + d / 8 : g0;
+    const uint4* u1 = two ? u0 + d / 8 : u0;
+    float ag[2][TILE_M], au[2][TILE_M];
+#pragma unroll
+    for (int r = 0; r < TILE_M; r++) ag[0][r] = ag[1][r] = au[0][r] = au[1][r] = 0.0f;
+#pragma unroll 2
+    for (int c = lane; c < d / 8; c += 32) {
+        uint4 wg0 = g0[c], wg1 = g1[c], wu0 = u0[c], wu1 = u1[c];
+#pragma unroll
+        for (int r = 0; r < TILE_M; r++) {
+            if (tok[r] != NO_TOKEN) {
+                uint4 xx = ((const uint4*)(x + (u64)tok[r] * d))[c];
+                ag[0][r] += dot8(wg0, xx);
+                ag[1][r] += dot8(wg1, xx);
+                au[0][r] += dot8(wu0, xx);
+                au[1][r] += dot8(wu1, xx);
+            }
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < TILE_M; r++) {
+        if (tok[r] == NO_TOKEN) continue;
+        float gA = warp_sum(ag[0][r]), gB = warp_sum(ag[1][r]);
+        float uA = warp_sum(au[0][r]), uB = warp_sum(au[1][r]);
+        if (lane == 0) {
+            T* o = h + ((u64)tile * TILE_M + r) * inter + i0;
+            o[0] = from_f<T>(rnd(silu(rnd(gA))) * rnd(uA));
+            if (two) o[1] = from_f<T>(rnd(silu(rnd(gB))) * rnd(uB));
+        }
+    }
+#endif
+}
+
+// y[tile * 8 + r, j] = rnd(h[tile * 8 + r] . down[j]) for the tile's tokens r.
+// grid (ceil(d / 8), max_tiles), block 128.
+extern "C" __global__ void moe_tile_down(const T* h, const u32* row_token, const u64* down_w, int inter, int d,
+                                         T* y) {
+    pdl_prologue();
+#ifdef DSV2_BF16
+    int tile = blockIdx.y, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const u32* rt = row_token + (u64)tile * TILE_M;
+    if (rt[0] == NO_TOKEN) return;
+    int j0 = (blockIdx.x * (blockDim.x >> 5) + warp) * 2;
+    if (j0 >= d) return;
+    bool two = j0 + 1 < d;
+    bool valid[TILE_M];
+#pragma unroll
+    for (int r = 0; r < TILE_M; r++) valid[r] = rt[r] != NO_TOKEN;
+    const uint4* w0 = (const uint4*)((const T*)down_w[tile] + (u64)j0 * inter);
+    const uint4* w1 = two ? w0 + inter / 8 : w0;
+    const T* hb = h + (u64)tile * TILE_M * inter;
+    float a0[TILE_M], a1[TILE_M];
+#pragma unroll
+    for (int r = 0; r < TILE_M; r++) a0[r] = a1[r] = 0.0f;
+#pragma unroll 2
+    for (int c = lane; c < inter / 8; c += 32) {
+        uint4 wa = w0[c], wb = w1[c];
+#pragma unroll
+        for (int r = 0; r < TILE_M; r++) {
+            if (valid[r]) {
+                uint4 hh = ((const uint4*)(hb + (u64)r * inter))[c];
+                a0[r] += dot8(wa, hh);
+                a1[r] += dot8(wb, hh);
+            }
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < TILE_M; r++) {
+        if (!valid[r]) continue;
+        float s0 = warp_sum(a0[r]), s1 = warp_sum(a1[r]);
+        if (lane == 0) {
+            T* o = y + ((u64)tile * TILE_M + r) * d + j0;
+            o[0] = from_f<T>(s0);
+            if (two) o[1] = from_f<T>(s1);
+        }
+    }
+#endif
 }

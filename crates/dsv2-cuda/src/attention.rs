@@ -12,9 +12,9 @@
 //! - Expanded: the context latents of the sequences are gathered out of the cache, keys
 //!   and values re-derived with one `kv_b_proj` GEMM, then causal MHA per (token, head).
 
-use dsv2_backend::{AttentionPath, CacheSpec, MlaAttention};
+use dsv2_backend::{AttentionPath, CacheSpec, MlaAttention, MlaDims};
 
-use crate::device::{Gemm, NULL};
+use crate::device::{Gemm, Gemv, MLA_DECODE_SMEM, NULL};
 use crate::error::{unsupported, Result};
 use crate::scratch::{Scratch, Slot};
 use crate::{CudaBackend, CudaBuffer, CudaCache, CudaStep};
@@ -25,6 +25,14 @@ const ATTN_THREADS: u32 = 256;
 const MAX_WIDTH: usize = 512;
 /// Keep in step with MAX_WARPS in attention.cu.
 const MAX_WARPS: usize = 8;
+/// Heads per block of the decode kernel (DEC_HEADS in attention.cu).
+const DECODE_HEADS: usize = 16;
+/// Query rows per block of the prefill kernel (PF_BLOCK in attention.cu).
+const PREFILL_BLOCK: usize = 64;
+/// Most context splits per decode token (at most 32: the combine merges them in a warp).
+const MAX_SPLITS: usize = 32;
+/// Multiprocessors the split count aims to fill (an H100/H200 has 132).
+const SMS: usize = 132;
 
 /// Device address of `layer`'s part of the cache.
 pub(crate) fn layer_ptr(be: &CudaBackend, cache: &CudaCache, layer: usize) -> u64 {
@@ -115,6 +123,7 @@ pub(crate) fn mla_attention(
                 goff: step.at(step.layout.goff_all),
                 gathered: c.gathered_all,
                 max_ctx: c.max_ctx_all,
+                max_qlen: c.max_qlen_all,
             }),
         ),
         AttentionPath::Auto => (
@@ -128,6 +137,7 @@ pub(crate) fn mla_attention(
                 goff: step.at(step.layout.goff_auto),
                 gathered: c.gathered_auto,
                 max_ctx: c.max_ctx_auto,
+                max_qlen: c.max_qlen_auto,
             }),
         ),
     };
@@ -150,7 +160,6 @@ fn absorbed(
 ) -> Result<()> {
     let d = args.dims;
     let step = args.step;
-    let spec = args.cache.spec;
     let t = step.counts.tokens;
     let (h, dn, dv, c, qd) = (
         d.num_heads,
@@ -163,53 +172,73 @@ fn absorbed(
     let q_lat = scratch.get(&be.dev, Slot::QLat, t * h * c * e)?;
     let o_lat = scratch.get(&be.dev, Slot::OLat, t * h * c * e)?;
     let kv_b = args.kv_b_proj.ptr();
-    // q_lat[t, h] = W_UK[h]ᵀ q_nope[t, h]: per head, [C, Dn] · [Dn, T] column-major.
-    be.dev.gemm_strided(
-        "absorbed q_lat",
-        &Gemm {
-            trans_a: false,
-            trans_b: false,
-            m: c,
-            n: t,
-            k: dn,
-            a: kv_b,
-            lda: c,
-            b: args.q.ptr(),
-            ldb: h * qd,
-            c: q_lat,
-            ldc: h * c,
-        },
-        [(dn + dv) * c, qd, c],
-        h,
-    )?;
-    let k = &be.dev.kernels;
-    let smem = (spec.width() + 2 * MAX_WARPS + (ATTN_THREADS as usize / 32) * c) * 4;
-    be.dev.launch(
-        &k.mla_absorbed,
-        "mla_absorbed",
-        (tokens, h),
-        ATTN_THREADS,
-        smem as u32,
-        &[
-            args.q.ptr().into(),
-            q_lat.into(),
-            crate::attention::layer_ptr(be, args.cache, args.layer).into(),
-            tok_list.into(),
-            step.at(step.layout.tok_seq).into(),
-            step.at(step.layout.tok_visible).into(),
-            step.at(step.layout.seq_bt_off).into(),
-            step.at(step.layout.block_tables).into(),
-            o_lat.into(),
-            (h as i32).into(),
-            (qd as i32).into(),
-            (dn as i32).into(),
-            (c as i32).into(),
-            (d.rope_dim as i32).into(),
-            (spec.block_size as i32).into(),
-            d.softmax_scale.into(),
-        ],
-    )?;
-    // out[t, h] = W_UV[h] o_lat[t, h]: per head, [Dv, C] · [C, T] column-major.
+    // q_lat[t, h] = W_UK[h]ᵀ q_nope[t, h].
+    let small = be.dev.gemv_applies(t) && c.is_multiple_of(128) && dn.is_multiple_of(4);
+    if small {
+        be.dev.launch(
+            &be.dev.kernels.absorb_q_small,
+            "absorbed q_lat",
+            (c / 128, h),
+            256,
+            0,
+            &[
+                args.q.ptr().into(),
+                kv_b.into(),
+                q_lat.into(),
+                (t as i32).into(),
+                (h as i32).into(),
+                (qd as i32).into(),
+                (dn as i32).into(),
+                (dv as i32).into(),
+                (c as i32).into(),
+            ],
+        )?;
+    } else {
+        // Per head, [C, Dn] · [Dn, T] column-major.
+        be.dev.gemm_strided(
+            "absorbed q_lat",
+            &Gemm {
+                trans_a: false,
+                trans_b: false,
+                m: c,
+                n: t,
+                k: dn,
+                a: kv_b,
+                lda: c,
+                b: args.q.ptr(),
+                ldb: h * qd,
+                c: q_lat,
+                ldc: h * c,
+            },
+            [(dn + dv) * c, qd, c],
+            h,
+        )?;
+    }
+    if decode_kernel_applies(be, &d) {
+        absorbed_split(be, scratch, args, tok_list, tokens, q_lat, o_lat)?;
+    } else {
+        absorbed_simple(be, args, tok_list, tokens, q_lat, o_lat)?;
+    }
+    // out[t, h] = W_UV[h] o_lat[t, h].
+    if small {
+        return be.dev.gemv(
+            "absorbed W_UV",
+            &Gemv {
+                x: o_lat,
+                w: kv_b + (dn * c * e) as u64,
+                out: out.ptr(),
+                rows: t,
+                n: dv,
+                k: c,
+                out_f32: false,
+                ldx: h * c,
+                ldo: h * dv,
+            },
+            h,
+            [c, (dn + dv) * c, dv],
+        );
+    }
+    // Per head, [Dv, C] · [C, T] column-major.
     be.dev.gemm_strided(
         "absorbed W_UV",
         &Gemm {
@@ -230,6 +259,142 @@ fn absorbed(
     )
 }
 
+/// True when the split-KV tensor-core decode kernel runs this layer: bf16, sm_80 or
+/// newer, a 512-wide latent with a 64-wide RoPE key, heads in groups of 16
+/// (`DSV2_CUDA_SIMPLE_ATTENTION=1` forces the simple kernel, for comparisons).
+fn decode_kernel_applies(be: &CudaBackend, d: &MlaDims) -> bool {
+    be.dev.bf16
+        && be.dev.arch.0 >= 8
+        && d.kv_lora_rank == 512
+        && d.rope_dim == 64
+        && d.num_heads.is_multiple_of(DECODE_HEADS)
+        && std::env::var("DSV2_CUDA_SIMPLE_ATTENTION").map_or(true, |v| v != "1")
+}
+
+/// True when the tensor-core prefill kernel runs the expanded path: bf16, sm_80 or
+/// newer, and the head widths of DeepSeek-V2 (`Dn` 128, `Dr` 64, `Dv` 128)
+/// (`DSV2_CUDA_SIMPLE_ATTENTION=1` forces the simple kernel).
+fn prefill_kernel_applies(be: &CudaBackend, d: &MlaDims) -> bool {
+    be.dev.bf16
+        && be.dev.arch.0 >= 8
+        && d.nope_dim == 128
+        && d.rope_dim == 64
+        && d.v_dim == 128
+        && std::env::var("DSV2_CUDA_SIMPLE_ATTENTION").map_or(true, |v| v != "1")
+}
+
+/// The split-KV tensor-core kernel and its combine: `o_lat` of the listed tokens.
+fn absorbed_split(
+    be: &CudaBackend,
+    scratch: &mut Scratch,
+    args: &MlaAttention<'_, CudaBackend>,
+    tok_list: u64,
+    tokens: usize,
+    q_lat: u64,
+    o_lat: u64,
+) -> Result<()> {
+    let d = args.dims;
+    let step = args.step;
+    let spec = args.cache.spec;
+    let (h, dn, c, qd) = (d.num_heads, d.nope_dim, d.kv_lora_rank, d.q_head_dim());
+    let k = &be.dev.kernels;
+    // Splits chosen from the token count alone (so that one captured graph serves every
+    // context length): about two blocks per multiprocessor.
+    let groups = h / DECODE_HEADS;
+    // One wave: (tokens * groups * splits) blocks at most 2 per SM (shared memory).
+    let splits = (2 * SMS / (tokens * groups)).clamp(1, MAX_SPLITS);
+    let slots = tokens * splits * groups;
+    let part_o = scratch.get(
+        &be.dev,
+        Slot::AttnPartial,
+        slots * DECODE_HEADS * (c + 2) * 4,
+    )?;
+    let part_ml = part_o + (slots * DECODE_HEADS * c * 4) as u64;
+    be.dev.launch(
+        &k.mla_decode,
+        "mla_decode",
+        (tokens, splits * groups),
+        128,
+        MLA_DECODE_SMEM as u32,
+        &[
+            args.q.ptr().into(),
+            q_lat.into(),
+            layer_ptr(be, args.cache, args.layer).into(),
+            tok_list.into(),
+            step.at(step.layout.tok_seq).into(),
+            step.at(step.layout.tok_visible).into(),
+            step.at(step.layout.seq_bt_off).into(),
+            step.at(step.layout.block_tables).into(),
+            part_o.into(),
+            part_ml.into(),
+            (h as i32).into(),
+            (qd as i32).into(),
+            (dn as i32).into(),
+            (spec.block_size as i32).into(),
+            (splits as i32).into(),
+            d.softmax_scale.into(),
+        ],
+    )?;
+    be.dev.launch(
+        &k.mla_decode_combine,
+        "mla_decode_combine",
+        (tokens, h * (c / 128)),
+        128,
+        0,
+        &[
+            part_o.into(),
+            part_ml.into(),
+            tok_list.into(),
+            o_lat.into(),
+            (h as i32).into(),
+            (c as i32).into(),
+            (splits as i32).into(),
+        ],
+    )
+}
+
+/// The one-block-per-(token, head) absorbed kernel (f32 builds and other shapes).
+fn absorbed_simple(
+    be: &CudaBackend,
+    args: &MlaAttention<'_, CudaBackend>,
+    tok_list: u64,
+    tokens: usize,
+    q_lat: u64,
+    o_lat: u64,
+) -> Result<()> {
+    let d = args.dims;
+    let step = args.step;
+    let spec = args.cache.spec;
+    let (h, dn, c, qd) = (d.num_heads, d.nope_dim, d.kv_lora_rank, d.q_head_dim());
+    let k = &be.dev.kernels;
+    let smem = (spec.width() + 2 * MAX_WARPS + (ATTN_THREADS as usize / 32) * c) * 4;
+    be.dev.launch(
+        &k.mla_absorbed,
+        "mla_absorbed",
+        (tokens, h),
+        ATTN_THREADS,
+        smem as u32,
+        &[
+            args.q.ptr().into(),
+            q_lat.into(),
+            layer_ptr(be, args.cache, args.layer).into(),
+            tok_list.into(),
+            step.at(step.layout.tok_seq).into(),
+            step.at(step.layout.tok_visible).into(),
+            step.at(step.layout.seq_bt_off).into(),
+            step.at(step.layout.block_tables).into(),
+            o_lat.into(),
+            (h as i32).into(),
+            (qd as i32).into(),
+            (dn as i32).into(),
+            (c as i32).into(),
+            (d.rope_dim as i32).into(),
+            (spec.block_size as i32).into(),
+            d.softmax_scale.into(),
+        ],
+    )
+}
+
 /// The sequences and tokens the expanded path runs on.
 struct Expanded {
     /// Sequence list (NULL: all `seqs`).
@@ -242,6 +407,8 @@ struct Expanded {
     goff: u64,
     gathered: usize,
     max_ctx: usize,
+    /// Most new tokens of one of the sequences.
+    max_qlen: usize,
 }
 
 fn expanded_path(
@@ -283,6 +450,28 @@ fn expanded_path(
     )?;
     // [k_nope | v] of every head for every gathered position.
     be.gemm_rows("expanded kv_b_proj", lat, g, args.kv_b_proj, kv, false)?;
+    if prefill_kernel_applies(be, &d) {
+        return be.dev.launch(
+            &k.mla_prefill,
+            "mla_prefill",
+            (x.max_qlen.div_ceil(PREFILL_BLOCK), x.seqs * h),
+            128,
+            0,
+            &[
+                args.q.ptr().into(),
+                kv.into(),
+                kpe.into(),
+                x.seq_list.into(),
+                step.at(step.layout.seq_qstart).into(),
+                step.at(step.layout.seq_qlen).into(),
+                step.at(step.layout.seq_ctx).into(),
+                x.goff.into(),
+                out.ptr().into(),
+                (h as i32).into(),
+                d.softmax_scale.into(),
+            ],
+        );
+    }
     let smem = (dn + dr + 2 * MAX_WARPS + (ATTN_THREADS as usize / 32) * dv) * 4;
     be.dev.launch(
         &k.mla_expanded,

@@ -5,12 +5,15 @@
 //! tracking is switched off and kernels take raw device addresses: buffers keep fixed
 //! addresses for their whole life (what CUDA graphs will need).
 
+use std::collections::BTreeMap;
 use std::ffi::c_void;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use cudarc::cublas::sys as blas;
 use cudarc::cublas::CudaBlas;
-use cudarc::driver::{result as drv, sys as drv_sys, CudaContext, CudaFunction, CudaStream};
+use cudarc::driver::{
+    result as drv, sys as drv_sys, CudaContext, CudaEvent, CudaFunction, CudaStream,
+};
 
 use crate::compile::{self, Source};
 use crate::error::{unsupported, CudaError, DriverContext, Result};
@@ -43,6 +46,14 @@ const DRIVER_SYMBOLS: &[&str] = &[
     "cuModuleGetFunction",
     "cuModuleUnload",
     "cuLaunchKernel",
+    "cuLaunchKernelEx",
+    "cuFuncSetAttribute",
+    "cuStreamBeginCapture_v2",
+    "cuStreamEndCapture",
+    "cuGraphInstantiateWithFlags",
+    "cuGraphLaunch",
+    "cuGraphExecDestroy",
+    "cuGraphDestroy",
 ];
 const BLAS_SYMBOLS: &[&str] = &[
     "cublasCreate_v2",
@@ -63,6 +74,14 @@ const NVRTC_SYMBOLS: &[&str] = &[
     "nvrtcGetProgramLog",
     "nvrtcDestroyProgram",
 ];
+
+/// Dynamic shared memory of `mla_decode` (keep in step with attention.cu): the 16 query
+/// rows and two 32-row latent tiles, each row padded to 584 bf16, plus the probabilities
+/// and the per-warp maxima.
+pub(crate) const MLA_DECODE_SMEM: usize = (16 + 2 * 32) * 584 * 2 + 16 * 40 * 2 + 4 * 16 * 4;
+
+/// Most rows of the small-batch GEMV kernel (GEMV_MAX_ROWS in moe.cu).
+const GEMV_MAX_ROWS: usize = 8;
 
 /// cuBLAS workspace, set explicitly so that GEMMs can later be captured in CUDA graphs.
 const BLAS_WORKSPACE_BYTES: usize = 32 << 20;
@@ -125,7 +144,9 @@ pub(crate) struct Kernels {
     pub embed: CudaFunction,
     pub rms_norm: CudaFunction,
     pub add_assign: CudaFunction,
+    pub add_rms_norm: CudaFunction,
     pub rope_queries: CudaFunction,
+    pub rope_and_write_cache: CudaFunction,
     pub mla_write_cache: CudaFunction,
     pub silu_mul: CudaFunction,
     pub gather_rows: CudaFunction,
@@ -138,6 +159,17 @@ pub(crate) struct Kernels {
     pub moe_plan: CudaFunction,
     pub moe_gather: CudaFunction,
     pub moe_combine: CudaFunction,
+    pub mla_decode: CudaFunction,
+    pub mla_decode_combine: CudaFunction,
+    pub mla_prefill: CudaFunction,
+    pub moe_small_up: CudaFunction,
+    pub moe_small_down: CudaFunction,
+    pub moe_small_combine: CudaFunction,
+    pub gemv_small: CudaFunction,
+    pub absorb_q_small: CudaFunction,
+    pub moe_route_small: CudaFunction,
+    pub moe_tile_up: CudaFunction,
+    pub moe_tile_down: CudaFunction,
 }
 
 impl Kernels {
@@ -156,7 +188,9 @@ impl Kernels {
             embed: f(&ew, "embed")?,
             rms_norm: f(&ew, "rms_norm")?,
             add_assign: f(&ew, "add_assign")?,
+            add_rms_norm: f(&ew, "add_rms_norm")?,
             rope_queries: f(&ew, "rope_queries")?,
+            rope_and_write_cache: f(&ew, "rope_and_write_cache")?,
             mla_write_cache: f(&ew, "mla_write_cache")?,
             silu_mul: f(&ew, "silu_mul")?,
             gather_rows: f(&ew, "gather_rows")?,
@@ -169,6 +203,17 @@ impl Kernels {
             moe_plan: f(&moe, "moe_plan")?,
             moe_gather: f(&moe, "moe_gather")?,
             moe_combine: f(&moe, "moe_combine")?,
+            mla_decode: f(&at, "mla_decode")?,
+            mla_decode_combine: f(&at, "mla_decode_combine")?,
+            mla_prefill: f(&at, "mla_prefill")?,
+            moe_small_up: f(&moe, "moe_small_up")?,
+            moe_small_down: f(&moe, "moe_small_down")?,
+            moe_small_combine: f(&moe, "moe_small_combine")?,
+            gemv_small: f(&moe, "gemv_small")?,
+            absorb_q_small: f(&moe, "absorb_q_small")?,
+            moe_route_small: f(&moe, "moe_route_small")?,
+            moe_tile_up: f(&moe, "moe_tile_up")?,
+            moe_tile_down: f(&moe, "moe_tile_down")?,
         })
     }
 }
@@ -186,6 +231,58 @@ pub(crate) struct Device {
     pub arch: (i32, i32),
     /// bf16 elements (else f32).
     pub bf16: bool,
+    /// Per-op timing with events (`DSV2_CUDA_PROFILE=1`): for finding where a step's
+    /// time goes, never on by default (it adds two event records around every op).
+    pub profile: Option<Mutex<Profile>>,
+    /// Most rows `linear` runs through `gemv_small` (bf16; `DSV2_CUDA_GEMV_MAX`, at most
+    /// 8, 0 for cuBLAS always).
+    gemv_max_rows: usize,
+    /// Launch with programmatic dependent launch (sm_90; `DSV2_CUDA_PDL=0` turns it off).
+    pdl: bool,
+}
+
+/// Event timings of every op, grouped by the step's token count and the op's name.
+#[derive(Default)]
+pub(crate) struct Profile {
+    /// Token count of the current step (set by `prepare_step`).
+    pub tokens: usize,
+    pending: Vec<(usize, String, CudaEvent, CudaEvent)>,
+    /// (tokens, op) -> (launches, milliseconds).
+    totals: BTreeMap<(usize, String), (usize, f64)>,
+}
+
+impl Profile {
+    /// Folds the recorded events into the totals (waits for them).
+    fn collect(&mut self) {
+        for (tokens, name, start, end) in self.pending.drain(..) {
+            let ms = start.elapsed_ms(&end).unwrap_or(0.0) as f64;
+            let e = self.totals.entry((tokens, name)).or_insert((0, 0.0));
+            e.0 += 1;
+            e.1 += ms;
+        }
+    }
+
+    /// The table of totals, per token count, the costliest ops first.
+    pub fn report(&mut self) -> String {
+        self.collect();
+        let mut by_tokens: BTreeMap<usize, Vec<(&String, usize, f64)>> = BTreeMap::new();
+        for ((tokens, name), (n, ms)) in &self.totals {
+            by_tokens.entry(*tokens).or_default().push((name, *n, *ms));
+        }
+        let mut out = String::new();
+        for (tokens, mut ops) in by_tokens {
+            ops.sort_by(|a, b| b.2.total_cmp(&a.2));
+            let total: f64 = ops.iter().map(|o| o.2).sum();
+            out += &format!("profile: steps of {tokens} tokens: {total:.3} ms in ops\n");
+            for (name, n, ms) in ops {
+                out += &format!(
+                    "  {name:<28} {n:>7} launches {ms:>10.3} ms {:>9.1} us each\n",
+                    1e3 * ms / n as f64
+                );
+            }
+        }
+        out
+    }
 }
 
 /// The symbols of `symbols` that the loaded library `$lib` does not export.
@@ -307,6 +404,18 @@ impl Device {
         .result()
         .ctx("cublasSetWorkspace")?;
         let kernels = Kernels::load(&ctx, arch, bf16)?;
+        // The decode attention kernel holds its latent tiles in more shared memory than a
+        // block gets by default.
+        kernels
+            .mla_decode
+            .set_attribute(
+                drv_sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                MLA_DECODE_SMEM as i32,
+            )
+            .ctx("raising the shared memory of mla_decode")?;
+        let profile = std::env::var("DSV2_CUDA_PROFILE")
+            .is_ok_and(|v| v == "1")
+            .then(|| Mutex::new(Profile::default()));
         Ok(Device {
             blas,
             _blas_workspace: workspace,
@@ -317,6 +426,13 @@ impl Device {
             name,
             arch,
             bf16,
+            profile,
+            pdl: arch.0 >= 9 && std::env::var("DSV2_CUDA_PDL").map_or(true, |v| v != "0"),
+            gemv_max_rows: std::env::var("DSV2_CUDA_GEMV_MAX")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(GEMV_MAX_ROWS)
+                .min(GEMV_MAX_ROWS),
         })
     }
 
@@ -371,6 +487,20 @@ impl Device {
         self.sync(op)
     }
 
+    /// Starts recording the work issued on the stream (by this thread) into a graph.
+    pub fn begin_capture(&self) -> Result<()> {
+        self.stream
+            .begin_capture(drv_sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .ctx("starting a graph capture")
+    }
+
+    /// Ends the recording begun by `begin_capture` and instantiates it.
+    pub fn end_capture(&self) -> Result<Option<cudarc::driver::CudaGraph>> {
+        self.stream
+            .end_capture(drv_sys::CUgraphInstantiate_flags(0))
+            .ctx("ending a graph capture")
+    }
+
     /// Waits for all work issued so far; reports asynchronous kernel failures.
     pub fn sync(&self, op: &str) -> Result<()> {
         self.stream
@@ -405,6 +535,38 @@ impl Device {
         drv::mem_get_info().ctx("cuMemGetInfo")
     }
 
+    /// Starts timing an op (profiling only).
+    fn prof_start(&self) -> Option<CudaEvent> {
+        self.profile.as_ref()?;
+        let ev = self
+            .ctx
+            .new_event(Some(drv_sys::CUevent_flags::CU_EVENT_DEFAULT))
+            .ok()?;
+        ev.record(&self.stream).ok()?;
+        Some(ev)
+    }
+
+    /// Ends timing an op started by `prof_start`.
+    fn prof_end(&self, start: Option<CudaEvent>, name: &str) {
+        let (Some(start), Some(p)) = (start, self.profile.as_ref()) else {
+            return;
+        };
+        let Ok(end) = self
+            .ctx
+            .new_event(Some(drv_sys::CUevent_flags::CU_EVENT_DEFAULT))
+        else {
+            return;
+        };
+        if end.record(&self.stream).is_ok() {
+            let mut p = p.lock().unwrap_or_else(|e| e.into_inner());
+            let tokens = p.tokens;
+            p.pending.push((tokens, name.to_string(), start, end));
+            if p.pending.len() > 4096 {
+                p.collect();
+            }
+        }
+    }
+
     /// Launches `f` on the stream. A grid with a zero dimension launches nothing.
     pub fn launch(
         &self,
@@ -429,21 +591,61 @@ impl Device {
             .iter_mut()
             .map(|s| s as *mut u64 as *mut c_void)
             .collect();
-        // SAFETY: every parameter points to an 8-byte slot holding the value of the
-        // kernel's parameter in its low bytes (little-endian); the slots outlive the call,
-        // which copies them. Device addresses passed in are live allocations sized by the
-        // callers for the kernel's documented shapes.
-        unsafe {
-            drv::launch_kernel(
-                f.cu_function(),
-                (grid.0 as u32, grid.1 as u32, 1),
-                (block, 1, 1),
-                smem,
-                self.stream.cu_stream(),
-                &mut params,
-            )
+        let prof = self.prof_start();
+        if self.pdl {
+            // Programmatic dependent launch: the kernel may start while the previous one
+            // drains; every kernel begins with `pdl_prologue` (common.cuh), which waits for
+            // its predecessor's completion before touching memory.
+            // SAFETY: a zeroed attribute value is valid; only the serialization flag is set.
+            let mut value: drv_sys::CUlaunchAttributeValue = unsafe { std::mem::zeroed() };
+            value.programmaticStreamSerializationAllowed = 1;
+            let mut attr = drv_sys::CUlaunchAttribute {
+                id: drv_sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION,
+                pad: [0; 4],
+                value,
+            };
+            let config = drv_sys::CUlaunchConfig {
+                gridDimX: grid.0 as u32,
+                gridDimY: grid.1 as u32,
+                gridDimZ: 1,
+                blockDimX: block,
+                blockDimY: 1,
+                blockDimZ: 1,
+                sharedMemBytes: smem,
+                hStream: self.stream.cu_stream(),
+                attrs: &mut attr,
+                numAttrs: 1,
+            };
+            // SAFETY: as for cuLaunchKernel below; `config` and `attr` outlive the call.
+            unsafe {
+                drv_sys::cuLaunchKernelEx(
+                    &config,
+                    f.cu_function(),
+                    params.as_mut_ptr(),
+                    std::ptr::null_mut(),
+                )
+            }
+            .result()
+            .ctx(format!("launching kernel `{name}`"))?;
+        } else {
+            // SAFETY: every parameter points to an 8-byte slot holding the value of the
+            // kernel's parameter in its low bytes (little-endian); the slots outlive the
+            // call, which copies them. Device addresses passed in are live allocations
+            // sized by the callers for the kernel's documented shapes.
+            unsafe {
+                drv::launch_kernel(
+                    f.cu_function(),
+                    (grid.0 as u32, grid.1 as u32, 1),
+                    (block, 1, 1),
+                    smem,
+                    self.stream.cu_stream(),
+                    &mut params,
+                )
+            }
+            .ctx(format!("launching kernel `{name}`"))?;
         }
-        .ctx(format!("launching kernel `{name}`"))
+        self.prof_end(prof, name);
+        Ok(())
     }
 
     fn dtype(&self) -> blas::cudaDataType {
@@ -481,6 +683,25 @@ impl Device {
         if rows == 0 {
             return Ok(());
         }
+        if self.gemv_applies(rows) && k.is_multiple_of(8) {
+            // A few rows: one pass over the weights with 16-byte loads beats cuBLAS.
+            return self.gemv(
+                op,
+                &Gemv {
+                    x,
+                    w,
+                    out,
+                    rows,
+                    n,
+                    k,
+                    out_f32,
+                    ldx: k,
+                    ldo: n,
+                },
+                1,
+                [0; 3],
+            );
+        }
         let g = Gemm {
             trans_a: true,
             trans_b: false,
@@ -506,6 +727,7 @@ impl Device {
             dt
         };
         let dims = g.dims(op)?;
+        let prof = self.prof_start();
         // SAFETY: the pointers are live device allocations holding the matrices the
         // leading dimensions describe (callers size them); alpha/beta are host f32, as
         // the f32 compute type requires.
@@ -533,7 +755,65 @@ impl Device {
             )
         }
         .result()
-        .ctx(format!("{op}: GEMM m={} n={} k={}", g.m, g.n, g.k))
+        .ctx(format!("{op}: GEMM m={} n={} k={}", g.m, g.n, g.k))?;
+        self.prof_end(prof, op);
+        Ok(())
+    }
+
+    /// True when `gemv` takes `rows` rows (bf16 and at most `DSV2_CUDA_GEMV_MAX`).
+    pub fn gemv_applies(&self, rows: usize) -> bool {
+        self.bf16 && rows <= self.gemv_max_rows
+    }
+
+    /// `batch` small-batch products `out[t, n] = x[t, :] · w[n, :]` through `gemv_small`,
+    /// member `i` offset by `i * strides` elements (x, w, out). Callers check
+    /// `gemv_applies` and `k % 8 == 0`.
+    pub fn gemv(&self, op: &str, g: &Gemv, batch: usize, strides: [usize; 3]) -> Result<()> {
+        self.gemv_pair(op, g, None, batch, strides)
+    }
+
+    /// `gemv`, plus (batch 1) a second product `(w, out, n)` of the same input in the
+    /// same launch.
+    pub fn gemv_pair(
+        &self,
+        op: &str,
+        g: &Gemv,
+        second: Option<(u64, u64, usize)>,
+        batch: usize,
+        strides: [usize; 3],
+    ) -> Result<()> {
+        let i32_of = |v: usize| -> Result<KArg> {
+            i32::try_from(v)
+                .map(KArg::from)
+                .map_err(|_| unsupported(op, format!("GEMV dimension {v} over 32 bits")))
+        };
+        let blocks_a = g.n.div_ceil(8);
+        let (w2, out2, n2) = second.unwrap_or((0, 0, 0));
+        self.launch(
+            &self.kernels.gemv_small,
+            op,
+            (blocks_a + n2.div_ceil(8), batch),
+            128,
+            0,
+            &[
+                g.x.into(),
+                g.w.into(),
+                g.out.into(),
+                i32_of(g.rows)?,
+                i32_of(g.n)?,
+                i32_of(g.k)?,
+                (g.out_f32 as i32).into(),
+                i32_of(g.ldx)?,
+                i32_of(g.ldo)?,
+                (strides[0] as u64).into(),
+                (strides[1] as u64).into(),
+                (strides[2] as u64).into(),
+                w2.into(),
+                out2.into(),
+                i32_of(n2)?,
+                i32_of(blocks_a)?,
+            ],
+        )
     }
 
     /// `batch` GEMMs whose operands sit `stride_*` elements apart.
@@ -550,6 +830,7 @@ impl Device {
         let (alpha, beta) = (1.0f32, 0.0f32);
         let dt = self.dtype();
         let dims = g.dims(op)?;
+        let prof = self.prof_start();
         // SAFETY: as in `gemm`; the strided operands stay inside their allocations.
         unsafe {
             blas::cublasGemmStridedBatchedEx(
@@ -582,7 +863,9 @@ impl Device {
         .ctx(format!(
             "{op}: batched GEMM m={} n={} k={} batch={batch}",
             g.m, g.n, g.k
-        ))
+        ))?;
+        self.prof_end(prof, op);
+        Ok(())
     }
 
     /// `batch` GEMMs `C[i] = op(A[i]) · op(B[i])` with the operands' addresses in the
@@ -602,6 +885,7 @@ impl Device {
         let (alpha, beta) = (1.0f32, 0.0f32);
         let dt = self.dtype();
         let dims = g.dims(op)?;
+        let prof = self.prof_start();
         // SAFETY: `a`, `b`, `c` are device arrays of `batch` live device addresses, each
         // holding a matrix the leading dimensions describe (written by moe_plan).
         unsafe {
@@ -632,7 +916,9 @@ impl Device {
         .ctx(format!(
             "{op}: pointer-batched GEMM m={} n={} k={} batch={batch}",
             g.m, g.n, g.k
-        ))
+        ))?;
+        self.prof_end(prof, op);
+        Ok(())
     }
 }
 
@@ -661,6 +947,19 @@ fn op_of(trans: bool) -> blas::cublasOperation_t {
     } else {
         blas::cublasOperation_t::CUBLAS_OP_N
     }
+}
+
+/// A small-batch product for `Device::gemv` (row-major; element strides).
+pub(crate) struct Gemv {
+    pub x: u64,
+    pub w: u64,
+    pub out: u64,
+    pub rows: usize,
+    pub n: usize,
+    pub k: usize,
+    pub out_f32: bool,
+    pub ldx: usize,
+    pub ldo: usize,
 }
 
 /// A column-major cuBLAS GEMM `C[m, n] = op(A) · op(B)` (dimensions as cuBLAS sees them).

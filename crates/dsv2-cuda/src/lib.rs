@@ -37,12 +37,14 @@ mod scratch;
 mod step;
 mod weights;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 
+use cudarc::driver::CudaGraph;
+
 use dsv2_backend::{
-    Backend, BackendError, Batch, CacheSpec, ComputeDtype, MlaAttention, MlaDims, Mlp, MoeWeights,
-    Result as BResult, RopeAngles,
+    AttentionPath, Backend, BackendError, Batch, CacheSpec, ComputeDtype, MlaAttention, MlaDims,
+    Mlp, MoeWeights, Result as BResult, RopeAngles,
 };
 use dsv2_core::TensorView;
 
@@ -88,6 +90,49 @@ impl CudaBuffer {
 pub struct CudaCache {
     mem: DevMem,
     spec: CacheSpec,
+    /// Unique among the caches of this process (keys captured graphs).
+    id: u64,
+}
+
+/// What a captured decode graph depends on: the model and attention path (the caller's
+/// key), the step buffer, the cache, the work buffers' addresses and every count that
+/// sizes a launch. Steps with equal keys issue exactly the same launches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct GraphKey {
+    caller: u64,
+    step_id: u64,
+    step_generation: u64,
+    cache_id: u64,
+    scratch_generation: u64,
+    layout: step::Layout,
+    tokens: usize,
+    seqs: usize,
+    logits_rows: usize,
+}
+
+/// Most graphs kept at once (each is one step's worth of launches).
+const MAX_GRAPHS: usize = 128;
+/// Largest decode batch captured as a graph.
+const MAX_GRAPH_TOKENS: usize = 1024;
+
+/// A captured graph, used only under the backend's `graphs` mutex.
+struct StepGraph(CudaGraph);
+
+// SAFETY: CUDA graph objects may be used from any thread as long as calls on one graph
+// are serialized; every use goes through the `graphs` mutex.
+unsafe impl Send for StepGraph {}
+
+/// Captured decode steps.
+#[derive(Default)]
+struct Graphs {
+    /// Steps seen once: a step shape is captured the second time it runs, when its work
+    /// buffers have already grown to size (no allocation may happen while capturing).
+    seen: HashSet<GraphKey>,
+    ready: HashMap<GraphKey, StepGraph>,
+    /// The key being recorded between `begin_step_graph` and `end_step_graph`.
+    recording: Option<GraphKey>,
+    /// Off after a failed capture, with `DSV2_CUDA_GRAPHS=0`, or while profiling.
+    disabled: bool,
 }
 
 impl CudaCache {
@@ -106,6 +151,8 @@ pub struct CudaBackend {
     /// gate, up and down weight addresses `[3, E]` (host copy, device table), uploaded at
     /// the layer's first use.
     expert_tables: Mutex<HashMap<u64, (Vec<u64>, DevMem)>>,
+    /// Captured decode-step graphs (dropped before the device).
+    graphs: Mutex<Graphs>,
     dev: Device,
     dtype: ComputeDtype,
 }
@@ -119,12 +166,34 @@ impl CudaBackend {
     /// compilation or driver failure otherwise.
     pub fn new(ordinal: usize, dtype: ComputeDtype) -> Result<CudaBackend> {
         let dev = Device::new(ordinal, dtype == ComputeDtype::Bf16)?;
+        let graphs = Graphs {
+            disabled: dev.profile.is_some()
+                || std::env::var("DSV2_CUDA_GRAPHS").is_ok_and(|v| v == "0"),
+            ..Graphs::default()
+        };
         Ok(CudaBackend {
             scratch: Mutex::new(Scratch::default()),
             expert_tables: Mutex::new(HashMap::new()),
+            graphs: Mutex::new(graphs),
             dev,
             dtype,
         })
+    }
+
+    /// The per-op timings gathered so far with `DSV2_CUDA_PROFILE=1` (waits for the
+    /// device), or `None` when not profiling.
+    pub fn profile_report(&self) -> Option<String> {
+        let p = self.dev.profile.as_ref()?;
+        Some(p.lock().unwrap_or_else(|e| e.into_inner()).report())
+    }
+
+    /// Number of decode-step graphs captured and kept.
+    pub fn captured_graphs(&self) -> usize {
+        self.graphs_lock().ready.len()
+    }
+
+    fn graphs_lock(&self) -> std::sync::MutexGuard<'_, Graphs> {
+        self.graphs.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Free and total memory of the device (for sizing the latent cache).
@@ -295,6 +364,29 @@ impl CudaBackend {
         self.gemm_rows("mlp down_proj", g, rows, &mlp.down_proj, out.ptr(), false)
     }
 
+    /// Checks a latent cache write of `layer`; returns the latent width.
+    fn check_cache_write(
+        &self,
+        op: &str,
+        kv_a: &CudaBuffer,
+        kv_norm: &CudaWeight,
+        step: &CudaStep,
+        layer: usize,
+        cache: &CudaCache,
+    ) -> Result<usize> {
+        let spec = cache.spec;
+        let c = kv_norm.vector(op)?;
+        if c != spec.kv_lora_rank || layer >= spec.num_layers {
+            return Err(error::unsupported(
+                op,
+                format!("layer {layer}, latent {c} vs cache {spec:?}"),
+            ));
+        }
+        attention::check_step_against_cache(op, step, &spec)?;
+        self.check_len(op, "kv_a", kv_a, step.counts.tokens * spec.width())?;
+        Ok(c)
+    }
+
     fn silu_mul(&self, g: u64, u: u64, n: usize) -> Result<()> {
         let k = &self.dev.kernels;
         self.dev.launch(
@@ -351,6 +443,15 @@ impl CudaBackend {
     }
 }
 
+impl Drop for CudaBackend {
+    fn drop(&mut self) {
+        // With DSV2_CUDA_PROFILE=1, the per-op timings of the whole run.
+        if let Some(report) = self.profile_report() {
+            eprint!("{report}");
+        }
+    }
+}
+
 /// Blocks for a grid-stride loop over `n` values.
 fn grid_for(n: usize) -> usize {
     n.div_ceil(ROW_THREADS as usize).clamp(1, 8192)
@@ -402,7 +503,11 @@ impl Backend for CudaBackend {
         let bytes =
             spec.num_layers * spec.num_blocks * spec.block_size * spec.width() * self.elem();
         let mem = self.dev.alloc_zeroed(bytes)?;
-        Ok(CudaCache { mem, spec })
+        Ok(CudaCache {
+            mem,
+            spec,
+            id: step::next_id(),
+        })
     }
 
     fn alloc_step(&self, max_tokens: usize) -> BResult<CudaStep> {
@@ -416,7 +521,90 @@ impl Backend for CudaBackend {
         step: &mut CudaStep,
     ) -> BResult<()> {
         self.dev.bind()?;
+        if let Some(p) = &self.dev.profile {
+            p.lock().unwrap_or_else(|e| e.into_inner()).tokens = batch.num_tokens();
+        }
         Ok(step.prepare(&self.dev, batch, angles)?)
+    }
+
+    fn begin_step_graph(&self, step: &CudaStep, cache: &CudaCache, key: u64) -> BResult<bool> {
+        let mut graphs = self.graphs_lock();
+        if graphs.disabled {
+            return Ok(false);
+        }
+        let c = &step.counts;
+        // Decode steps only (every sequence one new token), on the absorbed path (the
+        // expanded path sizes its launches by the context lengths).
+        let path = key & 0xff;
+        let decode = c.tokens > 0 && c.abs_auto_tokens == c.tokens && c.seqs == c.tokens;
+        if !decode || c.tokens > MAX_GRAPH_TOKENS || path == AttentionPath::Expanded as u64 {
+            return Ok(false);
+        }
+        let gk = GraphKey {
+            caller: key,
+            step_id: step.id,
+            step_generation: step.generation,
+            cache_id: cache.id,
+            scratch_generation: self.scratch().generation,
+            layout: step.layout,
+            tokens: c.tokens,
+            seqs: c.seqs,
+            logits_rows: c.logits_rows,
+        };
+        if let Some(g) = graphs.ready.get(&gk) {
+            // The checks the skipped ops would make on the host: the step's slots and
+            // block tables must fit the cache.
+            attention::check_step_against_cache("step graph", step, &cache.spec)?;
+            g.0.launch()
+                .map_err(|e| error::unsupported("step graph", format!("launch: {e:?}")))?;
+            return Ok(true);
+        }
+        if graphs.seen.contains(&gk) {
+            self.dev.begin_capture()?;
+            graphs.recording = Some(gk);
+        } else {
+            if graphs.seen.len() >= 4 * MAX_GRAPHS {
+                graphs.seen.clear();
+            }
+            graphs.seen.insert(gk);
+        }
+        Ok(false)
+    }
+
+    fn end_step_graph(&self, _step: &CudaStep, ok: bool) -> BResult<()> {
+        let mut graphs = self.graphs_lock();
+        let Some(gk) = graphs.recording.take() else {
+            return Ok(());
+        };
+        let captured = self.dev.end_capture();
+        if !ok {
+            return Ok(());
+        }
+        let graph = match captured {
+            Ok(Some(g)) if self.scratch().generation == gk.scratch_generation => g,
+            other => {
+                // The recorded work never ran: nothing of this step happened.
+                graphs.disabled = true;
+                let why = match other {
+                    Err(e) => e.to_string(),
+                    Ok(None) => "empty graph".into(),
+                    Ok(Some(_)) => "a work buffer moved while recording".into(),
+                };
+                return Err(error::unsupported(
+                    "step graph",
+                    format!("capture failed ({why}); graphs are now off, run the step again"),
+                )
+                .into());
+            }
+        };
+        graph
+            .launch()
+            .map_err(|e| error::unsupported("step graph", format!("launch: {e:?}")))?;
+        if graphs.ready.len() >= MAX_GRAPHS {
+            graphs.ready.clear();
+        }
+        graphs.ready.insert(gk, StepGraph(graph));
+        Ok(())
     }
 
     fn embed(&self, table: &CudaWeight, step: &CudaStep, out: &mut CudaBuffer) -> BResult<()> {
@@ -482,6 +670,130 @@ impl Backend for CudaBackend {
         )?)
     }
 
+    fn linear_pair(
+        &self,
+        x: &CudaBuffer,
+        rows: usize,
+        w_a: &CudaWeight,
+        out_a: &mut CudaBuffer,
+        w_b: &CudaWeight,
+        out_b: &mut CudaBuffer,
+    ) -> BResult<()> {
+        let (n_a, k_a) = w_a.matrix("linear_pair")?;
+        let (n_b, k_b) = w_b.matrix("linear_pair")?;
+        if k_a != k_b || !self.dev.gemv_applies(rows) || !k_a.is_multiple_of(8) {
+            self.linear(x, rows, w_a, out_a)?;
+            return self.linear(x, rows, w_b, out_b);
+        }
+        self.check_len("linear_pair", "input", x, rows * k_a)?;
+        self.check_len("linear_pair", "first output", out_a, rows * n_a)?;
+        self.check_len("linear_pair", "second output", out_b, rows * n_b)?;
+        Ok(self.dev.gemv_pair(
+            "linear_pair",
+            &device::Gemv {
+                x: x.ptr(),
+                w: w_a.ptr(),
+                out: out_a.ptr(),
+                rows,
+                n: n_a,
+                k: k_a,
+                out_f32: false,
+                ldx: k_a,
+                ldo: n_a,
+            },
+            Some((w_b.ptr(), out_b.ptr(), n_b)),
+            1,
+            [0; 3],
+        )?)
+    }
+
+    fn rope_and_write_cache(
+        &self,
+        q: &mut CudaBuffer,
+        dims: MlaDims,
+        kv_a: &CudaBuffer,
+        kv_norm: &CudaWeight,
+        eps: f32,
+        step: &CudaStep,
+        layer: usize,
+        cache: &mut CudaCache,
+    ) -> BResult<()> {
+        let op = "rope_and_write_cache";
+        let t = step.counts.tokens;
+        let qd = dims.q_head_dim();
+        self.check_len(op, "queries", q, t * dims.num_heads * qd)?;
+        let c = self.check_cache_write(op, kv_a, kv_norm, step, layer, cache)?;
+        if dims.rope_dim != cache.spec.rope_dim {
+            return Err(error::unsupported(
+                op,
+                format!("RoPE width {} vs cache {:?}", dims.rope_dim, cache.spec),
+            )
+            .into());
+        }
+        let k = &self.dev.kernels;
+        Ok(self.dev.launch(
+            &k.rope_and_write_cache,
+            op,
+            (t, 1),
+            ROW_THREADS,
+            0,
+            &[
+                q.ptr().into(),
+                kv_a.ptr().into(),
+                kv_norm.ptr().into(),
+                step.at(step.layout.slots).into(),
+                step.at(step.layout.cos).into(),
+                step.at(step.layout.sin).into(),
+                attention::layer_ptr(self, cache, layer).into(),
+                (dims.num_heads as i32).into(),
+                (qd as i32).into(),
+                (dims.nope_dim as i32).into(),
+                (c as i32).into(),
+                (dims.rope_dim as i32).into(),
+                eps.into(),
+            ],
+        )?)
+    }
+
+    fn add_rms_norm(
+        &self,
+        acc: &mut CudaBuffer,
+        x: &CudaBuffer,
+        weight: &CudaWeight,
+        eps: f32,
+        rows: usize,
+        dim: usize,
+        out: &mut CudaBuffer,
+    ) -> BResult<()> {
+        let d = weight.vector("add_rms_norm")?;
+        if d != dim {
+            return Err(error::unsupported(
+                "add_rms_norm",
+                format!("norm weight of {d} values for rows of {dim}"),
+            )
+            .into());
+        }
+        self.check_len("add_rms_norm", "accumulator", acc, rows * d)?;
+        self.check_len("add_rms_norm", "input", x, rows * d)?;
+        self.check_len("add_rms_norm", "output", out, rows * d)?;
+        let k = &self.dev.kernels;
+        Ok(self.dev.launch(
+            &k.add_rms_norm,
+            "add_rms_norm",
+            (rows, 1),
+            ROW_THREADS,
+            0,
+            &[
+                acc.ptr().into(),
+                x.ptr().into(),
+                weight.ptr().into(),
+                out.ptr().into(),
+                (d as i32).into(),
+                eps.into(),
+            ],
+        )?)
+    }
+
     fn rope_queries(&self, q: &mut CudaBuffer, dims: MlaDims, step: &CudaStep) -> BResult<()> {
         let t = step.counts.tokens;
         let qd = dims.q_head_dim();
@@ -515,21 +827,7 @@ impl Backend for CudaBackend {
         cache: &mut CudaCache,
     ) -> BResult<()> {
         let spec = cache.spec;
-        let c = kv_norm.vector("mla_write_cache")?;
-        if c != spec.kv_lora_rank || layer >= spec.num_layers {
-            return Err(error::unsupported(
-                "mla_write_cache",
-                format!("layer {layer}, latent {c} vs cache {spec:?}"),
-            )
-            .into());
-        }
-        attention::check_step_against_cache("mla_write_cache", step, &spec)?;
-        self.check_len(
-            "mla_write_cache",
-            "kv_a",
-            kv_a,
-            step.counts.tokens * spec.width(),
-        )?;
+        let c = self.check_cache_write("mla_write_cache", kv_a, kv_norm, step, layer, cache)?;
         let k = &self.dev.kernels;
         Ok(self.dev.launch(
             &k.mla_write_cache,

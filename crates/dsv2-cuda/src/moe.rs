@@ -1,5 +1,11 @@
 //! DeepSeekMoE on the device, with no host round-trip.
 //!
+//! Up to a few tokens (bf16), the experts run as GEMV-style kernels instead of steps 3-4
+//! below: `moe_small_up` (gate and up of every chosen and shared expert, SwiGLU fused),
+//! `moe_small_down` (each expert's down projection, one block per output rows and
+//! expert) and `moe_small_combine` (the weighted sum), so each chosen expert's weights
+//! are read once with 16-byte loads.
+//!
 //! 1. The shared experts run first, straight into `out`.
 //! 2. Router logits `[rows, E]` in f32 (a GEMM of the bf16 activations and weights with
 //!    f32 output: the products are exact, as in the reference's f32 router), then
@@ -88,18 +94,62 @@ pub(crate) fn moe(
     if rows == 0 {
         return Ok(());
     }
-    if let Some(shared) = &moe.shared_experts {
-        be.mlp_impl(scratch, x, rows, shared, out)?;
+    let small = small_batch_applies(be, moe, rows, d, inter)?;
+    if !small {
+        if let Some(shared) = &moe.shared_experts {
+            be.mlp_impl(scratch, x, rows, shared, out)?;
+        }
     }
     let dev = &be.dev;
     let e = be.elem();
     let kern = &dev.kernels;
     // Routing.
-    let logits = scratch.get(dev, Slot::Router, rows * num_experts * 4)?;
-    be.gemm_rows("moe router", x.ptr(), rows, &moe.gate, logits, true)?;
     let pairs = rows * k;
     let ids = scratch.get(dev, Slot::RouteIds, pairs * 4)?;
     let weights = scratch.get(dev, Slot::RouteWeights, pairs * 4)?;
+    if small {
+        // Router and routing of each token in one block.
+        dev.launch(
+            &kern.moe_route_small,
+            "moe_route_small",
+            (rows, 1),
+            1024,
+            0,
+            &[
+                x.ptr().into(),
+                moe.gate.ptr().into(),
+                ids.into(),
+                weights.into(),
+                (num_experts as i32).into(),
+                (k as i32).into(),
+                (n_group as i32).into(),
+                (topk_group as i32).into(),
+                (r.norm_topk_prob as i32).into(),
+                r.routed_scaling_factor.into(),
+                (d as i32).into(),
+            ],
+        )?;
+        let table = expert_table(be, moe, inter, d)?;
+        return small_batch(
+            be,
+            scratch,
+            x,
+            rows,
+            moe,
+            SmallArgs {
+                ids,
+                weights,
+                table,
+                num_experts,
+                k,
+                d,
+                inter,
+            },
+            out,
+        );
+    }
+    let logits = scratch.get(dev, Slot::Router, rows * num_experts * 4)?;
+    be.gemm_rows("moe router", x.ptr(), rows, &moe.gate, logits, true)?;
     dev.launch(
         &kern.moe_route,
         "moe_route",
@@ -119,8 +169,17 @@ pub(crate) fn moe(
             r.routed_scaling_factor.into(),
         ],
     )?;
-    // Tiles.
-    let m_tile = tile_rows(pairs, num_experts);
+    // Tiles (of 8 rows for the GEMV tiles of a few dozen tokens).
+    let tile_gemv = be.dev.bf16
+        && rows <= TILE_GEMV_MAX_ROWS
+        && d.is_multiple_of(8)
+        && inter.is_multiple_of(8)
+        && std::env::var("DSV2_CUDA_MOE_TILE_GEMV").map_or(true, |v| v != "0");
+    let m_tile = if tile_gemv {
+        TILE_GEMV_M
+    } else {
+        tile_rows(pairs, num_experts)
+    };
     let tiles = max_tiles(pairs, num_experts, m_tile);
     let tile_rows_total = tiles * m_tile;
     let row_token = scratch.get(dev, Slot::RowToken, tile_rows_total * 4)?;
@@ -135,7 +194,7 @@ pub(crate) fn moe(
         &kern.moe_plan,
         "moe_plan",
         (1, 1),
-        ((num_experts + 1).div_ceil(32) * 32) as u32,
+        1024,
         0,
         &[
             ids.into(),
@@ -157,6 +216,95 @@ pub(crate) fn moe(
             ptrs.into(),
         ],
     )?;
+    let array = |i: usize| ptrs + (i * tiles * 8) as u64;
+    if tile_gemv {
+        dev.launch(
+            &kern.moe_tile_up,
+            "moe_tile_up",
+            (inter.div_ceil(8), tiles),
+            128,
+            0,
+            &[
+                x.ptr().into(),
+                row_token.into(),
+                array(0).into(),
+                array(1).into(),
+                (inter as i32).into(),
+                (d as i32).into(),
+                gate_out.into(),
+            ],
+        )?;
+        dev.launch(
+            &kern.moe_tile_down,
+            "moe_tile_down",
+            (d.div_ceil(8), tiles),
+            128,
+            0,
+            &[
+                gate_out.into(),
+                row_token.into(),
+                array(2).into(),
+                (inter as i32).into(),
+                (d as i32).into(),
+                down_out.into(),
+            ],
+        )?;
+    } else {
+        tiled_gemms(
+            be,
+            x,
+            &TiledArgs {
+                row_token,
+                ptrs,
+                tiles,
+                m_tile,
+                x_in,
+                gate_out,
+                up_out,
+                d,
+                inter,
+            },
+        )?;
+    }
+    dev.launch(
+        &kern.moe_combine,
+        "moe_combine",
+        (rows, 1),
+        ROW_THREADS,
+        0,
+        &[
+            down_out.into(),
+            slot_of.into(),
+            weights.into(),
+            out.ptr().into(),
+            (d as i32).into(),
+            (k as i32).into(),
+            (moe.shared_experts.is_some() as i32).into(),
+        ],
+    )
+}
+
+/// Buffers and shape of the tiled expert GEMMs.
+struct TiledArgs {
+    row_token: u64,
+    ptrs: u64,
+    tiles: usize,
+    m_tile: usize,
+    x_in: u64,
+    gate_out: u64,
+    up_out: u64,
+    d: usize,
+    inter: usize,
+}
+
+/// The gather, the three pointer-batched GEMMs and SwiGLU over moe_plan's tiles.
+fn tiled_gemms(be: &CudaBackend, x: &CudaBuffer, a: &TiledArgs) -> Result<()> {
+    let dev = &be.dev;
+    let kern = &dev.kernels;
+    let (tiles, m_tile, d, inter) = (a.tiles, a.m_tile, a.d, a.inter);
+    let (row_token, ptrs, x_in, gate_out, up_out) =
+        (a.row_token, a.ptrs, a.x_in, a.gate_out, a.up_out);
+    let tile_rows_total = tiles * m_tile;
     dev.launch(
         &kern.moe_gather,
         "moe_gather",
@@ -209,24 +357,153 @@ pub(crate) fn moe(
         array(4),
         array(6),
         tiles,
-    )?;
+    )
+}
+
+/// Most tokens of the GEMV expert tiles (`moe_tile_up` / `moe_tile_down`), and their rows
+/// per tile (TILE_M in moe.cu). `DSV2_CUDA_MOE_TILE_GEMV=0` turns them off.
+const TILE_GEMV_MAX_ROWS: usize = 16;
+const TILE_GEMV_M: usize = 8;
+
+/// Most tokens the small-batch kernels take by default (`DSV2_CUDA_MOE_SMALL_MAX`
+/// overrides it; 0 turns them off).
+const SMALL_MAX_ROWS: usize = 4;
+
+/// True when the small-batch MoE kernels run this call: bf16, at most
+/// [`SMALL_MAX_ROWS`] tokens, widths that allow 16-byte loads, and shared experts (if
+/// any) whose input width matches.
+fn small_batch_applies(
+    be: &CudaBackend,
+    moe: &MoeWeights<CudaWeight>,
+    rows: usize,
+    d: usize,
+    inter: usize,
+) -> Result<bool> {
+    let max = std::env::var("DSV2_CUDA_MOE_SMALL_MAX")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(SMALL_MAX_ROWS);
+    if !be.dev.bf16 || rows > max || !d.is_multiple_of(8) || !inter.is_multiple_of(8) {
+        return Ok(false);
+    }
+    if let Some(sh) = &moe.shared_experts {
+        let (si, sd) = sh.gate_proj.matrix("shared gate_proj")?;
+        if sd != d
+            || si % 8 != 0
+            || sh.up_proj.matrix("shared up_proj")? != (si, d)
+            || sh.down_proj.matrix("shared down_proj")? != (d, si)
+        {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+/// Routing results and shapes the small-batch kernels need.
+struct SmallArgs {
+    ids: u64,
+    weights: u64,
+    table: u64,
+    num_experts: usize,
+    k: usize,
+    d: usize,
+    inter: usize,
+}
+
+/// The routed and shared experts of a few tokens in two launches (see moe.cu).
+fn small_batch(
+    be: &CudaBackend,
+    scratch: &mut Scratch,
+    x: &CudaBuffer,
+    rows: usize,
+    moe: &MoeWeights<CudaWeight>,
+    a: SmallArgs,
+    out: &mut CudaBuffer,
+) -> Result<()> {
+    let dev = &be.dev;
+    let e = be.elem();
+    let (sh_gate, sh_up, sh_down, inter_sh) = match &moe.shared_experts {
+        Some(sh) => (
+            sh.gate_proj.ptr(),
+            sh.up_proj.ptr(),
+            sh.down_proj.ptr(),
+            sh.gate_proj.matrix("shared gate_proj")?.0,
+        ),
+        None => (0, 0, 0, 0),
+    };
+    let pairs = rows * a.k;
+    let routed = pairs * a.inter;
+    let hid = scratch.get(dev, Slot::MoeHidden, (routed + rows * inter_sh) * e)?;
+    let hid_sh = hid + (routed * e) as u64;
+    let has_shared = moe.shared_experts.is_some();
+    let width = a.inter.max(inter_sh);
+    let kern = &dev.kernels;
     dev.launch(
-        &kern.moe_combine,
-        "moe_combine",
-        (rows, 1),
-        ROW_THREADS,
+        &kern.moe_small_up,
+        "moe_small_up",
+        (
+            width.div_ceil(SMALL_ROWS_PER_BLOCK),
+            pairs + if has_shared { rows } else { 0 },
+        ),
+        128,
         0,
         &[
-            down_out.into(),
-            slot_of.into(),
-            weights.into(),
+            x.ptr().into(),
+            a.ids.into(),
+            a.table.into(),
+            (a.num_experts as i32).into(),
+            (a.k as i32).into(),
+            (rows as i32).into(),
+            sh_gate.into(),
+            sh_up.into(),
+            (a.inter as i32).into(),
+            (inter_sh as i32).into(),
+            (a.d as i32).into(),
+            hid.into(),
+            hid_sh.into(),
+        ],
+    )?;
+    let part = scratch.get(dev, Slot::MoePartial, rows * (a.k + 1) * a.d * 4)?;
+    dev.launch(
+        &kern.moe_small_down,
+        "moe_small_down",
+        (a.d.div_ceil(SMALL_ROWS_PER_BLOCK), rows * (a.k + 1)),
+        128,
+        0,
+        &[
+            hid.into(),
+            hid_sh.into(),
+            a.ids.into(),
+            a.table.into(),
+            (a.num_experts as i32).into(),
+            (a.k as i32).into(),
+            sh_down.into(),
+            (a.inter as i32).into(),
+            (inter_sh as i32).into(),
+            (a.d as i32).into(),
+            (has_shared as i32).into(),
+            part.into(),
+        ],
+    )?;
+    dev.launch(
+        &kern.moe_small_combine,
+        "moe_small_combine",
+        (rows, a.d.div_ceil(256)),
+        256,
+        0,
+        &[
+            part.into(),
+            a.weights.into(),
+            (a.k as i32).into(),
+            (a.d as i32).into(),
+            (has_shared as i32).into(),
             out.ptr().into(),
-            (d as i32).into(),
-            (k as i32).into(),
-            (moe.shared_experts.is_some() as i32).into(),
         ],
     )
 }
+
+/// Output rows per block of the small-batch kernels (SMALL_ROWS_PER_BLOCK in moe.cu).
+const SMALL_ROWS_PER_BLOCK: usize = 16;
 
 /// The device table `[3, E]` of the experts' gate, up and down weight addresses, made at
 /// the layer's first use (checking that every expert has the same shape).

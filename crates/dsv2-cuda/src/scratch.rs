@@ -30,14 +30,22 @@ pub(crate) enum Slot {
     ExpertGate,
     ExpertUp,
     ExpertOut,
+    /// Split-KV partial results of the decode attention kernel.
+    AttnPartial,
+    /// SwiGLU products of the small-batch MoE kernels.
+    MoeHidden,
+    /// Per-expert down projections of the small-batch MoE kernels.
+    MoePartial,
 }
 
-const NUM_SLOTS: usize = Slot::ExpertOut as usize + 1;
+const NUM_SLOTS: usize = Slot::MoePartial as usize + 1;
 
 /// The buffers, by slot.
 #[derive(Default)]
 pub(crate) struct Scratch {
     bufs: [Option<DevMem>; NUM_SLOTS],
+    /// Bumped whenever a buffer moves (graphs captured before then are stale).
+    pub generation: u64,
 }
 
 impl Scratch {
@@ -50,6 +58,7 @@ impl Scratch {
             // still using them.
             *buf = None;
             *buf = Some(dev.alloc_zeroed(grown)?);
+            self.generation += 1;
         }
         Ok(buf.as_ref().expect("allocated above").ptr())
     }

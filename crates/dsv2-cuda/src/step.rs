@@ -12,7 +12,7 @@ use crate::device::{DevMem, Device};
 use crate::error::{unsupported, Result};
 
 /// Word offsets of the sections of the packed metadata.
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) struct Layout {
     pub token_ids: usize,
     pub slots: usize,
@@ -20,6 +20,9 @@ pub(crate) struct Layout {
     pub tok_visible: usize,
     pub logits_rows: usize,
     pub seq_ctx: usize,
+    /// Per sequence: first row and number of its new tokens.
+    pub seq_qstart: usize,
+    pub seq_qlen: usize,
     pub seq_bt_off: usize,
     /// Row offset of each sequence's context when every sequence is gathered.
     pub goff_all: usize,
@@ -38,7 +41,7 @@ pub(crate) struct Layout {
 }
 
 /// Counts the host needs to size launches (the lists themselves stay on the device).
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) struct Counts {
     pub tokens: usize,
     pub seqs: usize,
@@ -52,6 +55,9 @@ pub(crate) struct Counts {
     /// Longest context: all sequences / prefill ones only.
     pub max_ctx_all: usize,
     pub max_ctx_auto: usize,
+    /// Most new tokens of one sequence: all sequences / prefill ones only.
+    pub max_qlen_all: usize,
+    pub max_qlen_auto: usize,
     /// Largest cache slot written and block referenced (checked against the cache).
     pub max_slot: Option<u32>,
     pub max_block: Option<u32>,
@@ -70,6 +76,18 @@ pub struct CudaStep {
     pub(crate) token_ids: Vec<u32>,
     staging: Vec<u32>,
     max_tokens: usize,
+    /// Unique among the steps of this process (keys captured graphs).
+    pub(crate) id: u64,
+    /// Bumped whenever `mem` moves (graphs captured before then are stale).
+    pub(crate) generation: u64,
+}
+
+/// Source of [`CudaStep::id`] and of the caches' ids.
+pub(crate) static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+/// A fresh id for a step or a cache.
+pub(crate) fn next_id() -> u64 {
+    NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
 impl CudaStep {
@@ -83,6 +101,8 @@ impl CudaStep {
             token_ids: Vec::with_capacity(max_tokens),
             staging: Vec::with_capacity(words),
             max_tokens,
+            id: next_id(),
+            generation: 0,
         })
     }
 
@@ -180,6 +200,16 @@ impl CudaStep {
             &mut l.seq_ctx,
             &mut batch.seqs.iter().map(|q| q.context_len as u32),
         );
+        section(
+            s,
+            &mut l.seq_qstart,
+            &mut batch.seqs.iter().map(|q| q.query_start as u32),
+        );
+        section(
+            s,
+            &mut l.seq_qlen,
+            &mut batch.seqs.iter().map(|q| q.query_len as u32),
+        );
         // Block tables, flattened, and each sequence's offset into them.
         let mut bt_off = 0usize;
         l.seq_bt_off = s.len();
@@ -193,6 +223,7 @@ impl CudaStep {
             s.push(c.gathered_all as u32);
             c.gathered_all += seq.context_len;
             c.max_ctx_all = c.max_ctx_all.max(seq.context_len);
+            c.max_qlen_all = c.max_qlen_all.max(seq.query_len);
         }
         l.goff_auto = s.len();
         for seq in &batch.seqs {
@@ -200,6 +231,7 @@ impl CudaStep {
             if seq.query_len > 1 {
                 c.gathered_auto += seq.context_len;
                 c.max_ctx_auto = c.max_ctx_auto.max(seq.context_len);
+                c.max_qlen_auto = c.max_qlen_auto.max(seq.query_len);
             }
         }
         l.abs_auto_tokens = s.len();
@@ -219,18 +251,21 @@ impl CudaStep {
             s.extend((seq.query_start..seq.query_start + seq.query_len).map(|r| r as u32));
         }
         c.exp_auto_tokens = s.len() - l.exp_auto_tokens;
+        // The angles before the block tables: then every offset of a decode step depends
+        // on its counts only, not on its context lengths (what a captured graph needs).
+        section(s, &mut l.cos, &mut angles.cos.iter().map(|v| v.to_bits()));
+        section(s, &mut l.sin, &mut angles.sin.iter().map(|v| v.to_bits()));
         l.block_tables = s.len();
         for seq in &batch.seqs {
             s.extend_from_slice(&seq.block_table);
         }
-        section(s, &mut l.cos, &mut angles.cos.iter().map(|v| v.to_bits()));
-        section(s, &mut l.sin, &mut angles.sin.iter().map(|v| v.to_bits()));
         l.words = s.len();
         let needed = l.words * 4;
         if self.mem.as_ref().is_none_or(|m| m.bytes() < needed) {
             // Free the old buffer first (cuMemFree waits for work still reading it).
             self.mem = None;
             self.mem = Some(dev.alloc_zeroed(needed + needed / 4)?);
+            self.generation += 1;
         }
         dev.htod(self.at(0), &self.staging, "prepare_step")?;
         self.layout = l;

@@ -1,6 +1,7 @@
 //! The whole forward pass on the GPU against the CPU backend, on synthetic models of the
 //! three DeepSeek-V2 shapes (V2-Lite-like, V2-like with query LoRA and group-limited
-//! routing, plain RoPE with renormalized routing): prompts of several lengths in one
+//! routing, plain RoPE with renormalized routing) and one with the real attention widths
+//! (the tensor-core attention kernels; decode steps replayed from CUDA graphs): prompts of several lengths in one
 //! batch, then batched decode steps of sequences with different context lengths, and
 //! greedy tokens on the device. Skipped without a GPU unless DSV2_REQUIRE_GPU is set.
 
@@ -43,6 +44,14 @@ fn config(variant: &str) -> ModelConfig {
             m.insert("rope_scaling".into(), serde_json::Value::Null);
             m.insert("first_k_dense_replace".into(), 0.into());
             m.insert("norm_topk_prob".into(), true.into());
+        }
+        "mla" => {
+            // The attention widths of the real models (the kernels built for them).
+            m.insert("num_attention_heads".into(), 16.into());
+            m.insert("kv_lora_rank".into(), 512.into());
+            m.insert("qk_nope_head_dim".into(), 128.into());
+            m.insert("qk_rope_head_dim".into(), 64.into());
+            m.insert("v_head_dim".into(), 128.into());
         }
         _ => unreachable!(),
     }
@@ -126,7 +135,7 @@ fn forward_matches_cpu_on_prompts_and_batched_decode() {
         CpuBackend::new(ComputeDtype::F32),
         CpuBackend::new(ComputeDtype::Bf16),
     );
-    for variant in ["lite", "v2", "plain"] {
+    for variant in ["lite", "v2", "plain", "mla"] {
         let cfg = config(variant);
         let ckpt = synthetic_checkpoint(&cfg, 11, DType::BF16);
         let m_cpu32 = Model::load(&cpu32, cfg.clone(), &ckpt).unwrap();

@@ -245,6 +245,263 @@ fn rope_cache_write_and_attention_paths() {
     });
 }
 
+/// Long paged contexts at the real V2-Lite attention shape, against the CPU: decode tokens
+/// (the split-KV decode kernel with several 32-row tiles per split, and splits of one
+/// tile) for batches of 1 and 3 sequences, and prompts of over 64 new tokens after a
+/// cached past and from scratch (the prefill kernel with several key blocks and query
+/// blocks), on both paths.
+#[test]
+fn long_context_attention() {
+    each_dtype(|dtype, cpu, gpu| {
+        let (h, dn, dr, dv, c) = (16, 128, 64, 128, 512);
+        let block = 16;
+        let cases: [(Vec<usize>, Vec<usize>, &[AttentionPath]); 3] = [
+            (vec![1499], vec![1], &[AttentionPath::Auto]),
+            (vec![1099, 36, 2599], vec![1, 1, 1], &[AttentionPath::Auto]),
+            (
+                vec![100, 0, 3],
+                vec![150, 130, 1],
+                &[AttentionPath::Auto, AttentionPath::Expanded],
+            ),
+        ];
+        for (pasts, news, paths) in cases {
+            let contexts: Vec<usize> = pasts.iter().zip(&news).map(|(p, n)| p + n).collect();
+            let blocks: Vec<usize> = contexts.iter().map(|&x| x.div_ceil(block)).collect();
+            let num_blocks: usize = blocks.iter().sum::<usize>() + 3;
+            // Interleaved tables: sequence i takes blocks i, i + n, i + 2n, ... where free.
+            let mut tables: Vec<Vec<u32>> = vec![Vec::new(); contexts.len()];
+            let mut next = 0u32;
+            while tables.iter().zip(&blocks).any(|(t, &b)| t.len() < b) {
+                for (t, &b) in tables.iter_mut().zip(&blocks) {
+                    if t.len() < b {
+                        t.push(next);
+                        next += 1;
+                    }
+                }
+            }
+            let spec = CacheSpec {
+                num_layers: 1,
+                num_blocks,
+                block_size: block,
+                kv_lora_rank: c,
+                rope_dim: dr,
+            };
+            let mut cc = cpu.alloc_cache(spec).unwrap();
+            let mut cg = gpu.alloc_cache(spec).unwrap();
+            let kv_norm = norm_tensor("kv_norm", c, 12);
+            let (nc, ng) = (
+                cpu.load_weight(&kv_norm).unwrap(),
+                gpu.load_weight(&kv_norm).unwrap(),
+            );
+            let dims = MlaDims {
+                num_heads: h,
+                nope_dim: dn,
+                rope_dim: dr,
+                v_dim: dv,
+                kv_lora_rank: c,
+                softmax_scale: 0.1147,
+            };
+            // The pasts, then the new tokens of every sequence.
+            let mut history = Batch::default();
+            let mut step = Batch::default();
+            for i in 0..contexts.len() {
+                if pasts[i] > 0 {
+                    let toks: Vec<u32> = (0..pasts[i] as u32).collect();
+                    history.push_seq(&toks, 0, &tables[i], block, LogitsWanted::None);
+                }
+                let toks: Vec<u32> = (0..news[i] as u32).collect();
+                step.push_seq(&toks, pasts[i], &tables[i], block, LogitsWanted::Last);
+            }
+            for (i, b) in [&history, &step].into_iter().enumerate() {
+                let t = b.num_tokens();
+                let cos: Vec<f32> = values(t * dr / 2, 70 + i as u64, 1.0);
+                let sin: Vec<f32> = cos.iter().map(|v| (1.0 - v * v).sqrt()).collect();
+                let angles = RopeAngles {
+                    cos: &cos,
+                    sin: &sin,
+                };
+                let (mut sc, mut sg) = (cpu.alloc_step(t).unwrap(), gpu.alloc_step(t).unwrap());
+                cpu.prepare_step(b, angles, &mut sc).unwrap();
+                gpu.prepare_step(b, angles, &mut sg).unwrap();
+                let kv_a = bf16_values(t * (c + dr), 80 + i as u64, 2.0);
+                let (kc, kg) = inputs(gpu, &kv_a);
+                cpu.mla_write_cache(&kc, &nc, 1e-6, &sc, 0, &mut cc)
+                    .unwrap();
+                gpu.mla_write_cache(&kg, &ng, 1e-6, &sg, 0, &mut cg)
+                    .unwrap();
+                if i == 0 {
+                    continue;
+                }
+                let q = bf16_values(t * h * (dn + dr), 90, 1.0);
+                let (qc, qg) = inputs(gpu, &q);
+                let kv_b = tensor("kv_b", &[h * (dn + dv), c], 91, 0.15);
+                let (bc, bg) = (
+                    cpu.load_weight(&kv_b).unwrap(),
+                    gpu.load_weight(&kv_b).unwrap(),
+                );
+                for &path in paths {
+                    let mut oc = cpu.alloc(t * h * dv).unwrap();
+                    let mut og = gpu.alloc(t * h * dv).unwrap();
+                    cpu.mla_attention(
+                        MlaAttention {
+                            q: &qc,
+                            kv_b_proj: &bc,
+                            cache: &cc,
+                            layer: 0,
+                            step: &sc,
+                            dims,
+                            path,
+                        },
+                        &mut oc,
+                    )
+                    .unwrap();
+                    gpu.mla_attention(
+                        MlaAttention {
+                            q: &qg,
+                            kv_b_proj: &bg,
+                            cache: &cg,
+                            layer: 0,
+                            step: &sg,
+                            dims,
+                            path,
+                        },
+                        &mut og,
+                    )
+                    .unwrap();
+                    check(
+                        &format!("attention {path:?}, pasts {pasts:?}, new tokens {news:?}"),
+                        dtype,
+                        &gpu.download(&og).unwrap(),
+                        &oc,
+                    );
+                }
+            }
+        }
+    });
+}
+
+/// `linear` at 1 to 8 rows (the small-batch GEMV kernel in bf16) and 9 rows (cuBLAS),
+/// with an odd output width.
+#[test]
+fn small_batch_linear() {
+    each_dtype(|dtype, cpu, gpu| {
+        let (k, n) = (512, 259);
+        let w = tensor("w_small", &[n, k], 3, 0.2);
+        let (wc, wg) = (cpu.load_weight(&w).unwrap(), gpu.load_weight(&w).unwrap());
+        for rows in [1usize, 3, 8, 9] {
+            let x = bf16_values(rows * k, 40 + rows as u64, 1.0);
+            let (xc, xg) = inputs(gpu, &x);
+            let mut lc = cpu.alloc(rows * n).unwrap();
+            let mut lg = gpu.alloc(rows * n).unwrap();
+            cpu.linear(&xc, rows, &wc, &mut lc).unwrap();
+            gpu.linear(&xg, rows, &wg, &mut lg).unwrap();
+            check(
+                &format!("linear rows {rows}"),
+                dtype,
+                &gpu.download(&lg).unwrap(),
+                &lc,
+            );
+        }
+    });
+}
+
+/// `linear_pair` (one GEMV launch for both products up to 8 rows) and
+/// `rope_and_write_cache` (one kernel) against the CPU's unfused defaults.
+#[test]
+fn fused_projection_pair_and_cache_write() {
+    each_dtype(|dtype, cpu, gpu| {
+        let (k, na, nb) = (256, 200, 72);
+        let wa = tensor("wa", &[na, k], 5, 0.2);
+        let wb = tensor("wb", &[nb, k], 6, 0.2);
+        let (wac, wag) = (cpu.load_weight(&wa).unwrap(), gpu.load_weight(&wa).unwrap());
+        let (wbc, wbg) = (cpu.load_weight(&wb).unwrap(), gpu.load_weight(&wb).unwrap());
+        for rows in [1usize, 3, 9] {
+            let x = bf16_values(rows * k, 60 + rows as u64, 1.0);
+            let (xc, xg) = inputs(gpu, &x);
+            let (mut ac, mut bc) = (cpu.alloc(rows * na).unwrap(), cpu.alloc(rows * nb).unwrap());
+            let (mut ag, mut bg) = (gpu.alloc(rows * na).unwrap(), gpu.alloc(rows * nb).unwrap());
+            cpu.linear_pair(&xc, rows, &wac, &mut ac, &wbc, &mut bc)
+                .unwrap();
+            gpu.linear_pair(&xg, rows, &wag, &mut ag, &wbg, &mut bg)
+                .unwrap();
+            check(
+                &format!("linear_pair a rows {rows}"),
+                dtype,
+                &gpu.download(&ag).unwrap(),
+                &ac,
+            );
+            check(
+                &format!("linear_pair b rows {rows}"),
+                dtype,
+                &gpu.download(&bg).unwrap(),
+                &bc,
+            );
+        }
+        // RoPE of the queries and the cache write of a paged batch, fused on the GPU.
+        let (h, dn, dr, c) = (16, 128, 64, 512);
+        let block = 16;
+        let (_, batch, num_blocks) = attention_batches(block);
+        let spec = CacheSpec {
+            num_layers: 2,
+            num_blocks,
+            block_size: block,
+            kv_lora_rank: c,
+            rope_dim: dr,
+        };
+        let (mut cc, mut cg) = (
+            cpu.alloc_cache(spec).unwrap(),
+            gpu.alloc_cache(spec).unwrap(),
+        );
+        let kv_norm = norm_tensor("kv_norm", c, 13);
+        let (nc, ng) = (
+            cpu.load_weight(&kv_norm).unwrap(),
+            gpu.load_weight(&kv_norm).unwrap(),
+        );
+        let dims = MlaDims {
+            num_heads: h,
+            nope_dim: dn,
+            rope_dim: dr,
+            v_dim: 128,
+            kv_lora_rank: c,
+            softmax_scale: 0.1,
+        };
+        let t = batch.num_tokens();
+        let cos: Vec<f32> = values(t * dr / 2, 21, 1.0);
+        let sin: Vec<f32> = cos.iter().map(|v| (1.0 - v * v).sqrt()).collect();
+        let angles = RopeAngles {
+            cos: &cos,
+            sin: &sin,
+        };
+        let (mut sc, mut sg) = (cpu.alloc_step(t).unwrap(), gpu.alloc_step(t).unwrap());
+        cpu.prepare_step(&batch, angles, &mut sc).unwrap();
+        gpu.prepare_step(&batch, angles, &mut sg).unwrap();
+        let kv_a = bf16_values(t * (c + dr), 31, 2.0);
+        let (kc, kg) = inputs(gpu, &kv_a);
+        let q = bf16_values(t * h * (dn + dr), 41, 1.0);
+        let (mut qc, mut qg) = inputs(gpu, &q);
+        cpu.rope_and_write_cache(&mut qc, dims, &kc, &nc, 1e-6, &sc, 1, &mut cc)
+            .unwrap();
+        gpu.rope_and_write_cache(&mut qg, dims, &kg, &ng, 1e-6, &sg, 1, &mut cg)
+            .unwrap();
+        check(
+            "rope_and_write_cache q",
+            dtype,
+            &gpu.download(&qg).unwrap(),
+            &qc,
+        );
+        let all = gpu.download_cache(&cg).unwrap();
+        let w = c + dr;
+        let slots = num_blocks * block;
+        let (mut got, mut want) = (Vec::new(), Vec::new());
+        for &slot in &batch.slots {
+            let at = (slots + slot as usize) * w;
+            got.extend_from_slice(&all[at..at + w]);
+            want.extend_from_slice(cc.row(1, slot as usize));
+        }
+        check("rope_and_write_cache cache", dtype, &got, &want);
+    });
+}
+
 fn mlp_weights<B: Backend>(
     be: &B,
     prefix: &str,
@@ -312,7 +569,7 @@ fn mlp_and_moe_routing_variants() {
             norm_topk_prob: true,
             routed_scaling_factor: 16.0,
         };
-        for rows in [1usize, 5, 70, 300] {
+        for rows in [1usize, 3, 5, 70, 300] {
             let x = bf16_values(rows * d, rows as u64, 2.0);
             let (xc, xg) = inputs(gpu, &x);
             let (mc, mg) = (

@@ -68,7 +68,12 @@ pub struct Model<B: Backend> {
     pub lm_head: Option<B::Weight>,
     pub rope: Rope,
     pub dims: MlaDims,
+    /// Unique among the models of this process: keys the step graphs a backend captures.
+    id: u64,
 }
+
+/// Source of [`Model`] ids.
+static NEXT_MODEL_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 /// Options of [`Model::load_with`].
 #[derive(Debug, Clone, Default)]
@@ -247,6 +252,7 @@ impl<B: Backend> Model<B> {
             rope: Rope::new(&config),
             dims,
             config,
+            id: NEXT_MODEL_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         })
     }
 
@@ -349,32 +355,75 @@ impl<B: Backend> Model<B> {
         ws: &mut Workspace<B>,
         path: AttentionPath,
     ) -> Result<()> {
-        self.prepare_and_embed(backend, batch, ws)?;
-        let t = batch.num_tokens();
+        self.prepare(backend, batch, ws)?;
+        // The ops below depend on the step's shape and `path` only: a backend may replay
+        // them as one graph (CUDA graphs for decode steps).
+        let key = (self.id << 8) | path as u64;
+        if backend.begin_step_graph(&ws.step, cache, key)? {
+            return Ok(());
+        }
+        let result = self.decoder(backend, batch.num_tokens(), cache, ws, path);
+        let ended = backend.end_step_graph(&ws.step, result.is_ok());
+        result?;
+        ended?;
+        Ok(())
+    }
+
+    /// Embedding, decoder layers and final norm of a prepared step of `t` tokens.
+    fn decoder(
+        &self,
+        backend: &B,
+        t: usize,
+        cache: &mut B::Cache,
+        ws: &mut Workspace<B>,
+        path: AttentionPath,
+    ) -> Result<()> {
+        backend.embed(&self.embed_tokens, &ws.step, &mut ws.hidden)?;
         let d = self.config.hidden_size;
         let eps = self.config.rms_norm_eps as f32;
         for (i, layer) in self.layers.iter().enumerate() {
-            // h = h + attention(input_layernorm(h))
-            backend.rms_norm(&ws.hidden, &layer.input_layernorm, eps, t, &mut ws.normed)?;
+            // h = h + attention(input_layernorm(h)); the previous block's residual add is
+            // fused with this norm.
+            if i == 0 {
+                backend.rms_norm(&ws.hidden, &layer.input_layernorm, eps, t, &mut ws.normed)?;
+            } else {
+                backend.add_rms_norm(
+                    &mut ws.hidden,
+                    &ws.block_out,
+                    &layer.input_layernorm,
+                    eps,
+                    t,
+                    d,
+                    &mut ws.normed,
+                )?;
+            }
             self.attention(backend, i, &layer.self_attn, t, cache, ws, path)?;
             backend.linear(&ws.attn, t, &layer.self_attn.o_proj, &mut ws.block_out)?;
-            backend.add_assign(&mut ws.hidden, &ws.block_out, t * d)?;
             // h = h + mlp_or_moe(post_attention_layernorm(h))
-            backend.rms_norm(
-                &ws.hidden,
+            backend.add_rms_norm(
+                &mut ws.hidden,
+                &ws.block_out,
                 &layer.post_attention_layernorm,
                 eps,
                 t,
+                d,
                 &mut ws.normed,
             )?;
             match &layer.mlp {
                 FeedForward::Dense(mlp) => backend.mlp(&ws.normed, t, mlp, &mut ws.block_out)?,
                 FeedForward::Moe(moe) => backend.moe(&ws.normed, t, moe, &mut ws.block_out)?,
             }
-            backend.add_assign(&mut ws.hidden, &ws.block_out, t * d)?;
         }
-        // The final norm; the head runs on the requested rows.
-        backend.rms_norm(&ws.hidden, &self.norm, eps, t, &mut ws.normed)?;
+        // The last residual add and the final norm; the head runs on the requested rows.
+        backend.add_rms_norm(
+            &mut ws.hidden,
+            &ws.block_out,
+            &self.norm,
+            eps,
+            t,
+            d,
+            &mut ws.normed,
+        )?;
         Ok(())
     }
 
@@ -408,6 +457,13 @@ impl<B: Backend> Model<B> {
     /// Checks the batch, uploads its metadata and RoPE angles, and embeds its tokens into
     /// `ws.hidden` `[T, D]`.
     fn prepare_and_embed(&self, backend: &B, batch: &Batch, ws: &mut Workspace<B>) -> Result<()> {
+        self.prepare(backend, batch, ws)?;
+        backend.embed(&self.embed_tokens, &ws.step, &mut ws.hidden)?;
+        Ok(())
+    }
+
+    /// Checks the batch and uploads its metadata and RoPE angles.
+    fn prepare(&self, backend: &B, batch: &Batch, ws: &mut Workspace<B>) -> Result<()> {
         self.check_batch(batch, ws)?;
         self.rope.angles(&batch.positions, &mut ws.cos, &mut ws.sin);
         let angles = RopeAngles {
@@ -415,7 +471,6 @@ impl<B: Backend> Model<B> {
             sin: &ws.sin,
         };
         backend.prepare_step(batch, angles, &mut ws.step)?;
-        backend.embed(&self.embed_tokens, &ws.step, &mut ws.hidden)?;
         Ok(())
     }
 
@@ -433,23 +488,41 @@ impl<B: Backend> Model<B> {
         path: AttentionPath,
     ) -> Result<()> {
         let eps = self.config.rms_norm_eps as f32;
-        // q = q_proj(x), or q_b_proj(q_a_layernorm(q_a_proj(x))); RoPE on each head's tail.
+        // q = q_proj(x), or q_b_proj(q_a_layernorm(q_a_proj(x))), and
+        // [latent | k_pe] = kv_a_proj_with_mqa(x): the two products of x in one call.
+        let kv_a_proj = &attn.kv_a_proj_with_mqa;
         match &attn.query {
-            QueryProj::Plain { q_proj } => backend.linear(&ws.normed, t, q_proj, &mut ws.q)?,
+            QueryProj::Plain { q_proj } => {
+                backend.linear_pair(&ws.normed, t, q_proj, &mut ws.q, kv_a_proj, &mut ws.kv_a)?
+            }
             QueryProj::LowRank {
                 q_a_proj,
                 q_a_layernorm,
                 q_b_proj,
             } => {
-                backend.linear(&ws.normed, t, q_a_proj, &mut ws.q_low)?;
+                backend.linear_pair(
+                    &ws.normed,
+                    t,
+                    q_a_proj,
+                    &mut ws.q_low,
+                    kv_a_proj,
+                    &mut ws.kv_a,
+                )?;
                 backend.rms_norm(&ws.q_low, q_a_layernorm, eps, t, &mut ws.q_low_normed)?;
                 backend.linear(&ws.q_low_normed, t, q_b_proj, &mut ws.q)?;
             }
         }
-        backend.rope_queries(&mut ws.q, self.dims, &ws.step)?;
-        // [latent | k_pe] = kv_a_proj_with_mqa(x); cache kv_a_layernorm(latent), rope(k_pe).
-        backend.linear(&ws.normed, t, &attn.kv_a_proj_with_mqa, &mut ws.kv_a)?;
-        backend.mla_write_cache(&ws.kv_a, &attn.kv_a_layernorm, eps, &ws.step, layer, cache)?;
+        // RoPE on each query head's tail; cache kv_a_layernorm(latent) and rope(k_pe).
+        backend.rope_and_write_cache(
+            &mut ws.q,
+            self.dims,
+            &ws.kv_a,
+            &attn.kv_a_layernorm,
+            eps,
+            &ws.step,
+            layer,
+            cache,
+        )?;
         backend.mla_attention(
             MlaAttention {
                 q: &ws.q,

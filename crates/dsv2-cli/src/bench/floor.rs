@@ -118,6 +118,37 @@ pub fn decode_step_bytes(
     bytes
 }
 
+/// Model FLOPs of prefilling one prompt of `len` tokens: two per multiply-add of every
+/// weight a token passes through (attention projections, dense MLPs, the router, shared
+/// and `top_k` routed experts; not the embedding lookup), the output head for the last
+/// token only, and causal attention in the expanded form (`len (len + 1) / 2` query-key
+/// pairs per head, each a `Dn + Dr` dot product and a `Dv`-wide weighted sum), the
+/// standard count behind an MFU figure. Re-deriving keys and values from the latents
+/// (`kv_b_proj` over the context) is a weight a token passes through, so it is counted
+/// once per token like the others.
+pub fn prefill_flops(config: &ModelConfig, len: usize) -> f64 {
+    let step = DecodeStep {
+        batch: 1,
+        cache_tokens: 0,
+        distinct_experts: config
+            .moe
+            .as_ref()
+            .map_or(0.0, |m| m.num_experts_per_tok as f64),
+    };
+    // Bytes as parameter counts: one "byte" per parameter.
+    let params = decode_step_bytes(config, &step, 0, |t| {
+        t.shape.iter().product::<usize>() as f64
+    });
+    let per_token = params.weights() - params.lm_head - params.other;
+    let pairs = (len * (len + 1) / 2) as f64;
+    let attention = config.num_hidden_layers as f64
+        * config.num_attention_heads as f64
+        * pairs
+        * 2.0
+        * (config.q_head_dim() + config.v_head_dim) as f64;
+    2.0 * per_token * len as f64 + 2.0 * params.lm_head + attention
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -202,6 +233,21 @@ mod tests {
         assert_eq!(b.routed_experts, 2.0 * 26.0 * 64.0 * 3.0 * 1408.0 * 2048.0);
         assert_eq!(b.other, 2.0 * (8.0 * 2048.0 + 2048.0));
         assert_eq!(b.latent_cache, (8 * 1025 * kv) as f64);
+    }
+
+    #[test]
+    fn prefill_flops_of_v2_lite() {
+        let config = lite();
+        // 2,451,437,056 parameters touched by one token, less the head (209,715,200) and
+        // the embedding row and final norm (4096): 4.48 GFLOP a token before attention.
+        let per_token = 2.0 * (2_451_437_056.0 - 209_715_200.0 - 4096.0);
+        let head = 2.0 * 209_715_200.0;
+        let attn = |len: f64| 27.0 * 16.0 * len * (len + 1.0) / 2.0 * 2.0 * 320.0;
+        for len in [1usize, 512, 2048] {
+            let want = per_token * len as f64 + head + attn(len as f64);
+            let got = prefill_flops(&config, len);
+            assert!((got - want).abs() < 1e-9 * want, "{len}: {got} vs {want}");
+        }
     }
 
     #[test]
