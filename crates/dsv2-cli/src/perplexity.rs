@@ -182,9 +182,7 @@ fn score<B: Backend>(
 
 /// `−log softmax(logits)[target]`, in f64.
 fn nll(logits: &[f32], target: u32) -> f64 {
-    let max = logits.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
-    let sum: f64 = logits.iter().map(|&v| (v as f64 - max).exp()).sum();
-    max + sum.ln() - logits[target as usize] as f64
+    dsv2_engine::log_normalizer(logits) - logits[target as usize] as f64
 }
 
 #[cfg(test)]

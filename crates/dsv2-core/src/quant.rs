@@ -483,7 +483,27 @@ pub fn quantize_tensor(view: &TensorView, format: QuantFormat) -> QuantizedTenso
     let [rows, cols] = view.shape[..] else {
         panic!("{}: quantize needs a matrix", view.name)
     };
-    assert!(cols % BLOCK == 0, "{}: cols % 32 != 0", view.name);
+    quantize_with(&view.name, format, rows, cols, |first_row, tile| {
+        for (rr, row) in tile.chunks_exact_mut(cols).enumerate() {
+            view.row_to_f32(first_row + rr, row);
+        }
+    })
+}
+
+/// Quantizes a `[rows, cols]` matrix whose values `fill(first_row, tile)` writes, tile
+/// of 16 rows by tile (`tile` holds `tile_rows · cols` f32), in parallel: no dense copy
+/// of the whole matrix ever exists.
+///
+/// # Panics
+/// If `cols % 32 != 0`.
+pub fn quantize_with(
+    name: &str,
+    format: QuantFormat,
+    rows: usize,
+    cols: usize,
+    fill: impl Fn(usize, &mut [f32]) + Sync,
+) -> QuantizedTensor {
+    assert!(cols.is_multiple_of(BLOCK), "{name}: cols % 32 != 0");
     let rb = format.row_bytes(cols);
     let nb = cols / BLOCK;
     let mut q = vec![0u8; rows * rb];
@@ -494,14 +514,12 @@ pub fn quantize_tensor(view: &TensorView, format: QuantFormat) -> QuantizedTenso
         .for_each_init(
             || vec![0.0f32; TILE * cols],
             |tile, (t, (qt, st))| {
-                let rt = tile_rows(rows, t);
-                for rr in 0..rt {
-                    view.row_to_f32(t * TILE + rr, &mut tile[rr * cols..(rr + 1) * cols]);
-                }
-                quantize_rows(format, &tile[..rt * cols], cols, qt, st);
+                let n = tile_rows(rows, t) * cols;
+                fill(t * TILE, &mut tile[..n]);
+                quantize_rows(format, &tile[..n], cols, qt, st);
             },
         );
-    QuantizedTensor::from_planes(&view.name, format, rows, cols, q, scales)
+    QuantizedTensor::from_planes(name, format, rows, cols, q, scales)
 }
 
 #[cfg(test)]

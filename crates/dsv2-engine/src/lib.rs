@@ -61,6 +61,7 @@ pub use engine::{Engine, EngineConfig};
 pub use error::{EngineError, Result};
 pub use generator::{argmax, Generation, Generator, Greedy, TokenPicker, BLOCK_SIZE};
 pub use handle::{EngineHandle, EngineLimits, RequestStream};
+pub use logprobs::log_normalizer;
 pub use request::{Event, Request, TokenLogprobs, Usage};
 pub use scheduler::{ScheduledSeq, Scheduler, SchedulerConfig};
 pub use sequence::{FinishReason, SeqId, Sequence, SequenceStatus, StopConditions};

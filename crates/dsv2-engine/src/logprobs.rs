@@ -2,12 +2,18 @@
 
 use crate::request::TokenLogprobs;
 
+/// `log Σ exp(logits)`, in f64 with the maximum taken out: `log_softmax(x)[i]` is
+/// `x[i] − log_normalizer(x)`.
+pub fn log_normalizer(logits: &[f32]) -> f64 {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let sum: f64 = logits.iter().map(|&x| (x as f64 - max).exp()).sum();
+    max + sum.ln()
+}
+
 /// The log-softmax of `logits` at `token`, plus the `k` most likely tokens (ties to the
 /// lower id), computed in f64 for a stable normalizer.
 pub fn token_logprobs(logits: &[f32], token: u32, k: usize) -> TokenLogprobs {
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-    let sum: f64 = logits.iter().map(|&x| (x as f64 - max).exp()).sum();
-    let log_norm = max + sum.ln();
+    let log_norm = log_normalizer(logits);
     let lp = |id: usize| (logits[id] as f64 - log_norm) as f32;
     let mut top: Vec<(u32, f32)> = Vec::with_capacity(k + 1);
     if k > 0 {

@@ -6,13 +6,12 @@
 use std::collections::HashMap;
 
 use anyhow::{bail, Context, Result};
-use dsv2_core::quant::{quantize_rows, quantized_format, tile_rows, QuantizedTensor, BLOCK, TILE};
+use dsv2_core::quant::{quantize_with, quantized_format, QuantizedTensor, BLOCK};
 use dsv2_core::{
     expected_tensors, Checkpoint, CoreError, DType, ExpectedTensor, ModelConfig, QuantFormat,
     TensorView, Weight,
 };
 use dsv2_model::synthetic::TensorInit;
-use half::f16;
 use indicatif::ProgressBar;
 use rayon::prelude::*;
 
@@ -299,24 +298,15 @@ impl RandomWeights {
             unreachable!("quantized_format accepts matrices only")
         };
         let init = TensorInit::new(SEED, name, shape);
-        let (rb, nb) = (format.row_bytes(cols), cols / BLOCK);
-        let mut q = vec![0u8; rows * rb];
-        let mut scales = vec![f16::ZERO; rows * nb];
-        q.par_chunks_mut(TILE * rb)
-            .zip(scales.par_chunks_mut(TILE * nb))
-            .enumerate()
-            .for_each_init(
-                || vec![0.0f32; TILE * cols],
-                |tile, (t, (qt, st))| {
-                    let n = tile_rows(rows, t) * cols;
-                    let first = t * TILE * cols;
-                    init.values_as_stored(&self.dtype, first, &mut tile[..n]);
-                    quantize_rows(format, &tile[..n], cols, qt, st);
-                    self.progress.inc((n * self.elem_bytes()) as u64);
-                },
-            );
-        Ok(QuantizedTensor::from_planes(
-            name, format, rows, cols, q, scales,
+        Ok(quantize_with(
+            name,
+            format,
+            rows,
+            cols,
+            |first_row, tile| {
+                init.values_as_stored(&self.dtype, first_row * cols, tile);
+                self.progress.inc((tile.len() * self.elem_bytes()) as u64);
+            },
         ))
     }
 }
