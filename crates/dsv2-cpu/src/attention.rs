@@ -6,10 +6,11 @@
 //! weighted sum of latents (the decode path). They are equal up to f32 rounding.
 
 use dsv2_backend::{AttentionPath, MlaAttention, MlaDims, SeqSlice};
-use rayon::prelude::*;
 
 use crate::kernels::{axpy, dot, gemm_f32, round_bf16, MatRef, SyncPtr};
+use crate::mla::{dots, weighted_sum, Rows, DOT_TILE, SUM_COLS, SUM_HEADS};
 use crate::scratch::take;
+use crate::team;
 use crate::{with_elems, CpuBackend, CpuCache};
 
 pub(crate) fn mla_attention(be: &CpuBackend, args: MlaAttention<'_, CpuBackend>, out: &mut [f32]) {
@@ -71,7 +72,7 @@ fn expanded(be: &CpuBackend, args: &MlaAttention<'_, CpuBackend>, seq: &SeqSlice
     let q_rows = &args.q[seq.query_start * q_row..(seq.query_start + tq) * q_row];
     let out_ptr = SyncPtr(out.as_mut_ptr());
     let out_row = h * dv;
-    (0..h).into_par_iter().for_each(|head| {
+    team::for_each(h, |head| {
         let view = |data, row_stride, col_stride| MatRef {
             data,
             row_stride,
@@ -136,26 +137,33 @@ fn expanded(be: &CpuBackend, args: &MlaAttention<'_, CpuBackend>, seq: &SeqSlice
 
 /// Cache positions per parallel task of the absorbed scores.
 const SCORE_CHUNK: usize = 64;
-/// Latent columns per parallel task of the absorbed weighted sum.
-const LATENT_CHUNK: usize = 64;
 
 /// Absorbed attention (the decode path), one query token at a time. All heads share one
 /// latent per cached token, so each pass reads every cache row once for all heads (not
-/// once per head): the scores are split over cache positions, the weighted sum over
-/// latent columns, both across threads. Per value the arithmetic is the same fixed
-/// sequence whatever the split, so results do not depend on the thread count.
+/// once per head): the scores are split over cache positions in register tiles of 4
+/// heads × 4 rows, the weighted sum over latent columns in tiles of 8 heads × 32 columns
+/// ([`crate::mla`]). Per value the arithmetic is the same fixed sequence whatever the
+/// split, so results do not depend on the thread count.
 fn absorbed(be: &CpuBackend, args: &MlaAttention<'_, CpuBackend>, seq: &SeqSlice, out: &mut [f32]) {
     let d: MlaDims = args.dims;
     let cache: &CpuCache = args.cache;
     let bs = cache.spec().block_size;
-    let (c, dn, dv, h) = (d.kv_lora_rank, d.nope_dim, d.v_dim, d.num_heads);
+    let (c, dr, dn, dv, h) = (d.kv_lora_rank, d.rope_dim, d.nope_dim, d.v_dim, d.num_heads);
     let past = seq.context_len - seq.query_len;
     let qd = d.q_head_dim();
     let out_row = h * dv;
+    // Width of a cache row and of a query in latent space: [latent c | RoPE key dr].
+    let w = c + dr;
     // Scratch of the calling thread: queries in latent space, scores, latent outputs.
-    let mut q_lat = take::<f32>(h * c);
+    let mut q_cat = take::<f32>(h * w);
     let mut o_lat = take::<f32>(h * c);
     let mut scores = take::<f32>(h * seq.context_len);
+    let row = |s: usize| &cache.row(args.layer, slot(seq, bs, s))[..w];
+    let blocks = Rows {
+        block: |b: usize| cache.block_rows(args.layer, seq.block_table[b] as usize),
+        block_size: bs,
+        width: cache.spec().width(),
+    };
     with_elems!(args.kv_b_proj, |kv_b| {
         let w_uk = |head: usize, j: usize| &kv_b[(head * (dn + dv) + j) * c..][..c];
         let w_uv = |head: usize, j: usize| &kv_b[(head * (dn + dv) + dn + j) * c..][..c];
@@ -163,80 +171,83 @@ fn absorbed(be: &CpuBackend, args: &MlaAttention<'_, CpuBackend>, seq: &SeqSlice
             let t = seq.query_start + i;
             let q_tok = &args.q[t * h * qd..(t + 1) * h * qd];
             let visible = past + i + 1;
-            // q_lat[head] = W_UK[head]ᵀ · q_nope[head]: each query moved into latent space.
-            q_lat.par_chunks_mut(c).enumerate().for_each(|(head, ql)| {
+            // q_cat[head] = [W_UK[head]ᵀ · q_nope[head] | q_pe[head]]: each query moved
+            // into latent space, beside its RoPE part.
+            team::for_each_chunk_mut(&mut q_cat, w, |head, qc| {
+                let (ql, qp) = qc.split_at_mut(c);
                 ql.fill(0.0);
                 for (j, &qv) in q_tok[head * qd..head * qd + dn].iter().enumerate() {
                     axpy(qv, w_uk(head, j), ql);
                 }
                 be.round(ql);
+                qp.copy_from_slice(&q_tok[head * qd + dn..(head + 1) * qd]);
             });
-            // scores[head, s] = q_lat · c_s + q_pe · k_pe_s, every head per cache row.
-            let q_lat_ref: &[f32] = &q_lat;
+            // scores[head, s] = q_cat[head] · cache row s, tiles of 4 heads × 4 rows.
+            let q_ref: &[f32] = &q_cat;
+            let q_head = |head: usize| &q_ref[head * w..(head + 1) * w];
             let score_ptr = SyncPtr(scores.as_mut_ptr());
             let ctx = seq.context_len;
-            (0..visible.div_ceil(SCORE_CHUNK))
-                .into_par_iter()
-                .for_each(|chunk| {
-                    let s1 = ((chunk + 1) * SCORE_CHUNK).min(visible);
-                    for s in chunk * SCORE_CHUNK..s1 {
-                        let row = cache.row(args.layer, slot(seq, bs, s));
-                        for head in 0..h {
-                            let q_pe = &q_tok[head * qd + dn..(head + 1) * qd];
-                            let raw = dot(&row[..c], &q_lat_ref[head * c..(head + 1) * c])
-                                + dot(&row[c..], q_pe);
-                            // SAFETY: position s of every head is written by this task only.
-                            unsafe {
-                                *score_ptr.get().add(head * ctx + s) =
-                                    scale_score(be, raw, d.softmax_scale)
-                            };
+            team::for_each(visible.div_ceil(SCORE_CHUNK), |chunk| {
+                let s1 = ((chunk + 1) * SCORE_CHUNK).min(visible);
+                for s0 in (chunk * SCORE_CHUNK..s1).step_by(DOT_TILE) {
+                    let nr = (s1 - s0).min(DOT_TILE);
+                    let rows = std::array::from_fn(|j| row(s0 + j.min(nr - 1)));
+                    for h0 in (0..h).step_by(DOT_TILE) {
+                        let nq = (h - h0).min(DOT_TILE);
+                        let qs = std::array::from_fn(|i| q_head(h0 + i.min(nq - 1)));
+                        let tile = dots(qs, nq, rows, nr);
+                        for (a, tile_row) in tile.iter().enumerate().take(nq) {
+                            for (b, &raw) in tile_row.iter().enumerate().take(nr) {
+                                // SAFETY: positions s0..s0 + nr of every head are
+                                // written by this task only.
+                                unsafe {
+                                    *score_ptr.get().add((h0 + a) * ctx + s0 + b) =
+                                        scale_score(be, raw, d.softmax_scale)
+                                };
+                            }
                         }
                     }
-                });
+                }
+            });
             for head in 0..h {
                 softmax(be, &mut scores[head * ctx..head * ctx + visible]);
             }
-            // o_lat[head] = Σ_s p[head, s] · c_s, split over latent columns.
+            // o_lat[head] = Σ_s p[head, s] · c_s, tiles of 8 heads × 32 latent columns,
+            // split over the columns.
             let scores_ref: &[f32] = &scores;
             let o_ptr = SyncPtr(o_lat.as_mut_ptr());
-            (0..c.div_ceil(LATENT_CHUNK))
-                .into_par_iter()
-                .for_each(|chunk| {
-                    let (c0, c1) = (chunk * LATENT_CHUNK, ((chunk + 1) * LATENT_CHUNK).min(c));
-                    for head in 0..h {
-                        // SAFETY: columns c0..c1 of every head are written by this task only.
+            team::for_each(c.div_ceil(SUM_COLS), |chunk| {
+                let cols = chunk * SUM_COLS..((chunk + 1) * SUM_COLS).min(c);
+                let mut tile = [[0.0f32; SUM_COLS]; SUM_HEADS];
+                for h0 in (0..h).step_by(SUM_HEADS) {
+                    let nh = (h - h0).min(SUM_HEADS);
+                    let p = std::array::from_fn(|a| {
+                        let head = h0 + a.min(nh - 1);
+                        &scores_ref[head * ctx..head * ctx + visible]
+                    });
+                    weighted_sum(p, nh, visible, &blocks, cols.clone(), &mut tile);
+                    for (a, values) in tile.iter().enumerate().take(nh) {
+                        // SAFETY: columns `cols` of every head are written by this
+                        // task only.
                         let dst = unsafe {
-                            std::slice::from_raw_parts_mut(o_ptr.get().add(head * c + c0), c1 - c0)
+                            std::slice::from_raw_parts_mut(
+                                o_ptr.get().add((h0 + a) * c + cols.start),
+                                cols.len(),
+                            )
                         };
-                        dst.fill(0.0);
+                        dst.copy_from_slice(&values[..cols.len()]);
                     }
-                    for s in 0..visible {
-                        let row = &cache.row(args.layer, slot(seq, bs, s))[c0..c1];
-                        for head in 0..h {
-                            let p = scores_ref[head * ctx + s];
-                            // SAFETY: as above.
-                            let dst = unsafe {
-                                std::slice::from_raw_parts_mut(
-                                    o_ptr.get().add(head * c + c0),
-                                    c1 - c0,
-                                )
-                            };
-                            axpy(p, row, dst);
-                        }
-                    }
-                });
+                }
+            });
             be.round(&mut o_lat);
             // out[head] = W_UV[head] · o_lat[head].
-            out[t * out_row..(t + 1) * out_row]
-                .par_chunks_mut(dv)
-                .enumerate()
-                .for_each(|(head, dst)| {
-                    let ol = &o_lat[head * c..(head + 1) * c];
-                    for (j, o) in dst.iter_mut().enumerate() {
-                        *o = dot(w_uv(head, j), ol);
-                    }
-                    be.round(dst);
-                });
+            team::for_each_chunk_mut(&mut out[t * out_row..(t + 1) * out_row], dv, |head, dst| {
+                let ol = &o_lat[head * c..(head + 1) * c];
+                for (j, o) in dst.iter_mut().enumerate() {
+                    *o = dot(w_uv(head, j), ol);
+                }
+                be.round(dst);
+            });
         }
     });
 }

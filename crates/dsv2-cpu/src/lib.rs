@@ -2,7 +2,7 @@
 //!
 //! [`CpuBackend`] implements [`dsv2_backend::Backend`] with f32 activations, weights read
 //! in their checkpoint dtype straight from the memory map ([`CpuWeight`]), GEMMs through
-//! the `gemm` crate and both cores through rayon. Created with
+//! the `gemm` crate and both cores through a spinning thread team ([`team`]). Created with
 //! [`ComputeDtype::Bf16`], it rounds each op's output to bf16 where the bf16 reference
 //! rounds.
 //!
@@ -29,9 +29,11 @@ pub(crate) fn test_values(n: usize, seed: u64) -> Vec<f32> {
 pub mod bandwidth;
 pub mod kernels;
 pub mod matmul;
+mod mla;
 mod moe;
 pub mod qmatmul;
 mod scratch;
+pub mod team;
 
 use dsv2_backend::{
     Backend, BackendError, Batch, CacheSpec, ComputeDtype, MlaAttention, MlaDims, Mlp, MoeWeights,
@@ -39,7 +41,6 @@ use dsv2_backend::{
 };
 use dsv2_core::{DType, QuantizedTensor, TensorView};
 use half::{bf16, f16};
-use rayon::prelude::*;
 
 use kernels::{round_bf16, round_bf16_slice, Elem};
 
@@ -150,6 +151,14 @@ impl CpuCache {
         &self.data[at..at + w]
     }
 
+    /// The `block_size × W` cached values of block `block` in `layer`, position-major.
+    pub fn block_rows(&self, layer: usize, block: usize) -> &[f32] {
+        let w = self.spec.width();
+        let bs = self.spec.block_size;
+        let at = (layer * self.spec.num_blocks * bs + block * bs) * w;
+        &self.data[at..at + bs * w]
+    }
+
     fn row_mut(&mut self, layer: usize, slot: usize) -> &mut [f32] {
         let w = self.spec.width();
         let slots = self.spec.num_blocks * self.spec.block_size;
@@ -246,10 +255,7 @@ impl Backend for CpuBackend {
             ComputeDtype::F32 => "f32",
             ComputeDtype::Bf16 => "bf16",
         };
-        format!(
-            "cpu ({} threads, {dtype} activations)",
-            rayon::current_num_threads()
-        )
+        format!("cpu ({} threads, {dtype} activations)", team::threads())
     }
 
     fn load_weight(&self, view: &TensorView) -> Result<CpuWeight> {
@@ -352,10 +358,9 @@ impl Backend for CpuBackend {
     ) -> Result<()> {
         let d = weight.cols;
         let w = self.vector(weight);
-        out[..rows * d]
-            .par_chunks_mut(d)
-            .zip(x[..rows * d].par_chunks(d))
-            .for_each(|(o, xr)| self.rms_norm_row(xr, w, eps, o));
+        team::for_each_chunk_mut(&mut out[..rows * d], d, |t, o| {
+            self.rms_norm_row(&x[t * d..(t + 1) * d], w, eps, o)
+        });
         Ok(())
     }
 

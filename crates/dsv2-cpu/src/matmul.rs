@@ -17,7 +17,6 @@
 use std::sync::OnceLock;
 
 use half::{bf16, f16};
-use rayon::prelude::*;
 
 use crate::kernels::{Elem, SyncPtr};
 
@@ -116,7 +115,7 @@ fn matmul_isa<E: KindOf>(
         return;
     }
     let y_ptr = SyncPtr(y.as_mut_ptr());
-    (0..n.div_ceil(ROW_BLOCK)).into_par_iter().for_each(|b| {
+    crate::team::for_each(n.div_ceil(ROW_BLOCK), |b| {
         let (n0, n1) = (b * ROW_BLOCK, ((b + 1) * ROW_BLOCK).min(n));
         let mut i0 = 0;
         while i0 < m {

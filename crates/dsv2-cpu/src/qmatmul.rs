@@ -26,9 +26,9 @@ use std::ops::Range;
 
 use dsv2_core::quant::{QuantFormat, BLOCK, TILE};
 use half::f16;
-use rayon::prelude::*;
 
 use crate::kernels::SyncPtr;
+use crate::team::{self, SendPtr};
 
 /// Most activation rows in one register tile.
 const MR_MAX: usize = 8;
@@ -36,9 +36,10 @@ const MR_MAX: usize = 8;
 const NC_MAX: usize = 2;
 /// Output scratch of one register tile: `[MR_MAX][NC_MAX][TILE]`.
 const OUT_LEN: usize = MR_MAX * NC_MAX * TILE;
-/// Blocks ahead to prefetch weights in the AVX-512 kernel (0: none): 8 KiB of q8. Tiles
-/// of a task are contiguous, so this runs on into the next tile. Measured: decode m = 8
-/// from DRAM 10 → 24 GB/s (one core's worth on a loaded machine), m = 1 unchanged.
+/// q8 blocks ahead to prefetch weights in the AVX-512 kernel (0: none): 8 KiB, the same
+/// distance in bytes for q4 (32 of its half-size blocks). Tiles of a task are contiguous,
+/// so this runs on into the next tile. Measured: decode m = 8 from DRAM 10 → 24 GB/s (one
+/// core's worth on a loaded machine), m = 1 unchanged.
 #[cfg(target_arch = "x86_64")]
 const PREFETCH: usize = 16;
 /// Activation rows per parallel task in prefill (a multiple of the 6-row tile).
@@ -221,12 +222,23 @@ impl QActivations {
         }
         let x = &x[..m * k];
         if m * k >= 1 << 16 {
-            x.par_chunks_exact(k)
-                .zip(self.q.par_chunks_exact_mut(k))
-                .zip(self.d.par_chunks_exact_mut(nb))
-                .zip(self.c128.par_chunks_exact_mut(nb))
-                .zip(self.c8.par_chunks_exact_mut(nb))
-                .for_each(|((((x, q), d), c128), c8)| quantize_row(x, q, d, c128, c8));
+            let (q, d) = (SendPtr(self.q.as_mut_ptr()), SendPtr(self.d.as_mut_ptr()));
+            let (c128, c8) = (
+                SendPtr(self.c128.as_mut_ptr()),
+                SendPtr(self.c8.as_mut_ptr()),
+            );
+            team::for_each(m, |i| {
+                // SAFETY: row i of each buffer (sized above) is written by task i only.
+                unsafe {
+                    quantize_row(
+                        &x[i * k..(i + 1) * k],
+                        std::slice::from_raw_parts_mut(q.get().add(i * k), k),
+                        std::slice::from_raw_parts_mut(d.get().add(i * nb), nb),
+                        std::slice::from_raw_parts_mut(c128.get().add(i * nb), nb),
+                        std::slice::from_raw_parts_mut(c8.get().add(i * nb), nb),
+                    )
+                }
+            });
         } else {
             x.chunks_exact(k)
                 .zip(self.q.chunks_exact_mut(k))
@@ -318,7 +330,7 @@ pub fn isa_name() -> &'static str {
     }
 }
 
-/// `y[m, n] = x[m, k] · wᵀ` for a quantized `w` `[n, k]`, in parallel over rayon.
+/// `y[m, n] = x[m, k] · wᵀ` for a quantized `w` `[n, k]`, in parallel over the thread team.
 pub fn qmatmul(x: &[f32], m: usize, w: QMatrix<'_>, y: &mut [f32]) {
     qmatmul_isa(isa(), x, m, w, y)
 }
@@ -331,8 +343,8 @@ fn qmatmul_isa(isa: Isa, x: &[f32], m: usize, w: QMatrix<'_>, y: &mut [f32]) {
         return;
     }
     let mut run = |acts: &QActivations| acts_matmul(isa, acts, m, w, y);
-    // The thread-local buffers may be borrowed already (a rayon worker waiting in an outer
-    // qmatmul can steal a task that calls qmatmul): then use fresh ones.
+    // The thread-local buffers may be borrowed already (a qmatmul inside a task of an
+    // outer qmatmul's loop): then use fresh ones.
     ACTIVATIONS.with(|cell| match cell.try_borrow_mut() {
         Ok(mut acts) => {
             acts.quantize(x, m, k);
@@ -350,12 +362,12 @@ fn acts_matmul(isa: Isa, acts: &QActivations, m: usize, w: QMatrix<'_>, y: &mut 
     let n = w.rows;
     let tiles = w.tiles();
     let job = Job::new(isa, acts, w, 0..tiles);
-    let threads = rayon::current_num_threads().max(1);
+    let threads = team::threads();
     let y_ptr = SyncPtr(y.as_mut_ptr());
     if m <= MR_MAX {
         // Decode: stream the weights once, both cores over disjoint row tiles.
         let per_task = tiles.div_ceil(threads * 8).max(1);
-        (0..tiles.div_ceil(per_task)).into_par_iter().for_each(|c| {
+        team::for_each(tiles.div_ceil(per_task), |c| {
             let t = c * per_task..((c + 1) * per_task).min(tiles);
             // SAFETY: tasks write disjoint output columns of `y` ([m, n]).
             unsafe { job.run(0..m, t, 0..n, y_ptr.get(), n, 0) };
@@ -367,15 +379,13 @@ fn acts_matmul(isa: Isa, acts: &QActivations, m: usize, w: QMatrix<'_>, y: &mut 
             .clamp(NC_MAX, 16)
             .next_multiple_of(NC_MAX);
         let tile_chunks = tiles.div_ceil(per_task);
-        (0..tile_chunks * row_chunks)
-            .into_par_iter()
-            .for_each(|task| {
-                let (tc, rc) = (task / row_chunks, task % row_chunks);
-                let t = tc * per_task..((tc + 1) * per_task).min(tiles);
-                let i = rc * ROW_CHUNK..((rc + 1) * ROW_CHUNK).min(m);
-                // SAFETY: tasks write disjoint (row, column) blocks of `y` ([m, n]).
-                unsafe { job.run(i, t, 0..n, y_ptr.get(), n, 0) };
-            });
+        team::for_each(tile_chunks * row_chunks, |task| {
+            let (tc, rc) = (task / row_chunks, task % row_chunks);
+            let t = tc * per_task..((tc + 1) * per_task).min(tiles);
+            let i = rc * ROW_CHUNK..((rc + 1) * ROW_CHUNK).min(m);
+            // SAFETY: tasks write disjoint (row, column) blocks of `y` ([m, n]).
+            unsafe { job.run(i, t, 0..n, y_ptr.get(), n, 0) };
+        });
     }
 }
 
@@ -674,6 +684,8 @@ mod x86 {
     ) {
         let (k, nb) = (a.k, a.k / BLOCK);
         let bb = if Q4 { 256 } else { 512 };
+        // The same distance in bytes for both formats (q4 blocks are half as long).
+        let pf = PREFETCH * 512 / bb;
         let corr = if Q4 { &a.c8 } else { &a.c128 };
         let xq: [*const i8; MR] = std::array::from_fn(|i| a.q[(i0 + i) * k..].as_ptr());
         let xd: [&[f32]; MR] = std::array::from_fn(|i| &a.d[(i0 + i) * nb..][..nb]);
@@ -693,7 +705,7 @@ mod x86 {
                     // Weights a few blocks ahead (may run past the tile: prefetches of
                     // any address are harmless).
                     for w in &wq[..NC] {
-                        let ahead = w.wrapping_add((b + PREFETCH) * bb);
+                        let ahead = w.wrapping_add((b + pf) * bb);
                         for l in (0..bb).step_by(64) {
                             _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(l) as *const i8);
                         }

@@ -1,0 +1,564 @@
+//! Register-tiled kernels of the absorbed MLA attention over the latent cache.
+//!
+//! At 1K cached tokens a V2-Lite decode token computes ~9M multiply-adds of scores and
+//! ~8M of weighted sums per layer; as one `dot` or `axpy` per (head, position) they were
+//! load/store bound (each `axpy` reloads and rewrites its output row) and cost ~1 ms a
+//! layer, far above the 2.4 MB of cache the layer reads. Here a tile of 4 heads × 4 cache
+//! rows keeps 16 accumulators in registers for the scores, and a tile of up to 8 heads ×
+//! 32 latent columns keeps its outputs in registers across all positions.
+//!
+//! Each output has one fixed arithmetic, whatever the instruction set and however the
+//! work is split across threads (tested bit for bit against [`dots_portable`] and
+//! [`weighted_sum_portable`]):
+//! - a score is a 16-lane dot product: lane `j` accumulates, with fused multiply-adds in
+//!   order, the products at `k ≡ j (mod 16)` (a short last chunk only touches its lanes);
+//!   the lanes are then summed as `a[j] + a[j + 8]`, then `+ 4`, `+ 2`, `+ 1`;
+//! - a weighted sum is one fused multiply-add per position, in position order.
+
+use std::ops::Range;
+
+/// Lanes of a score's dot product.
+const LANES: usize = 16;
+/// Query rows (heads) and cache rows of a score tile.
+pub(crate) const DOT_TILE: usize = 4;
+/// Heads of a weighted-sum tile.
+pub(crate) const SUM_HEADS: usize = 8;
+/// Columns of a weighted-sum tile.
+pub(crate) const SUM_COLS: usize = 32;
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Isa {
+    #[cfg(target_arch = "x86_64")]
+    Avx512,
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+    Portable,
+}
+
+fn isa() -> Isa {
+    static ISA: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
+    *ISA.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::is_x86_feature_detected!("avx512f") {
+                return Isa::Avx512;
+            }
+            if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                return Isa::Avx2;
+            }
+        }
+        Isa::Portable
+    })
+}
+
+/// `out[i][j] = q[i] · rows[j]` for `i < nq`, `j < nr` (both ≤ [`DOT_TILE`]; the other
+/// entries of `out` are unspecified). Every `q[i]` and `rows[j]` has the same length;
+/// unused slots may repeat a used slice.
+#[inline]
+pub(crate) fn dots(
+    q: [&[f32]; DOT_TILE],
+    nq: usize,
+    rows: [&[f32]; DOT_TILE],
+    nr: usize,
+) -> [[f32; DOT_TILE]; DOT_TILE] {
+    dots_isa(isa(), q, nq, rows, nr)
+}
+
+fn dots_isa(
+    isa: Isa,
+    q: [&[f32]; DOT_TILE],
+    nq: usize,
+    rows: [&[f32]; DOT_TILE],
+    nr: usize,
+) -> [[f32; DOT_TILE]; DOT_TILE] {
+    let w = q[0].len();
+    assert!(
+        q.iter().chain(&rows).all(|s| s.len() == w) && nq <= DOT_TILE && nr <= DOT_TILE,
+        "dot tile shapes"
+    );
+    match isa {
+        // SAFETY: the features were detected; all slices are `w` long (checked).
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => unsafe { x86::dots512(q, rows, w) },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => unsafe { x86::dots_avx2(q, rows, w) },
+        Isa::Portable => dots_portable(q, nq, rows, nr),
+    }
+}
+
+/// The scalar reference of [`dots`].
+pub(crate) fn dots_portable(
+    q: [&[f32]; DOT_TILE],
+    nq: usize,
+    rows: [&[f32]; DOT_TILE],
+    nr: usize,
+) -> [[f32; DOT_TILE]; DOT_TILE] {
+    let mut out = [[0.0; DOT_TILE]; DOT_TILE];
+    for i in 0..nq {
+        for j in 0..nr {
+            let mut acc = [0.0f32; LANES];
+            for (k, (a, b)) in q[i].iter().zip(rows[j]).enumerate() {
+                acc[k % LANES] = a.mul_add(*b, acc[k % LANES]);
+            }
+            out[i][j] = reduce_lanes(acc);
+        }
+    }
+    out
+}
+
+/// `a[j] + a[j + 8]`, then `+ 4`, `+ 2`, `+ 1`.
+fn reduce_lanes(mut a: [f32; LANES]) -> f32 {
+    let mut half = LANES / 2;
+    while half > 0 {
+        for j in 0..half {
+            a[j] += a[j + half];
+        }
+        half /= 2;
+    }
+    a[0]
+}
+
+/// Where the cached rows of one sequence are: `block(b)` is the contiguous
+/// `block_size × width` rows of positions `b·block_size..`.
+pub(crate) struct Rows<B> {
+    pub block: B,
+    pub block_size: usize,
+    pub width: usize,
+}
+
+impl<'r, B: Fn(usize) -> &'r [f32]> Rows<B> {
+    /// Calls `f(s, row)` for positions `0..positions` in order (`row` is `width` long).
+    #[inline(always)]
+    fn for_each(&self, positions: usize, mut f: impl FnMut(usize, &'r [f32])) {
+        let mut s = 0;
+        let mut b = 0;
+        while s < positions {
+            let n = self.block_size.min(positions - s);
+            let block = &(self.block)(b)[..n * self.width];
+            for row in block.chunks_exact(self.width) {
+                f(s, row);
+                s += 1;
+            }
+            b += 1;
+        }
+    }
+}
+
+/// `out[i][c − cols.start] = Σ_{s < positions} p[i][s] · row(s)[c]` for heads `i < nh`
+/// (≤ [`SUM_HEADS`]) and columns `cols` (≤ [`SUM_COLS`] of them), each a chain of fused
+/// multiply-adds in position order. `out[i]` must hold `cols.len()` values; it is
+/// overwritten.
+#[inline]
+pub(crate) fn weighted_sum<'r>(
+    p: [&[f32]; SUM_HEADS],
+    nh: usize,
+    positions: usize,
+    rows: &Rows<impl Fn(usize) -> &'r [f32]>,
+    cols: Range<usize>,
+    out: &mut [[f32; SUM_COLS]; SUM_HEADS],
+) {
+    weighted_sum_isa(isa(), p, nh, positions, rows, cols, out)
+}
+
+fn weighted_sum_isa<'r>(
+    isa: Isa,
+    p: [&[f32]; SUM_HEADS],
+    nh: usize,
+    positions: usize,
+    rows: &Rows<impl Fn(usize) -> &'r [f32]>,
+    cols: Range<usize>,
+    out: &mut [[f32; SUM_COLS]; SUM_HEADS],
+) {
+    assert!(
+        nh <= SUM_HEADS && cols.len() <= SUM_COLS && p[..nh].iter().all(|p| p.len() >= positions),
+        "weighted-sum tile shapes"
+    );
+    match isa {
+        // SAFETY: the features were detected; shapes checked above, and every row is
+        // checked to cover `cols` inside.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => unsafe { x86::weighted_sum512(p, nh, positions, rows, cols, out) },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => unsafe { x86::weighted_sum_avx2(p, nh, positions, rows, cols, out) },
+        Isa::Portable => weighted_sum_portable(p, nh, positions, rows, cols, out),
+    }
+}
+
+/// The scalar reference of [`weighted_sum`].
+pub(crate) fn weighted_sum_portable<'r>(
+    p: [&[f32]; SUM_HEADS],
+    nh: usize,
+    positions: usize,
+    rows: &Rows<impl Fn(usize) -> &'r [f32]>,
+    cols: Range<usize>,
+    out: &mut [[f32; SUM_COLS]; SUM_HEADS],
+) {
+    for o in out[..nh].iter_mut() {
+        o.fill(0.0);
+    }
+    rows.for_each(positions, |s, row| {
+        let r = &row[cols.clone()];
+        for (i, o) in out[..nh].iter_mut().enumerate() {
+            let ps = p[i][s];
+            for (acc, &v) in o.iter_mut().zip(r) {
+                *acc = ps.mul_add(v, *acc);
+            }
+        }
+    });
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::*;
+    use std::arch::x86_64::*;
+
+    /// # Safety
+    /// AVX-512 F; every slice is `w` long.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn dots512(
+        q: [&[f32]; DOT_TILE],
+        rows: [&[f32]; DOT_TILE],
+        w: usize,
+    ) -> [[f32; DOT_TILE]; DOT_TILE] {
+        let mut acc = [[_mm512_setzero_ps(); DOT_TILE]; DOT_TILE];
+        let full = w / LANES * LANES;
+        let mut k = 0;
+        // SAFETY (loads): k + 16 ≤ w, or a mask of the w − k remaining lanes.
+        unsafe {
+            while k < full {
+                let r: [__m512; DOT_TILE] =
+                    std::array::from_fn(|j| _mm512_loadu_ps(rows[j].as_ptr().add(k)));
+                for i in 0..DOT_TILE {
+                    let qv = _mm512_loadu_ps(q[i].as_ptr().add(k));
+                    for j in 0..DOT_TILE {
+                        acc[i][j] = _mm512_fmadd_ps(qv, r[j], acc[i][j]);
+                    }
+                }
+                k += LANES;
+            }
+            if k < w {
+                let m: __mmask16 = (1u32 << (w - k)) as u16 - 1;
+                let r: [__m512; DOT_TILE] =
+                    std::array::from_fn(|j| _mm512_maskz_loadu_ps(m, rows[j].as_ptr().add(k)));
+                for i in 0..DOT_TILE {
+                    let qv = _mm512_maskz_loadu_ps(m, q[i].as_ptr().add(k));
+                    for j in 0..DOT_TILE {
+                        acc[i][j] = _mm512_mask3_fmadd_ps(qv, r[j], acc[i][j], m);
+                    }
+                }
+            }
+        }
+        let mut out = [[0.0; DOT_TILE]; DOT_TILE];
+        for i in 0..DOT_TILE {
+            for j in 0..DOT_TILE {
+                // SAFETY: AVX-512 F (this function's features).
+                out[i][j] = unsafe { reduce512(acc[i][j]) };
+            }
+        }
+        out
+    }
+
+    /// The lane tree of [`reduce_lanes`] on one register.
+    #[inline(always)]
+    unsafe fn reduce512(a: __m512) -> f32 {
+        unsafe {
+            let lo = _mm512_castps512_ps256(a);
+            let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(a)));
+            reduce256(_mm256_add_ps(lo, hi))
+        }
+    }
+
+    /// `a[j] + a[j + 4]`, then `+ 2`, `+ 1` of eight lanes.
+    #[inline(always)]
+    unsafe fn reduce256(a: __m256) -> f32 {
+        unsafe {
+            let s4 = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps::<1>(a));
+            let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+            let s1 = _mm_add_ss(s2, _mm_shuffle_ps::<0b01>(s2, s2));
+            _mm_cvtss_f32(s1)
+        }
+    }
+
+    /// Mask of the first `n` (< 8) lanes for `maskload`.
+    #[inline(always)]
+    unsafe fn mask8(n: usize) -> __m256i {
+        unsafe {
+            _mm256_cmpgt_epi32(
+                _mm256_set1_epi32(n as i32),
+                _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+            )
+        }
+    }
+
+    /// # Safety
+    /// AVX2 and FMA; every slice is `w` long.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn dots_avx2(
+        q: [&[f32]; DOT_TILE],
+        rows: [&[f32]; DOT_TILE],
+        w: usize,
+    ) -> [[f32; DOT_TILE]; DOT_TILE] {
+        // Lanes 0..8 and 8..16 of each 16-lane accumulator.
+        let mut lo = [[_mm256_setzero_ps(); DOT_TILE]; DOT_TILE];
+        let mut hi = [[_mm256_setzero_ps(); DOT_TILE]; DOT_TILE];
+        let mut k = 0;
+        // SAFETY (loads): within the `w` elements, or masked to them.
+        unsafe {
+            while k + LANES <= w {
+                for i in 0..DOT_TILE {
+                    let (ql, qh) = (
+                        _mm256_loadu_ps(q[i].as_ptr().add(k)),
+                        _mm256_loadu_ps(q[i].as_ptr().add(k + 8)),
+                    );
+                    for j in 0..DOT_TILE {
+                        let r = rows[j].as_ptr().add(k);
+                        lo[i][j] = _mm256_fmadd_ps(ql, _mm256_loadu_ps(r), lo[i][j]);
+                        hi[i][j] = _mm256_fmadd_ps(qh, _mm256_loadu_ps(r.add(8)), hi[i][j]);
+                    }
+                }
+                k += LANES;
+            }
+            if k < w {
+                let rest = w - k;
+                let (ml, mh) = (mask8(rest.min(8)), mask8(rest.saturating_sub(8)));
+                for i in 0..DOT_TILE {
+                    let qp = q[i].as_ptr().add(k);
+                    let (ql, qh) = (
+                        _mm256_maskload_ps(qp, ml),
+                        _mm256_maskload_ps(qp.add(8), mh),
+                    );
+                    for j in 0..DOT_TILE {
+                        let r = rows[j].as_ptr().add(k);
+                        // Lanes past `w` keep their accumulator (the reference never
+                        // touches them).
+                        lo[i][j] = blend_fma(ql, _mm256_maskload_ps(r, ml), lo[i][j], ml);
+                        hi[i][j] = blend_fma(qh, _mm256_maskload_ps(r.add(8), mh), hi[i][j], mh);
+                    }
+                }
+            }
+            let mut out = [[0.0; DOT_TILE]; DOT_TILE];
+            for i in 0..DOT_TILE {
+                for j in 0..DOT_TILE {
+                    out[i][j] = reduce256(_mm256_add_ps(lo[i][j], hi[i][j]));
+                }
+            }
+            out
+        }
+    }
+
+    /// `fma(a, b, c)` in the lanes of `mask`, `c` elsewhere.
+    #[inline(always)]
+    unsafe fn blend_fma(a: __m256, b: __m256, c: __m256, mask: __m256i) -> __m256 {
+        unsafe { _mm256_blendv_ps(c, _mm256_fmadd_ps(a, b, c), _mm256_castsi256_ps(mask)) }
+    }
+
+    /// # Safety
+    /// AVX-512 F; shapes as checked by the caller; rows must cover `cols`.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn weighted_sum512<'r>(
+        p: [&[f32]; SUM_HEADS],
+        nh: usize,
+        positions: usize,
+        rows: &Rows<impl Fn(usize) -> &'r [f32]>,
+        cols: Range<usize>,
+        out: &mut [[f32; SUM_COLS]; SUM_HEADS],
+    ) {
+        let n = cols.len();
+        let m0: __mmask16 = if n >= 16 {
+            0xffff
+        } else {
+            ((1u32 << n) - 1) as u16
+        };
+        let m1: __mmask16 = if n >= 32 {
+            0xffff
+        } else if n > 16 {
+            ((1u32 << (n - 16)) - 1) as u16
+        } else {
+            0
+        };
+        assert!(cols.end <= rows.width, "columns past the row");
+        let pp: [*const f32; SUM_HEADS] = p.map(|p| p.as_ptr());
+        let mut acc = [[_mm512_setzero_ps(); 2]; SUM_HEADS];
+        rows.for_each(positions, |s, row| {
+            // SAFETY: masked loads of the n ≤ 32 columns from cols.start of a `width`-long
+            // row (cols.end ≤ width); p[i] has `positions` values.
+            unsafe {
+                let r = row.as_ptr().add(cols.start);
+                let v0 = _mm512_maskz_loadu_ps(m0, r);
+                let v1 = _mm512_maskz_loadu_ps(m1, r.add(16.min(n)));
+                for i in 0..SUM_HEADS {
+                    if i < nh {
+                        let ps = _mm512_set1_ps(*pp[i].add(s));
+                        acc[i][0] = _mm512_fmadd_ps(ps, v0, acc[i][0]);
+                        acc[i][1] = _mm512_fmadd_ps(ps, v1, acc[i][1]);
+                    }
+                }
+            }
+        });
+        for i in 0..nh {
+            // SAFETY: 32 floats in out[i].
+            unsafe {
+                _mm512_storeu_ps(out[i].as_mut_ptr(), acc[i][0]);
+                _mm512_storeu_ps(out[i].as_mut_ptr().add(16), acc[i][1]);
+            }
+        }
+    }
+
+    /// # Safety
+    /// AVX2 and FMA; shapes as checked by the caller; rows must cover `cols`.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn weighted_sum_avx2<'r>(
+        p: [&[f32]; SUM_HEADS],
+        nh: usize,
+        positions: usize,
+        rows: &Rows<impl Fn(usize) -> &'r [f32]>,
+        cols: Range<usize>,
+        out: &mut [[f32; SUM_COLS]; SUM_HEADS],
+    ) {
+        // Four passes of 8 columns keep 8 heads' accumulators in registers.
+        let n = cols.len();
+        assert!(cols.end <= rows.width, "columns past the row");
+        let pp: [*const f32; SUM_HEADS] = p.map(|p| p.as_ptr());
+        for part in 0..SUM_COLS / 8 {
+            let c0 = part * 8;
+            if c0 >= n {
+                break;
+            }
+            // SAFETY: a mask of the columns c0.. that exist.
+            let mask = unsafe { mask8((n - c0).min(8)) };
+            let mut acc = [_mm256_setzero_ps(); SUM_HEADS];
+            rows.for_each(positions, |s, row| {
+                // SAFETY: masked load of columns cols.start + c0.. (< cols.end ≤ width);
+                // p[i] has `positions` values.
+                unsafe {
+                    let v = _mm256_maskload_ps(row.as_ptr().add(cols.start + c0), mask);
+                    for i in 0..SUM_HEADS {
+                        if i < nh {
+                            let ps = _mm256_set1_ps(*pp[i].add(s));
+                            acc[i] = _mm256_fmadd_ps(ps, v, acc[i]);
+                        }
+                    }
+                }
+            });
+            for i in 0..nh {
+                // SAFETY: 8 floats at c0 + 8 ≤ 32.
+                unsafe { _mm256_storeu_ps(out[i].as_mut_ptr().add(c0), acc[i]) };
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_values;
+
+    fn isas() -> Vec<Isa> {
+        let mut v = vec![Isa::Portable];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                v.push(Isa::Avx2);
+            }
+            if std::is_x86_feature_detected!("avx512f") {
+                v.push(Isa::Avx512);
+            }
+        }
+        v
+    }
+
+    #[test]
+    fn dots_agree_bit_for_bit_and_match_f64() {
+        for w in [1, 7, 15, 16, 17, 40, 576] {
+            let q = test_values(DOT_TILE * w, w as u64);
+            let r = test_values(DOT_TILE * w, 99 + w as u64);
+            let qs: [&[f32]; DOT_TILE] = std::array::from_fn(|i| &q[i * w..(i + 1) * w]);
+            let rs: [&[f32]; DOT_TILE] = std::array::from_fn(|j| &r[j * w..(j + 1) * w]);
+            let want = dots_portable(qs, DOT_TILE, rs, DOT_TILE);
+            for i in 0..DOT_TILE {
+                for j in 0..DOT_TILE {
+                    let exact: f64 = qs[i]
+                        .iter()
+                        .zip(rs[j])
+                        .map(|(a, b)| *a as f64 * *b as f64)
+                        .sum();
+                    assert!(
+                        (want[i][j] as f64 - exact).abs() < 1e-5 * (1.0 + exact.abs()),
+                        "w {w}"
+                    );
+                }
+            }
+            for isa in isas() {
+                let got = dots_isa(isa, qs, DOT_TILE, rs, DOT_TILE);
+                assert_eq!(
+                    got.map(|r| r.map(f32::to_bits)),
+                    want.map(|r| r.map(f32::to_bits)),
+                    "{isa:?} w {w}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn dots_of_negative_zero_products() {
+        // Every product −0: the lanes stay +0 from their start (fma(−0·x) + 0 = +0).
+        let q = [-0.0f32; 20];
+        let r = [1.0f32; 20];
+        let want = dots_portable([&q; 4], 4, [&r; 4], 4);
+        for isa in isas() {
+            let got = dots_isa(isa, [&q; 4], 4, [&r; 4], 4);
+            assert_eq!(
+                got.map(|r| r.map(f32::to_bits)),
+                want.map(|r| r.map(f32::to_bits)),
+                "{isa:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn weighted_sums_agree_bit_for_bit_and_match_f64() {
+        let width = 96;
+        for positions in [0, 1, 5, 33] {
+            let rows = test_values(positions * width, 7);
+            let probs = test_values(SUM_HEADS * 40, 11);
+            let p: [&[f32]; SUM_HEADS] = std::array::from_fn(|i| &probs[i * 40..(i + 1) * 40]);
+            let row = |s: usize| &rows[s * width..(s + 1) * width];
+            // Blocks of 4 rows (the last one short).
+            let source = Rows {
+                block: |b: usize| &rows[(b * 4 * width).min(rows.len())..],
+                block_size: 4,
+                width,
+            };
+            for (cols, nh) in [
+                (0..32, 8),
+                (32..64, 3),
+                (64..81, 8),
+                (90..96, 1),
+                (5..21, 5),
+            ] {
+                let mut want = [[0.0; SUM_COLS]; SUM_HEADS];
+                weighted_sum_portable(p, nh, positions, &source, cols.clone(), &mut want);
+                for i in 0..nh {
+                    for (c, col) in cols.clone().enumerate() {
+                        let exact: f64 = (0..positions)
+                            .map(|s| p[i][s] as f64 * row(s)[col] as f64)
+                            .sum();
+                        assert!((want[i][c] as f64 - exact).abs() < 1e-5 * (1.0 + exact.abs()));
+                    }
+                }
+                for isa in isas() {
+                    let mut got = [[f32::NAN; SUM_COLS]; SUM_HEADS];
+                    weighted_sum_isa(isa, p, nh, positions, &source, cols.clone(), &mut got);
+                    for i in 0..nh {
+                        let n = cols.len();
+                        assert_eq!(
+                            got[i][..n].iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                            want[i][..n].iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                            "{isa:?} cols {cols:?} heads {nh} positions {positions}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
