@@ -9,6 +9,7 @@ use std::time::Duration;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use dsv2_core::quant::{quantize_tensor, QuantFormat, QuantizedTensor};
 use dsv2_core::{DType, TensorView};
+use dsv2_cpu::bf16dot;
 use dsv2_cpu::kernels::linear;
 use dsv2_cpu::qmatmul::{qmatmul, QMatrix};
 use half::bf16;
@@ -128,6 +129,12 @@ fn prefill(c: &mut Criterion) {
         group.bench_function("128x10944x2048_bf16", |b| {
             b.iter(|| linear(&x, M, &w, N, K, &mut y))
         });
+        if bf16dot::available() {
+            // bf16 activations (the bf16 backend's) on vdpbf16ps.
+            group.bench_function("128x10944x2048_bf16_dpbf16", |b| {
+                b.iter(|| bf16dot::matmul(&x, M, &w, N, K, &mut y))
+            });
+        }
         drop(w);
         let q = quantized(QuantFormat::Q8, N, K, 3);
         group.bench_function("128x10944x2048_q8", |b| {

@@ -64,7 +64,7 @@ fn expanded(be: &CpuBackend, args: &MlaAttention<'_, CpuBackend>, seq: &SeqSlice
     }
     let kv_w = h * (dn + dv);
     let mut kv = take::<f32>(s_len * kv_w);
-    args.kv_b_proj.matmul(&latents, s_len, &mut kv);
+    args.kv_b_proj.matmul(be, &latents, s_len, &mut kv);
     be.round(&mut kv);
 
     let qd = d.q_head_dim();

@@ -12,6 +12,7 @@
 //! ```
 
 mod attention;
+pub mod bf16dot;
 
 /// Deterministic test values in [-1, 1) (xorshift64), shared by the kernel tests.
 #[cfg(test)]
@@ -114,11 +115,17 @@ impl CpuWeight {
         })
     }
 
-    /// `y[m, rows] = x[m, cols] · selfᵀ`.
-    pub(crate) fn matmul(&self, x: &[f32], m: usize, y: &mut [f32]) {
-        match self.qmatrix() {
-            Some(q) => qmatmul::qmatmul(x, m, q, y),
-            None => with_elems!(self, |s| kernels::linear(x, m, s, self.rows, self.cols, y)),
+    /// `y[m, rows] = x[m, cols] · selfᵀ`. A bf16 weight under bf16 compute runs on
+    /// `vdpbf16ps` where the CPU has AVX-512 BF16 ([`bf16dot`]).
+    pub(crate) fn matmul(&self, be: &CpuBackend, x: &[f32], m: usize, y: &mut [f32]) {
+        if let Some(q) = self.qmatrix() {
+            return qmatmul::qmatmul(x, m, q, y);
+        }
+        match self.data() {
+            WeightData::Bf16(w) if be.bf16() && bf16dot::available() => {
+                bf16dot::matmul(x, m, w, self.rows, self.cols, y)
+            }
+            _ => with_elems!(self, |s| kernels::linear(x, m, s, self.rows, self.cols, y)),
         }
     }
 
@@ -365,7 +372,7 @@ impl Backend for CpuBackend {
     }
 
     fn linear(&self, x: &Vec<f32>, rows: usize, w: &CpuWeight, out: &mut Vec<f32>) -> Result<()> {
-        w.matmul(x, rows, out);
+        w.matmul(self, x, rows, out);
         self.round(&mut out[..rows * w.rows]);
         Ok(())
     }
@@ -456,7 +463,7 @@ impl Backend for CpuBackend {
                 .vec()
                 .extend_from_slice(&x[r as usize * d..(r as usize + 1) * d]);
         }
-        lm_head.matmul(&gathered, rows.len(), &mut out[..rows.len() * v]);
+        lm_head.matmul(self, &gathered, rows.len(), &mut out[..rows.len() * v]);
         self.round(&mut out[..rows.len() * v]);
         Ok(())
     }

@@ -19,8 +19,8 @@ pub(crate) fn mlp_rows(
     let inter = mlp.gate_proj.rows();
     let mut gate = take::<f32>(rows * inter);
     let mut up = take::<f32>(rows * inter);
-    mlp.gate_proj.matmul(x, rows, &mut gate);
-    mlp.up_proj.matmul(x, rows, &mut up);
+    mlp.gate_proj.matmul(be, x, rows, &mut gate);
+    mlp.up_proj.matmul(be, x, rows, &mut up);
     if be.bf16() {
         for (g, u) in gate.iter_mut().zip(&up) {
             *g = round_bf16(round_bf16(silu(round_bf16(*g))) * round_bf16(*u));
@@ -31,7 +31,7 @@ pub(crate) fn mlp_rows(
         }
     }
     let d = mlp.down_proj.rows();
-    mlp.down_proj.matmul(&gate, rows, &mut out[..rows * d]);
+    mlp.down_proj.matmul(be, &gate, rows, &mut out[..rows * d]);
     be.round(&mut out[..rows * d]);
 }
 
@@ -49,7 +49,7 @@ pub(crate) fn moe(
     let k = moe.routing.top_k;
     // Router: f32 logits of the (bf16-representable, in bf16 mode) activations.
     let mut probs = take::<f32>(rows * num_experts);
-    moe.gate.matmul(x, rows, &mut probs);
+    moe.gate.matmul(be, x, rows, &mut probs);
     let mut ids = take::<u32>(rows * k);
     let mut weights = take::<f32>(rows * k);
     for t in 0..rows {

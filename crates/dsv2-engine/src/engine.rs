@@ -191,16 +191,12 @@ impl<'m, B: Backend> Engine<'m, B> {
     /// Runs steps until drained (see [`EngineHandle::drain`]) or until every handle and
     /// stream is gone. Sleeps while there is nothing to do.
     ///
-    /// Each step runs on a worker of the global rayon pool (`rayon::scope`; the engine
-    /// thread waits), so a CPU backend's hundreds of parallel kernels per step start
-    /// from inside the pool instead of each being injected from outside (rayon's
-    /// injector queue allocates a block per 63 injections: one per 63 steps this way).
-    /// The engine never holds a worker between steps, so engines and other pool users
-    /// cannot starve each other.
+    /// Steps run on the engine thread; a CPU backend spreads each of its parallel loops
+    /// over its thread team from here (`dsv2_cpu::team`).
     pub fn run(mut self) {
         while self.receive_commands() {
             if !self.scheduler.is_idle() {
-                rayon::scope(|_| self.step());
+                self.step();
             }
         }
         self.abort_all("the server is shutting down");

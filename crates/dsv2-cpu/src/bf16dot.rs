@@ -1,0 +1,226 @@
+//! `y[m, n] = x[m, k] · w[n, k]ᵀ` for bf16 weights and bf16 activations on AVX-512 BF16.
+//!
+//! When the backend computes in bf16 its activations are bf16 values already, and
+//! `vdpbf16ps` multiplies 32 bf16 pairs into 16 f32 lanes in one instruction, twice the
+//! multiply-adds per instruction of widening the weights to f32 ([`crate::matmul`]).
+//! Products of two bf16 values are exact in f32, so the result differs from the f32 path
+//! only in the order of the f32 additions (and in flushing f32 subnormals to zero, as
+//! the instruction does).
+//!
+//! Per output the arithmetic is fixed: lane `l` accumulates the pairs `k = 32c + 2l,
+//! 32c + 2l + 1` in order of `c` (a short last chunk is zero-padded), then the 16 lanes
+//! are summed as `a[j] + a[j + 8]`, `+ 4`, `+ 2`, `+ 1`. It does not depend on `m` or on
+//! a row's place in its tile, so the product is batch-invariant.
+
+use half::bf16;
+
+use crate::kernels::SyncPtr;
+use crate::scratch::take;
+use crate::team;
+
+/// Activation rows per register tile.
+const MR: usize = 4;
+/// Weight rows per register tile.
+const NR: usize = 4;
+/// Weight rows per parallel task.
+const ROW_BLOCK: usize = 32;
+
+/// Whether this CPU runs [`matmul`] (AVX-512 F + BF16, checked once).
+pub fn available() -> bool {
+    static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *AVAILABLE.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512bf16")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        false
+    })
+}
+
+/// `y[m, n] = bf16(x)[m, k] · w[n, k]ᵀ`, parallel over blocks of weight rows; `x` is
+/// rounded to bf16 first (exact when it holds bf16 values).
+///
+/// # Panics
+/// If [`available`] is false or a slice is short.
+pub fn matmul(x: &[f32], m: usize, w: &[bf16], n: usize, k: usize, y: &mut [f32]) {
+    assert!(available(), "AVX-512 BF16 is not available");
+    assert!(
+        x.len() >= m * k && w.len() >= n * k && y.len() >= m * n,
+        "matmul shapes"
+    );
+    if m == 0 || n == 0 {
+        return;
+    }
+    // Activations as bf16 pairs, each row padded to whole 32-element chunks with zeros.
+    let kp = k.next_multiple_of(32);
+    let mut xb = take::<u32>(m * kp / 2);
+    for (row, dst) in x[..m * k].chunks_exact(k).zip(xb.chunks_exact_mut(kp / 2)) {
+        for (pair, d) in row.chunks(2).zip(dst.iter_mut()) {
+            let lo = bf16::from_f32(pair[0]).to_bits() as u32;
+            let hi = pair
+                .get(1)
+                .map_or(0, |v| bf16::from_f32(*v).to_bits() as u32);
+            *d = lo | hi << 16;
+        }
+    }
+    let xb: &[u32] = &xb;
+    let y_ptr = SyncPtr(y.as_mut_ptr());
+    team::for_each(n.div_ceil(ROW_BLOCK), |b| {
+        let (n0, n1) = (b * ROW_BLOCK, ((b + 1) * ROW_BLOCK).min(n));
+        let mut i0 = 0;
+        while i0 < m {
+            let mr = (m - i0).min(MR);
+            let mut j0 = n0;
+            while j0 < n1 {
+                let nr = (n1 - j0).min(NR);
+                let rows: [&[bf16]; NR] =
+                    std::array::from_fn(|j| &w[(j0 + j.min(nr - 1)) * k..][..k]);
+                let acts: [&[u32]; MR] =
+                    std::array::from_fn(|i| &xb[(i0 + i.min(mr - 1)) * kp / 2..][..kp / 2]);
+                // SAFETY: `available()` (asserted above); every row is `k` long and every
+                // activation row `kp / 2` pairs.
+                #[cfg(target_arch = "x86_64")]
+                let tile = unsafe { x86::tile(acts, rows, k) };
+                #[cfg(not(target_arch = "x86_64"))]
+                let tile: [[f32; NR]; MR] = unreachable!("no AVX-512 BF16 here");
+                for (i, tile_row) in tile.iter().enumerate().take(mr) {
+                    for (j, &v) in tile_row.iter().enumerate().take(nr) {
+                        // SAFETY: (i0 + i, j0 + j) lies in this task's rows of `y`.
+                        unsafe { *y_ptr.get().add((i0 + i) * n + j0 + j) = v };
+                    }
+                }
+                j0 += nr;
+            }
+            i0 += mr;
+        }
+    });
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::*;
+    use std::arch::x86_64::*;
+
+    /// One `MR × NR` register tile over all of `k`.
+    ///
+    /// # Safety
+    /// AVX-512 F + BF16; `rows` are `k` long, `acts` `k.next_multiple_of(32) / 2` pairs.
+    #[target_feature(enable = "avx512f,avx512bf16,avx512bw")]
+    pub(super) unsafe fn tile(
+        acts: [&[u32]; MR],
+        rows: [&[half::bf16]; NR],
+        k: usize,
+    ) -> [[f32; NR]; MR] {
+        let mut acc = [[_mm512_setzero_ps(); NR]; MR];
+        let full = k / 32;
+        // SAFETY (loads): chunk c covers elements 32c..32c + 32 ≤ k of the weight rows
+        // (or a mask of the k − 32c that exist) and pairs 16c..16c + 16 of the padded
+        // activation rows.
+        unsafe {
+            for c in 0..k.div_ceil(32) {
+                let wv: [__m512bh; NR] = std::array::from_fn(|j| {
+                    let p = rows[j].as_ptr().add(32 * c) as *const i16;
+                    let v = if c < full {
+                        _mm512_loadu_si512(p as *const _)
+                    } else {
+                        let mask: __mmask32 = ((1u64 << (k - 32 * c)) - 1) as u32;
+                        _mm512_maskz_loadu_epi16(mask, p)
+                    };
+                    std::mem::transmute::<__m512i, __m512bh>(v)
+                });
+                for i in 0..MR {
+                    let xv = std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(
+                        acts[i].as_ptr().add(16 * c) as *const _,
+                    ));
+                    for j in 0..NR {
+                        acc[i][j] = _mm512_dpbf16_ps(acc[i][j], xv, wv[j]);
+                    }
+                }
+            }
+        }
+        let mut out = [[0.0; NR]; MR];
+        for i in 0..MR {
+            for j in 0..NR {
+                out[i][j] = reduce(acc[i][j]);
+            }
+        }
+        out
+    }
+
+    /// `a[j] + a[j + 8]`, then `+ 4`, `+ 2`, `+ 1`.
+    #[inline(always)]
+    fn reduce(a: __m512) -> f32 {
+        let mut lanes = [0.0f32; 16];
+        // SAFETY: 16 floats.
+        unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), a) };
+        let mut half = 8;
+        while half > 0 {
+            for j in 0..half {
+                lanes[j] += lanes[j + half];
+            }
+            half /= 2;
+        }
+        lanes[0]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_values;
+
+    /// Values rounded to bf16 (what the bf16 backend's activations are).
+    fn bf16_values(n: usize, seed: u64) -> Vec<f32> {
+        test_values(n, seed)
+            .into_iter()
+            .map(|v| bf16::from_f32(v).to_f32())
+            .collect()
+    }
+
+    #[test]
+    fn matches_f64_reference_and_is_batch_invariant() {
+        if !available() {
+            eprintln!("skipped: no AVX-512 BF16 on this CPU");
+            return;
+        }
+        for &(m, n, k) in &[
+            (1, 1, 1),
+            (1, 37, 64),
+            (5, 33, 100),
+            (13, 70, 2048),
+            (3, 9, 31),
+        ] {
+            let x = bf16_values(m * k, 1 + k as u64);
+            let w: Vec<bf16> = test_values(n * k, 2)
+                .into_iter()
+                .map(bf16::from_f32)
+                .collect();
+            let mut y = vec![f32::NAN; m * n];
+            matmul(&x, m, &w, n, k, &mut y);
+            for i in 0..m {
+                for j in 0..n {
+                    let exact: f64 = (0..k)
+                        .map(|t| x[i * k + t] as f64 * w[j * k + t].to_f64())
+                        .sum();
+                    let got = y[i * n + j] as f64;
+                    assert!(
+                        (got - exact).abs() <= 1e-5 * (k as f64).sqrt() * (1.0 + exact.abs()),
+                        "m={m} n={n} k={k} ({i},{j}): {got} vs {exact}"
+                    );
+                }
+                // Row i alone gives the same bits as inside the batch.
+                let mut one = vec![f32::NAN; n];
+                matmul(&x[i * k..(i + 1) * k], 1, &w, n, k, &mut one);
+                assert_eq!(
+                    one.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    y[i * n..(i + 1) * n]
+                        .iter()
+                        .map(|v| v.to_bits())
+                        .collect::<Vec<_>>(),
+                    "batch invariance m={m} n={n} k={k} row {i}"
+                );
+            }
+        }
+    }
+}
