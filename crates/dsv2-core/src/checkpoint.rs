@@ -116,6 +116,16 @@ impl Bytes {
         }
     }
 
+    /// Wraps an owner of `len` bytes (4-byte aligned).
+    pub(crate) fn from_owner(owner: Arc<dyn AsRef<[u8]> + Send + Sync>, len: usize) -> Bytes {
+        Bytes {
+            owner,
+            map: None,
+            start: 0,
+            len,
+        }
+    }
+
     /// The bytes.
     pub fn as_slice(&self) -> &[u8] {
         &(*self.owner).as_ref()[self.start..self.start + self.len]

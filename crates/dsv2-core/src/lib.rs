@@ -34,6 +34,7 @@ pub mod detokenize;
 pub mod error;
 pub mod generation_config;
 pub mod hub;
+pub mod hugemem;
 pub mod inventory;
 pub mod quant;
 pub mod sampling;

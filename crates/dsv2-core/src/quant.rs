@@ -37,7 +37,7 @@ use half::f16;
 use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
-use crate::checkpoint::{DType, TensorView};
+use crate::checkpoint::{Bytes, DType, TensorView};
 
 /// Elements per quantization block.
 pub const BLOCK: usize = 32;
@@ -145,22 +145,58 @@ impl QuantizedTensor {
             "{name}: qweight size"
         );
         assert_eq!(scales.len(), rows * cols / BLOCK, "{name}: scales size");
+        let scale_bytes: Vec<u8> = bytemuck::cast_slice(&scales).to_vec();
+        Self::from_plane_bytes(
+            name,
+            format,
+            rows,
+            cols,
+            Bytes::from_vec(q),
+            Bytes::from_vec(scale_bytes),
+        )
+    }
+
+    /// [`from_planes`](Self::from_planes) over bytes already in place (sizes checked).
+    pub fn from_plane_bytes(
+        name: &str,
+        format: QuantFormat,
+        rows: usize,
+        cols: usize,
+        q: Bytes,
+        scales: Bytes,
+    ) -> QuantizedTensor {
+        assert_eq!(
+            q.as_slice().len(),
+            rows * format.row_bytes(cols),
+            "{name}: qweight size"
+        );
+        assert_eq!(
+            scales.as_slice().len(),
+            rows * cols / BLOCK * 2,
+            "{name}: scales size"
+        );
         let (qdtype, qshape) = match format {
             QuantFormat::Q8 => (DType::I8, vec![rows, cols]),
             QuantFormat::Q4 => (DType::U8, vec![rows, cols / 2]),
         };
-        let scale_bytes: Vec<u8> = bytemuck::cast_slice(&scales).to_vec();
+        let view = |name: String, dtype, shape, data| TensorView {
+            name,
+            dtype,
+            shape,
+            data,
+            file: "<in memory>".into(),
+        };
         QuantizedTensor {
             name: name.to_string(),
             format,
             rows,
             cols,
-            qweight: TensorView::owned(&format!("{name}{QWEIGHT_SUFFIX}"), qdtype, qshape, q),
-            scales: TensorView::owned(
-                &format!("{name}{SCALES_SUFFIX}"),
+            qweight: view(format!("{name}{QWEIGHT_SUFFIX}"), qdtype, qshape, q),
+            scales: view(
+                format!("{name}{SCALES_SUFFIX}"),
                 DType::F16,
                 vec![rows, cols / BLOCK],
-                scale_bytes,
+                scales,
             ),
         }
     }
@@ -506,8 +542,11 @@ pub fn quantize_with(
     assert!(cols.is_multiple_of(BLOCK), "{name}: cols % 32 != 0");
     let rb = format.row_bytes(cols);
     let nb = cols / BLOCK;
-    let mut q = vec![0u8; rows * rb];
-    let mut scales = vec![f16::ZERO; rows * nb];
+    // Huge pages: decode streams these planes from DRAM every step (see `hugemem`).
+    let mut q_buf = crate::hugemem::alloc(rows * rb);
+    let mut scale_buf = crate::hugemem::alloc(rows * nb * 2);
+    let q = q_buf.as_mut_slice();
+    let scales: &mut [f16] = bytemuck::cast_slice_mut(scale_buf.as_mut_slice());
     q.par_chunks_mut(TILE * rb)
         .zip(scales.par_chunks_mut(TILE * nb))
         .enumerate()
@@ -519,7 +558,14 @@ pub fn quantize_with(
                 quantize_rows(format, &tile[..n], cols, qt, st);
             },
         );
-    QuantizedTensor::from_planes(name, format, rows, cols, q, scales)
+    QuantizedTensor::from_plane_bytes(
+        name,
+        format,
+        rows,
+        cols,
+        q_buf.freeze(),
+        scale_buf.freeze(),
+    )
 }
 
 #[cfg(test)]
