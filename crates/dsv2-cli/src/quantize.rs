@@ -5,7 +5,7 @@
 //! `{"dsv2_quantization": FORMAT, "dsv2_quant_version": "2"}` metadata (the interleaved
 //! layout documented in `dsv2_core::quant`), plus copies of
 //! the config, tokenizer and generation files. It loads memory-mapped, without
-//! re-quantizing. Tensors are quantized one at a time while the file is written, so
+//! re-quantizing (the CPU backend copies the planes once into huge pages). Tensors are quantized one at a time while the file is written, so
 //! memory stays near one tensor's size.
 
 use std::borrow::Cow;

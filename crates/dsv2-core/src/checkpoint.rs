@@ -126,6 +126,11 @@ impl Bytes {
         }
     }
 
+    /// Whether these bytes are a window into a file mapping.
+    pub fn is_mapped(&self) -> bool {
+        self.map.is_some()
+    }
+
     /// The bytes.
     pub fn as_slice(&self) -> &[u8] {
         &(*self.owner).as_ref()[self.start..self.start + self.len]

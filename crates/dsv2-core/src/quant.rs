@@ -201,6 +201,34 @@ impl QuantizedTensor {
         }
     }
 
+    /// The same tensor with its planes copied into huge pages ([`crate::hugemem`]) when
+    /// they are windows into a file mapping (a pre-quantized checkpoint): decode streams
+    /// them every step, and file mappings use 4 KiB pages. The mapped pages are released
+    /// after the copy, so the process does not hold both.
+    pub fn into_huge_pages(self) -> QuantizedTensor {
+        if !self.qweight.data.is_mapped() && !self.scales.data.is_mapped() {
+            return self;
+        }
+        let copy = |bytes: &Bytes| {
+            let mut buf = crate::hugemem::alloc(bytes.as_slice().len());
+            buf.as_mut_slice().copy_from_slice(bytes.as_slice());
+            bytes.release_pages();
+            buf.freeze()
+        };
+        let (q, scales) = (copy(&self.qweight.data), copy(&self.scales.data));
+        QuantizedTensor {
+            qweight: TensorView {
+                data: q,
+                ..self.qweight
+            },
+            scales: TensorView {
+                data: scales,
+                ..self.scales
+            },
+            ..self
+        }
+    }
+
     /// The quantized values as bytes (i8 for q8, packed nibbles for q4).
     pub fn qweight_bytes(&self) -> &[u8] {
         self.qweight.data.as_slice()

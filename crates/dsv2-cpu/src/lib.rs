@@ -291,12 +291,15 @@ impl Backend for CpuBackend {
         })
     }
 
+    /// Planes of a pre-quantized checkpoint are copied from the file mapping into huge
+    /// pages once (decode streams them every step; see `dsv2_core::hugemem`).
     fn load_quantized(&self, q: &QuantizedTensor) -> Result<CpuWeight> {
+        let q = q.clone().into_huge_pages();
         Ok(CpuWeight {
             view: q.qweight.clone(),
-            quant: Some(q.clone()),
             rows: q.rows,
             cols: q.cols,
+            quant: Some(q),
             vector: None,
         })
     }
