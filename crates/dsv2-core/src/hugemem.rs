@@ -80,7 +80,10 @@ pub struct HugeBuf {
 
 enum Storage {
     Heap(Vec<u8>),
-    Mapped { mapping: Arc<Mapping>, offset: usize },
+    Mapped {
+        mapping: Arc<Mapping>,
+        offset: usize,
+    },
 }
 
 impl HugeBuf {
@@ -177,7 +180,10 @@ mod tests {
         for (i, b) in frozen.iter().enumerate() {
             let s = b.as_slice();
             assert_eq!(s.len(), sizes[i]);
-            assert!(s.iter().all(|&v| v == i as u8 + 1), "buffer {i} overwritten");
+            assert!(
+                s.iter().all(|&v| v == i as u8 + 1),
+                "buffer {i} overwritten"
+            );
             if sizes[i] >= MIN_HUGE {
                 assert!((s.as_ptr() as usize).is_multiple_of(ALIGN));
             }

@@ -586,14 +586,7 @@ pub fn quantize_with(
                 quantize_rows(format, &tile[..n], cols, qt, st);
             },
         );
-    QuantizedTensor::from_plane_bytes(
-        name,
-        format,
-        rows,
-        cols,
-        q_buf.freeze(),
-        scale_buf.freeze(),
-    )
+    QuantizedTensor::from_plane_bytes(name, format, rows, cols, q_buf.freeze(), scale_buf.freeze())
 }
 
 #[cfg(test)]

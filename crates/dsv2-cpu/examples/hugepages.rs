@@ -1,4 +1,9 @@
-//! Temporary A/B experiment: q8/q4 matvec streaming from 4 KiB pages vs transparent huge pages.
+//! A/B measurement behind `dsv2_core::hugemem`: the same 64 quantized expert matrices
+//! (1408 × 2048) stored on 4 KiB pages and on transparent huge pages, 8 of them
+//! multiplied by one activation row per run (a decode step's pattern), the two layouts
+//! alternating run by run so that a busy machine affects both alike.
+//!
+//! `cargo run --release -p dsv2-cpu --example hugepages`
 use dsv2_core::quant::{quantize_tensor, QuantFormat};
 use dsv2_core::{DType, TensorView};
 use dsv2_cpu::qmatmul::{qmatmul, QMatrix};
@@ -11,7 +16,10 @@ fn main() {
         let bytes: Vec<u8> = (0..n * k)
             .flat_map(|j| bf16::from_f32((((j * 17) % 97) as f32 - 48.0) * 0.01).to_le_bytes())
             .collect();
-        let q = quantize_tensor(&TensorView::owned("w", DType::BF16, vec![n, k], bytes), format);
+        let q = quantize_tensor(
+            &TensorView::owned("w", DType::BF16, vec![n, k], bytes),
+            format,
+        );
         let (qb, sb) = (q.qweight_bytes(), q.scales());
         let per = qb.len() + sb.len() * 2;
         let count = 64;
@@ -27,10 +35,24 @@ fn main() {
                 buf[o + qb.len()..o + per].copy_from_slice(sbytes);
             }
         }
-        fn view<'a>(buf: &'a [u8], e: usize, per: usize, ql: usize, format: QuantFormat, n: usize, k: usize) -> QMatrix<'a> {
+        fn view<'a>(
+            buf: &'a [u8],
+            e: usize,
+            per: usize,
+            ql: usize,
+            format: QuantFormat,
+            n: usize,
+            k: usize,
+        ) -> QMatrix<'a> {
             let o = e * per;
             let s: &[f16] = bytemuck::cast_slice(&buf[o + ql..o + per]);
-            QMatrix { format, rows: n, cols: k, q: &buf[o..o + ql], scales: s }
+            QMatrix {
+                format,
+                rows: n,
+                cols: k,
+                q: &buf[o..o + ql],
+                scales: s,
+            }
         }
         let x: Vec<f32> = (0..k).map(|j| ((j % 13) as f32 - 6.0) * 0.1).collect();
         let mut y = vec![0.0f32; n];
@@ -52,9 +74,20 @@ fn main() {
         }
         let b = (8 * per) as f64;
         for (v, name) in ["4k pages", "huge pages"].iter().enumerate() {
-            println!("{format:?} {name}: mean {:.1} GB/s best {:.1} GB/s", b / (sum[v] / rounds as f64) / 1e9, b / best[v] / 1e9);
+            println!(
+                "{format:?} {name}: mean {:.1} GB/s best {:.1} GB/s",
+                b / (sum[v] / rounds as f64) / 1e9,
+                b / best[v] / 1e9
+            );
         }
         let smaps = std::fs::read_to_string("/proc/self/smaps_rollup").unwrap();
-        println!("{}", smaps.lines().filter(|l| l.contains("AnonHugePages")).collect::<Vec<_>>().join(" "));
+        println!(
+            "{}",
+            smaps
+                .lines()
+                .filter(|l| l.contains("AnonHugePages"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
     }
 }
