@@ -6,7 +6,7 @@ use dsv2_backend::{Mlp, MoeWeights};
 use std::cell::RefCell;
 
 use crate::kernels::{round_bf16, silu, SyncPtr};
-use crate::qmatmul::{qmatmul_rows, QActivations, QMatrix};
+use crate::qmatmul::{decode_tiles_per_task, qmatmul_rows, QActivations, QMatrix};
 use crate::scratch::{take, take_empty};
 use crate::team;
 use crate::{CpuBackend, CpuWeight};
@@ -128,8 +128,6 @@ pub(crate) fn moe(
 
 /// Most MLPs (chosen routed experts + the shared one) of the one-token path.
 const MAX_MLPS: usize = 9;
-/// Weight tiles (of 16 rows) per parallel task of the one-token path.
-const TILES_PER_TASK: usize = 8;
 
 thread_local! {
     /// Quantized activations of each MLP of the one-token path (reused across steps).
@@ -250,19 +248,23 @@ fn run_tiles<'a>(
     y: &mut [f32],
 ) {
     const TILE: usize = 16;
-    // Tasks of at most TILES_PER_TASK tiles, none crossing a matrix.
+    // Each matrix split as a lone decode product would be; no task crosses a matrix.
+    let threads = team::threads();
     let mut first_task = [0usize; 2 * MAX_MLPS + 1];
+    let mut per_task = [0usize; 2 * MAX_MLPS];
     for (j, w) in matrices.iter().enumerate() {
-        let tiles = w.as_ref().expect("quantized").rows.div_ceil(TILE);
-        first_task[j + 1] = first_task[j] + tiles.div_ceil(TILES_PER_TASK);
+        let w = w.as_ref().expect("quantized");
+        let tiles = w.rows.div_ceil(TILE);
+        per_task[j] = decode_tiles_per_task(tiles, w.tile_bytes(), threads);
+        first_task[j + 1] = first_task[j] + tiles.div_ceil(per_task[j]);
     }
     let tasks = first_task[matrices.len()];
     let y_ptr = SyncPtr(y.as_mut_ptr());
     team::for_each(tasks, |task| {
         let j = first_task[1..=matrices.len()].partition_point(|&f| f <= task);
         let w = matrices[j].expect("quantized");
-        let t0 = (task - first_task[j]) * TILES_PER_TASK;
-        let rows = t0 * TILE..((t0 + TILES_PER_TASK) * TILE).min(w.rows);
+        let t0 = (task - first_task[j]) * per_task[j];
+        let rows = t0 * TILE..((t0 + per_task[j]) * TILE).min(w.rows);
         // SAFETY: rows of matrix j land in y[at[j] + rows], disjoint across tasks and
         // inside y (at[j + 1] = at[j] + w.rows ≤ y.len()).
         let dst = unsafe {
