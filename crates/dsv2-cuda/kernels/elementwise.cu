@@ -96,6 +96,7 @@ extern "C" __global__ void mla_write_cache(const T* kv_a, const float* w, const 
                                            const float* sin, T* cache, int c, int dr, float eps) {
     pdl_prologue();
     int t = blockIdx.x, width = c + dr, half = dr / 2;
+    if (slots[t] == NO_TOKEN) return;  // a padding token (PAD_SLOT): nothing cached
     const T* src = kv_a + (u64)t * width;
     T* dst = cache + (u64)slots[t] * width;
     rms_norm_row(src, w, dst, c, eps);
@@ -110,10 +111,12 @@ extern "C" __global__ void rope_and_write_cache(T* q, const T* kv_a, const float
     pdl_prologue();
     int t = blockIdx.x, width = c + dr, half = dr / 2;
     const T* src = kv_a + (u64)t * width;
-    T* dst = cache + (u64)slots[t] * width;
-    rms_norm_row(src, w, dst, c, eps);
-    for (int p = threadIdx.x; p < half; p += blockDim.x)
-        rotate_pair(src + c + 2 * p, dst + c + 2 * p, cos[t * half + p], sin[t * half + p]);
+    if (slots[t] != NO_TOKEN) {  // else a padding token (PAD_SLOT): nothing cached
+        T* dst = cache + (u64)slots[t] * width;
+        rms_norm_row(src, w, dst, c, eps);
+        for (int p = threadIdx.x; p < half; p += blockDim.x)
+            rotate_pair(src + c + 2 * p, dst + c + 2 * p, cos[t * half + p], sin[t * half + p]);
+    }
     for (int i = threadIdx.x; i < h * half; i += blockDim.x) {
         int head = i / half, p = i - head * half;
         T* x = q + (u64)t * h * qd + (u64)head * qd + dn + 2 * p;

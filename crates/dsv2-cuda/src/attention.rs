@@ -150,6 +150,45 @@ pub(crate) fn mla_attention(
     Ok(())
 }
 
+/// Seconds one run of the split-KV decode kernel and its combine takes for the step's
+/// decode tokens (`Backend::time_decode_attention`), averaged over `reps` runs timed with
+/// events after one untimed run; `None` where that kernel does not run (f32, other
+/// widths, no decode tokens).
+pub(crate) fn time_decode(
+    be: &CudaBackend,
+    scratch: &mut Scratch,
+    args: MlaAttention<'_, CudaBackend>,
+    reps: usize,
+) -> Result<Option<f64>> {
+    let d = args.dims;
+    let step = args.step;
+    let tokens = step.counts.abs_auto_tokens;
+    if !decode_kernel_applies(be, &d) || tokens == 0 || reps == 0 {
+        return Ok(None);
+    }
+    check_step_against_cache("time_decode_attention", step, &args.cache.spec)?;
+    be.check_len(
+        "time_decode_attention",
+        "queries",
+        args.q,
+        step.counts.tokens * d.num_heads * d.q_head_dim(),
+    )?;
+    let (h, c) = (d.num_heads, d.kv_lora_rank);
+    let e = be.elem();
+    let t = step.counts.tokens;
+    let q_lat = scratch.get(&be.dev, Slot::QLat, t * h * c * e)?;
+    let o_lat = scratch.get(&be.dev, Slot::OLat, t * h * c * e)?;
+    let list = step.at(step.layout.abs_auto_tokens);
+    absorbed_split(be, scratch, &args, list, tokens, q_lat, o_lat)?;
+    let seconds = be.dev.time(|| {
+        for _ in 0..reps {
+            absorbed_split(be, scratch, &args, list, tokens, q_lat, o_lat)?;
+        }
+        Ok(())
+    })?;
+    Ok(Some(seconds / reps as f64))
+}
+
 fn absorbed(
     be: &CudaBackend,
     scratch: &mut Scratch,
@@ -173,7 +212,7 @@ fn absorbed(
     let o_lat = scratch.get(&be.dev, Slot::OLat, t * h * c * e)?;
     let kv_b = args.kv_b_proj.ptr();
     // q_lat[t, h] = W_UK[h]ᵀ q_nope[t, h].
-    let small = be.dev.gemv_applies(t) && c.is_multiple_of(128) && dn.is_multiple_of(4);
+    let small = be.dev.gemv_applies(t) && c.is_multiple_of(128) && dn.is_multiple_of(16);
     if small {
         be.dev.launch(
             &be.dev.kernels.absorb_q_small,

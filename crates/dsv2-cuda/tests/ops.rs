@@ -647,3 +647,119 @@ fn logits_and_greedy_tokens() {
         }
     });
 }
+
+/// The fused layer inputs against the CPU's unfused defaults: the residual add and
+/// RMSNorm computed inside the query/latent GEMV (`add_rms_norm_linear_pair`) and inside
+/// the MoE router launch (`add_rms_norm_moe`), up to the GEMV's 8 rows and past them.
+#[test]
+fn fused_norm_into_projections_and_moe() {
+    each_dtype(|dtype, cpu, gpu| {
+        let (d, na, nb) = (256, 200, 72);
+        let wa = tensor("fa", &[na, d], 15, 0.2);
+        let wb = tensor("fb", &[nb, d], 16, 0.2);
+        let norm = norm_tensor("fnorm", d, 17);
+        let (wac, wag) = (cpu.load_weight(&wa).unwrap(), gpu.load_weight(&wa).unwrap());
+        let (wbc, wbg) = (cpu.load_weight(&wb).unwrap(), gpu.load_weight(&wb).unwrap());
+        let (nc, ng) = (
+            cpu.load_weight(&norm).unwrap(),
+            gpu.load_weight(&norm).unwrap(),
+        );
+        for rows in [1usize, 3, 8, 9] {
+            let (mut accc, mut accg) = inputs(gpu, &bf16_values(rows * d, 80 + rows as u64, 1.0));
+            let (xc, xg) = inputs(gpu, &bf16_values(rows * d, 90 + rows as u64, 1.0));
+            let (mut normc, mut normg) =
+                (cpu.alloc(rows * d).unwrap(), gpu.alloc(rows * d).unwrap());
+            let (mut ac, mut bc) = (cpu.alloc(rows * na).unwrap(), cpu.alloc(rows * nb).unwrap());
+            let (mut ag, mut bg) = (gpu.alloc(rows * na).unwrap(), gpu.alloc(rows * nb).unwrap());
+            cpu.add_rms_norm_linear_pair(
+                &mut accc, &xc, &nc, 1e-6, rows, d, &mut normc, &wac, &mut ac, &wbc, &mut bc,
+            )
+            .unwrap();
+            gpu.add_rms_norm_linear_pair(
+                &mut accg, &xg, &ng, 1e-6, rows, d, &mut normg, &wag, &mut ag, &wbg, &mut bg,
+            )
+            .unwrap();
+            for (what, got, want) in [
+                ("residual", gpu.download(&accg).unwrap(), accc.to_vec()),
+                ("normed", gpu.download(&normg).unwrap(), normc.to_vec()),
+                ("a", gpu.download(&ag).unwrap(), ac.to_vec()),
+                ("b", gpu.download(&bg).unwrap(), bc.to_vec()),
+            ] {
+                check(
+                    &format!("add_rms_norm_linear_pair {what} rows {rows}"),
+                    dtype,
+                    &got,
+                    &want,
+                );
+            }
+        }
+        let d = 64;
+        let norm = norm_tensor("mnorm", d, 18);
+        let (nc, ng) = (
+            cpu.load_weight(&norm).unwrap(),
+            gpu.load_weight(&norm).unwrap(),
+        );
+        let routings = [
+            (
+                "greedy",
+                Routing {
+                    top_k: 3,
+                    groups: None,
+                    norm_topk_prob: false,
+                    routed_scaling_factor: 1.0,
+                },
+                8,
+                true,
+            ),
+            (
+                "group-limited",
+                Routing {
+                    top_k: 4,
+                    groups: Some((4, 2)),
+                    norm_topk_prob: false,
+                    routed_scaling_factor: 16.0,
+                },
+                16,
+                true,
+            ),
+            (
+                "renormalized",
+                Routing {
+                    top_k: 2,
+                    groups: None,
+                    norm_topk_prob: true,
+                    routed_scaling_factor: 16.0,
+                },
+                8,
+                false,
+            ),
+        ];
+        for rows in [1usize, 3, 4, 5] {
+            for (name, routing, experts, shared) in routings {
+                let wc = moe_weights(cpu, d, 32, experts, shared, routing);
+                let wg = moe_weights(gpu, d, 32, experts, shared, routing);
+                let (mut accc, mut accg) =
+                    inputs(gpu, &bf16_values(rows * d, 100 + rows as u64, 1.0));
+                let (mut xc, mut xg) = inputs(gpu, &bf16_values(rows * d, 110 + rows as u64, 1.0));
+                let (mut normc, mut normg) =
+                    (cpu.alloc(rows * d).unwrap(), gpu.alloc(rows * d).unwrap());
+                cpu.add_rms_norm_moe(&mut accc, &mut xc, &nc, 1e-6, rows, d, &mut normc, &wc)
+                    .unwrap();
+                gpu.add_rms_norm_moe(&mut accg, &mut xg, &ng, 1e-6, rows, d, &mut normg, &wg)
+                    .unwrap();
+                for (what, got, want) in [
+                    ("residual", gpu.download(&accg).unwrap(), accc.to_vec()),
+                    ("normed", gpu.download(&normg).unwrap(), normc.to_vec()),
+                    ("output", gpu.download(&xg).unwrap(), xc.to_vec()),
+                ] {
+                    check(
+                        &format!("add_rms_norm_moe {name} {what} rows {rows}"),
+                        dtype,
+                        &got,
+                        &want,
+                    );
+                }
+            }
+        }
+    });
+}
