@@ -588,6 +588,39 @@ pub trait Backend: Send + Sync {
         self.mla_write_cache(kv_a, kv_norm, eps, step, layer, cache)
     }
 
+    /// [`rope_and_write_cache`](Self::rope_and_write_cache) then
+    /// [`mla_attention`](Self::mla_attention) of the roped queries (the attention block
+    /// after its projections), fused where a backend can. The default runs both.
+    #[allow(clippy::too_many_arguments)]
+    fn rope_cache_attention(
+        &self,
+        q: &mut Self::Buffer,
+        dims: MlaDims,
+        kv_a: &Self::Buffer,
+        kv_norm: &Self::Weight,
+        eps: f32,
+        kv_b_proj: &Self::Weight,
+        step: &Self::Step,
+        layer: usize,
+        cache: &mut Self::Cache,
+        path: AttentionPath,
+        out: &mut Self::Buffer,
+    ) -> Result<()> {
+        self.rope_and_write_cache(q, dims, kv_a, kv_norm, eps, step, layer, cache)?;
+        self.mla_attention(
+            MlaAttention {
+                q,
+                kv_b_proj,
+                cache,
+                layer,
+                step,
+                dims,
+                path,
+            },
+            out,
+        )
+    }
+
     /// Causal attention of every sequence's new tokens over its cached latents; writes
     /// `out` `[T, H * Dv]` (heads concatenated, ready for `o_proj`).
     fn mla_attention(&self, args: MlaAttention<'_, Self>, out: &mut Self::Buffer) -> Result<()>;

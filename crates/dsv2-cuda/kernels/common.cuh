@@ -95,12 +95,48 @@ __device__ __forceinline__ float dot8(uint4 w, uint4 x) {
     return s;
 }
 
+// RMSNorm of one row in place of the reference: y = w * rnd(x / rms(x)), rounded.
+__device__ void rms_norm_row(const T* x, const float* w, T* out, int d, float eps) {
+    float ss = 0.0f;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) {
+        float v = to_f(x[i]);
+        ss += v * v;
+    }
+    ss = block_sum(ss);
+    float inv = 1.0f / sqrtf(ss / (float)d + eps);
+    for (int i = threadIdx.x; i < d; i += blockDim.x) out[i] = from_f<T>(w[i] * rnd(to_f(x[i]) * inv));
+}
+
+// Rotates the adjacent pair (2p, 2p+1) of `x` by the angle whose cos/sin are given.
+__device__ __forceinline__ void rotate_pair(const T* src, T* dst, float c, float s) {
+    float a = to_f(src[0]), b = to_f(src[1]);
+    dst[0] = from_f<T>(a * c - b * s);
+    dst[1] = from_f<T>(a * s + b * c);
+}
+
+// rope_queries and mla_write_cache of token t by the whole block (rope_and_write_cache).
+__device__ void rope_and_write_token(int t, T* q, const T* kv_a, const float* w, const u32* slots, const float* cos,
+                                     const float* sin, T* cache, int h, int qd, int dn, int c, int dr, float eps) {
+    int width = c + dr, half = dr / 2;
+    const T* src = kv_a + (u64)t * width;
+    if (slots[t] != NO_TOKEN) {  // else a padding token (PAD_SLOT): nothing cached
+        T* dst = cache + (u64)slots[t] * width;
+        rms_norm_row(src, w, dst, c, eps);
+        for (int p = threadIdx.x; p < half; p += blockDim.x)
+            rotate_pair(src + c + 2 * p, dst + c + 2 * p, cos[t * half + p], sin[t * half + p]);
+    }
+    for (int i = threadIdx.x; i < h * half; i += blockDim.x) {
+        int head = i / half, p = i - head * half;
+        T* x = q + (u64)t * h * qd + (u64)head * qd + dn + 2 * p;
+        rotate_pair(x, x, cos[t * half + p], sin[t * half + p]);
+    }
+}
+
 // Programmatic dependent launch (sm_90): the backend launches every kernel allowing it to
 // start while the previous one finishes; each kernel first waits for its predecessor's
 // completion (and memory), then lets its own successor launch. Before sm_90: nothing.
-// Before `pdl_wait` a kernel may only touch memory no kernel of the step writes (weights)
-// or that a kernel at least two launches earlier wrote (that one completed before the
-// predecessor passed its own wait, which is when this kernel could start).
+// Before `pdl_wait` a kernel touches no memory that a kernel of the step writes: only
+// addresses of weights (the optional L2 prefetch below).
 __device__ __forceinline__ void pdl_wait() {
 #if __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.wait;\n" ::: "memory");

@@ -432,25 +432,19 @@ __device__ __forceinline__ void small_rows_dot(const T* w, int row0, int rows_to
 // grid (ceil(d / 16), rows * (k + 1)), block 128: block (x, t * (k + 1) + jj) computes
 // rows x*16.. of the down projection j of token t, j = k for jj == 0 (the shared
 // experts, when has_shared: first, like moe_small_up) and j = jj - 1 otherwise (expert
-// j), rounded like a bf16 GEMM output, into part [rows, k + 1, d] (f32, j-th slice). The
-// routing was written two launches earlier, so each block reads its expert and starts
-// pulling its weight rows into L2 before waiting for moe_small_up.
+// j), rounded like a bf16 GEMM output, into part [rows, k + 1, d] (f32, j-th slice).
 extern "C" __global__ void moe_small_down(const T* hid, const T* hid_sh, const u32* ids, const u64* expert_w,
                                           int e, int k, const T* sh_down, int inter, int inter_sh, int d,
                                           int has_shared, float* part) {
+    pdl_prologue();
 #ifdef DSV2_BF16
     int t = blockIdx.y / (k + 1), jj = blockIdx.y % (k + 1), lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     int j = jj == 0 ? k : jj - 1;
     int j0 = blockIdx.x * SMALL_ROWS_PER_BLOCK + warp * SMALL_ROWS_PER_WARP;
-    bool active = j0 < d && (j < k || has_shared);
-    const T* w = nullptr;
+    if (j0 >= d || (j == k && !has_shared)) return;
     u64 p = (u64)t * k + j;
-    if (active) w = j < k ? (const T*)__ldcg(expert_w + 2 * e + __ldcg(ids + p)) : sh_down;
+    const T* w = j < k ? (const T*)expert_w[2 * e + ids[p]] : sh_down;
     int width = j < k ? inter : inter_sh;
-    if (active && lane == 0)
-        prefetch_l2(w + (u64)j0 * width, (u32)min(SMALL_ROWS_PER_WARP, d - j0) * (u32)width * 2u);
-    pdl_prologue();
-    if (!active) return;
     float acc[SMALL_ROWS_PER_WARP];
     small_rows_dot(w, j0, d, j < k ? hid + p * inter : hid_sh + (u64)t * inter_sh, width, acc);
     if (lane == 0) {
@@ -459,8 +453,6 @@ extern "C" __global__ void moe_small_down(const T* hid, const T* hid_sh, const u
         for (int r = 0; r < SMALL_ROWS_PER_WARP; r++)
             if (j0 + r < d) out[j0 + r] = rnd(acc[r]);
     }
-#else
-    pdl_prologue();
 #endif
 }
 
@@ -697,16 +689,14 @@ extern "C" __global__ void norm_gemv_pair(T* acc, const T* xres, const float* nw
 // half-warps' sums meet in shared memory. q [T, h, qd]. grid (c / 128, h), block 256;
 // dn % 16 == 0.
 #define ABSORB_ROWS_PER_LANE 8
-extern "C" __global__ void absorb_q_small(const T* q, const T* kv_b, T* q_lat, int rows, int h, int qd, int dn,
-                                          int dv, int c) {
 #ifdef DSV2_BF16
+// Columns bx * 128.. of head `head` (the block of absorb_q_small at (bx, head)).
+__device__ void absorb_q_block(int bx, int head, const T* q, const T* kv_b, T* q_lat, int rows, int h, int qd,
+                               int dn, int dv, int c) {
     __shared__ float part[16][128];
-    int head = blockIdx.y, g = threadIdx.x >> 4, l16 = threadIdx.x & 15;
-    int col = blockIdx.x * 128 + l16 * 8;
+    int g = threadIdx.x >> 4, l16 = threadIdx.x & 15;
+    int col = bx * 128 + l16 * 8;
     const T* wk = kv_b + (u64)head * (dn + dv) * c + col;
-    if (l16 == 0)
-        for (int i = g; i < dn; i += 16) prefetch_l2(kv_b + ((u64)head * (dn + dv) + i) * c + blockIdx.x * 128, 256);
-    pdl_prologue();
     float acc[GEMV_MAX_ROWS][8];
 #pragma unroll
     for (int t = 0; t < GEMV_MAX_ROWS; t++)
@@ -746,12 +736,38 @@ extern "C" __global__ void absorb_q_small(const T* q, const T* kv_b, T* q_lat, i
             float v = 0.0f;
 #pragma unroll
             for (int i = 0; i < 16; i++) v += part[i][jj];
-            q_lat[((u64)t * h + head) * c + blockIdx.x * 128 + jj] = from_f<T>(v);
+            q_lat[((u64)t * h + head) * c + bx * 128 + jj] = from_f<T>(v);
         }
         __syncthreads();
     }
-#else
+}
+#endif
+
+extern "C" __global__ void absorb_q_small(const T* q, const T* kv_b, T* q_lat, int rows, int h, int qd, int dn,
+                                          int dv, int c) {
     pdl_prologue();
+#ifdef DSV2_BF16
+    absorb_q_block(blockIdx.x, blockIdx.y, q, kv_b, q_lat, rows, h, qd, dn, dv, c);
+#endif
+}
+
+// The queries' RoPE and the latent cache write of a decode step (rope_and_write_cache)
+// and the absorbed query (absorb_q_small) in one launch (bf16 builds): blocks below
+// (c / 128) * h are absorb_q_small's (column block, head), the `rows` blocks after them
+// rope_and_write_cache's tokens. The absorbed query reads only q_nope, the RoPE rewrites
+// only q_pe. grid ((c / 128) * h + rows), block 256.
+extern "C" __global__ void rope_absorb_q(T* q, const T* kv_b, T* q_lat, int rows, int h, int qd, int dn, int dv,
+                                         int c, const T* kv_a, const float* kv_w, const u32* slots,
+                                         const float* cos, const float* sin, T* cache, int dr, float eps) {
+    pdl_prologue();
+#ifdef DSV2_BF16
+    int chunks = c / 128, absorb_blocks = chunks * h;
+    if ((int)blockIdx.x < absorb_blocks) {
+        absorb_q_block(blockIdx.x % chunks, blockIdx.x / chunks, q, kv_b, q_lat, rows, h, qd, dn, dv, c);
+    } else {
+        rope_and_write_token(blockIdx.x - absorb_blocks, q, kv_a, kv_w, slots, cos, sin, cache, h, qd, dn, c, dr,
+                             eps);
+    }
 #endif
 }
 

@@ -179,6 +179,7 @@ pub(crate) struct Kernels {
     pub norm_gemv_pair: CudaFunction,
     pub moe_norm_route: CudaFunction,
     pub argmax_finish: CudaFunction,
+    pub rope_absorb_q: CudaFunction,
 }
 
 impl Kernels {
@@ -226,6 +227,7 @@ impl Kernels {
             norm_gemv_pair: f(&moe, "norm_gemv_pair")?,
             moe_norm_route: f(&moe, "moe_norm_route")?,
             argmax_finish: f(&moe, "argmax_finish")?,
+            rope_absorb_q: f(&moe, "rope_absorb_q")?,
         })
     }
 }

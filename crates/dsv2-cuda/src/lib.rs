@@ -1007,6 +1007,99 @@ impl Backend for CudaBackend {
         )?)
     }
 
+    fn rope_cache_attention(
+        &self,
+        q: &mut CudaBuffer,
+        dims: MlaDims,
+        kv_a: &CudaBuffer,
+        kv_norm: &CudaWeight,
+        eps: f32,
+        kv_b_proj: &CudaWeight,
+        step: &CudaStep,
+        layer: usize,
+        cache: &mut CudaCache,
+        path: AttentionPath,
+        out: &mut CudaBuffer,
+    ) -> BResult<()> {
+        let op = "rope_cache_attention";
+        let t = step.counts.tokens;
+        let args = MlaAttention {
+            q,
+            kv_b_proj,
+            cache,
+            layer,
+            step,
+            dims,
+            path,
+        };
+        let fused = attention::all_absorbed(&args).filter(|_| {
+            attention::small_absorb_applies(self, &dims, t)
+                && dims.rope_dim == cache.spec.rope_dim
+                && std::env::var("DSV2_CUDA_ROPE_ABSORB").map_or(true, |v| v != "0")
+        });
+        let Some(tokens) = fused else {
+            self.rope_and_write_cache(q, dims, kv_a, kv_norm, eps, step, layer, cache)?;
+            let args = MlaAttention {
+                q,
+                kv_b_proj,
+                cache,
+                layer,
+                step,
+                dims,
+                path,
+            };
+            return self.mla_attention(args, out);
+        };
+        attention::check_args(self, &args, out)?;
+        let c = self.check_cache_write(op, kv_a, kv_norm, step, layer, cache)?;
+        let (h, qd) = (dims.num_heads, dims.q_head_dim());
+        let mut scratch = self.scratch();
+        let q_lat = scratch.get(&self.dev, Slot::QLat, t * h * c * self.elem())?;
+        let k = &self.dev.kernels;
+        self.dev.launch(
+            &k.rope_absorb_q,
+            op,
+            ((c / 128) * h + t, 1),
+            256,
+            0,
+            &[
+                q.ptr().into(),
+                kv_b_proj.ptr().into(),
+                q_lat.into(),
+                (t as i32).into(),
+                (h as i32).into(),
+                (qd as i32).into(),
+                (dims.nope_dim as i32).into(),
+                (dims.v_dim as i32).into(),
+                (c as i32).into(),
+                kv_a.ptr().into(),
+                kv_norm.ptr().into(),
+                step.at(step.layout.slots).into(),
+                step.at(step.layout.cos).into(),
+                step.at(step.layout.sin).into(),
+                attention::layer_ptr(self, cache, layer).into(),
+                (dims.rope_dim as i32).into(),
+                eps.into(),
+            ],
+        )?;
+        let args = MlaAttention {
+            q,
+            kv_b_proj,
+            cache,
+            layer,
+            step,
+            dims,
+            path,
+        };
+        Ok(attention::absorbed_after_q(
+            self,
+            &mut scratch,
+            &args,
+            tokens,
+            out,
+        )?)
+    }
+
     fn mla_attention(&self, args: MlaAttention<'_, Self>, out: &mut CudaBuffer) -> BResult<()> {
         let mut scratch = self.scratch();
         Ok(attention::mla_attention(self, &mut scratch, args, out)?)

@@ -584,27 +584,19 @@ impl<B: Backend> Model<B> {
                 backend.linear(&ws.q_low_normed, t, q_b_proj, &mut ws.q)?;
             }
         }
-        // RoPE on each query head's tail; cache kv_a_layernorm(latent) and rope(k_pe).
-        backend.rope_and_write_cache(
+        // RoPE on each query head's tail; cache kv_a_layernorm(latent) and rope(k_pe);
+        // then attention over the cache.
+        backend.rope_cache_attention(
             &mut ws.q,
             self.dims,
             &ws.kv_a,
             &attn.kv_a_layernorm,
             eps,
+            &attn.kv_b_proj,
             &ws.step,
             layer,
             cache,
-        )?;
-        backend.mla_attention(
-            MlaAttention {
-                q: &ws.q,
-                kv_b_proj: &attn.kv_b_proj,
-                cache,
-                layer,
-                step: &ws.step,
-                dims: self.dims,
-                path,
-            },
+            path,
             &mut ws.attn,
         )?;
         Ok(())
