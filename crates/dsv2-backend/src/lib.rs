@@ -14,6 +14,10 @@
 
 pub mod routing;
 
+/// The cache slot of a padding token (see [`Backend::decode_bucket`]): its latent is not
+/// written anywhere.
+pub const PAD_SLOT: u32 = u32::MAX;
+
 use dsv2_core::{QuantizedTensor, TensorView};
 
 /// Precision of activations (weights keep their checkpoint dtype either way).
@@ -143,6 +147,20 @@ impl Clone for Batch {
 }
 
 impl Batch {
+    /// Appends the one-token sequence of a padding token already pushed at `row` (see
+    /// [`Backend::decode_bucket`]): context 1, block table `[block]`.
+    pub fn push_padding_seq(&mut self, row: usize, block: u32) {
+        let mut block_table = self.spare_tables.pop().unwrap_or_default();
+        block_table.clear();
+        block_table.push(block);
+        self.seqs.push(SeqSlice {
+            query_start: row,
+            query_len: 1,
+            context_len: 1,
+            block_table,
+        });
+    }
+
     /// Clears the batch for reuse without freeing its buffers.
     pub fn clear(&mut self) {
         self.token_ids.clear();
@@ -463,6 +481,16 @@ pub trait Backend: Send + Sync {
     /// `acc[i] += x[i]` for the first `len` values (the residual add).
     fn add_assign(&self, acc: &mut Self::Buffer, x: &Self::Buffer, len: usize) -> Result<()>;
 
+    /// The token count a decode step of `tokens` tokens (every sequence one new token)
+    /// should be padded to, so that steps of nearby sizes share one recorded launch
+    /// sequence (CUDA graphs per batch-size bucket). The model appends the padding tokens
+    /// as one-token sequences: token 0 at position 0, slot [`PAD_SLOT`] (the backend
+    /// writes no latent for it), attending over one cache row of a real sequence's first
+    /// block; their outputs are never read. The default pads nothing.
+    fn decode_bucket(&self, tokens: usize) -> usize {
+        tokens
+    }
+
     /// The residual add then the next block's RMSNorm, fused where a backend can:
     /// `acc += x` over `rows` rows of width `dim`, then `out = rms_norm(acc)` with
     /// `weight` `[dim]`. The default runs [`add_assign`](Self::add_assign) and
@@ -480,6 +508,48 @@ pub trait Backend: Send + Sync {
     ) -> Result<()> {
         self.add_assign(acc, x, rows * dim)?;
         self.rms_norm(acc, weight, eps, rows, out)
+    }
+
+    /// A layer's input: [`add_rms_norm`](Self::add_rms_norm) into `normed`, then
+    /// [`linear_pair`](Self::linear_pair) of `normed` (`out_a = normed · w_aᵀ`,
+    /// `out_b = normed · w_bᵀ`), in one pass where a backend can. The default runs both.
+    #[allow(clippy::too_many_arguments)]
+    fn add_rms_norm_linear_pair(
+        &self,
+        acc: &mut Self::Buffer,
+        x: &Self::Buffer,
+        weight: &Self::Weight,
+        eps: f32,
+        rows: usize,
+        dim: usize,
+        normed: &mut Self::Buffer,
+        w_a: &Self::Weight,
+        out_a: &mut Self::Buffer,
+        w_b: &Self::Weight,
+        out_b: &mut Self::Buffer,
+    ) -> Result<()> {
+        self.add_rms_norm(acc, x, weight, eps, rows, dim, normed)?;
+        self.linear_pair(normed, rows, w_a, out_a, w_b, out_b)
+    }
+
+    /// A MoE block's input and the block: [`add_rms_norm`](Self::add_rms_norm) of `x`
+    /// into `acc` and `normed`, then [`moe`](Self::moe) of `normed` into `x` (the residual
+    /// delta is consumed and replaced by the block's output), fused where a backend can
+    /// (e.g. the norm with the router). The default runs both.
+    #[allow(clippy::too_many_arguments)]
+    fn add_rms_norm_moe(
+        &self,
+        acc: &mut Self::Buffer,
+        x: &mut Self::Buffer,
+        weight: &Self::Weight,
+        eps: f32,
+        rows: usize,
+        dim: usize,
+        normed: &mut Self::Buffer,
+        moe: &MoeWeights<Self::Weight>,
+    ) -> Result<()> {
+        self.add_rms_norm(acc, x, weight, eps, rows, dim, normed)?;
+        self.moe(normed, rows, moe, x)
     }
 
     /// Applies RoPE in place to the last `Dr` values of each of the `H` heads of `q`
@@ -518,9 +588,55 @@ pub trait Backend: Send + Sync {
         self.mla_write_cache(kv_a, kv_norm, eps, step, layer, cache)
     }
 
+    /// [`rope_and_write_cache`](Self::rope_and_write_cache) then
+    /// [`mla_attention`](Self::mla_attention) of the roped queries (the attention block
+    /// after its projections), fused where a backend can. The default runs both.
+    #[allow(clippy::too_many_arguments)]
+    fn rope_cache_attention(
+        &self,
+        q: &mut Self::Buffer,
+        dims: MlaDims,
+        kv_a: &Self::Buffer,
+        kv_norm: &Self::Weight,
+        eps: f32,
+        kv_b_proj: &Self::Weight,
+        step: &Self::Step,
+        layer: usize,
+        cache: &mut Self::Cache,
+        path: AttentionPath,
+        out: &mut Self::Buffer,
+    ) -> Result<()> {
+        self.rope_and_write_cache(q, dims, kv_a, kv_norm, eps, step, layer, cache)?;
+        self.mla_attention(
+            MlaAttention {
+                q,
+                kv_b_proj,
+                cache,
+                layer,
+                step,
+                dims,
+                path,
+            },
+            out,
+        )
+    }
+
     /// Causal attention of every sequence's new tokens over its cached latents; writes
     /// `out` `[T, H * Dv]` (heads concatenated, ready for `o_proj`).
     fn mla_attention(&self, args: MlaAttention<'_, Self>, out: &mut Self::Buffer) -> Result<()>;
+
+    /// Seconds one run of the decode attention kernels takes over the paged latent cache
+    /// for the step's decode tokens (the attention over the cache alone: no projections,
+    /// nothing written), averaged over `reps` runs; `None` where a backend does not time
+    /// it (the default).
+    fn time_decode_attention(
+        &self,
+        args: MlaAttention<'_, Self>,
+        reps: usize,
+    ) -> Result<Option<f64>> {
+        let _ = (args, reps);
+        Ok(None)
+    }
 
     /// A SwiGLU MLP over `rows` tokens: `out [rows, D]`.
     fn mlp(

@@ -38,6 +38,9 @@ const WARMUP_TOKENS: usize = 32;
 /// server pays once, not per token.
 const WARMUP_STEPS: usize = 3;
 
+/// Runs of the decode attention kernels averaged per decode row (where timed).
+const ATTENTION_REPS: usize = 20;
+
 /// Options of `dsv2 bench`.
 #[derive(Args)]
 pub struct BenchArgs {
@@ -244,6 +247,11 @@ impl ModelTask for BenchTask<'_> {
             for &batch in &args.batch_sizes {
                 bar.set_message(format!("decode: batch {batch}, context {context}"));
                 let seconds = runner.decode(batch, context, args.decode_tokens)?;
+                // The attention kernel alone over the cache the last timed step read.
+                let attn_position = context + WARMUP_STEPS + args.decode_tokens - 1;
+                let attention_s = runner.attention_seconds(batch, attn_position)?;
+                let attention_bytes = (batch * (attn_position + 1) * kv_bytes_per_token) as f64
+                    / model.config.num_hidden_layers as f64;
                 let bytes_per_step = mean_step_bytes(
                     &model.config,
                     self.source,
@@ -258,6 +266,8 @@ impl ModelTask for BenchTask<'_> {
                     steps: args.decode_tokens,
                     seconds,
                     bytes_per_step,
+                    attention_s,
+                    attention_bytes,
                 });
                 bar.inc(1);
             }
@@ -437,6 +447,30 @@ impl<'m, B: Backend> Runner<'m, B> {
         Ok(started.elapsed().as_secs_f64())
     }
 
+    /// Seconds of the decode attention kernels alone (one layer, averaged over several
+    /// runs) for `batch` sequences whose token at `position` is cached, where the backend
+    /// times them.
+    fn attention_seconds(&mut self, batch: usize, position: usize) -> Result<Option<f64>> {
+        self.batch.clear();
+        let vocab = self.model.config.vocab_size;
+        for s in 0..batch {
+            self.batch.push_seq(
+                &[token_id(position + s, vocab)],
+                position,
+                &self.seq_tables[s],
+                self.block_size,
+                LogitsWanted::None,
+            );
+        }
+        Ok(self.model.time_decode_attention(
+            self.backend,
+            &self.batch,
+            &self.cache,
+            &mut self.ws,
+            ATTENTION_REPS,
+        )?)
+    }
+
     /// One decode step of `next.len()` sequences at `position`; their greedy tokens are
     /// fed back as the next step's input.
     fn decode_step(&mut self, position: usize, next: &mut [u32], out: &mut [u32]) -> Result<()> {
@@ -497,6 +531,11 @@ struct DecodeRow {
     seconds: f64,
     /// Mean bytes a timed step must read (weights touched and latent cache).
     bytes_per_step: f64,
+    /// Seconds of one layer's decode attention kernels alone over the cache of the last
+    /// timed step (`Model::time_decode_attention`), where the backend times them.
+    attention_s: Option<f64>,
+    /// The cache bytes that attention reads (one layer's latents of every sequence).
+    attention_bytes: f64,
 }
 
 impl DecodeRow {
@@ -516,6 +555,11 @@ impl DecodeRow {
     /// Fraction of the floor reached: achieved read rate over `bandwidth`.
     fn bandwidth_fraction(&self, bandwidth: f64) -> f64 {
         self.bytes_per_step / self.step_s() / bandwidth
+    }
+
+    /// The attention kernels' read rate over the cache, bytes per second.
+    fn attention_rate(&self) -> Option<f64> {
+        self.attention_s.map(|s| self.attention_bytes / s)
     }
 }
 
@@ -578,12 +622,30 @@ impl Report {
         }
         println!();
         println!(
-            "{:>6} {:>8} {:>10} {:>10} {:>9} {:>12} {:>9}",
-            "batch", "context", "ms/step", "tokens/s", "MB/step", "floor tok/s", "of floor"
+            "{:>6} {:>8} {:>10} {:>10} {:>9} {:>12} {:>9} {:>9} {:>10} {:>8}",
+            "batch",
+            "context",
+            "ms/step",
+            "tokens/s",
+            "MB/step",
+            "floor tok/s",
+            "of floor",
+            "attn us",
+            "attn GB/s",
+            "of copy"
         );
         for row in &self.decode {
+            let attention = match (row.attention_s, row.attention_rate()) {
+                (Some(s), Some(rate)) => format!(
+                    "{:>9.1} {:>10.1} {:>7.1}%",
+                    s * 1e6,
+                    rate / 1e9,
+                    100.0 * rate / self.bandwidth
+                ),
+                _ => format!("{:>9} {:>10} {:>8}", "-", "-", "-"),
+            };
             println!(
-                "{:>6} {:>8} {:>10.2} {:>10.2} {:>9.2} {:>12.2} {:>8.1}%",
+                "{:>6} {:>8} {:>10.2} {:>10.2} {:>9.2} {:>12.2} {:>8.1}% {attention}",
                 row.batch,
                 row.context,
                 row.step_s() * 1e3,
@@ -591,6 +653,12 @@ impl Report {
                 row.bytes_per_step / 1e6,
                 row.floor_tokens_per_s(self.bandwidth),
                 100.0 * row.bandwidth_fraction(self.bandwidth)
+            );
+        }
+        if self.decode.iter().any(|r| r.attention_s.is_some()) {
+            println!(
+                "attn: one layer's decode attention kernels alone over the cache (bytes: the \
+                 latents read), against the copy bandwidth"
             );
         }
     }
@@ -630,6 +698,10 @@ impl Report {
                     "bytes_per_step": r.bytes_per_step,
                     "floor_tokens_per_s": r.floor_tokens_per_s(self.bandwidth),
                     "bandwidth_fraction": r.bandwidth_fraction(self.bandwidth),
+                    "attention_seconds": r.attention_s,
+                    "attention_bytes": r.attention_bytes,
+                    "attention_gbps": r.attention_rate().map(|b| b / 1e9),
+                    "attention_copy_fraction": r.attention_rate().map(|b| b / self.bandwidth),
                 })
             })
             .collect();

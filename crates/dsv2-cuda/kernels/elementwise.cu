@@ -9,18 +9,6 @@ extern "C" __global__ void embed(const T* table, const u32* ids, T* out, int d) 
     for (int i = threadIdx.x; i < d; i += blockDim.x) dst[i] = src[i];
 }
 
-// RMSNorm of one row in place of the reference: y = w * rnd(x / rms(x)), rounded.
-__device__ void rms_norm_row(const T* x, const float* w, T* out, int d, float eps) {
-    float ss = 0.0f;
-    for (int i = threadIdx.x; i < d; i += blockDim.x) {
-        float v = to_f(x[i]);
-        ss += v * v;
-    }
-    ss = block_sum(ss);
-    float inv = 1.0f / sqrtf(ss / (float)d + eps);
-    for (int i = threadIdx.x; i < d; i += blockDim.x) out[i] = from_f<T>(w[i] * rnd(to_f(x[i]) * inv));
-}
-
 // grid (rows): x, out [rows, d]; w [d].
 extern "C" __global__ void rms_norm(const T* x, const float* w, T* out, int d, float eps) {
     pdl_prologue();
@@ -71,13 +59,6 @@ extern "C" __global__ void add_assign(T* acc, const T* x, u64 n) {
         acc[i] = from_f<T>(to_f(acc[i]) + to_f(x[i]));
 }
 
-// Rotates the adjacent pair (2p, 2p+1) of `x` by the angle whose cos/sin are given.
-__device__ __forceinline__ void rotate_pair(const T* src, T* dst, float c, float s) {
-    float a = to_f(src[0]), b = to_f(src[1]);
-    dst[0] = from_f<T>(a * c - b * s);
-    dst[1] = from_f<T>(a * s + b * c);
-}
-
 // RoPE on the last `dr` values of each head of q [T, h, qd]: grid (T).
 // cos/sin [T, dr/2].
 extern "C" __global__ void rope_queries(T* q, const float* cos, const float* sin, int h, int qd, int dn, int dr) {
@@ -96,6 +77,7 @@ extern "C" __global__ void mla_write_cache(const T* kv_a, const float* w, const 
                                            const float* sin, T* cache, int c, int dr, float eps) {
     pdl_prologue();
     int t = blockIdx.x, width = c + dr, half = dr / 2;
+    if (slots[t] == NO_TOKEN) return;  // a padding token (PAD_SLOT): nothing cached
     const T* src = kv_a + (u64)t * width;
     T* dst = cache + (u64)slots[t] * width;
     rms_norm_row(src, w, dst, c, eps);
@@ -108,17 +90,7 @@ extern "C" __global__ void rope_and_write_cache(T* q, const T* kv_a, const float
                                                 const float* cos, const float* sin, T* cache, int h, int qd,
                                                 int dn, int c, int dr, float eps) {
     pdl_prologue();
-    int t = blockIdx.x, width = c + dr, half = dr / 2;
-    const T* src = kv_a + (u64)t * width;
-    T* dst = cache + (u64)slots[t] * width;
-    rms_norm_row(src, w, dst, c, eps);
-    for (int p = threadIdx.x; p < half; p += blockDim.x)
-        rotate_pair(src + c + 2 * p, dst + c + 2 * p, cos[t * half + p], sin[t * half + p]);
-    for (int i = threadIdx.x; i < h * half; i += blockDim.x) {
-        int head = i / half, p = i - head * half;
-        T* x = q + (u64)t * h * qd + (u64)head * qd + dn + 2 * p;
-        rotate_pair(x, x, cos[t * half + p], sin[t * half + p]);
-    }
+    rope_and_write_token(blockIdx.x, q, kv_a, w, slots, cos, sin, cache, h, qd, dn, c, dr, eps);
 }
 
 // g[i] = rnd(rnd(silu(g[i])) * u[i]) for i < n: the SwiGLU product, in place.

@@ -250,19 +250,120 @@ extern "C" __global__ void moe_combine(const T* y, const u32* slot_of, const flo
 #define SMALL_ROWS_PER_WARP 4
 #define SMALL_ROWS_PER_BLOCK 16
 
-// grid (ceil(max(inter, inter_sh) / 16), rows * k + (has_shared ? rows : 0)), block 128.
-// x [rows, d]; ids [rows, k]; expert_w [3, e] (gate, up, down addresses);
-// hid [rows * k, inter]; hid_sh [rows, inter_sh].
+// The residual add and RMSNorm before a MoE block, its router, its routing and the gate
+// and up projections of its shared experts in one launch (bf16 builds, rows <= 4). Every
+// block normalizes all rows into shared memory as norm_gemv_pair does (block 0 writes
+// `normed`). The first `router_blocks` blocks compute the f32 router logits of 8 experts
+// (one warp each: exact products, f32 sums, as moe_route_small) into `logits` [rows, e],
+// and the last of them to finish routes every token (route_row on a shared copy of the
+// logits). The other blocks (none without shared experts, or with sh_gate null) compute
+// 16 rows of the shared experts' SwiGLU product hid_sh [rows, inter_sh] each, as
+// moe_small_up does, while the routing runs. The last block of all writes the new
+// residual. Dynamic shared memory: 2 * rows * d bf16, then rows * e f32.
+// grid (router_blocks + rows * ceil(inter_sh / 16)), block 256. counters: two zeroed words.
+#define SH_ROWS_PER_WARP 2
+extern "C" __global__ void moe_norm_route(T* acc, const T* xres, const float* nw, float eps, T* normed, int rows,
+                                          int d, const T* gate, float* logits, u32* ids, float* weights, int e,
+                                          int k, int n_group, int topk_group, int norm_topk_prob, float scaling,
+                                          u32* counters, int router_blocks, const T* sh_gate, const T* sh_up,
+                                          int inter_sh, T* hid_sh) {
+#ifdef DSV2_BF16
+    extern __shared__ uint4 smem_u4[];
+    T* res_s = (T*)smem_u4;
+    T* norm_s = res_s + rows * d;
+    float* logit_s = (float*)(norm_s + rows * d);
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    bool router = (int)blockIdx.x < router_blocks;
+    int ex = blockIdx.x * (blockDim.x >> 5) + warp;
+    const uint4* gv = (const uint4*)(gate + (u64)min(ex, e - 1) * d);
+    pdl_prologue();
+    norm_rows_to_smem(acc, xres, nw, eps, rows, d, res_s, norm_s);
+    if (blockIdx.x == 0) {
+        for (int i = threadIdx.x; i < rows * d / 8; i += blockDim.x) ((uint4*)normed)[i] = ((const uint4*)norm_s)[i];
+    }
+    if (router) {
+        if (ex < e) {
+            for (int t = 0; t < rows; t++) {
+                const uint4* xv = (const uint4*)(norm_s + t * d);
+                float a = 0.0f;
+#pragma unroll 4
+                for (int c = lane; c < d / 8; c += 32) a += dot8(gv[c], xv[c]);
+                a = warp_sum(a);
+                if (lane == 0) logits[(u64)t * e + ex] = a;
+            }
+        }
+        if (last_of(counters, (u32)router_blocks)) {
+            for (int i = threadIdx.x; i < rows * e; i += blockDim.x) logit_s[i] = __ldcg(logits + i);
+            __syncthreads();
+            if (warp < rows)
+                route_row(logit_s + warp * e, warp, ids, weights, e, k, n_group, topk_group, norm_topk_prob,
+                          scaling);
+        }
+    } else {
+        int per_token = (inter_sh + 8 * SH_ROWS_PER_WARP - 1) / (8 * SH_ROWS_PER_WARP);
+        int b = blockIdx.x - router_blocks, token = b / per_token;
+        int i0 = (b % per_token) * 8 * SH_ROWS_PER_WARP + warp * SH_ROWS_PER_WARP;
+        if (i0 < inter_sh) {
+            const uint4* xv = (const uint4*)(norm_s + token * d);
+            float ag[SH_ROWS_PER_WARP], au[SH_ROWS_PER_WARP];
+            const uint4 *gr[SH_ROWS_PER_WARP], *ur[SH_ROWS_PER_WARP];
+#pragma unroll
+            for (int r = 0; r < SH_ROWS_PER_WARP; r++) {
+                int i = min(i0 + r, inter_sh - 1);
+                gr[r] = (const uint4*)(sh_gate + (u64)i * d);
+                ur[r] = (const uint4*)(sh_up + (u64)i * d);
+                ag[r] = au[r] = 0.0f;
+            }
+#pragma unroll 4
+            for (int c = lane; c < d / 8; c += 32) {
+                uint4 xx = xv[c];
+#pragma unroll
+                for (int r = 0; r < SH_ROWS_PER_WARP; r++) {
+                    ag[r] += dot8(ldw(gr[r] + c), xx);
+                    au[r] += dot8(ldw(ur[r] + c), xx);
+                }
+            }
+            T* out = hid_sh + (u64)token * inter_sh;
+#pragma unroll
+            for (int r = 0; r < SH_ROWS_PER_WARP; r++) {
+                float g = warp_sum(ag[r]), u = warp_sum(au[r]);
+                if (lane == 0 && i0 + r < inter_sh) out[i0 + r] = from_f<T>(rnd(silu(rnd(g))) * rnd(u));
+            }
+        }
+    }
+    if (last_of(counters + 1, gridDim.x)) {
+        for (int i = threadIdx.x; i < rows * d / 8; i += blockDim.x) ((uint4*)acc)[i] = ((const uint4*)res_s)[i];
+    }
+#else
+    pdl_prologue();
+#endif
+}
+
+
+// grid (ceil(max(inter, inter_sh) / 16), (has_shared ? rows : 0) + rows * k), block 128:
+// the shared experts' blocks first (their weights are known before the routing, so they
+// start pulling them into L2 while the previous kernel finishes), then one row of blocks
+// per (token, expert) pair. x [rows, d]; ids [rows, k]; expert_w [3, e] (gate, up, down
+// addresses); hid [rows * k, inter]; hid_sh [rows, inter_sh].
 extern "C" __global__ void moe_small_up(const T* x, const u32* ids, const u64* expert_w, int e, int k, int rows,
                                         const T* sh_gate, const T* sh_up, int inter, int inter_sh, int d, T* hid,
                                         T* hid_sh) {
-    pdl_prologue();
 #ifdef DSV2_BF16
-    int p = blockIdx.y, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    int shared_rows = sh_gate ? rows : 0;
+    int y = blockIdx.y;
+    int i0 = blockIdx.x * SMALL_ROWS_PER_BLOCK + warp * SMALL_ROWS_PER_WARP;
+    if (y < shared_rows && i0 < inter_sh && lane == 0) {
+        u32 n = (u32)min(SMALL_ROWS_PER_WARP, inter_sh - i0) * (u32)d * 2u;
+        prefetch_l2(sh_gate + (u64)i0 * d, n);
+        prefetch_l2(sh_up + (u64)i0 * d, n);
+    }
+    pdl_prologue();
     const T *wg, *wu;
     T* out;
     int width, token;
-    if (p < rows * k) {
+    if (y >= shared_rows) {
+        int p = y - shared_rows;
         token = p / k;
         u32 ex = ids[p];
         wg = (const T*)expert_w[ex];
@@ -270,13 +371,12 @@ extern "C" __global__ void moe_small_up(const T* x, const u32* ids, const u64* e
         width = inter;
         out = hid + (u64)p * inter;
     } else {
-        token = p - rows * k;
+        token = y;
         wg = sh_gate;
         wu = sh_up;
         width = inter_sh;
         out = hid_sh + (u64)token * inter_sh;
     }
-    int i0 = blockIdx.x * SMALL_ROWS_PER_BLOCK + warp * SMALL_ROWS_PER_WARP;
     if (i0 >= width) return;
     const uint4* xv = (const uint4*)(x + (u64)token * d);
     float ag[SMALL_ROWS_PER_WARP], au[SMALL_ROWS_PER_WARP];
@@ -293,8 +393,8 @@ extern "C" __global__ void moe_small_up(const T* x, const u32* ids, const u64* e
         uint4 xx = xv[c];
 #pragma unroll
         for (int r = 0; r < SMALL_ROWS_PER_WARP; r++) {
-            ag[r] += dot8(gr[r][c], xx);
-            au[r] += dot8(ur[r][c], xx);
+            ag[r] += dot8(ldw(gr[r] + c), xx);
+            au[r] += dot8(ldw(ur[r] + c), xx);
         }
     }
 #pragma unroll
@@ -302,6 +402,8 @@ extern "C" __global__ void moe_small_up(const T* x, const u32* ids, const u64* e
         float g = warp_sum(ag[r]), u = warp_sum(au[r]);
         if (lane == 0 && i0 + r < width) out[i0 + r] = from_f<T>(rnd(silu(rnd(g))) * rnd(u));
     }
+#else
+    pdl_prologue();
 #endif
 }
 
@@ -321,30 +423,30 @@ __device__ __forceinline__ void small_rows_dot(const T* w, int row0, int rows_to
     for (int c = lane; c < n / 8; c += 32) {
         uint4 hh = hv[c];
 #pragma unroll
-        for (int r = 0; r < SMALL_ROWS_PER_WARP; r++) acc[r] += dot8(wr[r][c], hh);
+        for (int r = 0; r < SMALL_ROWS_PER_WARP; r++) acc[r] += dot8(ldw(wr[r] + c), hh);
     }
 #pragma unroll
     for (int r = 0; r < SMALL_ROWS_PER_WARP; r++) acc[r] = warp_sum(acc[r]);
 }
 
-// grid (ceil(d / 16), rows * (k + 1)), block 128: block (x, t * (k + 1) + j) computes
-// rows x*16.. of expert j's down projection of token t (j == k: the shared experts, when
-// has_shared), rounded like a bf16 GEMM output, into part [rows, k + 1, d] (f32).
+// grid (ceil(d / 16), rows * (k + 1)), block 128: block (x, t * (k + 1) + jj) computes
+// rows x*16.. of the down projection j of token t, j = k for jj == 0 (the shared
+// experts, when has_shared: first, like moe_small_up) and j = jj - 1 otherwise (expert
+// j), rounded like a bf16 GEMM output, into part [rows, k + 1, d] (f32, j-th slice).
 extern "C" __global__ void moe_small_down(const T* hid, const T* hid_sh, const u32* ids, const u64* expert_w,
                                           int e, int k, const T* sh_down, int inter, int inter_sh, int d,
                                           int has_shared, float* part) {
     pdl_prologue();
 #ifdef DSV2_BF16
-    int t = blockIdx.y / (k + 1), j = blockIdx.y % (k + 1), lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    int t = blockIdx.y / (k + 1), jj = blockIdx.y % (k + 1), lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    int j = jj == 0 ? k : jj - 1;
     int j0 = blockIdx.x * SMALL_ROWS_PER_BLOCK + warp * SMALL_ROWS_PER_WARP;
     if (j0 >= d || (j == k && !has_shared)) return;
+    u64 p = (u64)t * k + j;
+    const T* w = j < k ? (const T*)expert_w[2 * e + ids[p]] : sh_down;
+    int width = j < k ? inter : inter_sh;
     float acc[SMALL_ROWS_PER_WARP];
-    if (j < k) {
-        u64 p = (u64)t * k + j;
-        small_rows_dot((const T*)expert_w[2 * e + ids[p]], j0, d, hid + p * inter, inter, acc);
-    } else {
-        small_rows_dot(sh_down, j0, d, hid_sh + (u64)t * inter_sh, inter_sh, acc);
-    }
+    small_rows_dot(w, j0, d, j < k ? hid + p * inter : hid_sh + (u64)t * inter_sh, width, acc);
     if (lane == 0) {
         float* out = part + ((u64)t * (k + 1) + j) * d;
 #pragma unroll
@@ -375,14 +477,100 @@ extern "C" __global__ void moe_small_combine(const float* part, const float* wei
 // memory's speed). w [N, K] with K % 8 == 0 (rows K apart); x rows ldx apart, out rows
 // ldo apart; blockIdx.y selects a batch member (offsets bx, bw, bo elements apart: the
 // heads of the absorbed W_UV product). out f32 when out_f32, else rounded to T, as a
-// bf16 GEMM output. grid (ceil(N / 8) + ceil(N2 / 8), batch), block 128: two rows a warp.
+// bf16 GEMM output. grid (ceil(N / (4 rpw)) + ceil(N2 / (4 rpw)), batch), block 128:
+// rpw (1 or 2) rows a warp.
 // Blocks from blocks_a on compute a second product of the same x (the pair of a layer's
 // query and latent projections): w2 [N2, K] into out2 (rows N2 apart), batch 1 only.
+// With `best` (batch 1, no second product) nothing is written: the outputs, rounded to
+// T, are folded into best[t] = max over n of argmax_key(out[t, n], n) (greedy sampling;
+// argmax_finish turns the keys into token ids).
 #define GEMV_MAX_ROWS 8
+#ifndef GEMV_UNROLL
+#define GEMV_UNROLL 4
+#endif
+
+// Two weight rows w0, w1 (16-byte chunks; w1 unused unless TWO) dotted with `rows`
+// activation rows x (ldx apart; global or shared memory): the whole warp, sums in every
+// lane. A lane's loads of GEMV_UNROLL chunks are issued before their first use.
+template <bool TWO>
+__device__ __forceinline__ void gemv_rows(const uint4* w0, const uint4* w1, const T* x, int ldx, int rows,
+                                          int chunks, float* a0, float* a1) {
+    int lane = threadIdx.x & 31;
+#pragma unroll
+    for (int t = 0; t < GEMV_MAX_ROWS; t++) a0[t] = a1[t] = 0.0f;
+    for (int c0 = lane; c0 < chunks; c0 += 32 * GEMV_UNROLL) {
+        uint4 wa[GEMV_UNROLL], wb[GEMV_UNROLL];
+#pragma unroll
+        for (int u = 0; u < GEMV_UNROLL; u++) {
+            int c = c0 + 32 * u;
+            wa[u] = wb[u] = make_uint4(0, 0, 0, 0);
+            if (c < chunks) {
+                wa[u] = ldw(w0 + c);
+                if (TWO) wb[u] = ldw(w1 + c);
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < GEMV_UNROLL; u++) {
+            int c = c0 + 32 * u;
+            if (c < chunks) {
+#pragma unroll
+                for (int t = 0; t < GEMV_MAX_ROWS; t++) {
+                    if (t < rows) {
+                        uint4 xx = ((const uint4*)(x + (u64)t * ldx))[c];
+                        a0[t] += dot8(wa[u], xx);
+                        if (TWO) a1[t] += dot8(wb[u], xx);
+                    }
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int t = 0; t < GEMV_MAX_ROWS; t++) {
+        if (t < rows) {
+            a0[t] = warp_sum(a0[t]);
+            if (TWO) a1[t] = warp_sum(a1[t]);
+        }
+    }
+}
+
+__device__ __forceinline__ void gemv_two_rows(bool two_per_warp, const uint4* w0, const uint4* w1, const T* x,
+                                              int ldx, int rows, int chunks, float* a0, float* a1) {
+    if (two_per_warp)
+        gemv_rows<true>(w0, w1, x, ldx, rows, chunks, a0, a1);
+    else
+        gemv_rows<false>(w0, w1, x, ldx, rows, chunks, a0, a1);
+}
+
+// Orders (value, index) pairs as greedy sampling does: larger value first, then the lower
+// index; 0 is below every key.
+__device__ __forceinline__ u64 argmax_key(float v, u32 i) {
+    u32 u = __float_as_uint(v);
+    u32 ord = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+    return ((u64)ord << 32) | (u64)(0xffffffffu - i);
+}
+
+// Writes the two outputs (n0, n0 + 1 when `two`) of every row, or folds them into `best`.
+__device__ __forceinline__ void gemv_store(const float* s0, const float* s1, int rows, void* out, u64 out0, int ldo,
+                                           int n0, bool two, int out_f32) {
+    int lane = threadIdx.x & 31;
+#pragma unroll
+    for (int t = 0; t < GEMV_MAX_ROWS; t++) {
+        if (t < rows && lane == 0) {
+            u64 o = out0 + (u64)t * ldo + n0;
+            if (out_f32) {
+                ((float*)out)[o] = s0[t];
+                if (two) ((float*)out)[o + 1] = s1[t];
+            } else {
+                ((T*)out)[o] = from_f<T>(s0[t]);
+                if (two) ((T*)out)[o + 1] = from_f<T>(s1[t]);
+            }
+        }
+    }
+}
+
 extern "C" __global__ void gemv_small(const T* x, const T* w, void* out, int rows, int n, int k, int out_f32,
                                       int ldx, int ldo, u64 bx, u64 bw, u64 bo, const T* w2, void* out2, int n2,
-                                      int blocks_a) {
-    pdl_prologue();
+                                      int blocks_a, u64* best, int rpw) {
 #ifdef DSV2_BF16
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     int bid = blockIdx.x;
@@ -393,92 +581,192 @@ extern "C" __global__ void gemv_small(const T* x, const T* w, void* out, int row
         n = n2;
         ldo = n2;
     }
-    int n0 = (bid * (blockDim.x >> 5) + warp) * 2;
-    if (n0 >= n) return;
-    x += blockIdx.y * bx;
+    int n0 = (bid * (blockDim.x >> 5) + warp) * rpw;
+    bool active = n0 < n, two = rpw == 2 && n0 + 1 < n;
     w += blockIdx.y * bw;
-    u64 out0 = blockIdx.y * bo;
-    bool two = n0 + 1 < n;
-    const uint4* w0 = (const uint4*)(w + (u64)n0 * k);
+    const uint4* w0 = (const uint4*)(w + (u64)min(n0, n - 1) * k);
     const uint4* w1 = two ? w0 + k / 8 : w0;
+    if (active && lane == 0) prefetch_l2(w0, (two ? 2u : 1u) * (u32)k * 2u);
+    pdl_prologue();
+    x += blockIdx.y * bx;
     float a0[GEMV_MAX_ROWS], a1[GEMV_MAX_ROWS];
-#pragma unroll
-    for (int t = 0; t < GEMV_MAX_ROWS; t++) a0[t] = a1[t] = 0.0f;
-    int chunks = k / 8;
-#pragma unroll 4
-    for (int c = lane; c < chunks; c += 32) {
-        uint4 wa = w0[c], wb = w1[c];
+    if (active) gemv_two_rows(rpw == 2, w0, w1, x, ldx, rows, k / 8, a0, a1);
+    if (best == nullptr) {
+        if (active) gemv_store(a0, a1, rows, out, blockIdx.y * bo, ldo, n0, two, out_f32);
+        return;
+    }
+    // Greedy: the block's best key per row, then one atomic per row and block.
+    __shared__ u64 keys[4][GEMV_MAX_ROWS];
+    if (lane == 0) {
 #pragma unroll
         for (int t = 0; t < GEMV_MAX_ROWS; t++) {
-            if (t < rows) {
-                uint4 xx = ((const uint4*)(x + (u64)t * ldx))[c];
-                a0[t] += dot8(wa, xx);
-                a1[t] += dot8(wb, xx);
-            }
-        }
-    }
-#pragma unroll
-    for (int t = 0; t < GEMV_MAX_ROWS; t++) {
-        if (t < rows) {
-            float s0 = warp_sum(a0[t]), s1 = warp_sum(a1[t]);
-            if (lane == 0) {
-                u64 o = out0 + (u64)t * ldo + n0;
-                if (out_f32) {
-                    ((float*)out)[o] = s0;
-                    if (two) ((float*)out)[o + 1] = s1;
-                } else {
-                    ((T*)out)[o] = from_f<T>(s0);
-                    if (two) ((T*)out)[o + 1] = from_f<T>(s1);
+            u64 key = 0;
+            if (active && t < rows) {
+                key = argmax_key(rnd(a0[t]), (u32)n0);
+                if (two) {
+                    u64 k1 = argmax_key(rnd(a1[t]), (u32)n0 + 1);
+                    key = k1 > key ? k1 : key;
                 }
             }
+            keys[warp][t] = key;
         }
     }
+    __syncthreads();
+    if (threadIdx.x < (unsigned)rows) {
+        u64 key = 0;
+        for (int i = 0; i < (int)(blockDim.x >> 5); i++) key = keys[i][threadIdx.x] > key ? keys[i][threadIdx.x] : key;
+        if (key) atomicMax(best + threadIdx.x, key);
+    }
+#else
+    pdl_prologue();
+#endif
+}
+
+// ids[t] = the index of best[t] (a key of argmax_key); resets best[t] to 0 for the next
+// step. grid (1), block >= rows.
+extern "C" __global__ void argmax_finish(u64* best, u32* ids, int rows) {
+    pdl_prologue();
+    int t = threadIdx.x;
+    if (t < rows) {
+        u64 key = best[t];
+        ids[t] = 0xffffffffu - (u32)(key & 0xffffffffu);
+        best[t] = 0;
+    }
+}
+
+// The layer input of a decode step in one launch (bf16 builds, rows <= 8): the residual
+// add and RMSNorm of add_rms_norm (h = rnd(acc + xres), normed = nw * rnd(h / rms(h))),
+// then the pair of products of gemv_small (out_a = normed . wa^T, out_b = normed . wb^T).
+// Every block normalizes all rows into shared memory (2 * rows * d bf16, dynamic); block 0
+// writes `normed`, and the last block to finish (after every block has read `acc`)
+// writes the new residual into `acc`. grid (ceil(na / (4 rpw)) + ceil(nb / (4 rpw))),
+// block 128.
+extern "C" __global__ void norm_gemv_pair(T* acc, const T* xres, const float* nw, float eps, T* normed, int rows,
+                                          int d, const T* wa, T* outa, int na, const T* wb, T* outb, int nb,
+                                          int blocks_a, u32* counter, int rpw) {
+#ifdef DSV2_BF16
+    extern __shared__ uint4 smem_u4[];
+    T* res_s = (T*)smem_u4;
+    T* norm_s = res_s + rows * d;
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    int bid = blockIdx.x;
+    const T* w = wa;
+    T* out = outa;
+    int n = na;
+    if (bid >= blocks_a) {
+        bid -= blocks_a;
+        w = wb;
+        out = outb;
+        n = nb;
+    }
+    int n0 = (bid * (blockDim.x >> 5) + warp) * rpw;
+    bool active = n0 < n, two = rpw == 2 && n0 + 1 < n;
+    const uint4* w0 = (const uint4*)(w + (u64)min(n0, n - 1) * d);
+    const uint4* w1 = two ? w0 + d / 8 : w0;
+    if (active && lane == 0) prefetch_l2(w0, (two ? 2u : 1u) * (u32)d * 2u);
+    pdl_prologue();
+    norm_rows_to_smem(acc, xres, nw, eps, rows, d, res_s, norm_s);
+    if (blockIdx.x == 0) {
+        for (int i = threadIdx.x; i < rows * d / 8; i += blockDim.x) ((uint4*)normed)[i] = ((const uint4*)norm_s)[i];
+    }
+    float a0[GEMV_MAX_ROWS], a1[GEMV_MAX_ROWS];
+    if (active) {
+        gemv_two_rows(rpw == 2, w0, w1, norm_s, d, rows, d / 8, a0, a1);
+        gemv_store(a0, a1, rows, out, 0, n, n0, two, 0);
+    }
+    if (last_block(counter)) {
+        for (int i = threadIdx.x; i < rows * d / 8; i += blockDim.x) ((uint4*)acc)[i] = ((const uint4*)res_s)[i];
+    }
+#else
+    pdl_prologue();
 #endif
 }
 
 // Small-batch absorbed query (bf16 builds): q_lat[t, h, :] = W_UK[h]^T q_nope[t, h] for
 // t < rows <= 8, with W_UK[h] the dn rows of kv_b [h * (dn + dv) + i, c]. A block covers
-// 128 latent columns of one head: its 256 threads are 4 groups of 64, each thread two
-// columns (coalesced across the group) over a quarter of the dn rows; the groups' sums
-// meet in shared memory. q [T, h, qd]. grid (c / 128, h), block 256; dn % 4 == 0.
+// 128 latent columns of one head over all dn rows: its 16 half-warps take rows i = g,
+// g + 16, ... (each lane 8 columns, one 16-byte load a row, all issued at once), and the
+// half-warps' sums meet in shared memory. q [T, h, qd]. grid (c / 128, h), block 256;
+// dn % 16 == 0.
+#define ABSORB_ROWS_PER_LANE 8
+#ifdef DSV2_BF16
+// Columns bx * 128.. of head `head` (the block of absorb_q_small at (bx, head)).
+__device__ void absorb_q_block(int bx, int head, const T* q, const T* kv_b, T* q_lat, int rows, int h, int qd,
+                               int dn, int dv, int c) {
+    __shared__ float part[16][128];
+    int g = threadIdx.x >> 4, l16 = threadIdx.x & 15;
+    int col = bx * 128 + l16 * 8;
+    const T* wk = kv_b + (u64)head * (dn + dv) * c + col;
+    float acc[GEMV_MAX_ROWS][8];
+#pragma unroll
+    for (int t = 0; t < GEMV_MAX_ROWS; t++)
+#pragma unroll
+        for (int j = 0; j < 8; j++) acc[t][j] = 0.0f;
+    for (int i0 = g; i0 < dn; i0 += 16 * ABSORB_ROWS_PER_LANE) {
+        uint4 wv[ABSORB_ROWS_PER_LANE];
+#pragma unroll
+        for (int u = 0; u < ABSORB_ROWS_PER_LANE; u++) {
+            int i = i0 + 16 * u;
+            wv[u] = i < dn ? ldw((const uint4*)(wk + (u64)i * c)) : make_uint4(0, 0, 0, 0);
+        }
+#pragma unroll
+        for (int u = 0; u < ABSORB_ROWS_PER_LANE; u++) {
+            int i = i0 + 16 * u;
+            if (i >= dn) break;
+            u32 ww[4] = {wv[u].x, wv[u].y, wv[u].z, wv[u].w};
+#pragma unroll
+            for (int t = 0; t < GEMV_MAX_ROWS; t++) {
+                if (t < rows) {
+                    float qv = to_f(q[((u64)t * h + head) * qd + i]);
+#pragma unroll
+                    for (int j = 0; j < 4; j++) {
+                        acc[t][2 * j] += qv * __uint_as_float(ww[j] << 16);
+                        acc[t][2 * j + 1] += qv * __uint_as_float(ww[j] & 0xffff0000u);
+                    }
+                }
+            }
+        }
+    }
+    for (int t = 0; t < rows; t++) {
+#pragma unroll
+        for (int j = 0; j < 8; j++) part[g][l16 * 8 + j] = acc[t][j];
+        __syncthreads();
+        int jj = threadIdx.x;
+        if (jj < 128) {
+            float v = 0.0f;
+#pragma unroll
+            for (int i = 0; i < 16; i++) v += part[i][jj];
+            q_lat[((u64)t * h + head) * c + bx * 128 + jj] = from_f<T>(v);
+        }
+        __syncthreads();
+    }
+}
+#endif
+
 extern "C" __global__ void absorb_q_small(const T* q, const T* kv_b, T* q_lat, int rows, int h, int qd, int dn,
                                           int dv, int c) {
     pdl_prologue();
 #ifdef DSV2_BF16
-    __shared__ float part[4][GEMV_MAX_ROWS][128];
-    int head = blockIdx.y, grp = threadIdx.x >> 6, lc = (threadIdx.x & 63) * 2;
-    int col = blockIdx.x * 128 + lc;
-    int quarter = dn / 4, i0 = grp * quarter;
-    const T* wk = kv_b + ((u64)head * (dn + dv) + i0) * c + col;
-    float acc[GEMV_MAX_ROWS][2];
-#pragma unroll
-    for (int t = 0; t < GEMV_MAX_ROWS; t++) acc[t][0] = acc[t][1] = 0.0f;
-#pragma unroll 8
-    for (int i = 0; i < quarter; i++) {
-        u32 wv = *(const u32*)(wk + (u64)i * c);
-        float w0 = __uint_as_float(wv << 16), w1 = __uint_as_float(wv & 0xffff0000u);
-#pragma unroll
-        for (int t = 0; t < GEMV_MAX_ROWS; t++) {
-            if (t < rows) {
-                float qv = to_f(q[((u64)t * h + head) * qd + i0 + i]);
-                acc[t][0] += qv * w0;
-                acc[t][1] += qv * w1;
-            }
-        }
-    }
-#pragma unroll
-    for (int t = 0; t < GEMV_MAX_ROWS; t++) {
-        part[grp][t][lc] = acc[t][0];
-        part[grp][t][lc + 1] = acc[t][1];
-    }
-    __syncthreads();
-    // Thread j of the block finishes column j of every token.
-    int j = threadIdx.x;
-    if (j < 128) {
-        for (int t = 0; t < rows; t++) {
-            float v = part[0][t][j] + part[1][t][j] + part[2][t][j] + part[3][t][j];
-            q_lat[((u64)t * h + head) * c + blockIdx.x * 128 + j] = from_f<T>(v);
-        }
+    absorb_q_block(blockIdx.x, blockIdx.y, q, kv_b, q_lat, rows, h, qd, dn, dv, c);
+#endif
+}
+
+// The queries' RoPE and the latent cache write of a decode step (rope_and_write_cache)
+// and the absorbed query (absorb_q_small) in one launch (bf16 builds): blocks below
+// (c / 128) * h are absorb_q_small's (column block, head), the `rows` blocks after them
+// rope_and_write_cache's tokens. The absorbed query reads only q_nope, the RoPE rewrites
+// only q_pe. grid ((c / 128) * h + rows), block 256.
+extern "C" __global__ void rope_absorb_q(T* q, const T* kv_b, T* q_lat, int rows, int h, int qd, int dn, int dv,
+                                         int c, const T* kv_a, const float* kv_w, const u32* slots,
+                                         const float* cos, const float* sin, T* cache, int dr, float eps) {
+    pdl_prologue();
+#ifdef DSV2_BF16
+    int chunks = c / 128, absorb_blocks = chunks * h;
+    if ((int)blockIdx.x < absorb_blocks) {
+        absorb_q_block(blockIdx.x % chunks, blockIdx.x / chunks, q, kv_b, q_lat, rows, h, qd, dn, dv, c);
+    } else {
+        rope_and_write_token(blockIdx.x - absorb_blocks, q, kv_a, kv_w, slots, cos, sin, cache, h, qd, dn, c, dr,
+                             eps);
     }
 #endif
 }

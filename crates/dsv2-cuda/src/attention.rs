@@ -74,6 +74,88 @@ pub(crate) fn mla_attention(
     args: MlaAttention<'_, CudaBackend>,
     out: &mut CudaBuffer,
 ) -> Result<()> {
+    check_args(be, &args, out)?;
+    let step = args.step;
+    let t = step.counts.tokens;
+    let c = &step.counts;
+    let (absorbed_tokens, expanded): (Option<(u64, usize)>, Option<Expanded>) = match args.path {
+        AttentionPath::Absorbed => (Some((NULL, t)), None),
+        AttentionPath::Expanded => (
+            None,
+            Some(Expanded {
+                seq_list: NULL,
+                seqs: c.seqs,
+                tok_list: NULL,
+                tokens: t,
+                goff: step.at(step.layout.goff_all),
+                gathered: c.gathered_all,
+                max_ctx: c.max_ctx_all,
+                max_qlen: c.max_qlen_all,
+            }),
+        ),
+        AttentionPath::Auto => (
+            (c.abs_auto_tokens > 0)
+                .then(|| (step.at(step.layout.abs_auto_tokens), c.abs_auto_tokens)),
+            (c.exp_auto_seqs > 0).then(|| Expanded {
+                seq_list: step.at(step.layout.exp_auto_seqs),
+                seqs: c.exp_auto_seqs,
+                tok_list: step.at(step.layout.exp_auto_tokens),
+                tokens: c.exp_auto_tokens,
+                goff: step.at(step.layout.goff_auto),
+                gathered: c.gathered_auto,
+                max_ctx: c.max_ctx_auto,
+                max_qlen: c.max_qlen_auto,
+            }),
+        ),
+    };
+    if let Some((list, n)) = absorbed_tokens {
+        absorbed(be, scratch, &args, list, n, out, false)?;
+    }
+    if let Some(e) = expanded {
+        expanded_path(be, scratch, &args, &e, out)?;
+    }
+    Ok(())
+}
+
+/// The absorbed decode tokens of a step when they are all its tokens, as (device token
+/// list or NULL, count): where `rope_cache_attention` can fuse the absorbed query with
+/// the RoPE launch.
+pub(crate) fn all_absorbed(args: &MlaAttention<'_, CudaBackend>) -> Option<(u64, usize)> {
+    let step = args.step;
+    let c = &step.counts;
+    match args.path {
+        AttentionPath::Absorbed => Some((NULL, c.tokens)),
+        AttentionPath::Auto if c.exp_auto_seqs == 0 && c.abs_auto_tokens == c.tokens => {
+            Some((step.at(step.layout.abs_auto_tokens), c.tokens))
+        }
+        _ => None,
+    }
+    .filter(|&(_, n)| n > 0)
+}
+
+/// True when the absorbed query of `t` tokens runs through `absorb_q_small`.
+pub(crate) fn small_absorb_applies(be: &CudaBackend, d: &MlaDims, t: usize) -> bool {
+    be.dev.gemv_applies(t) && d.kv_lora_rank.is_multiple_of(128) && d.nope_dim.is_multiple_of(16)
+}
+
+/// The attention after a fused `rope_absorb_q` launch wrote `q_lat` (scratch `QLat`).
+pub(crate) fn absorbed_after_q(
+    be: &CudaBackend,
+    scratch: &mut Scratch,
+    args: &MlaAttention<'_, CudaBackend>,
+    (tok_list, tokens): (u64, usize),
+    out: &mut CudaBuffer,
+) -> Result<()> {
+    absorbed(be, scratch, args, tok_list, tokens, out, true)
+}
+
+/// The checks of `mla_attention`: dims against the cache and `kv_b_proj`, the step
+/// against the cache, buffer sizes.
+pub(crate) fn check_args(
+    be: &CudaBackend,
+    args: &MlaAttention<'_, CudaBackend>,
+    out: &CudaBuffer,
+) -> Result<()> {
     let d = args.dims;
     let spec = args.cache.spec;
     let step = args.step;
@@ -109,45 +191,46 @@ pub(crate) fn mla_attention(
     }
     check_step_against_cache(op, step, &spec)?;
     be.check_len(op, "queries", args.q, t * d.num_heads * d.q_head_dim())?;
-    be.check_len(op, "output", out, t * d.num_heads * d.v_dim)?;
-    let c = &step.counts;
-    let (absorbed_tokens, expanded): (Option<(u64, usize)>, Option<Expanded>) = match args.path {
-        AttentionPath::Absorbed => (Some((NULL, t)), None),
-        AttentionPath::Expanded => (
-            None,
-            Some(Expanded {
-                seq_list: NULL,
-                seqs: c.seqs,
-                tok_list: NULL,
-                tokens: t,
-                goff: step.at(step.layout.goff_all),
-                gathered: c.gathered_all,
-                max_ctx: c.max_ctx_all,
-                max_qlen: c.max_qlen_all,
-            }),
-        ),
-        AttentionPath::Auto => (
-            (c.abs_auto_tokens > 0)
-                .then(|| (step.at(step.layout.abs_auto_tokens), c.abs_auto_tokens)),
-            (c.exp_auto_seqs > 0).then(|| Expanded {
-                seq_list: step.at(step.layout.exp_auto_seqs),
-                seqs: c.exp_auto_seqs,
-                tok_list: step.at(step.layout.exp_auto_tokens),
-                tokens: c.exp_auto_tokens,
-                goff: step.at(step.layout.goff_auto),
-                gathered: c.gathered_auto,
-                max_ctx: c.max_ctx_auto,
-                max_qlen: c.max_qlen_auto,
-            }),
-        ),
-    };
-    if let Some((list, n)) = absorbed_tokens {
-        absorbed(be, scratch, &args, list, n, out)?;
+    be.check_len(op, "output", out, t * d.num_heads * d.v_dim)
+}
+
+/// Seconds one run of the split-KV decode kernel and its combine takes for the step's
+/// decode tokens (`Backend::time_decode_attention`), averaged over `reps` runs timed with
+/// events after one untimed run; `None` where that kernel does not run (f32, other
+/// widths, no decode tokens).
+pub(crate) fn time_decode(
+    be: &CudaBackend,
+    scratch: &mut Scratch,
+    args: MlaAttention<'_, CudaBackend>,
+    reps: usize,
+) -> Result<Option<f64>> {
+    let d = args.dims;
+    let step = args.step;
+    let tokens = step.counts.abs_auto_tokens;
+    if !decode_kernel_applies(be, &d) || tokens == 0 || reps == 0 {
+        return Ok(None);
     }
-    if let Some(e) = expanded {
-        expanded_path(be, scratch, &args, &e, out)?;
-    }
-    Ok(())
+    check_step_against_cache("time_decode_attention", step, &args.cache.spec)?;
+    be.check_len(
+        "time_decode_attention",
+        "queries",
+        args.q,
+        step.counts.tokens * d.num_heads * d.q_head_dim(),
+    )?;
+    let (h, c) = (d.num_heads, d.kv_lora_rank);
+    let e = be.elem();
+    let t = step.counts.tokens;
+    let q_lat = scratch.get(&be.dev, Slot::QLat, t * h * c * e)?;
+    let o_lat = scratch.get(&be.dev, Slot::OLat, t * h * c * e)?;
+    let list = step.at(step.layout.abs_auto_tokens);
+    absorbed_split(be, scratch, &args, list, tokens, q_lat, o_lat)?;
+    let seconds = be.dev.time(|| {
+        for _ in 0..reps {
+            absorbed_split(be, scratch, &args, list, tokens, q_lat, o_lat)?;
+        }
+        Ok(())
+    })?;
+    Ok(Some(seconds / reps as f64))
 }
 
 fn absorbed(
@@ -157,6 +240,7 @@ fn absorbed(
     tok_list: u64,
     tokens: usize,
     out: &mut CudaBuffer,
+    q_lat_ready: bool,
 ) -> Result<()> {
     let d = args.dims;
     let step = args.step;
@@ -173,8 +257,10 @@ fn absorbed(
     let o_lat = scratch.get(&be.dev, Slot::OLat, t * h * c * e)?;
     let kv_b = args.kv_b_proj.ptr();
     // q_lat[t, h] = W_UK[h]ᵀ q_nope[t, h].
-    let small = be.dev.gemv_applies(t) && c.is_multiple_of(128) && dn.is_multiple_of(4);
-    if small {
+    let small = small_absorb_applies(be, &d, t);
+    if q_lat_ready {
+        // rope_absorb_q wrote q_lat.
+    } else if small {
         be.dev.launch(
             &be.dev.kernels.absorb_q_small,
             "absorbed q_lat",

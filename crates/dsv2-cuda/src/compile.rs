@@ -76,6 +76,11 @@ fn prepare(source: &Source, arch: (i32, i32), bf16: bool) -> (String, Vec<String
     if bf16 {
         options.push("-DDSV2_BF16=1".to_string());
     }
+    // Kernel variants for comparisons (e.g. `-DDSV2_NO_PREFETCH -DGEMV_UNROLL=4`); part of
+    // the cache key like every option.
+    if let Ok(extra) = std::env::var("DSV2_CUDA_KERNEL_OPTIONS") {
+        options.extend(extra.split_whitespace().map(str::to_string));
+    }
     // Our kernels need no CUDA header; the toolkit's folder is named for kernels that
     // will (cuda_bf16.h, mma.h), where it exists.
     if let Some(dir) = cuda_include_dir() {

@@ -83,6 +83,12 @@ pub(crate) const MLA_DECODE_SMEM: usize = (16 + 2 * 32) * 584 * 2 + 16 * 40 * 2 
 /// Most rows of the small-batch GEMV kernel (GEMV_MAX_ROWS in moe.cu).
 const GEMV_MAX_ROWS: usize = 8;
 
+/// Byte offsets in `Device::sync`: the block counter, and the argmax keys (one u64 per
+/// row, at most `GEMV_MAX_ROWS`).
+pub(crate) const SYNC_COUNTER: u64 = 0;
+pub(crate) const SYNC_ARGMAX: u64 = 256;
+const SYNC_BYTES: usize = 512;
+
 /// cuBLAS workspace, set explicitly so that GEMMs can later be captured in CUDA graphs.
 const BLAS_WORKSPACE_BYTES: usize = 32 << 20;
 
@@ -170,6 +176,10 @@ pub(crate) struct Kernels {
     pub moe_route_small: CudaFunction,
     pub moe_tile_up: CudaFunction,
     pub moe_tile_down: CudaFunction,
+    pub norm_gemv_pair: CudaFunction,
+    pub moe_norm_route: CudaFunction,
+    pub argmax_finish: CudaFunction,
+    pub rope_absorb_q: CudaFunction,
 }
 
 impl Kernels {
@@ -214,6 +224,10 @@ impl Kernels {
             moe_route_small: f(&moe, "moe_route_small")?,
             moe_tile_up: f(&moe, "moe_tile_up")?,
             moe_tile_down: f(&moe, "moe_tile_down")?,
+            norm_gemv_pair: f(&moe, "norm_gemv_pair")?,
+            moe_norm_route: f(&moe, "moe_norm_route")?,
+            argmax_finish: f(&moe, "argmax_finish")?,
+            rope_absorb_q: f(&moe, "rope_absorb_q")?,
         })
     }
 }
@@ -223,6 +237,10 @@ pub(crate) struct Device {
     // Field order is drop order: cuBLAS and memory before the stream and context.
     blas: CudaBlas,
     _blas_workspace: DevMem,
+    /// Zeroed words the fused kernels synchronize through: the arrival counter of
+    /// `last_block` (common.cuh; each launch leaves it at zero) at [`SYNC_COUNTER`], the
+    /// greedy keys of `gemv_small` (reset by `argmax_finish`) at [`SYNC_ARGMAX`].
+    pub sync: DevMem,
     pub kernels: Kernels,
     pub stream: Arc<CudaStream>,
     pub ctx: Arc<CudaContext>,
@@ -239,6 +257,8 @@ pub(crate) struct Device {
     gemv_max_rows: usize,
     /// Launch with programmatic dependent launch (sm_90; `DSV2_CUDA_PDL=0` turns it off).
     pdl: bool,
+    /// Forced weight rows per warp of the GEMV kernels (`DSV2_CUDA_GEMV_RPW`).
+    gemv_rpw: Option<usize>,
 }
 
 /// Event timings of every op, grouped by the step's token count and the op's name.
@@ -404,6 +424,10 @@ impl Device {
         .result()
         .ctx("cublasSetWorkspace")?;
         let kernels = Kernels::load(&ctx, arch, bf16)?;
+        let sync = alloc(&ctx, SYNC_BYTES)?;
+        // SAFETY: the range lies in `sync`; the stream orders it before every kernel.
+        unsafe { drv::memset_d8_async(sync.ptr(), 0, sync.bytes(), stream.cu_stream()) }
+            .ctx("clearing the sync words")?;
         // The decode attention kernel holds its latent tiles in more shared memory than a
         // block gets by default.
         kernels
@@ -419,6 +443,7 @@ impl Device {
         Ok(Device {
             blas,
             _blas_workspace: workspace,
+            sync,
             kernels,
             stream,
             ctx,
@@ -428,6 +453,10 @@ impl Device {
             bf16,
             profile,
             pdl: arch.0 >= 9 && std::env::var("DSV2_CUDA_PDL").map_or(true, |v| v != "0"),
+            gemv_rpw: std::env::var("DSV2_CUDA_GEMV_RPW")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .filter(|r| [1, 2].contains(r)),
             gemv_max_rows: std::env::var("DSV2_CUDA_GEMV_MAX")
                 .ok()
                 .and_then(|v| v.parse().ok())
@@ -527,6 +556,20 @@ impl Device {
         }
         // A copy moves each byte twice (read + write) at the same memory bandwidth.
         Ok(2.0 * bytes as f64 / best)
+    }
+
+    /// Seconds the work `f` issues takes on the stream, measured with two events (waits
+    /// for it).
+    pub fn time(&self, f: impl FnOnce() -> Result<()>) -> Result<f64> {
+        self.bind()?;
+        let flags = Some(drv_sys::CUevent_flags::CU_EVENT_DEFAULT);
+        let start = self.ctx.new_event(flags).ctx("creating an event")?;
+        let end = self.ctx.new_event(flags).ctx("creating an event")?;
+        start.record(&self.stream).ctx("recording an event")?;
+        f()?;
+        end.record(&self.stream).ctx("recording an event")?;
+        let ms = start.elapsed_ms(&end).ctx("timing with events")?;
+        Ok(ms as f64 / 1e3)
     }
 
     /// Free and total device memory, in bytes.
@@ -772,6 +815,27 @@ impl Device {
         self.gemv_pair(op, g, None, batch, strides)
     }
 
+    /// Greedy sampling fused into a one-member `gemv`: the argmax keys of the (bf16-rounded)
+    /// outputs of each row go to the sync words, and `argmax_finish` writes the ids.
+    pub fn gemv_argmax(&self, op: &str, g: &Gemv, ids: u64) -> Result<()> {
+        if g.rows > GEMV_MAX_ROWS {
+            return Err(unsupported(
+                op,
+                format!("{} rows for the fused argmax", g.rows),
+            ));
+        }
+        let best = self.sync.ptr() + SYNC_ARGMAX;
+        self.gemv_launch(op, g, None, 1, [0; 3], best)?;
+        self.launch(
+            &self.kernels.argmax_finish,
+            "argmax_finish",
+            (1, 1),
+            32,
+            0,
+            &[best.into(), ids.into(), (g.rows as i32).into()],
+        )
+    }
+
     /// `gemv`, plus (batch 1) a second product `(w, out, n)` of the same input in the
     /// same launch.
     pub fn gemv_pair(
@@ -782,17 +846,30 @@ impl Device {
         batch: usize,
         strides: [usize; 3],
     ) -> Result<()> {
+        self.gemv_launch(op, g, second, batch, strides, NULL)
+    }
+
+    fn gemv_launch(
+        &self,
+        op: &str,
+        g: &Gemv,
+        second: Option<(u64, u64, usize)>,
+        batch: usize,
+        strides: [usize; 3],
+        best: u64,
+    ) -> Result<()> {
         let i32_of = |v: usize| -> Result<KArg> {
             i32::try_from(v)
                 .map(KArg::from)
                 .map_err(|_| unsupported(op, format!("GEMV dimension {v} over 32 bits")))
         };
-        let blocks_a = g.n.div_ceil(8);
         let (w2, out2, n2) = second.unwrap_or((0, 0, 0));
+        let rpw = self.gemv_rows_per_warp((g.n + n2) * batch);
+        let blocks_a = g.n.div_ceil(4 * rpw);
         self.launch(
             &self.kernels.gemv_small,
             op,
-            (blocks_a + n2.div_ceil(8), batch),
+            (blocks_a + n2.div_ceil(4 * rpw), batch),
             128,
             0,
             &[
@@ -812,8 +889,17 @@ impl Device {
                 out2.into(),
                 i32_of(n2)?,
                 i32_of(blocks_a)?,
+                best.into(),
+                (rpw as i32).into(),
             ],
         )
+    }
+
+    /// Weight rows per warp of the GEMV kernels: two (one, with twice the warps, measured
+    /// slower in captured V2-Lite decode steps on the H200: 3.04 against 2.84 ms at batch
+    /// 1); `DSV2_CUDA_GEMV_RPW=1` forces one.
+    pub fn gemv_rows_per_warp(&self, _n: usize) -> usize {
+        self.gemv_rpw.unwrap_or(2)
     }
 
     /// `batch` GEMMs whose operands sit `stride_*` elements apart.

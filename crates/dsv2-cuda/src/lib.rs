@@ -57,6 +57,13 @@ pub use weights::CudaWeight;
 /// Threads per block of the row kernels.
 const ROW_THREADS: u32 = 256;
 
+/// Limits of the kernels that normalize their input rows themselves (at most
+/// NORM_MAX_ROWS of common.cuh; `2 * rows * dim` bf16 values of shared memory, at most
+/// 32 KiB). Every block normalizes all rows, which measured slower than a separate
+/// `add_rms_norm` launch from 4 rows on (V2-Lite, H200).
+const FUSED_NORM_MAX_ROWS: usize = 2;
+const FUSED_NORM_MAX_VALUES: usize = 8192;
+
 /// Free and total memory of a device, in bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MemoryInfo {
@@ -104,10 +111,11 @@ struct GraphKey {
     step_generation: u64,
     cache_id: u64,
     scratch_generation: u64,
+    /// The step's layout without the parts read outside the graph (the logits rows) or
+    /// through device offsets only (the block tables' length).
     layout: step::Layout,
     tokens: usize,
     seqs: usize,
-    logits_rows: usize,
 }
 
 /// Most graphs kept at once (each is one step's worth of launches).
@@ -133,6 +141,26 @@ struct Graphs {
     recording: Option<GraphKey>,
     /// Off after a failed capture, with `DSV2_CUDA_GRAPHS=0`, or while profiling.
     disabled: bool,
+    /// Pad decode steps to [`decode_bucket`] sizes (`DSV2_CUDA_GRAPH_BUCKETS=0`: exact).
+    buckets: bool,
+}
+
+/// The batch-size buckets of decode graphs: a step of `tokens` tokens runs as the next
+/// size of 1, 2, 4, 8, 16, 24, 32, 48, 64, 80, ..., 128 (steps of 16), 160, ..., 256
+/// (steps of 32), then multiples of 64 up to [`MAX_GRAPH_TOKENS`]; larger steps as they
+/// are.
+pub fn decode_bucket(tokens: usize) -> usize {
+    let step = match tokens {
+        0..=2 => return tokens,
+        3..=4 => return 4,
+        5..=8 => return 8,
+        9..=32 => 8,
+        33..=128 => 16,
+        129..=256 => 32,
+        257..=MAX_GRAPH_TOKENS => 64,
+        _ => return tokens,
+    };
+    tokens.div_ceil(step) * step
 }
 
 impl CudaCache {
@@ -169,6 +197,7 @@ impl CudaBackend {
         let graphs = Graphs {
             disabled: dev.profile.is_some()
                 || std::env::var("DSV2_CUDA_GRAPHS").is_ok_and(|v| v == "0"),
+            buckets: std::env::var("DSV2_CUDA_GRAPH_BUCKETS").map_or(true, |v| v != "0"),
             ..Graphs::default()
         };
         Ok(CudaBackend {
@@ -190,6 +219,12 @@ impl CudaBackend {
     /// Number of decode-step graphs captured and kept.
     pub fn captured_graphs(&self) -> usize {
         self.graphs_lock().ready.len()
+    }
+
+    /// Turns the padding of decode steps to graph buckets on or off (on by default; for
+    /// comparisons).
+    pub fn set_graph_buckets(&self, on: bool) {
+        self.graphs_lock().buckets = on;
     }
 
     fn graphs_lock(&self) -> std::sync::MutexGuard<'_, Graphs> {
@@ -288,6 +323,17 @@ impl CudaBackend {
 
     fn elem(&self) -> usize {
         self.dev.elem_bytes()
+    }
+
+    /// True when a residual add and RMSNorm of `rows` rows of width `dim` can be computed
+    /// inside the next kernel (`norm_rows_to_smem` in common.cuh): bf16 GEMV-sized
+    /// batches whose rows fit in shared memory twice.
+    fn fused_norm_applies(&self, rows: usize, dim: usize) -> bool {
+        self.dev.gemv_applies(rows)
+            && rows <= FUSED_NORM_MAX_ROWS
+            && dim.is_multiple_of(8)
+            && rows * dim <= FUSED_NORM_MAX_VALUES
+            && std::env::var("DSV2_CUDA_FUSED_NORM").map_or(true, |v| v != "0")
     }
 
     fn check_len(&self, op: &str, what: &str, buf: &CudaBuffer, needed: usize) -> Result<()> {
@@ -399,6 +445,29 @@ impl CudaBackend {
         )
     }
 
+    /// Copies the step's logits rows of `x` `[T, d]` to `rows` `[R, d]`.
+    fn gather_logits_rows(
+        &self,
+        x: &CudaBuffer,
+        step: &CudaStep,
+        rows: u64,
+        d: usize,
+    ) -> Result<()> {
+        self.dev.launch(
+            &self.dev.kernels.gather_rows,
+            "gather_rows",
+            (step.counts.logits_rows, 1),
+            ROW_THREADS,
+            0,
+            &[
+                x.ptr().into(),
+                step.at(step.layout.logits_rows).into(),
+                rows.into(),
+                (d as i32).into(),
+            ],
+        )
+    }
+
     /// f32 logits `[R, V]` of the step's logits rows, in scratch; returns (address, R, V).
     fn logits_device(
         &self,
@@ -413,19 +482,7 @@ impl CudaBackend {
         let rows = scratch.get(&self.dev, Slot::LogitsRows, r * d * self.elem())?;
         let logits = scratch.get(&self.dev, Slot::Logits, r * v * 4)?;
         let k = &self.dev.kernels;
-        self.dev.launch(
-            &k.gather_rows,
-            "gather_rows",
-            (r, 1),
-            ROW_THREADS,
-            0,
-            &[
-                x.ptr().into(),
-                step.at(step.layout.logits_rows).into(),
-                rows.into(),
-                (d as i32).into(),
-            ],
-        )?;
+        self.gather_logits_rows(x, step, rows, d)?;
         self.dev
             .linear("lm_head", rows, r, lm_head.ptr(), v, d, logits, true)?;
         if self.dtype == ComputeDtype::Bf16 {
@@ -527,6 +584,15 @@ impl Backend for CudaBackend {
         Ok(step.prepare(&self.dev, batch, angles)?)
     }
 
+    fn decode_bucket(&self, tokens: usize) -> usize {
+        let g = self.graphs_lock();
+        if g.disabled || !g.buckets {
+            tokens
+        } else {
+            decode_bucket(tokens)
+        }
+    }
+
     fn begin_step_graph(&self, step: &CudaStep, cache: &CudaCache, key: u64) -> BResult<bool> {
         let mut graphs = self.graphs_lock();
         if graphs.disabled {
@@ -546,10 +612,13 @@ impl Backend for CudaBackend {
             step_generation: step.generation,
             cache_id: cache.id,
             scratch_generation: self.scratch().generation,
-            layout: step.layout,
+            layout: step::Layout {
+                logits_rows: 0,
+                words: 0,
+                ..step.layout
+            },
             tokens: c.tokens,
             seqs: c.seqs,
-            logits_rows: c.logits_rows,
         };
         if let Some(g) = graphs.ready.get(&gk) {
             // The checks the skipped ops would make on the host: the step's slots and
@@ -794,6 +863,95 @@ impl Backend for CudaBackend {
         )?)
     }
 
+    fn add_rms_norm_linear_pair(
+        &self,
+        acc: &mut CudaBuffer,
+        x: &CudaBuffer,
+        weight: &CudaWeight,
+        eps: f32,
+        rows: usize,
+        dim: usize,
+        normed: &mut CudaBuffer,
+        w_a: &CudaWeight,
+        out_a: &mut CudaBuffer,
+        w_b: &CudaWeight,
+        out_b: &mut CudaBuffer,
+    ) -> BResult<()> {
+        let op = "add_rms_norm_linear_pair";
+        let (n_a, k_a) = w_a.matrix(op)?;
+        let (n_b, k_b) = w_b.matrix(op)?;
+        let d = weight.vector(op)?;
+        if !self.fused_norm_applies(rows, dim) || d != dim || k_a != dim || k_b != dim {
+            self.add_rms_norm(acc, x, weight, eps, rows, dim, normed)?;
+            return self.linear_pair(normed, rows, w_a, out_a, w_b, out_b);
+        }
+        for (what, buf, n) in [
+            ("accumulator", &*acc, dim),
+            ("input", x, dim),
+            ("normed", &*normed, dim),
+            ("first output", &*out_a, n_a),
+            ("second output", &*out_b, n_b),
+        ] {
+            self.check_len(op, what, buf, rows * n)?;
+        }
+        let rpw = self.dev.gemv_rows_per_warp(n_a + n_b);
+        let blocks_a = n_a.div_ceil(4 * rpw);
+        let k = &self.dev.kernels;
+        Ok(self.dev.launch(
+            &k.norm_gemv_pair,
+            op,
+            (blocks_a + n_b.div_ceil(4 * rpw), 1),
+            128,
+            (2 * rows * dim * 2) as u32,
+            &[
+                acc.ptr().into(),
+                x.ptr().into(),
+                weight.ptr().into(),
+                eps.into(),
+                normed.ptr().into(),
+                (rows as i32).into(),
+                (dim as i32).into(),
+                w_a.ptr().into(),
+                out_a.ptr().into(),
+                (n_a as i32).into(),
+                w_b.ptr().into(),
+                out_b.ptr().into(),
+                (n_b as i32).into(),
+                (blocks_a as i32).into(),
+                (self.dev.sync.ptr() + device::SYNC_COUNTER).into(),
+                (rpw as i32).into(),
+            ],
+        )?)
+    }
+
+    fn add_rms_norm_moe(
+        &self,
+        acc: &mut CudaBuffer,
+        x: &mut CudaBuffer,
+        weight: &CudaWeight,
+        eps: f32,
+        rows: usize,
+        dim: usize,
+        normed: &mut CudaBuffer,
+        moe: &MoeWeights<CudaWeight>,
+    ) -> BResult<()> {
+        let d = weight.vector("add_rms_norm_moe")?;
+        if d == dim && self.fused_norm_applies(rows, dim) {
+            let mut scratch = self.scratch();
+            let fused = moe::NormInput {
+                acc,
+                weight,
+                eps,
+                normed,
+            };
+            if moe::norm_moe(self, &mut scratch, fused, x, rows, moe)? {
+                return Ok(());
+            }
+        }
+        self.add_rms_norm(acc, x, weight, eps, rows, dim, normed)?;
+        self.moe(normed, rows, moe, x)
+    }
+
     fn rope_queries(&self, q: &mut CudaBuffer, dims: MlaDims, step: &CudaStep) -> BResult<()> {
         let t = step.counts.tokens;
         let qd = dims.q_head_dim();
@@ -849,9 +1007,111 @@ impl Backend for CudaBackend {
         )?)
     }
 
+    fn rope_cache_attention(
+        &self,
+        q: &mut CudaBuffer,
+        dims: MlaDims,
+        kv_a: &CudaBuffer,
+        kv_norm: &CudaWeight,
+        eps: f32,
+        kv_b_proj: &CudaWeight,
+        step: &CudaStep,
+        layer: usize,
+        cache: &mut CudaCache,
+        path: AttentionPath,
+        out: &mut CudaBuffer,
+    ) -> BResult<()> {
+        let op = "rope_cache_attention";
+        let t = step.counts.tokens;
+        let args = MlaAttention {
+            q,
+            kv_b_proj,
+            cache,
+            layer,
+            step,
+            dims,
+            path,
+        };
+        let fused = attention::all_absorbed(&args).filter(|_| {
+            attention::small_absorb_applies(self, &dims, t)
+                && dims.rope_dim == cache.spec.rope_dim
+                && std::env::var("DSV2_CUDA_ROPE_ABSORB").map_or(true, |v| v != "0")
+        });
+        let Some(tokens) = fused else {
+            self.rope_and_write_cache(q, dims, kv_a, kv_norm, eps, step, layer, cache)?;
+            let args = MlaAttention {
+                q,
+                kv_b_proj,
+                cache,
+                layer,
+                step,
+                dims,
+                path,
+            };
+            return self.mla_attention(args, out);
+        };
+        attention::check_args(self, &args, out)?;
+        let c = self.check_cache_write(op, kv_a, kv_norm, step, layer, cache)?;
+        let (h, qd) = (dims.num_heads, dims.q_head_dim());
+        let mut scratch = self.scratch();
+        let q_lat = scratch.get(&self.dev, Slot::QLat, t * h * c * self.elem())?;
+        let k = &self.dev.kernels;
+        self.dev.launch(
+            &k.rope_absorb_q,
+            op,
+            ((c / 128) * h + t, 1),
+            256,
+            0,
+            &[
+                q.ptr().into(),
+                kv_b_proj.ptr().into(),
+                q_lat.into(),
+                (t as i32).into(),
+                (h as i32).into(),
+                (qd as i32).into(),
+                (dims.nope_dim as i32).into(),
+                (dims.v_dim as i32).into(),
+                (c as i32).into(),
+                kv_a.ptr().into(),
+                kv_norm.ptr().into(),
+                step.at(step.layout.slots).into(),
+                step.at(step.layout.cos).into(),
+                step.at(step.layout.sin).into(),
+                attention::layer_ptr(self, cache, layer).into(),
+                (dims.rope_dim as i32).into(),
+                eps.into(),
+            ],
+        )?;
+        let args = MlaAttention {
+            q,
+            kv_b_proj,
+            cache,
+            layer,
+            step,
+            dims,
+            path,
+        };
+        Ok(attention::absorbed_after_q(
+            self,
+            &mut scratch,
+            &args,
+            tokens,
+            out,
+        )?)
+    }
+
     fn mla_attention(&self, args: MlaAttention<'_, Self>, out: &mut CudaBuffer) -> BResult<()> {
         let mut scratch = self.scratch();
         Ok(attention::mla_attention(self, &mut scratch, args, out)?)
+    }
+
+    fn time_decode_attention(
+        &self,
+        args: MlaAttention<'_, Self>,
+        reps: usize,
+    ) -> BResult<Option<f64>> {
+        let mut scratch = self.scratch();
+        Ok(attention::time_decode(self, &mut scratch, args, reps)?)
     }
 
     fn mlp(
@@ -903,6 +1163,38 @@ impl Backend for CudaBackend {
         out: &mut [u32],
     ) -> BResult<()> {
         let mut scratch = self.scratch();
+        let (v, d) = lm_head.matrix("greedy_tokens")?;
+        let r = step.counts.logits_rows;
+        if self.dev.gemv_applies(r) && d.is_multiple_of(8) {
+            // The argmax folded into the head's GEMV: no logits are written.
+            if out.len() < r {
+                return Err(error::unsupported(
+                    "greedy_tokens",
+                    format!("output holds {} ids, {r} needed", out.len()),
+                )
+                .into());
+            }
+            self.check_len("greedy_tokens", "hidden states", x, step.counts.tokens * d)?;
+            let rows = scratch.get(&self.dev, Slot::LogitsRows, r * d * self.elem())?;
+            let ids = scratch.get(&self.dev, Slot::TokenIds, r * 4)?;
+            self.gather_logits_rows(x, step, rows, d)?;
+            self.dev.gemv_argmax(
+                "lm_head",
+                &device::Gemv {
+                    x: rows,
+                    w: lm_head.ptr(),
+                    out: 0,
+                    rows: r,
+                    n: v,
+                    k: d,
+                    out_f32: true,
+                    ldx: d,
+                    ldo: v,
+                },
+                ids,
+            )?;
+            return Ok(self.dev.dtoh(&mut out[..r], ids, "greedy_tokens")?);
+        }
         let (logits, r, v) = self.logits_device(&mut scratch, x, step, lm_head)?;
         if out.len() < r {
             return Err(error::unsupported(
@@ -922,5 +1214,26 @@ impl Backend for CudaBackend {
             &[logits.into(), ids.into(), (v as i32).into()],
         )?;
         Ok(self.dev.dtoh(&mut out[..r], ids, "greedy_tokens")?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decode_buckets_cover_and_round_up() {
+        let mut last = 0;
+        for t in 1..=MAX_GRAPH_TOKENS + 10 {
+            let b = decode_bucket(t);
+            assert!(b >= t && b >= last, "{t} -> {b}");
+            last = b;
+        }
+        let sizes: std::collections::BTreeSet<usize> = (1..=256).map(decode_bucket).collect();
+        let first: Vec<usize> = sizes.iter().copied().take(8).collect();
+        assert_eq!(first, [1, 2, 4, 8, 16, 24, 32, 48]);
+        assert_eq!(decode_bucket(256), 256);
+        assert_eq!(decode_bucket(257), 320);
+        assert_eq!(decode_bucket(MAX_GRAPH_TOKENS + 1), MAX_GRAPH_TOKENS + 1);
     }
 }

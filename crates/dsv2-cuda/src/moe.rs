@@ -46,14 +46,17 @@ fn max_tiles(pairs: usize, experts: usize, m_tile: usize) -> usize {
     (pairs + experts.min(pairs) * (m_tile - 1)) / m_tile
 }
 
-pub(crate) fn moe(
-    be: &CudaBackend,
-    scratch: &mut Scratch,
-    x: &CudaBuffer,
-    rows: usize,
-    moe: &MoeWeights<CudaWeight>,
-    out: &mut CudaBuffer,
-) -> Result<()> {
+/// The checked shape of a MoE layer.
+struct Shape {
+    num_experts: usize,
+    d: usize,
+    k: usize,
+    n_group: usize,
+    topk_group: usize,
+    inter: usize,
+}
+
+fn shape(moe: &MoeWeights<CudaWeight>) -> Result<Shape> {
     let op = "moe";
     let (num_experts, d) = moe.gate.matrix("moe router")?;
     let r = &moe.routing;
@@ -89,6 +92,146 @@ pub(crate) fn moe(
             format!("experts take {d_in} inputs, the router {d}"),
         ));
     }
+    Ok(Shape {
+        num_experts,
+        d,
+        k,
+        n_group,
+        topk_group,
+        inter,
+    })
+}
+
+/// The residual add and RMSNorm in front of a MoE block (`Backend::add_rms_norm_moe`).
+pub(crate) struct NormInput<'a> {
+    pub acc: &'a mut CudaBuffer,
+    pub weight: &'a CudaWeight,
+    pub eps: f32,
+    pub normed: &'a mut CudaBuffer,
+}
+
+/// Most dynamic shared memory of `moe_norm_route` (the default limit of a block).
+const NORM_ROUTE_MAX_SMEM: usize = 48 << 10;
+
+/// `add_rms_norm_moe` through the small-batch kernels, the norm, router and routing in
+/// one launch (`moe_norm_route`); `x` is the residual delta on entry and the block's
+/// output on return. Ok(false) (nothing launched) where the small-batch path does not
+/// apply: the caller runs the unfused ops.
+pub(crate) fn norm_moe(
+    be: &CudaBackend,
+    scratch: &mut Scratch,
+    n: NormInput<'_>,
+    x: &mut CudaBuffer,
+    rows: usize,
+    moe: &MoeWeights<CudaWeight>,
+) -> Result<bool> {
+    let op = "add_rms_norm_moe";
+    let s = shape(moe)?;
+    let smem = 2 * rows * s.d * 2 + rows * s.num_experts * 4;
+    if rows == 0
+        || !small_batch_applies(be, moe, rows, s.d, s.inter)?
+        || smem > NORM_ROUTE_MAX_SMEM
+        || n.weight.vector(op)? != s.d
+    {
+        return Ok(false);
+    }
+    for (what, buf) in [
+        ("accumulator", &*n.acc),
+        ("input", &*x),
+        ("normed", &*n.normed),
+    ] {
+        be.check_len(op, what, buf, rows * s.d)?;
+    }
+    let dev = &be.dev;
+    let r = &moe.routing;
+    let pairs = rows * s.k;
+    let ids = scratch.get(dev, Slot::RouteIds, pairs * 4)?;
+    let weights = scratch.get(dev, Slot::RouteWeights, pairs * 4)?;
+    let logits = scratch.get(dev, Slot::Router, rows * s.num_experts * 4)?;
+    let (sh_gate, sh_up, inter_sh) = shared_up(moe)?;
+    let (_, hid_sh) = hidden(be, scratch, rows, s.k, s.inter, inter_sh)?;
+    let router_blocks = s.num_experts.div_ceil(8);
+    // The shared experts' gate and up in the same launch, 16 rows a block
+    // (`DSV2_CUDA_SHARED_IN_ROUTE=0`: in moe_small_up instead).
+    let shared_in_route =
+        sh_gate != 0 && std::env::var("DSV2_CUDA_SHARED_IN_ROUTE").map_or(true, |v| v != "0");
+    let (sh_gate, sh_up, shared_blocks) = if shared_in_route {
+        (sh_gate, sh_up, rows * inter_sh.div_ceil(16))
+    } else {
+        (0, 0, 0)
+    };
+    dev.launch(
+        &dev.kernels.moe_norm_route,
+        "moe_norm_route",
+        (router_blocks + shared_blocks, 1),
+        256,
+        smem as u32,
+        &[
+            n.acc.ptr().into(),
+            x.ptr().into(),
+            n.weight.ptr().into(),
+            n.eps.into(),
+            n.normed.ptr().into(),
+            (rows as i32).into(),
+            (s.d as i32).into(),
+            moe.gate.ptr().into(),
+            logits.into(),
+            ids.into(),
+            weights.into(),
+            (s.num_experts as i32).into(),
+            (s.k as i32).into(),
+            (s.n_group as i32).into(),
+            (s.topk_group as i32).into(),
+            (r.norm_topk_prob as i32).into(),
+            r.routed_scaling_factor.into(),
+            (dev.sync.ptr() + crate::device::SYNC_COUNTER).into(),
+            (router_blocks as i32).into(),
+            sh_gate.into(),
+            sh_up.into(),
+            (inter_sh as i32).into(),
+            hid_sh.into(),
+        ],
+    )?;
+    let table = expert_table(be, moe, s.inter, s.d)?;
+    small_batch(
+        be,
+        scratch,
+        n.normed,
+        rows,
+        moe,
+        SmallArgs {
+            ids,
+            weights,
+            table,
+            num_experts: s.num_experts,
+            k: s.k,
+            d: s.d,
+            inter: s.inter,
+            shared_up_done: shared_in_route,
+        },
+        x,
+    )?;
+    Ok(true)
+}
+
+pub(crate) fn moe(
+    be: &CudaBackend,
+    scratch: &mut Scratch,
+    x: &CudaBuffer,
+    rows: usize,
+    moe: &MoeWeights<CudaWeight>,
+    out: &mut CudaBuffer,
+) -> Result<()> {
+    let op = "moe";
+    let Shape {
+        num_experts,
+        d,
+        k,
+        n_group,
+        topk_group,
+        inter,
+    } = shape(moe)?;
+    let r = &moe.routing;
     be.check_len(op, "input", x, rows * d)?;
     be.check_len(op, "output", out, rows * d)?;
     if rows == 0 {
@@ -144,6 +287,7 @@ pub(crate) fn moe(
                 k,
                 d,
                 inter,
+                shared_up_done: false,
             },
             out,
         );
@@ -408,6 +552,37 @@ struct SmallArgs {
     k: usize,
     d: usize,
     inter: usize,
+    /// The shared experts' SwiGLU products are already in the hidden buffer
+    /// (`moe_norm_route` computed them).
+    shared_up_done: bool,
+}
+
+/// The shared experts' gate and up weights and intermediate width (zeros without).
+fn shared_up(moe: &MoeWeights<CudaWeight>) -> Result<(u64, u64, usize)> {
+    Ok(match &moe.shared_experts {
+        Some(sh) => (
+            sh.gate_proj.ptr(),
+            sh.up_proj.ptr(),
+            sh.gate_proj.matrix("shared gate_proj")?.0,
+        ),
+        None => (0, 0, 0),
+    })
+}
+
+/// The small-batch kernels' SwiGLU products: (routed `[rows * k, inter]`, shared
+/// `[rows, inter_sh]` right after them).
+fn hidden(
+    be: &CudaBackend,
+    scratch: &mut Scratch,
+    rows: usize,
+    k: usize,
+    inter: usize,
+    inter_sh: usize,
+) -> Result<(u64, u64)> {
+    let e = be.elem();
+    let routed = rows * k * inter;
+    let hid = scratch.get(&be.dev, Slot::MoeHidden, (routed + rows * inter_sh) * e)?;
+    Ok((hid, hid + (routed * e) as u64))
 }
 
 /// The routed and shared experts of a few tokens in two launches (see moe.cu).
@@ -421,29 +596,29 @@ fn small_batch(
     out: &mut CudaBuffer,
 ) -> Result<()> {
     let dev = &be.dev;
-    let e = be.elem();
-    let (sh_gate, sh_up, sh_down, inter_sh) = match &moe.shared_experts {
-        Some(sh) => (
-            sh.gate_proj.ptr(),
-            sh.up_proj.ptr(),
-            sh.down_proj.ptr(),
-            sh.gate_proj.matrix("shared gate_proj")?.0,
-        ),
-        None => (0, 0, 0, 0),
-    };
+    let (sh_gate, sh_up, inter_sh) = shared_up(moe)?;
+    let sh_down = moe
+        .shared_experts
+        .as_ref()
+        .map_or(0, |sh| sh.down_proj.ptr());
     let pairs = rows * a.k;
-    let routed = pairs * a.inter;
-    let hid = scratch.get(dev, Slot::MoeHidden, (routed + rows * inter_sh) * e)?;
-    let hid_sh = hid + (routed * e) as u64;
+    let (hid, hid_sh) = hidden(be, scratch, rows, a.k, a.inter, inter_sh)?;
     let has_shared = moe.shared_experts.is_some();
-    let width = a.inter.max(inter_sh);
+    // Without the shared experts' part (done already, or absent), only the routed rows.
+    let up_shared = has_shared && !a.shared_up_done;
+    let (sh_gate, sh_up) = if up_shared { (sh_gate, sh_up) } else { (0, 0) };
+    let width = if up_shared {
+        a.inter.max(inter_sh)
+    } else {
+        a.inter
+    };
     let kern = &dev.kernels;
     dev.launch(
         &kern.moe_small_up,
         "moe_small_up",
         (
             width.div_ceil(SMALL_ROWS_PER_BLOCK),
-            pairs + if has_shared { rows } else { 0 },
+            pairs + if up_shared { rows } else { 0 },
         ),
         128,
         0,

@@ -6,7 +6,7 @@
 //! path), the token and sequence lists of the two attention paths under
 //! `AttentionPath::Auto`, the block tables, and the RoPE cos/sin (f32 bits).
 
-use dsv2_backend::{Batch, RopeAngles};
+use dsv2_backend::{Batch, RopeAngles, PAD_SLOT};
 
 use crate::device::{DevMem, Device};
 use crate::error::{unsupported, Result};
@@ -148,7 +148,7 @@ impl CudaStep {
                 *field = s.len();
                 s.extend(values);
             };
-        c.max_slot = batch.slots.iter().copied().max();
+        c.max_slot = batch.slots.iter().copied().filter(|&s| s != PAD_SLOT).max();
         c.max_block = batch
             .seqs
             .iter()
@@ -190,11 +190,6 @@ impl CudaStep {
                 s[l.tok_visible + seq.query_start + j] = (past + j + 1) as u32;
             }
         }
-        section(
-            s,
-            &mut l.logits_rows,
-            &mut batch.logits_rows.iter().copied(),
-        );
         section(
             s,
             &mut l.seq_ctx,
@@ -251,14 +246,21 @@ impl CudaStep {
             s.extend((seq.query_start..seq.query_start + seq.query_len).map(|r| r as u32));
         }
         c.exp_auto_tokens = s.len() - l.exp_auto_tokens;
-        // The angles before the block tables: then every offset of a decode step depends
-        // on its counts only, not on its context lengths (what a captured graph needs).
+        // The angles before the block tables (and the logits rows after them): then every
+        // offset a decode step's graph uses depends on its token count only, not on its
+        // context lengths or logits rows.
         section(s, &mut l.cos, &mut angles.cos.iter().map(|v| v.to_bits()));
         section(s, &mut l.sin, &mut angles.sin.iter().map(|v| v.to_bits()));
         l.block_tables = s.len();
         for seq in &batch.seqs {
             s.extend_from_slice(&seq.block_table);
         }
+        // Last: read only by the head, after a captured step.
+        section(
+            s,
+            &mut l.logits_rows,
+            &mut batch.logits_rows.iter().copied(),
+        );
         l.words = s.len();
         let needed = l.words * 4;
         if self.mem.as_ref().is_none_or(|m| m.bytes() < needed) {

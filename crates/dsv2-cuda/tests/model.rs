@@ -197,3 +197,38 @@ fn forward_matches_cpu_on_prompts_and_batched_decode() {
         );
     }
 }
+
+/// Decode steps padded to a graph bucket (3 sequences run as 4 tokens, 5 as 8: padding
+/// tokens that write no latent) give the logits and greedy tokens of the unpadded steps,
+/// graph-replayed or not.
+#[test]
+fn bucketed_decode_steps_match_exact_ones() {
+    let Some(gpu) = cuda(ComputeDtype::Bf16) else {
+        return;
+    };
+    assert_eq!(
+        (1..=9).map(dsv2_cuda::decode_bucket).collect::<Vec<_>>(),
+        [1, 2, 4, 4, 8, 8, 8, 8, 16]
+    );
+    for variant in ["lite", "mla"] {
+        let cfg = config(variant);
+        let ckpt = synthetic_checkpoint(&cfg, 11, DType::BF16);
+        let model = Model::load(&gpu, cfg, &ckpt).unwrap();
+        for n in [3usize, 5] {
+            let prompts: Vec<Vec<u32>> = (0..n).map(|i| tokens(4 + 9 * i, i as u32 + 1)).collect();
+            gpu.set_graph_buckets(false);
+            let (exact, exact_ids) = schedule(&gpu, &model, &prompts, 5, AttentionPath::Auto);
+            gpu.set_graph_buckets(true);
+            let (padded, padded_ids) = schedule(&gpu, &model, &prompts, 5, AttentionPath::Auto);
+            assert_eq!(
+                padded_ids, exact_ids,
+                "{variant} {n} sequences: greedy tokens"
+            );
+            for s in 0..exact.len() {
+                let err = rel_err(&padded[s], &exact[s]);
+                eprintln!("{variant} {n} sequences step {s}: padded vs exact {err:.2e}");
+                assert!(err <= 1e-3, "{variant} {n} sequences step {s}: {err:.3e}");
+            }
+        }
+    }
+}

@@ -647,3 +647,233 @@ fn logits_and_greedy_tokens() {
         }
     });
 }
+
+/// The fused layer inputs against the CPU's unfused defaults: the residual add and
+/// RMSNorm computed inside the query/latent GEMV (`add_rms_norm_linear_pair`) and inside
+/// the MoE router launch (`add_rms_norm_moe`), up to the GEMV's 8 rows and past them.
+#[test]
+fn fused_norm_into_projections_and_moe() {
+    each_dtype(|dtype, cpu, gpu| {
+        let (d, na, nb) = (256, 200, 72);
+        let wa = tensor("fa", &[na, d], 15, 0.2);
+        let wb = tensor("fb", &[nb, d], 16, 0.2);
+        let norm = norm_tensor("fnorm", d, 17);
+        let (wac, wag) = (cpu.load_weight(&wa).unwrap(), gpu.load_weight(&wa).unwrap());
+        let (wbc, wbg) = (cpu.load_weight(&wb).unwrap(), gpu.load_weight(&wb).unwrap());
+        let (nc, ng) = (
+            cpu.load_weight(&norm).unwrap(),
+            gpu.load_weight(&norm).unwrap(),
+        );
+        for rows in [1usize, 3, 8, 9] {
+            let (mut accc, mut accg) = inputs(gpu, &bf16_values(rows * d, 80 + rows as u64, 1.0));
+            let (xc, xg) = inputs(gpu, &bf16_values(rows * d, 90 + rows as u64, 1.0));
+            let (mut normc, mut normg) =
+                (cpu.alloc(rows * d).unwrap(), gpu.alloc(rows * d).unwrap());
+            let (mut ac, mut bc) = (cpu.alloc(rows * na).unwrap(), cpu.alloc(rows * nb).unwrap());
+            let (mut ag, mut bg) = (gpu.alloc(rows * na).unwrap(), gpu.alloc(rows * nb).unwrap());
+            cpu.add_rms_norm_linear_pair(
+                &mut accc, &xc, &nc, 1e-6, rows, d, &mut normc, &wac, &mut ac, &wbc, &mut bc,
+            )
+            .unwrap();
+            gpu.add_rms_norm_linear_pair(
+                &mut accg, &xg, &ng, 1e-6, rows, d, &mut normg, &wag, &mut ag, &wbg, &mut bg,
+            )
+            .unwrap();
+            for (what, got, want) in [
+                ("residual", gpu.download(&accg).unwrap(), accc.to_vec()),
+                ("normed", gpu.download(&normg).unwrap(), normc.to_vec()),
+                ("a", gpu.download(&ag).unwrap(), ac.to_vec()),
+                ("b", gpu.download(&bg).unwrap(), bc.to_vec()),
+            ] {
+                check(
+                    &format!("add_rms_norm_linear_pair {what} rows {rows}"),
+                    dtype,
+                    &got,
+                    &want,
+                );
+            }
+        }
+        let d = 64;
+        let norm = norm_tensor("mnorm", d, 18);
+        let (nc, ng) = (
+            cpu.load_weight(&norm).unwrap(),
+            gpu.load_weight(&norm).unwrap(),
+        );
+        let routings = [
+            (
+                "greedy",
+                Routing {
+                    top_k: 3,
+                    groups: None,
+                    norm_topk_prob: false,
+                    routed_scaling_factor: 1.0,
+                },
+                8,
+                true,
+            ),
+            (
+                "group-limited",
+                Routing {
+                    top_k: 4,
+                    groups: Some((4, 2)),
+                    norm_topk_prob: false,
+                    routed_scaling_factor: 16.0,
+                },
+                16,
+                true,
+            ),
+            (
+                "renormalized",
+                Routing {
+                    top_k: 2,
+                    groups: None,
+                    norm_topk_prob: true,
+                    routed_scaling_factor: 16.0,
+                },
+                8,
+                false,
+            ),
+        ];
+        for rows in [1usize, 3, 4, 5] {
+            for (name, routing, experts, shared) in routings {
+                let wc = moe_weights(cpu, d, 32, experts, shared, routing);
+                let wg = moe_weights(gpu, d, 32, experts, shared, routing);
+                let (mut accc, mut accg) =
+                    inputs(gpu, &bf16_values(rows * d, 100 + rows as u64, 1.0));
+                let (mut xc, mut xg) = inputs(gpu, &bf16_values(rows * d, 110 + rows as u64, 1.0));
+                let (mut normc, mut normg) =
+                    (cpu.alloc(rows * d).unwrap(), gpu.alloc(rows * d).unwrap());
+                cpu.add_rms_norm_moe(&mut accc, &mut xc, &nc, 1e-6, rows, d, &mut normc, &wc)
+                    .unwrap();
+                gpu.add_rms_norm_moe(&mut accg, &mut xg, &ng, 1e-6, rows, d, &mut normg, &wg)
+                    .unwrap();
+                for (what, got, want) in [
+                    ("residual", gpu.download(&accg).unwrap(), accc.to_vec()),
+                    ("normed", gpu.download(&normg).unwrap(), normc.to_vec()),
+                    ("output", gpu.download(&xg).unwrap(), xc.to_vec()),
+                ] {
+                    check(
+                        &format!("add_rms_norm_moe {name} {what} rows {rows}"),
+                        dtype,
+                        &got,
+                        &want,
+                    );
+                }
+            }
+        }
+    });
+}
+
+/// `rope_cache_attention` on a decode-only batch at the real widths (the queries' RoPE,
+/// the cache write and the absorbed query in one launch, then the decode kernel) against
+/// the CPU's unfused ops: roped queries, cached rows and the attention output.
+#[test]
+fn fused_rope_cache_attention() {
+    each_dtype(|dtype, cpu, gpu| {
+        let (h, dn, dr, dv, c) = (16, 128, 64, 128, 512);
+        let block = 16;
+        let tables: [Vec<u32>; 3] = [vec![5, 0, 7], vec![2, 8, 1, 9], vec![4, 3]];
+        let pasts = [37usize, 60, 20];
+        let spec = CacheSpec {
+            num_layers: 2,
+            num_blocks: 10,
+            block_size: block,
+            kv_lora_rank: c,
+            rope_dim: dr,
+        };
+        let (mut cc, mut cg) = (
+            cpu.alloc_cache(spec).unwrap(),
+            gpu.alloc_cache(spec).unwrap(),
+        );
+        let kv_norm = norm_tensor("rca_norm", c, 23);
+        let (nc, ng) = (
+            cpu.load_weight(&kv_norm).unwrap(),
+            gpu.load_weight(&kv_norm).unwrap(),
+        );
+        let kv_b = tensor("rca_kv_b", &[h * (dn + dv), c], 24, 0.05);
+        let (kbc, kbg) = (
+            cpu.load_weight(&kv_b).unwrap(),
+            gpu.load_weight(&kv_b).unwrap(),
+        );
+        let dims = MlaDims {
+            num_heads: h,
+            nope_dim: dn,
+            rope_dim: dr,
+            v_dim: dv,
+            kv_lora_rank: c,
+            softmax_scale: 0.07,
+        };
+        // The pasts, then one decode token per sequence, written and attended at once.
+        let mut history = Batch::default();
+        let mut step = Batch::default();
+        for i in 0..3 {
+            let toks: Vec<u32> = (0..pasts[i] as u32).collect();
+            history.push_seq(&toks, 0, &tables[i], block, LogitsWanted::None);
+            step.push_seq(&[1], pasts[i], &tables[i], block, LogitsWanted::Last);
+        }
+        for (b, seed, path) in [
+            (&history, 50u64, None),
+            (&step, 60, Some(AttentionPath::Absorbed)),
+            (&step, 70, Some(AttentionPath::Auto)),
+        ] {
+            let t = b.num_tokens();
+            let cos: Vec<f32> = values(t * dr / 2, seed, 1.0);
+            let sin: Vec<f32> = cos.iter().map(|v| (1.0 - v * v).sqrt()).collect();
+            let angles = RopeAngles {
+                cos: &cos,
+                sin: &sin,
+            };
+            let (mut sc, mut sg) = (cpu.alloc_step(t).unwrap(), gpu.alloc_step(t).unwrap());
+            cpu.prepare_step(b, angles, &mut sc).unwrap();
+            gpu.prepare_step(b, angles, &mut sg).unwrap();
+            let (kc, kg) = inputs(gpu, &bf16_values(t * (c + dr), seed + 1, 2.0));
+            let (mut qc, mut qg) = inputs(gpu, &bf16_values(t * h * (dn + dr), seed + 2, 1.0));
+            let Some(path) = path else {
+                cpu.mla_write_cache(&kc, &nc, 1e-6, &sc, 1, &mut cc)
+                    .unwrap();
+                gpu.mla_write_cache(&kg, &ng, 1e-6, &sg, 1, &mut cg)
+                    .unwrap();
+                continue;
+            };
+            let (mut oc, mut og) = (
+                cpu.alloc(t * h * dv).unwrap(),
+                gpu.alloc(t * h * dv).unwrap(),
+            );
+            cpu.rope_cache_attention(
+                &mut qc, dims, &kc, &nc, 1e-6, &kbc, &sc, 1, &mut cc, path, &mut oc,
+            )
+            .unwrap();
+            gpu.rope_cache_attention(
+                &mut qg, dims, &kg, &ng, 1e-6, &kbg, &sg, 1, &mut cg, path, &mut og,
+            )
+            .unwrap();
+            check(
+                &format!("rope_cache_attention {path:?} q"),
+                dtype,
+                &gpu.download(&qg).unwrap(),
+                &qc,
+            );
+            check(
+                &format!("rope_cache_attention {path:?} out"),
+                dtype,
+                &gpu.download(&og).unwrap(),
+                &oc,
+            );
+            let all = gpu.download_cache(&cg).unwrap();
+            let w = c + dr;
+            let slots = spec.num_blocks * block;
+            let (mut got, mut want) = (Vec::new(), Vec::new());
+            for &slot in &b.slots {
+                let at = (slots + slot as usize) * w;
+                got.extend_from_slice(&all[at..at + w]);
+                want.extend_from_slice(cc.row(1, slot as usize));
+            }
+            check(
+                &format!("rope_cache_attention {path:?} cache"),
+                dtype,
+                &got,
+                &want,
+            );
+        }
+    });
+}

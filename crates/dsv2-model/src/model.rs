@@ -7,7 +7,7 @@
 
 use dsv2_backend::{
     AttentionPath, Backend, Batch, CacheSpec, MlaAttention, MlaDims, Mlp, MoeWeights, RopeAngles,
-    Routing,
+    Routing, PAD_SLOT,
 };
 use dsv2_core::quant::{quantize_tensor, quantized_format};
 use dsv2_core::{expected_tensors, Checkpoint, ModelConfig, QuantFormat, TopkMethod, Weight};
@@ -106,6 +106,8 @@ pub struct Workspace<B: Backend> {
     sin: Vec<f32>,
     /// The step's metadata on the device.
     step: B::Step,
+    /// A decode step with its padding tokens (`Backend::decode_bucket`), reused.
+    padded: Batch,
 }
 
 impl<B: Backend> Workspace<B> {
@@ -286,6 +288,7 @@ impl<B: Backend> Model<B> {
             cos: Vec::with_capacity(t * c.qk_rope_head_dim / 2),
             sin: Vec::with_capacity(t * c.qk_rope_head_dim / 2),
             step: backend.alloc_step(t)?,
+            padded: Batch::default(),
         })
     }
 
@@ -355,14 +358,30 @@ impl<B: Backend> Model<B> {
         ws: &mut Workspace<B>,
         path: AttentionPath,
     ) -> Result<()> {
-        self.prepare(backend, batch, ws)?;
+        // A decode step padded to the backend's bucket, so that nearby batch sizes replay
+        // the same graph; the padding tokens' outputs are never read (logits_rows keep
+        // the real rows).
+        let t = batch.num_tokens();
+        let bucket = backend.decode_bucket(t);
+        let decode = !batch.seqs.is_empty() && batch.seqs.len() == t;
+        let t = if decode && bucket > t && bucket <= ws.capacity {
+            let mut padded = std::mem::take(&mut ws.padded);
+            pad_decode_batch(batch, bucket, &mut padded);
+            let prepared = self.prepare(backend, &padded, ws);
+            ws.padded = padded;
+            prepared?;
+            bucket
+        } else {
+            self.prepare(backend, batch, ws)?;
+            t
+        };
         // The ops below depend on the step's shape and `path` only: a backend may replay
         // them as one graph (CUDA graphs for decode steps).
         let key = (self.id << 8) | path as u64;
         if backend.begin_step_graph(&ws.step, cache, key)? {
             return Ok(());
         }
-        let result = self.decoder(backend, batch.num_tokens(), cache, ws, path);
+        let result = self.decoder(backend, t, cache, ws, path);
         let ended = backend.end_step_graph(&ws.step, result.is_ok());
         result?;
         ended?;
@@ -383,35 +402,41 @@ impl<B: Backend> Model<B> {
         let eps = self.config.rms_norm_eps as f32;
         for (i, layer) in self.layers.iter().enumerate() {
             // h = h + attention(input_layernorm(h)); the previous block's residual add is
-            // fused with this norm.
-            if i == 0 {
+            // fused with this norm (and, through `add_rms_norm_linear_pair`, with the
+            // layer's first projections).
+            let residual = if i == 0 {
                 backend.rms_norm(&ws.hidden, &layer.input_layernorm, eps, t, &mut ws.normed)?;
+                None
             } else {
-                backend.add_rms_norm(
+                Some(&layer.input_layernorm)
+            };
+            self.attention(backend, i, &layer.self_attn, t, cache, ws, path, residual)?;
+            backend.linear(&ws.attn, t, &layer.self_attn.o_proj, &mut ws.block_out)?;
+            // h = h + mlp_or_moe(post_attention_layernorm(h))
+            let norm = &layer.post_attention_layernorm;
+            match &layer.mlp {
+                FeedForward::Dense(mlp) => {
+                    backend.add_rms_norm(
+                        &mut ws.hidden,
+                        &ws.block_out,
+                        norm,
+                        eps,
+                        t,
+                        d,
+                        &mut ws.normed,
+                    )?;
+                    backend.mlp(&ws.normed, t, mlp, &mut ws.block_out)?
+                }
+                FeedForward::Moe(moe) => backend.add_rms_norm_moe(
                     &mut ws.hidden,
-                    &ws.block_out,
-                    &layer.input_layernorm,
+                    &mut ws.block_out,
+                    norm,
                     eps,
                     t,
                     d,
                     &mut ws.normed,
-                )?;
-            }
-            self.attention(backend, i, &layer.self_attn, t, cache, ws, path)?;
-            backend.linear(&ws.attn, t, &layer.self_attn.o_proj, &mut ws.block_out)?;
-            // h = h + mlp_or_moe(post_attention_layernorm(h))
-            backend.add_rms_norm(
-                &mut ws.hidden,
-                &ws.block_out,
-                &layer.post_attention_layernorm,
-                eps,
-                t,
-                d,
-                &mut ws.normed,
-            )?;
-            match &layer.mlp {
-                FeedForward::Dense(mlp) => backend.mlp(&ws.normed, t, mlp, &mut ws.block_out)?,
-                FeedForward::Moe(moe) => backend.moe(&ws.normed, t, moe, &mut ws.block_out)?,
+                    moe,
+                )?,
             }
         }
         // The last residual add and the final norm; the head runs on the requested rows.
@@ -425,6 +450,39 @@ impl<B: Backend> Model<B> {
             &mut ws.normed,
         )?;
         Ok(())
+    }
+
+    /// Times the backend's decode attention over the cache (first layer, absorbed path)
+    /// for the decode tokens of `batch`, averaged over `reps` runs
+    /// ([`Backend::time_decode_attention`]): for reporting the attention kernel's read
+    /// rate. Writes nothing to the cache. `None` where the backend does not time it.
+    ///
+    /// # Errors
+    /// As [`forward`](Self::forward).
+    pub fn time_decode_attention(
+        &self,
+        backend: &B,
+        batch: &Batch,
+        cache: &B::Cache,
+        ws: &mut Workspace<B>,
+        reps: usize,
+    ) -> Result<Option<f64>> {
+        self.prepare(backend, batch, ws)?;
+        let Some(layer) = self.layers.first() else {
+            return Ok(None);
+        };
+        Ok(backend.time_decode_attention(
+            MlaAttention {
+                q: &ws.q,
+                kv_b_proj: &layer.self_attn.kv_b_proj,
+                cache,
+                layer: 0,
+                step: &ws.step,
+                dims: self.dims,
+                path: AttentionPath::Absorbed,
+            },
+            reps,
+        )?)
     }
 
     /// Fills the latent cache for the batch's tokens cheaply: each layer caches the
@@ -486,53 +544,59 @@ impl<B: Backend> Model<B> {
         cache: &mut B::Cache,
         ws: &mut Workspace<B>,
         path: AttentionPath,
+        residual: Option<&B::Weight>,
     ) -> Result<()> {
         let eps = self.config.rms_norm_eps as f32;
+        let d = self.config.hidden_size;
         // q = q_proj(x), or q_b_proj(q_a_layernorm(q_a_proj(x))), and
-        // [latent | k_pe] = kv_a_proj_with_mqa(x): the two products of x in one call.
+        // [latent | k_pe] = kv_a_proj_with_mqa(x): the two products of x in one call, x
+        // being `normed`, or (with `residual`, the input norm's weight) the norm of the
+        // previous block's residual add, computed in the same call.
         let kv_a_proj = &attn.kv_a_proj_with_mqa;
+        let (w_a, out_a) = match &attn.query {
+            QueryProj::Plain { q_proj } => (q_proj, &mut ws.q),
+            QueryProj::LowRank { q_a_proj, .. } => (q_a_proj, &mut ws.q_low),
+        };
+        match residual {
+            None => backend.linear_pair(&ws.normed, t, w_a, out_a, kv_a_proj, &mut ws.kv_a)?,
+            Some(norm) => backend.add_rms_norm_linear_pair(
+                &mut ws.hidden,
+                &ws.block_out,
+                norm,
+                eps,
+                t,
+                d,
+                &mut ws.normed,
+                w_a,
+                out_a,
+                kv_a_proj,
+                &mut ws.kv_a,
+            )?,
+        }
         match &attn.query {
-            QueryProj::Plain { q_proj } => {
-                backend.linear_pair(&ws.normed, t, q_proj, &mut ws.q, kv_a_proj, &mut ws.kv_a)?
-            }
+            QueryProj::Plain { .. } => {}
             QueryProj::LowRank {
-                q_a_proj,
                 q_a_layernorm,
                 q_b_proj,
+                ..
             } => {
-                backend.linear_pair(
-                    &ws.normed,
-                    t,
-                    q_a_proj,
-                    &mut ws.q_low,
-                    kv_a_proj,
-                    &mut ws.kv_a,
-                )?;
                 backend.rms_norm(&ws.q_low, q_a_layernorm, eps, t, &mut ws.q_low_normed)?;
                 backend.linear(&ws.q_low_normed, t, q_b_proj, &mut ws.q)?;
             }
         }
-        // RoPE on each query head's tail; cache kv_a_layernorm(latent) and rope(k_pe).
-        backend.rope_and_write_cache(
+        // RoPE on each query head's tail; cache kv_a_layernorm(latent) and rope(k_pe);
+        // then attention over the cache.
+        backend.rope_cache_attention(
             &mut ws.q,
             self.dims,
             &ws.kv_a,
             &attn.kv_a_layernorm,
             eps,
+            &attn.kv_b_proj,
             &ws.step,
             layer,
             cache,
-        )?;
-        backend.mla_attention(
-            MlaAttention {
-                q: &ws.q,
-                kv_b_proj: &attn.kv_b_proj,
-                cache,
-                layer,
-                step: &ws.step,
-                dims: self.dims,
-                path,
-            },
+            path,
             &mut ws.attn,
         )?;
         Ok(())
@@ -577,4 +641,18 @@ fn load_mlp<W>(w: &mut impl FnMut(&str) -> Result<W>, prefix: &str) -> Result<Ml
         up_proj: w(&format!("{prefix}.up_proj.weight"))?,
         down_proj: w(&format!("{prefix}.down_proj.weight"))?,
     })
+}
+
+/// `batch` (a decode step) followed by padding tokens up to `tokens` rows, into `out`
+/// (its buffers reused): one-token sequences of token 0 at position 0 with slot
+/// [`PAD_SLOT`], attending over the first row of the first real sequence's first block.
+fn pad_decode_batch(batch: &Batch, tokens: usize, out: &mut Batch) {
+    out.clone_from(batch);
+    let block = batch.seqs[0].block_table.first().copied().unwrap_or(0);
+    for row in batch.num_tokens()..tokens {
+        out.token_ids.push(0);
+        out.positions.push(0);
+        out.slots.push(PAD_SLOT);
+        out.push_padding_seq(row, block);
+    }
 }
