@@ -242,11 +242,37 @@ impl ModelTask for BenchTask<'_> {
             "filling {max_batch} contexts of {max_context} tokens"
         ));
         runner.fill_contexts(max_batch, max_context)?;
+        // On the CPU the host's bandwidth drifts by tens of percent within minutes (other
+        // tenants of the machine): each decode row is bracketed by probes and its floor
+        // set by the higher of the two. A probe's buffer is not counted in the peak RSS
+        // (its high-water mark is read before each probe and reset after it).
+        let mut probes = Probes {
+            peak_rss: peak_rss_bytes(),
+            values: self.bandwidth_before_load.into_iter().collect(),
+        };
+        let per_row_probes = self.bandwidth_before_load.is_some() && reset_peak_rss();
+        let mut probe = |bar: &ProgressBar| -> Result<f64> {
+            bar.set_message("measuring the read bandwidth");
+            probes.probe(backend)
+        };
+        let mut before = if per_row_probes {
+            Some(probe(&bar)?)
+        } else {
+            None
+        };
         let mut decode = Vec::new();
         for &context in &args.contexts {
             for &batch in &args.batch_sizes {
                 bar.set_message(format!("decode: batch {batch}, context {context}"));
                 let seconds = runner.decode(batch, context, args.decode_tokens)?;
+                let bandwidth = match before {
+                    Some(b) => {
+                        let after = probe(&bar)?;
+                        before = Some(after);
+                        Some(b.max(after))
+                    }
+                    None => None,
+                };
                 // The attention kernel alone over the cache the last timed step read.
                 let attn_position = context + WARMUP_STEPS + args.decode_tokens - 1;
                 let attention_s = runner.attention_seconds(batch, attn_position)?;
@@ -268,18 +294,21 @@ impl ModelTask for BenchTask<'_> {
                     bytes_per_step,
                     attention_s,
                     attention_bytes,
+                    bandwidth,
                 });
                 bar.inc(1);
             }
         }
-        // Read before the bandwidth probe allocates its buffer.
-        let peak_rss_bytes = peak_rss_bytes();
-        bar.set_message("measuring the read bandwidth");
-        let probes: Vec<f64> = self
-            .bandwidth_before_load
-            .into_iter()
-            .chain([backend.measure_read_bandwidth()?])
-            .collect();
+        // The peak RSS is read before a probe allocates its buffer.
+        if !per_row_probes {
+            probe(&bar)?;
+        }
+        let peak_rss_bytes = if per_row_probes {
+            probes.peak_rss.max(peak_rss_bytes())
+        } else {
+            probes.peak_rss
+        };
+        let probes = probes.values;
         let bandwidth = probes.iter().copied().fold(0.0, f64::max);
         bar.finish_and_clear();
         Ok(Report {
@@ -536,6 +565,9 @@ struct DecodeRow {
     attention_s: Option<f64>,
     /// The cache bytes that attention reads (one layer's latents of every sequence).
     attention_bytes: f64,
+    /// The read bandwidth of this row's floor when the row was bracketed by probes (the
+    /// higher of the two); else the run's.
+    bandwidth: Option<f64>,
 }
 
 impl DecodeRow {
@@ -651,8 +683,8 @@ impl Report {
                 row.step_s() * 1e3,
                 row.tokens_per_s(),
                 row.bytes_per_step / 1e6,
-                row.floor_tokens_per_s(self.bandwidth),
-                100.0 * row.bandwidth_fraction(self.bandwidth)
+                row.floor_tokens_per_s(row.bandwidth.unwrap_or(self.bandwidth)),
+                100.0 * row.bandwidth_fraction(row.bandwidth.unwrap_or(self.bandwidth))
             );
         }
         if self.decode.iter().any(|r| r.attention_s.is_some()) {
@@ -696,8 +728,9 @@ impl Report {
                     "seconds": r.seconds,
                     "tokens_per_s": r.tokens_per_s(),
                     "bytes_per_step": r.bytes_per_step,
-                    "floor_tokens_per_s": r.floor_tokens_per_s(self.bandwidth),
-                    "bandwidth_fraction": r.bandwidth_fraction(self.bandwidth),
+                    "floor_tokens_per_s": r.floor_tokens_per_s(r.bandwidth.unwrap_or(self.bandwidth)),
+                    "bandwidth_fraction": r.bandwidth_fraction(r.bandwidth.unwrap_or(self.bandwidth)),
+                    "bandwidth_gbps": r.bandwidth.unwrap_or(self.bandwidth) / 1e9,
                     "attention_seconds": r.attention_s,
                     "attention_bytes": r.attention_bytes,
                     "attention_gbps": r.attention_rate().map(|b| b / 1e9),
@@ -733,6 +766,32 @@ fn si(x: f64, unit: &str) -> String {
 }
 
 /// Peak resident memory of this process (`VmHWM`), where Linux reports it.
+/// Bandwidth probes of a run, and the peak RSS outside them.
+struct Probes {
+    /// The highest peak RSS read before a probe.
+    peak_rss: Option<u64>,
+    /// Each probe's bandwidth, bytes per second.
+    values: Vec<f64>,
+}
+
+impl Probes {
+    /// Reads the peak RSS, probes the bandwidth, then resets the peak RSS (where
+    /// possible) so the probe's buffer does not count.
+    fn probe<B: Backend>(&mut self, backend: &B) -> Result<f64> {
+        self.peak_rss = self.peak_rss.max(peak_rss_bytes());
+        let bandwidth = backend.measure_read_bandwidth()?;
+        reset_peak_rss();
+        self.values.push(bandwidth);
+        Ok(bandwidth)
+    }
+}
+
+/// Resets the peak RSS to the current RSS (Linux: `5` into `/proc/self/clear_refs`);
+/// false where that is not possible.
+fn reset_peak_rss() -> bool {
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
+}
+
 fn peak_rss_bytes() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
