@@ -7,8 +7,8 @@
 
 use dsv2_backend::{AttentionPath, MlaAttention, MlaDims, SeqSlice};
 
-use crate::kernels::{axpy, dot, gemm_f32, round_bf16, MatRef, SyncPtr};
-use crate::mla::{dots, weighted_sum, Rows, DOT_TILE, SUM_COLS, SUM_HEADS};
+use crate::kernels::{gemm_f32, round_bf16, MatRef, SyncPtr};
+use crate::mla::{absorb, dots, project, weighted_sum, Rows, DOT_TILE, SUM_COLS, SUM_HEADS};
 use crate::scratch::take;
 use crate::team;
 use crate::{with_elems, CpuBackend, CpuCache};
@@ -165,8 +165,9 @@ fn absorbed(be: &CpuBackend, args: &MlaAttention<'_, CpuBackend>, seq: &SeqSlice
         width: cache.spec().width(),
     };
     with_elems!(args.kv_b_proj, |kv_b| {
-        let w_uk = |head: usize, j: usize| &kv_b[(head * (dn + dv) + j) * c..][..c];
-        let w_uv = |head: usize, j: usize| &kv_b[(head * (dn + dv) + dn + j) * c..][..c];
+        // W_UK[head]: rows head·(dn + dv) .. + dn; W_UV[head]: the next dv rows.
+        let w_uk = |head: usize| &kv_b[head * (dn + dv) * c..][..dn * c];
+        let w_uv = |head: usize| &kv_b[(head * (dn + dv) + dn) * c..][..dv * c];
         for i in 0..seq.query_len {
             let t = seq.query_start + i;
             let q_tok = &args.q[t * h * qd..(t + 1) * h * qd];
@@ -175,10 +176,7 @@ fn absorbed(be: &CpuBackend, args: &MlaAttention<'_, CpuBackend>, seq: &SeqSlice
             // into latent space, beside its RoPE part.
             team::for_each_chunk_mut(&mut q_cat, w, |head, qc| {
                 let (ql, qp) = qc.split_at_mut(c);
-                ql.fill(0.0);
-                for (j, &qv) in q_tok[head * qd..head * qd + dn].iter().enumerate() {
-                    axpy(qv, w_uk(head, j), ql);
-                }
+                absorb(&q_tok[head * qd..head * qd + dn], w_uk(head), ql);
                 be.round(ql);
                 qp.copy_from_slice(&q_tok[head * qd + dn..(head + 1) * qd]);
             });
@@ -242,10 +240,7 @@ fn absorbed(be: &CpuBackend, args: &MlaAttention<'_, CpuBackend>, seq: &SeqSlice
             be.round(&mut o_lat);
             // out[head] = W_UV[head] · o_lat[head].
             team::for_each_chunk_mut(&mut out[t * out_row..(t + 1) * out_row], dv, |head, dst| {
-                let ol = &o_lat[head * c..(head + 1) * c];
-                for (j, o) in dst.iter_mut().enumerate() {
-                    *o = dot(w_uv(head, j), ol);
-                }
+                project(w_uv(head), &o_lat[head * c..(head + 1) * c], dst);
                 be.round(dst);
             });
         }

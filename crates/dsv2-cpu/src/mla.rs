@@ -17,6 +17,8 @@
 
 use std::ops::Range;
 
+use crate::matmul::{Kind, KindOf};
+
 /// Lanes of a score's dot product.
 const LANES: usize = 16;
 /// Query rows (heads) and cache rows of a score tile.
@@ -207,10 +209,193 @@ pub(crate) fn weighted_sum_portable<'r>(
     });
 }
 
+/// `out[c] = Σ_j q[j] · w[j][c]` over the `q.len()` rows of `w` (`[rows, C]` row-major,
+/// `C = out.len()`): a query moved into latent space through `W_UK`. Per column one
+/// chain of fused multiply-adds in row order; the AVX-512 path keeps 256 columns in
+/// registers across all rows (the `axpy` form re-read and re-wrote them per row).
+pub(crate) fn absorb<E: KindOf>(q: &[f32], w: &[E], out: &mut [f32]) {
+    absorb_isa(isa(), q, w, out)
+}
+
+fn absorb_isa<E: KindOf>(isa: Isa, q: &[f32], w: &[E], out: &mut [f32]) {
+    let c = out.len();
+    assert!(w.len() >= q.len() * c, "absorb shapes");
+    match isa {
+        // SAFETY: AVX-512 F detected; `w` holds q.len() rows of c (checked).
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => unsafe { x86::absorb512(q, w, out) },
+        // SAFETY: AVX2 and FMA detected.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => unsafe { x86::absorb_avx2(q, w, out) },
+        Isa::Portable => absorb_portable(q, w, out),
+    }
+}
+
+/// The scalar reference of [`absorb`] (also the AVX2 path, compiled with FMA).
+#[inline(always)]
+pub(crate) fn absorb_portable<E: KindOf>(q: &[f32], w: &[E], out: &mut [f32]) {
+    let c = out.len();
+    out.fill(0.0);
+    for (j, &qj) in q.iter().enumerate() {
+        for (o, wv) in out.iter_mut().zip(&w[j * c..(j + 1) * c]) {
+            *o = qj.mul_add(wv.to_f32(), *o);
+        }
+    }
+}
+
+/// `out[j] = w[j] · x` for the `out.len()` rows of `w` (`[rows, x.len()]`): latent
+/// outputs projected through `W_UV`. Each a 16-lane dot product as [`dots`] computes it.
+pub(crate) fn project<E: KindOf>(w: &[E], x: &[f32], out: &mut [f32]) {
+    project_isa(isa(), w, x, out)
+}
+
+fn project_isa<E: KindOf>(isa: Isa, w: &[E], x: &[f32], out: &mut [f32]) {
+    let k = x.len();
+    assert!(w.len() >= out.len() * k, "project shapes");
+    match isa {
+        // SAFETY: AVX-512 F detected; `w` holds out.len() rows of k (checked).
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => unsafe { x86::project512(w, x, out) },
+        // SAFETY: AVX2 and FMA detected.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => unsafe { x86::project_avx2(w, x, out) },
+        Isa::Portable => project_portable(w, x, out),
+    }
+}
+
+/// The scalar reference of [`project`] (also the AVX2 path, compiled with FMA).
+#[inline(always)]
+pub(crate) fn project_portable<E: KindOf>(w: &[E], x: &[f32], out: &mut [f32]) {
+    let k = x.len();
+    for (j, o) in out.iter_mut().enumerate() {
+        let mut acc = [0.0f32; LANES];
+        for (t, (wv, xv)) in w[j * k..(j + 1) * k].iter().zip(x).enumerate() {
+            acc[t % LANES] = wv.to_f32().mul_add(*xv, acc[t % LANES]);
+        }
+        *o = reduce_lanes(acc);
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::*;
     use std::arch::x86_64::*;
+
+    /// 16 stored elements at `p` widened to f32; `m`: the lanes to load (others 0).
+    #[inline(always)]
+    unsafe fn load16<E: KindOf>(p: *const E, m: __mmask16) -> __m512 {
+        // SAFETY: the caller's pointer covers the masked lanes.
+        unsafe {
+            match E::KIND {
+                Kind::F32 => _mm512_maskz_loadu_ps(m, p as *const f32),
+                Kind::Bf16 => {
+                    let h = _mm256_maskz_loadu_epi16(m, p as *const i16);
+                    _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
+                }
+                Kind::F16 => _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p as *const i16)),
+            }
+        }
+    }
+
+    /// Mask of the first `n` (≤ 16) lanes.
+    #[inline(always)]
+    fn mask16(n: usize) -> __mmask16 {
+        if n >= 16 {
+            0xffff
+        } else {
+            ((1u32 << n) - 1) as u16
+        }
+    }
+
+    /// [`absorb_portable`] compiled for AVX2 + FMA (the same fused operations).
+    ///
+    /// # Safety
+    /// AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn absorb_avx2<E: KindOf>(q: &[f32], w: &[E], out: &mut [f32]) {
+        absorb_portable(q, w, out)
+    }
+
+    /// [`project_portable`] compiled for AVX2 + FMA (the same fused operations).
+    ///
+    /// # Safety
+    /// AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn project_avx2<E: KindOf>(w: &[E], x: &[f32], out: &mut [f32]) {
+        project_portable(w, x, out)
+    }
+
+    /// # Safety
+    /// AVX-512 F/BW/VL; `w` holds `q.len()` rows of `out.len()`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    pub(super) unsafe fn absorb512<E: KindOf>(q: &[f32], w: &[E], out: &mut [f32]) {
+        const VECS: usize = 16;
+        let c = out.len();
+        let mut c0 = 0;
+        while c0 < c {
+            let n = (c - c0).min(VECS * LANES);
+            let masks: [__mmask16; VECS] =
+                std::array::from_fn(|v| mask16(n.saturating_sub(v * LANES)));
+            let mut acc = [_mm512_setzero_ps(); VECS];
+            for (j, &qj) in q.iter().enumerate() {
+                let qv = _mm512_set1_ps(qj);
+                // SAFETY: row j, columns c0 .. c0 + n (masked), inside `w`.
+                let row = unsafe { w.as_ptr().add(j * c + c0) };
+                for v in 0..VECS {
+                    if v * LANES < n {
+                        let wv = unsafe { load16(row.add(v * LANES), masks[v]) };
+                        acc[v] = _mm512_fmadd_ps(qv, wv, acc[v]);
+                    }
+                }
+            }
+            for v in 0..VECS {
+                if v * LANES < n {
+                    // SAFETY: masked store inside `out`.
+                    unsafe {
+                        _mm512_mask_storeu_ps(
+                            out.as_mut_ptr().add(c0 + v * LANES),
+                            masks[v],
+                            acc[v],
+                        )
+                    };
+                }
+            }
+            c0 += n;
+        }
+    }
+
+    /// # Safety
+    /// AVX-512 F/BW/VL; `w` holds `out.len()` rows of `x.len()`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    pub(super) unsafe fn project512<E: KindOf>(w: &[E], x: &[f32], out: &mut [f32]) {
+        const ROWS: usize = 4;
+        let k = x.len();
+        let rows = out.len();
+        let mut j0 = 0;
+        while j0 < rows {
+            let nr = (rows - j0).min(ROWS);
+            let mut acc = [_mm512_setzero_ps(); ROWS];
+            let mut t = 0;
+            while t < k {
+                let m = mask16(k - t);
+                // SAFETY: masked loads of x[t..] and of rows j0 .. j0 + nr at t.
+                unsafe {
+                    let xv = _mm512_maskz_loadu_ps(m, x.as_ptr().add(t));
+                    for (r, a) in acc.iter_mut().enumerate().take(nr) {
+                        let wv = load16(w.as_ptr().add((j0 + r) * k + t), m);
+                        // Masked-off lanes keep their value, as in the reference.
+                        *a = _mm512_mask3_fmadd_ps(wv, xv, *a, m);
+                    }
+                }
+                t += LANES;
+            }
+            for r in 0..nr {
+                // SAFETY: AVX-512 F.
+                out[j0 + r] = unsafe { reduce512(acc[r]) };
+            }
+            j0 += nr;
+        }
+    }
 
     /// # Safety
     /// AVX-512 F; every slice is `w` long.
@@ -497,6 +682,46 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn absorb_and_project_agree_bit_for_bit_and_match_f64() {
+        use half::{bf16, f16};
+        fn case<E: KindOf>(conv: impl Fn(f32) -> E) {
+            for (rows, c) in [(1, 1), (3, 17), (128, 512), (7, 300), (5, 16)] {
+                let w: Vec<E> = test_values(rows * c, 5).into_iter().map(&conv).collect();
+                let q = test_values(rows, 6);
+                let x = test_values(c, 8);
+                let mut want = vec![0.0f32; c];
+                absorb_portable(&q, &w, &mut want);
+                for (col, v) in want.iter().enumerate() {
+                    let exact: f64 = (0..rows)
+                        .map(|j| q[j] as f64 * w[j * c + col].to_f32() as f64)
+                        .sum();
+                    assert!((*v as f64 - exact).abs() < 1e-5 * (1.0 + exact.abs()));
+                }
+                let mut want_p = vec![0.0f32; rows];
+                project_portable(&w, &x, &mut want_p);
+                for (j, v) in want_p.iter().enumerate() {
+                    let exact: f64 = (0..c)
+                        .map(|t| w[j * c + t].to_f32() as f64 * x[t] as f64)
+                        .sum();
+                    assert!((*v as f64 - exact).abs() < 1e-5 * (1.0 + exact.abs()));
+                }
+                for isa in isas() {
+                    let mut got = vec![f32::NAN; c];
+                    absorb_isa(isa, &q, &w, &mut got);
+                    let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(bits(&got), bits(&want), "absorb {isa:?} {rows}x{c}");
+                    let mut got_p = vec![f32::NAN; rows];
+                    project_isa(isa, &w, &x, &mut got_p);
+                    assert_eq!(bits(&got_p), bits(&want_p), "project {isa:?} {rows}x{c}");
+                }
+            }
+        }
+        case(|v| v);
+        case(bf16::from_f32);
+        case(f16::from_f32);
     }
 
     #[test]
