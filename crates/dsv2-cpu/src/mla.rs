@@ -331,36 +331,41 @@ mod x86 {
     pub(super) unsafe fn absorb512<E: KindOf>(q: &[f32], w: &[E], out: &mut [f32]) {
         const VECS: usize = 16;
         let c = out.len();
+        let (wp, op) = (w.as_ptr(), out.as_mut_ptr());
         let mut c0 = 0;
-        while c0 < c {
-            let n = (c - c0).min(VECS * LANES);
-            let masks: [__mmask16; VECS] =
-                std::array::from_fn(|v| mask16(n.saturating_sub(v * LANES)));
-            let mut acc = [_mm512_setzero_ps(); VECS];
-            for (j, &qj) in q.iter().enumerate() {
-                let qv = _mm512_set1_ps(qj);
-                // SAFETY: row j, columns c0 .. c0 + n (masked), inside `w`.
-                let row = unsafe { w.as_ptr().add(j * c + c0) };
-                for v in 0..VECS {
-                    if v * LANES < n {
-                        let wv = unsafe { load16(row.add(v * LANES), masks[v]) };
-                        acc[v] = _mm512_fmadd_ps(qv, wv, acc[v]);
+        // SAFETY (all loads and stores): row j's columns c0 .. c0 + 256 (or the masked
+        // rest) lie inside `w`, and columns c0.. inside `out`.
+        unsafe {
+            // 256 columns at a time, accumulators in registers over all rows.
+            while c0 + VECS * LANES <= c {
+                let mut acc = [_mm512_setzero_ps(); VECS];
+                for (j, &qj) in q.iter().enumerate() {
+                    let qv = _mm512_set1_ps(qj);
+                    let row = wp.add(j * c + c0);
+                    // Rows ahead: this pass reads a strided part of each row.
+                    let ahead = wp.wrapping_add((j + 4) * c + c0) as *const i8;
+                    for line in (0..VECS * LANES * size_of::<E>()).step_by(64) {
+                        _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line));
+                    }
+                    for (v, a) in acc.iter_mut().enumerate() {
+                        *a = _mm512_fmadd_ps(qv, load16(row.add(v * LANES), 0xffff), *a);
                     }
                 }
-            }
-            for v in 0..VECS {
-                if v * LANES < n {
-                    // SAFETY: masked store inside `out`.
-                    unsafe {
-                        _mm512_mask_storeu_ps(
-                            out.as_mut_ptr().add(c0 + v * LANES),
-                            masks[v],
-                            acc[v],
-                        )
-                    };
+                for (v, a) in acc.iter().enumerate() {
+                    _mm512_storeu_ps(op.add(c0 + v * LANES), *a);
                 }
+                c0 += VECS * LANES;
             }
-            c0 += n;
+            // The rest, 16 columns at a time.
+            while c0 < c {
+                let m = mask16(c - c0);
+                let mut acc = _mm512_setzero_ps();
+                for (j, &qj) in q.iter().enumerate() {
+                    acc = _mm512_fmadd_ps(_mm512_set1_ps(qj), load16(wp.add(j * c + c0), m), acc);
+                }
+                _mm512_mask_storeu_ps(op.add(c0), m, acc);
+                c0 += LANES;
+            }
         }
     }
 
@@ -369,31 +374,47 @@ mod x86 {
     #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
     pub(super) unsafe fn project512<E: KindOf>(w: &[E], x: &[f32], out: &mut [f32]) {
         const ROWS: usize = 4;
-        let k = x.len();
-        let rows = out.len();
+        let (k, rows) = (x.len(), out.len());
+        let (wp, xp) = (w.as_ptr(), x.as_ptr());
         let mut j0 = 0;
-        while j0 < rows {
-            let nr = (rows - j0).min(ROWS);
-            let mut acc = [_mm512_setzero_ps(); ROWS];
-            let mut t = 0;
-            while t < k {
-                let m = mask16(k - t);
-                // SAFETY: masked loads of x[t..] and of rows j0 .. j0 + nr at t.
-                unsafe {
-                    let xv = _mm512_maskz_loadu_ps(m, x.as_ptr().add(t));
-                    for (r, a) in acc.iter_mut().enumerate().take(nr) {
-                        let wv = load16(w.as_ptr().add((j0 + r) * k + t), m);
+        // SAFETY (all loads): x[t..] and rows j0.. at t, masked to k.
+        unsafe {
+            // Four rows at a time (four independent chains).
+            while j0 + ROWS <= rows {
+                let mut acc = [_mm512_setzero_ps(); ROWS];
+                let mut t = 0;
+                while t < k {
+                    let m = mask16(k - t);
+                    let xv = _mm512_maskz_loadu_ps(m, xp.add(t));
+                    for (r, a) in acc.iter_mut().enumerate() {
+                        // The next four rows, a tile ahead: four short strided streams
+                        // are more than the hardware prefetcher picks up in time.
+                        _mm_prefetch::<_MM_HINT_T0>(
+                            wp.wrapping_add((j0 + ROWS + r) * k + t) as *const i8
+                        );
+                        let wv = load16(wp.add((j0 + r) * k + t), m);
                         // Masked-off lanes keep their value, as in the reference.
                         *a = _mm512_mask3_fmadd_ps(wv, xv, *a, m);
                     }
+                    t += LANES;
                 }
-                t += LANES;
+                for (r, a) in acc.iter().enumerate() {
+                    out[j0 + r] = reduce512(*a);
+                }
+                j0 += ROWS;
             }
-            for r in 0..nr {
-                // SAFETY: AVX-512 F.
-                out[j0 + r] = unsafe { reduce512(acc[r]) };
+            while j0 < rows {
+                let mut acc = _mm512_setzero_ps();
+                let mut t = 0;
+                while t < k {
+                    let m = mask16(k - t);
+                    let xv = _mm512_maskz_loadu_ps(m, xp.add(t));
+                    acc = _mm512_mask3_fmadd_ps(load16(wp.add(j0 * k + t), m), xv, acc, m);
+                    t += LANES;
+                }
+                out[j0] = reduce512(acc);
+                j0 += 1;
             }
-            j0 += nr;
         }
     }
 
