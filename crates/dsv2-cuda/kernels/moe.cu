@@ -245,11 +245,9 @@ extern "C" __global__ void moe_combine(const T* y, const u32* slot_of, const flo
 //                   expert) pair p and, after them, the shared experts of every token.
 //   moe_small_down: out[t] = rnd(rnd(hid_sh[t] Wd_sh^T) + rnd(sum_j w[t, j] rnd(hid[p] Wd[p]^T)))
 // The roundings are those of the GEMM path (bf16 GEMM outputs, f32 weighted sum).
-// A warp of moe_small_down computes 4 output rows, a block of 4 warps 16 rows; moe_small_up
-// takes rpw rows a warp (2 by default, moe.rs).
+// A warp computes rpw (1, 2 or 4) rows of a product, a block of 4 warps 4 rpw rows (moe.rs
+// sets rpw).
 
-#define SMALL_ROWS_PER_WARP 4
-#define SMALL_ROWS_PER_BLOCK 16
 
 // The residual add and RMSNorm before a MoE block, its router, its routing and the gate
 // and up projections of its shared experts in one launch (bf16 builds, rows <= 4). Every
@@ -442,35 +440,42 @@ __device__ __forceinline__ void rows_dot(const T* w, int row0, int rows_total, c
     for (int r = 0; r < R; r++) acc[r] = warp_sum(acc[r]);
 }
 
-__device__ __forceinline__ void small_rows_dot(const T* w, int row0, int rows_total, const T* h, int n,
-                                               float* acc) {
-    rows_dot<SMALL_ROWS_PER_WARP>(w, row0, rows_total, h, n, acc);
-}
-
-// grid (ceil(d / 16), rows * (k + 1)), block 128: block (x, t * (k + 1) + jj) computes
-// rows x*16.. of the down projection j of token t, j = k for jj == 0 (the shared
+// grid (ceil(d / (4 rpw)), rows * (k + 1)), block 128, rpw (1, 2 or 4) rows a warp: block
+// (x, t * (k + 1) + jj) computes rows x*4rpw.. of the down projection j of token t, j = k for jj == 0 (the shared
 // experts, when has_shared: first, like moe_small_up) and j = jj - 1 otherwise (expert
 // j), rounded like a bf16 GEMM output, into part [rows, k + 1, d] (f32, j-th slice).
-extern "C" __global__ void moe_small_down(const T* hid, const T* hid_sh, const u32* ids, const u64* expert_w,
-                                          int e, int k, const T* sh_down, int inter, int inter_sh, int d,
-                                          int has_shared, float* part) {
-    pdl_prologue();
-#ifdef DSV2_BF16
+template <int R>
+__device__ __forceinline__ void small_down_body(const T* hid, const T* hid_sh, const u32* ids,
+                                                const u64* expert_w, int e, int k, const T* sh_down, int inter,
+                                                int inter_sh, int d, int has_shared, float* part) {
     int t = blockIdx.y / (k + 1), jj = blockIdx.y % (k + 1), lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     int j = jj == 0 ? k : jj - 1;
-    int j0 = blockIdx.x * SMALL_ROWS_PER_BLOCK + warp * SMALL_ROWS_PER_WARP;
+    int j0 = blockIdx.x * 4 * R + warp * R;
     if (j0 >= d || (j == k && !has_shared)) return;
     u64 p = (u64)t * k + j;
     const T* w = j < k ? (const T*)expert_w[2 * e + ids[p]] : sh_down;
     int width = j < k ? inter : inter_sh;
-    float acc[SMALL_ROWS_PER_WARP];
-    small_rows_dot(w, j0, d, j < k ? hid + p * inter : hid_sh + (u64)t * inter_sh, width, acc);
+    float acc[R];
+    rows_dot<R>(w, j0, d, j < k ? hid + p * inter : hid_sh + (u64)t * inter_sh, width, acc);
     if (lane == 0) {
         float* out = part + ((u64)t * (k + 1) + j) * d;
 #pragma unroll
-        for (int r = 0; r < SMALL_ROWS_PER_WARP; r++)
+        for (int r = 0; r < R; r++)
             if (j0 + r < d) out[j0 + r] = rnd(acc[r]);
     }
+}
+
+extern "C" __global__ void moe_small_down(const T* hid, const T* hid_sh, const u32* ids, const u64* expert_w,
+                                          int e, int k, const T* sh_down, int inter, int inter_sh, int d,
+                                          int has_shared, float* part, int rpw) {
+    pdl_prologue();
+#ifdef DSV2_BF16
+    if (rpw == 1)
+        small_down_body<1>(hid, hid_sh, ids, expert_w, e, k, sh_down, inter, inter_sh, d, has_shared, part);
+    else if (rpw == 2)
+        small_down_body<2>(hid, hid_sh, ids, expert_w, e, k, sh_down, inter, inter_sh, d, has_shared, part);
+    else
+        small_down_body<4>(hid, hid_sh, ids, expert_w, e, k, sh_down, inter, inter_sh, d, has_shared, part);
 #endif
 }
 

@@ -613,7 +613,7 @@ fn small_batch(
         a.inter
     };
     let kern = &dev.kernels;
-    let up_rpw = small_up_rows_per_warp();
+    let (up_rpw, down_rpw) = small_rows_per_warp();
     dev.launch(
         &kern.moe_small_up,
         "moe_small_up",
@@ -644,7 +644,7 @@ fn small_batch(
     dev.launch(
         &kern.moe_small_down,
         "moe_small_down",
-        (a.d.div_ceil(SMALL_ROWS_PER_BLOCK), rows * (a.k + 1)),
+        (a.d.div_ceil(4 * down_rpw), rows * (a.k + 1)),
         128,
         0,
         &[
@@ -660,6 +660,7 @@ fn small_batch(
             (a.d as i32).into(),
             (has_shared as i32).into(),
             part.into(),
+            (down_rpw as i32).into(),
         ],
     )?;
     dev.launch(
@@ -679,22 +680,29 @@ fn small_batch(
     )
 }
 
-/// Output rows per block of the small-batch kernels (SMALL_ROWS_PER_BLOCK in moe.cu).
-const SMALL_ROWS_PER_BLOCK: usize = 16;
-/// Weight rows per warp of `moe_small_up` (`DSV2_CUDA_MOE_UP_RPW`: 1, 2 or 4). Two, with
-/// twice the warps of four: 2.87 against 2.98 ms a V2-Lite decode step at batch 1 and
-/// context 1K on the H200 (captured steps, same call).
+/// Weight rows per warp of `moe_small_up` and `moe_small_down` (`DSV2_CUDA_MOE_UP_RPW`,
+/// `DSV2_CUDA_MOE_DOWN_RPW`: 1, 2 or 4). Two in up, with twice the warps of four: 2.87
+/// against 2.98 ms a V2-Lite decode step at batch 1 and context 1K on the H200 (captured
+/// steps, same call).
 const SMALL_UP_ROWS_PER_WARP: usize = 2;
+const SMALL_DOWN_ROWS_PER_WARP: usize = 2;
 
-/// The rows per warp of `moe_small_up`, read once from the environment.
-fn small_up_rows_per_warp() -> usize {
-    static RPW: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *RPW.get_or_init(|| {
-        std::env::var("DSV2_CUDA_MOE_UP_RPW")
+/// The rows per warp of `moe_small_up` and `moe_small_down`, read once from the
+/// environment.
+fn small_rows_per_warp() -> (usize, usize) {
+    static RPW: std::sync::OnceLock<(usize, usize)> = std::sync::OnceLock::new();
+    let read = |var: &str, default: usize| {
+        std::env::var(var)
             .ok()
             .and_then(|v| v.parse().ok())
             .filter(|r| [1, 2, 4].contains(r))
-            .unwrap_or(SMALL_UP_ROWS_PER_WARP)
+            .unwrap_or(default)
+    };
+    *RPW.get_or_init(|| {
+        (
+            read("DSV2_CUDA_MOE_UP_RPW", SMALL_UP_ROWS_PER_WARP),
+            read("DSV2_CUDA_MOE_DOWN_RPW", SMALL_DOWN_ROWS_PER_WARP),
+        )
     })
 }
 
