@@ -245,10 +245,9 @@ extern "C" __global__ void moe_combine(const T* y, const u32* slot_of, const flo
 //                   expert) pair p and, after them, the shared experts of every token.
 //   moe_small_down: out[t] = rnd(rnd(hid_sh[t] Wd_sh^T) + rnd(sum_j w[t, j] rnd(hid[p] Wd[p]^T)))
 // The roundings are those of the GEMM path (bf16 GEMM outputs, f32 weighted sum).
-// One warp computes 4 output rows; a block of 4 warps 16 rows.
+// A warp computes rpw (1, 2 or 4) rows of a product, a block of 4 warps 4 rpw rows (moe.rs
+// sets rpw).
 
-#define SMALL_ROWS_PER_WARP 4
-#define SMALL_ROWS_PER_BLOCK 16
 
 // The residual add and RMSNorm before a MoE block, its router, its routing and the gate
 // and up projections of its shared experts in one launch (bf16 builds, rows <= 4). Every
@@ -340,21 +339,21 @@ extern "C" __global__ void moe_norm_route(T* acc, const T* xres, const float* nw
 }
 
 
-// grid (ceil(max(inter, inter_sh) / 16), (has_shared ? rows : 0) + rows * k), block 128:
-// the shared experts' blocks first (their weights are known before the routing, so they
-// start pulling them into L2 while the previous kernel finishes), then one row of blocks
-// per (token, expert) pair. x [rows, d]; ids [rows, k]; expert_w [3, e] (gate, up, down
-// addresses); hid [rows * k, inter]; hid_sh [rows, inter_sh].
-extern "C" __global__ void moe_small_up(const T* x, const u32* ids, const u64* expert_w, int e, int k, int rows,
-                                        const T* sh_gate, const T* sh_up, int inter, int inter_sh, int d, T* hid,
-                                        T* hid_sh) {
-#ifdef DSV2_BF16
+// grid (ceil(max(inter, inter_sh) / (4 rpw)), (has_shared ? rows : 0) + rows * k), block
+// 128, rpw (1, 2 or 4) rows a warp: the shared experts' blocks first (their weights are
+// known before the routing, so they start pulling them into L2 while the previous kernel
+// finishes), then one row of blocks per (token, expert) pair. x [rows, d]; ids [rows, k];
+// expert_w [3, e] (gate, up, down addresses); hid [rows * k, inter]; hid_sh [rows, inter_sh].
+template <int R>
+__device__ __forceinline__ void small_up_body(const T* x, const u32* ids, const u64* expert_w, int e, int k,
+                                              int rows, const T* sh_gate, const T* sh_up, int inter,
+                                              int inter_sh, int d, T* hid, T* hid_sh) {
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     int shared_rows = sh_gate ? rows : 0;
     int y = blockIdx.y;
-    int i0 = blockIdx.x * SMALL_ROWS_PER_BLOCK + warp * SMALL_ROWS_PER_WARP;
+    int i0 = blockIdx.x * 4 * R + warp * R;
     if (y < shared_rows && i0 < inter_sh && lane == 0) {
-        u32 n = (u32)min(SMALL_ROWS_PER_WARP, inter_sh - i0) * (u32)d * 2u;
+        u32 n = (u32)min(R, inter_sh - i0) * (u32)d * 2u;
         prefetch_l2(sh_gate + (u64)i0 * d, n);
         prefetch_l2(sh_up + (u64)i0 * d, n);
     }
@@ -379,10 +378,10 @@ extern "C" __global__ void moe_small_up(const T* x, const u32* ids, const u64* e
     }
     if (i0 >= width) return;
     const uint4* xv = (const uint4*)(x + (u64)token * d);
-    float ag[SMALL_ROWS_PER_WARP], au[SMALL_ROWS_PER_WARP];
-    const uint4 *gr[SMALL_ROWS_PER_WARP], *ur[SMALL_ROWS_PER_WARP];
+    float ag[R], au[R];
+    const uint4 *gr[R], *ur[R];
 #pragma unroll
-    for (int r = 0; r < SMALL_ROWS_PER_WARP; r++) {
+    for (int r = 0; r < R; r++) {
         int i = min(i0 + r, width - 1);
         gr[r] = (const uint4*)(wg + (u64)i * d);
         ur[r] = (const uint4*)(wu + (u64)i * d);
@@ -392,30 +391,42 @@ extern "C" __global__ void moe_small_up(const T* x, const u32* ids, const u64* e
     for (int c = lane; c < d / 8; c += 32) {
         uint4 xx = xv[c];
 #pragma unroll
-        for (int r = 0; r < SMALL_ROWS_PER_WARP; r++) {
+        for (int r = 0; r < R; r++) {
             ag[r] += dot8(ldw(gr[r] + c), xx);
             au[r] += dot8(ldw(ur[r] + c), xx);
         }
     }
 #pragma unroll
-    for (int r = 0; r < SMALL_ROWS_PER_WARP; r++) {
+    for (int r = 0; r < R; r++) {
         float g = warp_sum(ag[r]), u = warp_sum(au[r]);
         if (lane == 0 && i0 + r < width) out[i0 + r] = from_f<T>(rnd(silu(rnd(g))) * rnd(u));
     }
+}
+
+extern "C" __global__ void moe_small_up(const T* x, const u32* ids, const u64* expert_w, int e, int k, int rows,
+                                        const T* sh_gate, const T* sh_up, int inter, int inter_sh, int d, T* hid,
+                                        T* hid_sh, int rpw) {
+#ifdef DSV2_BF16
+    if (rpw == 1)
+        small_up_body<1>(x, ids, expert_w, e, k, rows, sh_gate, sh_up, inter, inter_sh, d, hid, hid_sh);
+    else if (rpw == 2)
+        small_up_body<2>(x, ids, expert_w, e, k, rows, sh_gate, sh_up, inter, inter_sh, d, hid, hid_sh);
+    else
+        small_up_body<4>(x, ids, expert_w, e, k, rows, sh_gate, sh_up, inter, inter_sh, d, hid, hid_sh);
 #else
     pdl_prologue();
 #endif
 }
 
-// Dot products of SMALL_ROWS_PER_WARP weight rows (width n) with one activation row,
-// summed over the warp (every lane gets them).
-__device__ __forceinline__ void small_rows_dot(const T* w, int row0, int rows_total, const T* h, int n,
-                                               float* acc) {
+// Dot products of R weight rows (width n) with one activation row, summed over the warp
+// (every lane gets them). The sums of a row do not depend on R.
+template <int R>
+__device__ __forceinline__ void rows_dot(const T* w, int row0, int rows_total, const T* h, int n, float* acc) {
     int lane = threadIdx.x & 31;
     const uint4* hv = (const uint4*)h;
-    const uint4* wr[SMALL_ROWS_PER_WARP];
+    const uint4* wr[R];
 #pragma unroll
-    for (int r = 0; r < SMALL_ROWS_PER_WARP; r++) {
+    for (int r = 0; r < R; r++) {
         wr[r] = (const uint4*)(w + (u64)min(row0 + r, rows_total - 1) * n);
         acc[r] = 0.0f;
     }
@@ -423,36 +434,48 @@ __device__ __forceinline__ void small_rows_dot(const T* w, int row0, int rows_to
     for (int c = lane; c < n / 8; c += 32) {
         uint4 hh = hv[c];
 #pragma unroll
-        for (int r = 0; r < SMALL_ROWS_PER_WARP; r++) acc[r] += dot8(ldw(wr[r] + c), hh);
+        for (int r = 0; r < R; r++) acc[r] += dot8(ldw(wr[r] + c), hh);
     }
 #pragma unroll
-    for (int r = 0; r < SMALL_ROWS_PER_WARP; r++) acc[r] = warp_sum(acc[r]);
+    for (int r = 0; r < R; r++) acc[r] = warp_sum(acc[r]);
 }
 
-// grid (ceil(d / 16), rows * (k + 1)), block 128: block (x, t * (k + 1) + jj) computes
-// rows x*16.. of the down projection j of token t, j = k for jj == 0 (the shared
+// grid (ceil(d / (4 rpw)), rows * (k + 1)), block 128, rpw (1, 2 or 4) rows a warp: block
+// (x, t * (k + 1) + jj) computes rows x*4rpw.. of the down projection j of token t, j = k for jj == 0 (the shared
 // experts, when has_shared: first, like moe_small_up) and j = jj - 1 otherwise (expert
 // j), rounded like a bf16 GEMM output, into part [rows, k + 1, d] (f32, j-th slice).
-extern "C" __global__ void moe_small_down(const T* hid, const T* hid_sh, const u32* ids, const u64* expert_w,
-                                          int e, int k, const T* sh_down, int inter, int inter_sh, int d,
-                                          int has_shared, float* part) {
-    pdl_prologue();
-#ifdef DSV2_BF16
+template <int R>
+__device__ __forceinline__ void small_down_body(const T* hid, const T* hid_sh, const u32* ids,
+                                                const u64* expert_w, int e, int k, const T* sh_down, int inter,
+                                                int inter_sh, int d, int has_shared, float* part) {
     int t = blockIdx.y / (k + 1), jj = blockIdx.y % (k + 1), lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     int j = jj == 0 ? k : jj - 1;
-    int j0 = blockIdx.x * SMALL_ROWS_PER_BLOCK + warp * SMALL_ROWS_PER_WARP;
+    int j0 = blockIdx.x * 4 * R + warp * R;
     if (j0 >= d || (j == k && !has_shared)) return;
     u64 p = (u64)t * k + j;
     const T* w = j < k ? (const T*)expert_w[2 * e + ids[p]] : sh_down;
     int width = j < k ? inter : inter_sh;
-    float acc[SMALL_ROWS_PER_WARP];
-    small_rows_dot(w, j0, d, j < k ? hid + p * inter : hid_sh + (u64)t * inter_sh, width, acc);
+    float acc[R];
+    rows_dot<R>(w, j0, d, j < k ? hid + p * inter : hid_sh + (u64)t * inter_sh, width, acc);
     if (lane == 0) {
         float* out = part + ((u64)t * (k + 1) + j) * d;
 #pragma unroll
-        for (int r = 0; r < SMALL_ROWS_PER_WARP; r++)
+        for (int r = 0; r < R; r++)
             if (j0 + r < d) out[j0 + r] = rnd(acc[r]);
     }
+}
+
+extern "C" __global__ void moe_small_down(const T* hid, const T* hid_sh, const u32* ids, const u64* expert_w,
+                                          int e, int k, const T* sh_down, int inter, int inter_sh, int d,
+                                          int has_shared, float* part, int rpw) {
+    pdl_prologue();
+#ifdef DSV2_BF16
+    if (rpw == 1)
+        small_down_body<1>(hid, hid_sh, ids, expert_w, e, k, sh_down, inter, inter_sh, d, has_shared, part);
+    else if (rpw == 2)
+        small_down_body<2>(hid, hid_sh, ids, expert_w, e, k, sh_down, inter, inter_sh, d, has_shared, part);
+    else
+        small_down_body<4>(hid, hid_sh, ids, expert_w, e, k, sh_down, inter, inter_sh, d, has_shared, part);
 #endif
 }
 

@@ -404,8 +404,33 @@ impl CudaBackend {
         let e = self.elem();
         let g = scratch.get(&self.dev, Slot::MlpGate, rows * inter * e)?;
         let u = scratch.get(&self.dev, Slot::MlpUp, rows * inter * e)?;
-        self.gemm_rows("mlp gate_proj", x.ptr(), rows, &mlp.gate_proj, g, false)?;
-        self.gemm_rows("mlp up_proj", x.ptr(), rows, &mlp.up_proj, u, false)?;
+        if self.dev.gemv_applies(rows)
+            && mlp_pair()
+            && d.is_multiple_of(8)
+            && mlp.up_proj.matrix("mlp up_proj")? == (inter, d)
+        {
+            // A few rows: gate and up in one GEMV launch (`DSV2_CUDA_MLP_PAIR=0`: two).
+            self.dev.gemv_pair(
+                "mlp gate_up",
+                &device::Gemv {
+                    x: x.ptr(),
+                    w: mlp.gate_proj.ptr(),
+                    out: g,
+                    rows,
+                    n: inter,
+                    k: d,
+                    out_f32: false,
+                    ldx: d,
+                    ldo: inter,
+                },
+                Some((mlp.up_proj.ptr(), u, inter)),
+                1,
+                [0; 3],
+            )?;
+        } else {
+            self.gemm_rows("mlp gate_proj", x.ptr(), rows, &mlp.gate_proj, g, false)?;
+            self.gemm_rows("mlp up_proj", x.ptr(), rows, &mlp.up_proj, u, false)?;
+        }
         self.silu_mul(g, u, rows * inter)?;
         self.gemm_rows("mlp down_proj", g, rows, &mlp.down_proj, out.ptr(), false)
     }
@@ -1215,6 +1240,13 @@ impl Backend for CudaBackend {
         )?;
         Ok(self.dev.dtoh(&mut out[..r], ids, "greedy_tokens")?)
     }
+}
+
+/// The dense MLP's gate and up projections in one GEMV launch up to 8 rows
+/// (`DSV2_CUDA_MLP_PAIR=0`: one launch each), read once from the environment.
+fn mlp_pair() -> bool {
+    static PAIR: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *PAIR.get_or_init(|| std::env::var("DSV2_CUDA_MLP_PAIR").map_or(true, |v| v != "0"))
 }
 
 #[cfg(test)]

@@ -613,11 +613,12 @@ fn small_batch(
         a.inter
     };
     let kern = &dev.kernels;
+    let (up_rpw, down_rpw) = small_rows_per_warp();
     dev.launch(
         &kern.moe_small_up,
         "moe_small_up",
         (
-            width.div_ceil(SMALL_ROWS_PER_BLOCK),
+            width.div_ceil(4 * up_rpw),
             pairs + if up_shared { rows } else { 0 },
         ),
         128,
@@ -636,13 +637,14 @@ fn small_batch(
             (a.d as i32).into(),
             hid.into(),
             hid_sh.into(),
+            (up_rpw as i32).into(),
         ],
     )?;
     let part = scratch.get(dev, Slot::MoePartial, rows * (a.k + 1) * a.d * 4)?;
     dev.launch(
         &kern.moe_small_down,
         "moe_small_down",
-        (a.d.div_ceil(SMALL_ROWS_PER_BLOCK), rows * (a.k + 1)),
+        (a.d.div_ceil(4 * down_rpw), rows * (a.k + 1)),
         128,
         0,
         &[
@@ -658,6 +660,7 @@ fn small_batch(
             (a.d as i32).into(),
             (has_shared as i32).into(),
             part.into(),
+            (down_rpw as i32).into(),
         ],
     )?;
     dev.launch(
@@ -677,8 +680,31 @@ fn small_batch(
     )
 }
 
-/// Output rows per block of the small-batch kernels (SMALL_ROWS_PER_BLOCK in moe.cu).
-const SMALL_ROWS_PER_BLOCK: usize = 16;
+/// Weight rows per warp of `moe_small_up` and `moe_small_down` (`DSV2_CUDA_MOE_UP_RPW`,
+/// `DSV2_CUDA_MOE_DOWN_RPW`: 1, 2 or 4). Two in up, with twice the warps of four: 2.87
+/// against 2.98 ms a V2-Lite decode step at batch 1 and context 1K on the H200 (captured
+/// steps, same call).
+const SMALL_UP_ROWS_PER_WARP: usize = 2;
+const SMALL_DOWN_ROWS_PER_WARP: usize = 2;
+
+/// The rows per warp of `moe_small_up` and `moe_small_down`, read once from the
+/// environment.
+fn small_rows_per_warp() -> (usize, usize) {
+    static RPW: std::sync::OnceLock<(usize, usize)> = std::sync::OnceLock::new();
+    let read = |var: &str, default: usize| {
+        std::env::var(var)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|r| [1, 2, 4].contains(r))
+            .unwrap_or(default)
+    };
+    *RPW.get_or_init(|| {
+        (
+            read("DSV2_CUDA_MOE_UP_RPW", SMALL_UP_ROWS_PER_WARP),
+            read("DSV2_CUDA_MOE_DOWN_RPW", SMALL_DOWN_ROWS_PER_WARP),
+        )
+    })
+}
 
 /// The device table `[3, E]` of the experts' gate, up and down weight addresses, made at
 /// the layer's first use (checking that every expert has the same shape).

@@ -405,6 +405,71 @@ fn small_batch_linear() {
     });
 }
 
+/// Long GEMV rows (K 10,944, as V2-Lite's dense down projection), the dense MLP up to 4
+/// rows (gate and up in one GEMV launch) and the small-batch MoE at V2-Lite's top-6 with
+/// shared experts (`moe_small_up` at its default rows per warp), each against the CPU.
+#[test]
+fn long_rows_dense_mlp_and_top6_moe() {
+    each_dtype(|dtype, cpu, gpu| {
+        let k = 10_944;
+        for n in [64usize, 67] {
+            let w = tensor(&format!("w_long{n}"), &[n, k], 5, 0.05);
+            let (wc, wg) = (cpu.load_weight(&w).unwrap(), gpu.load_weight(&w).unwrap());
+            for rows in [1usize, 3, 8] {
+                let x = bf16_values(rows * k, 70 + rows as u64, 1.0);
+                let (xc, xg) = inputs(gpu, &x);
+                let mut lc = cpu.alloc(rows * n).unwrap();
+                let mut lg = gpu.alloc(rows * n).unwrap();
+                cpu.linear(&xc, rows, &wc, &mut lc).unwrap();
+                gpu.linear(&xg, rows, &wg, &mut lg).unwrap();
+                check(
+                    &format!("linear n {n} k {k} rows {rows}"),
+                    dtype,
+                    &gpu.download(&lg).unwrap(),
+                    &lc,
+                );
+            }
+        }
+        let d = 256;
+        let (mc, mg) = (
+            mlp_weights(cpu, "dense", d, 8_256, 11),
+            mlp_weights(gpu, "dense", d, 8_256, 11),
+        );
+        let lite = Routing {
+            top_k: 6,
+            groups: None,
+            norm_topk_prob: false,
+            routed_scaling_factor: 1.0,
+        };
+        let (ec, eg) = (
+            moe_weights(cpu, d, 64, 16, true, lite),
+            moe_weights(gpu, d, 64, 16, true, lite),
+        );
+        for rows in [1usize, 2, 4] {
+            let x = bf16_values(rows * d, 90 + rows as u64, 2.0);
+            let (xc, xg) = inputs(gpu, &x);
+            let mut oc = cpu.alloc(rows * d).unwrap();
+            let mut og = gpu.alloc(rows * d).unwrap();
+            cpu.mlp(&xc, rows, &mc, &mut oc).unwrap();
+            gpu.mlp(&xg, rows, &mg, &mut og).unwrap();
+            check(
+                &format!("dense mlp inter 8256 rows {rows}"),
+                dtype,
+                &gpu.download(&og).unwrap(),
+                &oc,
+            );
+            cpu.moe(&xc, rows, &ec, &mut oc).unwrap();
+            gpu.moe(&xg, rows, &eg, &mut og).unwrap();
+            check(
+                &format!("moe top-6 + shared rows {rows}"),
+                dtype,
+                &gpu.download(&og).unwrap(),
+                &oc,
+            );
+        }
+    });
+}
+
 /// `linear_pair` (one GEMV launch for both products up to 8 rows) and
 /// `rope_and_write_cache` (one kernel) against the CPU's unfused defaults.
 #[test]
