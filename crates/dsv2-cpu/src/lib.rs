@@ -380,6 +380,31 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
+    /// One row through two quantized matrices runs as one parallel loop
+    /// (`moe::one_row_pair`); anything else as two [`linear`](Backend::linear)s.
+    fn linear_pair(
+        &self,
+        x: &Vec<f32>,
+        rows: usize,
+        w_a: &CpuWeight,
+        out_a: &mut Vec<f32>,
+        w_b: &CpuWeight,
+        out_b: &mut Vec<f32>,
+    ) -> Result<()> {
+        match (w_a.qmatrix(), w_b.qmatrix()) {
+            (Some(a), Some(b)) if rows == 1 && a.cols == b.cols => {
+                moe::one_row_pair(&x[..a.cols], a, out_a, b, out_b);
+                self.round(&mut out_a[..a.rows]);
+                self.round(&mut out_b[..b.rows]);
+                Ok(())
+            }
+            _ => {
+                self.linear(x, rows, w_a, out_a)?;
+                self.linear(x, rows, w_b, out_b)
+            }
+        }
+    }
+
     fn add_assign(&self, acc: &mut Vec<f32>, x: &Vec<f32>, len: usize) -> Result<()> {
         for (a, b) in acc[..len].iter_mut().zip(&x[..len]) {
             *a += b;
