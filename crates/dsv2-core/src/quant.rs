@@ -129,34 +129,12 @@ pub struct QuantizedTensor {
 }
 
 impl QuantizedTensor {
-    /// A quantized tensor owning its two planes (`q`: `rows · row_bytes(cols)` bytes in
-    /// the interleaved layout, `scales`: `rows · cols/32`), as `quantize_rows` writes them.
-    pub fn from_planes(
-        name: &str,
-        format: QuantFormat,
-        rows: usize,
-        cols: usize,
-        q: Vec<u8>,
-        scales: Vec<f16>,
-    ) -> QuantizedTensor {
-        assert_eq!(
-            q.len(),
-            rows * format.row_bytes(cols),
-            "{name}: qweight size"
-        );
-        assert_eq!(scales.len(), rows * cols / BLOCK, "{name}: scales size");
-        let scale_bytes: Vec<u8> = bytemuck::cast_slice(&scales).to_vec();
-        Self::from_plane_bytes(
-            name,
-            format,
-            rows,
-            cols,
-            Bytes::from_vec(q),
-            Bytes::from_vec(scale_bytes),
-        )
-    }
-
-    /// [`from_planes`](Self::from_planes) over bytes already in place (sizes checked).
+    /// A quantized tensor over its two planes (`q`: `rows · row_bytes(cols)` bytes in the
+    /// interleaved layout, `scales`: `rows · cols/32` f16 values), as `quantize_rows`
+    /// writes them.
+    ///
+    /// # Panics
+    /// If a plane's size does not match.
     pub fn from_plane_bytes(
         name: &str,
         format: QuantFormat,

@@ -25,13 +25,15 @@ const NR: usize = 4;
 /// Weight rows per parallel task.
 const ROW_BLOCK: usize = 32;
 
-/// Whether this CPU runs [`matmul`] (AVX-512 F + BF16, checked once).
+/// Whether this CPU runs [`matmul`] (AVX-512 F, BW and BF16, checked once).
 pub fn available() -> bool {
     static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *AVAILABLE.get_or_init(|| {
         #[cfg(target_arch = "x86_64")]
         {
-            std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512bf16")
+            std::is_x86_feature_detected!("avx512f")
+                && std::is_x86_feature_detected!("avx512bw")
+                && std::is_x86_feature_detected!("avx512bf16")
         }
         #[cfg(not(target_arch = "x86_64"))]
         false
@@ -142,26 +144,11 @@ mod x86 {
         let mut out = [[0.0; NR]; MR];
         for i in 0..MR {
             for j in 0..NR {
-                out[i][j] = reduce(acc[i][j]);
+                // SAFETY: AVX-512 F (this function's features).
+                out[i][j] = unsafe { crate::mla::reduce512(acc[i][j]) };
             }
         }
         out
-    }
-
-    /// `a[j] + a[j + 8]`, then `+ 4`, `+ 2`, `+ 1`.
-    #[inline(always)]
-    fn reduce(a: __m512) -> f32 {
-        let mut lanes = [0.0f32; 16];
-        // SAFETY: 16 floats.
-        unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), a) };
-        let mut half = 8;
-        while half > 0 {
-            for j in 0..half {
-                lanes[j] += lanes[j + half];
-            }
-            half /= 2;
-        }
-        lanes[0]
     }
 }
 

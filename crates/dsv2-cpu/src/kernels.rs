@@ -1,4 +1,4 @@
-//! Small numeric kernels: element conversion, dot products, the dense linear layer.
+//! Small numeric kernels: element conversion, rounding, the dense linear layer.
 //!
 //! Weights are read in their checkpoint dtype (bf16, f16 or f32) and widened to f32
 //! inside the kernel; activations are f32. `unsafe` here is limited to writing disjoint
@@ -44,88 +44,23 @@ pub fn round_bf16_slice(x: &mut [f32]) {
     x.iter_mut().for_each(|v| *v = round_bf16(*v));
 }
 
-/// Whether the CPU has AVX2 (checked once).
-#[cfg(target_arch = "x86_64")]
-fn has_avx2() -> bool {
-    static AVX2: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *AVX2.get_or_init(|| std::is_x86_feature_detected!("avx2"))
-}
-
-/// `Σ w[i] * x[i]` with eight independent f32 accumulators (vectorizes well). Compiled
-/// for AVX2 where the CPU has it: the same operations in the same order (no FMA), so the
-/// same result as the baseline build, only in wider registers.
-#[inline]
-pub fn dot<E: Elem>(w: &[E], x: &[f32]) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    if has_avx2() {
-        // SAFETY: AVX2 was detected.
-        return unsafe { dot_avx2(w, x) };
-    }
-    dot_body(w, x)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn dot_avx2<E: Elem>(w: &[E], x: &[f32]) -> f32 {
-    dot_body(w, x)
-}
-
-#[inline(always)]
-fn dot_body<E: Elem>(w: &[E], x: &[f32]) -> f32 {
-    debug_assert_eq!(w.len(), x.len());
-    let mut acc = [0.0f32; 8];
-    let wc = w.chunks_exact(8);
-    let xc = x.chunks_exact(8);
-    let (wr, xr) = (wc.remainder(), xc.remainder());
-    for (wv, xv) in wc.zip(xc) {
-        for j in 0..8 {
-            acc[j] += wv[j].to_f32() * xv[j];
-        }
-    }
-    let mut tail = 0.0f32;
-    for (a, b) in wr.iter().zip(xr) {
-        tail += a.to_f32() * b;
-    }
-    let s0 = (acc[0] + acc[4]) + (acc[1] + acc[5]);
-    let s1 = (acc[2] + acc[6]) + (acc[3] + acc[7]);
-    (s0 + s1) + tail
-}
-
-/// `y += a * w` (widening `w`); AVX2 where present, with the same results.
-#[inline]
-pub fn axpy<E: Elem>(a: f32, w: &[E], y: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if has_avx2() {
-        // SAFETY: AVX2 was detected.
-        return unsafe { axpy_avx2(a, w, y) };
-    }
-    axpy_body(a, w, y)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn axpy_avx2<E: Elem>(a: f32, w: &[E], y: &mut [f32]) {
-    axpy_body(a, w, y)
-}
-
-#[inline(always)]
-fn axpy_body<E: Elem>(a: f32, w: &[E], y: &mut [f32]) {
-    for (yv, wv) in y.iter_mut().zip(w) {
-        *yv += a * wv.to_f32();
-    }
-}
-
-/// A raw pointer that may be shared across rayon tasks writing disjoint ranges.
-#[derive(Clone, Copy)]
-pub(crate) struct SyncPtr(pub *mut f32);
+/// A raw pointer that parallel tasks share, each writing its own disjoint elements.
+pub(crate) struct SyncPtr<T = f32>(pub *mut T);
 // SAFETY: used only to write disjoint index ranges from parallel tasks.
-unsafe impl Send for SyncPtr {}
-unsafe impl Sync for SyncPtr {}
+unsafe impl<T: Send> Send for SyncPtr<T> {}
+unsafe impl<T: Send> Sync for SyncPtr<T> {}
 
-impl SyncPtr {
+impl<T> Clone for SyncPtr<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for SyncPtr<T> {}
+
+impl<T> SyncPtr<T> {
     /// The pointer (a method, so closures capture the whole `Sync` wrapper).
     #[inline(always)]
-    pub(crate) fn get(self) -> *mut f32 {
+    pub(crate) fn get(self) -> *mut T {
         self.0
     }
 }
@@ -224,35 +159,6 @@ pub fn silu(x: f32) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn dot_and_axpy_paths_agree_bit_for_bit() {
-        let x = crate::test_values(1411, 1);
-        let w: Vec<bf16> = crate::test_values(1411, 2)
-            .into_iter()
-            .map(bf16::from_f32)
-            .collect();
-        assert_eq!(dot(&w, &x).to_bits(), dot_body(&w, &x).to_bits());
-        assert_eq!(dot(&x, &x).to_bits(), dot_body(&x, &x).to_bits());
-        let (mut a, mut b) = (x.clone(), x.clone());
-        axpy(0.37, &w, &mut a);
-        axpy_body(0.37, &w, &mut b);
-        assert_eq!(a, b);
-    }
-    use crate::test_values as values;
-
-    #[test]
-    fn dot_and_axpy_match_plain_loops() {
-        let w: Vec<bf16> = values(1411, 3).into_iter().map(bf16::from_f32).collect();
-        let x = values(1411, 4);
-        let plain: f64 = w.iter().zip(&x).map(|(a, b)| a.to_f64() * *b as f64).sum();
-        assert!((dot(&w, &x) as f64 - plain).abs() < 1e-4);
-        let mut y = x.clone();
-        axpy(0.5, &w, &mut y);
-        for i in 0..x.len() {
-            assert_eq!(y[i], x[i] + 0.5 * w[i].to_f32());
-        }
-    }
 
     #[test]
     fn bf16_rounding_is_nearest_even() {

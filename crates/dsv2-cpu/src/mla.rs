@@ -42,7 +42,10 @@ fn isa() -> Isa {
     *ISA.get_or_init(|| {
         #[cfg(target_arch = "x86_64")]
         {
-            if std::is_x86_feature_detected!("avx512f") {
+            if std::is_x86_feature_detected!("avx512f")
+                && std::is_x86_feature_detected!("avx512bw")
+                && std::is_x86_feature_detected!("avx512vl")
+            {
                 return Isa::Avx512;
             }
             if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
@@ -276,6 +279,10 @@ pub(crate) fn project_portable<E: KindOf>(w: &[E], x: &[f32], out: &mut [f32]) {
     }
 }
 
+/// Sums the 16 lanes of a register in the fixed tree of [`reduce_lanes`].
+#[cfg(target_arch = "x86_64")]
+pub(crate) use x86::reduce512;
+
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::*;
@@ -466,7 +473,7 @@ mod x86 {
 
     /// The lane tree of [`reduce_lanes`] on one register.
     #[inline(always)]
-    unsafe fn reduce512(a: __m512) -> f32 {
+    pub(crate) unsafe fn reduce512(a: __m512) -> f32 {
         unsafe {
             let lo = _mm512_castps512_ps256(a);
             let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(a)));
@@ -666,7 +673,10 @@ mod tests {
             if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
                 v.push(Isa::Avx2);
             }
-            if std::is_x86_feature_detected!("avx512f") {
+            if std::is_x86_feature_detected!("avx512f")
+                && std::is_x86_feature_detected!("avx512bw")
+                && std::is_x86_feature_detected!("avx512vl")
+            {
                 v.push(Isa::Avx512);
             }
         }

@@ -191,7 +191,12 @@ fn one_token_quantized(
     acts.resize_with(MAX_MLPS + 1, QActivations::default);
     acts[MAX_MLPS].quantize(x, 1, d);
     let mut hidden = take::<f32>(gate_up_at[2 * count]);
-    run_tiles(gate_up, |_| &acts[MAX_MLPS], &gate_up_at, &mut hidden);
+    let base = SyncPtr(hidden.as_mut_ptr());
+    let gate_up_outs: [SyncPtr; 2 * MAX_MLPS] =
+        // SAFETY: gate_up_at[j] ≤ hidden.len() (its last entry is the length).
+        std::array::from_fn(|j| SyncPtr(unsafe { base.get().add(gate_up_at[j.min(2 * count)]) }));
+    // SAFETY: matrix j writes hidden[gate_up_at[j]..gate_up_at[j + 1]], its own rows.
+    unsafe { run_tiles(gate_up, |_| &acts[MAX_MLPS], &gate_up_outs[..2 * count]) };
     // SwiGLU of each MLP, then its hidden row quantized for the down projection.
     for i in 0..count {
         let (g0, u0, u1) = (
@@ -208,7 +213,12 @@ fn one_token_quantized(
         down_at[i + 1] = down_at[i] + d;
     }
     let mut outs = take::<f32>(count * d);
-    run_tiles(down, |i| &acts[i], &down_at, &mut outs);
+    let base = SyncPtr(outs.as_mut_ptr());
+    let down_outs: [SyncPtr; MAX_MLPS] =
+        // SAFETY: down_at[i] ≤ outs.len() (its entry at `count` is the length).
+        std::array::from_fn(|i| SyncPtr(unsafe { base.get().add(down_at[i.min(count)]) }));
+    // SAFETY: MLP i writes outs[down_at[i]..down_at[i + 1]] (d values), its own rows.
+    unsafe { run_tiles(down, |i| &acts[i], &down_outs[..count]) };
     MLP_ACTS.with(|a| *a.borrow_mut() = acts);
 
     // Each MLP's output as `mlp_rows` rounds it; routed outputs weighted in id order.
@@ -252,22 +262,29 @@ pub(crate) fn one_row_pair(
     let mut acts = MLP_ACTS.with(|c| std::mem::take(&mut *c.borrow_mut()));
     acts.resize_with(MAX_MLPS + 1, QActivations::default);
     acts[MAX_MLPS].quantize(x, 1, a.cols);
-    let at = [0, a.rows, a.rows + b.rows];
-    let mut y = take::<f32>(at[2]);
-    run_tiles(&[Some(a), Some(b)], |_| &acts[MAX_MLPS], &at, &mut y);
-    out_a[..a.rows].copy_from_slice(&y[..a.rows]);
-    out_b[..b.rows].copy_from_slice(&y[a.rows..]);
+    assert!(
+        out_a.len() >= a.rows && out_b.len() >= b.rows,
+        "linear_pair outputs"
+    );
+    let outs = [SyncPtr(out_a.as_mut_ptr()), SyncPtr(out_b.as_mut_ptr())];
+    // SAFETY: out_a and out_b hold a.rows and b.rows values (checked) and are distinct
+    // mutable borrows.
+    unsafe { run_tiles(&[Some(a), Some(b)], |_| &acts[MAX_MLPS], &outs) };
     MLP_ACTS.with(|c| *c.borrow_mut() = acts);
 }
 
 /// One parallel loop over the 16-row tiles of several quantized matrices, each with
-/// its own one-row activations: matrix `j`'s outputs go to `y[at[j]..at[j + 1]]`.
-fn run_tiles<'a>(
+/// its own one-row activations: matrix `j`'s `rows` outputs go to `outs[j]`.
+///
+/// # Safety
+/// Each `outs[j]` points to `matrices[j].rows` writable values, disjoint from every other
+/// matrix's and not otherwise accessed during the call.
+unsafe fn run_tiles<'a>(
     matrices: &[Option<QMatrix<'_>>],
     acts: impl Fn(usize) -> &'a QActivations + Sync,
-    at: &[usize],
-    y: &mut [f32],
+    outs: &[SyncPtr],
 ) {
+    assert!(matrices.len() == outs.len() && matrices.len() <= 2 * MAX_MLPS);
     const TILE: usize = 16;
     // Each matrix split as a lone decode product would be; no task crosses a matrix.
     let threads = team::threads();
@@ -280,17 +297,15 @@ fn run_tiles<'a>(
         first_task[j + 1] = first_task[j] + tiles.div_ceil(per_task[j]);
     }
     let tasks = first_task[matrices.len()];
-    let y_ptr = SyncPtr(y.as_mut_ptr());
     team::for_each(tasks, |task| {
         let j = first_task[1..=matrices.len()].partition_point(|&f| f <= task);
         let w = matrices[j].expect("quantized");
         let t0 = (task - first_task[j]) * per_task[j];
         let rows = t0 * TILE..((t0 + per_task[j]) * TILE).min(w.rows);
-        // SAFETY: rows of matrix j land in y[at[j] + rows], disjoint across tasks and
-        // inside y (at[j + 1] = at[j] + w.rows ≤ y.len()).
-        let dst = unsafe {
-            std::slice::from_raw_parts_mut(y_ptr.get().add(at[j] + rows.start), rows.len())
-        };
+        // SAFETY: outs[j] holds w.rows values (the caller's contract); tasks of matrix j
+        // write disjoint row ranges.
+        let dst =
+            unsafe { std::slice::from_raw_parts_mut(outs[j].get().add(rows.start), rows.len()) };
         let width = rows.len();
         qmatmul_rows(acts(j), 1, w, rows, dst, width);
     });

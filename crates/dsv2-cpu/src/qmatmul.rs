@@ -28,7 +28,7 @@ use dsv2_core::quant::{QuantFormat, BLOCK, TILE};
 use half::f16;
 
 use crate::kernels::SyncPtr;
-use crate::team::{self, SendPtr};
+use crate::team;
 
 /// Most activation rows in one register tile.
 const MR_MAX: usize = 8;
@@ -227,10 +227,10 @@ impl QActivations {
         }
         let x = &x[..m * k];
         if m * k >= 1 << 16 {
-            let (q, d) = (SendPtr(self.q.as_mut_ptr()), SendPtr(self.d.as_mut_ptr()));
+            let (q, d) = (SyncPtr(self.q.as_mut_ptr()), SyncPtr(self.d.as_mut_ptr()));
             let (c128, c8) = (
-                SendPtr(self.c128.as_mut_ptr()),
-                SendPtr(self.c8.as_mut_ptr()),
+                SyncPtr(self.c128.as_mut_ptr()),
+                SyncPtr(self.c8.as_mut_ptr()),
             );
             team::for_each(m, |i| {
                 // SAFETY: row i of each buffer (sized above) is written by task i only.

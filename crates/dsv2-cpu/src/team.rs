@@ -22,6 +22,8 @@ use std::sync::{Mutex, OnceLock};
 use std::thread::{self, Thread};
 use std::time::{Duration, Instant};
 
+use crate::kernels::SyncPtr;
+
 /// How long a worker spins for the next loop before it parks: longer than the serial
 /// stretches inside a decode step (norms, routing, sampling), short against a step.
 const SPIN: Duration = Duration::from_micros(400);
@@ -140,7 +142,7 @@ pub fn for_each_chunk_mut<T: Send>(
 ) {
     assert!(size > 0, "chunk size 0");
     let len = data.len();
-    let base = SendPtr(data.as_mut_ptr());
+    let base = SyncPtr(data.as_mut_ptr());
     for_each(len.div_ceil(size), |i| {
         let start = i * size;
         let n = size.min(len - start);
@@ -150,19 +152,6 @@ pub fn for_each_chunk_mut<T: Send>(
             std::slice::from_raw_parts_mut(base.get().add(start), n)
         });
     });
-}
-
-/// A pointer that parallel tasks may share, each writing its own disjoint elements.
-pub(crate) struct SendPtr<T>(pub(crate) *mut T);
-// SAFETY: used only to hand disjoint parts of one buffer to parallel tasks.
-unsafe impl<T: Send> Send for SendPtr<T> {}
-unsafe impl<T: Send> Sync for SendPtr<T> {}
-impl<T> SendPtr<T> {
-    /// The pointer (a method, so closures capture the whole `Sync` wrapper).
-    #[inline(always)]
-    pub(crate) fn get(&self) -> *mut T {
-        self.0
-    }
 }
 
 impl Team {
