@@ -142,7 +142,10 @@ def cmd_table(out):
                 if x["batch"] != 1:
                     continue
                 depths.add(x["context"])
-                drow["decode"][x["context"]] = f"{x['tokens_per_s']:,.2f} ({x['bandwidth_fraction']:.0%})"
+                # Against the same best-of probe as llama.cpp's cells (dsv2's own row
+                # fraction uses the probe passes between its steps).
+                frac = x["bytes_per_step"] * x["tokens_per_s"] / bw
+                drow["decode"][x["context"]] = f"{x['tokens_per_s']:,.2f} ({frac:.0%})"
                 if x["context"] == 0:
                     step0 = x["bytes_per_step"]
             drow["weights"] = f"{d['weight_bytes'] / 1e9:.2f} GB" if "weight_bytes" in d else "–"
@@ -169,8 +172,9 @@ def cmd_table(out):
     print()
     for n in notes:
         print(f"- {n}")
-    print("- of floor = bytes a decode step reads (weights touched + cache) x tokens/s / the read "
-          "bandwidth dsv2 measured in the same run, for each format; llama.cpp figures are "
+    print("- of floor = bytes a decode step reads (weights touched + cache) x tokens/s / the best "
+          "read bandwidth dsv2's probes measured in the same run, for each format (both engines "
+          "against the same figure); llama.cpp figures are "
           "llama-bench's mean ± stddev over its repetitions")
 
 

@@ -6,10 +6,15 @@
 //! Decode at context `C`: every sequence's first `C` cache slots are filled cheaply
 //! ([`Model::write_latents`]: one `kv_a_proj_with_mqa` product per layer instead of a
 //! full prefill; attention costs the same whatever the cached values), three untimed
-//! steps run (where a backend captures its step graphs), then `--decode-tokens` steps of the whole batch are timed. The floor of a step
-//! is the bytes it must read ([`floor::decode_step_bytes`]) over the read bandwidth the
-//! backend measures in the same run ([`Backend::measure_read_bandwidth`]; on the CPU also
-//! before the load, the higher probe counting).
+//! steps run (where a backend captures its step graphs), then `--decode-tokens` steps of
+//! the whole batch are timed. The floor of a step is the bytes it must read
+//! ([`floor::decode_step_bytes`]) over the read bandwidth measured in the same run: on a
+//! GPU the backend's copy bandwidth ([`Backend::measure_read_bandwidth`]); on the CPU,
+//! whose host bandwidth drifts within seconds, the mean of one read pass of a probe
+//! buffer before the first timed step and after each one ([`ReadProbe`]), so the floor
+//! is the bandwidth of the moments the steps ran. Best-of-8 probes before the load and
+//! around every row are reported too (`of best`: the fraction against the higher probe
+//! around the row, the stricter figure).
 
 mod floor;
 mod weights;
@@ -20,6 +25,7 @@ use anyhow::{bail, ensure, Context, Result};
 use clap::Args;
 use dsv2_backend::{AttentionPath, Backend, Batch, LogitsWanted};
 use dsv2_core::{expected_tensors, DType, ModelConfig};
+use dsv2_cpu::bandwidth::ReadProbe;
 use dsv2_model::{Model, Workspace};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
@@ -242,36 +248,40 @@ impl ModelTask for BenchTask<'_> {
             "filling {max_batch} contexts of {max_context} tokens"
         ));
         runner.fill_contexts(max_batch, max_context)?;
-        // On the CPU the host's bandwidth drifts by tens of percent within minutes (other
-        // tenants of the machine): each decode row is bracketed by probes and its floor
-        // set by the higher of the two. A probe's buffer is not counted in the peak RSS
-        // (its high-water mark is read before each probe and reset after it).
+        // On the CPU the host's bandwidth drifts by tens of percent within seconds (other
+        // tenants of the machine). Each decode row is bracketed by best-of probes, and
+        // one read pass of the same probe buffer runs before the first timed step and
+        // after every one: the row's floor is the mean of those passes, the bandwidth
+        // at the moments the steps ran. The probe's buffer is not counted in the peak
+        // RSS: it is resident from its allocation to its drop, so the rest of the
+        // process peaked at the high-water mark minus its size.
         let mut probes = Probes {
             peak_rss: peak_rss_bytes(),
             values: self.bandwidth_before_load.into_iter().collect(),
         };
-        let per_row_probes = self.bandwidth_before_load.is_some() && reset_peak_rss();
-        let mut probe = |bar: &ProgressBar| -> Result<f64> {
+        let mut read_probe = if self.bandwidth_before_load.is_some() {
             bar.set_message("measuring the read bandwidth");
-            probes.probe(backend)
-        };
-        let mut before = if per_row_probes {
-            Some(probe(&bar)?)
+            Some(ReadProbe::new(dsv2_cpu::bandwidth::buffer_bytes()))
         } else {
             None
         };
+        if let Some(read_probe) = &mut read_probe {
+            probes.values.push(read_probe.best_of(PROBE_PASSES));
+        }
         let mut decode = Vec::new();
         for &context in &args.contexts {
             for &batch in &args.batch_sizes {
                 bar.set_message(format!("decode: batch {batch}, context {context}"));
-                let seconds = runner.decode(batch, context, args.decode_tokens)?;
-                let bandwidth = match before {
-                    Some(b) => {
-                        let after = probe(&bar)?;
-                        before = Some(after);
-                        Some(b.max(after))
+                let measured =
+                    runner.decode(batch, context, args.decode_tokens, read_probe.as_mut())?;
+                let (bandwidth, bracket) = match &mut read_probe {
+                    Some(read_probe) => {
+                        let before = *probes.values.last().expect("probed before the rows");
+                        let after = read_probe.best_of(PROBE_PASSES);
+                        probes.values.push(after);
+                        (Some(mean(&measured.probes)), Some(before.max(after)))
                     }
-                    None => None,
+                    None => (None, None),
                 };
                 // The attention kernel alone over the cache the last timed step read.
                 let attn_position = context + WARMUP_STEPS + args.decode_tokens - 1;
@@ -290,23 +300,30 @@ impl ModelTask for BenchTask<'_> {
                     batch,
                     context,
                     steps: args.decode_tokens,
-                    seconds,
+                    seconds: measured.seconds,
                     bytes_per_step,
                     attention_s,
                     attention_bytes,
                     bandwidth,
+                    step_probes: measured.probes,
+                    bracket_bandwidth: bracket,
                 });
                 bar.inc(1);
             }
         }
-        // The peak RSS is read before a probe allocates its buffer.
-        if !per_row_probes {
-            probe(&bar)?;
-        }
-        let peak_rss_bytes = if per_row_probes {
-            probes.peak_rss.max(peak_rss_bytes())
-        } else {
-            probes.peak_rss
+        let peak_rss_bytes = match read_probe {
+            Some(read_probe) => {
+                let probe_bytes = read_probe.bytes() as u64;
+                let during = peak_rss_bytes().map(|hwm| hwm.saturating_sub(probe_bytes));
+                drop(read_probe);
+                probes.peak_rss.max(during)
+            }
+            None => {
+                // The peak RSS is read before the probe allocates its buffer.
+                bar.set_message("measuring the read bandwidth");
+                probes.probe(backend)?;
+                probes.peak_rss
+            }
         };
         let probes = probes.values;
         let bandwidth = probes.iter().copied().fold(0.0, f64::max);
@@ -461,19 +478,35 @@ impl<'m, B: Backend> Runner<'m, B> {
     }
 
     /// Decodes `steps` timed tokens for each of `batch` sequences holding `context`
-    /// cached tokens, after [`WARMUP_STEPS`] untimed steps; returns the timed seconds.
-    fn decode(&mut self, batch: usize, context: usize, steps: usize) -> Result<f64> {
+    /// cached tokens, after [`WARMUP_STEPS`] untimed steps. With a probe, one read pass
+    /// of it runs before the first timed step and after each one (not timed as steps).
+    fn decode(
+        &mut self,
+        batch: usize,
+        context: usize,
+        steps: usize,
+        mut probe: Option<&mut ReadProbe>,
+    ) -> Result<DecodeTiming> {
         let vocab = self.model.config.vocab_size;
         let mut next: Vec<u32> = (0..batch).map(|s| token_id(context + s, vocab)).collect();
         let mut out = vec![0u32; batch];
         for i in 0..WARMUP_STEPS {
             self.decode_step(context + i, &mut next, &mut out)?;
         }
-        let started = Instant::now();
-        for i in 0..steps {
-            self.decode_step(context + WARMUP_STEPS + i, &mut next, &mut out)?;
+        let mut probes = Vec::with_capacity(steps + 1);
+        if let Some(probe) = probe.as_deref_mut() {
+            probes.push(probe.pass());
         }
-        Ok(started.elapsed().as_secs_f64())
+        let mut seconds = 0.0;
+        for i in 0..steps {
+            let started = Instant::now();
+            self.decode_step(context + WARMUP_STEPS + i, &mut next, &mut out)?;
+            seconds += started.elapsed().as_secs_f64();
+            if let Some(probe) = probe.as_deref_mut() {
+                probes.push(probe.pass());
+            }
+        }
+        Ok(DecodeTiming { seconds, probes })
     }
 
     /// Seconds of the decode attention kernels alone (one layer, averaged over several
@@ -552,6 +585,14 @@ impl PrefillRow {
     }
 }
 
+/// The timed steps of one decode row.
+struct DecodeTiming {
+    /// Seconds of the timed steps (probe passes excluded).
+    seconds: f64,
+    /// Read bandwidth of each probe pass between the steps, bytes per second.
+    probes: Vec<f64>,
+}
+
 /// One decode measurement.
 struct DecodeRow {
     batch: usize,
@@ -565,9 +606,13 @@ struct DecodeRow {
     attention_s: Option<f64>,
     /// The cache bytes that attention reads (one layer's latents of every sequence).
     attention_bytes: f64,
-    /// The read bandwidth of this row's floor when the row was bracketed by probes (the
-    /// higher of the two); else the run's.
+    /// The read bandwidth of this row's floor where probe passes ran between its steps
+    /// (their mean); else the run's.
     bandwidth: Option<f64>,
+    /// The probe passes between the steps, bytes per second.
+    step_probes: Vec<f64>,
+    /// The higher of the best-of probes just before and after the row, where they ran.
+    bracket_bandwidth: Option<f64>,
 }
 
 impl DecodeRow {
@@ -654,14 +699,16 @@ impl Report {
         }
         println!();
         println!(
-            "{:>6} {:>8} {:>10} {:>10} {:>9} {:>12} {:>9} {:>9} {:>10} {:>8}",
+            "{:>6} {:>8} {:>10} {:>10} {:>9} {:>10} {:>12} {:>9} {:>8} {:>9} {:>10} {:>8}",
             "batch",
             "context",
             "ms/step",
             "tokens/s",
             "MB/step",
+            "floor GB/s",
             "floor tok/s",
             "of floor",
+            "of best",
             "attn us",
             "attn GB/s",
             "of copy"
@@ -676,15 +723,28 @@ impl Report {
                 ),
                 _ => format!("{:>9} {:>10} {:>8}", "-", "-", "-"),
             };
+            let floor_bandwidth = row.bandwidth.unwrap_or(self.bandwidth);
+            let of_best = row.bracket_bandwidth.map_or("-".into(), |b| {
+                format!("{:.1}%", 100.0 * row.bandwidth_fraction(b))
+            });
             println!(
-                "{:>6} {:>8} {:>10.2} {:>10.2} {:>9.2} {:>12.2} {:>8.1}% {attention}",
+                "{:>6} {:>8} {:>10.2} {:>10.2} {:>9.2} {:>10.1} {:>12.2} {:>8.1}% {of_best:>8} \
+                 {attention}",
                 row.batch,
                 row.context,
                 row.step_s() * 1e3,
                 row.tokens_per_s(),
                 row.bytes_per_step / 1e6,
-                row.floor_tokens_per_s(row.bandwidth.unwrap_or(self.bandwidth)),
-                100.0 * row.bandwidth_fraction(row.bandwidth.unwrap_or(self.bandwidth))
+                floor_bandwidth / 1e9,
+                row.floor_tokens_per_s(floor_bandwidth),
+                100.0 * row.bandwidth_fraction(floor_bandwidth)
+            );
+        }
+        if self.decode.iter().any(|r| r.bracket_bandwidth.is_some()) {
+            println!(
+                "floor: the mean of one read pass of the probe before the first timed step and \
+                 after each one; of best: against the higher best-of-{PROBE_PASSES} probe \
+                 just before and after the row"
             );
         }
         if self.decode.iter().any(|r| r.attention_s.is_some()) {
@@ -731,6 +791,9 @@ impl Report {
                     "floor_tokens_per_s": r.floor_tokens_per_s(r.bandwidth.unwrap_or(self.bandwidth)),
                     "bandwidth_fraction": r.bandwidth_fraction(r.bandwidth.unwrap_or(self.bandwidth)),
                     "bandwidth_gbps": r.bandwidth.unwrap_or(self.bandwidth) / 1e9,
+                    "step_probes_gbps": r.step_probes.iter().map(|b| b / 1e9).collect::<Vec<_>>(),
+                    "bracket_bandwidth_gbps": r.bracket_bandwidth.map(|b| b / 1e9),
+                    "bracket_bandwidth_fraction": r.bracket_bandwidth.map(|b| r.bandwidth_fraction(b)),
                     "attention_seconds": r.attention_s,
                     "attention_bytes": r.attention_bytes,
                     "attention_gbps": r.attention_rate().map(|b| b / 1e9),
@@ -766,6 +829,13 @@ fn si(x: f64, unit: &str) -> String {
 }
 
 /// Peak resident memory of this process (`VmHWM`), where Linux reports it.
+/// Best-of passes of each bracketing bandwidth probe.
+const PROBE_PASSES: usize = 8;
+
+fn mean(values: &[f64]) -> f64 {
+    values.iter().sum::<f64>() / values.len().max(1) as f64
+}
+
 /// Bandwidth probes of a run, and the peak RSS outside them.
 struct Probes {
     /// The highest peak RSS read before a probe.

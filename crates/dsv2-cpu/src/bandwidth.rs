@@ -6,7 +6,7 @@
 
 use std::time::Instant;
 
-use rayon::prelude::*;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Smallest buffer read, whatever the caches (bytes).
 const MIN_BYTES: usize = 512 << 20;
@@ -25,32 +25,64 @@ pub fn buffer_bytes() -> usize {
 }
 
 /// The best read bandwidth in bytes per second over a few passes of a read of `bytes`
-/// bytes by all of rayon's threads (the threads the kernels run on).
+/// bytes by the team's threads (the threads the kernels run on).
 pub fn measure_read_bandwidth(bytes: usize) -> f64 {
-    // At least 1 MiB, so the buffer is a mapping (8-byte aligned).
-    let words = (bytes / 8).max(1 << 17);
-    let mut memory = dsv2_core::hugemem::alloc(words * 8);
-    let buf: &mut [u64] = bytemuck::cast_slice_mut(memory.as_mut_slice());
-    // Written with distinct non-zero values first: a page never written reads the shared
-    // zero page, which would measure the caches instead of memory.
-    buf.par_iter_mut()
-        .enumerate()
-        .for_each(|(i, w)| *w = (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
-    let buf: &[u64] = buf;
-    let chunk = words
-        .div_ceil(rayon::current_num_threads() * 8)
-        .max(1 << 12);
-    let mut best = f64::INFINITY;
-    for _ in 0..PASSES {
-        let started = Instant::now();
-        let sum = buf
-            .par_chunks(chunk)
-            .map(sum_words)
-            .reduce(|| 0, u64::wrapping_add);
-        std::hint::black_box(sum);
-        best = best.min(started.elapsed().as_secs_f64());
+    ReadProbe::new(bytes).best_of(PASSES)
+}
+
+/// A buffer in huge pages, written once, whose timed reads measure the host's read
+/// bandwidth. Kept alive across a benchmark's decode steps, one pass between two steps
+/// samples the bandwidth at the moments the steps ran (on a shared host it drifts by
+/// tens of percent within seconds).
+pub struct ReadProbe {
+    memory: dsv2_core::hugemem::HugeBuf,
+    words: usize,
+}
+
+impl ReadProbe {
+    /// Allocates and writes a buffer of `bytes` bytes (at least 1 MiB).
+    pub fn new(bytes: usize) -> ReadProbe {
+        // At least 1 MiB, so the buffer is a mapping (8-byte aligned).
+        let words = (bytes / 8).max(1 << 17);
+        let mut memory = dsv2_core::hugemem::alloc(words * 8);
+        let buf: &mut [u64] = bytemuck::cast_slice_mut(memory.as_mut_slice());
+        // Written with distinct non-zero values first: a page never written reads the
+        // shared zero page, which would measure the caches instead of memory.
+        crate::team::for_each_chunk_mut(buf, 1 << 16, |c, chunk| {
+            let first = (c << 16) as u64;
+            for (i, w) in chunk.iter_mut().enumerate() {
+                *w = (first + i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+            }
+        });
+        ReadProbe { memory, words }
     }
-    (words * 8) as f64 / best.max(1e-9)
+
+    /// Bytes one pass reads.
+    pub fn bytes(&self) -> usize {
+        self.words * 8
+    }
+
+    /// One timed read of the whole buffer by the team; bytes per second.
+    pub fn pass(&mut self) -> f64 {
+        let buf: &[u64] = bytemuck::cast_slice(self.memory.as_mut_slice());
+        let threads = crate::team::threads();
+        let chunk = self.words.div_ceil(threads * 8).max(1 << 12);
+        let tasks = self.words.div_ceil(chunk);
+        let sum = AtomicU64::new(0);
+        let started = Instant::now();
+        crate::team::for_each(tasks, |t| {
+            let part = &buf[t * chunk..((t + 1) * chunk).min(buf.len())];
+            sum.fetch_add(sum_words(part), Ordering::Relaxed);
+        });
+        let seconds = started.elapsed().as_secs_f64();
+        std::hint::black_box(sum.into_inner());
+        self.bytes() as f64 / seconds.max(1e-9)
+    }
+
+    /// The best of `passes` passes; bytes per second.
+    pub fn best_of(&mut self, passes: usize) -> f64 {
+        (0..passes.max(1)).map(|_| self.pass()).fold(0.0, f64::max)
+    }
 }
 
 /// Wrapping sum of `words` with eight independent accumulators, so the loop is bound by
@@ -119,5 +151,10 @@ mod tests {
         // A small buffer (mostly cache-resident): only the arithmetic is checked here.
         let bw = measure_read_bandwidth(8 << 20);
         assert!(bw.is_finite() && bw > 1e8, "{bw}");
+        let mut probe = ReadProbe::new(4 << 20);
+        assert_eq!(probe.bytes(), 4 << 20);
+        let pass = probe.pass();
+        assert!(pass.is_finite() && pass > 1e8, "{pass}");
+        assert!(probe.best_of(3) > 1e8);
     }
 }
