@@ -10,11 +10,10 @@
 //! the whole batch are timed. The floor of a step is the bytes it must read
 //! ([`floor::decode_step_bytes`]) over the read bandwidth measured in the same run: on a
 //! GPU the backend's copy bandwidth ([`Backend::measure_read_bandwidth`]); on the CPU,
-//! whose host bandwidth drifts within seconds, the mean of one read pass of a probe
+//! whose host bandwidth drifts within seconds, the best of one read pass of a probe
 //! buffer before the first timed step and after each one ([`ReadProbe`]), so the floor
-//! is the bandwidth of the moments the steps ran. Best-of-8 probes before the load and
-//! around every row are reported too (`of best`: the fraction against the higher probe
-//! around the row, the stricter figure).
+//! follows the bandwidth of the moments the steps ran. Best-of-8 probes before the load
+//! and around every row are in the JSON too.
 
 mod floor;
 mod weights;
@@ -251,8 +250,9 @@ impl ModelTask for BenchTask<'_> {
         // On the CPU the host's bandwidth drifts by tens of percent within seconds (other
         // tenants of the machine). Each decode row is bracketed by best-of probes, and
         // one read pass of the same probe buffer runs before the first timed step and
-        // after every one: the row's floor is the mean of those passes, the bandwidth
-        // at the moments the steps ran. The probe's buffer is not counted in the peak
+        // after every one: the row's floor is the best of those passes, the best the
+        // host gave while the row ran (single passes dip often; decode steps, 5-10
+        // times longer, average their dips out). The probe's buffer is not counted in the peak
         // RSS: it is resident from its allocation to its drop, so the rest of the
         // process peaked at the high-water mark minus its size.
         let mut probes = Probes {
@@ -279,7 +279,7 @@ impl ModelTask for BenchTask<'_> {
                         let before = *probes.values.last().expect("probed before the rows");
                         let after = read_probe.best_of(PROBE_PASSES);
                         probes.values.push(after);
-                        (Some(mean(&measured.probes)), Some(before.max(after)))
+                        (Some(best(&measured.probes)), Some(before.max(after)))
                     }
                     None => (None, None),
                 };
@@ -607,7 +607,7 @@ struct DecodeRow {
     /// The cache bytes that attention reads (one layer's latents of every sequence).
     attention_bytes: f64,
     /// The read bandwidth of this row's floor where probe passes ran between its steps
-    /// (their mean); else the run's.
+    /// (the best of them); else the run's.
     bandwidth: Option<f64>,
     /// The probe passes between the steps, bytes per second.
     step_probes: Vec<f64>,
@@ -699,7 +699,7 @@ impl Report {
         }
         println!();
         println!(
-            "{:>6} {:>8} {:>10} {:>10} {:>9} {:>10} {:>12} {:>9} {:>8} {:>9} {:>10} {:>8}",
+            "{:>6} {:>8} {:>10} {:>10} {:>9} {:>10} {:>12} {:>9} {:>9} {:>10} {:>8}",
             "batch",
             "context",
             "ms/step",
@@ -708,7 +708,6 @@ impl Report {
             "floor GB/s",
             "floor tok/s",
             "of floor",
-            "of best",
             "attn us",
             "attn GB/s",
             "of copy"
@@ -724,12 +723,8 @@ impl Report {
                 _ => format!("{:>9} {:>10} {:>8}", "-", "-", "-"),
             };
             let floor_bandwidth = row.bandwidth.unwrap_or(self.bandwidth);
-            let of_best = row.bracket_bandwidth.map_or("-".into(), |b| {
-                format!("{:.1}%", 100.0 * row.bandwidth_fraction(b))
-            });
             println!(
-                "{:>6} {:>8} {:>10.2} {:>10.2} {:>9.2} {:>10.1} {:>12.2} {:>8.1}% {of_best:>8} \
-                 {attention}",
+                "{:>6} {:>8} {:>10.2} {:>10.2} {:>9.2} {:>10.1} {:>12.2} {:>8.1}% {attention}",
                 row.batch,
                 row.context,
                 row.step_s() * 1e3,
@@ -740,11 +735,10 @@ impl Report {
                 100.0 * row.bandwidth_fraction(floor_bandwidth)
             );
         }
-        if self.decode.iter().any(|r| r.bracket_bandwidth.is_some()) {
+        if self.decode.iter().any(|r| !r.step_probes.is_empty()) {
             println!(
-                "floor: the mean of one read pass of the probe before the first timed step and \
-                 after each one; of best: against the higher best-of-{PROBE_PASSES} probe \
-                 just before and after the row"
+                "floor GB/s: the best of one read pass of the probe before the first timed \
+                 step and after each one"
             );
         }
         if self.decode.iter().any(|r| r.attention_s.is_some()) {
@@ -832,8 +826,8 @@ fn si(x: f64, unit: &str) -> String {
 /// Best-of passes of each bracketing bandwidth probe.
 const PROBE_PASSES: usize = 8;
 
-fn mean(values: &[f64]) -> f64 {
-    values.iter().sum::<f64>() / values.len().max(1) as f64
+fn best(values: &[f64]) -> f64 {
+    values.iter().copied().fold(0.0, f64::max)
 }
 
 /// Bandwidth probes of a run, and the peak RSS outside them.

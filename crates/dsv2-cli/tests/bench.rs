@@ -96,8 +96,8 @@ fn bench_random_weights_reports_every_figure() {
         let floor = positive(row, "floor_tokens_per_s");
         assert!((fraction - tps / floor).abs() < 1e-9 * fraction, "{row}");
         assert_eq!(num(row, "steps"), 3.0);
-        // On the CPU the floor is the mean of a probe pass before the first timed step
-        // and after each one; the stricter best-of probes around the row are kept too.
+        // On the CPU the floor is the best of a probe pass before the first timed step
+        // and after each one; the best-of probes around the row are reported too.
         let passes: Vec<f64> = row["step_probes_gbps"]
             .as_array()
             .unwrap()
@@ -105,11 +105,11 @@ fn bench_random_weights_reports_every_figure() {
             .map(|v| v.as_f64().unwrap())
             .collect();
         assert_eq!(passes.len(), 4, "{row}");
-        let mean = passes.iter().sum::<f64>() / 4.0;
-        assert!((num(row, "bandwidth_gbps") - mean).abs() < 1e-9 * mean, "{row}");
+        let best = passes.iter().copied().fold(0.0, f64::max);
+        assert_eq!(num(row, "bandwidth_gbps"), best, "{row}");
         let bracket = positive(row, "bracket_bandwidth_gbps");
         let strict = positive(row, "bracket_bandwidth_fraction");
-        assert!((strict * bracket - fraction * mean).abs() < 1e-6 * fraction * mean);
+        assert!((strict * bracket - fraction * best).abs() < 1e-6 * fraction * best);
     }
     // Batch 1 at context 0: the weights touched in bf16, plus the timed steps' mean
     // context (4, 5 and 6 cached tokens, after the 3 untimed steps) of 480 bytes each.
