@@ -11,6 +11,9 @@
 //! 32c + 2l + 1` in order of `c` (a short last chunk is zero-padded), then the 16 lanes
 //! are summed as `a[j] + a[j + 8]`, `+ 4`, `+ 2`, `+ 1`. It does not depend on `m` or on
 //! a row's place in its tile, so the product is batch-invariant.
+//!
+//! On other architectures [`available`] is false and only the checks remain.
+#![cfg_attr(not(target_arch = "x86_64"), allow(unused_imports, dead_code))]
 
 use half::bf16;
 
@@ -51,9 +54,15 @@ pub fn matmul(x: &[f32], m: usize, w: &[bf16], n: usize, k: usize, y: &mut [f32]
         x.len() >= m * k && w.len() >= n * k && y.len() >= m * n,
         "matmul shapes"
     );
-    if m == 0 || n == 0 {
-        return;
+    #[cfg(target_arch = "x86_64")]
+    if m > 0 && n > 0 {
+        tiled(x, m, w, n, k, y);
     }
+}
+
+/// [`matmul`] after its checks: register tiles over blocks of weight rows.
+#[cfg(target_arch = "x86_64")]
+fn tiled(x: &[f32], m: usize, w: &[bf16], n: usize, k: usize, y: &mut [f32]) {
     // Activations as bf16 pairs, each row padded to whole 32-element chunks with zeros.
     let kp = k.next_multiple_of(32);
     let mut xb = take::<u32>(m * kp / 2);
@@ -80,12 +89,9 @@ pub fn matmul(x: &[f32], m: usize, w: &[bf16], n: usize, k: usize, y: &mut [f32]
                     std::array::from_fn(|j| &w[(j0 + j.min(nr - 1)) * k..][..k]);
                 let acts: [&[u32]; MR] =
                     std::array::from_fn(|i| &xb[(i0 + i.min(mr - 1)) * kp / 2..][..kp / 2]);
-                // SAFETY: `available()` (asserted above); every row is `k` long and every
-                // activation row `kp / 2` pairs.
-                #[cfg(target_arch = "x86_64")]
+                // SAFETY: `available()` (asserted in `matmul`); every row is `k` long and
+                // every activation row `kp / 2` pairs.
                 let tile = unsafe { x86::tile(acts, rows, k) };
-                #[cfg(not(target_arch = "x86_64"))]
-                let tile: [[f32; NR]; MR] = unreachable!("no AVX-512 BF16 here");
                 for (i, tile_row) in tile.iter().enumerate().take(mr) {
                     for (j, &v) in tile_row.iter().enumerate().take(nr) {
                         // SAFETY: (i0 + i, j0 + j) lies in this task's rows of `y`.

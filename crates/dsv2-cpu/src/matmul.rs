@@ -63,8 +63,8 @@ enum Isa {
 }
 
 /// Every instruction path this CPU can run, best first.
+#[allow(unused_mut, clippy::vec_init_then_push)] // x86-only pushes
 fn available() -> Vec<Isa> {
-    #[allow(unused_mut)]
     let mut out = Vec::new();
     #[cfg(target_arch = "x86_64")]
     if std::is_x86_feature_detected!("avx2")

@@ -17,7 +17,9 @@
 
 use std::ops::Range;
 
-use crate::matmul::{Kind, KindOf};
+#[cfg(target_arch = "x86_64")]
+use crate::matmul::Kind;
+use crate::matmul::KindOf;
 
 /// Lanes of a score's dot product.
 const LANES: usize = 16;
@@ -666,6 +668,7 @@ mod tests {
     use super::*;
     use crate::test_values;
 
+    #[allow(unused_mut)] // x86-only pushes
     fn isas() -> Vec<Isa> {
         let mut v = vec![Isa::Portable];
         #[cfg(target_arch = "x86_64")]

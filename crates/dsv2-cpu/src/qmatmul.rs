@@ -298,8 +298,8 @@ fn has_avx512_vnni() -> bool {
 }
 
 /// Every instruction path this CPU can run, best first.
+#[allow(unused_mut, clippy::vec_init_then_push)] // x86-only pushes
 fn available() -> Vec<Isa> {
-    #[allow(unused_mut)]
     let mut out = Vec::new();
     #[cfg(target_arch = "x86_64")]
     {
@@ -489,6 +489,7 @@ impl<'a> Job<'a> {
     }
 
     /// Register-tile shape (activation rows, weight tiles) for a chunk of `m` rows.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
     fn shape(&self, m: usize) -> (usize, usize) {
         match self.isa {
             #[cfg(target_arch = "x86_64")]
@@ -572,6 +573,7 @@ impl<'a> Job<'a> {
     /// # Safety
     /// `wq`/`ws` point to `nc` full tiles; `acts` holds rows `i0..i0 + mr`.
     #[allow(clippy::too_many_arguments)]
+    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
     unsafe fn kernel(
         &self,
         q4: bool,
