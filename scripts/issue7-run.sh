@@ -3,7 +3,8 @@
 # decode steps, and the dsv2 bench grid. Usage: scripts/issue7-run.sh BIN MODE
 #   MODE: check (test-ops + test-model), profile, bench, peer, all (check, bench, peer),
 #   final (the whole gpu-check.sh without its lite-bench, then bench and peer).
-# PEER: the folder holding hf_transformers.py (default bench/peers).
+# PEER: the folder holding hf_transformers.py (default bench/peers); PEER_DEADLINE (s) and
+# PEER_SETTINGS (its --decode-settings) for the peer.
 set -uo pipefail
 bin=${1:-.gpu}
 mode=${2:-all}
@@ -48,9 +49,10 @@ if [[ $mode == bench || $mode == all || $mode == final-rest ]]; then
 fi
 if [[ $mode == peer || $mode == all || $mode == final-rest ]]; then
   echo "=== HF transformers peer"
-  PYTHONUNBUFFERED=1 timeout 330 python3 "${PEER:-bench/peers}/hf_transformers.py" --prompt-lengths 512,2048 \
-    --prefill-batch 4 --batch-sizes 1,8,32,128,256 --context 1024 --decode-tokens 16 --deadline-s "${PEER_DEADLINE:-300}" \
-    --json "$out/peer.json" > "$out/peer.txt" 2> "$out/peer.log"
+  deadline=${PEER_DEADLINE:-300}
+  PYTHONUNBUFFERED=1 timeout $((deadline + 30)) python3 "${PEER:-bench/peers}/hf_transformers.py" --prompt-lengths 512,2048 \
+    --prefill-batch 4 --batch-sizes 1,8,32,128,256 --context 1024 --decode-tokens 16 --deadline-s "$deadline" \
+    --decode-settings "${PEER_SETTINGS:-dynamic,static,compile}" --json "$out/peer.json" > "$out/peer.txt" 2> "$out/peer.log"
   echo "exit $?"
   head -n -1 "$out/peer.txt"
   tail -5 "$out/peer.log"

@@ -149,6 +149,18 @@ __device__ __forceinline__ void pdl_launch() {
 #endif
 }
 
+// Weights are never written by a step, so a kernel may read them before pdl_wait:
+// moe_norm_route (router and shared-expert rows) and moe_small_down_all (shared-expert
+// rows) load their first weight chunks into registers there, overlapping their
+// predecessor's tail and their own start-up. -DDSV2_NO_PRELOAD: after the wait (for
+// comparisons). The same in gemv_small, norm_gemv_pair and rope_absorb_q measured slower
+// (their code grew by half: docs/BENCHMARKS.md, issue #7 fourth round).
+#ifdef DSV2_NO_PRELOAD
+#define PRELOAD_EARLY 0
+#else
+#define PRELOAD_EARLY 1
+#endif
+
 __device__ __forceinline__ void pdl_prologue() {
     pdl_wait();
     pdl_launch();

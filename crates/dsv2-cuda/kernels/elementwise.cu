@@ -52,6 +52,56 @@ extern "C" __global__ void add_rms_norm(T* acc, const T* x, const float* w, T* o
     }
 }
 
+// add_rms_norm for bf16 rows of d % 8 == 0 values, d <= 8 * ARNV_CHUNKS * blockDim.x: 16
+// bytes a load, the row in registers (the same roundings; the sum of squares in another
+// order). grid (rows).
+#define ARNV_CHUNKS 2
+extern "C" __global__ void add_rms_norm_v(T* acc, const T* x, const float* w, T* out, int d, float eps) {
+    pdl_prologue();
+#ifdef DSV2_BF16
+    u64 r = blockIdx.x;
+    uint4* a = (uint4*)(acc + r * d);
+    const uint4* b = (const uint4*)(x + r * d);
+    int chunks = d / 8;
+    float v[ARNV_CHUNKS][8];
+    float ss = 0.0f;
+#pragma unroll
+    for (int j = 0; j < ARNV_CHUNKS; j++) {
+        int c = threadIdx.x + j * blockDim.x;
+        if (c < chunks) {
+            uint4 av = a[c], bv = b[c];
+            u32 aa[4] = {av.x, av.y, av.z, av.w}, ba[4] = {bv.x, bv.y, bv.z, bv.w}, o[4];
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                v[j][2 * e] = rnd(__uint_as_float(aa[e] << 16) + __uint_as_float(ba[e] << 16));
+                v[j][2 * e + 1] = rnd(__uint_as_float(aa[e] & 0xffff0000u) + __uint_as_float(ba[e] & 0xffff0000u));
+                ss += v[j][2 * e] * v[j][2 * e];
+                ss += v[j][2 * e + 1] * v[j][2 * e + 1];
+                o[e] = (__float_as_uint(v[j][2 * e]) >> 16) | (__float_as_uint(v[j][2 * e + 1]) & 0xffff0000u);
+            }
+            a[c] = make_uint4(o[0], o[1], o[2], o[3]);
+        }
+    }
+    ss = block_sum(ss);
+    float inv = 1.0f / sqrtf(ss / (float)d + eps);
+    uint4* out_v = (uint4*)(out + r * d);
+#pragma unroll
+    for (int j = 0; j < ARNV_CHUNKS; j++) {
+        int c = threadIdx.x + j * blockDim.x;
+        if (c < chunks) {
+            float4 w0 = ((const float4*)w)[2 * c], w1 = ((const float4*)w)[2 * c + 1];
+            float ww[8] = {w0.x, w0.y, w0.z, w0.w, w1.x, w1.y, w1.z, w1.w};
+            u32 o[4];
+#pragma unroll
+            for (int e = 0; e < 4; e++)
+                o[e] = (u32)f32_to_bf16_bits(ww[2 * e] * rnd(v[j][2 * e] * inv)) |
+                       ((u32)f32_to_bf16_bits(ww[2 * e + 1] * rnd(v[j][2 * e + 1] * inv)) << 16);
+            out_v[c] = make_uint4(o[0], o[1], o[2], o[3]);
+        }
+    }
+#endif
+}
+
 // acc[i] = rnd(acc[i] + x[i]) for i < n.
 extern "C" __global__ void add_assign(T* acc, const T* x, u64 n) {
     pdl_prologue();

@@ -222,6 +222,78 @@ extern "C" __global__ void moe_gather(const T* x, const u32* row_token, T* xg, i
     for (int i = threadIdx.x; i < d; i += blockDim.x) dst[i] = src[i];
 }
 
+// moe_gather for bf16 rows of d % 8 == 0, 16 bytes a thread; padding rows are left as
+// they are (their GEMM output rows are never read: every output row of a GEMM depends on
+// its own input row only). grid (rows of all tiles).
+extern "C" __global__ void moe_gather_v(const T* x, const u32* row_token, T* xg, int d) {
+    pdl_prologue();
+    u32 tok = row_token[blockIdx.x];
+    if (tok == NO_TOKEN) return;
+    const uint4* src = (const uint4*)(x + (u64)tok * d);
+    uint4* dst = (uint4*)(xg + (u64)blockIdx.x * d);
+    for (int i = threadIdx.x; i < d / 8; i += blockDim.x) dst[i] = src[i];
+}
+
+// The SwiGLU product of the expert tiles, in place (silu_mul's rounding), on the rows
+// that hold a token only, 8 values a thread: g, u [rows of all tiles, inter], inter % 8
+// == 0. Grid-stride over the 8-value chunks.
+extern "C" __global__ void moe_silu_rows(T* g, const T* u, const u32* row_token, int inter, u64 chunks) {
+    pdl_prologue();
+#ifdef DSV2_BF16
+    u32 per_row = (u32)(inter / 8);
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < chunks; i += (u64)gridDim.x * blockDim.x) {
+        if (row_token[i / per_row] == NO_TOKEN) continue;
+        uint4 gv = ((const uint4*)g)[i], uv = ((const uint4*)u)[i];
+        u32 ga[4] = {gv.x, gv.y, gv.z, gv.w}, ua[4] = {uv.x, uv.y, uv.z, uv.w}, o[4];
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            float lo = rnd(silu(__uint_as_float(ga[j] << 16))) * __uint_as_float(ua[j] << 16);
+            float hi = rnd(silu(__uint_as_float(ga[j] & 0xffff0000u))) * __uint_as_float(ua[j] & 0xffff0000u);
+            o[j] = (u32)f32_to_bf16_bits(lo) | ((u32)f32_to_bf16_bits(hi) << 16);
+        }
+        ((uint4*)g)[i] = make_uint4(o[0], o[1], o[2], o[3]);
+    }
+#endif
+}
+
+// moe_combine for bf16 rows of d % 8 == 0, 8 values a thread (the same sums and
+// roundings). grid (rows).
+extern "C" __global__ void moe_combine_v(const T* y, const u32* slot_of, const float* weights, T* out, int d,
+                                         int k, int has_shared) {
+    pdl_prologue();
+#ifdef DSV2_BF16
+    u64 t = blockIdx.x;
+    uint4* o = (uint4*)(out + t * d);
+    for (int c = threadIdx.x; c < d / 8; c += blockDim.x) {
+        float acc[8];
+#pragma unroll
+        for (int e = 0; e < 8; e++) acc[e] = 0.0f;
+        for (int j = 0; j < k; j++) {
+            float wj = weights[t * k + j];
+            uint4 yv = ((const uint4*)(y + (u64)slot_of[t * k + j] * d))[c];
+            u32 ya[4] = {yv.x, yv.y, yv.z, yv.w};
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                acc[2 * e] += wj * __uint_as_float(ya[e] << 16);
+                acc[2 * e + 1] += wj * __uint_as_float(ya[e] & 0xffff0000u);
+            }
+        }
+        uint4 ov = has_shared ? o[c] : make_uint4(0, 0, 0, 0);
+        u32 oa[4] = {ov.x, ov.y, ov.z, ov.w}, r[4];
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            float lo = rnd(acc[2 * e]), hi = rnd(acc[2 * e + 1]);
+            if (has_shared) {
+                lo += __uint_as_float(oa[e] << 16);
+                hi += __uint_as_float(oa[e] & 0xffff0000u);
+            }
+            r[e] = (u32)f32_to_bf16_bits(lo) | ((u32)f32_to_bf16_bits(hi) << 16);
+        }
+        o[c] = make_uint4(r[0], r[1], r[2], r[3]);
+    }
+#endif
+}
+
 // out[t] = rnd(shared[t] + rnd(sum_j w[t, j] * y[slot_of[t, j]])) (without shared experts:
 // the rounded routed sum). `out` holds the shared experts' output on entry. grid (rows).
 extern "C" __global__ void moe_combine(const T* y, const u32* slot_of, const float* weights, T* out, int d,
@@ -261,6 +333,35 @@ extern "C" __global__ void moe_combine(const T* y, const u32* slot_of, const flo
 // residual. Dynamic shared memory: 2 * rows * d bf16, then rows * e f32.
 // grid (router_blocks + rows * ceil(inter_sh / 16)), block 256. counters: two zeroed words.
 #define SH_ROWS_PER_WARP 2
+// Weight chunks per lane loaded ahead (PRELOAD_EARLY): NR_PRE of a router row, SH_PRE of
+// each shared gate and up row (NR_PRE = 2 * SH_ROWS_PER_WARP * SH_PRE registers of 16 B).
+#define NR_PRE 8
+#define SH_PRE 2
+#ifdef DSV2_BF16
+__device__ __forceinline__ void norm_route_first(bool router, bool ex_ok, const uint4* gv, bool sh_ok,
+                                                 const uint4* const* gr, const uint4* const* ur, int chunks,
+                                                 uint4* pre) {
+    int lane = threadIdx.x & 31;
+    uint4 z = make_uint4(0, 0, 0, 0);
+    if (router) {
+#pragma unroll
+        for (int u = 0; u < NR_PRE; u++) {
+            int c = lane + 32 * u;
+            pre[u] = ex_ok && c < chunks ? gv[c] : z;
+        }
+    } else {
+#pragma unroll
+        for (int u = 0; u < SH_PRE; u++) {
+            int c = lane + 32 * u;
+#pragma unroll
+            for (int r = 0; r < SH_ROWS_PER_WARP; r++) {
+                pre[(u * SH_ROWS_PER_WARP + r) * 2] = sh_ok && c < chunks ? ldw(gr[r] + c) : z;
+                pre[(u * SH_ROWS_PER_WARP + r) * 2 + 1] = sh_ok && c < chunks ? ldw(ur[r] + c) : z;
+            }
+        }
+    }
+}
+#endif
 extern "C" __global__ void moe_norm_route(T* acc, const T* xres, const float* nw, float eps, T* normed, int rows,
                                           int d, const T* gate, float* logits, u32* ids, float* weights, int e,
                                           int k, int n_group, int topk_group, int norm_topk_prob, float scaling,
@@ -271,11 +372,29 @@ extern "C" __global__ void moe_norm_route(T* acc, const T* xres, const float* nw
     T* res_s = (T*)smem_u4;
     T* norm_s = res_s + rows * d;
     float* logit_s = (float*)(norm_s + rows * d);
-    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, chunks = d / 8;
     bool router = (int)blockIdx.x < router_blocks;
     int ex = blockIdx.x * (blockDim.x >> 5) + warp;
     const uint4* gv = (const uint4*)(gate + (u64)min(ex, e - 1) * d);
+    int token = 0, i0 = 0;
+    const uint4 *gr[SH_ROWS_PER_WARP], *ur[SH_ROWS_PER_WARP];
+    if (!router) {
+        int per_token = (inter_sh + 8 * SH_ROWS_PER_WARP - 1) / (8 * SH_ROWS_PER_WARP);
+        int b = blockIdx.x - router_blocks;
+        token = b / per_token;
+        i0 = (b % per_token) * 8 * SH_ROWS_PER_WARP + warp * SH_ROWS_PER_WARP;
+#pragma unroll
+        for (int r = 0; r < SH_ROWS_PER_WARP; r++) {
+            int i = min(i0 + r, inter_sh - 1);
+            gr[r] = (const uint4*)(sh_gate + (u64)i * d);
+            ur[r] = (const uint4*)(sh_up + (u64)i * d);
+        }
+    }
+    // The warp's first weight chunks (router row, or shared gate and up rows).
+    uint4 pre[NR_PRE];
+    if (PRELOAD_EARLY) norm_route_first(router, ex < e, gv, i0 < inter_sh, gr, ur, chunks, pre);
     pdl_prologue();
+    if (!PRELOAD_EARLY) norm_route_first(router, ex < e, gv, i0 < inter_sh, gr, ur, chunks, pre);
     norm_rows_to_smem(acc, xres, nw, eps, rows, d, res_s, norm_s);
     if (blockIdx.x == 0) {
         for (int i = threadIdx.x; i < rows * d / 8; i += blockDim.x) ((uint4*)normed)[i] = ((const uint4*)norm_s)[i];
@@ -285,8 +404,13 @@ extern "C" __global__ void moe_norm_route(T* acc, const T* xres, const float* nw
             for (int t = 0; t < rows; t++) {
                 const uint4* xv = (const uint4*)(norm_s + t * d);
                 float a = 0.0f;
+#pragma unroll
+                for (int u = 0; u < NR_PRE; u++) {
+                    int c = lane + 32 * u;
+                    if (c < chunks) a += dot8(pre[u], xv[c]);
+                }
 #pragma unroll 4
-                for (int c = lane; c < d / 8; c += 32) a += dot8(gv[c], xv[c]);
+                for (int c = lane + 32 * NR_PRE; c < chunks; c += 32) a += dot8(gv[c], xv[c]);
                 a = warp_sum(a);
                 if (lane == 0) logits[(u64)t * e + ex] = a;
             }
@@ -299,22 +423,25 @@ extern "C" __global__ void moe_norm_route(T* acc, const T* xres, const float* nw
                           scaling);
         }
     } else {
-        int per_token = (inter_sh + 8 * SH_ROWS_PER_WARP - 1) / (8 * SH_ROWS_PER_WARP);
-        int b = blockIdx.x - router_blocks, token = b / per_token;
-        int i0 = (b % per_token) * 8 * SH_ROWS_PER_WARP + warp * SH_ROWS_PER_WARP;
         if (i0 < inter_sh) {
             const uint4* xv = (const uint4*)(norm_s + token * d);
             float ag[SH_ROWS_PER_WARP], au[SH_ROWS_PER_WARP];
-            const uint4 *gr[SH_ROWS_PER_WARP], *ur[SH_ROWS_PER_WARP];
 #pragma unroll
-            for (int r = 0; r < SH_ROWS_PER_WARP; r++) {
-                int i = min(i0 + r, inter_sh - 1);
-                gr[r] = (const uint4*)(sh_gate + (u64)i * d);
-                ur[r] = (const uint4*)(sh_up + (u64)i * d);
-                ag[r] = au[r] = 0.0f;
+            for (int r = 0; r < SH_ROWS_PER_WARP; r++) ag[r] = au[r] = 0.0f;
+#pragma unroll
+            for (int u = 0; u < SH_PRE; u++) {
+                int c = lane + 32 * u;
+                if (c < chunks) {
+                    uint4 xx = xv[c];
+#pragma unroll
+                    for (int r = 0; r < SH_ROWS_PER_WARP; r++) {
+                        ag[r] += dot8(pre[(u * SH_ROWS_PER_WARP + r) * 2], xx);
+                        au[r] += dot8(pre[(u * SH_ROWS_PER_WARP + r) * 2 + 1], xx);
+                    }
+                }
             }
 #pragma unroll 4
-            for (int c = lane; c < d / 8; c += 32) {
+            for (int c = lane + 32 * SH_PRE; c < chunks; c += 32) {
                 uint4 xx = xv[c];
 #pragma unroll
                 for (int r = 0; r < SH_ROWS_PER_WARP; r++) {
@@ -418,10 +545,31 @@ extern "C" __global__ void moe_small_up(const T* x, const u32* ids, const u64* e
 #endif
 }
 
-// Dot products of R weight rows (width n) with one activation row, summed over the warp
-// (every lane gets them). The sums of a row do not depend on R.
+// Weight chunks per lane of each row that moe_small_down's shared-expert blocks load ahead
+// (PRELOAD_EARLY; the routed experts' rows are known only after the wait).
+#define DOWN_PRE 2
+
+// The first DOWN_PRE chunks of each lane of R weight rows (width n) from row0 (clamped to
+// rows_total), as rows_dot reads them: pre[u * R + r].
 template <int R>
-__device__ __forceinline__ void rows_dot(const T* w, int row0, int rows_total, const T* h, int n, float* acc) {
+__device__ __forceinline__ void rows_first(const T* w, int row0, int rows_total, int n, uint4* pre) {
+    int lane = threadIdx.x & 31;
+#pragma unroll
+    for (int u = 0; u < DOWN_PRE; u++) {
+        int c = lane + 32 * u;
+#pragma unroll
+        for (int r = 0; r < R; r++)
+            pre[u * R + r] = c < n / 8 ? ldw((const uint4*)(w + (u64)min(row0 + r, rows_total - 1) * n) + c)
+                                       : make_uint4(0, 0, 0, 0);
+    }
+}
+
+// Dot products of R weight rows (width n) with one activation row, summed over the warp
+// (every lane gets them). The sums of a row do not depend on R. With use_pre (rows_first),
+// the first DOWN_PRE chunks of each lane come from it.
+template <int R>
+__device__ __forceinline__ void rows_dot(const T* w, int row0, int rows_total, const T* h, int n, float* acc,
+                                         const uint4* pre, bool use_pre) {
     int lane = threadIdx.x & 31;
     const uint4* hv = (const uint4*)h;
     const uint4* wr[R];
@@ -430,8 +578,19 @@ __device__ __forceinline__ void rows_dot(const T* w, int row0, int rows_total, c
         wr[r] = (const uint4*)(w + (u64)min(row0 + r, rows_total - 1) * n);
         acc[r] = 0.0f;
     }
+    int c = lane;
+    if (use_pre) {
+#pragma unroll
+        for (int u = 0; u < DOWN_PRE; u++, c += 32) {
+            if (c < n / 8) {
+                uint4 hh = hv[c];
+#pragma unroll
+                for (int r = 0; r < R; r++) acc[r] += dot8(pre[u * R + r], hh);
+            }
+        }
+    }
 #pragma unroll 4
-    for (int c = lane; c < n / 8; c += 32) {
+    for (; c < n / 8; c += 32) {
         uint4 hh = hv[c];
 #pragma unroll
         for (int r = 0; r < R; r++) acc[r] += dot8(ldw(wr[r] + c), hh);
@@ -456,7 +615,7 @@ __device__ __forceinline__ void small_down_body(const T* hid, const T* hid_sh, c
     const T* w = j < k ? (const T*)expert_w[2 * e + ids[p]] : sh_down;
     int width = j < k ? inter : inter_sh;
     float acc[R];
-    rows_dot<R>(w, j0, d, j < k ? hid + p * inter : hid_sh + (u64)t * inter_sh, width, acc);
+    rows_dot<R>(w, j0, d, j < k ? hid + p * inter : hid_sh + (u64)t * inter_sh, width, acc, nullptr, false);
     if (lane == 0) {
         float* out = part + ((u64)t * (k + 1) + j) * d;
 #pragma unroll
@@ -476,6 +635,51 @@ extern "C" __global__ void moe_small_down(const T* hid, const T* hid_sh, const u
         small_down_body<2>(hid, hid_sh, ids, expert_w, e, k, sh_down, inter, inter_sh, d, has_shared, part);
     else
         small_down_body<4>(hid, hid_sh, ids, expert_w, e, k, sh_down, inter, inter_sh, d, has_shared, part);
+#endif
+}
+
+// moe_small_down and moe_small_combine in one launch, every product of an output row pair
+// in one block: grid (ceil(d / 2), rows), block 32 * (k + 2) (k + 2 <= 32): warp j < k
+// computes rows j0, j0 + 1 of expert j's down projection, warps k and k + 1 row j0 and
+// j0 + 1 of the shared experts' (idle without them); the block then combines them as
+// moe_small_combine does (same order and roundings: bit-identical). The shared warps load
+// their first weight chunks before pdl_wait (PRELOAD_EARLY).
+extern "C" __global__ void moe_small_down_all(const T* hid, const T* hid_sh, const u32* ids, const u64* expert_w,
+                                              int e, int k, const T* sh_down, int inter, int inter_sh, int d,
+                                              int has_shared, const float* weights, T* out) {
+#ifdef DSV2_BF16
+    __shared__ float ps[34][2];
+    int t = blockIdx.y, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    int j0 = blockIdx.x * 2;
+    int sh_row = j0 + warp - k;
+    bool shared = warp >= k && has_shared && sh_row < d;
+    uint4 pre[DOWN_PRE];
+    if (PRELOAD_EARLY && shared) rows_first<1>(sh_down, sh_row, d, inter_sh, pre);
+    pdl_prologue();
+    if (!PRELOAD_EARLY && shared) rows_first<1>(sh_down, sh_row, d, inter_sh, pre);
+    if (warp < k) {
+        u64 p = (u64)t * k + warp;
+        float acc[2];
+        rows_dot<2>((const T*)expert_w[2 * e + ids[p]], j0, d, hid + p * inter, inter, acc, pre, false);
+        if (lane == 0) {
+            ps[warp][0] = rnd(acc[0]);
+            ps[warp][1] = rnd(acc[1]);
+        }
+    } else if (shared) {
+        float acc[1];
+        rows_dot<1>(sh_down, sh_row, d, hid_sh + (u64)t * inter_sh, inter_sh, acc, pre, true);
+        if (lane == 0) ps[k][warp - k] = rnd(acc[0]);
+    }
+    __syncthreads();
+    int r = threadIdx.x;
+    if (r < 2 && j0 + r < d) {
+        float a = 0.0f;
+        for (int j = 0; j < k; j++) a += weights[(u64)t * k + j] * ps[j][r];
+        float routed = rnd(a);
+        out[(u64)t * d + j0 + r] = from_f<T>(has_shared ? ps[k][r] + routed : routed);
+    }
+#else
+    pdl_prologue();
 #endif
 }
 

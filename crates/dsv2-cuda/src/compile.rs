@@ -67,6 +67,18 @@ fn arch_name(arch: (i32, i32)) -> String {
     format!("sm_{}{}", arch.0, arch.1)
 }
 
+/// The source of `file` (`common.cuh` or a module's `.cu`) from `$DSV2_CUDA_KERNEL_DIR`
+/// when set and present there (kernel variants for comparisons, without a rebuild), else
+/// `embedded`.
+fn kernel_text(file: &str, embedded: &'static str) -> std::borrow::Cow<'static, str> {
+    std::env::var_os("DSV2_CUDA_KERNEL_DIR")
+        .and_then(|dir| std::fs::read_to_string(PathBuf::from(dir).join(file)).ok())
+        .map_or(
+            std::borrow::Cow::Borrowed(embedded),
+            std::borrow::Cow::Owned,
+        )
+}
+
 /// The full source and NVRTC options of a module.
 fn prepare(source: &Source, arch: (i32, i32), bf16: bool) -> (String, Vec<String>) {
     let mut options = vec![
@@ -86,7 +98,12 @@ fn prepare(source: &Source, arch: (i32, i32), bf16: bool) -> (String, Vec<String
     if let Some(dir) = cuda_include_dir() {
         options.push(format!("--include-path={}", dir.display()));
     }
-    let full = format!("{COMMON}\n#line 1 \"{}.cu\"\n{}", source.name, source.code);
+    let full = format!(
+        "{}\n#line 1 \"{}.cu\"\n{}",
+        kernel_text("common.cuh", COMMON),
+        source.name,
+        kernel_text(&format!("{}.cu", source.name), source.code)
+    );
     (full, options)
 }
 

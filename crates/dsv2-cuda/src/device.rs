@@ -170,6 +170,7 @@ pub(crate) struct Kernels {
     pub mla_prefill: CudaFunction,
     pub moe_small_up: CudaFunction,
     pub moe_small_down: CudaFunction,
+    pub moe_small_down_all: CudaFunction,
     pub moe_small_combine: CudaFunction,
     pub gemv_small: CudaFunction,
     pub absorb_q_small: CudaFunction,
@@ -180,6 +181,10 @@ pub(crate) struct Kernels {
     pub moe_norm_route: CudaFunction,
     pub argmax_finish: CudaFunction,
     pub rope_absorb_q: CudaFunction,
+    pub moe_combine_v: CudaFunction,
+    pub moe_silu_rows: CudaFunction,
+    pub moe_gather_v: CudaFunction,
+    pub add_rms_norm_v: CudaFunction,
 }
 
 impl Kernels {
@@ -218,6 +223,7 @@ impl Kernels {
             mla_prefill: f(&at, "mla_prefill")?,
             moe_small_up: f(&moe, "moe_small_up")?,
             moe_small_down: f(&moe, "moe_small_down")?,
+            moe_small_down_all: f(&moe, "moe_small_down_all")?,
             moe_small_combine: f(&moe, "moe_small_combine")?,
             gemv_small: f(&moe, "gemv_small")?,
             absorb_q_small: f(&moe, "absorb_q_small")?,
@@ -228,6 +234,10 @@ impl Kernels {
             moe_norm_route: f(&moe, "moe_norm_route")?,
             argmax_finish: f(&moe, "argmax_finish")?,
             rope_absorb_q: f(&moe, "rope_absorb_q")?,
+            moe_combine_v: f(&moe, "moe_combine_v")?,
+            moe_silu_rows: f(&moe, "moe_silu_rows")?,
+            moe_gather_v: f(&moe, "moe_gather_v")?,
+            add_rms_norm_v: f(&ew, "add_rms_norm_v")?,
         })
     }
 }

@@ -871,8 +871,15 @@ impl Backend for CudaBackend {
         self.check_len("add_rms_norm", "input", x, rows * d)?;
         self.check_len("add_rms_norm", "output", out, rows * d)?;
         let k = &self.dev.kernels;
+        // bf16 rows of whole 16-byte chunks, at most two a thread: the vectorized kernel.
+        let vec =
+            self.dev.bf16 && vec_kernels() && d.is_multiple_of(8) && d <= 16 * ROW_THREADS as usize;
         Ok(self.dev.launch(
-            &k.add_rms_norm,
+            if vec {
+                &k.add_rms_norm_v
+            } else {
+                &k.add_rms_norm
+            },
             "add_rms_norm",
             (rows, 1),
             ROW_THREADS,
@@ -1240,6 +1247,14 @@ impl Backend for CudaBackend {
         )?;
         Ok(self.dev.dtoh(&mut out[..r], ids, "greedy_tokens")?)
     }
+}
+
+/// The vectorized bf16 row kernels (`add_rms_norm_v`, and in MoE prefill `moe_gather_v`,
+/// `moe_silu_rows`, `moe_combine_v`: 16-byte accesses, padding rows skipped);
+/// `DSV2_CUDA_VEC_KERNELS=0`: the former scalar ones. Read once from the environment.
+pub(crate) fn vec_kernels() -> bool {
+    static VEC: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *VEC.get_or_init(|| std::env::var("DSV2_CUDA_VEC_KERNELS").map_or(true, |v| v != "0"))
 }
 
 /// The dense MLP's gate and up projections in one GEMV launch up to 8 rows

@@ -1,10 +1,11 @@
 //! DeepSeekMoE on the device, with no host round-trip.
 //!
 //! Up to a few tokens (bf16), the experts run as GEMV-style kernels instead of steps 3-4
-//! below: `moe_small_up` (gate and up of every chosen and shared expert, SwiGLU fused),
-//! `moe_small_down` (each expert's down projection, one block per output rows and
-//! expert) and `moe_small_combine` (the weighted sum), so each chosen expert's weights
-//! are read once with 16-byte loads.
+//! below: `moe_small_up` (gate and up of every chosen and shared expert, SwiGLU fused)
+//! and `moe_small_down_all` (every expert's down projection of an output row pair and
+//! their weighted sum in one block; or `moe_small_down`, one block per output rows and
+//! expert, then `moe_small_combine`), so each chosen expert's weights are read once with
+//! 16-byte loads.
 //!
 //! 1. The shared experts run first, straight into `out`.
 //! 2. Router logits `[rows, E]` in f32 (a GEMM of the bf16 activations and weights with
@@ -38,6 +39,19 @@ const NUM_PTR_ARRAYS: usize = 7;
 fn tile_rows(pairs: usize, experts: usize) -> usize {
     let mean = pairs.div_ceil(experts.min(pairs).max(1));
     mean.next_power_of_two().clamp(16, 128)
+}
+
+/// Rows per expert tile forced by `DSV2_CUDA_MOE_TILE` (16, 32, 64 or 128; for
+/// comparisons: 64 and 32 measured slower than the default's 128 at 4 x 512 and
+/// 4 x 2048 prompt tokens of V2-Lite on the H200), read once from the environment.
+fn tile_override() -> Option<usize> {
+    static TILE: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+    *TILE.get_or_init(|| {
+        std::env::var("DSV2_CUDA_MOE_TILE")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|m| [16, 32, 64, 128].contains(m))
+    })
 }
 
 /// Upper bound on the tiles `pairs` pairs can need: every used expert wastes at most
@@ -322,7 +336,7 @@ pub(crate) fn moe(
     let m_tile = if tile_gemv {
         TILE_GEMV_M
     } else {
-        tile_rows(pairs, num_experts)
+        tile_override().unwrap_or_else(|| tile_rows(pairs, num_experts))
     };
     let tiles = max_tiles(pairs, num_experts, m_tile);
     let tile_rows_total = tiles * m_tile;
@@ -410,8 +424,13 @@ pub(crate) fn moe(
             },
         )?;
     }
+    let vec = be.dev.bf16 && crate::vec_kernels() && d.is_multiple_of(8);
     dev.launch(
-        &kern.moe_combine,
+        if vec {
+            &kern.moe_combine_v
+        } else {
+            &kern.moe_combine
+        },
         "moe_combine",
         (rows, 1),
         ROW_THREADS,
@@ -449,8 +468,14 @@ fn tiled_gemms(be: &CudaBackend, x: &CudaBuffer, a: &TiledArgs) -> Result<()> {
     let (row_token, ptrs, x_in, gate_out, up_out) =
         (a.row_token, a.ptrs, a.x_in, a.gate_out, a.up_out);
     let tile_rows_total = tiles * m_tile;
+    // bf16 rows of whole 16-byte chunks: the vectorized kernels, which skip padding rows.
+    let vec = dev.bf16 && crate::vec_kernels() && d.is_multiple_of(8) && inter.is_multiple_of(8);
     dev.launch(
-        &kern.moe_gather,
+        if vec {
+            &kern.moe_gather_v
+        } else {
+            &kern.moe_gather
+        },
         "moe_gather",
         (tile_rows_total, 1),
         ROW_THREADS,
@@ -493,7 +518,25 @@ fn tiled_gemms(be: &CudaBackend, x: &CudaBuffer, a: &TiledArgs) -> Result<()> {
         array(5),
         tiles,
     )?;
-    be.silu_mul(gate_out, up_out, tile_rows_total * inter)?;
+    if vec {
+        let chunks = tile_rows_total * inter / 8;
+        dev.launch(
+            &kern.moe_silu_rows,
+            "silu_mul",
+            (chunks.div_ceil(ROW_THREADS as usize).clamp(1, 8192), 1),
+            ROW_THREADS,
+            0,
+            &[
+                gate_out.into(),
+                up_out.into(),
+                row_token.into(),
+                (inter as i32).into(),
+                (chunks as u64).into(),
+            ],
+        )?;
+    } else {
+        be.silu_mul(gate_out, up_out, tile_rows_total * inter)?;
+    }
     dev.gemm_pointers(
         "expert down_proj",
         &proj(d, inter),
@@ -640,6 +683,31 @@ fn small_batch(
             (up_rpw as i32).into(),
         ],
     )?;
+    if down_all() && a.k + 2 <= 32 {
+        // Every product of an output row pair and their combination in one block.
+        return dev.launch(
+            &kern.moe_small_down_all,
+            "moe_small_down_all",
+            (a.d.div_ceil(2), rows),
+            32 * (a.k as u32 + 2),
+            0,
+            &[
+                hid.into(),
+                hid_sh.into(),
+                a.ids.into(),
+                a.table.into(),
+                (a.num_experts as i32).into(),
+                (a.k as i32).into(),
+                sh_down.into(),
+                (a.inter as i32).into(),
+                (inter_sh as i32).into(),
+                (a.d as i32).into(),
+                (has_shared as i32).into(),
+                a.weights.into(),
+                out.ptr().into(),
+            ],
+        );
+    }
     let part = scratch.get(dev, Slot::MoePartial, rows * (a.k + 1) * a.d * 4)?;
     dev.launch(
         &kern.moe_small_down,
@@ -704,6 +772,16 @@ fn small_rows_per_warp() -> (usize, usize) {
             read("DSV2_CUDA_MOE_DOWN_RPW", SMALL_DOWN_ROWS_PER_WARP),
         )
     })
+}
+
+/// The small-batch down projections and their weighted sum as one launch,
+/// `moe_small_down_all` (default; 3.16-3.17 against 3.19-3.20 ms a V2-Lite decode step
+/// at batch 1 in one A/B call on the H200, of a build whose other kernels were slower);
+/// `DSV2_CUDA_MOE_DOWN_ALL=0`: `moe_small_down` then `moe_small_combine`. Read once from
+/// the environment.
+fn down_all() -> bool {
+    static ALL: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ALL.get_or_init(|| std::env::var("DSV2_CUDA_MOE_DOWN_ALL").map_or(true, |v| v != "0"))
 }
 
 /// The device table `[3, E]` of the experts' gate, up and down weight addresses, made at

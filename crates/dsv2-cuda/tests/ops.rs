@@ -714,6 +714,42 @@ fn logits_and_greedy_tokens() {
 }
 
 /// The fused layer inputs against the CPU's unfused defaults: the residual add and
+/// The residual add and RMSNorm (`add_rms_norm`) at widths of the 16-byte kernel (d % 8
+/// == 0, up to two chunks a thread: 2048, 4096) and of the scalar one (300, 4104).
+#[test]
+fn add_rms_norm_widths() {
+    each_dtype(|dtype, cpu, gpu| {
+        for d in [2048usize, 4096, 300, 4104] {
+            let norm = norm_tensor(&format!("arn{d}"), d, 18);
+            let (nc, ng) = (
+                cpu.load_weight(&norm).unwrap(),
+                gpu.load_weight(&norm).unwrap(),
+            );
+            for rows in [1usize, 37] {
+                let seed = (d + rows) as u64;
+                let (mut accc, mut accg) = inputs(gpu, &bf16_values(rows * d, seed, 1.0));
+                let (xc, xg) = inputs(gpu, &bf16_values(rows * d, seed + 1, 1.0));
+                let (mut oc, mut og) = (cpu.alloc(rows * d).unwrap(), gpu.alloc(rows * d).unwrap());
+                cpu.add_rms_norm(&mut accc, &xc, &nc, 1e-6, rows, d, &mut oc)
+                    .unwrap();
+                gpu.add_rms_norm(&mut accg, &xg, &ng, 1e-6, rows, d, &mut og)
+                    .unwrap();
+                let residual = gpu.download(&accg).unwrap();
+                assert_eq!(
+                    residual, accc,
+                    "add_rms_norm residual d {d} rows {rows} ({dtype:?})"
+                );
+                check(
+                    &format!("add_rms_norm d {d} rows {rows}"),
+                    dtype,
+                    &gpu.download(&og).unwrap(),
+                    &oc,
+                );
+            }
+        }
+    });
+}
+
 /// RMSNorm computed inside the query/latent GEMV (`add_rms_norm_linear_pair`) and inside
 /// the MoE router launch (`add_rms_norm_moe`), up to the GEMV's 8 rows and past them.
 #[test]
