@@ -278,7 +278,8 @@ extern "C" __global__ void __launch_bounds__(DEC_THREADS) mla_decode(
     // -DDSV2_DEC_PRELOAD: the step's metadata (copied in before its first kernel) and the
     // cache rows of earlier steps (positions below the sequence's past: no kernel of this
     // step writes them) are read before pdl_wait: the first tile's past rows go out while
-    // the previous kernel (the cache write of this step's rows) finishes.
+    // the previous kernel (the cache write of this step's rows) finishes. Off by default:
+    // no gain measured at batch 1 on the H200 (2.23 against 2.23 ms a V2-Lite step).
     const u32* table = block_tables + seq_bt_off[tok_seq[t]];
     int past = (int)(seq_ctx[tok_seq[t]] - seq_qlen[tok_seq[t]]);
     int pre_hi = min(min(end, past), begin + DEC_TILE);

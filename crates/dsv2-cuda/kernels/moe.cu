@@ -671,7 +671,8 @@ extern "C" __global__ void moe_small_down_all(const T* hid, const T* hid_sh, con
     // The routed experts' rows too: `ids` comes from the routing two launches back
     // (moe_norm_route or moe_route_small), which completed before moe_small_up passed its
     // pdl_wait, and this launch starts only after every moe_small_up block has passed
-    // its; read through L2 (__ldcg), never a stale L1 line of an earlier layer.
+    // its; read through L2 (__ldcg), never a stale L1 line of an earlier layer. Off by
+    // default: no gain measured at batch 1 on the H200 (2.24 against 2.23 ms a step).
     uint4 pre[2 * DOWN_PRE];
     const T* wx = nullptr;
     if (warp < k) {

@@ -29,8 +29,8 @@ const MAX_WARPS: usize = 8;
 const DECODE_HEADS: usize = 16;
 /// Query rows per block of the prefill kernel (PF_BLOCK in attention.cu).
 const PREFILL_BLOCK: usize = 64;
-/// Most context splits per decode token by default (`DSV2_CUDA_DEC_SPLITS` sets it, up to
-/// [`SPLITS_LIMIT`]).
+/// Most context splits per decode token by default, past one token a step
+/// (`DSV2_CUDA_DEC_SPLITS` sets it for every step, up to [`SPLITS_LIMIT`]).
 const MAX_SPLITS: usize = 32;
 /// Most splits `mla_decode_combine` merges (two a lane of one warp).
 const SPLITS_LIMIT: usize = 64;
@@ -391,7 +391,7 @@ fn absorbed_split(
     // context length): about two blocks per multiprocessor.
     let groups = h / DECODE_HEADS;
     // One wave: (tokens * groups * splits) blocks at most 2 per SM (shared memory).
-    let splits = (2 * SMS / (tokens * groups)).clamp(1, max_splits());
+    let splits = (2 * SMS / (tokens * groups)).clamp(1, max_splits(tokens));
     let slots = tokens * splits * groups;
     let part_o = scratch.get(
         &be.dev,
@@ -444,17 +444,22 @@ fn absorbed_split(
     )
 }
 
-/// Most context splits of a decode token: [`MAX_SPLITS`], or `DSV2_CUDA_DEC_SPLITS` (1 to
-/// [`SPLITS_LIMIT`]; at V2-Lite's context 1K, 64 splits keep each split within one
-/// 32-row tile), read once from the environment.
-fn max_splits() -> usize {
-    static MAX: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *MAX.get_or_init(|| {
+/// Most context splits of each of `tokens` decode tokens: [`SPLITS_LIMIT`] for one token
+/// (at context 1K each split then fits one 32-row tile of `mla_decode`, where 32 splits
+/// of 33-35 rows took two: 2.19-2.21 against 2.23 ms a V2-Lite batch-1 step on the H200),
+/// else [`MAX_SPLITS`]; `DSV2_CUDA_DEC_SPLITS` (1 to [`SPLITS_LIMIT`]) for every step.
+fn max_splits(tokens: usize) -> usize {
+    static FORCED: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+    let forced = *FORCED.get_or_init(|| {
         std::env::var("DSV2_CUDA_DEC_SPLITS")
             .ok()
             .and_then(|v| v.parse().ok())
             .filter(|s| (1..=SPLITS_LIMIT).contains(s))
-            .unwrap_or(MAX_SPLITS)
+    });
+    forced.unwrap_or(if tokens == 1 {
+        SPLITS_LIMIT
+    } else {
+        MAX_SPLITS
     })
 }
 
