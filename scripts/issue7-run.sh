@@ -2,7 +2,8 @@
 # Issue #7 device runs: the op and model checks of the new kernels, a per-op profile of
 # decode steps, and the dsv2 bench grid. Usage: scripts/issue7-run.sh BIN MODE
 #   MODE: check (test-ops + test-model), profile, bench, peer, all (check, bench, peer),
-#   final (the whole gpu-check.sh without its lite-bench, then bench and peer).
+#   final (the whole gpu-check.sh without its lite-bench, then bench and peer),
+#   final-nopeer (the same without the peer; its figures do not depend on dsv2).
 # PEER: the folder holding hf_transformers.py (default bench/peers); PEER_DEADLINE (s) and
 # PEER_SETTINGS (its --decode-settings) for the peer.
 set -uo pipefail
@@ -14,12 +15,12 @@ export LD_LIBRARY_PATH=/usr/local/cuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH
 export DSV2_REQUIRE_GPU=1 DSV2_KERNEL_CACHE=$out/kernel-cache
 lite="--device cuda --dtype bf16 --random-weights deepseek-v2-lite"
 [ -f "$bin/COMMIT" ] && echo "build of commit $(cat "$bin/COMMIT")"
-if [[ $mode == final ]]; then
+if [[ $mode == final || $mode == final-nopeer ]]; then
   echo "=== gpu-check.sh (LITE_BENCH=0)"
   LITE_BENCH=0 OUT=$out/gpu-check timeout 900 "$bin/gpu-check.sh" "$bin" > "$out/gpu-check.log" 2>&1
   echo "exit $?"
   grep -E "^RESULT|FAIL|test result|^===|GPU CHECK" "$out/gpu-check.log" | tail -45
-  mode=final-rest
+  [[ $mode == final ]] && mode=final-rest || mode=final-rest-nopeer
 fi
 if [[ $mode == check || $mode == all ]]; then
   for t in ops model; do
@@ -39,7 +40,7 @@ if [[ $mode == profile ]]; then
   grep -A25 "profile: steps of 256 tokens" "$out/profile.log"
   grep -A25 "profile: steps of 8192 tokens" "$out/profile.log"
 fi
-if [[ $mode == bench || $mode == all || $mode == final-rest ]]; then
+if [[ $mode == bench || $mode == all || $mode == final-rest || $mode == final-rest-nopeer ]]; then
   echo "=== dsv2 bench grid"
   timeout 400 "$bin/dsv2" bench $lite --prompt-lengths 512,2048 --prefill-batch 4 --prefill-runs 3 --contexts 1024 \
     --batch-sizes 1,8,32,128,256 --decode-tokens 16 --json > "$out/bench.txt" 2> "$out/bench.log"

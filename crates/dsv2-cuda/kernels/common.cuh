@@ -161,6 +161,17 @@ __device__ __forceinline__ void pdl_launch() {
 #define PRELOAD_EARLY 1
 #endif
 
+// The batch-1 kernels (rows == 1: gemv_small_r1, norm_gemv_pair_r1, rope_absorb_q_r1)
+// load their weight rows before pdl_wait: GEMV1_UNROLL 16-byte chunks a lane of each of
+// their two rows (all of a 2,048-wide row), eight of rope_absorb_q's. Their code is a
+// fraction of the 8-row kernels', so the loads' registers and the peeled first step cost
+// little. -DDSV2_ROW1_NO_PRELOAD: after the wait (for comparisons).
+#ifdef DSV2_ROW1_NO_PRELOAD
+#define ROW1_PRELOAD 0
+#else
+#define ROW1_PRELOAD 1
+#endif
+
 __device__ __forceinline__ void pdl_prologue() {
     pdl_wait();
     pdl_launch();
@@ -211,20 +222,23 @@ __device__ bool last_block(u32* counter) { return last_of(counter, gridDim.x * g
 
 // The residual add and RMSNorm of `rows` rows of width d (d % 8 == 0), as add_rms_norm
 // computes them, into shared memory: res_s = rnd(acc + x), norm_s = w * rnd(res_s / rms).
-// Every thread of the block calls it (at most 8 rows); ends with the block synchronized.
+// Every thread of the block calls it (at most MR rows: 8, or 1 for the batch-1 kernels,
+// whose code is then a fraction of the size); ends with the block synchronized.
 #define NORM_MAX_ROWS 8
 #ifdef DSV2_BF16
-__device__ void norm_rows_to_smem(const T* acc, const T* x, const float* w, float eps, int rows, int d, T* res_s,
-                                  T* norm_s) {
-    __shared__ float partial[32][NORM_MAX_ROWS];
-    __shared__ float inv_s[NORM_MAX_ROWS];
+template <int MR>
+__device__ void norm_rows_to_smem_t(const T* acc, const T* x, const float* w, float eps, int rows, int d, T* res_s,
+                                    T* norm_s) {
+    __shared__ float partial[32][MR];
+    __shared__ float inv_s[MR];
+    if (MR == 1) rows = 1;
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
     int chunks = d / 8;
-    float ss[NORM_MAX_ROWS];
+    float ss[MR];
 #pragma unroll
-    for (int t = 0; t < NORM_MAX_ROWS; t++) ss[t] = 0.0f;
+    for (int t = 0; t < MR; t++) ss[t] = 0.0f;
 #pragma unroll
-    for (int t = 0; t < NORM_MAX_ROWS; t++) {
+    for (int t = 0; t < MR; t++) {
         if (t >= rows) break;
         for (int c = threadIdx.x; c < chunks; c += blockDim.x) {
             uint4 a = __ldcg((const uint4*)(acc + (u64)t * d) + c);
@@ -242,7 +256,7 @@ __device__ void norm_rows_to_smem(const T* acc, const T* x, const float* w, floa
         }
     }
 #pragma unroll
-    for (int t = 0; t < NORM_MAX_ROWS; t++) {
+    for (int t = 0; t < MR; t++) {
         if (t >= rows) break;
         float v = warp_sum(ss[t]);
         if (lane == 0) partial[warp][t] = v;
@@ -270,5 +284,10 @@ __device__ void norm_rows_to_smem(const T* acc, const T* x, const float* w, floa
         }
     }
     __syncthreads();
+}
+
+__device__ void norm_rows_to_smem(const T* acc, const T* x, const float* w, float eps, int rows, int d, T* res_s,
+                                  T* norm_s) {
+    norm_rows_to_smem_t<NORM_MAX_ROWS>(acc, x, w, eps, rows, d, res_s, norm_s);
 }
 #endif

@@ -362,12 +362,16 @@ __device__ __forceinline__ void norm_route_first(bool router, bool ex_ok, const 
     }
 }
 #endif
-extern "C" __global__ void moe_norm_route(T* acc, const T* xres, const float* nw, float eps, T* normed, int rows,
-                                          int d, const T* gate, float* logits, u32* ids, float* weights, int e,
-                                          int k, int n_group, int topk_group, int norm_topk_prob, float scaling,
-                                          u32* counters, int router_blocks, const T* sh_gate, const T* sh_up,
-                                          int inter_sh, T* hid_sh) {
+// MR: most rows (NORM_MAX_ROWS; 1 for moe_norm_route_r1, the batch-1 instance).
+template <int MR>
+__device__ __forceinline__ void moe_norm_route_body(T* acc, const T* xres, const float* nw, float eps, T* normed,
+                                                    int rows, int d, const T* gate, float* logits, u32* ids,
+                                                    float* weights, int e, int k, int n_group, int topk_group,
+                                                    int norm_topk_prob, float scaling, u32* counters,
+                                                    int router_blocks, const T* sh_gate, const T* sh_up,
+                                                    int inter_sh, T* hid_sh) {
 #ifdef DSV2_BF16
+    if (MR == 1) rows = 1;
     extern __shared__ uint4 smem_u4[];
     T* res_s = (T*)smem_u4;
     T* norm_s = res_s + rows * d;
@@ -395,7 +399,7 @@ extern "C" __global__ void moe_norm_route(T* acc, const T* xres, const float* nw
     if (PRELOAD_EARLY) norm_route_first(router, ex < e, gv, i0 < inter_sh, gr, ur, chunks, pre);
     pdl_prologue();
     if (!PRELOAD_EARLY) norm_route_first(router, ex < e, gv, i0 < inter_sh, gr, ur, chunks, pre);
-    norm_rows_to_smem(acc, xres, nw, eps, rows, d, res_s, norm_s);
+    norm_rows_to_smem_t<MR>(acc, xres, nw, eps, rows, d, res_s, norm_s);
     if (blockIdx.x == 0) {
         for (int i = threadIdx.x; i < rows * d / 8; i += blockDim.x) ((uint4*)normed)[i] = ((const uint4*)norm_s)[i];
     }
@@ -464,6 +468,16 @@ extern "C" __global__ void moe_norm_route(T* acc, const T* xres, const float* nw
     pdl_prologue();
 #endif
 }
+
+#define NORM_ROUTE_ARGS                                                                                           \
+    T *acc, const T *xres, const float *nw, float eps, T *normed, int rows, int d, const T *gate, float *logits,  \
+        u32 *ids, float *weights, int e, int k, int n_group, int topk_group, int norm_topk_prob, float scaling,    \
+        u32 *counters, int router_blocks, const T *sh_gate, const T *sh_up, int inter_sh, T *hid_sh
+#define NORM_ROUTE_PASS                                                                                          \
+    acc, xres, nw, eps, normed, rows, d, gate, logits, ids, weights, e, k, n_group, topk_group, norm_topk_prob,   \
+        scaling, counters, router_blocks, sh_gate, sh_up, inter_sh, hid_sh
+extern "C" __global__ void moe_norm_route(NORM_ROUTE_ARGS) { moe_norm_route_body<NORM_MAX_ROWS>(NORM_ROUTE_PASS); }
+extern "C" __global__ void moe_norm_route_r1(NORM_ROUTE_ARGS) { moe_norm_route_body<1>(NORM_ROUTE_PASS); }
 
 
 // grid (ceil(max(inter, inter_sh) / (4 rpw)), (has_shared ? rows : 0) + rows * k), block
@@ -653,14 +667,33 @@ extern "C" __global__ void moe_small_down_all(const T* hid, const T* hid_sh, con
     int j0 = blockIdx.x * 2;
     int sh_row = j0 + warp - k;
     bool shared = warp >= k && has_shared && sh_row < d;
+#ifdef DSV2_DOWN_IDS_EARLY
+    // The routed experts' rows too: `ids` comes from the routing two launches back
+    // (moe_norm_route or moe_route_small), which completed before moe_small_up passed its
+    // pdl_wait, and this launch starts only after every moe_small_up block has passed
+    // its; read through L2 (__ldcg), never a stale L1 line of an earlier layer. Off by
+    // default: no gain measured at batch 1 on the H200 (2.24 against 2.23 ms a step).
+    uint4 pre[2 * DOWN_PRE];
+    const T* wx = nullptr;
+    if (warp < k) {
+        wx = (const T*)expert_w[2 * e + __ldcg(ids + (u64)t * k + warp)];
+        rows_first<2>(wx, j0, d, inter, pre);
+    }
+    const bool routed_pre = true;
+#else
     uint4 pre[DOWN_PRE];
+    const bool routed_pre = false;
+#endif
     if (PRELOAD_EARLY && shared) rows_first<1>(sh_down, sh_row, d, inter_sh, pre);
     pdl_prologue();
     if (!PRELOAD_EARLY && shared) rows_first<1>(sh_down, sh_row, d, inter_sh, pre);
     if (warp < k) {
         u64 p = (u64)t * k + warp;
         float acc[2];
-        rows_dot<2>((const T*)expert_w[2 * e + ids[p]], j0, d, hid + p * inter, inter, acc, pre, false);
+#ifndef DSV2_DOWN_IDS_EARLY
+        const T* wx = (const T*)expert_w[2 * e + ids[p]];
+#endif
+        rows_dot<2>(wx, j0, d, hid + p * inter, inter, acc, pre, routed_pre);
         if (lane == 0) {
             ps[warp][0] = rnd(acc[0]);
             ps[warp][1] = rnd(acc[1]);
@@ -849,6 +882,115 @@ extern "C" __global__ void gemv_small(const T* x, const T* w, void* out, int row
 #endif
 }
 
+// ---------------------------------------------------------------------------------------
+// Batch-1 instances (rows == 1, two weight rows a warp) of gemv_small and norm_gemv_pair:
+// the same sums in the same order (bit-identical outputs), without the 8-row unrolling, so
+// a fraction of the code; a lane's first GEMV1_UNROLL chunks of both rows are loaded
+// before pdl_wait (ROW1_PRELOAD), so with 2,048-wide rows the whole weight slice is in
+// flight while the previous kernel finishes.
+#ifndef GEMV1_UNROLL
+#define GEMV1_UNROLL 8
+#endif
+
+// Chunks c0, c0 + 32, ... (GEMV1_UNROLL of them, zeros past `chunks`) of rows w0 and w1.
+__device__ __forceinline__ void gemv1_load(const uint4* w0, const uint4* w1, int c0, int chunks, uint4* wa,
+                                           uint4* wb) {
+#pragma unroll
+    for (int u = 0; u < GEMV1_UNROLL; u++) {
+        int c = c0 + 32 * u;
+        wa[u] = wb[u] = make_uint4(0, 0, 0, 0);
+        if (c < chunks) {
+            wa[u] = ldw(w0 + c);
+            wb[u] = ldw(w1 + c);
+        }
+    }
+}
+
+// The warp's dot products of rows w0 and w1 with one activation row xv (global or shared
+// memory), the lane's first chunks already in wa / wb (gemv1_load at c0 = lane); sums in
+// every lane, in gemv_rows' order.
+__device__ __forceinline__ void gemv1_dot(const uint4* w0, const uint4* w1, const uint4* xv, int chunks, uint4* wa,
+                                          uint4* wb, float& s0, float& s1) {
+    int lane = threadIdx.x & 31;
+    float a0 = 0.0f, a1 = 0.0f;
+    for (int c0 = lane;;) {
+#pragma unroll
+        for (int u = 0; u < GEMV1_UNROLL; u++) {
+            int c = c0 + 32 * u;
+            if (c < chunks) {
+                uint4 xx = xv[c];
+                a0 += dot8(wa[u], xx);
+                a1 += dot8(wb[u], xx);
+            }
+        }
+        c0 += 32 * GEMV1_UNROLL;
+        if (c0 >= chunks) break;
+        gemv1_load(w0, w1, c0, chunks, wa, wb);
+    }
+    s0 = warp_sum(a0);
+    s1 = warp_sum(a1);
+}
+
+// gemv_small for rows == 1 and rpw == 2 (same arguments; rows, ldx, ldo and rpw unused).
+extern "C" __global__ void gemv_small_r1(const T* x, const T* w, void* out, int rows, int n, int k, int out_f32,
+                                         int ldx, int ldo, u64 bx, u64 bw, u64 bo, const T* w2, void* out2, int n2,
+                                         int blocks_a, u64* best, int rpw) {
+#ifdef DSV2_BF16
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    int bid = blockIdx.x;
+    if (bid >= blocks_a) {
+        bid -= blocks_a;
+        w = w2;
+        out = out2;
+        n = n2;
+    }
+    int n0 = (bid * (blockDim.x >> 5) + warp) * 2, chunks = k / 8;
+    bool active = n0 < n, two = n0 + 1 < n;
+    w += blockIdx.y * bw;
+    const uint4* w0 = (const uint4*)(w + (u64)min(n0, n - 1) * k);
+    const uint4* w1 = two ? w0 + chunks : w0;
+    uint4 wa[GEMV1_UNROLL], wb[GEMV1_UNROLL];
+    if (ROW1_PRELOAD && active) gemv1_load(w0, w1, lane, chunks, wa, wb);
+    pdl_prologue();
+    if (!ROW1_PRELOAD && active) gemv1_load(w0, w1, lane, chunks, wa, wb);
+    float s0 = 0.0f, s1 = 0.0f;
+    if (active) gemv1_dot(w0, w1, (const uint4*)(x + blockIdx.y * bx), chunks, wa, wb, s0, s1);
+    if (best == nullptr) {
+        if (active && lane == 0) {
+            u64 o = blockIdx.y * bo + n0;
+            if (out_f32) {
+                ((float*)out)[o] = s0;
+                if (two) ((float*)out)[o + 1] = s1;
+            } else {
+                ((T*)out)[o] = from_f<T>(s0);
+                if (two) ((T*)out)[o + 1] = from_f<T>(s1);
+            }
+        }
+        return;
+    }
+    __shared__ u64 keys[4];
+    if (lane == 0) {
+        u64 key = 0;
+        if (active) {
+            key = argmax_key(rnd(s0), (u32)n0);
+            if (two) {
+                u64 k1 = argmax_key(rnd(s1), (u32)n0 + 1);
+                key = k1 > key ? k1 : key;
+            }
+        }
+        keys[warp] = key;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        u64 key = 0;
+        for (int i = 0; i < (int)(blockDim.x >> 5); i++) key = keys[i] > key ? keys[i] : key;
+        if (key) atomicMax(best, key);
+    }
+#else
+    pdl_prologue();
+#endif
+}
+
 // ids[t] = the index of best[t] (a key of argmax_key); resets best[t] to 0 for the next
 // step. grid (1), block >= rows.
 extern "C" __global__ void argmax_finish(u64* best, u32* ids, int rows) {
@@ -903,6 +1045,54 @@ extern "C" __global__ void norm_gemv_pair(T* acc, const T* xres, const float* nw
     }
     if (last_block(counter)) {
         for (int i = threadIdx.x; i < rows * d / 8; i += blockDim.x) ((uint4*)acc)[i] = ((const uint4*)res_s)[i];
+    }
+#else
+    pdl_prologue();
+#endif
+}
+
+// norm_gemv_pair for rows == 1 and rpw == 2 (same arguments; rows and rpw unused): the
+// weights of both rows in flight (ROW1_PRELOAD) while the block waits and normalizes.
+extern "C" __global__ void norm_gemv_pair_r1(T* acc, const T* xres, const float* nw, float eps, T* normed,
+                                             int rows, int d, const T* wa, T* outa, int na, const T* wb, T* outb,
+                                             int nb, int blocks_a, u32* counter, int rpw) {
+#ifdef DSV2_BF16
+    extern __shared__ uint4 smem_u4[];
+    T* res_s = (T*)smem_u4;
+    T* norm_s = res_s + d;
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    int bid = blockIdx.x;
+    const T* w = wa;
+    T* out = outa;
+    int n = na;
+    if (bid >= blocks_a) {
+        bid -= blocks_a;
+        w = wb;
+        out = outb;
+        n = nb;
+    }
+    int n0 = (bid * (blockDim.x >> 5) + warp) * 2, chunks = d / 8;
+    bool active = n0 < n, two = n0 + 1 < n;
+    const uint4* w0 = (const uint4*)(w + (u64)min(n0, n - 1) * d);
+    const uint4* w1 = two ? w0 + chunks : w0;
+    uint4 ra[GEMV1_UNROLL], rb[GEMV1_UNROLL];
+    if (ROW1_PRELOAD && active) gemv1_load(w0, w1, lane, chunks, ra, rb);
+    pdl_prologue();
+    if (!ROW1_PRELOAD && active) gemv1_load(w0, w1, lane, chunks, ra, rb);
+    norm_rows_to_smem_t<1>(acc, xres, nw, eps, 1, d, res_s, norm_s);
+    if (blockIdx.x == 0) {
+        for (int i = threadIdx.x; i < chunks; i += blockDim.x) ((uint4*)normed)[i] = ((const uint4*)norm_s)[i];
+    }
+    if (active) {
+        float s0, s1;
+        gemv1_dot(w0, w1, (const uint4*)norm_s, chunks, ra, rb, s0, s1);
+        if (lane == 0) {
+            out[n0] = from_f<T>(s0);
+            if (two) out[n0 + 1] = from_f<T>(s1);
+        }
+    }
+    if (last_block(counter)) {
+        for (int i = threadIdx.x; i < chunks; i += blockDim.x) ((uint4*)acc)[i] = ((const uint4*)res_s)[i];
     }
 #else
     pdl_prologue();
@@ -995,6 +1185,73 @@ extern "C" __global__ void rope_absorb_q(T* q, const T* kv_b, T* q_lat, int rows
         rope_and_write_token(blockIdx.x - absorb_blocks, q, kv_a, kv_w, slots, cos, sin, cache, h, qd, dn, c, dr,
                              eps);
     }
+#endif
+}
+
+// rope_absorb_q for rows == 1 (same arguments and grid): the absorbed query of one token,
+// a lane's ABSORB_ROWS_PER_LANE weight chunks loaded before pdl_wait (ROW1_PRELOAD; all of
+// them with dn = 128), the same sums in the same order as absorb_q_block.
+#ifdef DSV2_BF16
+__device__ __forceinline__ void absorb1_load(const T* wk, int i0, int dn, int c, uint4* wv) {
+#pragma unroll
+    for (int u = 0; u < ABSORB_ROWS_PER_LANE; u++) {
+        int i = i0 + 16 * u;
+        wv[u] = i < dn ? ldw((const uint4*)(wk + (u64)i * c)) : make_uint4(0, 0, 0, 0);
+    }
+}
+#endif
+
+extern "C" __global__ void rope_absorb_q_r1(T* q, const T* kv_b, T* q_lat, int rows, int h, int qd, int dn,
+                                            int dv, int c, const T* kv_a, const float* kv_w, const u32* slots,
+                                            const float* cos, const float* sin, T* cache, int dr, float eps) {
+#ifdef DSV2_BF16
+    __shared__ float part[16][128];
+    int chunks = c / 128, absorb_blocks = chunks * h;
+    bool absorb = (int)blockIdx.x < absorb_blocks;
+    int bx = blockIdx.x % chunks, head = blockIdx.x / chunks;
+    int g = threadIdx.x >> 4, l16 = threadIdx.x & 15;
+    const T* wk = kv_b + (u64)head * (dn + dv) * c + bx * 128 + l16 * 8;
+    uint4 wv[ABSORB_ROWS_PER_LANE];
+    if (ROW1_PRELOAD && absorb) absorb1_load(wk, g, dn, c, wv);
+    pdl_prologue();
+    if (!absorb) {
+        rope_and_write_token(0, q, kv_a, kv_w, slots, cos, sin, cache, h, qd, dn, c, dr, eps);
+        return;
+    }
+    if (!ROW1_PRELOAD) absorb1_load(wk, g, dn, c, wv);
+    const T* qh = q + (u64)head * qd;
+    float acc[8];
+#pragma unroll
+    for (int j = 0; j < 8; j++) acc[j] = 0.0f;
+    for (int i0 = g;;) {
+#pragma unroll
+        for (int u = 0; u < ABSORB_ROWS_PER_LANE; u++) {
+            int i = i0 + 16 * u;
+            if (i >= dn) break;
+            u32 ww[4] = {wv[u].x, wv[u].y, wv[u].z, wv[u].w};
+            float qv = to_f(qh[i]);
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                acc[2 * j] += qv * __uint_as_float(ww[j] << 16);
+                acc[2 * j + 1] += qv * __uint_as_float(ww[j] & 0xffff0000u);
+            }
+        }
+        i0 += 16 * ABSORB_ROWS_PER_LANE;
+        if (i0 >= dn) break;
+        absorb1_load(wk, i0, dn, c, wv);
+    }
+#pragma unroll
+    for (int j = 0; j < 8; j++) part[g][l16 * 8 + j] = acc[j];
+    __syncthreads();
+    int jj = threadIdx.x;
+    if (jj < 128) {
+        float v = 0.0f;
+#pragma unroll
+        for (int i = 0; i < 16; i++) v += part[i][jj];
+        q_lat[(u64)head * c + bx * 128 + jj] = from_f<T>(v);
+    }
+#else
+    pdl_prologue();
 #endif
 }
 

@@ -29,8 +29,11 @@ const MAX_WARPS: usize = 8;
 const DECODE_HEADS: usize = 16;
 /// Query rows per block of the prefill kernel (PF_BLOCK in attention.cu).
 const PREFILL_BLOCK: usize = 64;
-/// Most context splits per decode token (at most 32: the combine merges them in a warp).
+/// Most context splits per decode token by default, past one token a step
+/// (`DSV2_CUDA_DEC_SPLITS` sets it for every step, up to [`SPLITS_LIMIT`]).
 const MAX_SPLITS: usize = 32;
+/// Most splits `mla_decode_combine` merges (two a lane of one warp).
+const SPLITS_LIMIT: usize = 64;
 /// Multiprocessors the split count aims to fill (an H100/H200 has 132).
 const SMS: usize = 132;
 
@@ -388,7 +391,7 @@ fn absorbed_split(
     // context length): about two blocks per multiprocessor.
     let groups = h / DECODE_HEADS;
     // One wave: (tokens * groups * splits) blocks at most 2 per SM (shared memory).
-    let splits = (2 * SMS / (tokens * groups)).clamp(1, MAX_SPLITS);
+    let splits = (2 * SMS / (tokens * groups)).clamp(1, max_splits(tokens));
     let slots = tokens * splits * groups;
     let part_o = scratch.get(
         &be.dev,
@@ -419,6 +422,8 @@ fn absorbed_split(
             (spec.block_size as i32).into(),
             (splits as i32).into(),
             d.softmax_scale.into(),
+            step.at(step.layout.seq_ctx).into(),
+            step.at(step.layout.seq_qlen).into(),
         ],
     )?;
     be.dev.launch(
@@ -437,6 +442,25 @@ fn absorbed_split(
             (splits as i32).into(),
         ],
     )
+}
+
+/// Most context splits of each of `tokens` decode tokens: [`SPLITS_LIMIT`] for one token
+/// (at context 1K each split then fits one 32-row tile of `mla_decode`, where 32 splits
+/// of 33-35 rows took two: 2.19-2.21 against 2.23 ms a V2-Lite batch-1 step on the H200),
+/// else [`MAX_SPLITS`]; `DSV2_CUDA_DEC_SPLITS` (1 to [`SPLITS_LIMIT`]) for every step.
+fn max_splits(tokens: usize) -> usize {
+    static FORCED: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+    let forced = *FORCED.get_or_init(|| {
+        std::env::var("DSV2_CUDA_DEC_SPLITS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|s| (1..=SPLITS_LIMIT).contains(s))
+    });
+    forced.unwrap_or(if tokens == 1 {
+        SPLITS_LIMIT
+    } else {
+        MAX_SPLITS
+    })
 }
 
 /// The one-block-per-(token, head) absorbed kernel (f32 builds and other shapes).

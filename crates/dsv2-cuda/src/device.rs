@@ -181,6 +181,10 @@ pub(crate) struct Kernels {
     pub moe_norm_route: CudaFunction,
     pub argmax_finish: CudaFunction,
     pub rope_absorb_q: CudaFunction,
+    pub gemv_small_r1: CudaFunction,
+    pub norm_gemv_pair_r1: CudaFunction,
+    pub rope_absorb_q_r1: CudaFunction,
+    pub moe_norm_route_r1: CudaFunction,
     pub moe_combine_v: CudaFunction,
     pub moe_silu_rows: CudaFunction,
     pub moe_gather_v: CudaFunction,
@@ -234,6 +238,10 @@ impl Kernels {
             moe_norm_route: f(&moe, "moe_norm_route")?,
             argmax_finish: f(&moe, "argmax_finish")?,
             rope_absorb_q: f(&moe, "rope_absorb_q")?,
+            gemv_small_r1: f(&moe, "gemv_small_r1")?,
+            norm_gemv_pair_r1: f(&moe, "norm_gemv_pair_r1")?,
+            rope_absorb_q_r1: f(&moe, "rope_absorb_q_r1")?,
+            moe_norm_route_r1: f(&moe, "moe_norm_route_r1")?,
             moe_combine_v: f(&moe, "moe_combine_v")?,
             moe_silu_rows: f(&moe, "moe_silu_rows")?,
             moe_gather_v: f(&moe, "moe_gather_v")?,
@@ -269,6 +277,10 @@ pub(crate) struct Device {
     pdl: bool,
     /// Forced weight rows per warp of the GEMV kernels (`DSV2_CUDA_GEMV_RPW`).
     gemv_rpw: Option<usize>,
+    /// The batch-1 instances of the small-batch kernels (`gemv_small_r1`,
+    /// `norm_gemv_pair_r1`, `rope_absorb_q_r1`, `moe_norm_route_r1`) for one-row launches;
+    /// `DSV2_CUDA_ROW1=0`: the 8-row kernels at every row count.
+    row1: bool,
 }
 
 /// Event timings of every op, grouped by the step's token count and the op's name.
@@ -467,6 +479,7 @@ impl Device {
                 .ok()
                 .and_then(|v| v.parse().ok())
                 .filter(|r| [1, 2].contains(r)),
+            row1: std::env::var("DSV2_CUDA_ROW1").map_or(true, |v| v != "0"),
             gemv_max_rows: std::env::var("DSV2_CUDA_GEMV_MAX")
                 .ok()
                 .and_then(|v| v.parse().ok())
@@ -877,7 +890,11 @@ impl Device {
         let rpw = self.gemv_rows_per_warp((g.n + n2) * batch);
         let blocks_a = g.n.div_ceil(4 * rpw);
         self.launch(
-            &self.kernels.gemv_small,
+            if self.row1_applies(g.rows, rpw) {
+                &self.kernels.gemv_small_r1
+            } else {
+                &self.kernels.gemv_small
+            },
             op,
             (blocks_a + n2.div_ceil(4 * rpw), batch),
             128,
@@ -910,6 +927,12 @@ impl Device {
     /// 1); `DSV2_CUDA_GEMV_RPW=1` forces one.
     pub fn gemv_rows_per_warp(&self, _n: usize) -> usize {
         self.gemv_rpw.unwrap_or(2)
+    }
+
+    /// True when a launch of `rows` rows takes the batch-1 instance of its kernel (one
+    /// row; two weight rows a warp for the GEMV ones, `rpw`: pass 2 for the others).
+    pub fn row1_applies(&self, rows: usize, rpw: usize) -> bool {
+        self.row1 && rows == 1 && rpw == 2
     }
 
     /// `batch` GEMMs whose operands sit `stride_*` elements apart.

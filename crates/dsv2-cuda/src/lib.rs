@@ -930,7 +930,11 @@ impl Backend for CudaBackend {
         let blocks_a = n_a.div_ceil(4 * rpw);
         let k = &self.dev.kernels;
         Ok(self.dev.launch(
-            &k.norm_gemv_pair,
+            if self.dev.row1_applies(rows, rpw) {
+                &k.norm_gemv_pair_r1
+            } else {
+                &k.norm_gemv_pair
+            },
             op,
             (blocks_a + n_b.div_ceil(4 * rpw), 1),
             128,
@@ -1089,7 +1093,11 @@ impl Backend for CudaBackend {
         let q_lat = scratch.get(&self.dev, Slot::QLat, t * h * c * self.elem())?;
         let k = &self.dev.kernels;
         self.dev.launch(
-            &k.rope_absorb_q,
+            if self.dev.row1_applies(t, 2) {
+                &k.rope_absorb_q_r1
+            } else {
+                &k.rope_absorb_q
+            },
             op,
             ((c / 128) * h + t, 1),
             256,

@@ -175,7 +175,11 @@ pub(crate) fn norm_moe(
         (0, 0, 0)
     };
     dev.launch(
-        &dev.kernels.moe_norm_route,
+        if dev.row1_applies(rows, 2) {
+            &dev.kernels.moe_norm_route_r1
+        } else {
+            &dev.kernels.moe_norm_route
+        },
         "moe_norm_route",
         (router_blocks + shared_blocks, 1),
         256,

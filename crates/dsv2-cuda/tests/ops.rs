@@ -905,17 +905,21 @@ fn fused_rope_cache_attention() {
             softmax_scale: 0.07,
         };
         // The pasts, then one decode token per sequence, written and attended at once.
+        // Then one token alone (the batch-1 kernel rope_absorb_q_r1).
         let mut history = Batch::default();
         let mut step = Batch::default();
+        let mut single = Batch::default();
         for i in 0..3 {
             let toks: Vec<u32> = (0..pasts[i] as u32).collect();
             history.push_seq(&toks, 0, &tables[i], block, LogitsWanted::None);
             step.push_seq(&[1], pasts[i], &tables[i], block, LogitsWanted::Last);
         }
+        single.push_seq(&[1], pasts[1], &tables[1], block, LogitsWanted::Last);
         for (b, seed, path) in [
             (&history, 50u64, None),
             (&step, 60, Some(AttentionPath::Absorbed)),
             (&step, 70, Some(AttentionPath::Auto)),
+            (&single, 80, Some(AttentionPath::Auto)),
         ] {
             let t = b.num_tokens();
             let cos: Vec<f32> = values(t * dr / 2, seed, 1.0);
@@ -949,13 +953,13 @@ fn fused_rope_cache_attention() {
             )
             .unwrap();
             check(
-                &format!("rope_cache_attention {path:?} q"),
+                &format!("rope_cache_attention {path:?} {t} tokens q"),
                 dtype,
                 &gpu.download(&qg).unwrap(),
                 &qc,
             );
             check(
-                &format!("rope_cache_attention {path:?} out"),
+                &format!("rope_cache_attention {path:?} {t} tokens out"),
                 dtype,
                 &gpu.download(&og).unwrap(),
                 &oc,
@@ -970,7 +974,7 @@ fn fused_rope_cache_attention() {
                 want.extend_from_slice(cc.row(1, slot as usize));
             }
             check(
-                &format!("rope_cache_attention {path:?} cache"),
+                &format!("rope_cache_attention {path:?} {t} tokens cache"),
                 dtype,
                 &got,
                 &want,
