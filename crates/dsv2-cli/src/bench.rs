@@ -306,6 +306,7 @@ impl ModelTask for BenchTask<'_> {
                     attention_bytes,
                     bandwidth,
                     step_probes: measured.probes,
+                    step_seconds: measured.step_seconds,
                     bracket_bandwidth: bracket,
                 });
                 bar.inc(1);
@@ -497,16 +498,20 @@ impl<'m, B: Backend> Runner<'m, B> {
         if let Some(probe) = probe.as_deref_mut() {
             probes.push(probe.pass());
         }
-        let mut seconds = 0.0;
+        let mut step_seconds = Vec::with_capacity(steps);
         for i in 0..steps {
             let started = Instant::now();
             self.decode_step(context + WARMUP_STEPS + i, &mut next, &mut out)?;
-            seconds += started.elapsed().as_secs_f64();
+            step_seconds.push(started.elapsed().as_secs_f64());
             if let Some(probe) = probe.as_deref_mut() {
                 probes.push(probe.pass());
             }
         }
-        Ok(DecodeTiming { seconds, probes })
+        Ok(DecodeTiming {
+            seconds: step_seconds.iter().sum(),
+            step_seconds,
+            probes,
+        })
     }
 
     /// Seconds of the decode attention kernels alone (one layer, averaged over several
@@ -589,6 +594,8 @@ impl PrefillRow {
 struct DecodeTiming {
     /// Seconds of the timed steps (probe passes excluded).
     seconds: f64,
+    /// Seconds of each timed step.
+    step_seconds: Vec<f64>,
     /// Read bandwidth of each probe pass between the steps, bytes per second.
     probes: Vec<f64>,
 }
@@ -611,6 +618,8 @@ struct DecodeRow {
     bandwidth: Option<f64>,
     /// The probe passes between the steps, bytes per second.
     step_probes: Vec<f64>,
+    /// Seconds of each timed step.
+    step_seconds: Vec<f64>,
     /// The higher of the best-of probes just before and after the row, where they ran.
     bracket_bandwidth: Option<f64>,
 }
@@ -786,6 +795,7 @@ impl Report {
                     "bandwidth_fraction": r.bandwidth_fraction(r.bandwidth.unwrap_or(self.bandwidth)),
                     "bandwidth_gbps": r.bandwidth.unwrap_or(self.bandwidth) / 1e9,
                     "step_probes_gbps": r.step_probes.iter().map(|b| b / 1e9).collect::<Vec<_>>(),
+                    "step_seconds": r.step_seconds,
                     "bracket_bandwidth_gbps": r.bracket_bandwidth.map(|b| b / 1e9),
                     "bracket_bandwidth_fraction": r.bracket_bandwidth.map(|b| r.bandwidth_fraction(b)),
                     "attention_seconds": r.attention_s,

@@ -105,6 +105,15 @@ fn bench_random_weights_reports_every_figure() {
             .map(|v| v.as_f64().unwrap())
             .collect();
         assert_eq!(passes.len(), 4, "{row}");
+        let steps: Vec<f64> = row["step_seconds"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect();
+        assert_eq!(steps.len(), 3, "{row}");
+        let total: f64 = steps.iter().sum();
+        assert!((total - num(row, "seconds")).abs() < 1e-9, "{row}");
         let best = passes.iter().copied().fold(0.0, f64::max);
         assert_eq!(num(row, "bandwidth_gbps"), best, "{row}");
         let bracket = positive(row, "bracket_bandwidth_gbps");
