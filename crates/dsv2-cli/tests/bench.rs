@@ -35,6 +35,15 @@ fn num(v: &Value, key: &str) -> f64 {
         .unwrap_or_else(|| panic!("`{key}` is not a number in {v}"))
 }
 
+fn floats(v: &Value, key: &str) -> Vec<f64> {
+    v[key]
+        .as_array()
+        .unwrap_or_else(|| panic!("`{key}` is not an array in {v}"))
+        .iter()
+        .map(|x| x.as_f64().expect("a number"))
+        .collect()
+}
+
 fn positive(v: &Value, key: &str) -> f64 {
     let x = num(v, key);
     assert!(x.is_finite() && x > 0.0, "`{key}` = {x} in {v}");
@@ -98,19 +107,9 @@ fn bench_random_weights_reports_every_figure() {
         assert_eq!(num(row, "steps"), 3.0);
         // On the CPU the floor is the best of a probe pass before the first timed step
         // and after each one; the best-of probes around the row are reported too.
-        let passes: Vec<f64> = row["step_probes_gbps"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_f64().unwrap())
-            .collect();
+        let passes = floats(row, "step_probes_gbps");
         assert_eq!(passes.len(), 4, "{row}");
-        let steps: Vec<f64> = row["step_seconds"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_f64().unwrap())
-            .collect();
+        let steps = floats(row, "step_seconds");
         assert_eq!(steps.len(), 3, "{row}");
         let total: f64 = steps.iter().sum();
         assert!((total - num(row, "seconds")).abs() < 1e-9, "{row}");

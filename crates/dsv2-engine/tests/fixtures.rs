@@ -113,6 +113,14 @@ fn argmax(x: &[f32]) -> usize {
     dsv2_engine::argmax(x) as usize
 }
 
+/// Positions (rows of `vocab` logits) where `got` and `want` pick the same token.
+fn argmax_agreement(got: &[f32], want: &[f32], vocab: usize) -> usize {
+    got.chunks_exact(vocab)
+        .zip(want.chunks_exact(vocab))
+        .filter(|(g, w)| argmax(g) == argmax(w))
+        .count()
+}
+
 #[test]
 fn f32_logits_match_the_reference_at_every_position() {
     for name in FIXTURES {
@@ -166,12 +174,7 @@ fn trained_fixture_f32_logits_match_the_reference() {
         let (want, _) = reference.f32s(&format!("logits.{i}"));
         let got = all_logits(&backend, &model, &prompt, AttentionPath::Auto);
         let err = rel_err(&got, &want);
-        let agree = (0..prompt.len())
-            .filter(|p| {
-                argmax(&got[p * vocab..(p + 1) * vocab])
-                    == argmax(&want[p * vocab..(p + 1) * vocab])
-            })
-            .count();
+        let agree = argmax_agreement(&got, &want, vocab);
         eprintln!(
             "{TRAINED} prompt {i}: relative error {err:.2e}, argmax {agree}/{}",
             prompt.len()
@@ -227,12 +230,7 @@ fn bf16_compute_tracks_the_references() {
             let err_f32 = rel_err(&got, &want_f32);
             let err_bf16 = rel_err(&got, &want_bf16);
             let hf_bf16 = rel_err(&want_bf16, &want_f32);
-            let agree = (0..prompt.len())
-                .filter(|p| {
-                    argmax(&got[p * vocab..(p + 1) * vocab])
-                        == argmax(&want_f32[p * vocab..(p + 1) * vocab])
-                })
-                .count();
+            let agree = argmax_agreement(&got, &want_f32, vocab);
             eprintln!(
                 "{name} prompt {i}: bf16 vs f32 reference {err_f32:.2e} (HF's own bf16: \
                  {hf_bf16:.2e}), vs HF bf16 {err_bf16:.2e}, argmax {agree}/{}",
@@ -293,12 +291,7 @@ fn quantized_logits_stay_within_the_format_budget() {
                 let (want, _) = reference.f32s(&format!("logits.{i}"));
                 let got = all_logits(&backend, &model, &prompt, AttentionPath::Auto);
                 let err = rel_err(&got, &want);
-                let agree = (0..prompt.len())
-                    .filter(|p| {
-                        argmax(&got[p * vocab..(p + 1) * vocab])
-                            == argmax(&want[p * vocab..(p + 1) * vocab])
-                    })
-                    .count();
+                let agree = argmax_agreement(&got, &want, vocab);
                 eprintln!(
                     "{} {name} prompt {i}: relative error {err:.4e}, argmax {agree}/{}",
                     format.name(),
