@@ -30,6 +30,18 @@ fn check(what: &str, dtype: ComputeDtype, got: &[f32], want: &[f32]) {
     );
 }
 
+/// The same weight tensor loaded on both backends.
+fn weights(
+    cpu: &CpuBackend,
+    gpu: &CudaBackend,
+    t: &dsv2_core::TensorView,
+) -> (
+    <CpuBackend as Backend>::Weight,
+    <CudaBackend as Backend>::Weight,
+) {
+    (cpu.load_weight(t).unwrap(), gpu.load_weight(t).unwrap())
+}
+
 /// Same input on both backends (rounded to bf16 so that both see identical values).
 fn inputs(gpu: &CudaBackend, values: &[f32]) -> (Vec<f32>, dsv2_cuda::CudaBuffer) {
     (values.to_vec(), gpu.upload(values).unwrap())
@@ -45,17 +57,14 @@ fn rms_norm_linear_add_embed() {
         let table = tensor("embed", &[vocab, d], 4, 1.0);
         let (xc, xg) = inputs(gpu, &x);
         // RMSNorm.
-        let (nc, ng) = (
-            cpu.load_weight(&norm).unwrap(),
-            gpu.load_weight(&norm).unwrap(),
-        );
+        let (nc, ng) = weights(cpu, gpu, &norm);
         let mut oc = cpu.alloc(rows * d).unwrap();
         let mut og = gpu.alloc(rows * d).unwrap();
         cpu.rms_norm(&xc, &nc, 1e-6, rows, &mut oc).unwrap();
         gpu.rms_norm(&xg, &ng, 1e-6, rows, &mut og).unwrap();
         check("rms_norm", dtype, &gpu.download(&og).unwrap(), &oc);
         // Linear, on the normed rows.
-        let (wc, wg) = (cpu.load_weight(&w).unwrap(), gpu.load_weight(&w).unwrap());
+        let (wc, wg) = weights(cpu, gpu, &w);
         let mut lc = cpu.alloc(rows * n).unwrap();
         let mut lg = gpu.alloc(rows * n).unwrap();
         cpu.linear(&oc, rows, &wc, &mut lc).unwrap();
@@ -81,10 +90,7 @@ fn rms_norm_linear_add_embed() {
         let (mut sc, mut sg) = (cpu.alloc_step(rows).unwrap(), gpu.alloc_step(rows).unwrap());
         cpu.prepare_step(&batch, angles, &mut sc).unwrap();
         gpu.prepare_step(&batch, angles, &mut sg).unwrap();
-        let (tc, tg) = (
-            cpu.load_weight(&table).unwrap(),
-            gpu.load_weight(&table).unwrap(),
-        );
+        let (tc, tg) = weights(cpu, gpu, &table);
         cpu.embed(&tc, &sc, &mut oc).unwrap();
         gpu.embed(&tg, &sg, &mut og).unwrap();
         assert_eq!(gpu.download(&og).unwrap(), oc, "embed ({dtype:?})");
@@ -136,10 +142,7 @@ fn rope_cache_write_and_attention_paths() {
             let mut cc = cpu.alloc_cache(spec).unwrap();
             let mut cg = gpu.alloc_cache(spec).unwrap();
             let kv_norm = norm_tensor("kv_norm", c, 11);
-            let (nc, ng) = (
-                cpu.load_weight(&kv_norm).unwrap(),
-                gpu.load_weight(&kv_norm).unwrap(),
-            );
+            let (nc, ng) = weights(cpu, gpu, &kv_norm);
             let dims = MlaDims {
                 num_heads: h,
                 nope_dim: dn,
@@ -196,10 +199,7 @@ fn rope_cache_write_and_attention_paths() {
                 );
                 // Attention, all three path choices.
                 let kv_b = tensor("kv_b", &[h * (dn + dv), c], 50, 0.15);
-                let (bc, bg) = (
-                    cpu.load_weight(&kv_b).unwrap(),
-                    gpu.load_weight(&kv_b).unwrap(),
-                );
+                let (bc, bg) = weights(cpu, gpu, &kv_b);
                 for path in [
                     AttentionPath::Auto,
                     AttentionPath::Expanded,
@@ -289,10 +289,7 @@ fn long_context_attention() {
             let mut cc = cpu.alloc_cache(spec).unwrap();
             let mut cg = gpu.alloc_cache(spec).unwrap();
             let kv_norm = norm_tensor("kv_norm", c, 12);
-            let (nc, ng) = (
-                cpu.load_weight(&kv_norm).unwrap(),
-                gpu.load_weight(&kv_norm).unwrap(),
-            );
+            let (nc, ng) = weights(cpu, gpu, &kv_norm);
             let dims = MlaDims {
                 num_heads: h,
                 nope_dim: dn,
@@ -335,10 +332,7 @@ fn long_context_attention() {
                 let q = bf16_values(t * h * (dn + dr), 90, 1.0);
                 let (qc, qg) = inputs(gpu, &q);
                 let kv_b = tensor("kv_b", &[h * (dn + dv), c], 91, 0.15);
-                let (bc, bg) = (
-                    cpu.load_weight(&kv_b).unwrap(),
-                    gpu.load_weight(&kv_b).unwrap(),
-                );
+                let (bc, bg) = weights(cpu, gpu, &kv_b);
                 for &path in paths {
                     let mut oc = cpu.alloc(t * h * dv).unwrap();
                     let mut og = gpu.alloc(t * h * dv).unwrap();
@@ -387,7 +381,7 @@ fn small_batch_linear() {
     each_dtype(|dtype, cpu, gpu| {
         let (k, n) = (512, 259);
         let w = tensor("w_small", &[n, k], 3, 0.2);
-        let (wc, wg) = (cpu.load_weight(&w).unwrap(), gpu.load_weight(&w).unwrap());
+        let (wc, wg) = weights(cpu, gpu, &w);
         for rows in [1usize, 3, 8, 9] {
             let x = bf16_values(rows * k, 40 + rows as u64, 1.0);
             let (xc, xg) = inputs(gpu, &x);
@@ -414,7 +408,7 @@ fn long_rows_dense_mlp_and_top6_moe() {
         let k = 10_944;
         for n in [64usize, 67] {
             let w = tensor(&format!("w_long{n}"), &[n, k], 5, 0.05);
-            let (wc, wg) = (cpu.load_weight(&w).unwrap(), gpu.load_weight(&w).unwrap());
+            let (wc, wg) = weights(cpu, gpu, &w);
             for rows in [1usize, 3, 8] {
                 let x = bf16_values(rows * k, 70 + rows as u64, 1.0);
                 let (xc, xg) = inputs(gpu, &x);
@@ -478,8 +472,8 @@ fn fused_projection_pair_and_cache_write() {
         let (k, na, nb) = (256, 200, 72);
         let wa = tensor("wa", &[na, k], 5, 0.2);
         let wb = tensor("wb", &[nb, k], 6, 0.2);
-        let (wac, wag) = (cpu.load_weight(&wa).unwrap(), gpu.load_weight(&wa).unwrap());
-        let (wbc, wbg) = (cpu.load_weight(&wb).unwrap(), gpu.load_weight(&wb).unwrap());
+        let (wac, wag) = weights(cpu, gpu, &wa);
+        let (wbc, wbg) = weights(cpu, gpu, &wb);
         for rows in [1usize, 3, 9] {
             let x = bf16_values(rows * k, 60 + rows as u64, 1.0);
             let (xc, xg) = inputs(gpu, &x);
@@ -518,10 +512,7 @@ fn fused_projection_pair_and_cache_write() {
             gpu.alloc_cache(spec).unwrap(),
         );
         let kv_norm = norm_tensor("kv_norm", c, 13);
-        let (nc, ng) = (
-            cpu.load_weight(&kv_norm).unwrap(),
-            gpu.load_weight(&kv_norm).unwrap(),
-        );
+        let (nc, ng) = weights(cpu, gpu, &kv_norm);
         let dims = MlaDims {
             num_heads: h,
             nope_dim: dn,
@@ -677,10 +668,7 @@ fn logits_and_greedy_tokens() {
         let (t, d, vocab) = (9, 128, 3000);
         let x = bf16_values(t * d, 70, 1.0);
         let head = tensor("lm_head", &[vocab, d], 71, 0.3);
-        let (hc, hg) = (
-            cpu.load_weight(&head).unwrap(),
-            gpu.load_weight(&head).unwrap(),
-        );
+        let (hc, hg) = weights(cpu, gpu, &head);
         let (xc, xg) = inputs(gpu, &x);
         let mut batch = Batch::default();
         batch.push_seq(&[1, 2, 3, 4], 0, &[0], 16, LogitsWanted::All);
@@ -721,10 +709,7 @@ fn add_rms_norm_widths() {
     each_dtype(|dtype, cpu, gpu| {
         for d in [2048usize, 4096, 300, 4104] {
             let norm = norm_tensor(&format!("arn{d}"), d, 18);
-            let (nc, ng) = (
-                cpu.load_weight(&norm).unwrap(),
-                gpu.load_weight(&norm).unwrap(),
-            );
+            let (nc, ng) = weights(cpu, gpu, &norm);
             for rows in [1usize, 37] {
                 let seed = (d + rows) as u64;
                 let (mut accc, mut accg) = inputs(gpu, &bf16_values(rows * d, seed, 1.0));
@@ -759,12 +744,9 @@ fn fused_norm_into_projections_and_moe() {
         let wa = tensor("fa", &[na, d], 15, 0.2);
         let wb = tensor("fb", &[nb, d], 16, 0.2);
         let norm = norm_tensor("fnorm", d, 17);
-        let (wac, wag) = (cpu.load_weight(&wa).unwrap(), gpu.load_weight(&wa).unwrap());
-        let (wbc, wbg) = (cpu.load_weight(&wb).unwrap(), gpu.load_weight(&wb).unwrap());
-        let (nc, ng) = (
-            cpu.load_weight(&norm).unwrap(),
-            gpu.load_weight(&norm).unwrap(),
-        );
+        let (wac, wag) = weights(cpu, gpu, &wa);
+        let (wbc, wbg) = weights(cpu, gpu, &wb);
+        let (nc, ng) = weights(cpu, gpu, &norm);
         for rows in [1usize, 3, 8, 9] {
             let (mut accc, mut accg) = inputs(gpu, &bf16_values(rows * d, 80 + rows as u64, 1.0));
             let (xc, xg) = inputs(gpu, &bf16_values(rows * d, 90 + rows as u64, 1.0));
@@ -796,10 +778,7 @@ fn fused_norm_into_projections_and_moe() {
         }
         let d = 64;
         let norm = norm_tensor("mnorm", d, 18);
-        let (nc, ng) = (
-            cpu.load_weight(&norm).unwrap(),
-            gpu.load_weight(&norm).unwrap(),
-        );
+        let (nc, ng) = weights(cpu, gpu, &norm);
         let routings = [
             (
                 "greedy",
@@ -887,15 +866,9 @@ fn fused_rope_cache_attention() {
             gpu.alloc_cache(spec).unwrap(),
         );
         let kv_norm = norm_tensor("rca_norm", c, 23);
-        let (nc, ng) = (
-            cpu.load_weight(&kv_norm).unwrap(),
-            gpu.load_weight(&kv_norm).unwrap(),
-        );
+        let (nc, ng) = weights(cpu, gpu, &kv_norm);
         let kv_b = tensor("rca_kv_b", &[h * (dn + dv), c], 24, 0.05);
-        let (kbc, kbg) = (
-            cpu.load_weight(&kv_b).unwrap(),
-            gpu.load_weight(&kv_b).unwrap(),
-        );
+        let (kbc, kbg) = weights(cpu, gpu, &kv_b);
         let dims = MlaDims {
             num_heads: h,
             nope_dim: dn,
