@@ -91,7 +91,14 @@ fn tiled(x: &[f32], m: usize, w: &[bf16], n: usize, k: usize, y: &mut [f32]) {
                     std::array::from_fn(|i| &xb[(i0 + i.min(mr - 1)) * kp / 2..][..kp / 2]);
                 // SAFETY: `available()` (asserted in `matmul`); every row is `k` long and
                 // every activation row `kp / 2` pairs.
-                let tile = unsafe { x86::tile(acts, rows, k) };
+                let tile = unsafe {
+                    match mr {
+                        1 => x86::tile::<1>(acts, rows, k),
+                        2 => x86::tile::<2>(acts, rows, k),
+                        3 => x86::tile::<3>(acts, rows, k),
+                        _ => x86::tile::<MR>(acts, rows, k),
+                    }
+                };
                 for (i, tile_row) in tile.iter().enumerate().take(mr) {
                     for (j, &v) in tile_row.iter().enumerate().take(nr) {
                         // SAFETY: (i0 + i, j0 + j) lies in this task's rows of `y`.
@@ -110,17 +117,18 @@ mod x86 {
     use super::*;
     use std::arch::x86_64::*;
 
-    /// One `MR × NR` register tile over all of `k`.
+    /// One `M × NR` register tile over all of `k` (`M ≤ MR`: the first `M` of `acts`);
+    /// rows `M..MR` of the result are zero.
     ///
     /// # Safety
     /// AVX-512 F + BF16; `rows` are `k` long, `acts` `k.next_multiple_of(32) / 2` pairs.
     #[target_feature(enable = "avx512f,avx512bf16,avx512bw")]
-    pub(super) unsafe fn tile(
+    pub(super) unsafe fn tile<const M: usize>(
         acts: [&[u32]; MR],
         rows: [&[half::bf16]; NR],
         k: usize,
     ) -> [[f32; NR]; MR] {
-        let mut acc = [[_mm512_setzero_ps(); NR]; MR];
+        let mut acc = [[_mm512_setzero_ps(); NR]; M];
         let full = k / 32;
         // SAFETY (loads): chunk c covers elements 32c..32c + 32 ≤ k of the weight rows
         // (or a mask of the k − 32c that exist) and pairs 16c..16c + 16 of the padded
@@ -137,7 +145,7 @@ mod x86 {
                     };
                     std::mem::transmute::<__m512i, __m512bh>(v)
                 });
-                for i in 0..MR {
+                for i in 0..M {
                     let xv = std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(
                         acts[i].as_ptr().add(16 * c) as *const _,
                     ));
@@ -148,7 +156,7 @@ mod x86 {
             }
         }
         let mut out = [[0.0; NR]; MR];
-        for i in 0..MR {
+        for i in 0..M {
             for j in 0..NR {
                 // SAFETY: AVX-512 F (this function's features).
                 out[i][j] = unsafe { crate::mla::reduce512(acc[i][j]) };

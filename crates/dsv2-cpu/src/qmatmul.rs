@@ -8,18 +8,23 @@
 //! `sub`/`cvt`/`mul`/`fma` for 16 outputs.
 //!
 //! Activations are quantized per row to int8 in blocks of 32 (scale `amax/127`, like
-//! llama.cpp's `q8_0`), with the block sums `Σx` precomputed. `vpdpbusd` multiplies an
+//! llama.cpp's `q8_0`), and so is what that rounding left over: each row becomes
+//! [`TERMS`] = 2 int8 rows whose sum carries ~15 bits, for twice the integer
+//! multiply-adds and the same weight reads (one term alone added as much logit error as
+//! the int8 weights). The block sums `Σq` are precomputed. `vpdpbusd` multiplies an
 //! unsigned by a signed byte, so q8 weights are biased to `q + 128` in the register and
-//! q4 codes are used as they are (`code = q + 8`); the bias times `Σx` is subtracted.
+//! q4 codes are used as they are (`code = q + 8`); the bias times `Σq` is subtracted.
 //!
-//! **Numerics (the contract every instruction path keeps):** for output `(i, r)`,
-//! `acc = 0`, then for each block `b` in order:
-//! `acc = fma(f32(s_b), dw_b · dx_b, acc)` where `s_b = Σ q·x` over the block is an exact
-//! integer (however it is computed), `dw_b` the weight scale (f16 widened exactly),
-//! `dx_b` the activation scale, `dw_b · dx_b` one f32 product and `fma` one fused
-//! multiply-add. Each SIMD lane is one output, so there is no cross-lane reduction: the
-//! AVX-512 VNNI, AVX-VNNI, AVX2 and portable paths give bit-identical results, and a
-//! row's result does not depend on `m` or on the other rows (batch invariance).
+//! **Numerics (the contract every instruction path keeps):** for output `(i, r)` and each
+//! term `t` of row `i`, `acc_t = 0`, then for each block `b` in order:
+//! `acc_t = fma(f32(s_b), dw_b · dx_b, acc_t)` where `s_b = Σ q·x` over the block is an
+//! exact integer (however it is computed), `dw_b` the weight scale (f16 widened exactly),
+//! `dx_b` the term's activation scale, `dw_b · dx_b` one f32 product and `fma` one fused
+//! multiply-add; the output is `acc_0 + acc_1`. Each SIMD lane is one output, and the
+//! kernels see a row's terms as rows of their own in one register tile, so there is no
+//! cross-lane reduction: the AVX-512 VNNI, AVX-VNNI, AVX2 and portable paths give
+//! bit-identical results, and a row's result does not depend on `m` or on the other rows
+//! (batch invariance).
 
 use std::cell::RefCell;
 use std::ops::Range;
@@ -78,70 +83,100 @@ impl QMatrix<'_> {
     }
 }
 
-/// Activations quantized to int8 blocks of 32, ready for [`qmatmul_rows`].
+/// Activations quantized to int8 blocks of 32, ready for [`qmatmul_rows`]: every row as
+/// [`TERMS`] int8 rows (the row, then its rounding residual), interleaved.
 #[derive(Default)]
 pub struct QActivations {
-    /// `[m, k]` int8 values.
+    /// `[m · TERMS, k]` int8 values: row `TERMS·i + t` is term `t` of row `i`.
     q: Vec<i8>,
-    /// `[m, k/32]` block scales.
+    /// `[m · TERMS, k/32]` block scales.
     d: Vec<f32>,
-    /// `[m, k/32]` `128 · Σx` (the q8 bias correction).
+    /// `[m · TERMS, k/32]` `128 · Σq` (the q8 bias correction).
     c128: Vec<i32>,
-    /// `[m, k/32]` `8 · Σx` (the q4 bias correction).
+    /// `[m · TERMS, k/32]` `8 · Σq` (the q4 bias correction).
     c8: Vec<i32>,
     m: usize,
     k: usize,
 }
 
+/// int8 terms per activation row: the row rounded to int8 (scale `amax/127` per block),
+/// then the residual `x − q·d` rounded the same way. Their sum carries ~15 bits per value,
+/// so int8 kernels compute nearly the product of f32 activations with the quantized
+/// weights; one term alone (llama.cpp's `q8_0` activations) adds as much logit error as
+/// the int8 weights themselves (`tools/fixtures/quant_error.py`).
+pub(crate) const TERMS: usize = 2;
+
+/// The terms a product with weights of `format` uses: q8 both; q4 the first (its 4-bit
+/// weights' error is ~5× the activations' rounding, which then moves the logits by ~5%,
+/// while the second term would cost ~40% of a prefill).
+fn terms_of(format: QuantFormat) -> usize {
+    match format {
+        QuantFormat::Q8 => TERMS,
+        QuantFormat::Q4 => 1,
+    }
+}
+
 /// `round_ties_even(y)` for `|y| < 2²²` in plain f32 arithmetic (vectorizes; no libm).
 const ROUND_MAGIC: f32 = 12_582_912.0;
 
-/// Quantizes one row (the same arithmetic on every CPU; compiled per ISA for speed).
+/// Rounds one block to int8 with the scale `amax/127`: returns the scale and `Σq`.
+#[inline(always)]
+fn quantize_block_impl(xb: &[f32; BLOCK], qb: &mut [i8; BLOCK]) -> (f32, i32) {
+    // amax over the block (NaNs count as 0), as a fixed tree so that it vectorizes;
+    // a maximum does not depend on the order anyway.
+    let abs = |v: f32| if v.is_nan() { 0.0 } else { v.abs() };
+    let mut mx = [0.0f32; BLOCK / 2];
+    for (j, m) in mx.iter_mut().enumerate() {
+        let (a, b) = (abs(xb[j]), abs(xb[j + BLOCK / 2]));
+        *m = if a > b { a } else { b };
+    }
+    let mut width = BLOCK / 4;
+    while width > 0 {
+        for j in 0..width {
+            mx[j] = if mx[j] > mx[j + width] {
+                mx[j]
+            } else {
+                mx[j + width]
+            };
+        }
+        width /= 2;
+    }
+    let amax = mx[0];
+    let inv = if amax > 0.0 { 127.0 / amax } else { 0.0 };
+    let mut r = [0i32; BLOCK];
+    for (r, v) in r.iter_mut().zip(xb) {
+        let y = ((v * inv + ROUND_MAGIC) - ROUND_MAGIC).clamp(-127.0, 127.0);
+        // `clamp` keeps a NaN (from a NaN input): map it to 0 as `as` would.
+        let y = if y.is_nan() { 0.0 } else { y };
+        // SAFETY: an integer-valued float within ±127.
+        *r = unsafe { y.to_int_unchecked::<i32>() };
+    }
+    for (q, r) in qb.iter_mut().zip(&r) {
+        *q = *r as i8;
+    }
+    (amax / 127.0, r.iter().sum())
+}
+
+/// Quantizes one row into its [`TERMS`] int8 rows (the same arithmetic on every CPU;
+/// compiled per ISA for speed). `q` holds the terms' `k` values one after the other,
+/// `d`/`c128`/`c8` their `k/32` block entries one after the other.
 #[inline(always)]
 fn quantize_row_impl(x: &[f32], q: &mut [i8], d: &mut [f32], c128: &mut [i32], c8: &mut [i32]) {
-    for (b, (xb, qb)) in x
-        .chunks_exact(BLOCK)
-        .zip(q.chunks_exact_mut(BLOCK))
-        .enumerate()
-    {
-        let xb: &[f32; BLOCK] = xb.try_into().expect("a block");
-        let qb: &mut [i8; BLOCK] = qb.try_into().expect("a block");
-        // amax over the block (NaNs count as 0), as a fixed tree so that it vectorizes;
-        // a maximum does not depend on the order anyway.
-        let abs = |v: f32| if v.is_nan() { 0.0 } else { v.abs() };
-        let mut mx = [0.0f32; BLOCK / 2];
-        for (j, m) in mx.iter_mut().enumerate() {
-            let (a, b) = (abs(xb[j]), abs(xb[j + BLOCK / 2]));
-            *m = if a > b { a } else { b };
-        }
-        let mut width = BLOCK / 4;
-        while width > 0 {
-            for j in 0..width {
-                mx[j] = if mx[j] > mx[j + width] {
-                    mx[j]
-                } else {
-                    mx[j + width]
-                };
+    let (k, nb) = (x.len(), x.len() / BLOCK);
+    for (b, xb) in x.chunks_exact(BLOCK).enumerate() {
+        let mut rest: [f32; BLOCK] = xb.try_into().expect("a block");
+        for t in 0..TERMS {
+            let qb: &mut [i8; BLOCK] = (&mut q[t * k + b * BLOCK..][..BLOCK])
+                .try_into()
+                .expect("a block");
+            let (scale, sum) = quantize_block_impl(&rest, qb);
+            let e = t * nb + b;
+            (d[e], c128[e], c8[e]) = (scale, 128 * sum, 8 * sum);
+            // The residual `x − q·d` (a product, then a difference: no FMA).
+            for (v, &qv) in rest.iter_mut().zip(qb.iter()) {
+                *v -= qv as f32 * scale;
             }
-            width /= 2;
         }
-        let amax = mx[0];
-        d[b] = amax / 127.0;
-        let inv = if amax > 0.0 { 127.0 / amax } else { 0.0 };
-        let mut r = [0i32; BLOCK];
-        for (r, v) in r.iter_mut().zip(xb) {
-            let y = ((v * inv + ROUND_MAGIC) - ROUND_MAGIC).clamp(-127.0, 127.0);
-            // `clamp` keeps a NaN (from a NaN input): map it to 0 as `as` would.
-            let y = if y.is_nan() { 0.0 } else { y };
-            // SAFETY: an integer-valued float within ±127.
-            *r = unsafe { y.to_int_unchecked::<i32>() };
-        }
-        for (q, r) in qb.iter_mut().zip(&r) {
-            *q = *r as i8;
-        }
-        let sum: i32 = r.iter().sum();
-        c128[b] = 128 * sum;
-        c8[b] = 8 * sum;
     }
 }
 
@@ -157,41 +192,48 @@ fn quantize_row_avx2(x: &[f32], q: &mut [i8], d: &mut [f32], c128: &mut [i32], c
 #[target_feature(enable = "avx512f,avx512bw")]
 fn quantize_row_avx512(x: &[f32], q: &mut [i8], d: &mut [f32], c128: &mut [i32], c8: &mut [i32]) {
     use std::arch::x86_64::*;
-    let nb = x.len() / BLOCK;
-    assert!(q.len() >= nb * BLOCK && d.len() >= nb && c128.len() >= nb && c8.len() >= nb);
+    let (k, nb) = (x.len(), x.len() / BLOCK);
+    assert!(q.len() >= TERMS * k && d.len() >= TERMS * nb);
+    assert!(c128.len() >= TERMS * nb && c8.len() >= TERMS * nb);
     let abs_mask = _mm512_set1_epi32(0x7fff_ffff);
     let magic = _mm512_set1_ps(ROUND_MAGIC);
     let (lo, hi) = (_mm512_set1_ps(-127.0), _mm512_set1_ps(127.0));
     for b in 0..nb {
-        // SAFETY: block b lies within x and q (asserted above).
-        let (v0, v1) = unsafe {
+        // SAFETY: block b lies within x (k = nb · 32).
+        let (mut v0, mut v1) = unsafe {
             let p = x.as_ptr().add(b * BLOCK);
             (_mm512_loadu_ps(p), _mm512_loadu_ps(p.add(16)))
         };
-        let abs = |v: __m512| {
-            let a = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(v), abs_mask));
-            // NaNs count as 0.
-            _mm512_maskz_mov_ps(_mm512_cmp_ps_mask::<_CMP_ORD_Q>(v, v), a)
-        };
-        let amax = _mm512_reduce_max_ps(_mm512_max_ps(abs(v0), abs(v1)));
-        d[b] = amax / 127.0;
-        let inv = _mm512_set1_ps(if amax > 0.0 { 127.0 / amax } else { 0.0 });
-        let quant = |v: __m512| {
-            let y = _mm512_sub_ps(_mm512_add_ps(_mm512_mul_ps(v, inv), magic), magic);
-            let ordered = _mm512_cmp_ps_mask::<_CMP_ORD_Q>(y, y);
-            let y = _mm512_min_ps(_mm512_max_ps(y, lo), hi);
-            _mm512_maskz_cvttps_epi32(ordered, y)
-        };
-        let (r0, r1) = (quant(v0), quant(v1));
-        // SAFETY: as above.
-        unsafe {
-            let p = q.as_mut_ptr().add(b * BLOCK);
-            _mm_storeu_si128(p as *mut __m128i, _mm512_cvtepi32_epi8(r0));
-            _mm_storeu_si128(p.add(16) as *mut __m128i, _mm512_cvtepi32_epi8(r1));
+        for t in 0..TERMS {
+            let abs = |v: __m512| {
+                let a = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(v), abs_mask));
+                // NaNs count as 0.
+                _mm512_maskz_mov_ps(_mm512_cmp_ps_mask::<_CMP_ORD_Q>(v, v), a)
+            };
+            let amax = _mm512_reduce_max_ps(_mm512_max_ps(abs(v0), abs(v1)));
+            let scale = amax / 127.0;
+            let inv = _mm512_set1_ps(if amax > 0.0 { 127.0 / amax } else { 0.0 });
+            let quant = |v: __m512| {
+                let y = _mm512_sub_ps(_mm512_add_ps(_mm512_mul_ps(v, inv), magic), magic);
+                let ordered = _mm512_cmp_ps_mask::<_CMP_ORD_Q>(y, y);
+                let y = _mm512_min_ps(_mm512_max_ps(y, lo), hi);
+                _mm512_maskz_cvttps_epi32(ordered, y)
+            };
+            let (r0, r1) = (quant(v0), quant(v1));
+            // SAFETY: term t's block b lies within q (asserted above).
+            unsafe {
+                let p = q.as_mut_ptr().add(t * k + b * BLOCK);
+                _mm_storeu_si128(p as *mut __m128i, _mm512_cvtepi32_epi8(r0));
+                _mm_storeu_si128(p.add(16) as *mut __m128i, _mm512_cvtepi32_epi8(r1));
+            }
+            let sum = _mm512_reduce_add_epi32(_mm512_add_epi32(r0, r1));
+            let e = t * nb + b;
+            (d[e], c128[e], c8[e]) = (scale, 128 * sum, 8 * sum);
+            // The residual `x − q·d` (a product, then a difference: no FMA).
+            let s = _mm512_set1_ps(scale);
+            v0 = _mm512_sub_ps(v0, _mm512_mul_ps(_mm512_cvtepi32_ps(r0), s));
+            v1 = _mm512_sub_ps(v1, _mm512_mul_ps(_mm512_cvtepi32_ps(r1), s));
         }
-        let sum = _mm512_reduce_add_epi32(_mm512_add_epi32(r0, r1));
-        c128[b] = 128 * sum;
-        c8[b] = 8 * sum;
     }
 }
 
@@ -216,10 +258,11 @@ impl QActivations {
     pub fn quantize(&mut self, x: &[f32], m: usize, k: usize) {
         assert!(k.is_multiple_of(BLOCK) && x.len() >= m * k, "x [{m}, {k}]");
         let nb = k / BLOCK;
-        self.q.resize(m * k, 0);
-        self.d.resize(m * nb, 0.0);
-        self.c128.resize(m * nb, 0);
-        self.c8.resize(m * nb, 0);
+        let (tk, tnb) = (TERMS * k, TERMS * nb);
+        self.q.resize(m * tk, 0);
+        self.d.resize(m * tnb, 0.0);
+        self.c128.resize(m * tnb, 0);
+        self.c8.resize(m * tnb, 0);
         self.m = m;
         self.k = k;
         if m == 0 || k == 0 {
@@ -233,23 +276,24 @@ impl QActivations {
                 SyncPtr(self.c8.as_mut_ptr()),
             );
             team::for_each(m, |i| {
-                // SAFETY: row i of each buffer (sized above) is written by task i only.
+                // SAFETY: row i's terms in each buffer (sized above) are written by task i
+                // only.
                 unsafe {
                     quantize_row(
                         &x[i * k..(i + 1) * k],
-                        std::slice::from_raw_parts_mut(q.get().add(i * k), k),
-                        std::slice::from_raw_parts_mut(d.get().add(i * nb), nb),
-                        std::slice::from_raw_parts_mut(c128.get().add(i * nb), nb),
-                        std::slice::from_raw_parts_mut(c8.get().add(i * nb), nb),
+                        std::slice::from_raw_parts_mut(q.get().add(i * tk), tk),
+                        std::slice::from_raw_parts_mut(d.get().add(i * tnb), tnb),
+                        std::slice::from_raw_parts_mut(c128.get().add(i * tnb), tnb),
+                        std::slice::from_raw_parts_mut(c8.get().add(i * tnb), tnb),
                     )
                 }
             });
         } else {
             x.chunks_exact(k)
-                .zip(self.q.chunks_exact_mut(k))
-                .zip(self.d.chunks_exact_mut(nb))
-                .zip(self.c128.chunks_exact_mut(nb))
-                .zip(self.c8.chunks_exact_mut(nb))
+                .zip(self.q.chunks_exact_mut(tk))
+                .zip(self.d.chunks_exact_mut(tnb))
+                .zip(self.c128.chunks_exact_mut(tnb))
+                .zip(self.c8.chunks_exact_mut(tnb))
                 .for_each(|((((x, q), d), c128), c8)| quantize_row(x, q, d, c128, c8));
         }
     }
@@ -488,7 +532,8 @@ impl<'a> Job<'a> {
         )
     }
 
-    /// Register-tile shape (activation rows, weight tiles) for a chunk of `m` rows.
+    /// Register-tile shape (kernel rows, weight tiles) for a chunk of `m` kernel rows
+    /// (activation terms); the rows are a multiple of the terms in use.
     #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
     fn shape(&self, m: usize) -> (usize, usize) {
         match self.isa {
@@ -515,8 +560,12 @@ impl<'a> Job<'a> {
         y_stride: usize,
         origin: usize,
     ) {
-        let (mr_max, nc_max) = self.shape(act_rows.len());
+        // The kernels see each row's terms as rows of their own (`mr` is a multiple of
+        // `terms`, so a register tile holds all terms of its rows); they are added here.
         let q4 = self.w.format == QuantFormat::Q4;
+        let terms = terms_of(self.w.format);
+        let (mr_max, nc_max) = self.shape(terms * act_rows.len());
+        debug_assert!(mr_max.is_multiple_of(terms));
         let mut out = [0.0f32; OUT_LEN];
         #[cfg(target_arch = "x86_64")]
         if PREFETCH > 0 && !tiles.is_empty() {
@@ -541,9 +590,9 @@ impl<'a> Job<'a> {
             let (q0, s0) = self.tile(t);
             let (q1, s1) = if nc > 1 { self.tile(t + 1) } else { (q0, s0) };
             let (wq, ws) = ([q0, q1], [s0, s1]);
-            let mut i0 = act_rows.start;
-            while i0 < act_rows.end {
-                let mr = mr_max.min(act_rows.end - i0);
+            let mut i0 = terms * act_rows.start;
+            while i0 < terms * act_rows.end {
+                let mr = mr_max.min(terms * act_rows.end - i0);
                 // SAFETY: the tile pointers hold full 16-row tiles of `cols` columns and
                 // `acts` holds rows i0..i0 + mr of `cols` (checked by the callers).
                 unsafe { self.kernel(q4, mr, nc, i0, wq, ws, &mut out) };
@@ -553,12 +602,19 @@ impl<'a> Job<'a> {
                     if lo >= hi {
                         continue;
                     }
-                    for i in 0..mr {
-                        let src = &out[(i * NC_MAX + c) * TILE + lo - r0..][..hi - lo];
+                    for i in 0..mr / terms {
+                        let term = |t: usize| {
+                            &out[((terms * i + t) * NC_MAX + c) * TILE + lo - r0..][..hi - lo]
+                        };
                         // SAFETY: in bounds and exclusive (the caller's contract).
-                        unsafe {
-                            let dst = y.add((i0 + i) * y_stride + lo - origin);
-                            std::ptr::copy_nonoverlapping(src.as_ptr(), dst, hi - lo);
+                        let dst = unsafe {
+                            let row = i0 / terms + i;
+                            let dst = y.add(row * y_stride + lo - origin);
+                            std::slice::from_raw_parts_mut(dst, hi - lo)
+                        };
+                        dst.copy_from_slice(term(0));
+                        for t in 1..terms {
+                            dst.iter_mut().zip(term(t)).for_each(|(d, v)| *d += v);
                         }
                     }
                 }
@@ -616,6 +672,13 @@ impl<'a> Job<'a> {
     }
 }
 
+/// Stored activation rows per kernel row: kernel row `j` reads stored row `j · step`
+/// (q8 reads every term, q4 only the first of each row).
+#[inline(always)]
+fn row_step(q4: bool) -> usize {
+    TERMS / if q4 { 1 } else { TERMS }
+}
+
 /// The ragged last tile `t` of `w` copied into a full 16-row tile (zero rows after).
 fn padded_tile(w: &QMatrix<'_>, t: usize) -> (Vec<u8>, Vec<f16>) {
     let (rb, nb) = (w.format.row_bytes(w.cols), w.cols / BLOCK);
@@ -650,6 +713,7 @@ unsafe fn kern_portable(
     out: &mut [f32; OUT_LEN],
 ) {
     let (k, nb) = (a.k, a.k / BLOCK);
+    let step = row_step(q4);
     let bb = if q4 { BLOCK / 2 } else { BLOCK } * TILE;
     // SAFETY: a full tile is 16 rows × k weights and 16 × nb scales.
     let (wq, ws) = unsafe {
@@ -680,8 +744,8 @@ unsafe fn kern_portable(
         }
         for (i, acc_row) in acc.iter_mut().enumerate().take(mr) {
             let row = i0 + i;
-            let x = &a.q[row * k + b * BLOCK..][..BLOCK];
-            let dx = a.d[row * nb + b];
+            let x = &a.q[row * step * k + b * BLOCK..][..BLOCK];
+            let dx = a.d[row * step * nb + b];
             for (r, o) in acc_row.iter_mut().enumerate() {
                 let s: i32 = w[r].iter().zip(x).map(|(&p, &q)| p as i32 * q as i32).sum();
                 let d = ws[b * TILE + r].to_f32() * dx;
@@ -725,9 +789,10 @@ mod x86 {
         // The same distance in bytes for both formats (q4 blocks are half as long).
         let pf = PREFETCH * 512 / bb;
         let corr = if Q4 { &a.c8 } else { &a.c128 };
-        let xq: [*const i8; MR] = std::array::from_fn(|i| a.q[(i0 + i) * k..].as_ptr());
-        let xd: [&[f32]; MR] = std::array::from_fn(|i| &a.d[(i0 + i) * nb..][..nb]);
-        let xc: [&[i32]; MR] = std::array::from_fn(|i| &corr[(i0 + i) * nb..][..nb]);
+        let step = row_step(Q4);
+        let xq: [*const i8; MR] = std::array::from_fn(|i| a.q[(i0 + i) * step * k..].as_ptr());
+        let xd: [&[f32]; MR] = std::array::from_fn(|i| &a.d[(i0 + i) * step * nb..][..nb]);
+        let xc: [&[i32]; MR] = std::array::from_fn(|i| &corr[(i0 + i) * step * nb..][..nb]);
         // With few accumulators, alternate two integer chains to hide dpbusd latency
         // (integer sums are exact: the split does not change results).
         let split = MR * NC <= 2;
@@ -868,13 +933,15 @@ mod x86 {
                 debug_assert_eq!(NC, 1);
                 let (k, nb) = (a.k, a.k / BLOCK);
                 let bb = if Q4 { 256 } else { 512 };
-                let xq: [*const i8; MR] = std::array::from_fn(|i| a.q[(i0 + i) * k..].as_ptr());
-                let xd: [&[f32]; MR] = std::array::from_fn(|i| &a.d[(i0 + i) * nb..][..nb]);
+                let step = row_step(Q4);
+                let xq: [*const i8; MR] =
+                    std::array::from_fn(|i| a.q[(i0 + i) * step * k..].as_ptr());
+                let xd: [&[f32]; MR] = std::array::from_fn(|i| &a.d[(i0 + i) * step * nb..][..nb]);
                 let xc: [&[i32]; MR] = std::array::from_fn(|i| {
                     if Q4 {
-                        &a.c8[(i0 + i) * nb..][..nb]
+                        &a.c8[(i0 + i) * step * nb..][..nb]
                     } else {
-                        &a.c128[(i0 + i) * nb..][..nb]
+                        &a.c128[(i0 + i) * step * nb..][..nb]
                     }
                 });
                 let low4 = _mm256_set1_epi8(0x0f);
@@ -1009,16 +1076,20 @@ mod tests {
         let (mut y, mut y64) = (vec![0.0; m * n], vec![0.0; m * n]);
         for i in 0..m {
             for j in 0..n {
-                let (mut acc, mut s64) = (0.0f32, 0.0f64);
-                for b in 0..k / BLOCK {
-                    let (wb, dw) = weight_block(w.format, n, k, w.q, w.scales, j, b);
-                    let dx = acts.d[i * k / BLOCK + b];
-                    let xb = &acts.q[i * k + b * BLOCK..][..BLOCK];
-                    let s: i32 = wb.iter().zip(xb).map(|(&a, &b)| a as i32 * b as i32).sum();
-                    acc = (s as f32).mul_add(dw.to_f32() * dx, acc);
-                    s64 += dw.to_f32() as f64 * dx as f64 * s as f64;
+                let mut s64 = 0.0f64;
+                for t in 0..terms_of(w.format) {
+                    let row = TERMS * i + t;
+                    let mut acc = 0.0f32;
+                    for b in 0..k / BLOCK {
+                        let (wb, dw) = weight_block(w.format, n, k, w.q, w.scales, j, b);
+                        let dx = acts.d[row * k / BLOCK + b];
+                        let xb = &acts.q[row * k + b * BLOCK..][..BLOCK];
+                        let s: i32 = wb.iter().zip(xb).map(|(&a, &b)| a as i32 * b as i32).sum();
+                        acc = (s as f32).mul_add(dw.to_f32() * dx, acc);
+                        s64 += dw.to_f32() as f64 * dx as f64 * s as f64;
+                    }
+                    y[i * n + j] = if t == 0 { acc } else { y[i * n + j] + acc };
                 }
-                y[i * n + j] = acc;
                 y64[i * n + j] = s64;
             }
         }
@@ -1074,14 +1145,14 @@ mod tests {
         x[64..96].iter_mut().for_each(|v| *v = 0.0);
         let mut a = QActivations::default();
         a.quantize(&x, m, k);
-        let nb = k / BLOCK;
-        let (mut q, mut d) = (vec![0i8; m * k], vec![0.0f32; m * nb]);
-        let (mut c128, mut c8) = (vec![0i32; m * nb], vec![0i32; m * nb]);
+        let (nb, tk, tnb) = (k / BLOCK, TERMS * k, TERMS * k / BLOCK);
+        let (mut q, mut d) = (vec![0i8; m * tk], vec![0.0f32; m * tnb]);
+        let (mut c128, mut c8) = (vec![0i32; m * tnb], vec![0i32; m * tnb]);
         for i in 0..m {
-            let r = i * nb..(i + 1) * nb;
+            let r = i * tnb..(i + 1) * tnb;
             quantize_row_impl(
                 &x[i * k..(i + 1) * k],
-                &mut q[i * k..(i + 1) * k],
+                &mut q[i * tk..(i + 1) * tk],
                 &mut d[r.clone()],
                 &mut c128[r.clone()],
                 &mut c8[r],
@@ -1091,9 +1162,66 @@ mod tests {
         assert_eq!(a.c128, c128);
         assert_eq!(a.c8, c8);
         assert!(a.d.iter().zip(&d).all(|(a, b)| a.to_bits() == b.to_bits()));
-        assert_eq!(q[5], 0);
+        assert_eq!((q[5], q[k + 5]), (0, 0));
         let s: i32 = q[..BLOCK].iter().map(|&v| v as i32).sum();
         assert_eq!(c8[0], 8 * s);
+        let s: i32 = q[k..k + BLOCK].iter().map(|&v| v as i32).sum();
+        assert_eq!(c128[nb], 128 * s);
+        // The terms add up to the row within the second term's rounding (~amax/64516 a
+        // block), where the first alone is off by up to amax/254.
+        let (mut worst1, mut worst2) = (0.0f32, 0.0f32);
+        for i in [0, 1, 4, 6] {
+            for (b, xb) in x[i * k..(i + 1) * k].chunks_exact(BLOCK).enumerate() {
+                let amax = xb.iter().fold(0.0f32, |a, v| a.max(v.abs()));
+                if !amax.is_finite() || amax == 0.0 {
+                    continue;
+                }
+                for (j, &v) in xb.iter().enumerate() {
+                    let at = |t: usize| {
+                        let e = i * tnb + t * nb + b;
+                        q[i * tk + t * k + b * BLOCK + j] as f32 * d[e]
+                    };
+                    worst1 = worst1.max((v - at(0)).abs() / amax);
+                    worst2 = worst2.max((v - at(0) - at(1)).abs() / amax);
+                }
+            }
+        }
+        assert!(worst1 > 1e-3 && worst1 <= 0.5 / 127.0 + 1e-6, "{worst1}");
+        assert!(worst2 <= 0.5 / 127.0 / 254.0 + 1e-6, "{worst2}");
+    }
+
+    /// With both terms (q8) the product is that of the f32 activations with the
+    /// quantized weights to ~1e-5; with one (q4) to ~4e-3.
+    #[test]
+    fn the_terms_carry_the_activations_almost_exactly() {
+        for format in [QuantFormat::Q8, QuantFormat::Q4] {
+            let (m, n, k) = (3, 40, 1408);
+            let w = Owned::new(format, n, k, 31);
+            let x = values(m * k, 32);
+            let mut y = vec![0.0f32; m * n];
+            qmatmul(&x, m, w.view(), &mut y);
+            let (mut err, mut norm) = (0.0f64, 0.0f64);
+            for i in 0..m {
+                for j in 0..n {
+                    let mut exact = 0.0f64;
+                    for b in 0..k / BLOCK {
+                        let (wb, dw) = weight_block(format, n, k, &w.q, &w.scales, j, b);
+                        for (jj, &q) in wb.iter().enumerate() {
+                            let xv = x[i * k + b * BLOCK + jj] as f64;
+                            exact += xv * q as f64 * dw.to_f32() as f64;
+                        }
+                    }
+                    err += (y[i * n + j] as f64 - exact).powi(2);
+                    norm += exact * exact;
+                }
+            }
+            let rel = (err / norm).sqrt();
+            let bound = match format {
+                QuantFormat::Q8 => 0.0..2e-5,
+                QuantFormat::Q4 => 1e-3..8e-3, // one term
+            };
+            assert!(bound.contains(&rel), "{format:?}: relative error {rel}");
+        }
     }
 
     #[test]

@@ -267,15 +267,16 @@ fn load_quantized(name: &str, format: dsv2_core::QuantFormat) -> (CpuBackend, Mo
 fn quantized_logits_stay_within_the_format_budget() {
     use dsv2_core::QuantFormat;
     // Measured (f32 reference; the kernels are bit-identical on every instruction set):
-    // q8 1.15e-2..2.14e-2 on the random fixtures (weight-only q8 is already
-    // 0.8e-2..1.5e-2 there, int8 activations and lm_head add the rest:
-    // tools/fixtures/quant_error.py) and 6.4e-3..1.003e-2 on the trained `austen`;
-    // q4 (routed experts at 4 bits with the scale search, the rest q8) 2.5e-2..3.6e-2 on
-    // `lite`/`plain`, 6.1e-2..1.02e-1 on `v2` (routed_scaling_factor 16 multiplies the
-    // routed experts' error) and 2.1e-2..3.3e-2 on `austen`.
+    // q8 (scale search, two int8 activation terms, lm_head kept dense) 5.3e-3..9.2e-3 on
+    // the random fixtures and 2.9e-3..5.9e-3 on the trained `austen`: issue #5's 1e-2
+    // holds on every prompt (it was 1.15e-2..2.14e-2 with one activation term, absmax
+    // scales and a q8 lm_head: tools/fixtures/quant_error.py). q4 (routed experts at 4
+    // bits with one activation term, the rest as q8 but with a q8 lm_head)
+    // 2.2e-2..3.6e-2 on `lite`/`plain`, 6.1e-2..1.02e-1 on `v2` (routed_scaling_factor
+    // 16 multiplies the routed experts' error; issue #5's 6e-2 does not hold there) and
+    // 1.9e-2..3.3e-2 on `austen`.
     let budget = |format: QuantFormat, name: &str| match (format, name) {
-        (QuantFormat::Q8, TRAINED) => 1.05e-2,
-        (QuantFormat::Q8, _) => 2.2e-2,
+        (QuantFormat::Q8, _) => 1e-2,
         (QuantFormat::Q4, "v2") => 0.105,
         (QuantFormat::Q4, TRAINED) => 3.5e-2,
         (QuantFormat::Q4, _) => 3.8e-2,
