@@ -1,7 +1,7 @@
 """Makes a servable test model from a golden fixture: the fixture's checkpoint (linked,
-not copied) plus a small byte-level BPE tokenizer whose 300 ids fit the fixture's
-vocabulary (256 bytes, 42 merges, BOS 298 and EOS 299 as in the fixture's config.json)
-and a DeepSeek-V2-Chat-style chat template. Standard library only.
+not copied) plus, unless the fixture has its own, a small byte-level BPE tokenizer whose
+300 ids fit the random fixtures' vocabulary (256 bytes, 42 merges, BOS 298 and EOS 299 as
+in their config.json) and a DeepSeek-V2-Chat-style chat template. Standard library only.
 
     python make_test_model.py FIXTURE_DIR OUT_DIR
 """
@@ -66,21 +66,28 @@ def tokenizer_json():
 
 
 def main(fixture, out):
+    """Links the fixture's files into `out`; a fixture without its own tokenizer gets the
+    small one (written as new files: never through a link into the fixture)."""
     os.makedirs(out, exist_ok=True)
     for name in os.listdir(fixture):
         if name.endswith(".safetensors") or name.endswith(".json"):
             if name == "reference.safetensors":
                 continue
             dst = os.path.join(out, name)
-            if not os.path.lexists(dst):
-                os.symlink(os.path.abspath(os.path.join(fixture, name)), dst)
-    with open(os.path.join(out, "tokenizer.json"), "w", encoding="utf-8") as f:
-        json.dump(tokenizer_json(), f, ensure_ascii=False)
+            if os.path.lexists(dst):
+                os.remove(dst)  # a link or a tokenizer file of an earlier run
+            os.symlink(os.path.abspath(os.path.join(fixture, name)), dst)
+    if os.path.isfile(os.path.join(fixture, "tokenizer.json")):
+        return  # a trained fixture (austen) has its own tokenizer: linked above
     config = {"add_bos_token": True, "add_eos_token": False, "bos_token": BOS,
               "eos_token": EOS, "tokenizer_class": "LlamaTokenizerFast",
               "clean_up_tokenization_spaces": False, "chat_template": CHAT_TEMPLATE}
-    with open(os.path.join(out, "tokenizer_config.json"), "w", encoding="utf-8") as f:
-        json.dump(config, f, ensure_ascii=False)
+    for name, content in [("tokenizer.json", tokenizer_json()), ("tokenizer_config.json", config)]:
+        path = os.path.join(out, name)
+        if os.path.lexists(path):
+            os.remove(path)
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(content, f, ensure_ascii=False)
 
 
 if __name__ == "__main__":

@@ -303,3 +303,19 @@ fn quantized_logits_stay_within_the_format_budget() {
         }
     }
 }
+
+/// The trained fixture's own tokenizer (2,048 BPE ids, BOS 0) is what encodes its text:
+/// the server's golden test once wrote the random fixtures' 300-id tokenizer through a
+/// link into it, and `dsv2 perplexity` then scored nonsense without failing.
+#[test]
+fn the_trained_fixture_keeps_its_own_tokenizer() {
+    let dir = fixture_dir(TRAINED);
+    let config = ModelConfig::from_file(&dir.join("config.json")).unwrap();
+    let tokenizer = dsv2_core::Tokenizer::from_dir(&dir).unwrap();
+    assert_eq!(tokenizer.vocab_size(), config.vocab_size);
+    assert_eq!(tokenizer.bos().map(|t| t.id), Some(0));
+    let heldout = std::fs::read_to_string(dir.join("heldout.txt")).unwrap();
+    let ids = tokenizer.encode(&heldout, true).unwrap();
+    // 18 KB of English in a 2,048-token BPE: ~3.4 bytes a token.
+    assert!((4_000..7_000).contains(&ids.len()), "{}", ids.len());
+}
