@@ -643,6 +643,21 @@ impl DecodeRow {
         self.bytes_per_step / self.step_s() / bandwidth
     }
 
+    /// Fraction of the floor with each step held against the better of the probe passes
+    /// just before and just after it (`None` without passes between the steps). The best
+    /// of all passes (`bandwidth`) rises with the number of steps on a host whose
+    /// bandwidth swings within seconds; a step's neighbours are milliseconds from it.
+    fn neighbour_fraction(&self) -> Option<f64> {
+        let (passes, steps) = (&self.step_probes, &self.step_seconds);
+        if steps.is_empty() || passes.len() != steps.len() + 1 {
+            return None;
+        }
+        let floor_s: f64 = (0..steps.len())
+            .map(|i| self.bytes_per_step / passes[i].max(passes[i + 1]))
+            .sum();
+        Some(floor_s / steps.iter().sum::<f64>())
+    }
+
     /// The attention kernels' read rate over the cache, bytes per second.
     fn attention_rate(&self) -> Option<f64> {
         self.attention_s.map(|s| self.attention_bytes / s)
@@ -749,6 +764,17 @@ impl Report {
                 "floor GB/s: the best of one read pass of the probe before the first timed \
                  step and after each one"
             );
+            for row in &self.decode {
+                if let Some(f) = row.neighbour_fraction() {
+                    println!(
+                        "batch {} context {}: {:.1}% of the floor with each step against the \
+                         better of the passes next to it",
+                        row.batch,
+                        row.context,
+                        100.0 * f
+                    );
+                }
+            }
         }
         if self.decode.iter().any(|r| r.attention_s.is_some()) {
             println!(
@@ -798,6 +824,7 @@ impl Report {
                     "step_seconds": r.step_seconds,
                     "bracket_bandwidth_gbps": r.bracket_bandwidth.map(|b| b / 1e9),
                     "bracket_bandwidth_fraction": r.bracket_bandwidth.map(|b| r.bandwidth_fraction(b)),
+                    "neighbour_bandwidth_fraction": r.neighbour_fraction(),
                     "attention_seconds": r.attention_s,
                     "attention_bytes": r.attention_bytes,
                     "attention_gbps": r.attention_rate().map(|b| b / 1e9),

@@ -118,6 +118,15 @@ fn bench_random_weights_reports_every_figure() {
         let bracket = positive(row, "bracket_bandwidth_gbps");
         let strict = positive(row, "bracket_bandwidth_fraction");
         assert!((strict * bracket - fraction * best).abs() < 1e-6 * fraction * best);
+        // Each step against the better of the passes next to it: a floor no higher than
+        // the best pass, so a fraction no lower.
+        let bytes = num(row, "bytes_per_step");
+        let floor_s: f64 = (0..3)
+            .map(|i| bytes / (passes[i].max(passes[i + 1]) * 1e9))
+            .sum();
+        let near = positive(row, "neighbour_bandwidth_fraction");
+        assert!((near - floor_s / total).abs() < 1e-9 * near, "{row}");
+        assert!(near >= fraction * (1.0 - 1e-12), "{row}");
     }
     // Batch 1 at context 0: the weights touched in bf16, plus the timed steps' mean
     // context (4, 5 and 6 cached tokens, after the 3 untimed steps) of 480 bytes each.
