@@ -204,6 +204,24 @@ impl TensorView {
         }
     }
 
+    /// A tensor read from a file mapping copied into weight memory of transparent huge
+    /// pages ([`crate::hugemem`]), the file pages released: for a dense matrix that
+    /// decode streams every step, as the quantized planes are. Bytes made in memory are
+    /// left where their maker put them (random bench weights make such matrices in huge
+    /// pages directly, without a transient second copy).
+    pub fn into_huge_pages(self) -> TensorView {
+        if !self.data.is_mapped() {
+            return self;
+        }
+        let mut buf = crate::hugemem::alloc(self.data.as_slice().len());
+        buf.as_mut_slice().copy_from_slice(self.data.as_slice());
+        self.data.release_pages();
+        TensorView {
+            data: buf.freeze(),
+            ..self
+        }
+    }
+
     /// Number of elements.
     pub fn numel(&self) -> usize {
         self.shape.iter().product()
@@ -678,6 +696,28 @@ mod tests {
             name: name.into(),
             shape: shape.to_vec(),
         }
+    }
+
+    #[test]
+    fn a_mapped_tensor_moves_into_huge_pages_unchanged() {
+        let dir = tmpdir("huge");
+        // 1 MiB: above hugemem's heap threshold, so it lands in a huge-page mapping.
+        let bytes: Vec<u8> = (0..1u32 << 20).map(|i| (i * 7 % 251) as u8).collect();
+        write_file(
+            &dir.join("model.safetensors"),
+            &[("w", Dtype::BF16, vec![512, 1024], bytes.clone())],
+        );
+        let ck = Checkpoint::open(&dir).unwrap();
+        let view = ck.tensor("w").unwrap().clone();
+        assert!(view.data.is_mapped());
+        let moved = view.into_huge_pages();
+        assert!(!moved.data.is_mapped());
+        assert_eq!(
+            (moved.dtype.clone(), moved.shape.clone()),
+            (DType::BF16, vec![512, 1024])
+        );
+        assert_eq!(moved.data.as_slice(), &bytes[..]);
+        assert_eq!(moved.name, "w");
     }
 
     #[test]

@@ -327,6 +327,14 @@ pub fn quantized_format(name: &str, shape: &[usize], format: QuantFormat) -> Opt
     }
 }
 
+/// Whether a tensor that stays dense in a quantized model is a matrix that decode reads
+/// whole every step (`lm_head` under q8, `kv_b_proj`, the routers; not the embeddings,
+/// of which a step reads a few rows, nor the norm vectors): such matrices join the
+/// quantized planes in huge pages ([`crate::hugemem`]).
+pub fn dense_streamed_matrix(name: &str, shape: &[usize]) -> bool {
+    shape.len() == 2 && !name.contains("embed_tokens")
+}
+
 /// Quantizes one block: its scale and integer weights (q8: −127..=127, q4: −8..=7).
 ///
 /// Both formats take the scale search of [`search_block`]: it lowers the weights' RMS

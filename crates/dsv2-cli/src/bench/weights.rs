@@ -6,7 +6,9 @@
 use std::collections::HashMap;
 
 use anyhow::{bail, Context, Result};
-use dsv2_core::quant::{quantize_with, quantized_format, QuantizedTensor, BLOCK};
+use dsv2_core::quant::{
+    dense_streamed_matrix, quantize_with, quantized_format, QuantizedTensor, BLOCK,
+};
 use dsv2_core::{
     expected_tensors, Checkpoint, CoreError, DType, ExpectedTensor, ModelConfig, QuantFormat,
     TensorView, Weight,
@@ -163,7 +165,15 @@ impl WeightSource {
                 match format {
                     // Made directly in the quantized format: no dense copy ever exists.
                     Some(format) => Ok(Weight::Quantized(r.quantized(name, format)?)),
-                    None => Ok(Weight::Dense(r.tensor(name)?)),
+                    // In a quantized model a streamed dense matrix goes to huge pages,
+                    // as the loader moves a checkpoint's (`TensorView::into_huge_pages`).
+                    None => {
+                        let huge = self.quantize.is_some()
+                            && r.shapes
+                                .get(name)
+                                .is_some_and(|shape| dense_streamed_matrix(name, shape));
+                        Ok(Weight::Dense(r.tensor(name, huge)?))
+                    }
                 }
             }
         }
@@ -261,8 +271,9 @@ impl RandomWeights {
         self.dtype.size().expect("a float dtype")
     }
 
-    /// Makes tensor `name` in parallel chunks, straight into the buffer the model keeps.
-    fn tensor(&self, name: &str) -> dsv2_model::Result<TensorView> {
+    /// Makes tensor `name` in parallel chunks, straight into the buffer the model keeps
+    /// (in huge pages when `huge`).
+    fn tensor(&self, name: &str, huge: bool) -> dsv2_model::Result<TensorView> {
         let shape = self.shapes.get(name).ok_or_else(|| CoreError::Tensor {
             file: "<random weights>".into(),
             tensor: name.to_string(),
@@ -270,14 +281,26 @@ impl RandomWeights {
         })?;
         let size = self.elem_bytes();
         let init = TensorInit::new(SEED, name, shape);
-        let mut bytes = vec![0u8; shape.iter().product::<usize>() * size];
-        bytes
-            .par_chunks_mut(CHUNK_ELEMS * size)
-            .enumerate()
-            .for_each(|(i, chunk)| {
-                init.fill(&self.dtype, i * CHUNK_ELEMS, chunk);
-                self.progress.inc(chunk.len() as u64);
+        let len = shape.iter().product::<usize>() * size;
+        let fill = |bytes: &mut [u8]| {
+            bytes
+                .par_chunks_mut(CHUNK_ELEMS * size)
+                .enumerate()
+                .for_each(|(i, chunk)| {
+                    init.fill(&self.dtype, i * CHUNK_ELEMS, chunk);
+                    self.progress.inc(chunk.len() as u64);
+                })
+        };
+        if huge {
+            let mut buf = dsv2_core::hugemem::alloc(len);
+            fill(buf.as_mut_slice());
+            return Ok(TensorView {
+                data: buf.freeze(),
+                ..TensorView::owned(name, self.dtype.clone(), shape.clone(), Vec::new())
             });
+        }
+        let mut bytes = vec![0u8; len];
+        fill(&mut bytes);
         Ok(TensorView::owned(
             name,
             self.dtype.clone(),
@@ -362,7 +385,7 @@ mod tests {
         let (_, config) = random_config("deepseek-v2-lite", Some(2)).unwrap();
         let weights = RandomWeights::new(&config, DType::F32, ProgressBar::hidden());
         let name = "model.layers.1.mlp.experts.5.down_proj.weight";
-        let view = weights.tensor(name).unwrap();
+        let view = weights.tensor(name, false).unwrap();
         assert_eq!(
             (view.shape.as_slice(), &view.dtype),
             ([2048, 1408].as_slice(), &DType::F32)
@@ -372,7 +395,9 @@ mod tests {
         for i in [0, 1, CHUNK_ELEMS - 1, CHUNK_ELEMS, values.len() - 1] {
             assert_eq!(values[i], init.value(i), "element {i}");
         }
-        assert!(weights.tensor("model.layers.9.mlp.gate.weight").is_err());
+        assert!(weights
+            .tensor("model.layers.9.mlp.gate.weight", false)
+            .is_err());
         // Made directly quantized = the dense random tensor quantized at load, bit for
         // bit (bf16 storage; an expert at q4, the 576-row kv_a_proj at q8).
         let bf16 = RandomWeights::new(&config, DType::BF16, ProgressBar::hidden());
@@ -387,7 +412,8 @@ mod tests {
             ),
         ] {
             let direct = bf16.quantized(name, format).unwrap();
-            let at_load = dsv2_core::quant::quantize_tensor(&bf16.tensor(name).unwrap(), format);
+            let at_load =
+                dsv2_core::quant::quantize_tensor(&bf16.tensor(name, false).unwrap(), format);
             assert_eq!(direct.qweight_bytes(), at_load.qweight_bytes(), "{name}");
             assert_eq!(direct.scales(), at_load.scales(), "{name}");
             assert_eq!(direct.qweight.shape, at_load.qweight.shape, "{name}");
