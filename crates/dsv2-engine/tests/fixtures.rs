@@ -165,25 +165,41 @@ fn f32_logits_match_the_reference_at_every_position() {
     }
 }
 
+/// Every reference prompt of fixture `name` through `model`: (relative logit error
+/// against the reference, argmax agreement, prompt length) per prompt, each printed
+/// under `label`.
+fn prompt_errors(
+    label: &str,
+    name: &str,
+    backend: &CpuBackend,
+    model: &Model<CpuBackend>,
+) -> Vec<(f64, usize, usize)> {
+    let reference = Reference::open(name);
+    let vocab = model.config.vocab_size;
+    (0..reference.num_prompts())
+        .map(|i| {
+            let prompt = reference.ids(&format!("prompt.{i}"));
+            let (want, _) = reference.f32s(&format!("logits.{i}"));
+            let got = all_logits(backend, model, &prompt, AttentionPath::Auto);
+            let (err, agree) = (rel_err(&got, &want), argmax_agreement(&got, &want, vocab));
+            eprintln!(
+                "{label}{name} prompt {i}: relative error {err:.4e}, argmax {agree}/{}",
+                prompt.len()
+            );
+            (err, agree, prompt.len())
+        })
+        .collect()
+}
+
 #[test]
 fn trained_fixture_f32_logits_match_the_reference() {
     for name in TRAINED {
         let (backend, model) = load(name, ComputeDtype::F32);
-        let reference = Reference::open(name);
-        let vocab = model.config.vocab_size;
-        assert_eq!(reference.num_prompts(), 3);
-        for i in 0..3 {
-            let prompt = reference.ids(&format!("prompt.{i}"));
-            let (want, _) = reference.f32s(&format!("logits.{i}"));
-            let got = all_logits(&backend, &model, &prompt, AttentionPath::Auto);
-            let err = rel_err(&got, &want);
-            let agree = argmax_agreement(&got, &want, vocab);
-            eprintln!(
-                "{name} prompt {i}: relative error {err:.2e}, argmax {agree}/{}",
-                prompt.len()
-            );
+        let errors = prompt_errors("", name, &backend, &model);
+        assert_eq!(errors.len(), 3);
+        for (i, (err, agree, len)) in errors.into_iter().enumerate() {
             assert!(err <= 1e-5, "{name} prompt {i}: {err}");
-            assert_eq!(agree, prompt.len(), "{name} prompt {i}");
+            assert_eq!(agree, len, "{name} prompt {i}");
         }
     }
 }
@@ -291,19 +307,11 @@ fn quantized_logits_stay_within_the_format_budget() {
         for name in FIXTURES.into_iter().chain(TRAINED) {
             let budget = budget(format, name);
             let (backend, model) = load_quantized(name, format);
-            let reference = Reference::open(name);
-            let vocab = model.config.vocab_size;
-            for i in 0..reference.num_prompts() {
-                let prompt = reference.ids(&format!("prompt.{i}"));
-                let (want, _) = reference.f32s(&format!("logits.{i}"));
-                let got = all_logits(&backend, &model, &prompt, AttentionPath::Auto);
-                let err = rel_err(&got, &want);
-                let agree = argmax_agreement(&got, &want, vocab);
-                eprintln!(
-                    "{} {name} prompt {i}: relative error {err:.4e}, argmax {agree}/{}",
-                    format.name(),
-                    prompt.len()
-                );
+            let label = format!("{} ", format.name());
+            for (i, (err, _, _)) in prompt_errors(&label, name, &backend, &model)
+                .into_iter()
+                .enumerate()
+            {
                 assert!(err <= budget, "{} {name} prompt {i}: {err}", format.name());
             }
         }
