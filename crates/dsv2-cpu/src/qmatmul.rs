@@ -108,7 +108,7 @@ pub(crate) const TERMS: usize = 2;
 
 /// The terms a product with weights of `format` uses: q8 both; q4 the first (its 4-bit
 /// weights' error is ~5× the activations' rounding, which then moves the logits by ~5%,
-/// while the second term would cost ~40% of a prefill).
+/// while a second term would slow a prefill by about a third, as it does q8's).
 fn terms_of(format: QuantFormat) -> usize {
     match format {
         QuantFormat::Q8 => TERMS,
