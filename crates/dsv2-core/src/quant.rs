@@ -185,25 +185,9 @@ impl QuantizedTensor {
     /// them every step, and file mappings use 4 KiB pages. The mapped pages are released
     /// after the copy, so the process does not hold both.
     pub fn into_huge_pages(self) -> QuantizedTensor {
-        if !self.qweight.data.is_mapped() && !self.scales.data.is_mapped() {
-            return self;
-        }
-        let copy = |bytes: &Bytes| {
-            let mut buf = crate::hugemem::alloc(bytes.as_slice().len());
-            buf.as_mut_slice().copy_from_slice(bytes.as_slice());
-            bytes.release_pages();
-            buf.freeze()
-        };
-        let (q, scales) = (copy(&self.qweight.data), copy(&self.scales.data));
         QuantizedTensor {
-            qweight: TensorView {
-                data: q,
-                ..self.qweight
-            },
-            scales: TensorView {
-                data: scales,
-                ..self.scales
-            },
+            qweight: self.qweight.into_huge_pages(),
+            scales: self.scales.into_huge_pages(),
             ..self
         }
     }
