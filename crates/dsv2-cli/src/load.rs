@@ -128,7 +128,8 @@ pub fn with_weights<T: ModelTask>(
     };
     match args.device {
         Device::Cpu => {
-            let backend = CpuBackend::new(args.dtype);
+            let backend = CpuBackend::new(args.dtype)
+                .with_cache_dtype(args.kv_cache_dtype.unwrap_or(args.dtype));
             let model = Model::load_from(&backend, info.config.clone(), &options, weight)
                 .with_context(|| format!("loading {source}"))?;
             task.run(&backend, &model, &info)
@@ -148,7 +149,6 @@ pub fn with_weights<T: ModelTask>(
 }
 
 /// Fails early, before any loading, when the device the arguments name is unavailable.
-#[cfg_attr(feature = "cuda", allow(clippy::unnecessary_wraps, unused_variables))]
 fn check_device(args: &ModelArgs) -> Result<()> {
     #[cfg(not(feature = "cuda"))]
     if let Device::Cuda(_) = args.device {
@@ -156,6 +156,15 @@ fn check_device(args: &ModelArgs) -> Result<()> {
             "--device cuda: this dsv2 binary was built without CUDA support \
              (build with `cargo build --release --features cuda`)"
         );
+    }
+    if let (Device::Cuda(_), Some(cache)) = (args.device, args.kv_cache_dtype) {
+        if cache != args.dtype {
+            bail!(
+                "--kv-cache-dtype {cache} with --dtype {}: on CUDA the latent cache is \
+                 stored in the compute dtype (drop --kv-cache-dtype, or set --dtype {cache})",
+                args.dtype
+            );
+        }
     }
     Ok(())
 }

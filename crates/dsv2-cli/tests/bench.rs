@@ -192,6 +192,40 @@ fn bench_quantizes_random_weights_at_load() {
     let want = 38_400 + 3 * 22_112 + 19_584 + 2 * 66_304 + 128 + 38_400;
     assert_eq!(num(&report, "weight_bytes"), want as f64);
     positive(&report["decode"][0], "tokens_per_s");
+    assert_eq!(num(&report, "kv_bytes_per_token"), 480.0);
+}
+
+#[test]
+fn bench_counts_a_bf16_kv_cache_at_two_bytes_a_value() {
+    let config = fixture("lite").join("config.json");
+    let out = dsv2(&[
+        "bench",
+        "--random-weights",
+        config.to_str().unwrap(),
+        "--quantize",
+        "q8",
+        "--kv-cache-dtype",
+        "bf16",
+        "--prompt-lengths",
+        "4",
+        "--contexts",
+        "0,64",
+        "--batch-sizes",
+        "1",
+        "--decode-tokens",
+        "2",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let report = last_json(&out);
+    let device = report["device"].as_str().unwrap();
+    assert!(
+        device.ends_with("f32 activations, bf16 latent cache)"),
+        "{device}"
+    );
+    // 3 layers × 40 cached values × 2 bytes.
+    assert_eq!(num(&report, "kv_bytes_per_token"), 240.0);
+    positive(&report["decode"][1], "tokens_per_s");
 }
 
 #[test]

@@ -166,6 +166,41 @@ fn bad_input_is_a_one_line_error() {
     assert_one_line_error(&out, "/nonexistent/model");
     let out = dsv2(&["generate", "--token-ids", "1", "--dtype", "f8"]);
     assert_one_line_error(&out, "f8");
+    let out = dsv2(&["generate", "--token-ids", "1", "--kv-cache-dtype", "f8"]);
+    assert_one_line_error(&out, "f8");
+}
+
+/// `--kv-cache-dtype bf16` under `--dtype bf16` is exact: the same greedy tokens as an f32
+/// cache, from a cache half the size.
+#[test]
+fn a_bf16_kv_cache_under_bf16_generates_the_same_tokens() {
+    let lite = fixture("lite");
+    let reference = lite.join("reference.safetensors");
+    let (prompt, _) = read_tensor(&reference, "prompt.1");
+    let run = |cache: &str| {
+        let out = dsv2(&[
+            "generate",
+            "--model",
+            lite.to_str().unwrap(),
+            "--token-ids",
+            &ids_arg(&prompt),
+            "--max-tokens",
+            "8",
+            "--temperature",
+            "0",
+            "--dtype",
+            "bf16",
+            "--kv-cache-dtype",
+            cache,
+            "--json",
+        ]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let stdout = String::from_utf8(out.stdout).unwrap();
+        let v: serde_json::Value =
+            serde_json::from_str(stdout.trim_end().lines().last().unwrap()).unwrap();
+        v["token_ids"].clone()
+    };
+    assert_eq!(run("bf16"), run("f32"));
 }
 
 #[test]

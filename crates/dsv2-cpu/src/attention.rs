@@ -8,10 +8,11 @@
 use dsv2_backend::{AttentionPath, MlaAttention, MlaDims, SeqSlice};
 
 use crate::kernels::{gemm_f32, round_bf16, MatRef, SyncPtr};
+use crate::matmul::KindOf;
 use crate::mla::{absorb, dots, project, weighted_sum, Rows, DOT_TILE, SUM_COLS, SUM_HEADS};
 use crate::scratch::take;
 use crate::team;
-use crate::{with_elems, CpuBackend, CpuCache};
+use crate::{with_elems, CacheLayer, CpuBackend, LayerRows};
 
 pub(crate) fn mla_attention(be: &CpuBackend, args: MlaAttention<'_, CpuBackend>, out: &mut [f32]) {
     for seq in &args.step.batch.seqs {
@@ -20,9 +21,12 @@ pub(crate) fn mla_attention(be: &CpuBackend, args: MlaAttention<'_, CpuBackend>,
             AttentionPath::Auto => AttentionPath::Expanded,
             p => p,
         };
-        match path {
-            AttentionPath::Absorbed => absorbed(be, &args, seq, out),
-            _ => expanded(be, &args, seq, out),
+        // Each formulation runs on the cache rows in their stored dtype.
+        match (path, args.cache.layer(args.layer)) {
+            (AttentionPath::Absorbed, LayerRows::F32(rows)) => absorbed(be, &args, seq, rows, out),
+            (AttentionPath::Absorbed, LayerRows::Bf16(rows)) => absorbed(be, &args, seq, rows, out),
+            (_, LayerRows::F32(rows)) => expanded(be, &args, seq, rows, out),
+            (_, LayerRows::Bf16(rows)) => expanded(be, &args, seq, rows, out),
         }
     }
 }
@@ -47,10 +51,15 @@ fn scale_score(be: &CpuBackend, raw: f32, scale: f32) -> f32 {
     }
 }
 
-fn expanded(be: &CpuBackend, args: &MlaAttention<'_, CpuBackend>, seq: &SeqSlice, out: &mut [f32]) {
+fn expanded<E: KindOf>(
+    be: &CpuBackend,
+    args: &MlaAttention<'_, CpuBackend>,
+    seq: &SeqSlice,
+    cache: CacheLayer<'_, E>,
+    out: &mut [f32],
+) {
     let d: MlaDims = args.dims;
-    let cache: &CpuCache = args.cache;
-    let bs = cache.spec().block_size;
+    let bs = args.cache.spec().block_size;
     let (c, dr, dn, dv, h) = (d.kv_lora_rank, d.rope_dim, d.nope_dim, d.v_dim, d.num_heads);
     let s_len = seq.context_len;
     let past = s_len - seq.query_len;
@@ -58,9 +67,11 @@ fn expanded(be: &CpuBackend, args: &MlaAttention<'_, CpuBackend>, seq: &SeqSlice
     let mut latents = take::<f32>(s_len * c);
     let mut k_pe = take::<f32>(s_len * dr);
     for pos in 0..s_len {
-        let row = cache.row(args.layer, slot(seq, bs, pos));
-        latents[pos * c..(pos + 1) * c].copy_from_slice(&row[..c]);
-        k_pe[pos * dr..(pos + 1) * dr].copy_from_slice(&row[c..]);
+        let row = cache.row(slot(seq, bs, pos));
+        let widen =
+            |dst: &mut [f32], src: &[E]| dst.iter_mut().zip(src).for_each(|(d, s)| *d = s.to_f32());
+        widen(&mut latents[pos * c..(pos + 1) * c], &row[..c]);
+        widen(&mut k_pe[pos * dr..(pos + 1) * dr], &row[c..]);
     }
     let kv_w = h * (dn + dv);
     let mut kv = take::<f32>(s_len * kv_w);
@@ -144,10 +155,15 @@ const SCORE_CHUNK: usize = 64;
 /// heads × 4 rows, the weighted sum over latent columns in tiles of 8 heads × 32 columns
 /// ([`crate::mla`]). Per value the arithmetic is the same fixed sequence whatever the
 /// split, so results do not depend on the thread count.
-fn absorbed(be: &CpuBackend, args: &MlaAttention<'_, CpuBackend>, seq: &SeqSlice, out: &mut [f32]) {
+fn absorbed<E: KindOf>(
+    be: &CpuBackend,
+    args: &MlaAttention<'_, CpuBackend>,
+    seq: &SeqSlice,
+    cache: CacheLayer<'_, E>,
+    out: &mut [f32],
+) {
     let d: MlaDims = args.dims;
-    let cache: &CpuCache = args.cache;
-    let bs = cache.spec().block_size;
+    let bs = args.cache.spec().block_size;
     let (c, dr, dn, dv, h) = (d.kv_lora_rank, d.rope_dim, d.nope_dim, d.v_dim, d.num_heads);
     let past = seq.context_len - seq.query_len;
     let qd = d.q_head_dim();
@@ -158,11 +174,11 @@ fn absorbed(be: &CpuBackend, args: &MlaAttention<'_, CpuBackend>, seq: &SeqSlice
     let mut q_cat = take::<f32>(h * w);
     let mut o_lat = take::<f32>(h * c);
     let mut scores = take::<f32>(h * seq.context_len);
-    let row = |s: usize| &cache.row(args.layer, slot(seq, bs, s))[..w];
+    let row = |s: usize| &cache.row(slot(seq, bs, s))[..w];
     let blocks = Rows {
-        block: |b: usize| cache.block_rows(args.layer, seq.block_table[b] as usize),
+        block: |b: usize| cache.block_rows(seq.block_table[b] as usize),
         block_size: bs,
-        width: cache.spec().width(),
+        width: args.cache.spec().width(),
     };
     with_elems!(args.kv_b_proj, |kv_b| {
         // W_UK[head]: rows head·(dn + dv) .. + dn; W_UV[head]: the next dv rows.

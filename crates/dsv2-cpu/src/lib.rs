@@ -138,10 +138,44 @@ impl CpuWeight {
     }
 }
 
-/// The paged latent cache on the CPU: `[layers, blocks * block_size, W]` f32.
+/// The paged latent cache on the CPU: `[layers, blocks * block_size, W]`, f32 or bf16
+/// (see [`CpuBackend::with_cache_dtype`]).
 pub struct CpuCache {
     spec: CacheSpec,
-    data: Vec<f32>,
+    values: CacheValues,
+}
+
+/// The cache's storage, by dtype.
+pub(crate) enum CacheValues {
+    F32(Vec<f32>),
+    Bf16(Vec<bf16>),
+}
+
+/// One layer's cached rows, by dtype: `[blocks * block_size, W]`.
+pub(crate) enum LayerRows<'a> {
+    F32(CacheLayer<'a, f32>),
+    Bf16(CacheLayer<'a, bf16>),
+}
+
+/// One layer of the paged latent cache in its stored dtype.
+#[derive(Clone, Copy)]
+pub(crate) struct CacheLayer<'a, E> {
+    values: &'a [E],
+    width: usize,
+    block_size: usize,
+}
+
+impl<'a, E> CacheLayer<'a, E> {
+    /// The `W` cached values of `slot`.
+    pub(crate) fn row(&self, slot: usize) -> &'a [E] {
+        &self.values[slot * self.width..(slot + 1) * self.width]
+    }
+
+    /// The `block_size × W` cached values of block `block`, position-major.
+    pub(crate) fn block_rows(&self, block: usize) -> &'a [E] {
+        let len = self.block_size * self.width;
+        &self.values[block * len..(block + 1) * len]
+    }
 }
 
 impl CpuCache {
@@ -150,27 +184,57 @@ impl CpuCache {
         self.spec
     }
 
-    /// The `W` cached values of `slot` in `layer`.
-    pub fn row(&self, layer: usize, slot: usize) -> &[f32] {
-        let w = self.spec.width();
-        let slots = self.spec.num_blocks * self.spec.block_size;
-        let at = (layer * slots + slot) * w;
-        &self.data[at..at + w]
+    /// The dtype the cached values are stored in.
+    pub fn dtype(&self) -> ComputeDtype {
+        match self.values {
+            CacheValues::F32(_) => ComputeDtype::F32,
+            CacheValues::Bf16(_) => ComputeDtype::Bf16,
+        }
     }
 
-    /// The `block_size × W` cached values of block `block` in `layer`, position-major.
-    pub fn block_rows(&self, layer: usize, block: usize) -> &[f32] {
-        let w = self.spec.width();
-        let bs = self.spec.block_size;
-        let at = (layer * self.spec.num_blocks * bs + block * bs) * w;
-        &self.data[at..at + bs * w]
+    /// The `W` cached values of `slot` in `layer`, widened to f32 (exact).
+    pub fn row(&self, layer: usize, slot: usize) -> Vec<f32> {
+        match self.layer(layer) {
+            LayerRows::F32(l) => l.row(slot).to_vec(),
+            LayerRows::Bf16(l) => l.row(slot).iter().map(|v| v.to_f32()).collect(),
+        }
     }
 
-    fn row_mut(&mut self, layer: usize, slot: usize) -> &mut [f32] {
+    /// The rows of `layer` in their stored dtype.
+    pub(crate) fn layer(&self, layer: usize) -> LayerRows<'_> {
+        let (w, bs) = (self.spec.width(), self.spec.block_size);
+        let len = self.spec.num_blocks * bs * w;
+        fn cut<E>(
+            v: &[E],
+            layer: usize,
+            len: usize,
+            width: usize,
+            block_size: usize,
+        ) -> CacheLayer<'_, E> {
+            CacheLayer {
+                values: &v[layer * len..(layer + 1) * len],
+                width,
+                block_size,
+            }
+        }
+        match &self.values {
+            CacheValues::F32(v) => LayerRows::F32(cut(v, layer, len, w, bs)),
+            CacheValues::Bf16(v) => LayerRows::Bf16(cut(v, layer, len, w, bs)),
+        }
+    }
+
+    /// Stores `row` (`W` values) at `slot` of `layer`, rounded to bf16 (to nearest even)
+    /// in a bf16 cache.
+    fn store_row(&mut self, layer: usize, slot: usize, row: &[f32]) {
         let w = self.spec.width();
-        let slots = self.spec.num_blocks * self.spec.block_size;
-        let at = (layer * slots + slot) * w;
-        &mut self.data[at..at + w]
+        let at = (layer * self.spec.num_blocks * self.spec.block_size + slot) * w;
+        match &mut self.values {
+            CacheValues::F32(v) => v[at..at + w].copy_from_slice(row),
+            CacheValues::Bf16(v) => v[at..at + w]
+                .iter_mut()
+                .zip(row)
+                .for_each(|(d, s)| *d = bf16::from_f32(*s)),
+        }
     }
 }
 
@@ -199,6 +263,8 @@ impl CpuStep {
 #[derive(Debug, Default)]
 pub struct CpuBackend {
     dtype: ComputeDtype,
+    /// What the latent cache stores (by default the compute dtype, as on the GPU).
+    cache_dtype: ComputeDtype,
     /// Set once a quantized weight is loaded: the model's bf16 `lm_head` (kept dense
     /// under q8, see [`dsv2_core::quant::quantized_format`]) then takes activations
     /// rounded to bf16 on `vdpbf16ps` ([`bf16dot`]) where the CPU has AVX-512 BF16:
@@ -213,8 +279,19 @@ impl CpuBackend {
     pub fn new(dtype: ComputeDtype) -> Self {
         CpuBackend {
             dtype,
+            cache_dtype: dtype,
             quantized: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// Stores the latent cache in `dtype` instead of the compute dtype. A bf16 cache
+    /// under f32 activations (e.g. a quantized model) halves the cache's memory and the
+    /// bytes decode attention reads, and rounds each cached latent and RoPE key to bf16
+    /// (to nearest even) as the GPU's bf16 cache does; under bf16 activations the cached
+    /// values are bf16 already and the bf16 cache is exact.
+    pub fn with_cache_dtype(mut self, dtype: ComputeDtype) -> Self {
+        self.cache_dtype = dtype;
+        self
     }
 
     /// True when outputs are rounded to bf16.
@@ -268,11 +345,12 @@ impl Backend for CpuBackend {
     type Step = CpuStep;
 
     fn describe(&self) -> String {
-        let dtype = match self.dtype {
-            ComputeDtype::F32 => "f32",
-            ComputeDtype::Bf16 => "bf16",
-        };
-        format!("cpu ({} threads, {dtype} activations)", team::threads())
+        format!(
+            "cpu ({} threads, {} activations, {} latent cache)",
+            team::threads(),
+            self.dtype,
+            self.cache_dtype
+        )
     }
 
     fn load_weight(&self, view: &TensorView) -> Result<CpuWeight> {
@@ -322,14 +400,18 @@ impl Backend for CpuBackend {
 
     fn alloc_cache(&self, spec: CacheSpec) -> Result<CpuCache> {
         let len = spec.num_layers * spec.num_blocks * spec.block_size * spec.width();
-        Ok(CpuCache {
-            spec,
-            data: vec![0.0; len],
-        })
+        let values = match self.cache_dtype {
+            ComputeDtype::F32 => CacheValues::F32(vec![0.0; len]),
+            ComputeDtype::Bf16 => CacheValues::Bf16(vec![bf16::ZERO; len]),
+        };
+        Ok(CpuCache { spec, values })
     }
 
     fn cache_value_bytes(&self) -> usize {
-        std::mem::size_of::<f32>()
+        match self.cache_dtype {
+            ComputeDtype::F32 => std::mem::size_of::<f32>(),
+            ComputeDtype::Bf16 => std::mem::size_of::<bf16>(),
+        }
     }
 
     fn measure_read_bandwidth(&self) -> Result<f64> {
@@ -450,13 +532,14 @@ impl Backend for CpuBackend {
         let c = cache.spec.kv_lora_rank;
         let w = cache.spec.width();
         let norm = self.vector(kv_norm);
+        let mut row = scratch::take::<f32>(w);
         for (t, &slot) in step.batch.slots.iter().enumerate() {
             let src = &kv_a[t * w..(t + 1) * w];
-            let dst = cache.row_mut(layer, slot as usize);
-            self.rms_norm_row(&src[..c], norm, eps, &mut dst[..c]);
-            dst[c..].copy_from_slice(&src[c..]);
+            self.rms_norm_row(&src[..c], norm, eps, &mut row[..c]);
+            row[c..].copy_from_slice(&src[c..]);
             let (cos, sin) = step.angles(t);
-            self.rope_row(&mut dst[c..], cos, sin);
+            self.rope_row(&mut row[c..], cos, sin);
+            cache.store_row(layer, slot as usize, &row);
         }
         Ok(())
     }

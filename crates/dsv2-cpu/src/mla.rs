@@ -62,25 +62,28 @@ fn isa() -> Isa {
 /// entries of `out` are unspecified). Every `q[i]` and `rows[j]` has the same length;
 /// unused slots may repeat a used slice.
 #[inline]
-pub(crate) fn dots(
+pub(crate) fn dots<E: KindOf>(
     q: [&[f32]; DOT_TILE],
     nq: usize,
-    rows: [&[f32]; DOT_TILE],
+    rows: [&[E]; DOT_TILE],
     nr: usize,
 ) -> [[f32; DOT_TILE]; DOT_TILE] {
     dots_isa(isa(), q, nq, rows, nr)
 }
 
-fn dots_isa(
+fn dots_isa<E: KindOf>(
     isa: Isa,
     q: [&[f32]; DOT_TILE],
     nq: usize,
-    rows: [&[f32]; DOT_TILE],
+    rows: [&[E]; DOT_TILE],
     nr: usize,
 ) -> [[f32; DOT_TILE]; DOT_TILE] {
     let w = q[0].len();
     assert!(
-        q.iter().chain(&rows).all(|s| s.len() == w) && nq <= DOT_TILE && nr <= DOT_TILE,
+        q.iter().all(|s| s.len() == w)
+            && rows.iter().all(|s| s.len() == w)
+            && nq <= DOT_TILE
+            && nr <= DOT_TILE,
         "dot tile shapes"
     );
     match isa {
@@ -93,11 +96,11 @@ fn dots_isa(
     }
 }
 
-/// The scalar reference of [`dots`].
-pub(crate) fn dots_portable(
+/// The scalar reference of [`dots`] (cache rows widened to f32 exactly).
+pub(crate) fn dots_portable<E: KindOf>(
     q: [&[f32]; DOT_TILE],
     nq: usize,
-    rows: [&[f32]; DOT_TILE],
+    rows: [&[E]; DOT_TILE],
     nr: usize,
 ) -> [[f32; DOT_TILE]; DOT_TILE] {
     let mut out = [[0.0; DOT_TILE]; DOT_TILE];
@@ -105,7 +108,7 @@ pub(crate) fn dots_portable(
         for j in 0..nr {
             let mut acc = [0.0f32; LANES];
             for (k, (a, b)) in q[i].iter().zip(rows[j]).enumerate() {
-                acc[k % LANES] = a.mul_add(*b, acc[k % LANES]);
+                acc[k % LANES] = a.mul_add(b.to_f32(), acc[k % LANES]);
             }
             out[i][j] = reduce_lanes(acc);
         }
@@ -133,10 +136,10 @@ pub(crate) struct Rows<B> {
     pub width: usize,
 }
 
-impl<'r, B: Fn(usize) -> &'r [f32]> Rows<B> {
+impl<'r, E: 'r, B: Fn(usize) -> &'r [E]> Rows<B> {
     /// Calls `f(s, row)` for positions `0..positions` in order (`row` is `width` long).
     #[inline(always)]
-    fn for_each(&self, positions: usize, mut f: impl FnMut(usize, &'r [f32])) {
+    fn for_each(&self, positions: usize, mut f: impl FnMut(usize, &'r [E])) {
         let mut s = 0;
         let mut b = 0;
         while s < positions {
@@ -156,23 +159,23 @@ impl<'r, B: Fn(usize) -> &'r [f32]> Rows<B> {
 /// multiply-adds in position order. `out[i]` must hold `cols.len()` values; it is
 /// overwritten.
 #[inline]
-pub(crate) fn weighted_sum<'r>(
+pub(crate) fn weighted_sum<'r, E: KindOf>(
     p: [&[f32]; SUM_HEADS],
     nh: usize,
     positions: usize,
-    rows: &Rows<impl Fn(usize) -> &'r [f32]>,
+    rows: &Rows<impl Fn(usize) -> &'r [E]>,
     cols: Range<usize>,
     out: &mut [[f32; SUM_COLS]; SUM_HEADS],
 ) {
     weighted_sum_isa(isa(), p, nh, positions, rows, cols, out)
 }
 
-fn weighted_sum_isa<'r>(
+fn weighted_sum_isa<'r, E: KindOf>(
     isa: Isa,
     p: [&[f32]; SUM_HEADS],
     nh: usize,
     positions: usize,
-    rows: &Rows<impl Fn(usize) -> &'r [f32]>,
+    rows: &Rows<impl Fn(usize) -> &'r [E]>,
     cols: Range<usize>,
     out: &mut [[f32; SUM_COLS]; SUM_HEADS],
 ) {
@@ -191,12 +194,12 @@ fn weighted_sum_isa<'r>(
     }
 }
 
-/// The scalar reference of [`weighted_sum`].
-pub(crate) fn weighted_sum_portable<'r>(
+/// The scalar reference of [`weighted_sum`] (cache rows widened to f32 exactly).
+pub(crate) fn weighted_sum_portable<'r, E: KindOf>(
     p: [&[f32]; SUM_HEADS],
     nh: usize,
     positions: usize,
-    rows: &Rows<impl Fn(usize) -> &'r [f32]>,
+    rows: &Rows<impl Fn(usize) -> &'r [E]>,
     cols: Range<usize>,
     out: &mut [[f32; SUM_COLS]; SUM_HEADS],
 ) {
@@ -207,8 +210,8 @@ pub(crate) fn weighted_sum_portable<'r>(
         let r = &row[cols.clone()];
         for (i, o) in out[..nh].iter_mut().enumerate() {
             let ps = p[i][s];
-            for (acc, &v) in o.iter_mut().zip(r) {
-                *acc = ps.mul_add(v, *acc);
+            for (acc, v) in o.iter_mut().zip(r) {
+                *acc = ps.mul_add(v.to_f32(), *acc);
             }
         }
     });
@@ -303,6 +306,38 @@ mod x86 {
                 }
                 Kind::F16 => _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p as *const i16)),
             }
+        }
+    }
+
+    /// 8 stored elements at `p` widened to f32 (AVX2).
+    #[inline(always)]
+    unsafe fn load8<E: KindOf>(p: *const E) -> __m256 {
+        // SAFETY: the caller's pointer covers 8 elements.
+        unsafe {
+            match E::KIND {
+                Kind::F32 => _mm256_loadu_ps(p as *const f32),
+                Kind::Bf16 => {
+                    let h = _mm_loadu_si128(p as *const __m128i);
+                    _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)))
+                }
+                Kind::F16 => load8_partial(p, 8),
+            }
+        }
+    }
+
+    /// The first `len` (≤ 8) elements at `p` widened to f32, the other lanes 0 (AVX2).
+    #[inline(always)]
+    unsafe fn load8_partial<E: KindOf>(p: *const E, len: usize) -> __m256 {
+        // SAFETY: the caller's pointer covers `len` elements.
+        unsafe {
+            if len == 8 && E::KIND != Kind::F16 {
+                return load8(p);
+            }
+            let mut b = [0.0f32; 8];
+            for (t, v) in b[..len].iter_mut().enumerate() {
+                *v = (*p.add(t)).to_f32();
+            }
+            _mm256_loadu_ps(b.as_ptr())
         }
     }
 
@@ -429,10 +464,10 @@ mod x86 {
 
     /// # Safety
     /// AVX-512 F; every slice is `w` long.
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn dots512(
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    pub(super) unsafe fn dots512<E: KindOf>(
         q: [&[f32]; DOT_TILE],
-        rows: [&[f32]; DOT_TILE],
+        rows: [&[E]; DOT_TILE],
         w: usize,
     ) -> [[f32; DOT_TILE]; DOT_TILE] {
         let mut acc = [[_mm512_setzero_ps(); DOT_TILE]; DOT_TILE];
@@ -442,7 +477,7 @@ mod x86 {
         unsafe {
             while k < full {
                 let r: [__m512; DOT_TILE] =
-                    std::array::from_fn(|j| _mm512_loadu_ps(rows[j].as_ptr().add(k)));
+                    std::array::from_fn(|j| load16(rows[j].as_ptr().add(k), 0xffff));
                 for i in 0..DOT_TILE {
                     let qv = _mm512_loadu_ps(q[i].as_ptr().add(k));
                     for j in 0..DOT_TILE {
@@ -454,7 +489,7 @@ mod x86 {
             if k < w {
                 let m: __mmask16 = (1u32 << (w - k)) as u16 - 1;
                 let r: [__m512; DOT_TILE] =
-                    std::array::from_fn(|j| _mm512_maskz_loadu_ps(m, rows[j].as_ptr().add(k)));
+                    std::array::from_fn(|j| load16(rows[j].as_ptr().add(k), m));
                 for i in 0..DOT_TILE {
                     let qv = _mm512_maskz_loadu_ps(m, q[i].as_ptr().add(k));
                     for j in 0..DOT_TILE {
@@ -508,9 +543,9 @@ mod x86 {
     /// # Safety
     /// AVX2 and FMA; every slice is `w` long.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn dots_avx2(
+    pub(super) unsafe fn dots_avx2<E: KindOf>(
         q: [&[f32]; DOT_TILE],
-        rows: [&[f32]; DOT_TILE],
+        rows: [&[E]; DOT_TILE],
         w: usize,
     ) -> [[f32; DOT_TILE]; DOT_TILE] {
         // Lanes 0..8 and 8..16 of each 16-lane accumulator.
@@ -527,8 +562,8 @@ mod x86 {
                     );
                     for j in 0..DOT_TILE {
                         let r = rows[j].as_ptr().add(k);
-                        lo[i][j] = _mm256_fmadd_ps(ql, _mm256_loadu_ps(r), lo[i][j]);
-                        hi[i][j] = _mm256_fmadd_ps(qh, _mm256_loadu_ps(r.add(8)), hi[i][j]);
+                        lo[i][j] = _mm256_fmadd_ps(ql, load8(r), lo[i][j]);
+                        hi[i][j] = _mm256_fmadd_ps(qh, load8(r.add(8)), hi[i][j]);
                     }
                 }
                 k += LANES;
@@ -536,6 +571,14 @@ mod x86 {
             if k < w {
                 let rest = w - k;
                 let (ml, mh) = (mask8(rest.min(8)), mask8(rest.saturating_sub(8)));
+                // The rows' last `rest` values, widened (the lanes past them stay 0).
+                let tail: [[f32; LANES]; DOT_TILE] = std::array::from_fn(|j| {
+                    let mut b = [0.0; LANES];
+                    for (t, v) in b[..rest].iter_mut().enumerate() {
+                        *v = rows[j][k + t].to_f32();
+                    }
+                    b
+                });
                 for i in 0..DOT_TILE {
                     let qp = q[i].as_ptr().add(k);
                     let (ql, qh) = (
@@ -543,7 +586,7 @@ mod x86 {
                         _mm256_maskload_ps(qp.add(8), mh),
                     );
                     for j in 0..DOT_TILE {
-                        let r = rows[j].as_ptr().add(k);
+                        let r = tail[j].as_ptr();
                         // Lanes past `w` keep their accumulator (the reference never
                         // touches them).
                         lo[i][j] = blend_fma(ql, _mm256_maskload_ps(r, ml), lo[i][j], ml);
@@ -569,12 +612,12 @@ mod x86 {
 
     /// # Safety
     /// AVX-512 F; shapes as checked by the caller; rows must cover `cols`.
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn weighted_sum512<'r>(
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    pub(super) unsafe fn weighted_sum512<'r, E: KindOf>(
         p: [&[f32]; SUM_HEADS],
         nh: usize,
         positions: usize,
-        rows: &Rows<impl Fn(usize) -> &'r [f32]>,
+        rows: &Rows<impl Fn(usize) -> &'r [E]>,
         cols: Range<usize>,
         out: &mut [[f32; SUM_COLS]; SUM_HEADS],
     ) {
@@ -599,8 +642,8 @@ mod x86 {
             // row (cols.end ≤ width); p[i] has `positions` values.
             unsafe {
                 let r = row.as_ptr().add(cols.start);
-                let v0 = _mm512_maskz_loadu_ps(m0, r);
-                let v1 = _mm512_maskz_loadu_ps(m1, r.add(16.min(n)));
+                let v0 = load16(r, m0);
+                let v1 = load16(r.add(16.min(n)), m1);
                 for i in 0..SUM_HEADS {
                     if i < nh {
                         let ps = _mm512_set1_ps(*pp[i].add(s));
@@ -622,11 +665,11 @@ mod x86 {
     /// # Safety
     /// AVX2 and FMA; shapes as checked by the caller; rows must cover `cols`.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn weighted_sum_avx2<'r>(
+    pub(super) unsafe fn weighted_sum_avx2<'r, E: KindOf>(
         p: [&[f32]; SUM_HEADS],
         nh: usize,
         positions: usize,
-        rows: &Rows<impl Fn(usize) -> &'r [f32]>,
+        rows: &Rows<impl Fn(usize) -> &'r [E]>,
         cols: Range<usize>,
         out: &mut [[f32; SUM_COLS]; SUM_HEADS],
     ) {
@@ -639,14 +682,13 @@ mod x86 {
             if c0 >= n {
                 break;
             }
-            // SAFETY: a mask of the columns c0.. that exist.
-            let mask = unsafe { mask8((n - c0).min(8)) };
+            let len = (n - c0).min(8);
             let mut acc = [_mm256_setzero_ps(); SUM_HEADS];
             rows.for_each(positions, |s, row| {
                 // SAFETY: masked load of columns cols.start + c0.. (< cols.end ≤ width);
                 // p[i] has `positions` values.
                 unsafe {
-                    let v = _mm256_maskload_ps(row.as_ptr().add(cols.start + c0), mask);
+                    let v = load8_partial(row.as_ptr().add(cols.start + c0), len);
                     for i in 0..SUM_HEADS {
                         if i < nh {
                             let ps = _mm256_set1_ps(*pp[i].add(s));
@@ -756,6 +798,65 @@ mod tests {
         case(|v| v);
         case(bf16::from_f32);
         case(f16::from_f32);
+    }
+
+    /// A bf16 cache: rows widened exactly, so every path gives the f32 kernels' bits on
+    /// the widened rows.
+    #[test]
+    fn dots_and_weighted_sums_over_bf16_rows_equal_the_widened_f32_ones() {
+        use half::bf16;
+        let bits = |t: [[f32; DOT_TILE]; DOT_TILE]| t.map(|r| r.map(f32::to_bits));
+        for w in [1, 7, 15, 16, 17, 40, 576] {
+            let q = test_values(DOT_TILE * w, w as u64);
+            let r16: Vec<bf16> = test_values(DOT_TILE * w, 99 + w as u64)
+                .into_iter()
+                .map(bf16::from_f32)
+                .collect();
+            let r32: Vec<f32> = r16.iter().map(|v| v.to_f32()).collect();
+            let qs: [&[f32]; DOT_TILE] = std::array::from_fn(|i| &q[i * w..(i + 1) * w]);
+            let rs16: [&[bf16]; DOT_TILE] = std::array::from_fn(|j| &r16[j * w..(j + 1) * w]);
+            let rs32: [&[f32]; DOT_TILE] = std::array::from_fn(|j| &r32[j * w..(j + 1) * w]);
+            let want = dots_portable(qs, DOT_TILE, rs32, DOT_TILE);
+            for isa in isas() {
+                let got = dots_isa(isa, qs, DOT_TILE, rs16, DOT_TILE);
+                assert_eq!(bits(got), bits(want), "{isa:?} w {w}");
+            }
+        }
+        let width = 96;
+        let positions = 33;
+        let r16: Vec<bf16> = test_values(positions * width, 7)
+            .into_iter()
+            .map(bf16::from_f32)
+            .collect();
+        let r32: Vec<f32> = r16.iter().map(|v| v.to_f32()).collect();
+        let probs = test_values(SUM_HEADS * 40, 11);
+        let p: [&[f32]; SUM_HEADS] = std::array::from_fn(|i| &probs[i * 40..(i + 1) * 40]);
+        let src16 = Rows {
+            block: |b: usize| &r16[(b * 4 * width).min(r16.len())..],
+            block_size: 4,
+            width,
+        };
+        let src32 = Rows {
+            block: |b: usize| &r32[(b * 4 * width).min(r32.len())..],
+            block_size: 4,
+            width,
+        };
+        for (cols, nh) in [(0..32, 8), (64..81, 8), (90..96, 1), (5..21, 5)] {
+            let mut want = [[0.0; SUM_COLS]; SUM_HEADS];
+            weighted_sum_portable(p, nh, positions, &src32, cols.clone(), &mut want);
+            for isa in isas() {
+                let mut got = [[f32::NAN; SUM_COLS]; SUM_HEADS];
+                weighted_sum_isa(isa, p, nh, positions, &src16, cols.clone(), &mut got);
+                for i in 0..nh {
+                    let n = cols.len();
+                    assert_eq!(
+                        got[i][..n].iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                        want[i][..n].iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                        "{isa:?} cols {cols:?} heads {nh}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]

@@ -182,7 +182,7 @@ fn rope_cache_write_and_attention_paths() {
                     for &slot in &b2.slots {
                         let at = (slots + slot as usize) * w;
                         got.extend_from_slice(&all[at..at + w]);
-                        want.extend_from_slice(cc.row(1, slot as usize));
+                        want.extend_from_slice(&cc.row(1, slot as usize));
                     }
                 }
                 check(&format!("mla_write_cache h{h} c{c}"), dtype, &got, &want);
@@ -552,7 +552,7 @@ fn fused_projection_pair_and_cache_write() {
         for &slot in &batch.slots {
             let at = (slots + slot as usize) * w;
             got.extend_from_slice(&all[at..at + w]);
-            want.extend_from_slice(cc.row(1, slot as usize));
+            want.extend_from_slice(&cc.row(1, slot as usize));
         }
         check("rope_and_write_cache cache", dtype, &got, &want);
     });
@@ -944,7 +944,7 @@ fn fused_rope_cache_attention() {
             for &slot in &b.slots {
                 let at = (slots + slot as usize) * w;
                 got.extend_from_slice(&all[at..at + w]);
-                want.extend_from_slice(cc.row(1, slot as usize));
+                want.extend_from_slice(&cc.row(1, slot as usize));
             }
             check(
                 &format!("rope_cache_attention {path:?} {t} tokens cache"),
