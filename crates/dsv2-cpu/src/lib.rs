@@ -549,6 +549,38 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
+    /// Times the absorbed attention of the step's tokens over layer 0's cache: the
+    /// scores, softmax and weighted sum over the cached rows, and on the CPU also the two
+    /// small `W_UK`/`W_UV` products around them (~2 MB of bf16 on V2-Lite), which the
+    /// kernels interleave per token. The runs repeat over the same rows, so a batch's
+    /// cache that fits the last-level cache (32 MiB here: one V2-Lite sequence of 4K
+    /// tokens is 9.4 MB in f32) is timed warm there, where a decode step reads it from
+    /// memory.
+    fn time_decode_attention(
+        &self,
+        args: MlaAttention<'_, Self>,
+        reps: usize,
+    ) -> Result<Option<f64>> {
+        let d = args.dims;
+        let mut out = vec![0.0f32; args.step.batch.num_tokens() * d.num_heads * d.v_dim];
+        let again = || MlaAttention {
+            q: args.q,
+            kv_b_proj: args.kv_b_proj,
+            cache: args.cache,
+            layer: args.layer,
+            step: args.step,
+            dims: args.dims,
+            path: args.path,
+        };
+        // One untimed run warms the scratch buffers and the caches' first rows.
+        attention::mla_attention(self, again(), &mut out);
+        let start = std::time::Instant::now();
+        for _ in 0..reps.max(1) {
+            attention::mla_attention(self, again(), &mut out);
+        }
+        Ok(Some(start.elapsed().as_secs_f64() / reps.max(1) as f64))
+    }
+
     fn mlp(
         &self,
         x: &Vec<f32>,
