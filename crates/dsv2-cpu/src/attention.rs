@@ -9,7 +9,10 @@ use dsv2_backend::{AttentionPath, MlaAttention, MlaDims, SeqSlice};
 
 use crate::kernels::{gemm_f32, round_bf16, MatRef, SyncPtr};
 use crate::matmul::KindOf;
-use crate::mla::{absorb, dots, project, weighted_sum, Rows, DOT_TILE, SUM_COLS, SUM_HEADS};
+use crate::mla::{
+    absorb, dots, project, weighted_sum, weighted_sum_rows, Rows, DOT_TILE, SUM_CHUNK, SUM_COLS,
+    SUM_HEADS,
+};
 use crate::scratch::take;
 use crate::team;
 use crate::{with_elems, CacheLayer, CpuBackend, LayerRows};
@@ -152,9 +155,12 @@ const SCORE_CHUNK: usize = 64;
 /// Absorbed attention (the decode path), one query token at a time. All heads share one
 /// latent per cached token, so each pass reads every cache row once for all heads (not
 /// once per head): the scores are split over cache positions in register tiles of 4
-/// heads × 4 rows, the weighted sum over latent columns in tiles of 8 heads × 32 columns
-/// ([`crate::mla`]). Per value the arithmetic is the same fixed sequence whatever the
-/// split, so results do not depend on the thread count.
+/// heads × 4 rows, each head's softmax runs on its own, and the weighted sum is split
+/// over latent columns in tiles of 8 heads × 32 columns up to [`SUM_CHUNK`] positions,
+/// over chunks of that many positions beyond (each chunk's rows read once, in order, by
+/// all tiles; the chunks' sums added in order) ([`crate::mla`]). Per value the
+/// arithmetic is the same fixed sequence whatever the split, so results do not depend on
+/// the thread count.
 fn absorbed<E: KindOf>(
     be: &CpuBackend,
     args: &MlaAttention<'_, CpuBackend>,
@@ -223,36 +229,54 @@ fn absorbed<E: KindOf>(
                     }
                 }
             });
-            for head in 0..h {
-                softmax(be, &mut scores[head * ctx..head * ctx + visible]);
-            }
+            // Each head's softmax on its own (16 heads × 4K positions: ~200 µs serially).
+            team::for_each_chunk_mut(&mut scores, ctx, |_, row| softmax(be, &mut row[..visible]));
             // o_lat[head] = Σ_s p[head, s] · c_s, tiles of 8 heads × 32 latent columns,
             // split over the columns.
             let scores_ref: &[f32] = &scores;
             let o_ptr = SyncPtr(o_lat.as_mut_ptr());
-            team::for_each(c.div_ceil(SUM_COLS), |chunk| {
-                let cols = chunk * SUM_COLS..((chunk + 1) * SUM_COLS).min(c);
-                let mut tile = [[0.0f32; SUM_COLS]; SUM_HEADS];
-                for h0 in (0..h).step_by(SUM_HEADS) {
-                    let nh = (h - h0).min(SUM_HEADS);
-                    let p = std::array::from_fn(|a| {
-                        let head = h0 + a.min(nh - 1);
-                        &scores_ref[head * ctx..head * ctx + visible]
-                    });
-                    weighted_sum(p, nh, visible, &blocks, cols.clone(), &mut tile);
-                    for (a, values) in tile.iter().enumerate().take(nh) {
-                        // SAFETY: columns `cols` of every head are written by this
-                        // task only.
-                        let dst = unsafe {
-                            std::slice::from_raw_parts_mut(
-                                o_ptr.get().add((h0 + a) * c + cols.start),
-                                cols.len(),
-                            )
-                        };
-                        dst.copy_from_slice(&values[..cols.len()]);
+            if visible <= SUM_CHUNK {
+                team::for_each(c.div_ceil(SUM_COLS), |chunk| {
+                    let cols = chunk * SUM_COLS..((chunk + 1) * SUM_COLS).min(c);
+                    let mut tile = [[0.0f32; SUM_COLS]; SUM_HEADS];
+                    for h0 in (0..h).step_by(SUM_HEADS) {
+                        let nh = (h - h0).min(SUM_HEADS);
+                        let p = std::array::from_fn(|a| {
+                            let head = h0 + a.min(nh - 1);
+                            &scores_ref[head * ctx..head * ctx + visible]
+                        });
+                        weighted_sum(p, nh, visible, &blocks, cols.clone(), &mut tile);
+                        for (a, values) in tile.iter().enumerate().take(nh) {
+                            // SAFETY: columns `cols` of every head are written by this
+                            // task only.
+                            let dst = unsafe {
+                                std::slice::from_raw_parts_mut(
+                                    o_ptr.get().add((h0 + a) * c + cols.start),
+                                    cols.len(),
+                                )
+                            };
+                            dst.copy_from_slice(&values[..cols.len()]);
+                        }
                     }
-                }
-            });
+                });
+            } else {
+                // Long contexts: chunks of SUM_CHUNK positions, each summed over all heads
+                // and columns reading its rows in order, then added in chunk order.
+                let chunks = visible.div_ceil(SUM_CHUNK);
+                let mut partial = take::<f32>(chunks * h * c);
+                team::for_each_chunk_mut(&mut partial, h * c, |k, part| {
+                    let range = k * SUM_CHUNK..((k + 1) * SUM_CHUNK).min(visible);
+                    weighted_sum_rows(scores_ref, ctx, h, range, &blocks, c, part);
+                });
+                let partial: &[f32] = &partial;
+                team::for_each_chunk_mut(&mut o_lat, c, |head, dst| {
+                    dst.copy_from_slice(&partial[head * c..(head + 1) * c]);
+                    for k in 1..chunks {
+                        let part = &partial[(k * h + head) * c..][..c];
+                        dst.iter_mut().zip(part).for_each(|(d, v)| *d += v);
+                    }
+                });
+            }
             be.round(&mut o_lat);
             // out[head] = W_UV[head] · o_lat[head].
             team::for_each_chunk_mut(&mut out[t * out_row..(t + 1) * out_row], dv, |head, dst| {

@@ -13,7 +13,11 @@
 //! - a score is a 16-lane dot product: lane `j` accumulates, with fused multiply-adds in
 //!   order, the products at `k ≡ j (mod 16)` (a short last chunk only touches its lanes);
 //!   the lanes are then summed as `a[j] + a[j + 8]`, then `+ 4`, `+ 2`, `+ 1`;
-//! - a weighted sum is one fused multiply-add per position, in position order.
+//! - a weighted sum is one fused multiply-add per position, in position order, from 0;
+//!   over more than [`SUM_CHUNK`] positions the attention sums each chunk of that many
+//!   so, then adds the chunks' results in order ([`weighted_sum_rows`] reads a chunk's
+//!   rows once, in order, where the column-split [`weighted_sum`] reads a stripe of every
+//!   row per task).
 
 use std::ops::Range;
 
@@ -150,6 +154,94 @@ impl<'r, E: 'r, B: Fn(usize) -> &'r [E]> Rows<B> {
                 s += 1;
             }
             b += 1;
+        }
+    }
+
+    /// The row of position `s` (`width` long).
+    #[inline(always)]
+    fn row(&self, s: usize) -> &'r [E] {
+        &(self.block)(s / self.block_size)[(s % self.block_size) * self.width..][..self.width]
+    }
+}
+
+/// Positions of one chunk of a long weighted sum ([`weighted_sum_rows`]).
+pub(crate) const SUM_CHUNK: usize = 512;
+/// Rows a [`weighted_sum_rows`] pass keeps hot while every (head, column) tile runs over
+/// them (the AVX-512 path).
+#[cfg(target_arch = "x86_64")]
+const SUM_ROWS: usize = 16;
+
+/// `out[i·c + col] = Σ_{s ∈ positions} p[i·p_stride + s] · row(s)[col]` for heads `i < nh`
+/// and columns `col < c` (`out` holds `nh · c` values; overwritten): per output one chain
+/// of fused multiply-adds from 0 in position order, as [`weighted_sum`] computes it over
+/// its column stripe. Here the work is split by positions, not columns: the rows are read
+/// in order, [`SUM_ROWS`] at a time, each by every tile while it is in the first-level
+/// cache, so a cache that comes from memory streams (split by columns, each task reads a
+/// 128-byte stripe of every row, which ran at ~10 GB/s from memory).
+pub(crate) fn weighted_sum_rows<'r, E: KindOf>(
+    p: &[f32],
+    p_stride: usize,
+    nh: usize,
+    positions: Range<usize>,
+    rows: &Rows<impl Fn(usize) -> &'r [E]>,
+    c: usize,
+    out: &mut [f32],
+) {
+    weighted_sum_rows_isa(isa(), p, p_stride, nh, positions, rows, c, out)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn weighted_sum_rows_isa<'r, E: KindOf>(
+    isa: Isa,
+    p: &[f32],
+    p_stride: usize,
+    nh: usize,
+    positions: Range<usize>,
+    rows: &Rows<impl Fn(usize) -> &'r [E]>,
+    c: usize,
+    out: &mut [f32],
+) {
+    assert!(
+        out.len() >= nh * c
+            && c <= rows.width
+            && (nh == 0 || p.len() >= (nh - 1) * p_stride + positions.end),
+        "weighted-sum rows shapes"
+    );
+    match isa {
+        // SAFETY: the features were detected; shapes checked above.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => unsafe {
+            x86::weighted_sum_rows512(p, p_stride, nh, positions, rows, c, out)
+        },
+        // SAFETY: AVX2 and FMA detected.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => unsafe {
+            x86::weighted_sum_rows_avx2(p, p_stride, nh, positions, rows, c, out)
+        },
+        Isa::Portable => weighted_sum_rows_portable(p, p_stride, nh, positions, rows, c, out),
+    }
+}
+
+/// The scalar reference of [`weighted_sum_rows`] (also the AVX2 path, compiled with FMA).
+#[inline(always)]
+pub(crate) fn weighted_sum_rows_portable<'r, E: KindOf>(
+    p: &[f32],
+    p_stride: usize,
+    nh: usize,
+    positions: Range<usize>,
+    rows: &Rows<impl Fn(usize) -> &'r [E]>,
+    c: usize,
+    out: &mut [f32],
+) {
+    let out = &mut out[..nh * c];
+    out.fill(0.0);
+    for s in positions {
+        let row = &rows.row(s)[..c];
+        for (i, o) in out.chunks_exact_mut(c).enumerate() {
+            let ps = p[i * p_stride + s];
+            for (acc, v) in o.iter_mut().zip(row) {
+                *acc = ps.mul_add(v.to_f32(), *acc);
+            }
         }
     }
 }
@@ -662,6 +754,89 @@ mod x86 {
         }
     }
 
+    /// [`weighted_sum_rows_portable`] compiled for AVX2 + FMA (the same fused operations).
+    ///
+    /// # Safety
+    /// AVX2 and FMA; shapes as checked by the caller.
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn weighted_sum_rows_avx2<'r, E: KindOf>(
+        p: &[f32],
+        p_stride: usize,
+        nh: usize,
+        positions: Range<usize>,
+        rows: &Rows<impl Fn(usize) -> &'r [E]>,
+        c: usize,
+        out: &mut [f32],
+    ) {
+        weighted_sum_rows_portable(p, p_stride, nh, positions, rows, c, out)
+    }
+
+    /// # Safety
+    /// AVX-512 F/BW/VL; shapes as checked by the caller.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn weighted_sum_rows512<'r, E: KindOf>(
+        p: &[f32],
+        p_stride: usize,
+        nh: usize,
+        positions: Range<usize>,
+        rows: &Rows<impl Fn(usize) -> &'r [E]>,
+        c: usize,
+        out: &mut [f32],
+    ) {
+        out[..nh * c].fill(0.0);
+        let row_bytes = rows.width * std::mem::size_of::<E>();
+        let mut s0 = positions.start;
+        while s0 < positions.end {
+            let n = SUM_ROWS.min(positions.end - s0);
+            let block: [*const E; SUM_ROWS] =
+                std::array::from_fn(|j| rows.row(s0 + j.min(n - 1)).as_ptr());
+            // The next rows, whole, while these are summed.
+            for s in s0 + SUM_ROWS..(s0 + 2 * SUM_ROWS).min(positions.end) {
+                let r = rows.row(s).as_ptr() as *const i8;
+                for at in (0..row_bytes).step_by(64) {
+                    _mm_prefetch::<_MM_HINT_T0>(r.wrapping_add(at));
+                }
+            }
+            for h0 in (0..nh).step_by(SUM_HEADS) {
+                let hn = SUM_HEADS.min(nh - h0);
+                for c0 in (0..c).step_by(SUM_COLS) {
+                    let cn = SUM_COLS.min(c - c0);
+                    let m0 = mask16(cn);
+                    let m1 = mask16(cn.saturating_sub(16));
+                    // SAFETY (all accesses): rows of `width` ≥ c columns, masked to the
+                    // cn columns from c0; out has nh·c values; p has the positions.
+                    unsafe {
+                        let mut acc = [[_mm512_setzero_ps(); 2]; SUM_HEADS];
+                        for (i, a) in acc.iter_mut().enumerate().take(hn) {
+                            let o = out.as_ptr().add((h0 + i) * c + c0);
+                            a[0] = _mm512_maskz_loadu_ps(m0, o);
+                            a[1] = _mm512_maskz_loadu_ps(m1, o.add(16));
+                        }
+                        for (j, r) in block.iter().enumerate().take(n) {
+                            let r = r.add(c0);
+                            let v0 = load16(r, m0);
+                            let v1 = load16(r.add(16), m1);
+                            for (i, a) in acc.iter_mut().enumerate().take(hn) {
+                                let ps =
+                                    _mm512_set1_ps(*p.get_unchecked((h0 + i) * p_stride + s0 + j));
+                                a[0] = _mm512_fmadd_ps(ps, v0, a[0]);
+                                a[1] = _mm512_fmadd_ps(ps, v1, a[1]);
+                            }
+                        }
+                        for (i, a) in acc.iter().enumerate().take(hn) {
+                            let o = out.as_mut_ptr().add((h0 + i) * c + c0);
+                            _mm512_mask_storeu_ps(o, m0, a[0]);
+                            _mm512_mask_storeu_ps(o.add(16), m1, a[1]);
+                        }
+                    }
+                }
+            }
+            s0 += n;
+        }
+    }
+
     /// # Safety
     /// AVX2 and FMA; shapes as checked by the caller; rows must cover `cols`.
     #[target_feature(enable = "avx2,fma")]
@@ -857,6 +1032,115 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The position-split sums: bit-identical on every path, equal to the column-split
+    /// [`weighted_sum`] over the same positions (one chain per output), close to f64.
+    #[test]
+    fn weighted_sum_rows_agree_bit_for_bit_with_the_column_split() {
+        use half::bf16;
+        fn case<E: KindOf>(conv: impl Fn(f32) -> E) {
+            let width = 96;
+            let total = 70;
+            let values: Vec<E> = test_values(total * width, 7)
+                .into_iter()
+                .map(&conv)
+                .collect();
+            let stride = 80;
+            let probs = test_values(16 * stride, 11);
+            let source = Rows {
+                block: |b: usize| &values[(b * 4 * width).min(values.len())..],
+                block_size: 4,
+                width,
+            };
+            for (nh, c, positions) in [
+                (16, 96, 0..70),
+                (5, 81, 3..40),
+                (8, 32, 17..18),
+                (1, 17, 0..33),
+                (16, 64, 5..5),
+            ] {
+                let mut want = vec![0.0f32; nh * c];
+                weighted_sum_rows_portable(
+                    &probs,
+                    stride,
+                    nh,
+                    positions.clone(),
+                    &source,
+                    c,
+                    &mut want,
+                );
+                for i in 0..nh {
+                    for col in 0..c {
+                        let exact: f64 = positions
+                            .clone()
+                            .map(|s| {
+                                probs[i * stride + s] as f64 * source.row(s)[col].to_f32() as f64
+                            })
+                            .sum();
+                        let got = want[i * c + col] as f64;
+                        assert!((got - exact).abs() < 1e-5 * (1.0 + exact.abs()));
+                    }
+                }
+                // The column-split kernel over the same positions (rows from the first).
+                let shifted = Rows {
+                    block: |b: usize| {
+                        &values[((positions.start + b * 4) * width).min(values.len())..]
+                    },
+                    block_size: 4,
+                    width,
+                };
+                for h0 in (0..nh).step_by(SUM_HEADS) {
+                    let hn = SUM_HEADS.min(nh - h0);
+                    let p: [&[f32]; SUM_HEADS] = std::array::from_fn(|a| {
+                        &probs[(h0 + a.min(hn - 1)) * stride + positions.start..]
+                    });
+                    for c0 in (0..c).step_by(SUM_COLS) {
+                        let cols = c0..(c0 + SUM_COLS).min(c);
+                        let mut tile = [[0.0; SUM_COLS]; SUM_HEADS];
+                        weighted_sum_portable(
+                            p,
+                            hn,
+                            positions.len(),
+                            &shifted,
+                            cols.clone(),
+                            &mut tile,
+                        );
+                        for a in 0..hn {
+                            for (j, col) in cols.clone().enumerate() {
+                                assert_eq!(
+                                    tile[a][j].to_bits(),
+                                    want[(h0 + a) * c + col].to_bits(),
+                                    "head {} col {col}",
+                                    h0 + a
+                                );
+                            }
+                        }
+                    }
+                }
+                for isa in isas() {
+                    let mut got = vec![f32::NAN; nh * c];
+                    weighted_sum_rows_isa(
+                        isa,
+                        &probs,
+                        stride,
+                        nh,
+                        positions.clone(),
+                        &source,
+                        c,
+                        &mut got,
+                    );
+                    let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(
+                        bits(&got),
+                        bits(&want),
+                        "{isa:?} {nh} heads, {c} columns, {positions:?}"
+                    );
+                }
+            }
+        }
+        case(|v| v);
+        case(bf16::from_f32);
     }
 
     #[test]
