@@ -42,7 +42,7 @@ fn slot(seq: &SeqSlice, block_size: usize, pos: usize) -> usize {
 /// Softmax over `scores` (already scaled), with bf16 rounding of the probabilities when
 /// the backend computes in bf16.
 fn softmax(be: &CpuBackend, scores: &mut [f32]) {
-    dsv2_backend::routing::softmax_in_place(scores);
+    crate::softmax::softmax(scores);
     be.round(scores);
 }
 

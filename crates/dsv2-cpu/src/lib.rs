@@ -34,6 +34,7 @@ mod mla;
 mod moe;
 pub mod qmatmul;
 mod scratch;
+mod softmax;
 pub mod team;
 
 use dsv2_backend::{
