@@ -18,8 +18,8 @@ const LLC_MULTIPLE: usize = 8;
 /// Timed passes; the best one is reported.
 const PASSES: usize = 8;
 
-/// Bytes one measurement reads per pass: [`LLC_MULTIPLE`] times the largest cache this
-/// machine reports, within [`MIN_BYTES`]..=[`MAX_BYTES`].
+/// Bytes one measurement reads per pass: `LLC_MULTIPLE` times the largest cache this
+/// machine reports, within `MIN_BYTES..=MAX_BYTES`.
 pub fn buffer_bytes() -> usize {
     (largest_cache_bytes().unwrap_or(0) * LLC_MULTIPLE).clamp(MIN_BYTES, MAX_BYTES)
 }

@@ -193,7 +193,8 @@ impl CpuCache {
         }
     }
 
-    /// The `W` cached values of `slot` in `layer`, widened to f32 (exact).
+    /// The `W` cached values of `slot` in `layer`, widened to f32 (exact): a copy, for
+    /// tests and inspection (the attention reads the rows in place, `layer`).
     pub fn row(&self, layer: usize, slot: usize) -> Vec<f32> {
         match self.layer(layer) {
             LayerRows::F32(l) => l.row(slot).to_vec(),

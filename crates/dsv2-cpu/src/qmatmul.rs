@@ -9,7 +9,7 @@
 //!
 //! Activations are quantized per row to int8 in blocks of 32 (scale `amax/127`, like
 //! llama.cpp's `q8_0`), and so is what that rounding left over: each row becomes
-//! [`TERMS`] = 2 int8 rows whose sum carries ~15 bits, for twice the integer
+//! `TERMS` = 2 int8 rows whose sum carries ~15 bits, for twice the integer
 //! multiply-adds and the same weight reads (one term alone added as much logit error as
 //! the int8 weights). The block sums `Σq` are precomputed. `vpdpbusd` multiplies an
 //! unsigned by a signed byte, so q8 weights are biased to `q + 128` in the register and
@@ -84,7 +84,7 @@ impl QMatrix<'_> {
 }
 
 /// Activations quantized to int8 blocks of 32, ready for [`qmatmul_rows`]: every row as
-/// [`TERMS`] int8 rows (the row, then its rounding residual), interleaved.
+/// `TERMS` int8 rows (the row, then its rounding residual), interleaved.
 #[derive(Default)]
 pub struct QActivations {
     /// `[m · TERMS, k]` int8 values: row `TERMS·i + t` is term `t` of row `i`.

@@ -5,7 +5,7 @@
 //! kernel for the next loop: on the 2-core development VM `perf` put ~15% of a decode
 //! step's CPU time in the scheduler (wake-ups, `sched_yield`, context switches), and a
 //! run of 8 expert products cost ~7 µs a product more than one product of the same bytes.
-//! The team's workers instead spin on a shared generation counter for [`SPIN`] after
+//! The team's workers instead spin on a shared generation counter for `SPIN` after
 //! their last task, so the next loop starts within a cache-line transfer; then they park,
 //! so an idle engine costs nothing.
 //!

@@ -10,8 +10,8 @@
 //! - [`CudaBuffer`]: an activation buffer; [`CudaCache`]: the paged latent cache
 //!   `[layers, blocks * block_size, C + Dr]`; [`CudaStep`]: a step's metadata, uploaded
 //!   once per step by `prepare_step`.
-//! - Attention ([`attention`](crate::attention)) runs the absorbed formulation for decode
-//!   tokens and the expanded one for prompts; MoE ([`moe`](crate::moe)) routes on the
+//! - Attention (`attention.rs`) runs the absorbed formulation for decode
+//!   tokens and the expanded one for prompts; MoE (`moe.rs`) routes on the
 //!   device and runs the experts as batched GEMMs over device-planned tiles, so nothing
 //!   returns to the host inside a step except the logits or the greedy token ids.
 //!
@@ -147,7 +147,7 @@ struct Graphs {
 
 /// The batch-size buckets of decode graphs: a step of `tokens` tokens runs as the next
 /// size of 1, 2, 4, 8, 16, 24, 32, 48, 64, 80, ..., 128 (steps of 16), 160, ..., 256
-/// (steps of 32), then multiples of 64 up to [`MAX_GRAPH_TOKENS`]; larger steps as they
+/// (steps of 32), then multiples of 64 up to `MAX_GRAPH_TOKENS`; larger steps as they
 /// are.
 pub fn decode_bucket(tokens: usize) -> usize {
     let step = match tokens {

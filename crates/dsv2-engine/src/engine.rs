@@ -1,8 +1,8 @@
 //! The engine loop: one thread owns the model's cache and buffers and runs steps.
 //!
 //! A step is three calls, as in nano-vllm's `LLMEngine.step`: [`Scheduler::schedule`]
-//! picks the work, [`Engine::run_model`] runs one forward pass over it, and
-//! [`Engine::postprocess`] samples, reports tokens and retires finished sequences.
+//! picks the work, `Engine::run_model` runs one forward pass over it, and
+//! `Engine::postprocess` samples, reports tokens and retires finished sequences.
 //! Between steps the loop takes commands (new requests, cancels, drain) and drops the
 //! sequences of clients that went away.
 
