@@ -410,9 +410,14 @@ pub trait Backend: Send + Sync {
     fn measure_read_bandwidth(&self) -> Result<f64>;
 
     /// Bytes the paged latent cache of `spec` occupies on the device, so that the cache
-    /// can be sized from a memory budget. The default assumes f32 values.
+    /// can be sized from a memory budget: by default every value at
+    /// [`cache_value_bytes`](Self::cache_value_bytes).
     fn cache_bytes(&self, spec: CacheSpec) -> usize {
-        spec.num_layers * spec.num_blocks * spec.block_size * spec.width() * 4
+        spec.num_layers
+            * spec.num_blocks
+            * spec.block_size
+            * spec.width()
+            * self.cache_value_bytes()
     }
 
     /// Allocates step metadata for up to `max_tokens` tokens.

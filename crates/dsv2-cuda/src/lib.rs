@@ -577,10 +577,6 @@ impl Backend for CudaBackend {
         Ok(self.dev.measure_read_bandwidth()?)
     }
 
-    fn cache_bytes(&self, spec: CacheSpec) -> usize {
-        spec.num_layers * spec.num_blocks * spec.block_size * spec.width() * self.elem()
-    }
-
     fn alloc_cache(&self, spec: CacheSpec) -> BResult<CudaCache> {
         let bytes =
             spec.num_layers * spec.num_blocks * spec.block_size * spec.width() * self.elem();

@@ -120,6 +120,31 @@ fn concurrent_greedy_requests_equal_solo_runs() {
     }
 }
 
+/// The cache is sized from its byte budget at the backend's value size: a bf16 latent
+/// cache holds twice the blocks of an f32 one in the same budget.
+#[test]
+fn a_bf16_cache_holds_twice_the_blocks_in_the_same_budget() {
+    let (backend, model) = model();
+    let f32_block = dsv2_backend::Backend::cache_bytes(&backend, model.cache_spec(1, 16));
+    drop((backend, model));
+    let blocks = |cache: ComputeDtype| {
+        let backend = CpuBackend::new(ComputeDtype::F32).with_cache_dtype(cache);
+        let config = config();
+        let checkpoint = synthetic_checkpoint(&config, 7, DType::F32);
+        let model = Model::load(&backend, config, &checkpoint).unwrap();
+        let cfg = EngineConfig {
+            kv_cache_bytes: 100 * f32_block,
+            ..EngineConfig::default()
+        };
+        let (engine, handle) = Engine::new(&backend, &model, cfg).unwrap();
+        let total = handle.stats().blocks_total;
+        drop(engine);
+        total
+    };
+    let (f32_blocks, bf16_blocks) = (blocks(ComputeDtype::F32), blocks(ComputeDtype::Bf16));
+    assert_eq!((f32_blocks, bf16_blocks), (100, 200));
+}
+
 #[test]
 fn preemption_under_a_tiny_cache_still_finishes_every_request() {
     // Room for ~12 blocks of 16 tokens: eight 40-token requests cannot all run.
