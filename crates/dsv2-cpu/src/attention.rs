@@ -87,67 +87,82 @@ fn expanded<E: KindOf>(
     let out_ptr = SyncPtr(out.as_mut_ptr());
     let out_row = h * dv;
     team::for_each(h, |head| {
-        let view = |data, row_stride, col_stride| MatRef {
-            data,
-            row_stride,
-            col_stride,
-        };
-        // scores[Tq, S] = q_nope · k_noneᵀ + q_pe · k_peᵀ (keys read transposed).
-        let mut scores = take::<f32>(tq * s_len);
-        let head_kv = &kv[head * (dn + dv)..];
-        let q_head = &q_rows[head * qd..];
-        gemm_f32(
-            tq,
-            s_len,
-            dn,
-            view(q_head, q_row, 1),
-            view(head_kv, 1, kv_w),
-            &mut scores,
-            s_len,
-            false,
-        );
-        gemm_f32(
-            tq,
-            s_len,
-            dr,
-            view(&q_head[dn..], q_row, 1),
-            view(&k_pe, 1, dr),
-            &mut scores,
-            s_len,
-            true,
-        );
-        // Scale, causal mask (query i sees positions ..= past + i), softmax.
-        for (i, row) in scores.chunks_mut(s_len).enumerate() {
-            let visible = past + i + 1;
-            for score in row[..visible].iter_mut() {
-                *score = scale_score(be, *score, d.softmax_scale);
+        fn view(data: &[f32], row_stride: usize, col_stride: usize) -> MatRef<'_> {
+            MatRef {
+                data,
+                row_stride,
+                col_stride,
             }
-            softmax(be, &mut row[..visible]);
-            row[visible..].fill(0.0);
         }
-        // out[Tq, Dv] = probs · v
-        let mut head_out = take::<f32>(tq * dv);
-        gemm_f32(
-            tq,
-            dv,
-            s_len,
-            view(&scores, s_len, 1),
-            view(&head_kv[dn..], kv_w, 1),
-            &mut head_out,
-            dv,
-            false,
-        );
-        be.round(&mut head_out);
-        for (i, row) in head_out.chunks(dv).enumerate() {
-            let t = seq.query_start + i;
-            // SAFETY: row t, head `head` is written by this task only.
-            let dst = unsafe {
-                std::slice::from_raw_parts_mut(out_ptr.get().add(t * out_row + head * dv), dv)
-            };
-            dst.copy_from_slice(row);
+        let head_kv = &kv[head * (dn + dv)..];
+        let block = tq.min(QUERY_BLOCK);
+        let mut scores = take::<f32>(block * s_len);
+        let mut head_out = take::<f32>(block * dv);
+        // Blocks of queries, each against the keys its last query sees: the causal mask
+        // leaves the rest zero, so they are not computed (half the score and weighted-sum
+        // work of a one-chunk prompt), and the scores take a block's rows, not the prompt's.
+        for i0 in (0..tq).step_by(QUERY_BLOCK) {
+            let bq = (tq - i0).min(QUERY_BLOCK);
+            let keys = past + i0 + bq;
+            let q_head = &q_rows[i0 * q_row + head * qd..];
+            let scores = &mut scores[..bq * keys];
+            // scores[bq, keys] = q_nope · k_noneᵀ + q_pe · k_peᵀ (keys read transposed).
+            gemm_f32(
+                bq,
+                keys,
+                dn,
+                view(q_head, q_row, 1),
+                view(head_kv, 1, kv_w),
+                scores,
+                keys,
+                false,
+            );
+            gemm_f32(
+                bq,
+                keys,
+                dr,
+                view(&q_head[dn..], q_row, 1),
+                view(&k_pe, 1, dr),
+                scores,
+                keys,
+                true,
+            );
+            // Scale, causal mask (query i0 + i sees positions ..= past + i0 + i), softmax.
+            for (i, row) in scores.chunks_mut(keys).enumerate() {
+                let visible = past + i0 + i + 1;
+                for score in row[..visible].iter_mut() {
+                    *score = scale_score(be, *score, d.softmax_scale);
+                }
+                softmax(be, &mut row[..visible]);
+                row[visible..].fill(0.0);
+            }
+            // out[bq, Dv] = probs · v
+            let head_out = &mut head_out[..bq * dv];
+            gemm_f32(
+                bq,
+                dv,
+                keys,
+                view(scores, keys, 1),
+                view(&head_kv[dn..], kv_w, 1),
+                head_out,
+                dv,
+                false,
+            );
+            be.round(head_out);
+            for (i, row) in head_out.chunks(dv).enumerate() {
+                let t = seq.query_start + i0 + i;
+                // SAFETY: row t, head `head` is written by this task only.
+                let dst = unsafe {
+                    std::slice::from_raw_parts_mut(out_ptr.get().add(t * out_row + head * dv), dv)
+                };
+                dst.copy_from_slice(row);
+            }
         }
     });
 }
+
+/// Queries per block of the expanded attention.
+const QUERY_BLOCK: usize = 256;
 
 /// Cache positions per parallel task of the absorbed scores.
 const SCORE_CHUNK: usize = 64;
