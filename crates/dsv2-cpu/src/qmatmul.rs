@@ -800,7 +800,10 @@ mod x86 {
         let bias = _mm512_set1_epi8(-128);
         let mut facc = [[_mm512_setzero_ps(); NC]; MR];
         for b in 0..nb {
-            let mut acc = [[_mm512_setzero_si512(); NC]; MR];
+            // The integer sums start at the block's correction `−cx` (bias times the
+            // activations' sum), so no subtraction is left for the end (exact either way).
+            let mut acc: [[__m512i; NC]; MR] =
+                std::array::from_fn(|i| [_mm512_set1_epi32(xc[i][b].wrapping_neg()); NC]);
             let mut acc2 = [[_mm512_setzero_si512(); NC]; MR];
             // SAFETY (all loads below): block b of a full tile, k < cols of the rows.
             unsafe {
@@ -864,13 +867,12 @@ mod x86 {
             }
             for i in 0..MR {
                 let dx = _mm512_set1_ps(xd[i][b]);
-                let cx = _mm512_set1_epi32(xc[i][b]);
                 for c in 0..NC {
                     let mut s = acc[i][c];
                     if split {
                         s = _mm512_add_epi32(s, acc2[i][c]);
                     }
-                    let s = _mm512_cvtepi32_ps(_mm512_sub_epi32(s, cx));
+                    let s = _mm512_cvtepi32_ps(s);
                     facc[i][c] = _mm512_fmadd_ps(s, _mm512_mul_ps(dw[c], dx), facc[i][c]);
                 }
             }
