@@ -25,8 +25,8 @@ use std::ops::Range;
 use crate::matmul::Kind;
 use crate::matmul::KindOf;
 
-/// Lanes of a score's dot product.
-const LANES: usize = 16;
+/// Lanes of a score's dot product (and of the softmax's sums).
+pub(crate) const LANES: usize = 16;
 /// Query rows (heads) and cache rows of a score tile.
 pub(crate) const DOT_TILE: usize = 4;
 /// Heads of a weighted-sum tile.
@@ -34,8 +34,9 @@ pub(crate) const SUM_HEADS: usize = 8;
 /// Columns of a weighted-sum tile.
 pub(crate) const SUM_COLS: usize = 32;
 
+/// The instruction paths of the f32 kernels here and in [`crate::softmax`].
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Isa {
+pub(crate) enum Isa {
     #[cfg(target_arch = "x86_64")]
     Avx512,
     #[cfg(target_arch = "x86_64")]
@@ -43,7 +44,7 @@ enum Isa {
     Portable,
 }
 
-fn isa() -> Isa {
+pub(crate) fn isa() -> Isa {
     static ISA: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
     *ISA.get_or_init(|| {
         #[cfg(target_arch = "x86_64")]
@@ -120,8 +121,28 @@ pub(crate) fn dots_portable<E: KindOf>(
     out
 }
 
+/// Every instruction path this CPU can run (for the tests that compare them).
+#[cfg(test)]
+#[allow(unused_mut)] // x86-only pushes
+pub(crate) fn isas() -> Vec<Isa> {
+    let mut v = vec![Isa::Portable];
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            v.push(Isa::Avx2);
+        }
+        if std::is_x86_feature_detected!("avx512f")
+            && std::is_x86_feature_detected!("avx512bw")
+            && std::is_x86_feature_detected!("avx512vl")
+        {
+            v.push(Isa::Avx512);
+        }
+    }
+    v
+}
+
 /// `a[j] + a[j + 8]`, then `+ 4`, `+ 2`, `+ 1`.
-fn reduce_lanes(mut a: [f32; LANES]) -> f32 {
+pub(crate) fn reduce_lanes(mut a: [f32; LANES]) -> f32 {
     let mut half = LANES / 2;
     while half > 0 {
         for j in 0..half {
@@ -885,54 +906,44 @@ mod tests {
     use super::*;
     use crate::test_values;
 
-    #[allow(unused_mut)] // x86-only pushes
-    fn isas() -> Vec<Isa> {
-        let mut v = vec![Isa::Portable];
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-                v.push(Isa::Avx2);
-            }
-            if std::is_x86_feature_detected!("avx512f")
-                && std::is_x86_feature_detected!("avx512bw")
-                && std::is_x86_feature_detected!("avx512vl")
-            {
-                v.push(Isa::Avx512);
-            }
-        }
-        v
-    }
-
     #[test]
+    /// Also over bf16 cache rows, which the kernels widen exactly.
     fn dots_agree_bit_for_bit_and_match_f64() {
-        for w in [1, 7, 15, 16, 17, 40, 576] {
-            let q = test_values(DOT_TILE * w, w as u64);
-            let r = test_values(DOT_TILE * w, 99 + w as u64);
-            let qs: [&[f32]; DOT_TILE] = std::array::from_fn(|i| &q[i * w..(i + 1) * w]);
-            let rs: [&[f32]; DOT_TILE] = std::array::from_fn(|j| &r[j * w..(j + 1) * w]);
-            let want = dots_portable(qs, DOT_TILE, rs, DOT_TILE);
-            for i in 0..DOT_TILE {
-                for j in 0..DOT_TILE {
-                    let exact: f64 = qs[i]
-                        .iter()
-                        .zip(rs[j])
-                        .map(|(a, b)| *a as f64 * *b as f64)
-                        .sum();
-                    assert!(
-                        (want[i][j] as f64 - exact).abs() < 1e-5 * (1.0 + exact.abs()),
-                        "w {w}"
+        fn case<E: KindOf>(conv: impl Fn(f32) -> E) {
+            for w in [1, 7, 15, 16, 17, 40, 576] {
+                let q = test_values(DOT_TILE * w, w as u64);
+                let r: Vec<E> = test_values(DOT_TILE * w, 99 + w as u64)
+                    .into_iter()
+                    .map(&conv)
+                    .collect();
+                let qs: [&[f32]; DOT_TILE] = std::array::from_fn(|i| &q[i * w..(i + 1) * w]);
+                let rs: [&[E]; DOT_TILE] = std::array::from_fn(|j| &r[j * w..(j + 1) * w]);
+                let want = dots_portable(qs, DOT_TILE, rs, DOT_TILE);
+                for i in 0..DOT_TILE {
+                    for j in 0..DOT_TILE {
+                        let exact: f64 = qs[i]
+                            .iter()
+                            .zip(rs[j])
+                            .map(|(a, b)| *a as f64 * b.to_f32() as f64)
+                            .sum();
+                        assert!(
+                            (want[i][j] as f64 - exact).abs() < 1e-5 * (1.0 + exact.abs()),
+                            "w {w}"
+                        );
+                    }
+                }
+                for isa in isas() {
+                    let got = dots_isa(isa, qs, DOT_TILE, rs, DOT_TILE);
+                    assert_eq!(
+                        got.map(|r| r.map(f32::to_bits)),
+                        want.map(|r| r.map(f32::to_bits)),
+                        "{isa:?} w {w}"
                     );
                 }
             }
-            for isa in isas() {
-                let got = dots_isa(isa, qs, DOT_TILE, rs, DOT_TILE);
-                assert_eq!(
-                    got.map(|r| r.map(f32::to_bits)),
-                    want.map(|r| r.map(f32::to_bits)),
-                    "{isa:?} w {w}"
-                );
-            }
         }
+        case(|v| v);
+        case(half::bf16::from_f32);
     }
 
     #[test]
@@ -973,65 +984,6 @@ mod tests {
         case(|v| v);
         case(bf16::from_f32);
         case(f16::from_f32);
-    }
-
-    /// A bf16 cache: rows widened exactly, so every path gives the f32 kernels' bits on
-    /// the widened rows.
-    #[test]
-    fn dots_and_weighted_sums_over_bf16_rows_equal_the_widened_f32_ones() {
-        use half::bf16;
-        let bits = |t: [[f32; DOT_TILE]; DOT_TILE]| t.map(|r| r.map(f32::to_bits));
-        for w in [1, 7, 15, 16, 17, 40, 576] {
-            let q = test_values(DOT_TILE * w, w as u64);
-            let r16: Vec<bf16> = test_values(DOT_TILE * w, 99 + w as u64)
-                .into_iter()
-                .map(bf16::from_f32)
-                .collect();
-            let r32: Vec<f32> = r16.iter().map(|v| v.to_f32()).collect();
-            let qs: [&[f32]; DOT_TILE] = std::array::from_fn(|i| &q[i * w..(i + 1) * w]);
-            let rs16: [&[bf16]; DOT_TILE] = std::array::from_fn(|j| &r16[j * w..(j + 1) * w]);
-            let rs32: [&[f32]; DOT_TILE] = std::array::from_fn(|j| &r32[j * w..(j + 1) * w]);
-            let want = dots_portable(qs, DOT_TILE, rs32, DOT_TILE);
-            for isa in isas() {
-                let got = dots_isa(isa, qs, DOT_TILE, rs16, DOT_TILE);
-                assert_eq!(bits(got), bits(want), "{isa:?} w {w}");
-            }
-        }
-        let width = 96;
-        let positions = 33;
-        let r16: Vec<bf16> = test_values(positions * width, 7)
-            .into_iter()
-            .map(bf16::from_f32)
-            .collect();
-        let r32: Vec<f32> = r16.iter().map(|v| v.to_f32()).collect();
-        let probs = test_values(SUM_HEADS * 40, 11);
-        let p: [&[f32]; SUM_HEADS] = std::array::from_fn(|i| &probs[i * 40..(i + 1) * 40]);
-        let src16 = Rows {
-            block: |b: usize| &r16[(b * 4 * width).min(r16.len())..],
-            block_size: 4,
-            width,
-        };
-        let src32 = Rows {
-            block: |b: usize| &r32[(b * 4 * width).min(r32.len())..],
-            block_size: 4,
-            width,
-        };
-        for (cols, nh) in [(0..32, 8), (64..81, 8), (90..96, 1), (5..21, 5)] {
-            let mut want = [[0.0; SUM_COLS]; SUM_HEADS];
-            weighted_sum_portable(p, nh, positions, &src32, cols.clone(), &mut want);
-            for isa in isas() {
-                let mut got = [[f32::NAN; SUM_COLS]; SUM_HEADS];
-                weighted_sum_isa(isa, p, nh, positions, &src16, cols.clone(), &mut got);
-                for i in 0..nh {
-                    let n = cols.len();
-                    assert_eq!(
-                        got[i][..n].iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-                        want[i][..n].iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-                        "{isa:?} cols {cols:?} heads {nh}"
-                    );
-                }
-            }
-        }
     }
 
     /// The position-split sums: bit-identical on every path, equal to the column-split
@@ -1160,49 +1112,57 @@ mod tests {
     }
 
     #[test]
+    /// Also over bf16 cache rows, which the kernels widen exactly.
     fn weighted_sums_agree_bit_for_bit_and_match_f64() {
-        let width = 96;
-        for positions in [0, 1, 5, 33] {
-            let rows = test_values(positions * width, 7);
-            let probs = test_values(SUM_HEADS * 40, 11);
-            let p: [&[f32]; SUM_HEADS] = std::array::from_fn(|i| &probs[i * 40..(i + 1) * 40]);
-            let row = |s: usize| &rows[s * width..(s + 1) * width];
-            // Blocks of 4 rows (the last one short).
-            let source = Rows {
-                block: |b: usize| &rows[(b * 4 * width).min(rows.len())..],
-                block_size: 4,
-                width,
-            };
-            for (cols, nh) in [
-                (0..32, 8),
-                (32..64, 3),
-                (64..81, 8),
-                (90..96, 1),
-                (5..21, 5),
-            ] {
-                let mut want = [[0.0; SUM_COLS]; SUM_HEADS];
-                weighted_sum_portable(p, nh, positions, &source, cols.clone(), &mut want);
-                for i in 0..nh {
-                    for (c, col) in cols.clone().enumerate() {
-                        let exact: f64 = (0..positions)
-                            .map(|s| p[i][s] as f64 * row(s)[col] as f64)
-                            .sum();
-                        assert!((want[i][c] as f64 - exact).abs() < 1e-5 * (1.0 + exact.abs()));
-                    }
-                }
-                for isa in isas() {
-                    let mut got = [[f32::NAN; SUM_COLS]; SUM_HEADS];
-                    weighted_sum_isa(isa, p, nh, positions, &source, cols.clone(), &mut got);
+        fn case<E: KindOf>(conv: impl Fn(f32) -> E) {
+            let width = 96;
+            for positions in [0, 1, 5, 33] {
+                let rows: Vec<E> = test_values(positions * width, 7)
+                    .into_iter()
+                    .map(&conv)
+                    .collect();
+                let probs = test_values(SUM_HEADS * 40, 11);
+                let p: [&[f32]; SUM_HEADS] = std::array::from_fn(|i| &probs[i * 40..(i + 1) * 40]);
+                let row = |s: usize| &rows[s * width..(s + 1) * width];
+                // Blocks of 4 rows (the last one short).
+                let source = Rows {
+                    block: |b: usize| &rows[(b * 4 * width).min(rows.len())..],
+                    block_size: 4,
+                    width,
+                };
+                for (cols, nh) in [
+                    (0..32, 8),
+                    (32..64, 3),
+                    (64..81, 8),
+                    (90..96, 1),
+                    (5..21, 5),
+                ] {
+                    let mut want = [[0.0; SUM_COLS]; SUM_HEADS];
+                    weighted_sum_portable(p, nh, positions, &source, cols.clone(), &mut want);
                     for i in 0..nh {
-                        let n = cols.len();
-                        assert_eq!(
-                            got[i][..n].iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-                            want[i][..n].iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-                            "{isa:?} cols {cols:?} heads {nh} positions {positions}"
-                        );
+                        for (c, col) in cols.clone().enumerate() {
+                            let exact: f64 = (0..positions)
+                                .map(|s| p[i][s] as f64 * row(s)[col].to_f32() as f64)
+                                .sum();
+                            assert!((want[i][c] as f64 - exact).abs() < 1e-5 * (1.0 + exact.abs()));
+                        }
+                    }
+                    for isa in isas() {
+                        let mut got = [[f32::NAN; SUM_COLS]; SUM_HEADS];
+                        weighted_sum_isa(isa, p, nh, positions, &source, cols.clone(), &mut got);
+                        for i in 0..nh {
+                            let n = cols.len();
+                            assert_eq!(
+                                got[i][..n].iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                                want[i][..n].iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                                "{isa:?} cols {cols:?} heads {nh} positions {positions}"
+                            );
+                        }
                     }
                 }
             }
         }
+        case(|v| v);
+        case(half::bf16::from_f32);
     }
 }

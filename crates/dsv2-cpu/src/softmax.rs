@@ -12,7 +12,8 @@
 //!   then the lanes are summed as `a[j] + a[j + 8]`, then `+ 4`, `+ 2`, `+ 1`;
 //! - each element is multiplied by `1 / sum`.
 
-const LANES: usize = 16;
+use crate::mla::{isa, reduce_lanes, Isa, LANES};
+
 const LOG2E: f32 = std::f32::consts::LOG2_E;
 /// `ln 2` in two parts: the first exact in a few bits, so `n · LN2_HI` is exact.
 const LN2_HI: f32 = 0.693_359_4;
@@ -28,31 +29,6 @@ const P: [f32; 6] = [
     1.666_666_5e-1,
     0.5, // Cephes: 5.0000001201e-1, which rounds to 0.5 in f32
 ];
-
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Isa {
-    #[cfg(target_arch = "x86_64")]
-    Avx512,
-    #[cfg(target_arch = "x86_64")]
-    Avx2,
-    Portable,
-}
-
-fn isa() -> Isa {
-    static ISA: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
-    *ISA.get_or_init(|| {
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::is_x86_feature_detected!("avx512f") {
-                return Isa::Avx512;
-            }
-            if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-                return Isa::Avx2;
-            }
-        }
-        Isa::Portable
-    })
-}
 
 /// `x ← softmax(x)` (see the module's arithmetic). An empty slice is left as it is.
 pub(crate) fn softmax(x: &mut [f32]) {
@@ -104,18 +80,6 @@ pub(crate) fn softmax_portable(x: &mut [f32]) {
     }
     let inv = 1.0 / reduce_lanes(acc);
     x.iter_mut().for_each(|v| *v *= inv);
-}
-
-/// `a[j] + a[j + 8]`, then `+ 4`, `+ 2`, `+ 1`.
-fn reduce_lanes(mut a: [f32; LANES]) -> f32 {
-    let mut half = LANES / 2;
-    while half > 0 {
-        for j in 0..half {
-            a[j] += a[j + half];
-        }
-        half /= 2;
-    }
-    a[0]
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -279,22 +243,8 @@ mod x86 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::mla::isas;
     use crate::test_values;
-
-    #[allow(unused_mut)] // x86-only pushes
-    fn isas() -> Vec<Isa> {
-        let mut v = vec![Isa::Portable];
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-                v.push(Isa::Avx2);
-            }
-            if std::is_x86_feature_detected!("avx512f") {
-                v.push(Isa::Avx512);
-            }
-        }
-        v
-    }
 
     #[test]
     fn exp_is_within_two_ulp_on_its_range() {

@@ -546,13 +546,9 @@ impl Backend for CudaBackend {
     type Step = CudaStep;
 
     fn describe(&self) -> String {
-        let dtype = match self.dtype {
-            ComputeDtype::F32 => "f32",
-            ComputeDtype::Bf16 => "bf16",
-        };
         format!(
-            "cuda:{} ({}, sm_{}{}, {dtype} weights and activations)",
-            self.dev.ordinal, self.dev.name, self.dev.arch.0, self.dev.arch.1
+            "cuda:{} ({}, sm_{}{}, {} weights and activations)",
+            self.dev.ordinal, self.dev.name, self.dev.arch.0, self.dev.arch.1, self.dtype
         )
     }
 
