@@ -359,6 +359,15 @@ pub enum BackendError {
 /// Result alias for backends.
 pub type Result<T, E = BackendError> = std::result::Result<T, E>;
 
+/// A device's peak matrix rate ([`Backend::peak_matrix_rate`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct PeakRate {
+    /// FLOP/s, two per multiply-add.
+    pub flops_per_s: f64,
+    /// Where the figure comes from, for reports (`"int8 dot products, measured"`).
+    pub basis: String,
+}
+
 /// Coarse operations of the DeepSeek-V2 forward pass.
 ///
 /// Buffers hold logical f32 values in row-major order; each method documents shapes
@@ -408,6 +417,15 @@ pub trait Backend: Send + Sync {
     /// Benchmarks divide the bytes a decode step must read by it to get the step's floor,
     /// so it is measured in the same run, under the same neighbours.
     fn measure_read_bandwidth(&self) -> Result<f64>;
+
+    /// The peak rate of the instruction this backend's prefill matrix products run on:
+    /// for `q8`/`q4` weights when `quantized`, else for a checkpoint's bf16 weights under
+    /// this backend's activation dtype. Benchmarks state a prefill's MFU against it.
+    /// `None` (the default) where the backend cannot tell; the CPU measures it.
+    fn peak_matrix_rate(&self, quantized: bool) -> Result<Option<PeakRate>> {
+        let _ = quantized;
+        Ok(None)
+    }
 
     /// Bytes the paged latent cache of `spec` occupies on the device, so that the cache
     /// can be sized from a memory budget: by default every value at

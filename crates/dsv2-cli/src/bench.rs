@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use clap::Args;
-use dsv2_backend::{AttentionPath, Backend, Batch, LogitsWanted};
+use dsv2_backend::{AttentionPath, Backend, Batch, LogitsWanted, PeakRate};
 use dsv2_core::{expected_tensors, DType, ModelConfig};
 use dsv2_cpu::bandwidth::ReadProbe;
 use dsv2_model::{Model, Workspace};
@@ -70,10 +70,11 @@ pub struct BenchArgs {
     /// Times each prefill row runs; the median is reported.
     #[arg(long, default_value_t = 1)]
     prefill_runs: usize,
-    /// Peak dense matrix rate of the device, TFLOP/s, for the prefill's MFU (default:
-    /// the H200/H100 SXM datasheet's dense bf16 figure).
-    #[arg(long, default_value_t = 989.0)]
-    peak_tflops: f64,
+    /// Peak dense matrix rate of the device, TFLOP/s, for the prefill's MFU (default: the
+    /// backend's: on the CPU measured in the run on the instruction the prefill uses, on
+    /// an H100/H200 the datasheet's dense figure for the dtype).
+    #[arg(long)]
+    peak_tflops: Option<f64>,
     /// Cached tokens per sequence before the timed decode steps (comma-separated).
     #[arg(long, value_delimiter = ',', default_value = "0,1024,4096")]
     contexts: Vec<usize>,
@@ -176,7 +177,10 @@ fn check_grid(args: &BenchArgs, config: &ModelConfig) -> Result<()> {
     ensure!(args.decode_tokens > 0, "--decode-tokens must be positive");
     ensure!(args.prefill_batch > 0, "--prefill-batch must be positive");
     ensure!(args.prefill_runs > 0, "--prefill-runs must be positive");
-    ensure!(args.peak_tflops > 0.0, "--peak-tflops must be positive");
+    ensure!(
+        args.peak_tflops.is_none_or(|p| p > 0.0),
+        "--peak-tflops must be positive"
+    );
     let max_pos = config.max_position_embeddings;
     let longest_prompt = args.prompt_lengths.iter().max().copied().unwrap_or(0);
     ensure!(
@@ -218,6 +222,13 @@ impl ModelTask for BenchTask<'_> {
         let kv_bytes_per_token = model
             .cache_spec(1, dsv2_engine::BLOCK_SIZE)
             .bytes_per_token(backend.cache_value_bytes());
+        let peak = match args.peak_tflops {
+            Some(tflops) => Some(PeakRate {
+                flops_per_s: tflops * 1e12,
+                basis: "--peak-tflops".into(),
+            }),
+            None => backend.peak_matrix_rate(self.source.quantized(&model.config))?,
+        };
         let mut runner = Runner::new(backend, model, args)?;
         let rows = args.prompt_lengths.len() + args.contexts.len() * args.batch_sizes.len();
         let bar = rows_bar(rows as u64);
@@ -336,7 +347,7 @@ impl ModelTask for BenchTask<'_> {
             kv_bytes_per_token,
             bandwidth,
             bandwidth_probes: probes,
-            peak_flops: args.peak_tflops * 1e12,
+            peak,
             prefill,
             decode,
         })
@@ -674,8 +685,8 @@ struct Report {
     bandwidth: f64,
     /// Each probe of the read bandwidth, in order (bytes per second).
     bandwidth_probes: Vec<f64>,
-    /// Peak matrix rate the MFU is reckoned against, FLOP/s.
-    peak_flops: f64,
+    /// Peak matrix rate the MFU is reckoned against (none known: no MFU).
+    peak: Option<PeakRate>,
     prefill: Vec<PrefillRow>,
     decode: Vec<DecodeRow>,
 }
@@ -701,24 +712,34 @@ impl Report {
         );
         println!();
         println!(
-            "{:>14} {:>8} {:>10} {:>10} {:>9} {:>6}  (MFU against {:.0} TFLOP/s)",
+            "{:>14} {:>8} {:>10} {:>10} {:>9} {:>6}  {}",
             "prompt tokens",
             "prompts",
             "seconds",
             "tokens/s",
             "TFLOP/s",
             "MFU",
-            self.peak_flops / 1e12
+            match &self.peak {
+                Some(p) => format!(
+                    "(MFU against {} TFLOP/s: {})",
+                    significant(p.flops_per_s / 1e12),
+                    p.basis
+                ),
+                None => "(no peak rate known for this device: give --peak-tflops)".into(),
+            }
         );
         for row in &self.prefill {
+            let mfu = self.peak.as_ref().map_or("-".into(), |p| {
+                format!("{:.1}%", 100.0 * row.flops_per_s() / p.flops_per_s)
+            });
             println!(
-                "{:>14} {:>8} {:>10.3} {:>10.1} {:>9.1} {:>5.1}%",
+                "{:>14} {:>8} {:>10.3} {:>10.1} {:>9.3} {:>6}",
                 row.prompt_tokens,
                 row.prompts,
                 row.seconds,
                 row.tokens_per_s(),
                 row.flops_per_s() / 1e12,
-                100.0 * row.flops_per_s() / self.peak_flops
+                mfu
             );
         }
         println!();
@@ -802,7 +823,7 @@ impl Report {
                     "tokens_per_s": r.tokens_per_s(),
                     "flops": r.flops,
                     "tflops_per_s": r.flops_per_s() / 1e12,
-                    "mfu": r.flops_per_s() / self.peak_flops,
+                    "mfu": self.peak.as_ref().map(|p| r.flops_per_s() / p.flops_per_s),
                 })
             })
             .collect();
@@ -843,10 +864,21 @@ impl Report {
             "kv_bytes_per_token": self.kv_bytes_per_token,
             "bandwidth_gbps": self.bandwidth / 1e9,
             "bandwidth_probes_gbps": self.bandwidth_probes.iter().map(|b| b / 1e9).collect::<Vec<_>>(),
-            "peak_tflops": self.peak_flops / 1e12,
+            "peak_tflops": self.peak.as_ref().map(|p| p.flops_per_s / 1e12),
+            "peak_basis": self.peak.as_ref().map(|p| p.basis.clone()),
             "prefill": prefill,
             "decode": decode,
         })
+    }
+}
+
+/// `x` with three significant digits at most (`989`, `2.18`, `0.541`).
+fn significant(x: f64) -> String {
+    match x {
+        x if x >= 100.0 => format!("{x:.0}"),
+        x if x >= 10.0 => format!("{x:.1}"),
+        x if x >= 1.0 => format!("{x:.2}"),
+        x => format!("{x:.3}"),
     }
 }
 

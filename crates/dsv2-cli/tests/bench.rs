@@ -89,8 +89,22 @@ fn bench_random_weights_reports_every_figure() {
     let prefill = report["prefill"].as_array().unwrap();
     let lengths: Vec<f64> = prefill.iter().map(|r| num(r, "prompt_tokens")).collect();
     assert_eq!(lengths, [8.0, 32.0]);
+    // MFU against the peak rate measured on this CPU for the prefill's instruction
+    // (bf16 weights under the CPU's default f32 activations: f32 FMA).
+    let peak = positive(&report, "peak_tflops");
+    let basis = report["peak_basis"].as_str().unwrap();
+    assert!(
+        basis.starts_with("f32 FMA") && basis.contains("measured"),
+        "{basis}"
+    );
     for row in prefill {
         positive(row, "tokens_per_s");
+        let mfu = positive(row, "mfu");
+        assert!(
+            (mfu - num(row, "tflops_per_s") / peak).abs() < 1e-9 * mfu,
+            "{row}"
+        );
+        assert!(mfu < 1.0, "{row}");
     }
 
     let decode = report["decode"].as_array().unwrap();
@@ -151,11 +165,15 @@ fn bench_runs_a_checkpoint_in_its_dtype() {
         "2",
         "--decode-tokens",
         "2",
+        "--peak-tflops",
+        "1.5",
         "--json",
     ]);
     assert!(out.status.success(), "{}", stderr(&out));
     let report = last_json(&out);
     assert_eq!(report["weights_dtype"], "f32");
+    assert_eq!(num(&report, "peak_tflops"), 1.5);
+    assert_eq!(report["peak_basis"], "--peak-tflops");
     assert_eq!(num(&report, "weight_bytes"), 4.0 * 231_968.0);
     positive(&report["decode"][0], "tokens_per_s");
     positive(&report["prefill"][0], "tokens_per_s");
@@ -183,6 +201,8 @@ fn bench_quantizes_random_weights_at_load() {
     assert!(out.status.success(), "{}", stderr(&out));
     let report = last_json(&out);
     assert_eq!(report["weights_dtype"], "bf16, q8 at load");
+    let basis = report["peak_basis"].as_str().unwrap();
+    assert!(basis.starts_with("int8 dot products"), "{basis}");
     // Matrices with 32-multiple rows of K become K + 2·K/32 bytes per row; embeddings,
     // norms, routers and kv_b_proj stay bf16 (hand count over the lite fixture):
     // embed 38,400; per layer q_proj 6,528, kv_a 2,720, kv_a_layernorm 64, kv_b 8,192,

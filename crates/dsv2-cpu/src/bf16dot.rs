@@ -112,10 +112,43 @@ fn tiled(x: &[f32], m: usize, w: &[bf16], n: usize, k: usize, y: &mut [f32]) {
     });
 }
 
+/// One thread's `rounds` rounds of [`crate::peak::CHAINS`] independent `vdpbf16ps`
+/// chains (32 multiply-adds each), for the peak probe ([`crate::peak`]); returns the
+/// multiply-adds done.
+///
+/// # Panics
+/// If [`available`] is false.
+pub(crate) fn peak_macs(rounds: usize) -> u64 {
+    assert!(available(), "AVX-512 BF16 is not available");
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: the CPU has AVX-512 F/BW/BF16 (checked above).
+    return unsafe { x86::peak(rounds) };
+    #[cfg(not(target_arch = "x86_64"))]
+    unreachable!("{rounds}")
+}
+
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::*;
     use std::arch::x86_64::*;
+
+    /// [`super::peak_macs`]: `vdpbf16ps` chains in registers.
+    #[target_feature(enable = "avx512f,avx512bf16,avx512bw")]
+    pub(super) unsafe fn peak(rounds: usize) -> u64 {
+        use crate::peak::CHAINS;
+        use std::hint::black_box;
+        let one = _mm512_set1_ps(black_box(1.0));
+        let small = _mm512_set1_ps(black_box(1e-3));
+        let (a, b) = (_mm512_cvtne2ps_pbh(one, one), _mm512_cvtne2ps_pbh(small, small));
+        let mut acc = [_mm512_setzero_ps(); CHAINS];
+        for _ in 0..rounds {
+            for s in &mut acc {
+                *s = _mm512_dpbf16_ps(*s, a, b);
+            }
+        }
+        black_box(acc);
+        (rounds * CHAINS * 32) as u64
+    }
 
     /// One `M × NR` register tile over all of `k` (`M ≤ MR`: the first `M` of `acts`);
     /// rows `M..MR` of the result are zero.

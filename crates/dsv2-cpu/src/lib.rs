@@ -32,6 +32,7 @@ pub mod kernels;
 pub mod matmul;
 mod mla;
 mod moe;
+pub mod peak;
 pub mod qmatmul;
 mod scratch;
 mod softmax;
@@ -39,7 +40,7 @@ pub mod team;
 
 use dsv2_backend::{
     Backend, BackendError, Batch, CacheSpec, ComputeDtype, MlaAttention, MlaDims, Mlp, MoeWeights,
-    Result, RopeAngles,
+    PeakRate, Result, RopeAngles,
 };
 use dsv2_core::{DType, QuantizedTensor, TensorView};
 use half::{bf16, f16};
@@ -418,6 +419,32 @@ impl Backend for CpuBackend {
 
     fn measure_read_bandwidth(&self) -> Result<f64> {
         Ok(bandwidth::measure_read_bandwidth(bandwidth::buffer_bytes()))
+    }
+
+    /// Measured ([`peak::measure_peak_macs`]): int8 dot products for quantized weights,
+    /// `vdpbf16ps` for bf16 weights under bf16 activations where the CPU has AVX-512
+    /// BF16, else f32 FMA.
+    fn peak_matrix_rate(&self, quantized: bool) -> Result<Option<PeakRate>> {
+        let (op, what) = if quantized {
+            (
+                peak::MatrixOp::Int8,
+                format!("int8 dot products ({})", qmatmul::isa_name()),
+            )
+        } else if self.bf16() && bf16dot::available() {
+            (
+                peak::MatrixOp::Bf16,
+                "bf16 dot products (avx512-bf16)".to_string(),
+            )
+        } else {
+            (
+                peak::MatrixOp::F32,
+                format!("f32 FMA ({})", matmul::isa_name()),
+            )
+        };
+        Ok(Some(PeakRate {
+            flops_per_s: 2.0 * peak::measure_peak_macs(op),
+            basis: format!("{what} measured on {} threads", team::threads()),
+        }))
     }
 
     fn alloc_step(&self, max_tokens: usize) -> Result<CpuStep> {

@@ -96,6 +96,76 @@ pub fn isa_name() -> &'static str {
     }
 }
 
+/// One thread's `rounds` rounds of [`crate::peak::CHAINS`] independent f32 multiply-add
+/// chains on this CPU's instruction path (512- or 256-bit FMA, or plain multiply and
+/// add), for the peak probe ([`crate::peak`]); returns the multiply-adds done.
+pub(crate) fn peak_macs(rounds: usize) -> u64 {
+    use crate::peak::CHAINS;
+    use std::hint::black_box;
+    match isa() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the CPU has AVX-512 F (checked in `available`).
+        Isa::Avx512 => unsafe { x86_peak::fma512(rounds) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the CPU has AVX2 and FMA (checked in `available`).
+        Isa::Avx2 => unsafe { x86_peak::fma256(rounds) },
+        Isa::Portable => {
+            let (a, b) = ([0.999_f32; CHAINS], [1e-3_f32; CHAINS]);
+            let mut acc = [0.0f32; CHAINS];
+            for _ in 0..rounds {
+                // Re-read every round, so the operands are not hoisted out of the loop.
+                let (a, b) = (black_box(&a), black_box(&b));
+                for ((s, &a), &b) in acc.iter_mut().zip(a).zip(b) {
+                    *s = *s * a + b;
+                }
+            }
+            black_box(acc);
+            (rounds * CHAINS) as u64
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86_peak {
+    use crate::peak::CHAINS;
+    use std::arch::x86_64::*;
+    use std::hint::black_box;
+
+    /// 16 multiply-adds per `vfmadd` on 512 bits.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn fma512(rounds: usize) -> u64 {
+        let (a, b) = (
+            _mm512_set1_ps(black_box(0.999)),
+            _mm512_set1_ps(black_box(1e-3)),
+        );
+        let mut acc = [_mm512_setzero_ps(); CHAINS];
+        for _ in 0..rounds {
+            for s in &mut acc {
+                *s = _mm512_fmadd_ps(*s, a, b);
+            }
+        }
+        black_box(acc);
+        (rounds * CHAINS * 16) as u64
+    }
+
+    /// 8 multiply-adds per `vfmadd` on 256 bits.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn fma256(rounds: usize) -> u64 {
+        let (a, b) = (
+            _mm256_set1_ps(black_box(0.999)),
+            _mm256_set1_ps(black_box(1e-3)),
+        );
+        let mut acc = [_mm256_setzero_ps(); CHAINS];
+        for _ in 0..rounds {
+            for s in &mut acc {
+                *s = _mm256_fmadd_ps(*s, a, b);
+            }
+        }
+        black_box(acc);
+        (rounds * CHAINS * 8) as u64
+    }
+}
+
 /// `y[m, n] = x[m, k] · w[n, k]ᵀ`, parallel over blocks of weight rows.
 pub(crate) fn matmul<E: KindOf>(x: &[f32], m: usize, w: &[E], n: usize, k: usize, y: &mut [f32]) {
     matmul_isa(isa(), x, m, w, n, k, y)

@@ -105,6 +105,8 @@ pub struct QActivations {
 /// weights; one term alone (llama.cpp's `q8_0` activations) adds as much logit error as
 /// the int8 weights themselves (`tools/fixtures/quant_error.py`).
 pub(crate) const TERMS: usize = 2;
+// `Job::run` sums a row's terms as exactly two.
+const _: () = assert!(TERMS == 2);
 
 /// The terms a product with weights of `format` uses: q8 both; q4 the first (its 4-bit
 /// weights' error is ~5× the activations' rounding, which then moves the logits by ~5%,
@@ -379,6 +381,42 @@ pub fn isa_name() -> &'static str {
     }
 }
 
+/// One thread's `rounds` rounds of [`crate::peak::CHAINS`] independent int8 dot-product
+/// chains on this CPU's quantized-kernel instruction (`vpdpbusd` on 512 or 256 bits,
+/// `maddubs` + `madd` on AVX2), for the peak probe ([`crate::peak`]); returns the
+/// multiply-adds done.
+pub(crate) fn peak_macs(rounds: usize) -> u64 {
+    match isa() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the CPU has AVX-512 F/BW/VNNI (checked in `available`).
+        Isa::Avx512Vnni => unsafe { x86::peak512(rounds) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the CPU has AVX2 and AVX-VNNI (checked in `available`).
+        Isa::AvxVnni => unsafe { x86::peak_avx_vnni(rounds) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the CPU has AVX2 (checked in `available`).
+        Isa::Avx2 => unsafe { x86::peak_avx2(rounds) },
+        Isa::Portable => peak_portable(rounds),
+    }
+}
+
+/// [`peak_macs`] in plain integer arithmetic (what the portable kernel does).
+fn peak_portable(rounds: usize) -> u64 {
+    use crate::peak::CHAINS;
+    use std::hint::black_box;
+    let (w, x) = ([3i8; CHAINS], [-5i8; CHAINS]);
+    let mut acc = [0i32; CHAINS];
+    for _ in 0..rounds {
+        // Re-read every round, so the products are not hoisted out of the loop.
+        let (w, x) = (black_box(&w), black_box(&x));
+        for ((a, &w), &x) in acc.iter_mut().zip(w).zip(x) {
+            *a = a.wrapping_add(w as i32 * x as i32);
+        }
+    }
+    black_box(acc);
+    (rounds * CHAINS) as u64
+}
+
 /// `y[m, n] = x[m, k] · wᵀ` for a quantized `w` `[n, k]`, in parallel over the thread team.
 pub fn qmatmul(x: &[f32], m: usize, w: QMatrix<'_>, y: &mut [f32]) {
     qmatmul_isa(isa(), x, m, w, y)
@@ -612,9 +650,16 @@ impl<'a> Job<'a> {
                             let dst = y.add(row * y_stride + lo - origin);
                             std::slice::from_raw_parts_mut(dst, hi - lo)
                         };
-                        dst.copy_from_slice(term(0));
-                        for t in 1..terms {
-                            dst.iter_mut().zip(term(t)).for_each(|(d, v)| *d += v);
+                        // Written once, never read back: the output rows of a prefill
+                        // are mostly not in cache, and a store followed by a load-add
+                        // of the same line waited for it (~5% of a q8 prefill).
+                        if terms == 1 {
+                            dst.copy_from_slice(term(0));
+                        } else {
+                            debug_assert_eq!(terms, 2);
+                            dst.iter_mut()
+                                .zip(term(0).iter().zip(term(1)))
+                                .for_each(|(d, (a, b))| *d = a + b);
                         }
                     }
                 }
@@ -883,6 +928,56 @@ mod x86 {
                 unsafe { _mm512_storeu_ps(out[(i * NC_MAX + c) * TILE..].as_mut_ptr(), *v) };
             }
         }
+    }
+
+    /// [`super::peak_macs`] on AVX-512 VNNI: 64 multiply-adds per `vpdpbusd`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub(super) unsafe fn peak512(rounds: usize) -> u64 {
+        use crate::peak::CHAINS;
+        let w = _mm512_set1_epi8(std::hint::black_box(3));
+        let x = _mm512_set1_epi8(std::hint::black_box(-5));
+        let mut acc = [_mm512_setzero_si512(); CHAINS];
+        for _ in 0..rounds {
+            for a in &mut acc {
+                *a = _mm512_dpbusd_epi32(*a, w, x);
+            }
+        }
+        std::hint::black_box(acc);
+        (rounds * CHAINS * 64) as u64
+    }
+
+    /// [`super::peak_macs`] on AVX-VNNI: 32 multiply-adds per 256-bit `vpdpbusd`.
+    #[target_feature(enable = "avx2,avxvnni")]
+    pub(super) unsafe fn peak_avx_vnni(rounds: usize) -> u64 {
+        use crate::peak::CHAINS;
+        let w = _mm256_set1_epi8(std::hint::black_box(3));
+        let x = _mm256_set1_epi8(std::hint::black_box(-5));
+        let mut acc = [_mm256_setzero_si256(); CHAINS];
+        for _ in 0..rounds {
+            for a in &mut acc {
+                // SAFETY: AVX-VNNI (this function's features).
+                *a = unsafe { dot4_vnni(*a, w, x) };
+            }
+        }
+        std::hint::black_box(acc);
+        (rounds * CHAINS * 32) as u64
+    }
+
+    /// [`super::peak_macs`] on AVX2: 32 multiply-adds per `maddubs` + `madd` + `add`.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn peak_avx2(rounds: usize) -> u64 {
+        use crate::peak::CHAINS;
+        let w = _mm256_set1_epi8(std::hint::black_box(3));
+        let x = _mm256_set1_epi8(std::hint::black_box(-5));
+        let mut acc = [_mm256_setzero_si256(); CHAINS];
+        for _ in 0..rounds {
+            for a in &mut acc {
+                // SAFETY: AVX2 (this function's features).
+                *a = unsafe { dot4_avx2(*a, w, x) };
+            }
+        }
+        std::hint::black_box(acc);
+        (rounds * CHAINS * 32) as u64
     }
 
     /// q8 on AVX2: `Σ q·x` per 4 bytes via `maddubs(|q|, sign(x, q))` + `madd` (|q|,

@@ -44,7 +44,7 @@ use cudarc::driver::CudaGraph;
 
 use dsv2_backend::{
     AttentionPath, Backend, BackendError, Batch, CacheSpec, ComputeDtype, MlaAttention, MlaDims,
-    Mlp, MoeWeights, Result as BResult, RopeAngles,
+    Mlp, MoeWeights, PeakRate, Result as BResult, RopeAngles,
 };
 use dsv2_core::TensorView;
 
@@ -571,6 +571,22 @@ impl Backend for CudaBackend {
 
     fn measure_read_bandwidth(&self) -> BResult<f64> {
         Ok(self.dev.measure_read_bandwidth()?)
+    }
+
+    /// The H100/H200 SXM datasheet's dense figures: 989 TFLOP/s bf16 on the tensor
+    /// cores, 67 TFLOP/s f32 (the f32 path runs pedantic f32, no TF32); `None` for other
+    /// GPUs and for quantized weights (not run on CUDA).
+    fn peak_matrix_rate(&self, quantized: bool) -> BResult<Option<PeakRate>> {
+        let hopper = self.dev.name.contains("H100") || self.dev.name.contains("H200");
+        let rate = |tflops: f64, what: &str| PeakRate {
+            flops_per_s: tflops * 1e12,
+            basis: format!("{what}, H100/H200 SXM datasheet"),
+        };
+        Ok(match (hopper && !quantized, self.dtype) {
+            (true, ComputeDtype::Bf16) => Some(rate(989.0, "dense bf16")),
+            (true, ComputeDtype::F32) => Some(rate(67.0, "f32")),
+            _ => None,
+        })
     }
 
     fn alloc_cache(&self, spec: CacheSpec) -> BResult<CudaCache> {

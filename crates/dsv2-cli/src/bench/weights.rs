@@ -213,6 +213,18 @@ impl WeightSource {
         }
     }
 
+    /// Whether the model's large matrices are quantized once loaded (`--quantize`, or a
+    /// checkpoint written by `dsv2 quantize`).
+    pub fn quantized(&self, config: &ModelConfig) -> bool {
+        self.quantize.is_some()
+            || match &self.stored {
+                Stored::Checkpoint(c) => expected_tensors(config)
+                    .iter()
+                    .any(|t| matches!(c.weight(&t.name), Ok(Weight::Quantized(_)))),
+                Stored::Random(_) => false,
+            }
+    }
+
     /// The stored formats, for reports (`bf16`, `bf16+f32`, `q8+bf16`), followed by the
     /// load-time quantization if any (`bf16, q8 at load`).
     pub fn dtype_label(&self, config: &ModelConfig) -> String {
