@@ -3,10 +3,10 @@
 use dsv2_backend::routing::{route_token, softmax_in_place};
 use dsv2_backend::{Mlp, MoeWeights};
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 
 use crate::kernels::{round_bf16, silu, SyncPtr};
-use crate::qmatmul::{decode_tiles_per_task, qmatmul_rows, QActivations, QMatrix};
+use crate::qmatmul::{decode_tiles_per_task, qmatmul_rows_ptr, QActivations, QMatrix};
 use crate::scratch::{take, take_empty};
 use crate::team;
 use crate::{CpuBackend, CpuWeight};
@@ -45,6 +45,12 @@ pub(crate) fn mlp_rows(
     be.round(&mut out[..rows * d]);
 }
 
+thread_local! {
+    /// Whether [`moe`] takes the fused few-token path (tests turn it off to compare it
+    /// with the general path).
+    static FUSE_FEW_TOKENS: Cell<bool> = const { Cell::new(true) };
+}
+
 /// The MoE block: f32 router and softmax, top-k routing, each chosen expert run once on
 /// all of its tokens, the weighted sum in f32 (rounded once), plus the shared experts.
 pub(crate) fn moe(
@@ -72,7 +78,10 @@ pub(crate) fn moe(
             &mut weights[t * k..(t + 1) * k],
         );
     }
-    if rows == 1 && one_token_quantized(be, x, moe, &ids, &weights, out) {
+    if FUSE_FEW_TOKENS.with(Cell::get)
+        && rows <= FUSED_MAX_ROWS
+        && few_tokens_quantized(be, x, rows, moe, &ids, &weights, out)
+    {
         return;
     }
     // Group tokens by expert: each expert's weights are read once per step.
@@ -126,125 +135,202 @@ pub(crate) fn moe(
     }
 }
 
-/// Most MLPs (chosen routed experts + the shared one) of the one-token path.
-const MAX_MLPS: usize = 9;
+/// Most token rows of the fused few-token path ([`few_tokens_quantized`]): decode
+/// batches. Larger batches (prefill chunks) give each expert enough rows that its own
+/// parallel loops stream well.
+const FUSED_MAX_ROWS: usize = 32;
 
 thread_local! {
-    /// Quantized activations of each MLP of the one-token path (reused across steps).
+    /// Quantized activations of each MLP of the few-token path, and the input rows of the
+    /// shared experts last (reused across steps).
     static MLP_ACTS: RefCell<Vec<QActivations>> = const { RefCell::new(Vec::new()) };
 }
 
-/// The MoE block for one token with quantized experts, as [`moe`] computes it (the same
-/// products, roundings and summation order, so bit-identical) in three parallel loops
-/// instead of three per expert: the gate and up projections of every chosen expert and
-/// the shared experts together, then all their down projections. A decode step at
-/// batch 1 runs ~8 MLPs of ~2-3 MB each per layer; each loop has a fixed cost (starting
-/// the other threads, waiting for the slowest task), so fewer, larger loops spend more
-/// of the step streaming weights. Returns false (having done nothing) when a weight is
-/// not quantized or the block has more MLPs than [`MAX_MLPS`].
-fn one_token_quantized(
+/// The MoE block for a few tokens with quantized experts, as [`moe`]'s general path
+/// computes it (the same products, roundings and summation order, so bit-identical) in
+/// two parallel loops instead of three per expert: the gate and up projections of every
+/// chosen expert (each on the rows routed to it) and of the shared experts together,
+/// then all their down projections. A decode step runs a few MLPs of ~2-3 MB per token
+/// and layer; each loop has a fixed cost (starting the other threads, waiting for the
+/// slowest task), so fewer, larger loops spend more of the step streaming weights.
+/// Returns false (having done nothing) when a weight is not quantized.
+fn few_tokens_quantized(
     be: &CpuBackend,
     x: &[f32],
+    rows: usize,
     moe: &MoeWeights<CpuWeight>,
     ids: &[u32],
     weights: &[f32],
     out: &mut [f32],
 ) -> bool {
     let d = moe.gate.cols();
-    // The MLPs in the order their outputs are summed: chosen experts by id, then shared.
-    let mut order = [0u32; MAX_MLPS];
-    let chosen = ids.len();
-    if chosen + 1 > MAX_MLPS {
-        return false;
-    }
-    order[..chosen].copy_from_slice(ids);
-    order[..chosen].sort_unstable();
+    let k = moe.routing.top_k;
+    let num_experts = moe.experts.len();
+    // The chosen experts in id order (the general path's summation order), then the
+    // shared MLP; each with its member token rows and routing weights, in token order.
+    let mut chosen = take::<u32>(0);
+    chosen.vec().extend_from_slice(&ids[..rows * k]);
+    chosen.vec().sort_unstable();
+    chosen.vec().dedup();
+    let routed_mlps = chosen.len();
+    let shared = moe.shared_experts.as_ref();
+    let count = routed_mlps + usize::from(shared.is_some());
     let mlp = |i: usize| -> &Mlp<CpuWeight> {
-        if i < chosen {
-            &moe.experts[order[i] as usize]
-        } else {
-            moe.shared_experts.as_ref().expect("a shared MLP")
+        match i < routed_mlps {
+            true => &moe.experts[chosen[i] as usize],
+            false => shared.expect("a shared MLP"),
         }
     };
-    let count = chosen + usize::from(moe.shared_experts.is_some());
-    let mut gate_up: [Option<QMatrix<'_>>; 2 * MAX_MLPS] = [None; 2 * MAX_MLPS];
-    let mut down: [Option<QMatrix<'_>>; MAX_MLPS] = [None; MAX_MLPS];
-    for i in 0..count {
+    if (0..count).any(|i| {
         let m = mlp(i);
-        gate_up[2 * i] = m.gate_proj.qmatrix();
-        gate_up[2 * i + 1] = m.up_proj.qmatrix();
-        down[i] = m.down_proj.qmatrix();
-        if gate_up[2 * i].is_none() || gate_up[2 * i + 1].is_none() || down[i].is_none() {
-            return false;
+        m.gate_proj.qmatrix().is_none()
+            || m.up_proj.qmatrix().is_none()
+            || m.down_proj.qmatrix().is_none()
+    }) {
+        return false;
+    }
+    // Members: for routed MLP i, member_at[i]..member_at[i + 1] of (member_rows,
+    // member_weights); the shared MLP takes every row.
+    let mut slot_of = take::<u32>(num_experts);
+    for (i, &e) in chosen.iter().enumerate() {
+        slot_of[e as usize] = i as u32;
+    }
+    let mut member_at = take::<u32>(count + 1);
+    for &e in &ids[..rows * k] {
+        member_at[slot_of[e as usize] as usize + 1] += 1;
+    }
+    for i in 0..routed_mlps {
+        member_at[i + 1] += member_at[i];
+    }
+    if shared.is_some() {
+        member_at[count] = member_at[routed_mlps] + rows as u32;
+    }
+    let mut fill = take::<u32>(count);
+    fill.copy_from_slice(&member_at[..count]);
+    let mut member_rows = take::<u32>(member_at[count] as usize);
+    let mut member_weights = take::<f32>(member_at[routed_mlps] as usize);
+    for t in 0..rows {
+        for j in 0..k {
+            let i = slot_of[ids[t * k + j] as usize] as usize;
+            let at = fill[i] as usize;
+            member_rows[at] = t as u32;
+            member_weights[at] = weights[t * k + j];
+            fill[i] += 1;
         }
     }
-    let gate_up = &gate_up[..2 * count];
-    let down = &down[..count];
-    // Outputs: gate and up rows of MLP i at gate_up_at[2i], gate_up_at[2i + 1].
-    let mut gate_up_at = [0usize; 2 * MAX_MLPS + 1];
-    for (j, w) in gate_up.iter().enumerate() {
-        gate_up_at[j + 1] = gate_up_at[j] + w.as_ref().expect("quantized").rows;
+    for (t, r) in member_rows[member_at[routed_mlps] as usize..]
+        .iter_mut()
+        .enumerate()
+    {
+        *r = t as u32;
     }
-    // Quantized activations: x at [MAX_MLPS], each MLP's hidden row at [i] (buffers
-    // kept in a thread-local between steps).
+    let members = |i: usize| member_at[i] as usize..member_at[i + 1] as usize;
+    let n_rows = |i: usize| members(i).len();
+
+    // Each MLP's input rows quantized once for its gate and up projections (the shared
+    // MLP's at [count]; routed MLP i's at [i], later reused for its hidden rows).
     let mut acts = MLP_ACTS.with(|a| std::mem::take(&mut *a.borrow_mut()));
-    acts.resize_with(MAX_MLPS + 1, QActivations::default);
-    acts[MAX_MLPS].quantize(x, 1, d);
-    let mut hidden = take::<f32>(gate_up_at[2 * count]);
+    if acts.len() < count + 1 {
+        acts.resize_with(count + 1, QActivations::default);
+    }
+    let mut gathered = take::<f32>(0);
+    for i in 0..routed_mlps {
+        gathered.vec().clear();
+        for &t in &member_rows[members(i)] {
+            let t = t as usize;
+            gathered.vec().extend_from_slice(&x[t * d..(t + 1) * d]);
+        }
+        acts[i].quantize(&gathered, n_rows(i), d);
+    }
+    if shared.is_some() {
+        acts[count].quantize(x, rows, d);
+    }
+    let input_acts = |i: usize| if i < routed_mlps { i } else { count };
+
+    // Gate then up outputs of MLP i: [rows_i, inter_i] each, from hidden_at[2i].
+    let mut hidden_at = take::<u32>(2 * count + 1);
+    for i in 0..count {
+        let len = (n_rows(i) * mlp(i).gate_proj.rows()) as u32;
+        hidden_at[2 * i + 1] = hidden_at[2 * i] + len;
+        hidden_at[2 * i + 2] = hidden_at[2 * i + 1] + len;
+    }
+    let mut hidden = take::<f32>(hidden_at[2 * count] as usize);
     let base = SyncPtr(hidden.as_mut_ptr());
-    let gate_up_outs: [SyncPtr; 2 * MAX_MLPS] =
-        // SAFETY: gate_up_at[j] ≤ hidden.len() (its last entry is the length).
-        std::array::from_fn(|j| SyncPtr(unsafe { base.get().add(gate_up_at[j.min(2 * count)]) }));
-    // SAFETY: matrix j writes hidden[gate_up_at[j]..gate_up_at[j + 1]], its own rows.
-    unsafe { run_tiles(gate_up, |_| &acts[MAX_MLPS], &gate_up_outs[..2 * count]) };
-    // SwiGLU of each MLP, then its hidden row quantized for the down projection.
+    fn quantized(w: &CpuWeight) -> QMatrix<'_> {
+        w.qmatrix().expect("quantized (checked)")
+    }
+    // SAFETY: matrix j writes hidden[hidden_at[j]..hidden_at[j + 1]] ([rows, w.rows]),
+    // its own range.
+    unsafe {
+        run_tiles(
+            2 * count,
+            |j| match j % 2 {
+                0 => quantized(&mlp(j / 2).gate_proj),
+                _ => quantized(&mlp(j / 2).up_proj),
+            },
+            |j| (&acts[input_acts(j / 2)], n_rows(j / 2)),
+            |j| SyncPtr(base.get().add(hidden_at[j] as usize)),
+        )
+    };
+    // SwiGLU of each MLP, then its hidden rows quantized for the down projection.
     for i in 0..count {
         let (g0, u0, u1) = (
-            gate_up_at[2 * i],
-            gate_up_at[2 * i + 1],
-            gate_up_at[2 * i + 2],
+            hidden_at[2 * i] as usize,
+            hidden_at[2 * i + 1] as usize,
+            hidden_at[2 * i + 2] as usize,
         );
         let (gate, up) = hidden[g0..u1].split_at_mut(u0 - g0);
         swiglu(be, gate, up);
-        acts[i].quantize(gate, 1, u0 - g0);
+        let inter = mlp(i).gate_proj.rows();
+        if i < routed_mlps {
+            acts[i].quantize(gate, n_rows(i), inter);
+        } else {
+            // The shared MLP's input activations were its slot; its hidden rows go there
+            // now that the gate and up products are done.
+            acts[count].quantize(gate, n_rows(i), inter);
+        }
     }
-    let mut down_at = [0usize; MAX_MLPS + 1];
-    for i in 0..count {
-        down_at[i + 1] = down_at[i] + d;
-    }
-    let mut outs = take::<f32>(count * d);
+    let mut outs = take::<f32>(member_at[count] as usize * d);
     let base = SyncPtr(outs.as_mut_ptr());
-    let down_outs: [SyncPtr; MAX_MLPS] =
-        // SAFETY: down_at[i] ≤ outs.len() (its entry at `count` is the length).
-        std::array::from_fn(|i| SyncPtr(unsafe { base.get().add(down_at[i.min(count)]) }));
-    // SAFETY: MLP i writes outs[down_at[i]..down_at[i + 1]] (d values), its own rows.
-    unsafe { run_tiles(down, |i| &acts[i], &down_outs[..count]) };
+    // SAFETY: MLP i writes outs[members(i).start · d ..][..rows_i · d], its own rows.
+    unsafe {
+        run_tiles(
+            count,
+            |i| quantized(&mlp(i).down_proj),
+            |i| (&acts[input_acts(i)], n_rows(i)),
+            |i| SyncPtr(base.get().add(member_at[i] as usize * d)),
+        )
+    };
     MLP_ACTS.with(|a| *a.borrow_mut() = acts);
 
-    // Each MLP's output as `mlp_rows` rounds it; routed outputs weighted in id order.
-    for o in outs.chunks_mut(d) {
-        be.round(o);
+    // Each MLP's output rounded as `mlp_rows` rounds it; each token's routed outputs
+    // weighted and summed in expert id order, as the general path does.
+    for i in 0..count {
+        be.round(&mut outs[member_at[i] as usize * d..member_at[i + 1] as usize * d]);
     }
-    let mut routed = take::<f32>(d);
-    for (i, o) in outs.chunks(d).take(chosen).enumerate() {
-        let j = ids
-            .iter()
-            .position(|&id| id == order[i])
-            .expect("a chosen id");
-        let w = weights[j];
-        for (acc, v) in routed.iter_mut().zip(o) {
-            *acc += w * v;
+    let mut routed = take::<f32>(rows * d);
+    for i in 0..routed_mlps {
+        for m in members(i) {
+            let (t, w) = (member_rows[m] as usize, member_weights[m]);
+            let o = &outs[m * d..(m + 1) * d];
+            for (acc, v) in routed[t * d..(t + 1) * d].iter_mut().zip(o) {
+                *acc += w * v;
+            }
         }
     }
     be.round(&mut routed);
-    if count > chosen {
-        let shared = &outs[chosen * d..(chosen + 1) * d];
-        for ((o, s), r) in out[..d].iter_mut().zip(shared).zip(routed.iter()) {
+    if shared.is_some() {
+        let shared_out = &outs[member_at[routed_mlps] as usize * d..][..rows * d];
+        for ((o, s), r) in out[..rows * d]
+            .iter_mut()
+            .zip(shared_out)
+            .zip(routed.iter())
+        {
             *o = s + r;
         }
-        be.round(&mut out[..d]);
+        be.round(&mut out[..rows * d]);
     } else {
-        out[..d].copy_from_slice(&routed);
+        out[..rows * d].copy_from_slice(&routed);
     }
     true
 }
@@ -260,8 +346,10 @@ pub(crate) fn one_row_pair(
     out_b: &mut [f32],
 ) {
     let mut acts = MLP_ACTS.with(|c| std::mem::take(&mut *c.borrow_mut()));
-    acts.resize_with(MAX_MLPS + 1, QActivations::default);
-    acts[MAX_MLPS].quantize(x, 1, a.cols);
+    if acts.is_empty() {
+        acts.push(QActivations::default());
+    }
+    acts[0].quantize(x, 1, a.cols);
     assert!(
         out_a.len() >= a.rows && out_b.len() >= b.rows,
         "linear_pair outputs"
@@ -269,45 +357,49 @@ pub(crate) fn one_row_pair(
     let outs = [SyncPtr(out_a.as_mut_ptr()), SyncPtr(out_b.as_mut_ptr())];
     // SAFETY: out_a and out_b hold a.rows and b.rows values (checked) and are distinct
     // mutable borrows.
-    unsafe { run_tiles(&[Some(a), Some(b)], |_| &acts[MAX_MLPS], &outs) };
+    unsafe { run_tiles(2, |j| [a, b][j], |_| (&acts[0], 1), |j| outs[j]) };
     MLP_ACTS.with(|c| *c.borrow_mut() = acts);
 }
 
-/// One parallel loop over the 16-row tiles of several quantized matrices, each with
-/// its own one-row activations: matrix `j`'s `rows` outputs go to `outs[j]`.
+/// One parallel loop over the 16-row tiles of `count` quantized matrices: matrix `j`
+/// (`matrix(j)`) times the `m` rows of `acts(j) = (activations, m)`, its outputs written
+/// at `out(j)` as `[m, matrix(j).rows]`. Each matrix is split into tasks as a lone decode
+/// product would be; no task crosses a matrix.
 ///
 /// # Safety
-/// Each `outs[j]` points to `matrices[j].rows` writable values, disjoint from every other
-/// matrix's and not otherwise accessed during the call.
-unsafe fn run_tiles<'a>(
-    matrices: &[Option<QMatrix<'_>>],
-    acts: impl Fn(usize) -> &'a QActivations + Sync,
-    outs: &[SyncPtr],
+/// Each `out(j)` points to `m · matrix(j).rows` writable values, disjoint from every
+/// other matrix's and not otherwise accessed during the call.
+unsafe fn run_tiles<'w, 'a>(
+    count: usize,
+    matrix: impl Fn(usize) -> QMatrix<'w> + Sync,
+    acts: impl Fn(usize) -> (&'a QActivations, usize) + Sync,
+    out: impl Fn(usize) -> SyncPtr + Sync,
 ) {
-    assert!(matrices.len() == outs.len() && matrices.len() <= 2 * MAX_MLPS);
     const TILE: usize = 16;
-    // Each matrix split as a lone decode product would be; no task crosses a matrix.
     let threads = team::threads();
-    let mut first_task = [0usize; 2 * MAX_MLPS + 1];
-    let mut per_task = [0usize; 2 * MAX_MLPS];
-    for (j, w) in matrices.iter().enumerate() {
-        let w = w.as_ref().expect("quantized");
+    let mut first_task = take::<u32>(count + 1);
+    let mut per_task = take::<u32>(count);
+    for j in 0..count {
+        let w = matrix(j);
         let tiles = w.rows.div_ceil(TILE);
-        per_task[j] = decode_tiles_per_task(tiles, w.tile_bytes(), threads);
-        first_task[j + 1] = first_task[j] + tiles.div_ceil(per_task[j]);
+        let per = decode_tiles_per_task(tiles, w.tile_bytes(), threads);
+        per_task[j] = per as u32;
+        first_task[j + 1] = first_task[j] + tiles.div_ceil(per) as u32;
     }
-    let tasks = first_task[matrices.len()];
+    let tasks = first_task[count] as usize;
     team::for_each(tasks, |task| {
-        let j = first_task[1..=matrices.len()].partition_point(|&f| f <= task);
-        let w = matrices[j].expect("quantized");
-        let t0 = (task - first_task[j]) * per_task[j];
-        let rows = t0 * TILE..((t0 + per_task[j]) * TILE).min(w.rows);
-        // SAFETY: outs[j] holds w.rows values (the caller's contract); tasks of matrix j
-        // write disjoint row ranges.
-        let dst =
-            unsafe { std::slice::from_raw_parts_mut(outs[j].get().add(rows.start), rows.len()) };
-        let width = rows.len();
-        qmatmul_rows(acts(j), 1, w, rows, dst, width);
+        let j = first_task[1..=count].partition_point(|&f| f as usize <= task);
+        let w = matrix(j);
+        let per = per_task[j] as usize;
+        let t0 = (task - first_task[j] as usize) * per;
+        let rows = t0 * TILE..((t0 + per) * TILE).min(w.rows);
+        let (a, m) = acts(j);
+        // SAFETY: out(j) holds m · w.rows values (the caller's contract); tasks of matrix
+        // j write disjoint column ranges of its rows.
+        unsafe {
+            let y = out(j).get().add(rows.start);
+            qmatmul_rows_ptr(a, m, w, rows, y, w.rows)
+        };
     });
 }
 
@@ -364,11 +456,12 @@ mod tests {
         }
     }
 
-    /// The one-token path gives the bits of the general path (a batch of the same
-    /// token twice), for q8 and q4 experts, f32 and bf16 compute, with and without
-    /// shared experts and renormalized or scaled weights.
+    /// The fused few-token path gives the bits of the general path (each expert's
+    /// products on their own), for 1, 3 and 8 different tokens, q8 and q4 experts, f32
+    /// and bf16 compute, with and without shared experts and renormalized or scaled
+    /// weights.
     #[test]
-    fn one_token_path_matches_the_general_path_bit_for_bit() {
+    fn few_token_path_matches_the_general_path_bit_for_bit() {
         let (d, inter, experts) = (64, 96, 8);
         for dtype in [ComputeDtype::F32, ComputeDtype::Bf16] {
             for format in [QuantFormat::Q8, QuantFormat::Q4] {
@@ -387,16 +480,29 @@ mod tests {
                             routed_scaling_factor: if norm { 1.0 } else { 2.5 },
                         },
                     };
-                    let mut x = test_values(d, 7);
-                    be.round(&mut x);
-                    let twice: Vec<f32> = x.iter().chain(&x).copied().collect();
-                    let mut one = vec![f32::NAN; d];
-                    let mut two = vec![f32::NAN; 2 * d];
-                    moe(&be, &x, 1, &weights, &mut one);
-                    moe(&be, &twice, 2, &weights, &mut two);
-                    let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
-                    assert_eq!(bits(&one), bits(&two[..d]), "{dtype:?} {format:?} {shared}");
-                    assert!(one.iter().all(|v| v.is_finite() && *v != 0.0));
+                    for rows in [1, 3, 8] {
+                        let mut x = test_values(rows * d, 7 + rows as u64);
+                        be.round(&mut x);
+                        let mut fused = vec![f32::NAN; rows * d];
+                        let mut general = vec![f32::NAN; rows * d];
+                        moe(&be, &x, rows, &weights, &mut fused);
+                        FUSE_FEW_TOKENS.with(|f| f.set(false));
+                        moe(&be, &x, rows, &weights, &mut general);
+                        FUSE_FEW_TOKENS.with(|f| f.set(true));
+                        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                        let case = format!("{dtype:?} {format:?} shared {shared} rows {rows}");
+                        assert_eq!(bits(&fused), bits(&general), "{case}");
+                        assert!(fused.iter().all(|v| v.is_finite()), "{case}");
+                        assert!(fused.iter().filter(|v| **v == 0.0).count() < 4, "{case}");
+                        // The fused path runs for quantized experts (not a silent fallback).
+                        let ids: Vec<u32> = (0..rows * 3).map(|i| (i % experts) as u32).collect();
+                        let w = vec![0.5f32; rows * 3];
+                        let mut out = vec![0.0f32; rows * d];
+                        assert!(
+                            few_tokens_quantized(&be, &x, rows, &weights, &ids, &w, &mut out),
+                            "{case}"
+                        );
+                    }
                 }
             }
         }

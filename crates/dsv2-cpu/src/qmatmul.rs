@@ -505,6 +505,31 @@ pub fn qmatmul_rows(
     y: &mut [f32],
     y_stride: usize,
 ) {
+    let width = rows.end.saturating_sub(rows.start);
+    if m > 0 && width > 0 {
+        assert!(y.len() >= (m - 1) * y_stride + width && y_stride >= width);
+    }
+    // SAFETY: `y` holds every value written (checked above) and is borrowed exclusively.
+    unsafe { qmatmul_rows_ptr(acts, m, w, rows, y.as_mut_ptr(), y_stride) }
+}
+
+/// [`qmatmul_rows`] through a raw output pointer, so that parallel tasks can write
+/// disjoint columns of the same output rows.
+///
+/// # Safety
+/// `y[i·y_stride + r − rows.start]` must be valid for writes for `i < m` and `r` in
+/// `rows`, and not accessed concurrently.
+///
+/// # Panics
+/// As [`qmatmul_rows`] (not for the output, which is not checked).
+pub(crate) unsafe fn qmatmul_rows_ptr(
+    acts: &QActivations,
+    m: usize,
+    w: QMatrix<'_>,
+    rows: Range<usize>,
+    y: *mut f32,
+    y_stride: usize,
+) {
     w.check();
     assert!(acts.m >= m && acts.k == w.cols, "activations do not match");
     assert!(
@@ -519,20 +544,11 @@ pub fn qmatmul_rows(
     if m == 0 || width == 0 {
         return;
     }
-    assert!(y.len() >= (m - 1) * y_stride + width && y_stride >= width);
+    assert!(y_stride >= width);
     let tiles = rows.start / TILE..rows.end.div_ceil(TILE);
     let job = Job::new(isa(), acts, w, tiles.clone());
-    // SAFETY: writes y[i·y_stride + r − rows.start] for r in `rows`, i < m: in bounds.
-    unsafe {
-        job.run(
-            0..m,
-            tiles,
-            rows.clone(),
-            y.as_mut_ptr(),
-            y_stride,
-            rows.start,
-        )
-    };
+    // SAFETY: the caller's contract.
+    unsafe { job.run(0..m, tiles, rows.clone(), y, y_stride, rows.start) };
 }
 
 /// One product's shared state: the weights, and a zero-padded copy of a ragged last tile.
