@@ -18,18 +18,28 @@ use crate::team;
 use crate::{with_elems, CacheLayer, CpuBackend, LayerRows};
 
 pub(crate) fn mla_attention(be: &CpuBackend, args: MlaAttention<'_, CpuBackend>, out: &mut [f32]) {
-    for seq in &args.step.batch.seqs {
-        let path = match args.path {
-            AttentionPath::Auto if seq.query_len == 1 => AttentionPath::Absorbed,
-            AttentionPath::Auto => AttentionPath::Expanded,
-            p => p,
-        };
-        // Each formulation runs on the cache rows in their stored dtype.
-        match (path, args.cache.layer(args.layer)) {
-            (AttentionPath::Absorbed, LayerRows::F32(rows)) => absorbed(be, &args, seq, rows, out),
-            (AttentionPath::Absorbed, LayerRows::Bf16(rows)) => absorbed(be, &args, seq, rows, out),
-            (_, LayerRows::F32(rows)) => expanded(be, &args, seq, rows, out),
-            (_, LayerRows::Bf16(rows)) => expanded(be, &args, seq, rows, out),
+    let path = |seq: &SeqSlice| match args.path {
+        AttentionPath::Auto if seq.query_len == 1 => AttentionPath::Absorbed,
+        AttentionPath::Auto => AttentionPath::Expanded,
+        p => p,
+    };
+    // The absorbed sequences together (a decode batch: one pass over `W_UK` and `W_UV`
+    // for all of their tokens), each expanded one on its own; both formulations run on
+    // the cache rows in their stored dtype.
+    let mut absorbed_seqs = take::<u32>(0);
+    for (i, seq) in args.step.batch.seqs.iter().enumerate() {
+        match path(seq) {
+            AttentionPath::Absorbed => absorbed_seqs.vec().push(i as u32),
+            _ => match args.cache.layer(args.layer) {
+                LayerRows::F32(rows) => expanded(be, &args, seq, rows, out),
+                LayerRows::Bf16(rows) => expanded(be, &args, seq, rows, out),
+            },
+        }
+    }
+    if !absorbed_seqs.is_empty() {
+        match args.cache.layer(args.layer) {
+            LayerRows::F32(rows) => absorbed(be, &args, &absorbed_seqs, rows, out),
+            LayerRows::Bf16(rows) => absorbed(be, &args, &absorbed_seqs, rows, out),
         }
     }
 }
@@ -177,137 +187,207 @@ const QUERY_BLOCK: usize = 256;
 /// Cache positions per parallel task of the absorbed scores.
 const SCORE_CHUNK: usize = 64;
 
-/// Absorbed attention (the decode path), one query token at a time. All heads share one
-/// latent per cached token, so each pass reads every cache row once for all heads (not
-/// once per head): the scores are split over cache positions in register tiles of 4
-/// heads × 4 rows, each head's softmax runs on its own, and the weighted sum is split
+/// Absorbed attention (the decode path) for the sequences `seq_ids` of the step. Every
+/// query token's `W_UK` absorption, and every token's `W_UV` projection, run in one
+/// parallel loop over the heads for all of the step's tokens (each head's matrices read
+/// from memory once a step, not once a token: at batch 8 that was 8 × 4 MB a V2-Lite
+/// layer, 8 × 34 MB a V2 one). In between, one query token at a time: all heads share
+/// one latent per cached token, so each pass reads every cache row once for all heads
+/// (not once per head): the scores are split over cache positions in register tiles of
+/// 4 heads × 4 rows, each head's softmax runs on its own, and the weighted sum is split
 /// over latent columns in tiles of 8 heads × 32 columns up to [`SUM_CHUNK`] positions,
 /// over chunks of that many positions beyond (each chunk's rows read once, in order, by
 /// all tiles; the chunks' sums added in order) ([`crate::mla`]). Per value the
-/// arithmetic is the same fixed sequence whatever the split, so results do not depend on
-/// the thread count.
+/// arithmetic is the same fixed sequence whatever the split or the batch, so results do
+/// not depend on the thread count or on the other sequences.
 fn absorbed<E: KindOf>(
     be: &CpuBackend,
     args: &MlaAttention<'_, CpuBackend>,
-    seq: &SeqSlice,
+    seq_ids: &[u32],
     cache: CacheLayer<'_, E>,
     out: &mut [f32],
 ) {
     let d: MlaDims = args.dims;
     let bs = args.cache.spec().block_size;
     let (c, dr, dn, dv, h) = (d.kv_lora_rank, d.rope_dim, d.nope_dim, d.v_dim, d.num_heads);
-    let past = seq.context_len - seq.query_len;
     let qd = d.q_head_dim();
     let out_row = h * dv;
     // Width of a cache row and of a query in latent space: [latent c | RoPE key dr].
     let w = c + dr;
-    // Scratch of the calling thread: queries in latent space, scores, latent outputs.
-    let mut q_cat = take::<f32>(h * w);
-    let mut o_lat = take::<f32>(h * c);
-    let mut scores = take::<f32>(h * seq.context_len);
-    let row = |s: usize| &cache.row(slot(seq, bs, s))[..w];
-    let blocks = Rows {
-        block: |b: usize| cache.block_rows(seq.block_table[b] as usize),
-        block_size: bs,
-        width: args.cache.spec().width(),
-    };
+    let seqs = &args.step.batch.seqs;
+    // The query tokens, in order: their rows of the batch.
+    let mut tokens = take::<u32>(0);
+    let mut longest = 0;
+    for &i in seq_ids {
+        let seq = &seqs[i as usize];
+        tokens
+            .vec()
+            .extend((seq.query_start..seq.query_start + seq.query_len).map(|t| t as u32));
+        longest = longest.max(seq.context_len);
+    }
+    let n_tok = tokens.len();
+    // Scratch of the calling thread: queries in latent space and latent outputs of every
+    // token, one token's scores.
+    let mut q_cat = take::<f32>(n_tok * h * w);
+    let mut o_lat = take::<f32>(n_tok * h * c);
+    let mut scores = take::<f32>(h * longest);
     with_elems!(args.kv_b_proj, |kv_b| {
         // W_UK[head]: rows head·(dn + dv) .. + dn; W_UV[head]: the next dv rows.
         let w_uk = |head: usize| &kv_b[head * (dn + dv) * c..][..dn * c];
         let w_uv = |head: usize| &kv_b[(head * (dn + dv) + dn) * c..][..dv * c];
-        for i in 0..seq.query_len {
-            let t = seq.query_start + i;
-            let q_tok = &args.q[t * h * qd..(t + 1) * h * qd];
-            let visible = past + i + 1;
-            // q_cat[head] = [W_UK[head]ᵀ · q_nope[head] | q_pe[head]]: each query moved
-            // into latent space, beside its RoPE part.
-            team::for_each_chunk_mut(&mut q_cat, w, |head, qc| {
+        // q_cat[k, head] = [W_UK[head]ᵀ · q_nope[head] | q_pe[head]] for every token k:
+        // each query moved into latent space, beside its RoPE part.
+        let q_cat_ptr = SyncPtr(q_cat.as_mut_ptr());
+        team::for_each(h, |head| {
+            for (k, &t) in tokens.iter().enumerate() {
+                let q = &args.q[t as usize * h * qd + head * qd..][..qd];
+                // SAFETY: token k's head `head` is written by this task only.
+                let qc = unsafe {
+                    std::slice::from_raw_parts_mut(q_cat_ptr.get().add((k * h + head) * w), w)
+                };
                 let (ql, qp) = qc.split_at_mut(c);
-                absorb(&q_tok[head * qd..head * qd + dn], w_uk(head), ql);
+                absorb(&q[..dn], w_uk(head), ql);
                 be.round(ql);
-                qp.copy_from_slice(&q_tok[head * qd + dn..(head + 1) * qd]);
-            });
-            // scores[head, s] = q_cat[head] · cache row s, tiles of 4 heads × 4 rows.
-            let q_ref: &[f32] = &q_cat;
-            let q_head = |head: usize| &q_ref[head * w..(head + 1) * w];
-            let score_ptr = SyncPtr(scores.as_mut_ptr());
-            let ctx = seq.context_len;
-            team::for_each(visible.div_ceil(SCORE_CHUNK), |chunk| {
-                let s1 = ((chunk + 1) * SCORE_CHUNK).min(visible);
-                for s0 in (chunk * SCORE_CHUNK..s1).step_by(DOT_TILE) {
-                    let nr = (s1 - s0).min(DOT_TILE);
-                    let rows = std::array::from_fn(|j| row(s0 + j.min(nr - 1)));
-                    for h0 in (0..h).step_by(DOT_TILE) {
-                        let nq = (h - h0).min(DOT_TILE);
-                        let qs = std::array::from_fn(|i| q_head(h0 + i.min(nq - 1)));
-                        let tile = dots(qs, nq, rows, nr);
-                        for (a, tile_row) in tile.iter().enumerate().take(nq) {
-                            for (b, &raw) in tile_row.iter().enumerate().take(nr) {
-                                // SAFETY: positions s0..s0 + nr of every head are
-                                // written by this task only.
-                                unsafe {
-                                    *score_ptr.get().add((h0 + a) * ctx + s0 + b) =
-                                        scale_score(be, raw, d.softmax_scale)
-                                };
-                            }
-                        }
+                qp.copy_from_slice(&q[dn..]);
+            }
+        });
+        let mut k = 0;
+        for &i in seq_ids {
+            let seq = &seqs[i as usize];
+            let past = seq.context_len - seq.query_len;
+            let row = |s: usize| &cache.row(slot(seq, bs, s))[..w];
+            let blocks = Rows {
+                block: |b: usize| cache.block_rows(seq.block_table[b] as usize),
+                block_size: bs,
+                width: args.cache.spec().width(),
+            };
+            for i in 0..seq.query_len {
+                let visible = past + i + 1;
+                let q_tok = &q_cat[k * h * w..(k + 1) * h * w];
+                let o_tok = &mut o_lat[k * h * c..(k + 1) * h * c];
+                attend(
+                    be,
+                    &d,
+                    q_tok,
+                    visible,
+                    seq.context_len,
+                    &row,
+                    &blocks,
+                    &mut scores,
+                    o_tok,
+                );
+                k += 1;
+            }
+        }
+        // out[t, head] = W_UV[head] · o_lat[k, head] for every token k (row t).
+        let out_ptr = SyncPtr(out.as_mut_ptr());
+        let o_lat: &[f32] = &o_lat;
+        team::for_each(h, |head| {
+            for (k, &t) in tokens.iter().enumerate() {
+                // SAFETY: row t's head `head` is written by this task only.
+                let dst = unsafe {
+                    std::slice::from_raw_parts_mut(
+                        out_ptr.get().add(t as usize * out_row + head * dv),
+                        dv,
+                    )
+                };
+                project(w_uv(head), &o_lat[(k * h + head) * c..][..c], dst);
+                be.round(dst);
+            }
+        });
+    });
+}
+
+/// One query token's absorbed attention over its `visible` cached positions: `q_cat`
+/// (`[h, c + dr]`, in latent space) against the cache rows, into the latent outputs
+/// `o_lat` (`[h, c]`, rounded). `scores` holds at least `h · ctx` values.
+#[allow(clippy::too_many_arguments)]
+fn attend<'r, E: KindOf, B: Fn(usize) -> &'r [E] + Sync>(
+    be: &CpuBackend,
+    d: &MlaDims,
+    q_cat: &[f32],
+    visible: usize,
+    ctx: usize,
+    row: &(impl Fn(usize) -> &'r [E] + Sync),
+    blocks: &Rows<B>,
+    scores: &mut [f32],
+    o_lat: &mut [f32],
+) {
+    let (c, dr, h) = (d.kv_lora_rank, d.rope_dim, d.num_heads);
+    let w = c + dr;
+    // scores[head, s] = q_cat[head] · cache row s, tiles of 4 heads × 4 rows.
+    let q_head = |head: usize| &q_cat[head * w..(head + 1) * w];
+    let score_ptr = SyncPtr(scores.as_mut_ptr());
+    team::for_each(visible.div_ceil(SCORE_CHUNK), |chunk| {
+        let s1 = ((chunk + 1) * SCORE_CHUNK).min(visible);
+        for s0 in (chunk * SCORE_CHUNK..s1).step_by(DOT_TILE) {
+            let nr = (s1 - s0).min(DOT_TILE);
+            let rows = std::array::from_fn(|j| row(s0 + j.min(nr - 1)));
+            for h0 in (0..h).step_by(DOT_TILE) {
+                let nq = (h - h0).min(DOT_TILE);
+                let qs = std::array::from_fn(|i| q_head(h0 + i.min(nq - 1)));
+                let tile = dots(qs, nq, rows, nr);
+                for (a, tile_row) in tile.iter().enumerate().take(nq) {
+                    for (b, &raw) in tile_row.iter().enumerate().take(nr) {
+                        // SAFETY: positions s0..s0 + nr of every head are written by
+                        // this task only.
+                        unsafe {
+                            *score_ptr.get().add((h0 + a) * ctx + s0 + b) =
+                                scale_score(be, raw, d.softmax_scale)
+                        };
                     }
                 }
-            });
-            // Each head's softmax on its own (16 heads × 4K positions: ~200 µs serially).
-            team::for_each_chunk_mut(&mut scores, ctx, |_, row| softmax(be, &mut row[..visible]));
-            // o_lat[head] = Σ_s p[head, s] · c_s, tiles of 8 heads × 32 latent columns,
-            // split over the columns.
-            let scores_ref: &[f32] = &scores;
-            let o_ptr = SyncPtr(o_lat.as_mut_ptr());
-            if visible <= SUM_CHUNK {
-                team::for_each(c.div_ceil(SUM_COLS), |chunk| {
-                    let cols = chunk * SUM_COLS..((chunk + 1) * SUM_COLS).min(c);
-                    let mut tile = [[0.0f32; SUM_COLS]; SUM_HEADS];
-                    for h0 in (0..h).step_by(SUM_HEADS) {
-                        let nh = (h - h0).min(SUM_HEADS);
-                        let p = std::array::from_fn(|a| {
-                            let head = h0 + a.min(nh - 1);
-                            &scores_ref[head * ctx..head * ctx + visible]
-                        });
-                        weighted_sum(p, nh, visible, &blocks, cols.clone(), &mut tile);
-                        for (a, values) in tile.iter().enumerate().take(nh) {
-                            // SAFETY: columns `cols` of every head are written by this
-                            // task only.
-                            let dst = unsafe {
-                                std::slice::from_raw_parts_mut(
-                                    o_ptr.get().add((h0 + a) * c + cols.start),
-                                    cols.len(),
-                                )
-                            };
-                            dst.copy_from_slice(&values[..cols.len()]);
-                        }
-                    }
-                });
-            } else {
-                // Long contexts: chunks of SUM_CHUNK positions, each summed over all heads
-                // and columns reading its rows in order, then added in chunk order.
-                let chunks = visible.div_ceil(SUM_CHUNK);
-                let mut partial = take::<f32>(chunks * h * c);
-                team::for_each_chunk_mut(&mut partial, h * c, |k, part| {
-                    let range = k * SUM_CHUNK..((k + 1) * SUM_CHUNK).min(visible);
-                    weighted_sum_rows(scores_ref, ctx, h, range, &blocks, c, part);
-                });
-                let partial: &[f32] = &partial;
-                team::for_each_chunk_mut(&mut o_lat, c, |head, dst| {
-                    dst.copy_from_slice(&partial[head * c..(head + 1) * c]);
-                    for k in 1..chunks {
-                        let part = &partial[(k * h + head) * c..][..c];
-                        dst.iter_mut().zip(part).for_each(|(d, v)| *d += v);
-                    }
-                });
             }
-            be.round(&mut o_lat);
-            // out[head] = W_UV[head] · o_lat[head].
-            team::for_each_chunk_mut(&mut out[t * out_row..(t + 1) * out_row], dv, |head, dst| {
-                project(w_uv(head), &o_lat[head * c..(head + 1) * c], dst);
-                be.round(dst);
-            });
         }
     });
+    // Each head's softmax on its own (16 heads × 4K positions: ~200 µs serially).
+    team::for_each_chunk_mut(&mut scores[..h * ctx], ctx, |_, row| {
+        softmax(be, &mut row[..visible])
+    });
+    // o_lat[head] = Σ_s p[head, s] · c_s, tiles of 8 heads × 32 latent columns, split
+    // over the columns.
+    let scores_ref: &[f32] = scores;
+    let o_ptr = SyncPtr(o_lat.as_mut_ptr());
+    if visible <= SUM_CHUNK {
+        team::for_each(c.div_ceil(SUM_COLS), |chunk| {
+            let cols = chunk * SUM_COLS..((chunk + 1) * SUM_COLS).min(c);
+            let mut tile = [[0.0f32; SUM_COLS]; SUM_HEADS];
+            for h0 in (0..h).step_by(SUM_HEADS) {
+                let nh = (h - h0).min(SUM_HEADS);
+                let p = std::array::from_fn(|a| {
+                    let head = h0 + a.min(nh - 1);
+                    &scores_ref[head * ctx..head * ctx + visible]
+                });
+                weighted_sum(p, nh, visible, blocks, cols.clone(), &mut tile);
+                for (a, values) in tile.iter().enumerate().take(nh) {
+                    // SAFETY: columns `cols` of every head are written by this task only.
+                    let dst = unsafe {
+                        std::slice::from_raw_parts_mut(
+                            o_ptr.get().add((h0 + a) * c + cols.start),
+                            cols.len(),
+                        )
+                    };
+                    dst.copy_from_slice(&values[..cols.len()]);
+                }
+            }
+        });
+    } else {
+        // Long contexts: chunks of SUM_CHUNK positions, each summed over all heads and
+        // columns reading its rows in order, then added in chunk order.
+        let chunks = visible.div_ceil(SUM_CHUNK);
+        let mut partial = take::<f32>(chunks * h * c);
+        team::for_each_chunk_mut(&mut partial, h * c, |k, part| {
+            let range = k * SUM_CHUNK..((k + 1) * SUM_CHUNK).min(visible);
+            weighted_sum_rows(scores_ref, ctx, h, range, blocks, c, part);
+        });
+        let partial: &[f32] = &partial;
+        team::for_each_chunk_mut(o_lat, c, |head, dst| {
+            dst.copy_from_slice(&partial[head * c..(head + 1) * c]);
+            for k in 1..chunks {
+                let part = &partial[(k * h + head) * c..][..c];
+                dst.iter_mut().zip(part).for_each(|(d, v)| *d += v);
+            }
+        });
+    }
+    be.round(o_lat);
 }

@@ -165,25 +165,28 @@ fn cached_decode_equals_full_recompute() {
     }
 }
 
+/// Also with every sequence on the absorbed path, whose `W_UK` absorption and `W_UV`
+/// projection run for all of a step's tokens together.
 #[test]
 fn batch_equals_each_sequence_alone() {
     for variant in ["lite", "v2", "plain"] {
         let (backend, model) = model(variant, DType::F32);
         let seqs = vec![tokens(5, 3), tokens(33, 4), tokens(1, 5), tokens(17, 6)];
-        let together = run_batch(&backend, &model, &seqs, AttentionPath::Auto);
-        for (i, s) in seqs.iter().enumerate() {
-            let alone = run_batch(
-                &backend,
-                &model,
-                std::slice::from_ref(s),
-                AttentionPath::Auto,
-            );
-            // Bitwise: every kernel computes a row the same way whatever shares its batch.
-            let same = together[i]
-                .iter()
-                .zip(&alone[0])
-                .all(|(a, b)| a.to_bits() == b.to_bits());
-            assert!(same, "{variant} sequence {i} differs from its solo run");
+        for path in [AttentionPath::Auto, AttentionPath::Absorbed] {
+            let together = run_batch(&backend, &model, &seqs, path);
+            for (i, s) in seqs.iter().enumerate() {
+                let alone = run_batch(&backend, &model, std::slice::from_ref(s), path);
+                // Bitwise: every kernel computes a row the same way whatever shares its
+                // batch.
+                let same = together[i]
+                    .iter()
+                    .zip(&alone[0])
+                    .all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(
+                    same,
+                    "{variant} {path:?} sequence {i} differs from its solo run"
+                );
+            }
         }
     }
 }
