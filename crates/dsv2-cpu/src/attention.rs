@@ -10,8 +10,8 @@ use dsv2_backend::{AttentionPath, MlaAttention, MlaDims, SeqSlice};
 use crate::kernels::{gemm_f32, round_bf16, MatRef, SyncPtr};
 use crate::matmul::KindOf;
 use crate::mla::{
-    absorb, dots, project, weighted_sum, weighted_sum_rows, Rows, DOT_TILE, SUM_CHUNK, SUM_COLS,
-    SUM_HEADS,
+    absorb_tokens, dots, project_tokens, weighted_sum, weighted_sum_rows, Rows, DOT_TILE,
+    SUM_CHUNK, SUM_COLS, SUM_HEADS, TOKENS,
 };
 use crate::scratch::take;
 use crate::team;
@@ -237,18 +237,32 @@ fn absorbed<E: KindOf>(
         let w_uv = |head: usize| &kv_b[(head * (dn + dv) + dn) * c..][..dv * c];
         // q_cat[k, head] = [W_UK[head]ᵀ · q_nope[head] | q_pe[head]] for every token k:
         // each query moved into latent space, beside its RoPE part.
+        // Up to TOKENS tokens at a time against each head's matrix.
         let q_cat_ptr = SyncPtr(q_cat.as_mut_ptr());
         team::for_each(h, |head| {
-            for (k, &t) in tokens.iter().enumerate() {
-                let q = &args.q[t as usize * h * qd + head * qd..][..qd];
-                // SAFETY: token k's head `head` is written by this task only.
-                let qc = unsafe {
-                    std::slice::from_raw_parts_mut(q_cat_ptr.get().add((k * h + head) * w), w)
+            let q_of = |k: usize| &args.q[tokens[k] as usize * h * qd + head * qd..][..qd];
+            let lat = |k: usize| q_cat_ptr.get().wrapping_add((k * h + head) * w);
+            for k0 in (0..n_tok).step_by(TOKENS) {
+                let n = (n_tok - k0).min(TOKENS);
+                let q = std::array::from_fn(|i| &q_of(k0 + i.min(n - 1))[..dn]);
+                // SAFETY: the first c values of token k's head `head` in q_cat, written
+                // by this task only.
+                unsafe {
+                    absorb_tokens(
+                        q,
+                        n,
+                        w_uk(head),
+                        c,
+                        std::array::from_fn(|i| lat(k0 + i.min(n - 1))),
+                    )
                 };
+            }
+            for k in 0..n_tok {
+                // SAFETY: token k's head `head` is written by this task only.
+                let qc = unsafe { std::slice::from_raw_parts_mut(lat(k), w) };
                 let (ql, qp) = qc.split_at_mut(c);
-                absorb(&q[..dn], w_uk(head), ql);
                 be.round(ql);
-                qp.copy_from_slice(&q[dn..]);
+                qp.copy_from_slice(&q_of(k)[dn..]);
             }
         });
         let mut k = 0;
@@ -283,16 +297,29 @@ fn absorbed<E: KindOf>(
         let out_ptr = SyncPtr(out.as_mut_ptr());
         let o_lat: &[f32] = &o_lat;
         team::for_each(h, |head| {
-            for (k, &t) in tokens.iter().enumerate() {
-                // SAFETY: row t's head `head` is written by this task only.
-                let dst = unsafe {
-                    std::slice::from_raw_parts_mut(
-                        out_ptr.get().add(t as usize * out_row + head * dv),
+            let dst = |k: usize| {
+                out_ptr
+                    .get()
+                    .wrapping_add(tokens[k] as usize * out_row + head * dv)
+            };
+            for k0 in (0..n_tok).step_by(TOKENS) {
+                let n = (n_tok - k0).min(TOKENS);
+                let x =
+                    std::array::from_fn(|i| &o_lat[((k0 + i.min(n - 1)) * h + head) * c..][..c]);
+                // SAFETY: the dv values of row t's head `head`, written by this task only.
+                unsafe {
+                    project_tokens(
+                        w_uv(head),
                         dv,
+                        x,
+                        n,
+                        std::array::from_fn(|i| dst(k0 + i.min(n - 1))),
                     )
                 };
-                project(w_uv(head), &o_lat[(k * h + head) * c..][..c], dst);
-                be.round(dst);
+            }
+            for k in 0..n_tok {
+                // SAFETY: as above.
+                be.round(unsafe { std::slice::from_raw_parts_mut(dst(k), dv) });
             }
         });
     });

@@ -333,11 +333,8 @@ pub(crate) fn weighted_sum_portable<'r, E: KindOf>(
 /// `out[c] = Σ_j q[j] · w[j][c]` over the `q.len()` rows of `w` (`[rows, C]` row-major,
 /// `C = out.len()`): a query moved into latent space through `W_UK`. Per column one
 /// chain of fused multiply-adds in row order; the AVX-512 path keeps 256 columns in
-/// registers across all rows (the `axpy` form re-read and re-wrote them per row).
-pub(crate) fn absorb<E: KindOf>(q: &[f32], w: &[E], out: &mut [f32]) {
-    absorb_isa(isa(), q, w, out)
-}
-
+/// registers across all rows (the `axpy` form re-read and re-wrote them per row). The
+/// attention calls it through [`absorb_tokens`], several queries per pass over `w`.
 fn absorb_isa<E: KindOf>(isa: Isa, q: &[f32], w: &[E], out: &mut [f32]) {
     let c = out.len();
     assert!(w.len() >= q.len() * c, "absorb shapes");
@@ -352,7 +349,7 @@ fn absorb_isa<E: KindOf>(isa: Isa, q: &[f32], w: &[E], out: &mut [f32]) {
     }
 }
 
-/// The scalar reference of [`absorb`] (also the AVX2 path, compiled with FMA).
+/// The scalar reference of [`absorb_isa`] (also the AVX2 path, compiled with FMA).
 #[inline(always)]
 pub(crate) fn absorb_portable<E: KindOf>(q: &[f32], w: &[E], out: &mut [f32]) {
     let c = out.len();
@@ -366,10 +363,7 @@ pub(crate) fn absorb_portable<E: KindOf>(q: &[f32], w: &[E], out: &mut [f32]) {
 
 /// `out[j] = w[j] · x` for the `out.len()` rows of `w` (`[rows, x.len()]`): latent
 /// outputs projected through `W_UV`. Each a 16-lane dot product as [`dots`] computes it.
-pub(crate) fn project<E: KindOf>(w: &[E], x: &[f32], out: &mut [f32]) {
-    project_isa(isa(), w, x, out)
-}
-
+/// The attention calls it through [`project_tokens`], several inputs per pass over `w`.
 fn project_isa<E: KindOf>(isa: Isa, w: &[E], x: &[f32], out: &mut [f32]) {
     let k = x.len();
     assert!(w.len() >= out.len() * k, "project shapes");
@@ -384,7 +378,7 @@ fn project_isa<E: KindOf>(isa: Isa, w: &[E], x: &[f32], out: &mut [f32]) {
     }
 }
 
-/// The scalar reference of [`project`] (also the AVX2 path, compiled with FMA).
+/// The scalar reference of [`project_isa`] (also the AVX2 path, compiled with FMA).
 #[inline(always)]
 pub(crate) fn project_portable<E: KindOf>(w: &[E], x: &[f32], out: &mut [f32]) {
     let k = x.len();
@@ -394,6 +388,95 @@ pub(crate) fn project_portable<E: KindOf>(w: &[E], x: &[f32], out: &mut [f32]) {
             acc[t % LANES] = wv.to_f32().mul_add(*xv, acc[t % LANES]);
         }
         *o = reduce_lanes(acc);
+    }
+}
+
+/// Queries of one tile of [`absorb_tokens`] / [`project_tokens`].
+pub(crate) const TOKENS: usize = 4;
+
+/// `out[i] = absorb(q[i], w)` for the first `n ≤ TOKENS` queries (`out[i]` the `c`
+/// values at that pointer): each widened row of `w` serves all of them, with each
+/// output's arithmetic exactly [`absorb_isa`]'s (bit-identical).
+///
+/// # Safety
+/// Each `out[i]`, `i < n`, must be valid for `c` writes, disjoint from the others and
+/// from `q` and `w`.
+pub(crate) unsafe fn absorb_tokens<E: KindOf>(
+    q: [&[f32]; TOKENS],
+    n: usize,
+    w: &[E],
+    c: usize,
+    out: [*mut f32; TOKENS],
+) {
+    assert!(
+        n <= TOKENS && w.len() >= q[0].len() * c,
+        "absorb_tokens shapes"
+    );
+    assert!(
+        q[..n].iter().all(|qi| qi.len() == q[0].len()),
+        "absorb_tokens queries"
+    );
+    match isa() {
+        // SAFETY: AVX-512 F detected; shapes checked; `out` as this function's contract.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => unsafe {
+            match n {
+                1 => x86::absorb512_tokens::<E, 1>(q, w, c, out),
+                2 => x86::absorb512_tokens::<E, 2>(q, w, c, out),
+                3 => x86::absorb512_tokens::<E, 3>(q, w, c, out),
+                _ => x86::absorb512_tokens::<E, TOKENS>(q, w, c, out),
+            }
+        },
+        isa => {
+            for i in 0..n {
+                // SAFETY: the caller's contract.
+                let o = unsafe { std::slice::from_raw_parts_mut(out[i], c) };
+                absorb_isa(isa, q[i], w, o);
+            }
+        }
+    }
+}
+
+/// `out[i] = project(w, x[i])` for the first `n ≤ TOKENS` inputs (`out[i]` the
+/// `rows` values at that pointer): each widened row of `w` serves all of them, with
+/// each output's arithmetic exactly [`project_isa`]'s (bit-identical).
+///
+/// # Safety
+/// Each `out[i]`, `i < n`, must be valid for `rows` writes, disjoint from the others and
+/// from `x` and `w`.
+pub(crate) unsafe fn project_tokens<E: KindOf>(
+    w: &[E],
+    rows: usize,
+    x: [&[f32]; TOKENS],
+    n: usize,
+    out: [*mut f32; TOKENS],
+) {
+    assert!(
+        n <= TOKENS && w.len() >= rows * x[0].len(),
+        "project_tokens shapes"
+    );
+    assert!(
+        x[..n].iter().all(|xi| xi.len() == x[0].len()),
+        "project_tokens inputs"
+    );
+    match isa() {
+        // SAFETY: AVX-512 F detected; shapes checked; `out` as this function's contract.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => unsafe {
+            match n {
+                1 => x86::project512_tokens::<E, 1>(w, rows, x, out),
+                2 => x86::project512_tokens::<E, 2>(w, rows, x, out),
+                3 => x86::project512_tokens::<E, 3>(w, rows, x, out),
+                _ => x86::project512_tokens::<E, TOKENS>(w, rows, x, out),
+            }
+        },
+        isa => {
+            for i in 0..n {
+                // SAFETY: the caller's contract.
+                let o = unsafe { std::slice::from_raw_parts_mut(out[i], rows) };
+                project_isa(isa, w, x[i], o);
+            }
+        }
     }
 }
 
@@ -522,6 +605,114 @@ mod x86 {
                 }
                 _mm512_mask_storeu_ps(op.add(c0), m, acc);
                 c0 += LANES;
+            }
+        }
+    }
+
+    /// [`super::absorb_tokens`] for `N` queries: tiles of `N` queries × 64 columns
+    /// (4 vectors), each row's 64 values widened once for all `N`; per output the FMA
+    /// chain of [`absorb512`] (rows in order from zero).
+    ///
+    /// # Safety
+    /// AVX-512 F/BW/VL; `w` holds `q[0].len()` rows of `c`; `out[i]` (i < N) valid for
+    /// `c` writes.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    pub(super) unsafe fn absorb512_tokens<E: KindOf, const N: usize>(
+        q: [&[f32]; TOKENS],
+        w: &[E],
+        c: usize,
+        out: [*mut f32; TOKENS],
+    ) {
+        const VECS: usize = 4;
+        let rows = q[0].len();
+        let wp = w.as_ptr();
+        let mut c0 = 0;
+        // SAFETY (all loads and stores): row j's columns c0.. (masked to c) lie inside
+        // `w`, and columns c0.. of each output inside it (the caller's contract).
+        unsafe {
+            while c0 < c {
+                let masks: [__mmask16; VECS] =
+                    std::array::from_fn(|v| mask16(c.saturating_sub(c0 + v * LANES)));
+                let mut acc = [[_mm512_setzero_ps(); VECS]; N];
+                for j in 0..rows {
+                    let row = wp.add(j * c + c0);
+                    let ahead = wp.wrapping_add((j + 4) * c + c0) as *const i8;
+                    _mm_prefetch::<_MM_HINT_T0>(ahead);
+                    _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64));
+                    let wv: [__m512; VECS] = std::array::from_fn(|v| {
+                        if masks[v] == 0 {
+                            _mm512_setzero_ps()
+                        } else {
+                            load16(row.add(v * LANES), masks[v])
+                        }
+                    });
+                    for i in 0..N {
+                        let qv = _mm512_set1_ps(*q[i].get_unchecked(j));
+                        for v in 0..VECS {
+                            acc[i][v] = _mm512_fmadd_ps(qv, wv[v], acc[i][v]);
+                        }
+                    }
+                }
+                for i in 0..N {
+                    for v in 0..VECS {
+                        if masks[v] != 0 {
+                            _mm512_mask_storeu_ps(out[i].add(c0 + v * LANES), masks[v], acc[i][v]);
+                        }
+                    }
+                }
+                c0 += VECS * LANES;
+            }
+        }
+    }
+
+    /// [`super::project_tokens`] for `N` inputs: tiles of 4 rows × `N` inputs, each
+    /// row's 16 values widened once for all `N`; per output the lane chains and lane sum
+    /// of [`project512`].
+    ///
+    /// # Safety
+    /// AVX-512 F/BW/VL; `w` holds `rows` rows of `x[0].len()`; `out[i]` (i < N) valid for
+    /// `rows` writes.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    #[allow(clippy::needless_range_loop)] // `r` indexes the rows of `w` and `acc` alike
+    pub(super) unsafe fn project512_tokens<E: KindOf, const N: usize>(
+        w: &[E],
+        rows: usize,
+        x: [&[f32]; TOKENS],
+        out: [*mut f32; TOKENS],
+    ) {
+        const ROWS: usize = 4;
+        let k = x[0].len();
+        let wp = w.as_ptr();
+        let mut j0 = 0;
+        // SAFETY (all loads and stores): x[i][t..] and rows j0.. at t, masked to k; the
+        // outputs as the caller's contract.
+        unsafe {
+            while j0 < rows {
+                let nr = (rows - j0).min(ROWS);
+                let mut acc = [[_mm512_setzero_ps(); ROWS]; N];
+                let mut t = 0;
+                while t < k {
+                    let m = mask16(k - t);
+                    let xv: [__m512; N] =
+                        std::array::from_fn(|i| _mm512_maskz_loadu_ps(m, x[i].as_ptr().add(t)));
+                    for r in 0..nr {
+                        _mm_prefetch::<_MM_HINT_T0>(
+                            wp.wrapping_add((j0 + ROWS + r) * k + t) as *const i8
+                        );
+                        let wv = load16(wp.add((j0 + r) * k + t), m);
+                        for i in 0..N {
+                            // Masked-off lanes keep their value, as in the reference.
+                            acc[i][r] = _mm512_mask3_fmadd_ps(wv, xv[i], acc[i][r], m);
+                        }
+                    }
+                    t += LANES;
+                }
+                for i in 0..N {
+                    for r in 0..nr {
+                        *out[i].add(j0 + r) = reduce512(acc[i][r]);
+                    }
+                }
+                j0 += nr;
             }
         }
     }
@@ -984,6 +1175,65 @@ mod tests {
         case(|v| v);
         case(bf16::from_f32);
         case(f16::from_f32);
+    }
+
+    /// Several queries against one matrix give each query's bits of the one-query
+    /// kernels, for 1..=4 queries, f32/bf16 weights and ragged widths.
+    #[test]
+    fn absorb_and_project_over_several_tokens_match_one_at_a_time() {
+        use half::bf16;
+        fn case<E: KindOf>(conv: impl Fn(f32) -> E) {
+            for (rows, c) in [(1, 1), (3, 17), (128, 512), (7, 300), (5, 16), (6, 70)] {
+                let w: Vec<E> = test_values(rows * c, 5).into_iter().map(&conv).collect();
+                let qs: Vec<Vec<f32>> = (0..TOKENS)
+                    .map(|i| test_values(rows, 6 + i as u64))
+                    .collect();
+                let xs: Vec<Vec<f32>> =
+                    (0..TOKENS).map(|i| test_values(c, 16 + i as u64)).collect();
+                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                for n in 1..=TOKENS {
+                    let mut got = vec![f32::NAN; TOKENS * c];
+                    let mut got_p = vec![f32::NAN; TOKENS * rows];
+                    let q = std::array::from_fn(|i| &qs[i.min(n - 1)][..]);
+                    let x = std::array::from_fn(|i| &xs[i.min(n - 1)][..]);
+                    let base = got.as_mut_ptr();
+                    let base_p = got_p.as_mut_ptr();
+                    // SAFETY: token i's outputs are its own c (rows) values of got (got_p).
+                    unsafe {
+                        absorb_tokens(q, n, &w, c, std::array::from_fn(|i| base.add(i * c)));
+                        project_tokens(
+                            &w,
+                            rows,
+                            x,
+                            n,
+                            std::array::from_fn(|i| base_p.add(i * rows)),
+                        );
+                    }
+                    for i in 0..n {
+                        let mut want = vec![0.0f32; c];
+                        absorb_portable(&qs[i], &w, &mut want);
+                        assert_eq!(
+                            bits(&got[i * c..(i + 1) * c]),
+                            bits(&want),
+                            "absorb {n} {i} {rows}x{c}"
+                        );
+                        let mut want_p = vec![0.0f32; rows];
+                        project_portable(&w, &xs[i], &mut want_p);
+                        assert_eq!(
+                            bits(&got_p[i * rows..(i + 1) * rows]),
+                            bits(&want_p),
+                            "project {n} {i} {rows}x{c}"
+                        );
+                    }
+                    assert!(
+                        got[n * c..].iter().all(|v| v.is_nan()),
+                        "absorb wrote past {n} tokens"
+                    );
+                }
+            }
+        }
+        case(|v| v);
+        case(bf16::from_f32);
     }
 
     /// The position-split sums: bit-identical on every path, equal to the column-split
