@@ -2,7 +2,7 @@
 //! so that a prefill's MFU is stated against this machine (a datasheet figure does not
 //! exist for a virtual machine's cores, whose clock and sharing are unknown).
 //!
-//! Every team thread runs chains of independent multiply-adds in registers ([`CHAINS`]
+//! Every team thread runs chains of independent multiply-adds in registers (12
 //! accumulators, enough to cover the instruction's latency on two pipes) with no memory
 //! traffic: the rate is the cores' arithmetic ceiling for that instruction, which no
 //! kernel exceeds. Measured like the read bandwidth: the best of a few short passes.
