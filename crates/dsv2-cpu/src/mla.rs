@@ -421,7 +421,10 @@ pub(crate) unsafe fn absorb_tokens<E: KindOf>(
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 => unsafe {
             match n {
-                1 => x86::absorb512_tokens::<E, 1>(q, w, c, out),
+                // One query: the one-query kernel's 256-column passes (2 over a V2 row
+                // of 512) stream the matrix better than 64-column tiles (8 passes):
+                // a V2 layer's decode attention at batch 1 took ~45% longer.
+                1 => x86::absorb512(q[0], w, std::slice::from_raw_parts_mut(out[0], c)),
                 2 => x86::absorb512_tokens::<E, 2>(q, w, c, out),
                 3 => x86::absorb512_tokens::<E, 3>(q, w, c, out),
                 _ => x86::absorb512_tokens::<E, TOKENS>(q, w, c, out),
