@@ -962,38 +962,35 @@ mod x86 {
         (rounds * CHAINS * 64) as u64
     }
 
-    /// [`super::peak_macs`] on AVX-VNNI: 32 multiply-adds per 256-bit `vpdpbusd`.
-    #[target_feature(enable = "avx2,avxvnni")]
-    pub(super) unsafe fn peak_avx_vnni(rounds: usize) -> u64 {
+    /// [`super::peak_macs`]'s chains on 256 bits with `dot` (32 multiply-adds each),
+    /// inlined into each instruction set's function below.
+    #[inline(always)]
+    unsafe fn peak256(rounds: usize, dot: impl Fn(__m256i, __m256i, __m256i) -> __m256i) -> u64 {
         use crate::peak::CHAINS;
         let w = _mm256_set1_epi8(std::hint::black_box(3));
         let x = _mm256_set1_epi8(std::hint::black_box(-5));
         let mut acc = [_mm256_setzero_si256(); CHAINS];
         for _ in 0..rounds {
             for a in &mut acc {
-                // SAFETY: AVX-VNNI (this function's features).
-                *a = unsafe { dot4_vnni(*a, w, x) };
+                *a = dot(*a, w, x);
             }
         }
         std::hint::black_box(acc);
         (rounds * CHAINS * 32) as u64
     }
 
-    /// [`super::peak_macs`] on AVX2: 32 multiply-adds per `maddubs` + `madd` + `add`.
+    /// [`super::peak_macs`] on AVX-VNNI: 256-bit `vpdpbusd`.
+    #[target_feature(enable = "avx2,avxvnni")]
+    pub(super) unsafe fn peak_avx_vnni(rounds: usize) -> u64 {
+        // SAFETY: AVX-VNNI (this function's features).
+        unsafe { peak256(rounds, |a, w, x| dot4_vnni(a, w, x)) }
+    }
+
+    /// [`super::peak_macs`] on AVX2: `maddubs` + `madd` + `add`.
     #[target_feature(enable = "avx2")]
     pub(super) unsafe fn peak_avx2(rounds: usize) -> u64 {
-        use crate::peak::CHAINS;
-        let w = _mm256_set1_epi8(std::hint::black_box(3));
-        let x = _mm256_set1_epi8(std::hint::black_box(-5));
-        let mut acc = [_mm256_setzero_si256(); CHAINS];
-        for _ in 0..rounds {
-            for a in &mut acc {
-                // SAFETY: AVX2 (this function's features).
-                *a = unsafe { dot4_avx2(*a, w, x) };
-            }
-        }
-        std::hint::black_box(acc);
-        (rounds * CHAINS * 32) as u64
+        // SAFETY: AVX2 (this function's features).
+        unsafe { peak256(rounds, |a, w, x| dot4_avx2(a, w, x)) }
     }
 
     /// q8 on AVX2: `Σ q·x` per 4 bytes via `maddubs(|q|, sign(x, q))` + `madd` (|q|,
