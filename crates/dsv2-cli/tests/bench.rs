@@ -252,8 +252,12 @@ fn bench_counts_a_bf16_kv_cache_at_two_bytes_a_value() {
 fn bench_rejects_what_it_cannot_run() {
     let config = fixture("lite").join("config.json");
     let config = config.to_str().unwrap();
-    let cases: [(&[&str], &str); 5] = [
+    let cases: [(&[&str], &str); 6] = [
         (&["bench"], "--random-weights"),
+        (
+            &["bench", "--random-weights", config, "--peak-tflops", "0"],
+            "--peak-tflops must be positive",
+        ),
         (
             &["bench", "--random-weights", config, "--weights-dtype", "q8"],
             "--quantize",

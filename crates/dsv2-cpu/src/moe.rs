@@ -457,7 +457,7 @@ mod tests {
     }
 
     /// The fused few-token path gives the bits of the general path (each expert's
-    /// products on their own), for 1, 3 and 8 different tokens, q8 and q4 experts, f32
+    /// products on their own), for 1, 3, 8 and 32 different tokens, q8 and q4 experts, f32
     /// and bf16 compute, with and without shared experts and renormalized or scaled
     /// weights.
     #[test]
@@ -480,7 +480,7 @@ mod tests {
                             routed_scaling_factor: if norm { 1.0 } else { 2.5 },
                         },
                     };
-                    for rows in [1, 3, 8] {
+                    for rows in [1, 3, 8, FUSED_MAX_ROWS] {
                         let mut x = test_values(rows * d, 7 + rows as u64);
                         be.round(&mut x);
                         let mut fused = vec![f32::NAN; rows * d];
