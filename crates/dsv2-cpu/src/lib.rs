@@ -504,7 +504,8 @@ impl Backend for CpuBackend {
     }
 
     /// One row through two quantized matrices runs as one parallel loop
-    /// (`moe::one_row_pair`); anything else as two [`linear`](Backend::linear)s.
+    /// (`moe::one_row_pair`), several rows with the input quantized once
+    /// (`qmatmul::qmatmul_pair`); anything else as two [`linear`](Backend::linear)s.
     fn linear_pair(
         &self,
         x: &Vec<f32>,
@@ -519,6 +520,13 @@ impl Backend for CpuBackend {
                 moe::one_row_pair(&x[..a.cols], a, out_a, b, out_b);
                 self.round(&mut out_a[..a.rows]);
                 self.round(&mut out_b[..b.rows]);
+                Ok(())
+            }
+            (Some(a), Some(b)) if a.cols == b.cols => {
+                // Several rows: `x` quantized once for both products.
+                qmatmul::qmatmul_pair(x, rows, a, out_a, b, out_b);
+                self.round(&mut out_a[..rows * a.rows]);
+                self.round(&mut out_b[..rows * b.rows]);
                 Ok(())
             }
             _ => {

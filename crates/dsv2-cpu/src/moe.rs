@@ -6,7 +6,9 @@ use dsv2_backend::{Mlp, MoeWeights};
 use std::cell::{Cell, RefCell};
 
 use crate::kernels::{round_bf16, silu, SyncPtr};
-use crate::qmatmul::{decode_tiles_per_task, qmatmul_rows_ptr, QActivations, QMatrix};
+use crate::qmatmul::{
+    decode_tiles_per_task, qmatmul_pair, qmatmul_rows_ptr, QActivations, QMatrix,
+};
 use crate::scratch::{take, take_empty};
 use crate::team;
 use crate::{CpuBackend, CpuWeight};
@@ -37,8 +39,14 @@ pub(crate) fn mlp_rows(
     let inter = mlp.gate_proj.rows();
     let mut gate = take::<f32>(rows * inter);
     let mut up = take::<f32>(rows * inter);
-    mlp.gate_proj.matmul(be, x, rows, &mut gate);
-    mlp.up_proj.matmul(be, x, rows, &mut up);
+    match (mlp.gate_proj.qmatrix(), mlp.up_proj.qmatrix()) {
+        // Quantized: `x` quantized once for both (bit-identical to two products).
+        (Some(g), Some(u)) => qmatmul_pair(x, rows, g, &mut gate, u, &mut up),
+        _ => {
+            mlp.gate_proj.matmul(be, x, rows, &mut gate);
+            mlp.up_proj.matmul(be, x, rows, &mut up);
+        }
+    }
     swiglu(be, &mut gate, &up);
     let d = mlp.down_proj.rows();
     mlp.down_proj.matmul(be, &gate, rows, &mut out[..rows * d]);
@@ -431,27 +439,30 @@ mod tests {
         }
     }
 
-    /// The fused one-row `linear_pair` gives the bits of two `linear`s.
+    /// `linear_pair` (one row: one parallel loop; several: the input quantized once)
+    /// gives the bits of two `linear`s.
     #[test]
-    fn one_row_linear_pair_matches_two_linears() {
+    fn linear_pair_matches_two_linears() {
         let d = 96;
         for dtype in [ComputeDtype::F32, ComputeDtype::Bf16] {
             for format in [QuantFormat::Q8, QuantFormat::Q4] {
-                let be = CpuBackend::new(dtype);
-                let q = |rows, seed| {
-                    be.load_quantized(&quantize_tensor(&dense("w", rows, d, seed), format))
-                        .unwrap()
-                };
-                let (a, b) = (q(80, 3), q(40, 4));
-                let x = test_values(d, 9);
-                let (mut a1, mut b1) = (vec![f32::NAN; 80], vec![f32::NAN; 40]);
-                let (mut a2, mut b2) = (vec![f32::NAN; 80], vec![f32::NAN; 40]);
-                be.linear_pair(&x, 1, &a, &mut a1, &b, &mut b1).unwrap();
-                be.linear(&x, 1, &a, &mut a2).unwrap();
-                be.linear(&x, 1, &b, &mut b2).unwrap();
-                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
-                assert_eq!(bits(&a1), bits(&a2), "{dtype:?} {format:?}");
-                assert_eq!(bits(&b1), bits(&b2), "{dtype:?} {format:?}");
+                for rows in [1, 5, 40] {
+                    let be = CpuBackend::new(dtype);
+                    let q = |n, seed| {
+                        be.load_quantized(&quantize_tensor(&dense("w", n, d, seed), format))
+                            .unwrap()
+                    };
+                    let (a, b) = (q(80, 3), q(40, 4));
+                    let x = test_values(rows * d, 9);
+                    let nan = |n: usize| vec![f32::NAN; rows * n];
+                    let (mut a1, mut b1, mut a2, mut b2) = (nan(80), nan(40), nan(80), nan(40));
+                    be.linear_pair(&x, rows, &a, &mut a1, &b, &mut b1).unwrap();
+                    be.linear(&x, rows, &a, &mut a2).unwrap();
+                    be.linear(&x, rows, &b, &mut b2).unwrap();
+                    let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(bits(&a1), bits(&a2), "{dtype:?} {format:?} {rows}");
+                    assert_eq!(bits(&b1), bits(&b2), "{dtype:?} {format:?} {rows}");
+                }
             }
         }
     }

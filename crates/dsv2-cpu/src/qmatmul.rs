@@ -423,26 +423,54 @@ pub fn qmatmul(x: &[f32], m: usize, w: QMatrix<'_>, y: &mut [f32]) {
 }
 
 fn qmatmul_isa(isa: Isa, x: &[f32], m: usize, w: QMatrix<'_>, y: &mut [f32]) {
+    with_activations(x, m, w.cols, |acts| checked_acts_matmul(isa, acts, m, w, y))
+}
+
+/// `ya = x · aᵀ` and `yb = x · bᵀ` for two quantized matrices of the same width, with `x`
+/// quantized once (a prefill's gate and up projections, or query and latent ones);
+/// bit-identical to two [`qmatmul`] calls.
+pub(crate) fn qmatmul_pair(
+    x: &[f32],
+    m: usize,
+    a: QMatrix<'_>,
+    ya: &mut [f32],
+    b: QMatrix<'_>,
+    yb: &mut [f32],
+) {
+    assert_eq!(a.cols, b.cols, "qmatmul_pair widths");
+    with_activations(x, m, a.cols, |acts| {
+        checked_acts_matmul(isa(), acts, m, a, ya);
+        checked_acts_matmul(isa(), acts, m, b, yb);
+    })
+}
+
+/// `y = acts · wᵀ` after checking the shapes.
+fn checked_acts_matmul(isa: Isa, acts: &QActivations, m: usize, w: QMatrix<'_>, y: &mut [f32]) {
     let (n, k) = (w.rows, w.cols);
     w.check();
-    assert!(x.len() >= m * k && y.len() >= m * n);
+    assert!(acts.m >= m && acts.k == k && y.len() >= m * n);
     if m == 0 || n == 0 {
         return;
     }
-    let mut run = |acts: &QActivations| acts_matmul(isa, acts, m, w, y);
+    acts_matmul(isa, acts, m, w, y)
+}
+
+/// Runs `f` on `x` (`m` rows of `k`) quantized into this thread's activation buffers.
+fn with_activations<R>(x: &[f32], m: usize, k: usize, f: impl FnOnce(&QActivations) -> R) -> R {
+    assert!(x.len() >= m * k, "activations shorter than {m} rows of {k}");
     // The thread-local buffers may be borrowed already (a qmatmul inside a task of an
     // outer qmatmul's loop): then use fresh ones.
     ACTIVATIONS.with(|cell| match cell.try_borrow_mut() {
         Ok(mut acts) => {
             acts.quantize(x, m, k);
-            run(&acts);
+            f(&acts)
         }
         Err(_) => {
             let mut acts = QActivations::default();
             acts.quantize(x, m, k);
-            run(&acts);
+            f(&acts)
         }
-    });
+    })
 }
 
 /// Weight tiles per task of a decode product: two tasks per thread, at most
