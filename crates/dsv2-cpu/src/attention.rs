@@ -13,7 +13,7 @@ use crate::mla::{
     absorb_tokens, dots, project_tokens, weighted_sum, weighted_sum_rows, Rows, DOT_TILE,
     SUM_CHUNK, SUM_COLS, SUM_HEADS, TOKENS,
 };
-use crate::scratch::take;
+use crate::scratch::{take, take_empty};
 use crate::team;
 use crate::{with_elems, CacheLayer, CpuBackend, LayerRows};
 
@@ -26,7 +26,7 @@ pub(crate) fn mla_attention(be: &CpuBackend, args: MlaAttention<'_, CpuBackend>,
     // The absorbed sequences together (a decode batch: one pass over `W_UK` and `W_UV`
     // for all of their tokens), each expanded one on its own; both formulations run on
     // the cache rows in their stored dtype.
-    let mut absorbed_seqs = take::<u32>(0);
+    let mut absorbed_seqs = take_empty::<u32>();
     for (i, seq) in args.step.batch.seqs.iter().enumerate() {
         match path(seq) {
             AttentionPath::Absorbed => absorbed_seqs.vec().push(i as u32),
@@ -216,7 +216,7 @@ fn absorbed<E: KindOf>(
     let w = c + dr;
     let seqs = &args.step.batch.seqs;
     // The query tokens, in order: their rows of the batch.
-    let mut tokens = take::<u32>(0);
+    let mut tokens = take_empty::<u32>();
     let mut longest = 0;
     for &i in seq_ids {
         let seq = &seqs[i as usize];

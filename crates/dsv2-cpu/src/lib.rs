@@ -503,8 +503,8 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    /// One row through two quantized matrices runs as one parallel loop
-    /// (`moe::one_row_pair`), several rows with the input quantized once
+    /// Two quantized matrices of the same width take their input quantized once: in one
+    /// parallel loop for a decode batch (`moe::few_rows_pair`), as two loops beyond
     /// (`qmatmul::qmatmul_pair`); anything else as two [`linear`](Backend::linear)s.
     fn linear_pair(
         &self,
@@ -516,15 +516,10 @@ impl Backend for CpuBackend {
         out_b: &mut Vec<f32>,
     ) -> Result<()> {
         match (w_a.qmatrix(), w_b.qmatrix()) {
-            (Some(a), Some(b)) if rows == 1 && a.cols == b.cols => {
-                moe::one_row_pair(&x[..a.cols], a, out_a, b, out_b);
-                self.round(&mut out_a[..a.rows]);
-                self.round(&mut out_b[..b.rows]);
-                Ok(())
-            }
             (Some(a), Some(b)) if a.cols == b.cols => {
-                // Several rows: `x` quantized once for both products.
-                qmatmul::qmatmul_pair(x, rows, a, out_a, b, out_b);
+                if !moe::few_rows_pair(x, rows, a, out_a, b, out_b) {
+                    qmatmul::qmatmul_pair(x, rows, a, out_a, b, out_b);
+                }
                 self.round(&mut out_a[..rows * a.rows]);
                 self.round(&mut out_b[..rows * b.rows]);
                 Ok(())

@@ -176,7 +176,7 @@ fn few_tokens_quantized(
     let num_experts = moe.experts.len();
     // The chosen experts in id order (the general path's summation order), then the
     // shared MLP; each with its member token rows and routing weights, in token order.
-    let mut chosen = take::<u32>(0);
+    let mut chosen = take_empty::<u32>();
     chosen.vec().extend_from_slice(&ids[..rows * k]);
     chosen.vec().sort_unstable();
     chosen.vec().dedup();
@@ -241,7 +241,7 @@ fn few_tokens_quantized(
     if acts.len() < count + 1 {
         acts.resize_with(count + 1, QActivations::default);
     }
-    let mut gathered = take::<f32>(0);
+    let mut gathered = take_empty::<f32>();
     for i in 0..routed_mlps {
         gathered.vec().clear();
         for &t in &member_rows[members(i)] {
@@ -289,14 +289,8 @@ fn few_tokens_quantized(
         );
         let (gate, up) = hidden[g0..u1].split_at_mut(u0 - g0);
         swiglu(be, gate, up);
-        let inter = mlp(i).gate_proj.rows();
-        if i < routed_mlps {
-            acts[i].quantize(gate, n_rows(i), inter);
-        } else {
-            // The shared MLP's input activations were its slot; its hidden rows go there
-            // now that the gate and up products are done.
-            acts[count].quantize(gate, n_rows(i), inter);
-        }
+        // Into the slot of the MLP's input rows, whose gate and up products are done.
+        acts[input_acts(i)].quantize(gate, n_rows(i), mlp(i).gate_proj.rows());
     }
     let mut outs = take::<f32>(member_at[count] as usize * d);
     let base = SyncPtr(outs.as_mut_ptr());
@@ -343,30 +337,37 @@ fn few_tokens_quantized(
     true
 }
 
-/// `out_a = a · x` and `out_b = b · x` for one row `x` of quantized matrices sharing their
-/// input (the query and latent projections), in one parallel loop instead of two, with
-/// `x` quantized once; bit-identical to two [`crate::qmatmul::qmatmul`] calls.
-pub(crate) fn one_row_pair(
+/// `out_a = x · aᵀ` and `out_b = x · bᵀ` for up to [`FUSED_MAX_ROWS`] rows `x` of
+/// quantized matrices sharing their input (the query and latent projections of a decode
+/// batch), in one parallel loop instead of two, with `x` quantized once; bit-identical to
+/// two [`crate::qmatmul::qmatmul`] calls. Returns false (having done nothing) for more
+/// rows, whose products stream well as two loops ([`qmatmul_pair`]).
+pub(crate) fn few_rows_pair(
     x: &[f32],
+    rows: usize,
     a: QMatrix<'_>,
     out_a: &mut [f32],
     b: QMatrix<'_>,
     out_b: &mut [f32],
-) {
+) -> bool {
+    if rows > FUSED_MAX_ROWS {
+        return false;
+    }
+    assert!(
+        a.cols == b.cols && out_a.len() >= rows * a.rows && out_b.len() >= rows * b.rows,
+        "linear_pair shapes"
+    );
     let mut acts = MLP_ACTS.with(|c| std::mem::take(&mut *c.borrow_mut()));
     if acts.is_empty() {
         acts.push(QActivations::default());
     }
-    acts[0].quantize(x, 1, a.cols);
-    assert!(
-        out_a.len() >= a.rows && out_b.len() >= b.rows,
-        "linear_pair outputs"
-    );
+    acts[0].quantize(x, rows, a.cols);
     let outs = [SyncPtr(out_a.as_mut_ptr()), SyncPtr(out_b.as_mut_ptr())];
-    // SAFETY: out_a and out_b hold a.rows and b.rows values (checked) and are distinct
-    // mutable borrows.
-    unsafe { run_tiles(2, |j| [a, b][j], |_| (&acts[0], 1), |j| outs[j]) };
+    // SAFETY: out_a and out_b hold rows · a.rows and rows · b.rows values (checked) and
+    // are distinct mutable borrows.
+    unsafe { run_tiles(2, |j| [a, b][j], |_| (&acts[0], rows), |j| outs[j]) };
     MLP_ACTS.with(|c| *c.borrow_mut() = acts);
+    true
 }
 
 /// One parallel loop over the 16-row tiles of `count` quantized matrices: matrix `j`
@@ -439,7 +440,7 @@ mod tests {
         }
     }
 
-    /// `linear_pair` (one row: one parallel loop; several: the input quantized once)
+    /// `linear_pair` (up to 32 rows: one parallel loop; more: the input quantized once)
     /// gives the bits of two `linear`s.
     #[test]
     fn linear_pair_matches_two_linears() {
