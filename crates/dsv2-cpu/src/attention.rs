@@ -7,8 +7,9 @@
 
 use dsv2_backend::{AttentionPath, MlaAttention, MlaDims, SeqSlice};
 
+use crate::flash;
 use crate::kernels::{gemm_f32, round_bf16, MatRef, SyncPtr};
-use crate::matmul::KindOf;
+use crate::matmul::{Kind, KindOf};
 use crate::mla::{
     absorb_tokens, dots, project_tokens, weighted_sum, weighted_sum_rows, Rows, DOT_TILE,
     SUM_CHUNK, SUM_COLS, SUM_HEADS, TOKENS,
@@ -191,15 +192,22 @@ const SCORE_CHUNK: usize = 64;
 /// query token's `W_UK` absorption, and every token's `W_UV` projection, run in one
 /// parallel loop over the heads for all of the step's tokens (each head's matrices read
 /// from memory once a step, not once a token: at batch 8 that was 8 × 4 MB a V2-Lite
-/// layer, 8 × 34 MB a V2 one). In between, one query token at a time: all heads share
-/// one latent per cached token, so each pass reads every cache row once for all heads
-/// (not once per head): the scores are split over cache positions in register tiles of
-/// 4 heads × 4 rows, each head's softmax runs on its own, and the weighted sum is split
-/// over latent columns in tiles of 8 heads × 32 columns up to [`SUM_CHUNK`] positions,
-/// over chunks of that many positions beyond (each chunk's rows read once, in order, by
-/// all tiles; the chunks' sums added in order) ([`crate::mla`]). Per value the
-/// arithmetic is the same fixed sequence whatever the split or the batch, so results do
-/// not depend on the thread count or on the other sequences.
+/// layer, 8 × 34 MB a V2 one). In between, the attention over the cache, where all heads
+/// share one latent per cached token, so each cache row is read once for all heads:
+///
+/// - in f32 ([`attend_one_pass`], [`crate::flash`]): every token's positions in chunks
+///   that are scored, exponentiated and summed while in the core's cache, with a running
+///   softmax; one parallel loop over every token's tasks, one to combine them;
+/// - in bf16 ([`attend`], which rounds scores and probabilities where the reference
+///   does), one query token at a time in two passes: the scores split over cache
+///   positions in register tiles of 4 heads × 4 rows, each head's softmax on its own,
+///   and the weighted sum split over latent columns in tiles of 8 heads × 32 columns up
+///   to [`SUM_CHUNK`] positions, over chunks of that many positions beyond (each chunk's
+///   rows read once, in order, by all tiles; the chunks' sums added in order)
+///   ([`crate::mla`]).
+///
+/// Per value the arithmetic is the same fixed sequence whatever the split or the batch,
+/// so results do not depend on the thread count or on the other sequences.
 fn absorbed<E: KindOf>(
     be: &CpuBackend,
     args: &MlaAttention<'_, CpuBackend>,
@@ -265,33 +273,37 @@ fn absorbed<E: KindOf>(
                 qp.copy_from_slice(&q_of(k)[dn..]);
             }
         });
-        let mut k = 0;
-        for &i in seq_ids {
-            let seq = &seqs[i as usize];
-            let past = seq.context_len - seq.query_len;
-            let row = |s: usize| &cache.row(slot(seq, bs, s))[..w];
-            let blocks = Rows {
-                block: |b: usize| cache.block_rows(seq.block_table[b] as usize),
-                block_size: bs,
-                width: args.cache.spec().width(),
-            };
-            for i in 0..seq.query_len {
-                let visible = past + i + 1;
-                let q_tok = &q_cat[k * h * w..(k + 1) * h * w];
-                let o_tok = &mut o_lat[k * h * c..(k + 1) * h * c];
-                attend(
-                    be,
-                    &d,
-                    q_tok,
-                    visible,
-                    seq.context_len,
-                    &row,
-                    &blocks,
-                    &mut scores,
-                    o_tok,
-                );
-                k += 1;
+        if be.bf16() {
+            let mut k = 0;
+            for &i in seq_ids {
+                let seq = &seqs[i as usize];
+                let past = seq.context_len - seq.query_len;
+                let row = |s: usize| &cache.row(slot(seq, bs, s))[..w];
+                let blocks = Rows {
+                    block: |b: usize| cache.block_rows(seq.block_table[b] as usize),
+                    block_size: bs,
+                    width: args.cache.spec().width(),
+                };
+                for i in 0..seq.query_len {
+                    let visible = past + i + 1;
+                    let q_tok = &q_cat[k * h * w..(k + 1) * h * w];
+                    let o_tok = &mut o_lat[k * h * c..(k + 1) * h * c];
+                    attend(
+                        be,
+                        &d,
+                        q_tok,
+                        visible,
+                        seq.context_len,
+                        &row,
+                        &blocks,
+                        &mut scores,
+                        o_tok,
+                    );
+                    k += 1;
+                }
             }
+        } else {
+            attend_one_pass(&d, seq_ids, seqs, bs, &cache, &q_cat, &mut o_lat);
         }
         // out[t, head] = W_UV[head] · o_lat[k, head] for every token k (row t).
         let out_ptr = SyncPtr(out.as_mut_ptr());
@@ -322,6 +334,113 @@ fn absorbed<E: KindOf>(
                 be.round(unsafe { std::slice::from_raw_parts_mut(dst(k), dv) });
             }
         });
+    });
+}
+
+/// Every query token's attention over its visible cached positions in one pass over
+/// the cache ([`crate::flash`]): `q_cat` `[tokens, h, c + dr]` in latent space (tokens in
+/// `seq_ids` order) into `o_lat` `[tokens, h, c]`. One parallel loop runs the tasks of
+/// every token (whole chunks of a token's positions, split by its own length), a second
+/// combines each token's tasks.
+fn attend_one_pass<E: KindOf>(
+    d: &MlaDims,
+    seq_ids: &[u32],
+    seqs: &[SeqSlice],
+    bs: usize,
+    cache: &CacheLayer<'_, E>,
+    q_cat: &[f32],
+    o_lat: &mut [f32],
+) {
+    let (c, h) = (d.kv_lora_rank, d.num_heads);
+    let w = c + d.rope_dim;
+    let shape = flash::Shape {
+        h,
+        c,
+        w,
+        scale: d.softmax_scale,
+    };
+    // Per token k: its sequence, visible positions, chunks per task, and its first task.
+    let mut token_seq = take_empty::<u32>();
+    let mut token_visible = take_empty::<u32>();
+    let mut token_per = take_empty::<u32>();
+    let mut task_at = take_empty::<u32>();
+    task_at.vec().push(0);
+    for &i in seq_ids {
+        let seq = &seqs[i as usize];
+        let past = seq.context_len - seq.query_len;
+        for t in 0..seq.query_len {
+            let visible = past + t + 1;
+            let (per, tasks) = flash::split(visible, h, c, w);
+            token_seq.vec().push(i);
+            token_visible.vec().push(visible as u32);
+            token_per.vec().push(per as u32);
+            let last = task_at[task_at.len() - 1];
+            task_at.vec().push(last + tasks as u32);
+        }
+    }
+    let n_tok = token_seq.len();
+    let total = task_at[n_tok] as usize;
+    let mut task_token = take_empty::<u32>();
+    for k in 0..n_tok {
+        let n = (task_at[k + 1] - task_at[k]) as usize;
+        task_token.vec().extend(std::iter::repeat_n(k as u32, n));
+    }
+    // Each token's query with its heads in vector lanes.
+    let q_len = flash::query_len(h, w);
+    let mut qt = take::<f32>(n_tok * q_len);
+    team::for_each_chunk_mut(&mut qt, q_len, |k, dst| {
+        flash::transpose_query(&q_cat[k * h * w..][..h * w], h, w, dst)
+    });
+    let state_len = flash::state_len(h, c);
+    let mut states = take::<f32>(total * state_len);
+    let qt: &[f32] = &qt;
+    team::for_each_chunk_mut(&mut states, state_len, |task, state| {
+        let k = task_token[task] as usize;
+        let seq = &seqs[token_seq[k] as usize];
+        let visible = token_visible[k] as usize;
+        let per = token_per[k] as usize;
+        let first = (task - task_at[k] as usize) * per * flash::CHUNK_ROWS;
+        let end = (first + per * flash::CHUNK_ROWS).min(visible);
+        flash::reset_state(state, h);
+        let mut scratch = take::<f32>(flash::scratch_len(h));
+        // Rows of a bf16 cache widened into this buffer, a chunk at a time.
+        let mut widened = take::<f32>(match E::KIND {
+            Kind::F32 => 0,
+            _ => flash::CHUNK_ROWS * w,
+        });
+        for s0 in (first..end).step_by(flash::CHUNK_ROWS) {
+            let n = (end - s0).min(flash::CHUNK_ROWS);
+            let mut rows: [&[f32]; flash::CHUNK_ROWS] = [&[]; flash::CHUNK_ROWS];
+            let cached = |j: usize| &cache.row(slot(seq, bs, s0 + j))[..w];
+            if E::KIND == Kind::F32 {
+                for (j, r) in rows.iter_mut().enumerate().take(n) {
+                    let row = cached(j);
+                    // SAFETY: E is f32 (its kind), so the slice is `w` f32 values.
+                    *r = unsafe { std::slice::from_raw_parts(row.as_ptr() as *const f32, w) };
+                }
+            } else {
+                for (j, dst) in widened.chunks_exact_mut(w).enumerate().take(n) {
+                    for (d, v) in dst.iter_mut().zip(cached(j)) {
+                        *d = v.to_f32();
+                    }
+                }
+                for (r, row) in rows.iter_mut().zip(widened.chunks_exact(w)).take(n) {
+                    *r = row;
+                }
+            }
+            flash::fold_chunk(
+                shape,
+                &qt[k * q_len..][..q_len],
+                &rows[..n],
+                state,
+                &mut scratch,
+            );
+        }
+    });
+    let states: &[f32] = &states;
+    team::for_each_chunk_mut(&mut o_lat[..n_tok * h * c], h * c, |k, out| {
+        let (t0, t1) = (task_at[k] as usize, task_at[k + 1] as usize);
+        flash::combine(&states[t0 * state_len..t1 * state_len], t1 - t0, h, c, out);
     });
 }
 

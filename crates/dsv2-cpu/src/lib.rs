@@ -28,6 +28,8 @@ pub(crate) fn test_values(n: usize, seed: u64) -> Vec<f32> {
         .collect()
 }
 pub mod bandwidth;
+mod exp;
+mod flash;
 pub mod kernels;
 pub mod matmul;
 mod mla;

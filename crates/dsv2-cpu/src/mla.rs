@@ -180,7 +180,7 @@ impl<'r, E: 'r, B: Fn(usize) -> &'r [E]> Rows<B> {
 
     /// The row of position `s` (`width` long).
     #[inline(always)]
-    fn row(&self, s: usize) -> &'r [E] {
+    pub(crate) fn row(&self, s: usize) -> &'r [E] {
         &(self.block)(s / self.block_size)[(s % self.block_size) * self.width..][..self.width]
     }
 }

@@ -5,7 +5,7 @@ use dsv2_backend::{Mlp, MoeWeights};
 
 use std::cell::{Cell, RefCell};
 
-use crate::kernels::{round_bf16, silu, SyncPtr};
+use crate::kernels::SyncPtr;
 use crate::qmatmul::{
     decode_tiles_per_task, qmatmul_pair, qmatmul_rows_ptr, QActivations, QMatrix,
 };
@@ -16,15 +16,7 @@ use crate::{CpuBackend, CpuWeight};
 /// The SwiGLU product `silu(g) * u` in place in `gate`, with the bf16 reference's rounding
 /// points in bf16 mode.
 fn swiglu(be: &CpuBackend, gate: &mut [f32], up: &[f32]) {
-    if be.bf16() {
-        for (g, u) in gate.iter_mut().zip(up) {
-            *g = round_bf16(round_bf16(silu(round_bf16(*g))) * round_bf16(*u));
-        }
-    } else {
-        for (g, u) in gate.iter_mut().zip(up) {
-            *g = silu(*g) * u;
-        }
-    }
+    crate::exp::silu_mul(gate, up, be.bf16());
 }
 
 /// `out[rows, D] = down(silu(gate(x)) * up(x))` with the reference's bf16 rounding
@@ -235,25 +227,36 @@ fn few_tokens_quantized(
     let members = |i: usize| member_at[i] as usize..member_at[i + 1] as usize;
     let n_rows = |i: usize| members(i).len();
 
-    // Each MLP's input rows quantized once for its gate and up projections (the shared
-    // MLP's at [count]; routed MLP i's at [i], later reused for its hidden rows).
+    // Each MLP's input rows quantized once for its gate and up projections: the shared
+    // MLP's (every row) at [count], which a lone token's routed MLPs share too; with
+    // several tokens routed MLP i's member rows at [i]. MLP i's hidden rows go to [i]
+    // once every gate and up product is done.
     let mut acts = MLP_ACTS.with(|a| std::mem::take(&mut *a.borrow_mut()));
     if acts.len() < count + 1 {
         acts.resize_with(count + 1, QActivations::default);
     }
-    let mut gathered = take_empty::<f32>();
-    for i in 0..routed_mlps {
-        gathered.vec().clear();
-        for &t in &member_rows[members(i)] {
-            let t = t as usize;
-            gathered.vec().extend_from_slice(&x[t * d..(t + 1) * d]);
-        }
-        acts[i].quantize(&gathered, n_rows(i), d);
-    }
-    if shared.is_some() {
+    let one_token = rows == 1;
+    if one_token || shared.is_some() {
         acts[count].quantize(x, rows, d);
     }
-    let input_acts = |i: usize| if i < routed_mlps { i } else { count };
+    if !one_token {
+        let mut gathered = take_empty::<f32>();
+        for i in 0..routed_mlps {
+            gathered.vec().clear();
+            for &t in &member_rows[members(i)] {
+                let t = t as usize;
+                gathered.vec().extend_from_slice(&x[t * d..(t + 1) * d]);
+            }
+            acts[i].quantize(&gathered, n_rows(i), d);
+        }
+    }
+    let input_acts = |i: usize| {
+        if one_token || i >= routed_mlps {
+            count
+        } else {
+            i
+        }
+    };
 
     // Gate then up outputs of MLP i: [rows_i, inter_i] each, from hidden_at[2i].
     let mut hidden_at = take::<u32>(2 * count + 1);
@@ -289,8 +292,7 @@ fn few_tokens_quantized(
         );
         let (gate, up) = hidden[g0..u1].split_at_mut(u0 - g0);
         swiglu(be, gate, up);
-        // Into the slot of the MLP's input rows, whose gate and up products are done.
-        acts[input_acts(i)].quantize(gate, n_rows(i), mlp(i).gate_proj.rows());
+        acts[i].quantize(gate, n_rows(i), mlp(i).gate_proj.rows());
     }
     let mut outs = take::<f32>(member_at[count] as usize * d);
     let base = SyncPtr(outs.as_mut_ptr());
@@ -299,7 +301,7 @@ fn few_tokens_quantized(
         run_tiles(
             count,
             |i| quantized(&mlp(i).down_proj),
-            |i| (&acts[input_acts(i)], n_rows(i)),
+            |i| (&acts[i], n_rows(i)),
             |i| SyncPtr(base.get().add(member_at[i] as usize * d)),
         )
     };

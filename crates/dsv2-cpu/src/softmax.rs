@@ -2,33 +2,16 @@
 //!
 //! At 4K cached tokens a V2-Lite decode token takes 65K exponentials a layer; through
 //! the C library's scalar `expf` they cost ~200 µs a layer on one core, as much as a
-//! third of the attention. Here `exp` is Cephes' single-precision algorithm (range
-//! reduction by `ln 2` in two parts, a degree-5 polynomial, scaling by `2ⁿ` through the
-//! exponent bits; within 2 ulp of the exact value on its whole range, tested) written as
-//! one fixed sequence of IEEE operations, so the AVX-512, AVX2 and portable paths give
-//! the same bits:
+//! third of the attention. Here `exp` is [`crate::exp`]'s (Cephes' algorithm as one fixed
+//! sequence of IEEE operations), so the AVX-512, AVX2 and portable paths give the same
+//! bits:
 //! - `m = max(x)`; per element `e = exp(x − m)`;
 //! - the sum is a 16-lane sum (lane `j` adds the elements at `k ≡ j (mod 16)` in order),
 //!   then the lanes are summed as `a[j] + a[j + 8]`, then `+ 4`, `+ 2`, `+ 1`;
 //! - each element is multiplied by `1 / sum`.
 
+use crate::exp::exp_portable;
 use crate::mla::{isa, reduce_lanes, Isa, LANES};
-
-const LOG2E: f32 = std::f32::consts::LOG2_E;
-/// `ln 2` in two parts: the first exact in a few bits, so `n · LN2_HI` is exact.
-const LN2_HI: f32 = 0.693_359_4;
-const LN2_LO: f32 = -2.121_944_4e-4;
-/// Below this, `exp` is 0 here (the smallest normal scale `2⁻¹²⁶` is reached at ~-87.3).
-const EXP_MIN: f32 = -87.336_54;
-/// Cephes `expf` polynomial, highest degree first.
-const P: [f32; 6] = [
-    1.987_569_1e-4,
-    1.398_2e-3,
-    8.333_452e-3,
-    4.166_579_6e-2,
-    1.666_666_5e-1,
-    0.5, // Cephes: 5.0000001201e-1, which rounds to 0.5 in f32
-];
 
 /// `x ← softmax(x)` (see the module's arithmetic). An empty slice is left as it is.
 pub(crate) fn softmax(x: &mut [f32]) {
@@ -50,22 +33,6 @@ fn softmax_isa(isa: Isa, x: &mut [f32]) {
     }
 }
 
-/// `exp(x)` by the module's fixed sequence.
-#[inline(always)]
-fn exp_portable(x: f32) -> f32 {
-    if x < EXP_MIN {
-        return 0.0;
-    }
-    let n = (x * LOG2E).round_ties_even();
-    let r = n.mul_add(-LN2_LO, n.mul_add(-LN2_HI, x));
-    let mut p = P[0];
-    for c in &P[1..] {
-        p = p.mul_add(r, *c);
-    }
-    let y = p.mul_add(r * r, r) + 1.0;
-    y * f32::from_bits(((n as i32 + 127) as u32) << 23)
-}
-
 /// The scalar reference of [`softmax`].
 pub(crate) fn softmax_portable(x: &mut [f32]) {
     let mut lanes = [f32::NEG_INFINITY; LANES];
@@ -85,6 +52,7 @@ pub(crate) fn softmax_portable(x: &mut [f32]) {
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::*;
+    use crate::exp::x86::{exp256, exp512};
     use std::arch::x86_64::*;
 
     /// # Safety
@@ -126,33 +94,6 @@ mod x86 {
                 let v = _mm512_maskz_loadu_ps(mk, ptr.add(k));
                 _mm512_mask_storeu_ps(ptr.add(k), mk, _mm512_mul_ps(v, inv));
             }
-        }
-    }
-
-    #[inline(always)]
-    unsafe fn exp512(x: __m512) -> __m512 {
-        // SAFETY: AVX-512 F (the caller's features).
-        unsafe {
-            let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
-                _mm512_mul_ps(x, _mm512_set1_ps(LOG2E)),
-            );
-            let r = _mm512_fmadd_ps(n, _mm512_set1_ps(-LN2_HI), x);
-            let r = _mm512_fmadd_ps(n, _mm512_set1_ps(-LN2_LO), r);
-            let mut p = _mm512_set1_ps(P[0]);
-            for c in &P[1..] {
-                p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(*c));
-            }
-            let y = _mm512_add_ps(
-                _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r),
-                _mm512_set1_ps(1.0),
-            );
-            // 2ⁿ for the lanes at or above EXP_MIN (n ≥ −126 there); 0 below.
-            let keep = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(x, _mm512_set1_ps(EXP_MIN));
-            let bits = _mm512_slli_epi32::<23>(_mm512_add_epi32(
-                _mm512_cvtps_epi32(n),
-                _mm512_set1_epi32(127),
-            ));
-            _mm512_maskz_mul_ps(keep, y, _mm512_castsi512_ps(bits))
         }
     }
 
@@ -212,32 +153,6 @@ mod x86 {
             }
         }
     }
-
-    #[inline(always)]
-    unsafe fn exp256(x: __m256) -> __m256 {
-        // SAFETY: AVX2 and FMA (the caller's features).
-        unsafe {
-            let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
-                _mm256_mul_ps(x, _mm256_set1_ps(LOG2E)),
-            );
-            let r = _mm256_fmadd_ps(n, _mm256_set1_ps(-LN2_HI), x);
-            let r = _mm256_fmadd_ps(n, _mm256_set1_ps(-LN2_LO), r);
-            let mut p = _mm256_set1_ps(P[0]);
-            for c in &P[1..] {
-                p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(*c));
-            }
-            let y = _mm256_add_ps(
-                _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r),
-                _mm256_set1_ps(1.0),
-            );
-            let keep = _mm256_cmp_ps::<_CMP_GE_OQ>(x, _mm256_set1_ps(EXP_MIN));
-            let bits = _mm256_slli_epi32::<23>(_mm256_add_epi32(
-                _mm256_cvtps_epi32(n),
-                _mm256_set1_epi32(127),
-            ));
-            _mm256_and_ps(keep, _mm256_mul_ps(y, _mm256_castsi256_ps(bits)))
-        }
-    }
 }
 
 #[cfg(test)]
@@ -245,23 +160,6 @@ mod tests {
     use super::*;
     use crate::mla::isas;
     use crate::test_values;
-
-    #[test]
-    fn exp_is_within_two_ulp_on_its_range() {
-        let mut x = -87.3f32;
-        let mut worst = 0.0f64;
-        while x <= 0.0 {
-            let got = exp_portable(x) as f64;
-            let want = (x as f64).exp();
-            let ulp = (want as f32).next_up() as f64 - want as f32 as f64;
-            worst = worst.max((got - want).abs() / ulp);
-            x += 0.000_731;
-        }
-        assert!(worst <= 2.0, "worst error {worst} ulp");
-        assert_eq!(exp_portable(0.0), 1.0);
-        assert_eq!(exp_portable(-100.0), 0.0);
-        assert_eq!(exp_portable(f32::NEG_INFINITY), 0.0);
-    }
 
     #[test]
     fn softmax_agrees_bit_for_bit_and_matches_f64() {

@@ -1,0 +1,802 @@
+//! One-pass ("flash-decoding") absorbed attention of decode tokens over the latent cache.
+//!
+//! The two-pass kernels of [`crate::mla`] score every cached row, take each head's
+//! softmax, then read every row again for the weighted sum; their score tile (4 heads × 4
+//! rows) ends in 16 horizontal sums. At 4K cached tokens and 8 sequences that ran at ~70
+//! G multiply-adds/s on this 2-core VM (~26% of the f32 FMA peak, 43% of a decode step).
+//! Here a token's positions are taken in chunks of [`CHUNK_ROWS`] rows, each scored,
+//! exponentiated and summed while it sits in the core's cache, with the softmax carried
+//! across chunks by a running maximum (the online softmax of flash attention):
+//!
+//! - the query is transposed once per token so that a group of [`GROUP`] heads fills the
+//!   lanes of one vector: a score tile is [`SCORE_ROWS`] rows × 16 heads, one fused
+//!   multiply-add per (row, position) with the row's value broadcast, and no horizontal
+//!   sum;
+//! - the weighted sum runs in tiles of 8 heads × 32 latent columns over the chunk's rows.
+//!
+//! The arithmetic of every value is one fixed sequence, whatever the instruction set, the
+//! thread count or the other sequences of the batch (the code is written once over
+//! arrays of lanes and compiled per instruction set; tested bit for bit):
+//! - a score is `Σ_blocks (Σ_k q_k·x_k)` with a chain of fused multiply-adds from 0 over
+//!   each block of [`K_BLOCK`] positions `k`, the blocks added in order, then `· scale`;
+//! - per chunk and head: `m' = max(m, scores)`, `α = e^(m − m')`, `p = e^(s − m')`,
+//!   `l' = l·α + Σ p` (the sum in row order), `o' = o·α + Σ p·x` (one chain of fused
+//!   multiply-adds from 0 in row order per output, then a fused multiply-add with `o`);
+//! - a token's positions split into tasks of whole chunks by its own length only
+//!   ([`split`]); the tasks' states are combined in order:
+//!   `out = (Σ_t e^(m_t − M)·o_t) / (Σ_t e^(m_t − M)·l_t)`, `M = max_t m_t`.
+//!
+//! It differs from the two-pass softmax only by rounding (tested against it). The
+//! bf16-compute path keeps the two-pass kernels: they round scores and probabilities to
+//! bf16 where the reference does, which a running sum cannot.
+
+use crate::exp::exp_lane;
+use crate::mla::{isa, Isa};
+
+/// Heads per group: the lanes of one 512-bit vector.
+pub(crate) const GROUP: usize = 16;
+/// Cache rows per chunk: scored and summed while they sit in the core's cache (64 V2-Lite
+/// rows of 576 f32 values are 147 KB).
+pub(crate) const CHUNK_ROWS: usize = 64;
+/// Cache rows of a score tile (one accumulator vector each, plus one per block sum).
+const SCORE_ROWS: usize = 8;
+/// Positions per block of a score's dot product.
+const K_BLOCK: usize = 64;
+/// Heads of a weighted-sum tile.
+const SUM_HEADS: usize = 8;
+/// Latent columns of a weighted-sum tile.
+const SUM_COLS: usize = 32;
+/// Fewest chunks per task.
+const MIN_TASK_CHUNKS: usize = 2;
+/// Most tasks per token (16 are enough for this machine's threads at 1K positions; a
+/// V2 token's 16 states are 4 MB).
+const MAX_TASKS: usize = 16;
+
+/// Head groups of `h` heads.
+pub(crate) fn groups(h: usize) -> usize {
+    h.div_ceil(GROUP)
+}
+
+/// Floats of one task's state: the running max and sum per head, then `h × c` sums.
+pub(crate) fn state_len(h: usize, c: usize) -> usize {
+    2 * h + h * c
+}
+
+/// Floats of the transposed query of one token ([`transpose_query`]).
+pub(crate) fn query_len(h: usize, w: usize) -> usize {
+    groups(h) * w * GROUP
+}
+
+/// Floats of a task's scratch for [`fold_chunk`]: one chunk's scores of every group.
+pub(crate) fn scratch_len(h: usize) -> usize {
+    groups(h) * CHUNK_ROWS * GROUP
+}
+
+/// How a token's `visible` positions split into tasks: `(chunks per task, tasks)`. A
+/// task reads at least [`MIN_TASK_CHUNKS`] chunks and 4× its state's bytes of cache
+/// rows (its state, `h · c` floats, is written and read back once): V2-Lite 2 chunks,
+/// V2 (128 heads) 8. It depends only on the token's own length and the model's shape, so
+/// a token's result is the same in any batch and on any number of threads.
+pub(crate) fn split(visible: usize, h: usize, c: usize, w: usize) -> (usize, usize) {
+    let chunks = visible.div_ceil(CHUNK_ROWS).max(1);
+    let min_per = MIN_TASK_CHUNKS.max((4 * h * c).div_ceil(CHUNK_ROWS * w));
+    let tasks = (chunks / min_per).clamp(1, MAX_TASKS);
+    let per = chunks.div_ceil(tasks);
+    (per, chunks.div_ceil(per))
+}
+
+/// `q_cat` `[h, w]` (a token's queries in latent space) → `qt` `[groups, w, GROUP]`, the
+/// lanes past the last head 0.
+pub(crate) fn transpose_query(q_cat: &[f32], h: usize, w: usize, qt: &mut [f32]) {
+    for g in 0..groups(h) {
+        let dst = &mut qt[g * w * GROUP..][..w * GROUP];
+        for lane in 0..GROUP {
+            let head = g * GROUP + lane;
+            if head < h {
+                let src = &q_cat[head * w..][..w];
+                for (k, v) in src.iter().enumerate() {
+                    dst[k * GROUP + lane] = *v;
+                }
+            } else {
+                for k in 0..w {
+                    dst[k * GROUP + lane] = 0.0;
+                }
+            }
+        }
+    }
+}
+
+/// A task's state before its first chunk: maxima −∞, sums 0.
+pub(crate) fn reset_state(state: &mut [f32], h: usize) {
+    state[..h].fill(f32::NEG_INFINITY);
+    state[h..].fill(0.0);
+}
+
+/// The shape of one token's attention.
+#[derive(Clone, Copy)]
+pub(crate) struct Shape {
+    /// Query heads.
+    pub h: usize,
+    /// Latent columns (the first `c` values of a cache row are summed).
+    pub c: usize,
+    /// Width of a query and of the scored part of a cache row (`c + dr`).
+    pub w: usize,
+    /// Softmax scale of the scores.
+    pub scale: f32,
+}
+
+/// Folds one chunk of cache rows (`rows`, 1..=[`CHUNK_ROWS`] f32 rows of at least `w`
+/// values) into a task's `state` ([`state_len`] floats), for the query `qt`
+/// ([`transpose_query`]); `scratch` holds [`scratch_len`] floats.
+pub(crate) fn fold_chunk(
+    shape: Shape,
+    qt: &[f32],
+    rows: &[&[f32]],
+    state: &mut [f32],
+    scratch: &mut [f32],
+) {
+    fold_chunk_isa(isa(), shape, qt, rows, state, scratch)
+}
+
+fn fold_chunk_isa(
+    isa: Isa,
+    shape: Shape,
+    qt: &[f32],
+    rows: &[&[f32]],
+    state: &mut [f32],
+    scratch: &mut [f32],
+) {
+    let Shape { h, c, w, .. } = shape;
+    assert!(
+        (1..=CHUNK_ROWS).contains(&rows.len())
+            && rows.iter().all(|r| r.len() >= w)
+            && c <= w
+            && qt.len() >= query_len(h, w)
+            && state.len() >= state_len(h, c)
+            && scratch.len() >= scratch_len(h),
+        "flash chunk shapes"
+    );
+    match isa {
+        // SAFETY: the features were detected.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => unsafe { x86::fold_chunk512(shape, qt, rows, state, scratch) },
+        // SAFETY: the features were detected.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => unsafe { x86::fold_chunk_avx2(shape, qt, rows, state, scratch) },
+        Isa::Portable => fold_chunk_impl(shape, qt, rows, state, scratch),
+    }
+}
+
+#[inline(always)]
+fn fold_chunk_impl(shape: Shape, qt: &[f32], rows: &[&[f32]], state: &mut [f32], p: &mut [f32]) {
+    let Shape { h, c, w, scale } = shape;
+    let n = rows.len();
+    let (m_all, rest) = state.split_at_mut(h);
+    let (l_all, o_all) = rest.split_at_mut(h);
+    for g in 0..groups(h) {
+        let heads = (h - g * GROUP).min(GROUP);
+        let p = &mut p[g * CHUNK_ROWS * GROUP..][..n * GROUP];
+        scores(&qt[g * w * GROUP..][..w * GROUP], rows, w, scale, p);
+        // The running max and sum of the group's heads (padding lanes: −∞ and 0, their
+        // scores are 0, and nothing of them is kept).
+        let mut m = [f32::NEG_INFINITY; GROUP];
+        let mut l = [0.0f32; GROUP];
+        m[..heads].copy_from_slice(&m_all[g * GROUP..][..heads]);
+        l[..heads].copy_from_slice(&l_all[g * GROUP..][..heads]);
+        let mut mx = m;
+        for row in p.chunks_exact(GROUP) {
+            for lane in 0..GROUP {
+                if row[lane] > mx[lane] {
+                    mx[lane] = row[lane];
+                }
+            }
+        }
+        let alpha: [f32; GROUP] = std::array::from_fn(|lane| exp_lane(m[lane] - mx[lane]));
+        let mut sum = [0.0f32; GROUP];
+        for row in p.chunks_exact_mut(GROUP) {
+            for lane in 0..GROUP {
+                row[lane] = exp_lane(row[lane] - mx[lane]);
+                sum[lane] += row[lane];
+            }
+        }
+        for lane in 0..GROUP {
+            l[lane] = l[lane].mul_add(alpha[lane], sum[lane]);
+        }
+        m_all[g * GROUP..][..heads].copy_from_slice(&mx[..heads]);
+        l_all[g * GROUP..][..heads].copy_from_slice(&l[..heads]);
+        weighted_sum(
+            p,
+            rows,
+            heads,
+            c,
+            &alpha,
+            &mut o_all[g * GROUP * c..][..heads * c],
+        );
+    }
+}
+
+/// `out[j·GROUP + lane] = scale · (qt[·, lane] · rows[j][..w])` for every row `j` (the
+/// module's blocked sum).
+#[inline(always)]
+fn scores(qt: &[f32], rows: &[&[f32]], w: usize, scale: f32, out: &mut [f32]) {
+    let n = rows.len();
+    for j0 in (0..n).step_by(SCORE_ROWS) {
+        let nr = (n - j0).min(SCORE_ROWS);
+        // A short last tile repeats its last row (computed, not stored).
+        let rr: [&[f32]; SCORE_ROWS] = std::array::from_fn(|j| &rows[j0 + j.min(nr - 1)][..w]);
+        let mut acc = [[0.0f32; GROUP]; SCORE_ROWS];
+        for k0 in (0..w).step_by(K_BLOCK) {
+            let k1 = (k0 + K_BLOCK).min(w);
+            let mut part = [[0.0f32; GROUP]; SCORE_ROWS];
+            for k in k0..k1 {
+                let q: &[f32; GROUP] = qt[k * GROUP..][..GROUP].try_into().expect("lanes");
+                for j in 0..SCORE_ROWS {
+                    let x = rr[j][k];
+                    for lane in 0..GROUP {
+                        part[j][lane] = q[lane].mul_add(x, part[j][lane]);
+                    }
+                }
+            }
+            for j in 0..SCORE_ROWS {
+                for lane in 0..GROUP {
+                    acc[j][lane] += part[j][lane];
+                }
+            }
+        }
+        for j in 0..nr {
+            for lane in 0..GROUP {
+                out[(j0 + j) * GROUP + lane] = acc[j][lane] * scale;
+            }
+        }
+    }
+}
+
+/// `o[a·c + col] = o[a·c + col]·α[a] + Σ_j p[j·GROUP + a]·rows[j][col]` for the group's
+/// `heads` and every column (`o` holds those heads' rows).
+#[inline(always)]
+fn weighted_sum(
+    p: &[f32],
+    rows: &[&[f32]],
+    heads: usize,
+    c: usize,
+    alpha: &[f32; GROUP],
+    o: &mut [f32],
+) {
+    for h0 in (0..heads).step_by(SUM_HEADS) {
+        let nh = (heads - h0).min(SUM_HEADS);
+        let mut c0 = 0;
+        while c0 + SUM_COLS <= c {
+            let mut acc = [[0.0f32; SUM_COLS]; SUM_HEADS];
+            for (j, row) in rows.iter().enumerate() {
+                let x: &[f32; SUM_COLS] = row[c0..c0 + SUM_COLS].try_into().expect("columns");
+                let pj: &[f32; SUM_HEADS] =
+                    p[j * GROUP + h0..][..SUM_HEADS].try_into().expect("heads");
+                for a in 0..SUM_HEADS {
+                    for col in 0..SUM_COLS {
+                        acc[a][col] = pj[a].mul_add(x[col], acc[a][col]);
+                    }
+                }
+            }
+            for (a, acc) in acc.iter().enumerate().take(nh) {
+                let head = h0 + a;
+                let dst = &mut o[head * c + c0..][..SUM_COLS];
+                for col in 0..SUM_COLS {
+                    dst[col] = dst[col].mul_add(alpha[head], acc[col]);
+                }
+            }
+            c0 += SUM_COLS;
+        }
+        // Columns past the last full tile: the same chains, one column at a time.
+        for col in c0..c {
+            for a in 0..nh {
+                let head = h0 + a;
+                let mut acc = 0.0f32;
+                for (j, row) in rows.iter().enumerate() {
+                    acc = p[j * GROUP + head].mul_add(row[col], acc);
+                }
+                let dst = &mut o[head * c + col];
+                *dst = dst.mul_add(alpha[head], acc);
+            }
+        }
+    }
+}
+
+/// A token's latent outputs `out` `[h, c]` from its tasks' states (`states`, `tasks` ×
+/// [`state_len`] floats, in task order): the module's combination.
+pub(crate) fn combine(states: &[f32], tasks: usize, h: usize, c: usize, out: &mut [f32]) {
+    combine_isa(isa(), states, tasks, h, c, out)
+}
+
+fn combine_isa(isa: Isa, states: &[f32], tasks: usize, h: usize, c: usize, out: &mut [f32]) {
+    let len = state_len(h, c);
+    assert!(
+        tasks >= 1 && states.len() >= tasks * len && out.len() >= h * c,
+        "flash combine shapes"
+    );
+    match isa {
+        // SAFETY: the features were detected.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => unsafe { x86::combine512(states, tasks, h, c, out) },
+        // SAFETY: the features were detected.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => unsafe { x86::combine_avx2(states, tasks, h, c, out) },
+        Isa::Portable => combine_impl(states, tasks, h, c, out),
+    }
+}
+
+#[inline(always)]
+fn combine_impl(states: &[f32], tasks: usize, h: usize, c: usize, out: &mut [f32]) {
+    let len = state_len(h, c);
+    let state = |t: usize| &states[t * len..(t + 1) * len];
+    for head in 0..h {
+        let mut top = f32::NEG_INFINITY;
+        for t in 0..tasks {
+            let m = state(t)[head];
+            if m > top {
+                top = m;
+            }
+        }
+        let mut den = 0.0f32;
+        for t in 0..tasks {
+            let s = state(t);
+            den = s[h + head].mul_add(exp_lane(s[head] - top), den);
+        }
+        let dst = &mut out[head * c..][..c];
+        dst.fill(0.0);
+        for t in 0..tasks {
+            let s = state(t);
+            let e = exp_lane(s[head] - top);
+            let o = &s[2 * h + head * c..][..c];
+            for (d, v) in dst.iter_mut().zip(o) {
+                *d = v.mul_add(e, *d);
+            }
+        }
+        for d in dst.iter_mut() {
+            *d /= den;
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::*;
+    use crate::exp::x86::{exp256, exp512};
+    use std::arch::x86_64::*;
+
+    /// [`fold_chunk_impl`] in AVX-512: a score tile of 8 rows × 16 heads, a weighted-sum
+    /// tile of 8 heads × 32 columns, the same operations per value.
+    ///
+    /// # Safety
+    /// AVX-512 F/BW/VL and FMA; the shapes checked by [`fold_chunk_isa`].
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma")]
+    pub(super) unsafe fn fold_chunk512(
+        shape: Shape,
+        qt: &[f32],
+        rows: &[&[f32]],
+        state: &mut [f32],
+        p: &mut [f32],
+    ) {
+        let Shape { h, c, w, scale } = shape;
+        let n = rows.len();
+        let (m_all, rest) = state.split_at_mut(h);
+        let (l_all, o_all) = rest.split_at_mut(h);
+        // SAFETY (all loads and stores below): rows hold ≥ w values (checked), `qt` a
+        // group's w × 16 values, `p` the group's n × 16 scores, `o` its heads' c columns.
+        unsafe {
+            for g in 0..groups(h) {
+                let heads = (h - g * GROUP).min(GROUP);
+                let q = qt[g * w * GROUP..][..w * GROUP].as_ptr();
+                let pg = p[g * CHUNK_ROWS * GROUP..][..n * GROUP].as_mut_ptr();
+                // Scores, SCORE_ROWS rows at a time (a short tile repeats its last row).
+                for j0 in (0..n).step_by(SCORE_ROWS) {
+                    let nr = (n - j0).min(SCORE_ROWS);
+                    let rr: [*const f32; SCORE_ROWS] =
+                        std::array::from_fn(|j| rows[j0 + j.min(nr - 1)].as_ptr());
+                    let mut acc = [_mm512_setzero_ps(); SCORE_ROWS];
+                    for k0 in (0..w).step_by(K_BLOCK) {
+                        let k1 = (k0 + K_BLOCK).min(w);
+                        let mut part = [_mm512_setzero_ps(); SCORE_ROWS];
+                        for k in k0..k1 {
+                            let qv = _mm512_loadu_ps(q.add(k * GROUP));
+                            for j in 0..SCORE_ROWS {
+                                let x = _mm512_set1_ps(*rr[j].add(k));
+                                part[j] = _mm512_fmadd_ps(qv, x, part[j]);
+                            }
+                        }
+                        for j in 0..SCORE_ROWS {
+                            acc[j] = _mm512_add_ps(acc[j], part[j]);
+                        }
+                    }
+                    let sv = _mm512_set1_ps(scale);
+                    for (j, a) in acc.iter().enumerate().take(nr) {
+                        _mm512_storeu_ps(pg.add((j0 + j) * GROUP), _mm512_mul_ps(*a, sv));
+                    }
+                }
+                // The running max and sum (padding lanes: −∞ and 0).
+                let valid = ((1u32 << heads) - 1) as __mmask16;
+                let m = _mm512_mask_loadu_ps(
+                    _mm512_set1_ps(f32::NEG_INFINITY),
+                    valid,
+                    m_all.as_ptr().add(g * GROUP),
+                );
+                let l = _mm512_maskz_loadu_ps(valid, l_all.as_ptr().add(g * GROUP));
+                let mut mx = m;
+                for j in 0..n {
+                    // `row > mx ? row : mx`, as the portable code.
+                    let row = _mm512_loadu_ps(pg.add(j * GROUP));
+                    let gt = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(row, mx);
+                    mx = _mm512_mask_blend_ps(gt, mx, row);
+                }
+                let alpha = exp512(_mm512_sub_ps(m, mx));
+                let mut sum = _mm512_setzero_ps();
+                for j in 0..n {
+                    let e = exp512(_mm512_sub_ps(_mm512_loadu_ps(pg.add(j * GROUP)), mx));
+                    _mm512_storeu_ps(pg.add(j * GROUP), e);
+                    sum = _mm512_add_ps(sum, e);
+                }
+                let l = _mm512_fmadd_ps(l, alpha, sum);
+                _mm512_mask_storeu_ps(m_all.as_mut_ptr().add(g * GROUP), valid, mx);
+                _mm512_mask_storeu_ps(l_all.as_mut_ptr().add(g * GROUP), valid, l);
+                let mut alphas = [0.0f32; GROUP];
+                _mm512_storeu_ps(alphas.as_mut_ptr(), alpha);
+                // The weighted sum.
+                let o = o_all[g * GROUP * c..][..heads * c].as_mut_ptr();
+                let pg = pg as *const f32;
+                for h0 in (0..heads).step_by(SUM_HEADS) {
+                    let nh = (heads - h0).min(SUM_HEADS);
+                    let mut c0 = 0;
+                    while c0 + SUM_COLS <= c {
+                        let mut acc = [[_mm512_setzero_ps(); 2]; SUM_HEADS];
+                        for (j, row) in rows.iter().enumerate() {
+                            let x0 = _mm512_loadu_ps(row.as_ptr().add(c0));
+                            let x1 = _mm512_loadu_ps(row.as_ptr().add(c0 + 16));
+                            for (a, acc) in acc.iter_mut().enumerate() {
+                                let pa = _mm512_set1_ps(*pg.add(j * GROUP + h0 + a));
+                                acc[0] = _mm512_fmadd_ps(pa, x0, acc[0]);
+                                acc[1] = _mm512_fmadd_ps(pa, x1, acc[1]);
+                            }
+                        }
+                        for (a, acc) in acc.iter().enumerate().take(nh) {
+                            let head = h0 + a;
+                            let av = _mm512_set1_ps(alphas[head]);
+                            for (half, v) in acc.iter().enumerate() {
+                                let dst = o.add(head * c + c0 + 16 * half);
+                                _mm512_storeu_ps(
+                                    dst,
+                                    _mm512_fmadd_ps(_mm512_loadu_ps(dst), av, *v),
+                                );
+                            }
+                        }
+                        c0 += SUM_COLS;
+                    }
+                    for col in c0..c {
+                        for a in 0..nh {
+                            let head = h0 + a;
+                            let mut acc = 0.0f32;
+                            for (j, row) in rows.iter().enumerate() {
+                                acc = (*pg.add(j * GROUP + head)).mul_add(row[col], acc);
+                            }
+                            let dst = &mut *o.add(head * c + col);
+                            *dst = dst.mul_add(alphas[head], acc);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// [`fold_chunk_impl`] in AVX2 (16 lanes as two halves): a score tile of 3 rows, a
+    /// weighted-sum tile of 4 heads × 16 columns, the same operations per value.
+    ///
+    /// # Safety
+    /// AVX2 and FMA; the shapes checked by [`fold_chunk_isa`].
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn fold_chunk_avx2(
+        shape: Shape,
+        qt: &[f32],
+        rows: &[&[f32]],
+        state: &mut [f32],
+        p: &mut [f32],
+    ) {
+        const ROWS: usize = 3;
+        const HEADS: usize = 4;
+        const COLS: usize = 16;
+        let Shape { h, c, w, scale } = shape;
+        let n = rows.len();
+        let (m_all, rest) = state.split_at_mut(h);
+        let (l_all, o_all) = rest.split_at_mut(h);
+        // SAFETY: as in the AVX-512 path.
+        unsafe {
+            for g in 0..groups(h) {
+                let heads = (h - g * GROUP).min(GROUP);
+                let q = qt[g * w * GROUP..][..w * GROUP].as_ptr();
+                let pg = p[g * CHUNK_ROWS * GROUP..][..n * GROUP].as_mut_ptr();
+                for j0 in (0..n).step_by(ROWS) {
+                    let nr = (n - j0).min(ROWS);
+                    let rr: [*const f32; ROWS] =
+                        std::array::from_fn(|j| rows[j0 + j.min(nr - 1)].as_ptr());
+                    let mut acc = [[_mm256_setzero_ps(); 2]; ROWS];
+                    for k0 in (0..w).step_by(K_BLOCK) {
+                        let k1 = (k0 + K_BLOCK).min(w);
+                        let mut part = [[_mm256_setzero_ps(); 2]; ROWS];
+                        for k in k0..k1 {
+                            let q0 = _mm256_loadu_ps(q.add(k * GROUP));
+                            let q1 = _mm256_loadu_ps(q.add(k * GROUP + 8));
+                            for j in 0..ROWS {
+                                let x = _mm256_set1_ps(*rr[j].add(k));
+                                part[j][0] = _mm256_fmadd_ps(q0, x, part[j][0]);
+                                part[j][1] = _mm256_fmadd_ps(q1, x, part[j][1]);
+                            }
+                        }
+                        for j in 0..ROWS {
+                            acc[j][0] = _mm256_add_ps(acc[j][0], part[j][0]);
+                            acc[j][1] = _mm256_add_ps(acc[j][1], part[j][1]);
+                        }
+                    }
+                    let sv = _mm256_set1_ps(scale);
+                    for (j, a) in acc.iter().enumerate().take(nr) {
+                        _mm256_storeu_ps(pg.add((j0 + j) * GROUP), _mm256_mul_ps(a[0], sv));
+                        _mm256_storeu_ps(pg.add((j0 + j) * GROUP + 8), _mm256_mul_ps(a[1], sv));
+                    }
+                }
+                let mut m = [f32::NEG_INFINITY; GROUP];
+                let mut l = [0.0f32; GROUP];
+                m[..heads].copy_from_slice(&m_all[g * GROUP..][..heads]);
+                l[..heads].copy_from_slice(&l_all[g * GROUP..][..heads]);
+                let mut alphas = [0.0f32; GROUP];
+                for half in 0..2 {
+                    let mv = _mm256_loadu_ps(m.as_ptr().add(8 * half));
+                    let mut mx = mv;
+                    for j in 0..n {
+                        let row = _mm256_loadu_ps(pg.add(j * GROUP + 8 * half));
+                        let gt = _mm256_cmp_ps::<_CMP_GT_OQ>(row, mx);
+                        mx = _mm256_blendv_ps(mx, row, gt);
+                    }
+                    let alpha = exp256(_mm256_sub_ps(mv, mx));
+                    let mut sum = _mm256_setzero_ps();
+                    for j in 0..n {
+                        let at = pg.add(j * GROUP + 8 * half);
+                        let e = exp256(_mm256_sub_ps(_mm256_loadu_ps(at), mx));
+                        _mm256_storeu_ps(at, e);
+                        sum = _mm256_add_ps(sum, e);
+                    }
+                    let lv = _mm256_fmadd_ps(_mm256_loadu_ps(l.as_ptr().add(8 * half)), alpha, sum);
+                    _mm256_storeu_ps(l.as_mut_ptr().add(8 * half), lv);
+                    _mm256_storeu_ps(m.as_mut_ptr().add(8 * half), mx);
+                    _mm256_storeu_ps(alphas.as_mut_ptr().add(8 * half), alpha);
+                }
+                m_all[g * GROUP..][..heads].copy_from_slice(&m[..heads]);
+                l_all[g * GROUP..][..heads].copy_from_slice(&l[..heads]);
+                let o = o_all[g * GROUP * c..][..heads * c].as_mut_ptr();
+                let pg = pg as *const f32;
+                for h0 in (0..heads).step_by(HEADS) {
+                    let nh = (heads - h0).min(HEADS);
+                    let mut c0 = 0;
+                    while c0 + COLS <= c {
+                        let mut acc = [[_mm256_setzero_ps(); 2]; HEADS];
+                        for (j, row) in rows.iter().enumerate() {
+                            let x0 = _mm256_loadu_ps(row.as_ptr().add(c0));
+                            let x1 = _mm256_loadu_ps(row.as_ptr().add(c0 + 8));
+                            for (a, acc) in acc.iter_mut().enumerate() {
+                                // Heads past the group's last read its padding lanes.
+                                let pa = _mm256_set1_ps(*pg.add(j * GROUP + h0 + a));
+                                acc[0] = _mm256_fmadd_ps(pa, x0, acc[0]);
+                                acc[1] = _mm256_fmadd_ps(pa, x1, acc[1]);
+                            }
+                        }
+                        for (a, acc) in acc.iter().enumerate().take(nh) {
+                            let head = h0 + a;
+                            let av = _mm256_set1_ps(alphas[head]);
+                            for (half, v) in acc.iter().enumerate() {
+                                let dst = o.add(head * c + c0 + 8 * half);
+                                _mm256_storeu_ps(
+                                    dst,
+                                    _mm256_fmadd_ps(_mm256_loadu_ps(dst), av, *v),
+                                );
+                            }
+                        }
+                        c0 += COLS;
+                    }
+                    for col in c0..c {
+                        for a in 0..nh {
+                            let head = h0 + a;
+                            let mut acc = 0.0f32;
+                            for (j, row) in rows.iter().enumerate() {
+                                acc = (*pg.add(j * GROUP + head)).mul_add(row[col], acc);
+                            }
+                            let dst = &mut *o.add(head * c + col);
+                            *dst = dst.mul_add(alphas[head], acc);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// # Safety
+    /// AVX-512 F/BW/VL and FMA.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma")]
+    pub(super) unsafe fn combine512(
+        states: &[f32],
+        tasks: usize,
+        h: usize,
+        c: usize,
+        out: &mut [f32],
+    ) {
+        combine_impl(states, tasks, h, c, out)
+    }
+
+    /// # Safety
+    /// AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn combine_avx2(
+        states: &[f32],
+        tasks: usize,
+        h: usize,
+        c: usize,
+        out: &mut [f32],
+    ) {
+        combine_impl(states, tasks, h, c, out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mla::isas;
+    use crate::test_values;
+
+    /// The whole one-pass attention of one token over `rows` on `isa`.
+    fn attend(isa: Isa, shape: Shape, q_cat: &[f32], rows: &[Vec<f32>]) -> Vec<f32> {
+        let Shape { h, c, w, .. } = shape;
+        let mut qt = vec![0.0; query_len(h, w)];
+        transpose_query(q_cat, h, w, &mut qt);
+        let (per, tasks) = split(rows.len(), h, c, w);
+        let len = state_len(h, c);
+        let mut states = vec![0.0; tasks * len];
+        let mut scratch = vec![0.0; scratch_len(h)];
+        for t in 0..tasks {
+            let state = &mut states[t * len..(t + 1) * len];
+            reset_state(state, h);
+            let chunks = (t * per..((t + 1) * per)).map(|ch| ch * CHUNK_ROWS);
+            for s0 in chunks.take_while(|&s0| s0 < rows.len()) {
+                let s1 = (s0 + CHUNK_ROWS).min(rows.len());
+                let chunk: Vec<&[f32]> = rows[s0..s1].iter().map(|r| r.as_slice()).collect();
+                fold_chunk_isa(isa, shape, &qt, &chunk, state, &mut scratch);
+            }
+        }
+        let mut out = vec![0.0; h * c];
+        combine_isa(isa, &states, tasks, h, c, &mut out);
+        out
+    }
+
+    /// The same attention in f64: scores, softmax, weighted sum.
+    fn reference(shape: Shape, q_cat: &[f32], rows: &[Vec<f32>]) -> Vec<f64> {
+        let Shape { h, c, w, scale } = shape;
+        let mut out = vec![0.0f64; h * c];
+        for head in 0..h {
+            let q = &q_cat[head * w..][..w];
+            let s: Vec<f64> = rows
+                .iter()
+                .map(|r| {
+                    scale as f64
+                        * q.iter()
+                            .zip(r)
+                            .map(|(a, b)| *a as f64 * *b as f64)
+                            .sum::<f64>()
+                })
+                .collect();
+            let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let e: Vec<f64> = s.iter().map(|v| (v - m).exp()).collect();
+            let sum: f64 = e.iter().sum();
+            for (r, p) in rows.iter().zip(&e) {
+                for col in 0..c {
+                    out[head * c + col] += p / sum * r[col] as f64;
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn one_pass_attention_matches_f64_and_agrees_bit_for_bit() {
+        // V2-Lite's shape, a fixture's small one, a ragged one (heads past a group,
+        // columns past a tile, a short last chunk).
+        for (h, c, dr, positions) in [
+            (16, 512, 64, vec![1, 7, 64, 65, 300, 1100]),
+            (4, 32, 16, vec![1, 3, 129]),
+            (21, 72, 8, vec![5, 200]),
+        ] {
+            let w = c + dr;
+            let shape = Shape {
+                h,
+                c,
+                w,
+                scale: 1.0 / (w as f32).sqrt(),
+            };
+            for n in positions {
+                let q_cat: Vec<f32> = test_values(h * w, (h * n) as u64)
+                    .into_iter()
+                    .map(|v| 3.0 * v)
+                    .collect();
+                let rows: Vec<Vec<f32>> = (0..n)
+                    .map(|s| test_values(w + 3, (1000 + s) as u64))
+                    .collect();
+                let want = attend(Isa::Portable, shape, &q_cat, &rows);
+                let exact = reference(shape, &q_cat, &rows);
+                let norm = exact.iter().map(|v| v * v).sum::<f64>().sqrt();
+                let err = want
+                    .iter()
+                    .zip(&exact)
+                    .map(|(a, b)| (*a as f64 - b).powi(2))
+                    .sum::<f64>()
+                    .sqrt();
+                assert!(err <= 1e-6 * norm, "h {h} c {c} n {n}: {err} vs {norm}");
+                for isa in isas() {
+                    let got = attend(isa, shape, &q_cat, &rows);
+                    let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(bits(&got), bits(&want), "{isa:?} h {h} c {c} n {n}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_split_covers_every_chunk_in_whole_tasks() {
+        for visible in [1, 64, 65, 128, 129, 1000, 4096, 32768] {
+            for (h, c, w) in [(16, 512, 576), (128, 512, 576), (4, 32, 48)] {
+                let (per, tasks) = split(visible, h, c, w);
+                let chunks = visible.div_ceil(CHUNK_ROWS);
+                assert!(
+                    per * tasks >= chunks && per * (tasks - 1) < chunks,
+                    "{visible}"
+                );
+                assert!((1..=MAX_TASKS).contains(&tasks), "{visible}");
+            }
+        }
+        assert_eq!(split(4096, 16, 512, 576), (4, 16));
+        assert_eq!(split(1024, 16, 512, 576), (2, 8));
+        assert_eq!(split(4096, 128, 512, 576), (8, 8));
+        assert_eq!(split(100, 16, 512, 576), (2, 1));
+    }
+}
+
+#[cfg(test)]
+mod timing {
+    use super::*;
+    use crate::test_values;
+
+    /// Multiply-adds per second of one core folding a V2-Lite chunk on each instruction
+    /// set (`cargo test --release -p dsv2-cpu --lib flash_timing -- --ignored --nocapture`).
+    #[test]
+    #[ignore]
+    fn flash_timing() {
+        let (h, c, w) = (16, 512, 576);
+        let shape = Shape {
+            h,
+            c,
+            w,
+            scale: 0.05,
+        };
+        let q_cat = test_values(h * w, 1);
+        let rows: Vec<Vec<f32>> = (0..CHUNK_ROWS)
+            .map(|s| test_values(w, 9 + s as u64))
+            .collect();
+        let refs: Vec<&[f32]> = rows.iter().map(|r| r.as_slice()).collect();
+        let mut qt = vec![0.0; query_len(h, w)];
+        transpose_query(&q_cat, h, w, &mut qt);
+        let mut state = vec![0.0; state_len(h, c)];
+        let mut scratch = vec![0.0; scratch_len(h)];
+        reset_state(&mut state, h);
+        for isa in crate::mla::isas() {
+            let reps = 2000;
+            let t = std::time::Instant::now();
+            for _ in 0..reps {
+                fold_chunk_isa(isa, shape, &qt, &refs, &mut state, &mut scratch);
+            }
+            let s = t.elapsed().as_secs_f64();
+            let macs = (reps * CHUNK_ROWS * h * (w + c)) as f64;
+            eprintln!("{isa:?}: {:.1} GMAC/s", macs / s / 1e9);
+        }
+    }
+}
