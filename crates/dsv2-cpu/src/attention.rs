@@ -428,10 +428,24 @@ fn attend_one_pass<E: KindOf>(
                     *r = row;
                 }
             }
+            // The task's next chunk, as stored, to prefetch meanwhile.
+            let mut next: [&[u8]; flash::CHUNK_ROWS] = [&[]; flash::CHUNK_ROWS];
+            let next_n = (end - s0 - n).min(flash::CHUNK_ROWS);
+            for (j, r) in next.iter_mut().enumerate().take(next_n) {
+                let row = cached(n + j);
+                // SAFETY: the bytes of `w` cached values.
+                *r = unsafe {
+                    std::slice::from_raw_parts(
+                        row.as_ptr() as *const u8,
+                        std::mem::size_of_val(row),
+                    )
+                };
+            }
             flash::fold_chunk(
                 shape,
                 &qt[k * q_len..][..q_len],
                 &rows[..n],
+                &next[..next_n],
                 state,
                 &mut scratch,
             );

@@ -127,22 +127,27 @@ pub(crate) struct Shape {
 
 /// Folds one chunk of cache rows (`rows`, 1..=[`CHUNK_ROWS`] f32 rows of at least `w`
 /// values) into a task's `state` ([`state_len`] floats), for the query `qt`
-/// ([`transpose_query`]); `scratch` holds [`scratch_len`] floats.
+/// ([`transpose_query`]); `scratch` holds [`scratch_len`] floats. `next` (the bytes of
+/// the task's next chunk of cache rows, as stored, or empty) is prefetched meanwhile:
+/// a chunk that comes from memory then arrives while this one computes (a hint only).
 pub(crate) fn fold_chunk(
     shape: Shape,
     qt: &[f32],
     rows: &[&[f32]],
+    next: &[&[u8]],
     state: &mut [f32],
     scratch: &mut [f32],
 ) {
-    fold_chunk_isa(isa(), shape, qt, rows, state, scratch)
+    fold_chunk_isa(isa(), shape, qt, rows, next, state, scratch)
 }
 
+#[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
 fn fold_chunk_isa(
     isa: Isa,
     shape: Shape,
     qt: &[f32],
     rows: &[&[f32]],
+    next: &[&[u8]],
     state: &mut [f32],
     scratch: &mut [f32],
 ) {
@@ -159,10 +164,10 @@ fn fold_chunk_isa(
     match isa {
         // SAFETY: the features were detected.
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => unsafe { x86::fold_chunk512(shape, qt, rows, state, scratch) },
+        Isa::Avx512 => unsafe { x86::fold_chunk512(shape, qt, rows, next, state, scratch) },
         // SAFETY: the features were detected.
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => unsafe { x86::fold_chunk_avx2(shape, qt, rows, state, scratch) },
+        Isa::Avx2 => unsafe { x86::fold_chunk_avx2(shape, qt, rows, next, state, scratch) },
         Isa::Portable => fold_chunk_impl(shape, qt, rows, state, scratch),
     }
 }
@@ -363,6 +368,31 @@ mod x86 {
     use crate::exp::x86::{exp256, exp512};
     use std::arch::x86_64::*;
 
+    /// Floats of a score's positions per 64-byte line of an f32 row.
+    const LINE_FLOATS: usize = 16;
+
+    /// The rows of the next chunk to prefetch while a score tile of `tile` rows from
+    /// `j0` computes: the same slots of the next chunk, during the first group only.
+    #[inline(always)]
+    fn next_rows<'a>(next: &'a [&'a [u8]], g: usize, j0: usize, tile: usize) -> &'a [&'a [u8]] {
+        if g > 0 || j0 >= next.len() {
+            return &[];
+        }
+        &next[j0..(j0 + tile).min(next.len())]
+    }
+
+    /// Prefetches line `line` of each of `rows` (as far as each row reaches: a bf16 row
+    /// is fetched whole by the first half of the score's positions).
+    #[inline(always)]
+    fn prefetch_line(rows: &[&[u8]], line: usize) {
+        for row in rows {
+            if line * 64 < row.len() {
+                // SAFETY: in bounds of the row (and a prefetch cannot fault anyway).
+                unsafe { _mm_prefetch::<_MM_HINT_T0>(row.as_ptr().add(line * 64) as *const i8) };
+            }
+        }
+    }
+
     /// [`fold_chunk_impl`] in AVX-512: a score tile of 8 rows × 16 heads, a weighted-sum
     /// tile of 8 heads × 32 columns, the same operations per value.
     ///
@@ -373,6 +403,7 @@ mod x86 {
         shape: Shape,
         qt: &[f32],
         rows: &[&[f32]],
+        next: &[&[u8]],
         state: &mut [f32],
         p: &mut [f32],
     ) {
@@ -392,15 +423,19 @@ mod x86 {
                     let nr = (n - j0).min(SCORE_ROWS);
                     let rr: [*const f32; SCORE_ROWS] =
                         std::array::from_fn(|j| rows[j0 + j.min(nr - 1)].as_ptr());
+                    let ahead = next_rows(next, g, j0, SCORE_ROWS);
                     let mut acc = [_mm512_setzero_ps(); SCORE_ROWS];
                     for k0 in (0..w).step_by(K_BLOCK) {
                         let k1 = (k0 + K_BLOCK).min(w);
                         let mut part = [_mm512_setzero_ps(); SCORE_ROWS];
-                        for k in k0..k1 {
-                            let qv = _mm512_loadu_ps(q.add(k * GROUP));
-                            for j in 0..SCORE_ROWS {
-                                let x = _mm512_set1_ps(*rr[j].add(k));
-                                part[j] = _mm512_fmadd_ps(qv, x, part[j]);
+                        for kk in (k0..k1).step_by(LINE_FLOATS) {
+                            prefetch_line(ahead, kk / LINE_FLOATS);
+                            for k in kk..(kk + LINE_FLOATS).min(k1) {
+                                let qv = _mm512_loadu_ps(q.add(k * GROUP));
+                                for j in 0..SCORE_ROWS {
+                                    let x = _mm512_set1_ps(*rr[j].add(k));
+                                    part[j] = _mm512_fmadd_ps(qv, x, part[j]);
+                                }
                             }
                         }
                         for j in 0..SCORE_ROWS {
@@ -495,6 +530,7 @@ mod x86 {
         shape: Shape,
         qt: &[f32],
         rows: &[&[f32]],
+        next: &[&[u8]],
         state: &mut [f32],
         p: &mut [f32],
     ) {
@@ -515,17 +551,21 @@ mod x86 {
                     let nr = (n - j0).min(ROWS);
                     let rr: [*const f32; ROWS] =
                         std::array::from_fn(|j| rows[j0 + j.min(nr - 1)].as_ptr());
+                    let ahead = next_rows(next, g, j0, ROWS);
                     let mut acc = [[_mm256_setzero_ps(); 2]; ROWS];
                     for k0 in (0..w).step_by(K_BLOCK) {
                         let k1 = (k0 + K_BLOCK).min(w);
                         let mut part = [[_mm256_setzero_ps(); 2]; ROWS];
-                        for k in k0..k1 {
-                            let q0 = _mm256_loadu_ps(q.add(k * GROUP));
-                            let q1 = _mm256_loadu_ps(q.add(k * GROUP + 8));
-                            for j in 0..ROWS {
-                                let x = _mm256_set1_ps(*rr[j].add(k));
-                                part[j][0] = _mm256_fmadd_ps(q0, x, part[j][0]);
-                                part[j][1] = _mm256_fmadd_ps(q1, x, part[j][1]);
+                        for kk in (k0..k1).step_by(LINE_FLOATS) {
+                            prefetch_line(ahead, kk / LINE_FLOATS);
+                            for k in kk..(kk + LINE_FLOATS).min(k1) {
+                                let q0 = _mm256_loadu_ps(q.add(k * GROUP));
+                                let q1 = _mm256_loadu_ps(q.add(k * GROUP + 8));
+                                for j in 0..ROWS {
+                                    let x = _mm256_set1_ps(*rr[j].add(k));
+                                    part[j][0] = _mm256_fmadd_ps(q0, x, part[j][0]);
+                                    part[j][1] = _mm256_fmadd_ps(q1, x, part[j][1]);
+                                }
                             }
                         }
                         for j in 0..ROWS {
@@ -662,7 +702,7 @@ mod tests {
             for s0 in chunks.take_while(|&s0| s0 < rows.len()) {
                 let s1 = (s0 + CHUNK_ROWS).min(rows.len());
                 let chunk: Vec<&[f32]> = rows[s0..s1].iter().map(|r| r.as_slice()).collect();
-                fold_chunk_isa(isa, shape, &qt, &chunk, state, &mut scratch);
+                fold_chunk_isa(isa, shape, &qt, &chunk, &[], state, &mut scratch);
             }
         }
         let mut out = vec![0.0; h * c];
@@ -792,7 +832,7 @@ mod timing {
             let reps = 2000;
             let t = std::time::Instant::now();
             for _ in 0..reps {
-                fold_chunk_isa(isa, shape, &qt, &refs, &mut state, &mut scratch);
+                fold_chunk_isa(isa, shape, &qt, &refs, &[], &mut state, &mut scratch);
             }
             let s = t.elapsed().as_secs_f64();
             let macs = (reps * CHUNK_ROWS * h * (w + c)) as f64;
