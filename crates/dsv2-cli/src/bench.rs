@@ -217,6 +217,9 @@ impl ModelTask for BenchTask<'_> {
 
     fn run<B: Backend>(self, backend: &B, model: &Model<B>, _info: &ModelInfo) -> Result<Report> {
         let load_s = self.started.elapsed().as_secs_f64();
+        // The high-water mark of the load: the model resident, before any step's scratch
+        // or cache (the grid's largest prompt and contexts add to the run's peak).
+        let load_rss_bytes = peak_rss_bytes();
         self.loading.finish_and_clear();
         let args = self.args;
         let kv_bytes_per_token = model
@@ -343,6 +346,7 @@ impl ModelTask for BenchTask<'_> {
         Ok(Report {
             device: backend.describe(),
             load_s,
+            load_rss_bytes,
             peak_rss_bytes,
             kv_bytes_per_token,
             bandwidth,
@@ -679,6 +683,10 @@ impl DecodeRow {
 struct Report {
     device: String,
     load_s: f64,
+    /// Peak RSS at the end of the load (the model alone).
+    load_rss_bytes: Option<u64>,
+    /// Peak RSS of the whole run (the grid's scratch and latent cache too), the probe's
+    /// buffer excluded.
     peak_rss_bytes: Option<u64>,
     kv_bytes_per_token: usize,
     /// Read bandwidth, bytes per second: the highest of `bandwidth_probes`.
@@ -693,15 +701,15 @@ struct Report {
 
 impl Report {
     fn print_table(&self, heading: &str) {
-        let rss = self
-            .peak_rss_bytes
-            .map_or("unknown".into(), |b| si(b as f64, "B"));
+        let rss = |b: Option<u64>| b.map_or("unknown".into(), |b| si(b as f64, "B"));
         println!("{heading}");
         println!("device: {}", self.device);
         println!(
-            "load {:.2} s | peak RSS {rss} | latent cache {} B/token | read bandwidth {:.1} GB/s \
-             (best of the probes: {})",
+            "load {:.2} s (RSS {}) | peak RSS {} | latent cache {} B/token | read bandwidth {:.1} \
+             GB/s (best of the probes: {})",
             self.load_s,
+            rss(self.load_rss_bytes),
+            rss(self.peak_rss_bytes),
             self.kv_bytes_per_token,
             self.bandwidth / 1e9,
             self.bandwidth_probes
@@ -860,6 +868,7 @@ impl Report {
             "params": params,
             "weight_bytes": weight_bytes,
             "load_s": self.load_s,
+            "load_rss_bytes": self.load_rss_bytes,
             "peak_rss_bytes": self.peak_rss_bytes,
             "kv_bytes_per_token": self.kv_bytes_per_token,
             "bandwidth_gbps": self.bandwidth / 1e9,

@@ -78,7 +78,9 @@ fn bench_random_weights_reports_every_figure() {
     let report = last_json(&out);
 
     positive(&report, "load_s");
-    positive(&report, "peak_rss_bytes");
+    let peak_rss = positive(&report, "peak_rss_bytes");
+    let load_rss = positive(&report, "load_rss_bytes");
+    assert!(load_rss <= peak_rss, "{load_rss} > {peak_rss}");
     positive(&report, "bandwidth_gbps");
     // 3 layers × (kv_lora_rank 32 + qk_rope_head_dim 8) × 4 bytes (the CPU cache is f32).
     assert_eq!(num(&report, "kv_bytes_per_token"), 480.0);
