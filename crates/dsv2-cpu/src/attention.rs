@@ -340,8 +340,8 @@ fn absorbed<E: KindOf>(
 /// Every query token's attention over its visible cached positions in one pass over
 /// the cache ([`crate::flash`]): `q_cat` `[tokens, h, c + dr]` in latent space (tokens in
 /// `seq_ids` order) into `o_lat` `[tokens, h, c]`. One parallel loop runs the tasks of
-/// every token (whole chunks of a token's positions, split by its own length), a second
-/// combines each token's tasks.
+/// every token (whole chunks of a token's positions, split by its own length; with few
+/// tasks, each task's head groups split too), a second combines each token's tasks.
 fn attend_one_pass<E: KindOf>(
     d: &MlaDims,
     seq_ids: &[u32],
@@ -385,23 +385,42 @@ fn attend_one_pass<E: KindOf>(
         let n = (task_at[k + 1] - task_at[k]) as usize;
         task_token.vec().extend(std::iter::repeat_n(k as u32, n));
     }
-    // Each token's query with its heads in vector lanes.
+    // With fewer tasks than two per thread, each task's head groups also split over
+    // tasks (V2's 128 heads are 8 groups; a head's arithmetic is the same either way).
+    let groups = flash::groups(h);
+    let splits = (2 * team::threads()).div_ceil(total).clamp(1, groups);
+    let split_groups = |s: usize| s * groups / splits..(s + 1) * groups / splits;
+    // Each token's query with its heads in vector lanes, a group at a time.
     let q_len = flash::query_len(h, w);
+    let group_q = w * flash::GROUP;
     let mut qt = take::<f32>(n_tok * q_len);
-    team::for_each_chunk_mut(&mut qt, q_len, |k, dst| {
-        flash::transpose_query(&q_cat[k * h * w..][..h * w], h, w, dst)
+    team::for_each_chunk_mut(&mut qt, group_q, |i, dst| {
+        let (k, g) = (i / groups, i % groups);
+        flash::transpose_group(&q_cat[k * h * w..][..h * w], h, w, g, dst)
     });
-    let state_len = flash::state_len(h, c);
+    let (state_len, group_state) = (flash::state_len(h, c), flash::group_state_len(c));
     let mut states = take::<f32>(total * state_len);
+    let states_ptr = SyncPtr(states.as_mut_ptr());
     let qt: &[f32] = &qt;
-    team::for_each_chunk_mut(&mut states, state_len, |task, state| {
+    team::for_each(total * splits, |i| {
+        let (task, part) = (i / splits, i % splits);
+        let groups = split_groups(part);
+        // SAFETY: task `task`'s states of groups `groups`, written by this call only.
+        let state = unsafe {
+            std::slice::from_raw_parts_mut(
+                states_ptr
+                    .get()
+                    .add(task * state_len + groups.start * group_state),
+                groups.len() * group_state,
+            )
+        };
         let k = task_token[task] as usize;
         let seq = &seqs[token_seq[k] as usize];
         let visible = token_visible[k] as usize;
         let per = token_per[k] as usize;
         let first = (task - task_at[k] as usize) * per * flash::CHUNK_ROWS;
         let end = (first + per * flash::CHUNK_ROWS).min(visible);
-        flash::reset_state(state, h);
+        flash::reset_state(state, c);
         let mut scratch = take::<f32>(flash::scratch_len(h));
         // Rows of a bf16 cache widened into this buffer, a chunk at a time.
         let mut widened = take::<f32>(match E::KIND {
@@ -443,6 +462,7 @@ fn attend_one_pass<E: KindOf>(
             }
             flash::fold_chunk(
                 shape,
+                groups.clone(),
                 &qt[k * q_len..][..q_len],
                 &rows[..n],
                 &next[..next_n],
@@ -452,9 +472,27 @@ fn attend_one_pass<E: KindOf>(
         }
     });
     let states: &[f32] = &states;
-    team::for_each_chunk_mut(&mut o_lat[..n_tok * h * c], h * c, |k, out| {
+    let out_ptr = SyncPtr(o_lat.as_mut_ptr());
+    team::for_each(n_tok * splits, |i| {
+        let (k, part) = (i / splits, i % splits);
+        let groups = split_groups(part);
+        let heads = groups.start * flash::GROUP..(groups.end * flash::GROUP).min(h);
+        // SAFETY: token k's latent outputs of heads `heads`, written by this call only.
+        let out = unsafe {
+            std::slice::from_raw_parts_mut(
+                out_ptr.get().add((k * h + heads.start) * c),
+                heads.len() * c,
+            )
+        };
         let (t0, t1) = (task_at[k] as usize, task_at[k + 1] as usize);
-        flash::combine(&states[t0 * state_len..t1 * state_len], t1 - t0, h, c, out);
+        flash::combine(
+            &states[t0 * state_len..t1 * state_len],
+            t1 - t0,
+            h,
+            c,
+            groups,
+            out,
+        );
     });
 }
 

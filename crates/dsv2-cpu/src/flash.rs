@@ -24,11 +24,16 @@
 //!   multiply-adds from 0 in row order per output, then a fused multiply-add with `o`);
 //! - a token's positions split into tasks of whole chunks by its own length only
 //!   ([`split`]); the tasks' states are combined in order:
-//!   `out = (Σ_t e^(m_t − M)·o_t) / (Σ_t e^(m_t − M)·l_t)`, `M = max_t m_t`.
+//!   `out = (Σ_t e^(m_t − M)·o_t) / (Σ_t e^(m_t − M)·l_t)`, `M = max_t m_t`;
+//! - each head's values depend on nothing but its own query and the rows, so a task's
+//!   head groups may be split over calls (the attention does so when a step has fewer
+//!   tasks than threads: V2's 128 heads are 8 groups).
 //!
 //! It differs from the two-pass softmax only by rounding (tested against it). The
 //! bf16-compute path keeps the two-pass kernels: they round scores and probabilities to
 //! bf16 where the reference does, which a running sum cannot.
+
+use std::ops::Range;
 
 use crate::exp::exp_lane;
 use crate::mla::{isa, Isa};
@@ -57,12 +62,20 @@ pub(crate) fn groups(h: usize) -> usize {
     h.div_ceil(GROUP)
 }
 
-/// Floats of one task's state: the running max and sum per head, then `h × c` sums.
-pub(crate) fn state_len(h: usize, c: usize) -> usize {
-    2 * h + h * c
+/// Floats of one head group's state: the running max of each of its [`GROUP`] lanes,
+/// their running sums, then each lane's `c` weighted sums (lanes past the last head are
+/// padding).
+pub(crate) fn group_state_len(c: usize) -> usize {
+    2 * GROUP + GROUP * c
 }
 
-/// Floats of the transposed query of one token ([`transpose_query`]).
+/// Floats of one task's state: its head groups' states, one after the other (so tasks
+/// that take different groups of one token's positions write disjoint ranges).
+pub(crate) fn state_len(h: usize, c: usize) -> usize {
+    groups(h) * group_state_len(c)
+}
+
+/// Floats of the transposed query of one token (its groups, [`transpose_group`]).
 pub(crate) fn query_len(h: usize, w: usize) -> usize {
     groups(h) * w * GROUP
 }
@@ -85,31 +98,33 @@ pub(crate) fn split(visible: usize, h: usize, c: usize, w: usize) -> (usize, usi
     (per, chunks.div_ceil(per))
 }
 
-/// `q_cat` `[h, w]` (a token's queries in latent space) → `qt` `[groups, w, GROUP]`, the
-/// lanes past the last head 0.
-pub(crate) fn transpose_query(q_cat: &[f32], h: usize, w: usize, qt: &mut [f32]) {
-    for g in 0..groups(h) {
-        let dst = &mut qt[g * w * GROUP..][..w * GROUP];
-        for lane in 0..GROUP {
-            let head = g * GROUP + lane;
-            if head < h {
-                let src = &q_cat[head * w..][..w];
-                for (k, v) in src.iter().enumerate() {
-                    dst[k * GROUP + lane] = *v;
-                }
-            } else {
-                for k in 0..w {
-                    dst[k * GROUP + lane] = 0.0;
-                }
+/// Group `g` of a token's query in lanes: `q_cat` `[h, w]` (the token's queries in latent
+/// space) → `qt` `[w, GROUP]`, the lanes past the last head 0. A token's groups are
+/// stored one after the other ([`query_len`]).
+pub(crate) fn transpose_group(q_cat: &[f32], h: usize, w: usize, g: usize, qt: &mut [f32]) {
+    let dst = &mut qt[..w * GROUP];
+    for lane in 0..GROUP {
+        let head = g * GROUP + lane;
+        if head < h {
+            let src = &q_cat[head * w..][..w];
+            for (k, v) in src.iter().enumerate() {
+                dst[k * GROUP + lane] = *v;
+            }
+        } else {
+            for k in 0..w {
+                dst[k * GROUP + lane] = 0.0;
             }
         }
     }
 }
 
-/// A task's state before its first chunk: maxima −∞, sums 0.
-pub(crate) fn reset_state(state: &mut [f32], h: usize) {
-    state[..h].fill(f32::NEG_INFINITY);
-    state[h..].fill(0.0);
+/// The states of head groups (whole [`group_state_len`] blocks) before their first
+/// chunk: maxima −∞, sums 0.
+pub(crate) fn reset_state(state: &mut [f32], c: usize) {
+    for group in state.chunks_exact_mut(group_state_len(c)) {
+        group[..GROUP].fill(f32::NEG_INFINITY);
+        group[GROUP..].fill(0.0);
+    }
 }
 
 /// The shape of one token's attention.
@@ -126,25 +141,30 @@ pub(crate) struct Shape {
 }
 
 /// Folds one chunk of cache rows (`rows`, 1..=[`CHUNK_ROWS`] f32 rows of at least `w`
-/// values) into a task's `state` ([`state_len`] floats), for the query `qt`
-/// ([`transpose_query`]); `scratch` holds [`scratch_len`] floats. `next` (the bytes of
+/// values) into the states of head groups `groups` (`state`: theirs, one after the
+/// other), for the token's query `qt` (all its groups, [`transpose_group`]); `scratch`
+/// holds [`scratch_len`] floats. Each head's arithmetic is the same whichever groups a
+/// call takes. `next` (the bytes of
 /// the task's next chunk of cache rows, as stored, or empty) is prefetched meanwhile:
 /// a chunk that comes from memory then arrives while this one computes (a hint only).
 pub(crate) fn fold_chunk(
     shape: Shape,
+    groups: Range<usize>,
     qt: &[f32],
     rows: &[&[f32]],
     next: &[&[u8]],
     state: &mut [f32],
     scratch: &mut [f32],
 ) {
-    fold_chunk_isa(isa(), shape, qt, rows, next, state, scratch)
+    fold_chunk_isa(isa(), shape, groups, qt, rows, next, state, scratch)
 }
 
 #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
+#[allow(clippy::too_many_arguments)]
 fn fold_chunk_isa(
     isa: Isa,
     shape: Shape,
+    groups: Range<usize>,
     qt: &[f32],
     rows: &[&[f32]],
     next: &[&[u8]],
@@ -157,37 +177,42 @@ fn fold_chunk_isa(
             && rows.iter().all(|r| r.len() >= w)
             && c <= w
             && qt.len() >= query_len(h, w)
-            && state.len() >= state_len(h, c)
+            && groups.end <= self::groups(h)
+            && state.len() >= groups.len() * group_state_len(c)
             && scratch.len() >= scratch_len(h),
         "flash chunk shapes"
     );
     match isa {
         // SAFETY: the features were detected.
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => unsafe { x86::fold_chunk512(shape, qt, rows, next, state, scratch) },
+        Isa::Avx512 => unsafe { x86::fold_chunk512(shape, groups, qt, rows, next, state, scratch) },
         // SAFETY: the features were detected.
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => unsafe { x86::fold_chunk_avx2(shape, qt, rows, next, state, scratch) },
-        Isa::Portable => fold_chunk_impl(shape, qt, rows, state, scratch),
+        Isa::Avx2 => unsafe { x86::fold_chunk_avx2(shape, groups, qt, rows, next, state, scratch) },
+        Isa::Portable => fold_chunk_impl(shape, groups, qt, rows, state, scratch),
     }
 }
 
 #[inline(always)]
-fn fold_chunk_impl(shape: Shape, qt: &[f32], rows: &[&[f32]], state: &mut [f32], p: &mut [f32]) {
+fn fold_chunk_impl(
+    shape: Shape,
+    groups: Range<usize>,
+    qt: &[f32],
+    rows: &[&[f32]],
+    state: &mut [f32],
+    p: &mut [f32],
+) {
     let Shape { h, c, w, scale } = shape;
     let n = rows.len();
-    let (m_all, rest) = state.split_at_mut(h);
-    let (l_all, o_all) = rest.split_at_mut(h);
-    for g in 0..groups(h) {
+    for (g, st) in groups.zip(state.chunks_exact_mut(group_state_len(c))) {
         let heads = (h - g * GROUP).min(GROUP);
         let p = &mut p[g * CHUNK_ROWS * GROUP..][..n * GROUP];
         scores(&qt[g * w * GROUP..][..w * GROUP], rows, w, scale, p);
-        // The running max and sum of the group's heads (padding lanes: −∞ and 0, their
-        // scores are 0, and nothing of them is kept).
-        let mut m = [f32::NEG_INFINITY; GROUP];
-        let mut l = [0.0f32; GROUP];
-        m[..heads].copy_from_slice(&m_all[g * GROUP..][..heads]);
-        l[..heads].copy_from_slice(&l_all[g * GROUP..][..heads]);
+        // The running max and sum of the group's lanes (padding lanes score 0 and are
+        // carried along; nothing reads them).
+        let (ml, o) = st.split_at_mut(2 * GROUP);
+        let m: [f32; GROUP] = ml[..GROUP].try_into().expect("lanes");
+        let l: [f32; GROUP] = ml[GROUP..].try_into().expect("lanes");
         let mut mx = m;
         for row in p.chunks_exact(GROUP) {
             for lane in 0..GROUP {
@@ -205,18 +230,10 @@ fn fold_chunk_impl(shape: Shape, qt: &[f32], rows: &[&[f32]], state: &mut [f32],
             }
         }
         for lane in 0..GROUP {
-            l[lane] = l[lane].mul_add(alpha[lane], sum[lane]);
+            ml[lane] = mx[lane];
+            ml[GROUP + lane] = l[lane].mul_add(alpha[lane], sum[lane]);
         }
-        m_all[g * GROUP..][..heads].copy_from_slice(&mx[..heads]);
-        l_all[g * GROUP..][..heads].copy_from_slice(&l[..heads]);
-        weighted_sum(
-            p,
-            rows,
-            heads,
-            c,
-            &alpha,
-            &mut o_all[g * GROUP * c..][..heads * c],
-        );
+        weighted_sum(p, rows, heads, c, &alpha, &mut o[..heads * c]);
     }
 }
 
@@ -306,37 +323,65 @@ fn weighted_sum(
     }
 }
 
-/// A token's latent outputs `out` `[h, c]` from its tasks' states (`states`, `tasks` ×
-/// [`state_len`] floats, in task order): the module's combination.
-pub(crate) fn combine(states: &[f32], tasks: usize, h: usize, c: usize, out: &mut [f32]) {
-    combine_isa(isa(), states, tasks, h, c, out)
+/// A token's latent outputs of the heads of groups `groups` (`out`: those heads' rows of
+/// `c` values) from its tasks' states (`states`, `tasks` × [`state_len`] floats, in task
+/// order): the module's combination.
+pub(crate) fn combine(
+    states: &[f32],
+    tasks: usize,
+    h: usize,
+    c: usize,
+    groups: Range<usize>,
+    out: &mut [f32],
+) {
+    combine_isa(isa(), states, tasks, h, c, groups, out)
 }
 
-fn combine_isa(isa: Isa, states: &[f32], tasks: usize, h: usize, c: usize, out: &mut [f32]) {
-    let len = state_len(h, c);
+fn combine_isa(
+    isa: Isa,
+    states: &[f32],
+    tasks: usize,
+    h: usize,
+    c: usize,
+    groups: Range<usize>,
+    out: &mut [f32],
+) {
+    let heads = (groups.end * GROUP).min(h) - groups.start * GROUP;
     assert!(
-        tasks >= 1 && states.len() >= tasks * len && out.len() >= h * c,
+        tasks >= 1
+            && groups.end <= self::groups(h)
+            && states.len() >= tasks * state_len(h, c)
+            && out.len() >= heads * c,
         "flash combine shapes"
     );
     match isa {
         // SAFETY: the features were detected.
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => unsafe { x86::combine512(states, tasks, h, c, out) },
+        Isa::Avx512 => unsafe { x86::combine512(states, tasks, h, c, groups, out) },
         // SAFETY: the features were detected.
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => unsafe { x86::combine_avx2(states, tasks, h, c, out) },
-        Isa::Portable => combine_impl(states, tasks, h, c, out),
+        Isa::Avx2 => unsafe { x86::combine_avx2(states, tasks, h, c, groups, out) },
+        Isa::Portable => combine_impl(states, tasks, h, c, groups, out),
     }
 }
 
 #[inline(always)]
-fn combine_impl(states: &[f32], tasks: usize, h: usize, c: usize, out: &mut [f32]) {
-    let len = state_len(h, c);
-    let state = |t: usize| &states[t * len..(t + 1) * len];
-    for head in 0..h {
+fn combine_impl(
+    states: &[f32],
+    tasks: usize,
+    h: usize,
+    c: usize,
+    groups: Range<usize>,
+    out: &mut [f32],
+) {
+    let (len, gs) = (state_len(h, c), group_state_len(c));
+    let first = groups.start * GROUP;
+    for head in first..(groups.end * GROUP).min(h) {
+        let (g, lane) = (head / GROUP, head % GROUP);
+        let state = |t: usize| &states[t * len + g * gs..][..gs];
         let mut top = f32::NEG_INFINITY;
         for t in 0..tasks {
-            let m = state(t)[head];
+            let m = state(t)[lane];
             if m > top {
                 top = m;
             }
@@ -344,14 +389,14 @@ fn combine_impl(states: &[f32], tasks: usize, h: usize, c: usize, out: &mut [f32
         let mut den = 0.0f32;
         for t in 0..tasks {
             let s = state(t);
-            den = s[h + head].mul_add(exp_lane(s[head] - top), den);
+            den = s[GROUP + lane].mul_add(exp_lane(s[lane] - top), den);
         }
-        let dst = &mut out[head * c..][..c];
+        let dst = &mut out[(head - first) * c..][..c];
         dst.fill(0.0);
         for t in 0..tasks {
             let s = state(t);
-            let e = exp_lane(s[head] - top);
-            let o = &s[2 * h + head * c..][..c];
+            let e = exp_lane(s[lane] - top);
+            let o = &s[2 * GROUP + lane * c..][..c];
             for (d, v) in dst.iter_mut().zip(o) {
                 *d = v.mul_add(e, *d);
             }
@@ -372,7 +417,7 @@ mod x86 {
     const LINE_FLOATS: usize = 16;
 
     /// The rows of the next chunk to prefetch while a score tile of `tile` rows from
-    /// `j0` computes: the same slots of the next chunk, during the first group only.
+    /// `j0` computes: the same slots of the next chunk, during a call's first group only.
     #[inline(always)]
     fn next_rows<'a>(next: &'a [&'a [u8]], g: usize, j0: usize, tile: usize) -> &'a [&'a [u8]] {
         if g > 0 || j0 >= next.len() {
@@ -401,6 +446,7 @@ mod x86 {
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma")]
     pub(super) unsafe fn fold_chunk512(
         shape: Shape,
+        groups: Range<usize>,
         qt: &[f32],
         rows: &[&[f32]],
         next: &[&[u8]],
@@ -409,12 +455,12 @@ mod x86 {
     ) {
         let Shape { h, c, w, scale } = shape;
         let n = rows.len();
-        let (m_all, rest) = state.split_at_mut(h);
-        let (l_all, o_all) = rest.split_at_mut(h);
+        let gs = group_state_len(c);
         // SAFETY (all loads and stores below): rows hold ≥ w values (checked), `qt` a
-        // group's w × 16 values, `p` the group's n × 16 scores, `o` its heads' c columns.
+        // group's w × 16 values, `p` the group's n × 16 scores, `st` the group's state.
         unsafe {
-            for g in 0..groups(h) {
+            for (gi, g) in groups.enumerate() {
+                let st = state[gi * gs..][..gs].as_mut_ptr();
                 let heads = (h - g * GROUP).min(GROUP);
                 let q = qt[g * w * GROUP..][..w * GROUP].as_ptr();
                 let pg = p[g * CHUNK_ROWS * GROUP..][..n * GROUP].as_mut_ptr();
@@ -423,7 +469,7 @@ mod x86 {
                     let nr = (n - j0).min(SCORE_ROWS);
                     let rr: [*const f32; SCORE_ROWS] =
                         std::array::from_fn(|j| rows[j0 + j.min(nr - 1)].as_ptr());
-                    let ahead = next_rows(next, g, j0, SCORE_ROWS);
+                    let ahead = next_rows(next, gi, j0, SCORE_ROWS);
                     let mut acc = [_mm512_setzero_ps(); SCORE_ROWS];
                     for k0 in (0..w).step_by(K_BLOCK) {
                         let k1 = (k0 + K_BLOCK).min(w);
@@ -447,14 +493,9 @@ mod x86 {
                         _mm512_storeu_ps(pg.add((j0 + j) * GROUP), _mm512_mul_ps(*a, sv));
                     }
                 }
-                // The running max and sum (padding lanes: −∞ and 0).
-                let valid = ((1u32 << heads) - 1) as __mmask16;
-                let m = _mm512_mask_loadu_ps(
-                    _mm512_set1_ps(f32::NEG_INFINITY),
-                    valid,
-                    m_all.as_ptr().add(g * GROUP),
-                );
-                let l = _mm512_maskz_loadu_ps(valid, l_all.as_ptr().add(g * GROUP));
+                // The running max and sum of the group's lanes.
+                let m = _mm512_loadu_ps(st);
+                let l = _mm512_loadu_ps(st.add(GROUP));
                 let mut mx = m;
                 for j in 0..n {
                     // `row > mx ? row : mx`, as the portable code.
@@ -470,12 +511,12 @@ mod x86 {
                     sum = _mm512_add_ps(sum, e);
                 }
                 let l = _mm512_fmadd_ps(l, alpha, sum);
-                _mm512_mask_storeu_ps(m_all.as_mut_ptr().add(g * GROUP), valid, mx);
-                _mm512_mask_storeu_ps(l_all.as_mut_ptr().add(g * GROUP), valid, l);
+                _mm512_storeu_ps(st, mx);
+                _mm512_storeu_ps(st.add(GROUP), l);
                 let mut alphas = [0.0f32; GROUP];
                 _mm512_storeu_ps(alphas.as_mut_ptr(), alpha);
                 // The weighted sum.
-                let o = o_all[g * GROUP * c..][..heads * c].as_mut_ptr();
+                let o = st.add(2 * GROUP);
                 let pg = pg as *const f32;
                 for h0 in (0..heads).step_by(SUM_HEADS) {
                     let nh = (heads - h0).min(SUM_HEADS);
@@ -528,6 +569,7 @@ mod x86 {
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn fold_chunk_avx2(
         shape: Shape,
+        groups: Range<usize>,
         qt: &[f32],
         rows: &[&[f32]],
         next: &[&[u8]],
@@ -539,11 +581,11 @@ mod x86 {
         const COLS: usize = 16;
         let Shape { h, c, w, scale } = shape;
         let n = rows.len();
-        let (m_all, rest) = state.split_at_mut(h);
-        let (l_all, o_all) = rest.split_at_mut(h);
+        let gs = group_state_len(c);
         // SAFETY: as in the AVX-512 path.
         unsafe {
-            for g in 0..groups(h) {
+            for (gi, g) in groups.enumerate() {
+                let st = state[gi * gs..][..gs].as_mut_ptr();
                 let heads = (h - g * GROUP).min(GROUP);
                 let q = qt[g * w * GROUP..][..w * GROUP].as_ptr();
                 let pg = p[g * CHUNK_ROWS * GROUP..][..n * GROUP].as_mut_ptr();
@@ -551,7 +593,7 @@ mod x86 {
                     let nr = (n - j0).min(ROWS);
                     let rr: [*const f32; ROWS] =
                         std::array::from_fn(|j| rows[j0 + j.min(nr - 1)].as_ptr());
-                    let ahead = next_rows(next, g, j0, ROWS);
+                    let ahead = next_rows(next, gi, j0, ROWS);
                     let mut acc = [[_mm256_setzero_ps(); 2]; ROWS];
                     for k0 in (0..w).step_by(K_BLOCK) {
                         let k1 = (k0 + K_BLOCK).min(w);
@@ -579,13 +621,10 @@ mod x86 {
                         _mm256_storeu_ps(pg.add((j0 + j) * GROUP + 8), _mm256_mul_ps(a[1], sv));
                     }
                 }
-                let mut m = [f32::NEG_INFINITY; GROUP];
-                let mut l = [0.0f32; GROUP];
-                m[..heads].copy_from_slice(&m_all[g * GROUP..][..heads]);
-                l[..heads].copy_from_slice(&l_all[g * GROUP..][..heads]);
+                let (m, l) = (st, st.add(GROUP));
                 let mut alphas = [0.0f32; GROUP];
                 for half in 0..2 {
-                    let mv = _mm256_loadu_ps(m.as_ptr().add(8 * half));
+                    let mv = _mm256_loadu_ps(m.add(8 * half));
                     let mut mx = mv;
                     for j in 0..n {
                         let row = _mm256_loadu_ps(pg.add(j * GROUP + 8 * half));
@@ -600,14 +639,12 @@ mod x86 {
                         _mm256_storeu_ps(at, e);
                         sum = _mm256_add_ps(sum, e);
                     }
-                    let lv = _mm256_fmadd_ps(_mm256_loadu_ps(l.as_ptr().add(8 * half)), alpha, sum);
-                    _mm256_storeu_ps(l.as_mut_ptr().add(8 * half), lv);
-                    _mm256_storeu_ps(m.as_mut_ptr().add(8 * half), mx);
+                    let lv = _mm256_fmadd_ps(_mm256_loadu_ps(l.add(8 * half)), alpha, sum);
+                    _mm256_storeu_ps(l.add(8 * half), lv);
+                    _mm256_storeu_ps(m.add(8 * half), mx);
                     _mm256_storeu_ps(alphas.as_mut_ptr().add(8 * half), alpha);
                 }
-                m_all[g * GROUP..][..heads].copy_from_slice(&m[..heads]);
-                l_all[g * GROUP..][..heads].copy_from_slice(&l[..heads]);
-                let o = o_all[g * GROUP * c..][..heads * c].as_mut_ptr();
+                let o = st.add(2 * GROUP);
                 let pg = pg as *const f32;
                 for h0 in (0..heads).step_by(HEADS) {
                     let nh = (heads - h0).min(HEADS);
@@ -661,9 +698,10 @@ mod x86 {
         tasks: usize,
         h: usize,
         c: usize,
+        groups: Range<usize>,
         out: &mut [f32],
     ) {
-        combine_impl(states, tasks, h, c, out)
+        combine_impl(states, tasks, h, c, groups, out)
     }
 
     /// # Safety
@@ -674,9 +712,10 @@ mod x86 {
         tasks: usize,
         h: usize,
         c: usize,
+        groups: Range<usize>,
         out: &mut [f32],
     ) {
-        combine_impl(states, tasks, h, c, out)
+        combine_impl(states, tasks, h, c, groups, out)
     }
 }
 
@@ -686,27 +725,65 @@ mod tests {
     use crate::mla::isas;
     use crate::test_values;
 
-    /// The whole one-pass attention of one token over `rows` on `isa`.
-    fn attend(isa: Isa, shape: Shape, q_cat: &[f32], rows: &[Vec<f32>]) -> Vec<f32> {
-        let Shape { h, c, w, .. } = shape;
+    /// A token's query in lanes, every group.
+    fn transpose(q_cat: &[f32], h: usize, w: usize) -> Vec<f32> {
         let mut qt = vec![0.0; query_len(h, w)];
-        transpose_query(q_cat, h, w, &mut qt);
+        for (g, dst) in qt.chunks_exact_mut(w * GROUP).enumerate() {
+            transpose_group(q_cat, h, w, g, dst);
+        }
+        qt
+    }
+
+    /// The whole one-pass attention of one token over `rows` on `isa`: each task's
+    /// groups in one call, or (`per_group`) one call per head group, as the attention
+    /// splits a token's heads when it has few tasks.
+    fn attend(
+        isa: Isa,
+        shape: Shape,
+        q_cat: &[f32],
+        rows: &[Vec<f32>],
+        per_group: bool,
+    ) -> Vec<f32> {
+        let Shape { h, c, w, .. } = shape;
+        let qt = transpose(q_cat, h, w);
         let (per, tasks) = split(rows.len(), h, c, w);
-        let len = state_len(h, c);
+        let (len, gs, ng) = (state_len(h, c), group_state_len(c), groups(h));
+        let calls: Vec<Range<usize>> = match per_group {
+            true => (0..ng).map(|g| g..g + 1).collect(),
+            false => std::iter::once(0..ng).collect(),
+        };
         let mut states = vec![0.0; tasks * len];
         let mut scratch = vec![0.0; scratch_len(h)];
         for t in 0..tasks {
-            let state = &mut states[t * len..(t + 1) * len];
-            reset_state(state, h);
-            let chunks = (t * per..((t + 1) * per)).map(|ch| ch * CHUNK_ROWS);
-            for s0 in chunks.take_while(|&s0| s0 < rows.len()) {
-                let s1 = (s0 + CHUNK_ROWS).min(rows.len());
-                let chunk: Vec<&[f32]> = rows[s0..s1].iter().map(|r| r.as_slice()).collect();
-                fold_chunk_isa(isa, shape, &qt, &chunk, &[], state, &mut scratch);
+            for groups in &calls {
+                let state = &mut states[t * len..][groups.start * gs..groups.end * gs];
+                reset_state(state, c);
+                let chunks = (t * per..((t + 1) * per)).map(|ch| ch * CHUNK_ROWS);
+                for s0 in chunks.take_while(|&s0| s0 < rows.len()) {
+                    let s1 = (s0 + CHUNK_ROWS).min(rows.len());
+                    let chunk: Vec<&[f32]> = rows[s0..s1].iter().map(|r| r.as_slice()).collect();
+                    let next: Vec<&[u8]> = rows[s1..(s1 + CHUNK_ROWS).min(rows.len())]
+                        .iter()
+                        .map(|r| bytemuck::cast_slice(r.as_slice()))
+                        .collect();
+                    fold_chunk_isa(
+                        isa,
+                        shape,
+                        groups.clone(),
+                        &qt,
+                        &chunk,
+                        &next,
+                        state,
+                        &mut scratch,
+                    );
+                }
             }
         }
         let mut out = vec![0.0; h * c];
-        combine_isa(isa, &states, tasks, h, c, &mut out);
+        for groups in &calls {
+            let heads = groups.start * GROUP * c..((groups.end * GROUP).min(h)) * c;
+            combine_isa(isa, &states, tasks, h, c, groups.clone(), &mut out[heads]);
+        }
         out
     }
 
@@ -746,6 +823,7 @@ mod tests {
             (16, 512, 64, vec![1, 7, 64, 65, 300, 1100]),
             (4, 32, 16, vec![1, 3, 129]),
             (21, 72, 8, vec![5, 200]),
+            (40, 64, 16, vec![3, 300]),
         ] {
             let w = c + dr;
             let shape = Shape {
@@ -762,7 +840,7 @@ mod tests {
                 let rows: Vec<Vec<f32>> = (0..n)
                     .map(|s| test_values(w + 3, (1000 + s) as u64))
                     .collect();
-                let want = attend(Isa::Portable, shape, &q_cat, &rows);
+                let want = attend(Isa::Portable, shape, &q_cat, &rows, false);
                 let exact = reference(shape, &q_cat, &rows);
                 let norm = exact.iter().map(|v| v * v).sum::<f64>().sqrt();
                 let err = want
@@ -773,9 +851,15 @@ mod tests {
                     .sqrt();
                 assert!(err <= 1e-6 * norm, "h {h} c {c} n {n}: {err} vs {norm}");
                 for isa in isas() {
-                    let got = attend(isa, shape, &q_cat, &rows);
-                    let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
-                    assert_eq!(bits(&got), bits(&want), "{isa:?} h {h} c {c} n {n}");
+                    for per_group in [false, true] {
+                        let got = attend(isa, shape, &q_cat, &rows, per_group);
+                        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                        assert_eq!(
+                            bits(&got),
+                            bits(&want),
+                            "{isa:?} h {h} c {c} n {n} per group {per_group}"
+                        );
+                    }
                 }
             }
         }
@@ -824,15 +908,15 @@ mod timing {
             .collect();
         let refs: Vec<&[f32]> = rows.iter().map(|r| r.as_slice()).collect();
         let mut qt = vec![0.0; query_len(h, w)];
-        transpose_query(&q_cat, h, w, &mut qt);
+        transpose_group(&q_cat, h, w, 0, &mut qt);
         let mut state = vec![0.0; state_len(h, c)];
         let mut scratch = vec![0.0; scratch_len(h)];
-        reset_state(&mut state, h);
+        reset_state(&mut state, c);
         for isa in crate::mla::isas() {
             let reps = 2000;
             let t = std::time::Instant::now();
             for _ in 0..reps {
-                fold_chunk_isa(isa, shape, &qt, &refs, &[], &mut state, &mut scratch);
+                fold_chunk_isa(isa, shape, 0..1, &qt, &refs, &[], &mut state, &mut scratch);
             }
             let s = t.elapsed().as_secs_f64();
             let macs = (reps * CHUNK_ROWS * h * (w + c)) as f64;
