@@ -4,6 +4,7 @@ use dsv2_backend::routing::{route_token, softmax_in_place};
 use dsv2_backend::{Mlp, MoeWeights};
 
 use std::cell::{Cell, RefCell};
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use crate::kernels::SyncPtr;
 use crate::qmatmul::{
@@ -270,30 +271,48 @@ fn few_tokens_quantized(
     fn quantized(w: &CpuWeight) -> QMatrix<'_> {
         w.qmatrix().expect("quantized (checked)")
     }
-    // SAFETY: matrix j writes hidden[hidden_at[j]..hidden_at[j + 1]] ([rows, w.rows]),
-    // its own range.
-    unsafe {
-        run_tiles(
-            2 * count,
-            |j| match j % 2 {
-                0 => quantized(&mlp(j / 2).gate_proj),
-                _ => quantized(&mlp(j / 2).up_proj),
-            },
-            |j| (&acts[input_acts(j / 2)], n_rows(j / 2)),
-            |j| SyncPtr(base.get().add(hidden_at[j] as usize)),
-        )
-    };
-    // SwiGLU of each MLP, then its hidden rows quantized for the down projection.
-    for i in 0..count {
+    // SwiGLU of each MLP, then its hidden rows quantized for its down projection into
+    // acts[i], by the thread that finishes the MLP's last gate/up task (while the other
+    // threads stream the next MLPs' weights).
+    let acts_ptr = SyncPtr(acts.as_mut_ptr());
+    let finish_mlp = |i: usize| {
         let (g0, u0, u1) = (
             hidden_at[2 * i] as usize,
             hidden_at[2 * i + 1] as usize,
             hidden_at[2 * i + 2] as usize,
         );
-        let (gate, up) = hidden[g0..u1].split_at_mut(u0 - g0);
+        // SAFETY: MLP i's gate and up outputs, complete (every task that wrote them has
+        // finished) and touched by no other task; acts[i] is read by none of the loop's
+        // products (a lone token's inputs are at [count], the shared MLP's too, and
+        // routed MLP i's own input, at [i], only by its finished tasks).
+        let (gate, up, hidden_acts) = unsafe {
+            (
+                std::slice::from_raw_parts_mut(base.get().add(g0), u0 - g0),
+                std::slice::from_raw_parts(base.get().add(u0), u1 - u0),
+                &mut *acts_ptr.get().add(i),
+            )
+        };
         swiglu(be, gate, up);
-        acts[i].quantize(gate, n_rows(i), mlp(i).gate_proj.rows());
-    }
+        hidden_acts.quantize(gate, n_rows(i), mlp(i).gate_proj.rows());
+    };
+    // SAFETY: matrix j writes hidden[hidden_at[j]..hidden_at[j + 1]] ([rows, w.rows]),
+    // its own range; acts as above.
+    unsafe {
+        run_tiles_then(
+            2 * count,
+            |j| match j % 2 {
+                0 => quantized(&mlp(j / 2).gate_proj),
+                _ => quantized(&mlp(j / 2).up_proj),
+            },
+            |j| (&*acts_ptr.get().add(input_acts(j / 2)), n_rows(j / 2)),
+            |j| SyncPtr(base.get().add(hidden_at[j] as usize)),
+            Some(Then {
+                group_of: &|j: usize| j / 2,
+                groups: count,
+                done: &finish_mlp,
+            }),
+        )
+    };
     let mut outs = take::<f32>(member_at[count] as usize * d);
     let base = SyncPtr(outs.as_mut_ptr());
     // SAFETY: MLP i writes outs[members(i).start · d ..][..rows_i · d], its own rows.
@@ -386,6 +405,33 @@ unsafe fn run_tiles<'w, 'a>(
     acts: impl Fn(usize) -> (&'a QActivations, usize) + Sync,
     out: impl Fn(usize) -> SyncPtr + Sync,
 ) {
+    // SAFETY: the caller's contract.
+    unsafe { run_tiles_then(count, matrix, acts, out, None) }
+}
+
+/// Work to run once a group of [`run_tiles_then`]'s matrices is complete.
+struct Then<'f> {
+    /// The group of matrix `j` (groups are numbered `0..groups`).
+    group_of: &'f (dyn Fn(usize) -> usize + Sync),
+    groups: usize,
+    /// Runs once per group, on the thread that finished the group's last task, after
+    /// every task of the group's matrices has finished (their outputs visible to it).
+    done: &'f (dyn Fn(usize) + Sync),
+}
+
+/// [`run_tiles`], then `then.done(g)` inside the same loop as soon as group `g`'s
+/// matrices are complete.
+///
+/// # Safety
+/// As [`run_tiles`]; `then.done` may touch only what no task still running reads or
+/// writes.
+unsafe fn run_tiles_then<'w, 'a>(
+    count: usize,
+    matrix: impl Fn(usize) -> QMatrix<'w> + Sync,
+    acts: impl Fn(usize) -> (&'a QActivations, usize) + Sync,
+    out: impl Fn(usize) -> SyncPtr + Sync,
+    then: Option<Then<'_>>,
+) {
     const TILE: usize = 16;
     let threads = team::threads();
     let mut first_task = take::<u32>(count + 1);
@@ -398,6 +444,17 @@ unsafe fn run_tiles<'w, 'a>(
         first_task[j + 1] = first_task[j] + tiles.div_ceil(per) as u32;
     }
     let tasks = first_task[count] as usize;
+    // Tasks left per group, counted down as they finish.
+    let mut left = take::<u32>(then.as_ref().map_or(0, |t| t.groups));
+    if let Some(then) = &then {
+        for j in 0..count {
+            left[(then.group_of)(j)] += first_task[j + 1] - first_task[j];
+        }
+    }
+    // SAFETY: AtomicU32 has u32's size and alignment; the buffer is only accessed
+    // through these atomics until it is dropped after the loop.
+    let left: &[AtomicU32] =
+        unsafe { std::slice::from_raw_parts(left.as_mut_ptr() as *const AtomicU32, left.len()) };
     team::for_each(tasks, |task| {
         let j = first_task[1..=count].partition_point(|&f| f as usize <= task);
         let w = matrix(j);
@@ -411,6 +468,13 @@ unsafe fn run_tiles<'w, 'a>(
             let y = out(j).get().add(rows.start);
             qmatmul_rows_ptr(a, m, w, rows, y, w.rows)
         };
+        if let Some(then) = &then {
+            let g = (then.group_of)(j);
+            // AcqRel: the last task sees every other task's outputs of the group.
+            if left[g].fetch_sub(1, Ordering::AcqRel) == 1 {
+                (then.done)(g);
+            }
+        }
     });
 }
 
