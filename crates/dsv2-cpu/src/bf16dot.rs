@@ -25,8 +25,26 @@ use crate::team;
 const MR: usize = 4;
 /// Weight rows per register tile.
 const NR: usize = 4;
-/// Weight rows per parallel task.
+/// Weight rows per parallel task of a product of many rows.
 const ROW_BLOCK: usize = 32;
+/// Most activation rows of a decode product, whose tasks are large ([`row_block`]).
+const DECODE_ROWS: usize = 4;
+/// Largest task of a decode product (bytes of weights), as in [`crate::qmatmul`].
+const MAX_TASK_BYTES: usize = 4 << 20;
+
+/// Weight rows per task: [`ROW_BLOCK`] for many activation rows; for a decode product
+/// (≤ [`DECODE_ROWS`] rows, memory-bound) two tasks per thread of at most
+/// [`MAX_TASK_BYTES`], each one stream: V2-Lite's 102400 × 2048 head at m = 1 ran as
+/// 3,200 tasks of 128 KB, each restarting the stream.
+fn row_block(m: usize, n: usize, k: usize, threads: usize) -> usize {
+    if m > DECODE_ROWS {
+        return ROW_BLOCK;
+    }
+    let by_bytes = (MAX_TASK_BYTES / (2 * k).max(1)).max(NR);
+    n.div_ceil(2 * threads)
+        .clamp(NR, by_bytes)
+        .next_multiple_of(NR)
+}
 
 /// Whether this CPU runs [`matmul`] (AVX-512 F, BW and BF16, checked once).
 pub fn available() -> bool {
@@ -77,8 +95,9 @@ fn tiled(x: &[f32], m: usize, w: &[bf16], n: usize, k: usize, y: &mut [f32]) {
     }
     let xb: &[u32] = &xb;
     let y_ptr = SyncPtr(y.as_mut_ptr());
-    team::for_each(n.div_ceil(ROW_BLOCK), |b| {
-        let (n0, n1) = (b * ROW_BLOCK, ((b + 1) * ROW_BLOCK).min(n));
+    let block = row_block(m, n, k, team::threads());
+    team::for_each(n.div_ceil(block), |b| {
+        let (n0, n1) = (b * block, ((b + 1) * block).min(n));
         // Weight tiles outer, activation rows inner: a tile's later passes (m > MR) read
         // it from the first-level cache while the prefetches in `tile` keep the next
         // tile's rows coming from memory.
@@ -242,6 +261,9 @@ mod tests {
             (5, 33, 100),
             (13, 70, 2048),
             (3, 9, 31),
+            // Decode products: a few large tasks, the last one ragged.
+            (2, 1001, 64),
+            (4, 515, 96),
         ] {
             let x = bf16_values(m * k, 1 + k as u64);
             let w: Vec<bf16> = test_values(n * k, 2)
