@@ -38,7 +38,8 @@ def test_api_key_from_environment(start_server):
 
 
 def test_request_timeout(start_server):
-    s = start_server("--request-timeout", "0.5")
+    # Well below LONG's running time (~0.7 s), well above its first tokens' (~ms).
+    s = start_server("--request-timeout", "0.1")
     with pytest.raises(openai.APIStatusError) as e:
         client(s.url).completions.create(**LONG_KW)
     assert e.value.status_code == 504 and e.value.body["type"] == "timeout_error"
