@@ -35,7 +35,7 @@
 
 use std::ops::Range;
 
-use crate::exp::exp_lane;
+use crate::exp::exp_portable;
 use crate::mla::{isa, Isa};
 
 /// Heads per group: the lanes of one 512-bit vector.
@@ -221,11 +221,11 @@ fn fold_chunk_impl(
                 }
             }
         }
-        let alpha: [f32; GROUP] = std::array::from_fn(|lane| exp_lane(m[lane] - mx[lane]));
+        let alpha: [f32; GROUP] = std::array::from_fn(|lane| exp_portable(m[lane] - mx[lane]));
         let mut sum = [0.0f32; GROUP];
         for row in p.chunks_exact_mut(GROUP) {
             for lane in 0..GROUP {
-                row[lane] = exp_lane(row[lane] - mx[lane]);
+                row[lane] = exp_portable(row[lane] - mx[lane]);
                 sum[lane] += row[lane];
             }
         }
@@ -389,13 +389,13 @@ fn combine_impl(
         let mut den = 0.0f32;
         for t in 0..tasks {
             let s = state(t);
-            den = s[GROUP + lane].mul_add(exp_lane(s[lane] - top), den);
+            den = s[GROUP + lane].mul_add(exp_portable(s[lane] - top), den);
         }
         let dst = &mut out[(head - first) * c..][..c];
         dst.fill(0.0);
         for t in 0..tasks {
             let s = state(t);
-            let e = exp_lane(s[lane] - top);
+            let e = exp_portable(s[lane] - top);
             let o = &s[2 * GROUP + lane * c..][..c];
             for (d, v) in dst.iter_mut().zip(o) {
                 *d = v.mul_add(e, *d);
