@@ -238,7 +238,8 @@ fn absorbed<E: KindOf>(
     // token, one token's scores.
     let mut q_cat = take::<f32>(n_tok * h * w);
     let mut o_lat = take::<f32>(n_tok * h * c);
-    let mut scores = take::<f32>(h * longest);
+    // One token's scores, for the two-pass (bf16) attention only.
+    let mut scores = take::<f32>(if be.bf16() { h * longest } else { 0 });
     with_elems!(args.kv_b_proj, |kv_b| {
         // W_UK[head]: rows head·(dn + dv) .. + dn; W_UV[head]: the next dv rows.
         let w_uk = |head: usize| &kv_b[head * (dn + dv) * c..][..dn * c];
