@@ -671,6 +671,15 @@ pub trait Backend: Send + Sync {
         Ok(None)
     }
 
+    /// Routed experts the MoE layers have run since the backend was made: each layer
+    /// call counts its distinct chosen experts (the experts whose weights it reads), so
+    /// `dsv2 bench` can put the bytes a decode step really read in its floor. `None`
+    /// where the routing stays on the device (the default): the bench then assumes
+    /// uniform routing.
+    fn routed_experts_run(&self) -> Option<u64> {
+        None
+    }
+
     /// A SwiGLU MLP over `rows` tokens: `out [rows, D]`.
     fn mlp(
         &self,

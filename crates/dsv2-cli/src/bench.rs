@@ -302,6 +302,18 @@ impl ModelTask for BenchTask<'_> {
                 let attention_s = runner.attention_seconds(batch, attn_position)?;
                 let attention_bytes = (batch * (attn_position + 1) * kv_bytes_per_token) as f64
                     / model.config.num_hidden_layers as f64;
+                // Routed experts a MoE layer read per step: counted by the backend where
+                // it can, else what uniform routing would give.
+                let uniform = model.config.moe.as_ref().map_or(0.0, |moe| {
+                    expected_distinct_experts(batch, moe.num_experts_per_tok, moe.n_routed_experts)
+                });
+                let moe_layers = (0..model.config.num_hidden_layers)
+                    .filter(|&i| model.config.is_moe_layer(i))
+                    .count();
+                let counted = measured
+                    .routed_experts
+                    .filter(|_| moe_layers > 0)
+                    .map(|n| n as f64 / (moe_layers * args.decode_tokens) as f64);
                 let bytes_per_step = mean_step_bytes(
                     &model.config,
                     self.source,
@@ -309,6 +321,7 @@ impl ModelTask for BenchTask<'_> {
                     batch,
                     context,
                     args.decode_tokens,
+                    counted.unwrap_or(uniform),
                 );
                 decode.push(DecodeRow {
                     batch,
@@ -322,6 +335,9 @@ impl ModelTask for BenchTask<'_> {
                     step_probes: measured.probes,
                     step_seconds: measured.step_seconds,
                     bracket_bandwidth: bracket,
+                    routed_experts: counted.unwrap_or(uniform),
+                    routed_experts_counted: counted.is_some(),
+                    routed_experts_uniform: uniform,
                 });
                 bar.inc(1);
             }
@@ -358,8 +374,9 @@ impl ModelTask for BenchTask<'_> {
     }
 }
 
-/// Mean bytes a timed decode step reads: step `i` (0-based, after the untimed ones) of
-/// each sequence attends over `context + WARMUP_STEPS + i + 1` cached tokens.
+/// Mean bytes a timed decode step reads, each MoE layer reading `distinct_experts`
+/// routed experts: step `i` (0-based, after the untimed ones) of each sequence attends
+/// over `context + WARMUP_STEPS + i + 1` cached tokens.
 fn mean_step_bytes(
     config: &ModelConfig,
     source: &WeightSource,
@@ -367,10 +384,8 @@ fn mean_step_bytes(
     batch: usize,
     context: usize,
     steps: usize,
+    distinct_experts: f64,
 ) -> f64 {
-    let distinct_experts = config.moe.as_ref().map_or(0.0, |moe| {
-        expected_distinct_experts(batch, moe.num_experts_per_tok, moe.n_routed_experts)
-    });
     let total: f64 = (0..steps)
         .map(|i| {
             let step = DecodeStep {
@@ -514,6 +529,7 @@ impl<'m, B: Backend> Runner<'m, B> {
             probes.push(probe.pass());
         }
         let mut step_seconds = Vec::with_capacity(steps);
+        let experts_before = self.backend.routed_experts_run();
         for i in 0..steps {
             let started = Instant::now();
             self.decode_step(context + WARMUP_STEPS + i, &mut next, &mut out)?;
@@ -522,10 +538,15 @@ impl<'m, B: Backend> Runner<'m, B> {
                 probes.push(probe.pass());
             }
         }
+        let routed_experts = match (experts_before, self.backend.routed_experts_run()) {
+            (Some(before), Some(after)) => Some(after - before),
+            _ => None,
+        };
         Ok(DecodeTiming {
             seconds: step_seconds.iter().sum(),
             step_seconds,
             probes,
+            routed_experts,
         })
     }
 
@@ -613,6 +634,9 @@ struct DecodeTiming {
     step_seconds: Vec<f64>,
     /// Read bandwidth of each probe pass between the steps, bytes per second.
     probes: Vec<f64>,
+    /// Routed experts the timed steps ran, summed over MoE layers
+    /// (`Backend::routed_experts_run`), where the backend counts them.
+    routed_experts: Option<u64>,
 }
 
 /// One decode measurement.
@@ -637,6 +661,12 @@ struct DecodeRow {
     step_seconds: Vec<f64>,
     /// The higher of the best-of probes just before and after the row, where they ran.
     bracket_bandwidth: Option<f64>,
+    /// Distinct routed experts a MoE layer ran per timed step (in `bytes_per_step`).
+    routed_experts: f64,
+    /// Whether `routed_experts` was counted by the backend (else it is the uniform one).
+    routed_experts_counted: bool,
+    /// What uniform routing would give ([`expected_distinct_experts`]).
+    routed_experts_uniform: f64,
 }
 
 impl DecodeRow {
@@ -805,6 +835,25 @@ impl Report {
                 }
             }
         }
+        if self.decode.iter().any(|r| r.routed_experts > 0.0) {
+            let counted = self.decode.iter().all(|r| r.routed_experts_counted);
+            println!(
+                "routed experts a MoE layer read per step ({}; uniform routing would read): {}",
+                if counted {
+                    "counted by the backend"
+                } else {
+                    "not counted by this backend: the uniform figure is in MB/step"
+                },
+                self.decode
+                    .iter()
+                    .map(|r| format!(
+                        "batch {} context {} {:.2} ({:.2})",
+                        r.batch, r.context, r.routed_experts, r.routed_experts_uniform
+                    ))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
         if self.decode.iter().any(|r| r.attention_s.is_some()) {
             println!(
                 "attn: one layer's decode attention kernels alone over the cache (bytes: the \
@@ -854,6 +903,9 @@ impl Report {
                     "bracket_bandwidth_gbps": r.bracket_bandwidth.map(|b| b / 1e9),
                     "bracket_bandwidth_fraction": r.bracket_bandwidth.map(|b| r.bandwidth_fraction(b)),
                     "neighbour_bandwidth_fraction": r.neighbour_fraction(),
+                    "routed_experts_per_layer": r.routed_experts,
+                    "routed_experts_counted": r.routed_experts_counted,
+                    "routed_experts_uniform": r.routed_experts_uniform,
                     "attention_seconds": r.attention_s,
                     "attention_bytes": r.attention_bytes,
                     "attention_gbps": r.attention_rate().map(|b| b / 1e9),

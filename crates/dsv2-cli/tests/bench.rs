@@ -150,6 +150,29 @@ fn bench_random_weights_reports_every_figure() {
     assert_eq!(bytes, 2.0 * LITE_STEP_PARAMS + 5.0 * 480.0);
     // Context 100 reads 100 more tokens of cache per step.
     assert_eq!(num(&decode[2], "bytes_per_step") - bytes, 100.0 * 480.0);
+
+    // The routed experts in the floor are the ones the CPU ran: one token's top-3, and
+    // for 3 tokens between 3 and all 8 (uniform routing would read 8·(1 − (5/8)³)).
+    for row in decode {
+        assert_eq!(row["routed_experts_counted"], true, "{row}");
+        let (batch, counted) = (num(row, "batch"), num(row, "routed_experts_per_layer"));
+        let uniform = num(row, "routed_experts_uniform");
+        if batch == 1.0 {
+            assert_eq!((counted, uniform), (3.0, 3.0), "{row}");
+        } else {
+            assert!((3.0..=8.0).contains(&counted), "{row}");
+            assert!(
+                (uniform - 8.0 * (1.0 - 0.625f64.powi(3))).abs() < 1e-12,
+                "{row}"
+            );
+        }
+    }
+    // Batch 3 at context 0 against batch 1: the extra routed experts (3·32·64 bf16
+    // weights each, in 2 MoE layers), 3 × 5 cached tokens instead of 5, 3 embedding rows.
+    let extra = num(&decode[1], "routed_experts_per_layer") - 3.0;
+    let b3 = bytes + extra * 2.0 * 2.0 * 3.0 * 32.0 * 64.0 + 10.0 * 480.0 + 2.0 * 2.0 * 64.0;
+    let got = num(&decode[1], "bytes_per_step");
+    assert!((got - b3).abs() < 1e-6 * b3, "{got} != {b3}");
 }
 
 #[test]

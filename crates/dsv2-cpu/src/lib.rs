@@ -277,6 +277,9 @@ pub struct CpuBackend {
     /// the 0.42 GB head at the memory's pace, where widening it to f32 (the exact path)
     /// reached ~37 GB/s and cost V2-Lite's q8 decode 17%.
     quantized: std::sync::atomic::AtomicBool,
+    /// Distinct routed experts run, summed over MoE layer calls
+    /// ([`Backend::routed_experts_run`]).
+    routed_experts_run: std::sync::atomic::AtomicU64,
 }
 
 impl CpuBackend {
@@ -286,7 +289,14 @@ impl CpuBackend {
             dtype,
             cache_dtype: dtype,
             quantized: std::sync::atomic::AtomicBool::new(false),
+            routed_experts_run: std::sync::atomic::AtomicU64::new(0),
         }
+    }
+
+    /// Adds a MoE layer call's distinct routed experts to [`Backend::routed_experts_run`].
+    pub(crate) fn count_routed_experts(&self, distinct: usize) {
+        self.routed_experts_run
+            .fetch_add(distinct as u64, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Stores the latent cache in `dtype` instead of the compute dtype. A bf16 cache
@@ -635,6 +645,13 @@ impl Backend for CpuBackend {
     ) -> Result<()> {
         moe::moe(self, x, rows, moe, out);
         Ok(())
+    }
+
+    fn routed_experts_run(&self) -> Option<u64> {
+        Some(
+            self.routed_experts_run
+                .load(std::sync::atomic::Ordering::Relaxed),
+        )
     }
 
     fn logits(

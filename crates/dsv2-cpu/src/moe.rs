@@ -79,6 +79,7 @@ pub(crate) fn moe(
             &mut weights[t * k..(t + 1) * k],
         );
     }
+    be.count_routed_experts(distinct_experts(&ids, num_experts));
     if FUSE_FEW_TOKENS.with(Cell::get)
         && rows <= FUSED_MAX_ROWS
         && few_tokens_quantized(be, x, rows, moe, &ids, &weights, out)
@@ -134,6 +135,20 @@ pub(crate) fn moe(
         }
         None => out[..rows * d].copy_from_slice(&routed),
     }
+}
+
+/// How many distinct experts `ids` names (each below `num_experts`).
+fn distinct_experts(ids: &[u32], num_experts: usize) -> usize {
+    let mut seen = take::<u32>(num_experts.div_ceil(32));
+    let mut distinct = 0;
+    for &e in ids {
+        let (word, bit) = (e as usize / 32, 1u32 << (e % 32));
+        if seen[word] & bit == 0 {
+            seen[word] |= bit;
+            distinct += 1;
+        }
+    }
+    distinct
 }
 
 /// Most token rows of the fused few-token path ([`few_tokens_quantized`]): decode
