@@ -308,17 +308,30 @@ fn weighted_sum(
             }
             c0 += SUM_COLS;
         }
-        // Columns past the last full tile: the same chains, one column at a time.
-        for col in c0..c {
-            for a in 0..nh {
-                let head = h0 + a;
-                let mut acc = 0.0f32;
-                for (j, row) in rows.iter().enumerate() {
-                    acc = p[j * GROUP + head].mul_add(row[col], acc);
-                }
-                let dst = &mut o[head * c + col];
-                *dst = dst.mul_add(alpha[head], acc);
+        tail_columns(p, rows, h0..h0 + nh, c0, c, alpha, o);
+    }
+}
+
+/// [`weighted_sum`]'s columns `c0..c` past the last full tile of heads `heads`: the same
+/// chains as a tile's, one column at a time (every instruction set's kernel ends so).
+#[inline(always)]
+fn tail_columns(
+    p: &[f32],
+    rows: &[&[f32]],
+    heads: Range<usize>,
+    c0: usize,
+    c: usize,
+    alpha: &[f32; GROUP],
+    o: &mut [f32],
+) {
+    for col in c0..c {
+        for head in heads.clone() {
+            let mut acc = 0.0f32;
+            for (j, row) in rows.iter().enumerate() {
+                acc = p[j * GROUP + head].mul_add(row[col], acc);
             }
+            let dst = &mut o[head * c + col];
+            *dst = dst.mul_add(alpha[head], acc);
         }
     }
 }
@@ -545,17 +558,15 @@ mod x86 {
                         }
                         c0 += SUM_COLS;
                     }
-                    for col in c0..c {
-                        for a in 0..nh {
-                            let head = h0 + a;
-                            let mut acc = 0.0f32;
-                            for (j, row) in rows.iter().enumerate() {
-                                acc = (*pg.add(j * GROUP + head)).mul_add(row[col], acc);
-                            }
-                            let dst = &mut *o.add(head * c + col);
-                            *dst = dst.mul_add(alphas[head], acc);
-                        }
-                    }
+                    tail_columns(
+                        std::slice::from_raw_parts(pg, n * GROUP),
+                        rows,
+                        h0..h0 + nh,
+                        c0,
+                        c,
+                        &alphas,
+                        std::slice::from_raw_parts_mut(o, heads * c),
+                    );
                 }
             }
         }
@@ -674,17 +685,15 @@ mod x86 {
                         }
                         c0 += COLS;
                     }
-                    for col in c0..c {
-                        for a in 0..nh {
-                            let head = h0 + a;
-                            let mut acc = 0.0f32;
-                            for (j, row) in rows.iter().enumerate() {
-                                acc = (*pg.add(j * GROUP + head)).mul_add(row[col], acc);
-                            }
-                            let dst = &mut *o.add(head * c + col);
-                            *dst = dst.mul_add(alphas[head], acc);
-                        }
-                    }
+                    tail_columns(
+                        std::slice::from_raw_parts(pg, n * GROUP),
+                        rows,
+                        h0..h0 + nh,
+                        c0,
+                        c,
+                        &alphas,
+                        std::slice::from_raw_parts_mut(o, heads * c),
+                    );
                 }
             }
         }
