@@ -12,7 +12,7 @@ mod tokenize;
 
 use std::process::ExitCode;
 
-use anyhow::Result;
+use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use dsv2_backend::{AttentionPath, ComputeDtype};
 use dsv2_core::{QuantFormat, SamplingOverrides};
@@ -22,6 +22,11 @@ use load::Device;
 #[derive(Parser)]
 #[command(name = "dsv2", version, about = "DeepSeek-V2 inference engine")]
 struct Cli {
+    /// CPU threads of the model's parallel loops (default: one per CPU this process may
+    /// use). Results do not depend on it. On a machine with SMT, one thread per physical
+    /// core is usually as fast for decode, which streams weights from memory.
+    #[arg(long, global = true)]
+    threads: Option<usize>,
     #[command(subcommand)]
     command: Command,
 }
@@ -169,7 +174,30 @@ fn main() -> ExitCode {
     }
 }
 
+/// Sizes rayon's global pool, which the CPU backend's team of threads
+/// ([`dsv2_cpu::team`]) and the `gemm` products of prefill take their size from. Runs
+/// before any parallel work (the pool can be sized only once).
+fn set_threads(threads: Option<usize>) -> Result<()> {
+    let Some(threads) = threads else {
+        return Ok(());
+    };
+    if threads == 0 {
+        bail!("--threads 0: at least one thread is needed");
+    }
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if threads > cpus {
+        // The team's workers spin between loops: more of them than CPUs take turns on
+        // the same cores and every loop waits for the preempted ones.
+        bail!("--threads {threads}: this process may use {cpus} CPUs (at most {cpus} threads)");
+    }
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build_global()
+        .with_context(|| format!("--threads {threads}: the thread pool was already started"))
+}
+
 fn run(cli: Cli) -> Result<()> {
+    set_threads(cli.threads)?;
     match cli.command {
         Command::Logits(args) => logits::run(args),
         Command::Generate(args) => generate::run(args),

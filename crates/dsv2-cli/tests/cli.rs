@@ -170,6 +170,49 @@ fn bad_input_is_a_one_line_error() {
     assert_one_line_error(&out, "f8");
 }
 
+/// `--threads N` sizes the CPU's team; the logits are bit-identical on one thread and on
+/// every CPU, in f32 and at q8 (each output's arithmetic does not depend on how its tasks
+/// are spread). A thread count of 0 or above the CPUs is a one-line error.
+#[test]
+fn the_thread_count_does_not_change_the_logits() {
+    let dir = fixture("lite");
+    let reference = dir.join("reference.safetensors");
+    let (prompt, _) = read_tensor(&reference, "prompt.0");
+    let ids = ids_arg(&prompt);
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let out_dir = tmp("threads");
+    for quantize in [None, Some("q8")] {
+        let mut runs = Vec::new();
+        for threads in [1, cpus] {
+            let path = out_dir.join(format!("{threads}-{quantize:?}.safetensors"));
+            let threads = threads.to_string();
+            let mut args = vec![
+                "logits",
+                "--threads",
+                &threads,
+                "--model",
+                dir.to_str().unwrap(),
+                "--token-ids",
+                &ids,
+                "--output",
+                path.to_str().unwrap(),
+            ];
+            if let Some(q) = quantize {
+                args.extend(["--quantize", q]);
+            }
+            let out = dsv2(&args);
+            assert!(out.status.success(), "{}", stderr(&out));
+            runs.push(read_tensor(&path, "logits").0);
+        }
+        assert_eq!(runs[0], runs[1], "1 against {cpus} threads, {quantize:?}");
+    }
+    let out = dsv2(&["generate", "--threads", "0", "--token-ids", "1"]);
+    assert_one_line_error(&out, "--threads 0");
+    let too_many = (cpus + 1).to_string();
+    let out = dsv2(&["generate", "--threads", &too_many, "--token-ids", "1"]);
+    assert_one_line_error(&out, &format!("{cpus} CPUs"));
+}
+
 /// `--kv-cache-dtype bf16` under `--dtype bf16` is exact: the same greedy tokens as an f32
 /// cache, from a cache half the size.
 #[test]

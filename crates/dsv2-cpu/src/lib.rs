@@ -360,9 +360,10 @@ impl Backend for CpuBackend {
     type Step = CpuStep;
 
     fn describe(&self) -> String {
+        let threads = team::threads();
         format!(
-            "cpu ({} threads, {} activations, {} latent cache)",
-            team::threads(),
+            "cpu ({threads} thread{}, {} activations, {} latent cache)",
+            if threads == 1 { "" } else { "s" },
             self.dtype,
             self.cache_dtype
         )
