@@ -7,9 +7,9 @@
 
 use dsv2_backend::{AttentionPath, MlaAttention, MlaDims, SeqSlice};
 
-use crate::flash;
+use crate::flash::{self, CacheElem};
 use crate::kernels::{gemm_f32, round_bf16, MatRef, SyncPtr};
-use crate::matmul::{Kind, KindOf};
+use crate::matmul::KindOf;
 use crate::mla::{
     absorb_tokens, dots, project_tokens, weighted_sum, weighted_sum_rows, Rows, DOT_TILE,
     SUM_CHUNK, SUM_COLS, SUM_HEADS, TOKENS,
@@ -208,7 +208,7 @@ const SCORE_CHUNK: usize = 64;
 ///
 /// Per value the arithmetic is the same fixed sequence whatever the split or the batch,
 /// so results do not depend on the thread count or on the other sequences.
-fn absorbed<E: KindOf>(
+fn absorbed<E: KindOf + CacheElem>(
     be: &CpuBackend,
     args: &MlaAttention<'_, CpuBackend>,
     seq_ids: &[u32],
@@ -343,7 +343,7 @@ fn absorbed<E: KindOf>(
 /// `seq_ids` order) into `o_lat` `[tokens, h, c]`. One parallel loop runs the tasks of
 /// every token (whole chunks of a token's positions, split by its own length; with few
 /// tasks, each task's head groups split too), a second combines each token's tasks.
-fn attend_one_pass<E: KindOf>(
+fn attend_one_pass<E: KindOf + CacheElem>(
     d: &MlaDims,
     seq_ids: &[u32],
     seqs: &[SeqSlice],
@@ -423,30 +423,13 @@ fn attend_one_pass<E: KindOf>(
         let end = (first + per * flash::CHUNK_ROWS).min(visible);
         flash::reset_state(state, c);
         let mut scratch = take::<f32>(flash::scratch_len(h));
-        // Rows of a bf16 cache widened into this buffer, a chunk at a time.
-        let mut widened = take::<f32>(match E::KIND {
-            Kind::F32 => 0,
-            _ => flash::CHUNK_ROWS * w,
-        });
         for s0 in (first..end).step_by(flash::CHUNK_ROWS) {
             let n = (end - s0).min(flash::CHUNK_ROWS);
-            let mut rows: [&[f32]; flash::CHUNK_ROWS] = [&[]; flash::CHUNK_ROWS];
             let cached = |j: usize| &cache.row(slot(seq, bs, s0 + j))[..w];
-            if E::KIND == Kind::F32 {
-                for (j, r) in rows.iter_mut().enumerate().take(n) {
-                    let row = cached(j);
-                    // SAFETY: E is f32 (its kind), so the slice is `w` f32 values.
-                    *r = unsafe { std::slice::from_raw_parts(row.as_ptr() as *const f32, w) };
-                }
-            } else {
-                for (j, dst) in widened.chunks_exact_mut(w).enumerate().take(n) {
-                    for (d, v) in dst.iter_mut().zip(cached(j)) {
-                        *d = v.to_f32();
-                    }
-                }
-                for (r, row) in rows.iter_mut().zip(widened.chunks_exact(w)).take(n) {
-                    *r = row;
-                }
+            // The chunk's rows as stored (a bf16 row is widened in the kernel's registers).
+            let mut rows: [&[E]; flash::CHUNK_ROWS] = [&[]; flash::CHUNK_ROWS];
+            for (j, r) in rows.iter_mut().enumerate().take(n) {
+                *r = cached(j);
             }
             // The task's next chunk, as stored, to prefetch meanwhile.
             let mut next: [&[u8]; flash::CHUNK_ROWS] = [&[]; flash::CHUNK_ROWS];

@@ -29,14 +29,36 @@
 //!   head groups may be split over calls (the attention does so when a step has fewer
 //!   tasks than threads: V2's 128 heads are 8 groups).
 //!
+//! Cache rows are f32 or bf16 ([`CacheElem`]); bf16 values are widened to f32 in the
+//! registers as they are read (exactly: a shift), so a bf16 cache gives the same arithmetic
+//! as its rows widened first, reading half the bytes and writing no widened copy.
+//!
 //! It differs from the two-pass softmax only by rounding (tested against it). The
 //! bf16-compute path keeps the two-pass kernels: they round scores and probabilities to
 //! bf16 where the reference does, which a running sum cannot.
 
 use std::ops::Range;
 
+use half::bf16;
+
 use crate::exp::exp_portable;
+use crate::kernels::Elem;
 use crate::mla::{isa, Isa};
+
+/// A value type of the latent cache the one-pass attention reads directly: f32, or bf16
+/// widened in the registers.
+pub(crate) trait CacheElem: Elem {
+    /// Whether the value is a bf16 (the upper half of an f32).
+    const BF16: bool;
+}
+
+impl CacheElem for f32 {
+    const BF16: bool = false;
+}
+
+impl CacheElem for bf16 {
+    const BF16: bool = true;
+}
 
 /// Heads per group: the lanes of one 512-bit vector.
 pub(crate) const GROUP: usize = 16;
@@ -140,18 +162,18 @@ pub(crate) struct Shape {
     pub scale: f32,
 }
 
-/// Folds one chunk of cache rows (`rows`, 1..=[`CHUNK_ROWS`] f32 rows of at least `w`
-/// values) into the states of head groups `groups` (`state`: theirs, one after the
+/// Folds one chunk of cache rows (`rows`, 1..=[`CHUNK_ROWS`] rows of at least `w` f32 or
+/// bf16 values) into the states of head groups `groups` (`state`: theirs, one after the
 /// other), for the token's query `qt` (all its groups, [`transpose_group`]); `scratch`
 /// holds [`scratch_len`] floats. Each head's arithmetic is the same whichever groups a
 /// call takes. `next` (the bytes of
 /// the task's next chunk of cache rows, as stored, or empty) is prefetched meanwhile:
 /// a chunk that comes from memory then arrives while this one computes (a hint only).
-pub(crate) fn fold_chunk(
+pub(crate) fn fold_chunk<E: CacheElem>(
     shape: Shape,
     groups: Range<usize>,
     qt: &[f32],
-    rows: &[&[f32]],
+    rows: &[&[E]],
     next: &[&[u8]],
     state: &mut [f32],
     scratch: &mut [f32],
@@ -161,12 +183,12 @@ pub(crate) fn fold_chunk(
 
 #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
 #[allow(clippy::too_many_arguments)]
-fn fold_chunk_isa(
+fn fold_chunk_isa<E: CacheElem>(
     isa: Isa,
     shape: Shape,
     groups: Range<usize>,
     qt: &[f32],
-    rows: &[&[f32]],
+    rows: &[&[E]],
     next: &[&[u8]],
     state: &mut [f32],
     scratch: &mut [f32],
@@ -194,11 +216,11 @@ fn fold_chunk_isa(
 }
 
 #[inline(always)]
-fn fold_chunk_impl(
+fn fold_chunk_impl<E: CacheElem>(
     shape: Shape,
     groups: Range<usize>,
     qt: &[f32],
-    rows: &[&[f32]],
+    rows: &[&[E]],
     state: &mut [f32],
     p: &mut [f32],
 ) {
@@ -240,12 +262,12 @@ fn fold_chunk_impl(
 /// `out[j·GROUP + lane] = scale · (qt[·, lane] · rows[j][..w])` for every row `j` (the
 /// module's blocked sum).
 #[inline(always)]
-fn scores(qt: &[f32], rows: &[&[f32]], w: usize, scale: f32, out: &mut [f32]) {
+fn scores<E: CacheElem>(qt: &[f32], rows: &[&[E]], w: usize, scale: f32, out: &mut [f32]) {
     let n = rows.len();
     for j0 in (0..n).step_by(SCORE_ROWS) {
         let nr = (n - j0).min(SCORE_ROWS);
         // A short last tile repeats its last row (computed, not stored).
-        let rr: [&[f32]; SCORE_ROWS] = std::array::from_fn(|j| &rows[j0 + j.min(nr - 1)][..w]);
+        let rr: [&[E]; SCORE_ROWS] = std::array::from_fn(|j| &rows[j0 + j.min(nr - 1)][..w]);
         let mut acc = [[0.0f32; GROUP]; SCORE_ROWS];
         for k0 in (0..w).step_by(K_BLOCK) {
             let k1 = (k0 + K_BLOCK).min(w);
@@ -253,7 +275,7 @@ fn scores(qt: &[f32], rows: &[&[f32]], w: usize, scale: f32, out: &mut [f32]) {
             for k in k0..k1 {
                 let q: &[f32; GROUP] = qt[k * GROUP..][..GROUP].try_into().expect("lanes");
                 for j in 0..SCORE_ROWS {
-                    let x = rr[j][k];
+                    let x = rr[j][k].to_f32();
                     for lane in 0..GROUP {
                         part[j][lane] = q[lane].mul_add(x, part[j][lane]);
                     }
@@ -276,9 +298,9 @@ fn scores(qt: &[f32], rows: &[&[f32]], w: usize, scale: f32, out: &mut [f32]) {
 /// `o[a·c + col] = o[a·c + col]·α[a] + Σ_j p[j·GROUP + a]·rows[j][col]` for the group's
 /// `heads` and every column (`o` holds those heads' rows).
 #[inline(always)]
-fn weighted_sum(
+fn weighted_sum<E: CacheElem>(
     p: &[f32],
-    rows: &[&[f32]],
+    rows: &[&[E]],
     heads: usize,
     c: usize,
     alpha: &[f32; GROUP],
@@ -290,7 +312,7 @@ fn weighted_sum(
         while c0 + SUM_COLS <= c {
             let mut acc = [[0.0f32; SUM_COLS]; SUM_HEADS];
             for (j, row) in rows.iter().enumerate() {
-                let x: &[f32; SUM_COLS] = row[c0..c0 + SUM_COLS].try_into().expect("columns");
+                let x: [f32; SUM_COLS] = std::array::from_fn(|col| row[c0 + col].to_f32());
                 let pj: &[f32; SUM_HEADS] =
                     p[j * GROUP + h0..][..SUM_HEADS].try_into().expect("heads");
                 for a in 0..SUM_HEADS {
@@ -315,9 +337,9 @@ fn weighted_sum(
 /// [`weighted_sum`]'s columns `c0..c` past the last full tile of heads `heads`: the same
 /// chains as a tile's, one column at a time (every instruction set's kernel ends so).
 #[inline(always)]
-fn tail_columns(
+fn tail_columns<E: CacheElem>(
     p: &[f32],
-    rows: &[&[f32]],
+    rows: &[&[E]],
     heads: Range<usize>,
     c0: usize,
     c: usize,
@@ -328,7 +350,7 @@ fn tail_columns(
         for head in heads.clone() {
             let mut acc = 0.0f32;
             for (j, row) in rows.iter().enumerate() {
-                acc = p[j * GROUP + head].mul_add(row[col], acc);
+                acc = p[j * GROUP + head].mul_add(row[col].to_f32(), acc);
             }
             let dst = &mut o[head * c + col];
             *dst = dst.mul_add(alpha[head], acc);
@@ -451,17 +473,65 @@ mod x86 {
         }
     }
 
+    /// Cache value `p` (f32 or bf16, widened exactly) in every lane of a 512-bit vector.
+    #[inline(always)]
+    unsafe fn bcast512<E: CacheElem>(p: *const E) -> __m512 {
+        // SAFETY (both): the caller's pointer to one value.
+        if E::BF16 {
+            let bits = unsafe { *(p as *const u16) } as u32;
+            _mm512_set1_ps(f32::from_bits(bits << 16))
+        } else {
+            _mm512_set1_ps(unsafe { *(p as *const f32) })
+        }
+    }
+
+    /// 16 consecutive cache values from `p`, widened to f32 (exact).
+    #[inline(always)]
+    unsafe fn load512<E: CacheElem>(p: *const E) -> __m512 {
+        // SAFETY (both): the caller's pointer to 16 values.
+        if E::BF16 {
+            let v = unsafe { _mm256_loadu_si256(p as *const __m256i) };
+            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(v)))
+        } else {
+            unsafe { _mm512_loadu_ps(p as *const f32) }
+        }
+    }
+
+    /// Cache value `p` in every lane of a 256-bit vector.
+    #[inline(always)]
+    unsafe fn bcast256<E: CacheElem>(p: *const E) -> __m256 {
+        // SAFETY (both): the caller's pointer to one value.
+        if E::BF16 {
+            let bits = unsafe { *(p as *const u16) } as u32;
+            _mm256_set1_ps(f32::from_bits(bits << 16))
+        } else {
+            _mm256_set1_ps(unsafe { *(p as *const f32) })
+        }
+    }
+
+    /// 8 consecutive cache values from `p`, widened to f32.
+    #[inline(always)]
+    unsafe fn load256<E: CacheElem>(p: *const E) -> __m256 {
+        // SAFETY (both): the caller's pointer to 8 values.
+        if E::BF16 {
+            let v = unsafe { _mm_loadu_si128(p as *const __m128i) };
+            _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(v)))
+        } else {
+            unsafe { _mm256_loadu_ps(p as *const f32) }
+        }
+    }
+
     /// [`fold_chunk_impl`] in AVX-512: a score tile of 8 rows × 16 heads, a weighted-sum
     /// tile of 8 heads × 32 columns, the same operations per value.
     ///
     /// # Safety
     /// AVX-512 F/BW/VL and FMA; the shapes checked by [`fold_chunk_isa`].
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma")]
-    pub(super) unsafe fn fold_chunk512(
+    pub(super) unsafe fn fold_chunk512<E: CacheElem>(
         shape: Shape,
         groups: Range<usize>,
         qt: &[f32],
-        rows: &[&[f32]],
+        rows: &[&[E]],
         next: &[&[u8]],
         state: &mut [f32],
         p: &mut [f32],
@@ -480,7 +550,7 @@ mod x86 {
                 // Scores, SCORE_ROWS rows at a time (a short tile repeats its last row).
                 for j0 in (0..n).step_by(SCORE_ROWS) {
                     let nr = (n - j0).min(SCORE_ROWS);
-                    let rr: [*const f32; SCORE_ROWS] =
+                    let rr: [*const E; SCORE_ROWS] =
                         std::array::from_fn(|j| rows[j0 + j.min(nr - 1)].as_ptr());
                     let ahead = next_rows(next, gi, j0, SCORE_ROWS);
                     let mut acc = [_mm512_setzero_ps(); SCORE_ROWS];
@@ -489,12 +559,34 @@ mod x86 {
                         let mut part = [_mm512_setzero_ps(); SCORE_ROWS];
                         for kk in (k0..k1).step_by(LINE_FLOATS) {
                             prefetch_line(ahead, kk / LINE_FLOATS);
-                            for k in kk..(kk + LINE_FLOATS).min(k1) {
+                            let kend = (kk + LINE_FLOATS).min(k1);
+                            let mut k = kk;
+                            if E::BF16 {
+                                // Two bf16 positions per broadcast: the low one shifted
+                                // up, the high one masked (each widened exactly).
+                                let high = _mm512_set1_epi32(-65536);
+                                while k + 2 <= kend {
+                                    let q0 = _mm512_loadu_ps(q.add(k * GROUP));
+                                    let q1 = _mm512_loadu_ps(q.add((k + 1) * GROUP));
+                                    for j in 0..SCORE_ROWS {
+                                        let pair = _mm512_set1_epi32(
+                                            (rr[j].add(k) as *const i32).read_unaligned(),
+                                        );
+                                        let x0 = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(pair));
+                                        let x1 = _mm512_castsi512_ps(_mm512_and_si512(pair, high));
+                                        part[j] = _mm512_fmadd_ps(q0, x0, part[j]);
+                                        part[j] = _mm512_fmadd_ps(q1, x1, part[j]);
+                                    }
+                                    k += 2;
+                                }
+                            }
+                            while k < kend {
                                 let qv = _mm512_loadu_ps(q.add(k * GROUP));
                                 for j in 0..SCORE_ROWS {
-                                    let x = _mm512_set1_ps(*rr[j].add(k));
+                                    let x = bcast512(rr[j].add(k));
                                     part[j] = _mm512_fmadd_ps(qv, x, part[j]);
                                 }
+                                k += 1;
                             }
                         }
                         for j in 0..SCORE_ROWS {
@@ -537,8 +629,8 @@ mod x86 {
                     while c0 + SUM_COLS <= c {
                         let mut acc = [[_mm512_setzero_ps(); 2]; SUM_HEADS];
                         for (j, row) in rows.iter().enumerate() {
-                            let x0 = _mm512_loadu_ps(row.as_ptr().add(c0));
-                            let x1 = _mm512_loadu_ps(row.as_ptr().add(c0 + 16));
+                            let x0 = load512(row.as_ptr().add(c0));
+                            let x1 = load512(row.as_ptr().add(c0 + 16));
                             for (a, acc) in acc.iter_mut().enumerate() {
                                 let pa = _mm512_set1_ps(*pg.add(j * GROUP + h0 + a));
                                 acc[0] = _mm512_fmadd_ps(pa, x0, acc[0]);
@@ -578,11 +670,11 @@ mod x86 {
     /// # Safety
     /// AVX2 and FMA; the shapes checked by [`fold_chunk_isa`].
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn fold_chunk_avx2(
+    pub(super) unsafe fn fold_chunk_avx2<E: CacheElem>(
         shape: Shape,
         groups: Range<usize>,
         qt: &[f32],
-        rows: &[&[f32]],
+        rows: &[&[E]],
         next: &[&[u8]],
         state: &mut [f32],
         p: &mut [f32],
@@ -602,7 +694,7 @@ mod x86 {
                 let pg = p[g * CHUNK_ROWS * GROUP..][..n * GROUP].as_mut_ptr();
                 for j0 in (0..n).step_by(ROWS) {
                     let nr = (n - j0).min(ROWS);
-                    let rr: [*const f32; ROWS] =
+                    let rr: [*const E; ROWS] =
                         std::array::from_fn(|j| rows[j0 + j.min(nr - 1)].as_ptr());
                     let ahead = next_rows(next, gi, j0, ROWS);
                     let mut acc = [[_mm256_setzero_ps(); 2]; ROWS];
@@ -611,14 +703,45 @@ mod x86 {
                         let mut part = [[_mm256_setzero_ps(); 2]; ROWS];
                         for kk in (k0..k1).step_by(LINE_FLOATS) {
                             prefetch_line(ahead, kk / LINE_FLOATS);
-                            for k in kk..(kk + LINE_FLOATS).min(k1) {
+                            let kend = (kk + LINE_FLOATS).min(k1);
+                            let mut k = kk;
+                            if E::BF16 {
+                                // Two bf16 positions per broadcast, as in AVX-512.
+                                let high = _mm256_set1_epi32(-65536);
+                                while k + 2 <= kend {
+                                    let qa = [
+                                        _mm256_loadu_ps(q.add(k * GROUP)),
+                                        _mm256_loadu_ps(q.add(k * GROUP + 8)),
+                                    ];
+                                    let qb = [
+                                        _mm256_loadu_ps(q.add((k + 1) * GROUP)),
+                                        _mm256_loadu_ps(q.add((k + 1) * GROUP + 8)),
+                                    ];
+                                    for j in 0..ROWS {
+                                        let pair = _mm256_set1_epi32(
+                                            (rr[j].add(k) as *const i32).read_unaligned(),
+                                        );
+                                        let x0 = _mm256_castsi256_ps(_mm256_slli_epi32::<16>(pair));
+                                        let x1 = _mm256_castsi256_ps(_mm256_and_si256(pair, high));
+                                        for half in 0..2 {
+                                            part[j][half] =
+                                                _mm256_fmadd_ps(qa[half], x0, part[j][half]);
+                                            part[j][half] =
+                                                _mm256_fmadd_ps(qb[half], x1, part[j][half]);
+                                        }
+                                    }
+                                    k += 2;
+                                }
+                            }
+                            while k < kend {
                                 let q0 = _mm256_loadu_ps(q.add(k * GROUP));
                                 let q1 = _mm256_loadu_ps(q.add(k * GROUP + 8));
                                 for j in 0..ROWS {
-                                    let x = _mm256_set1_ps(*rr[j].add(k));
+                                    let x = bcast256(rr[j].add(k));
                                     part[j][0] = _mm256_fmadd_ps(q0, x, part[j][0]);
                                     part[j][1] = _mm256_fmadd_ps(q1, x, part[j][1]);
                                 }
+                                k += 1;
                             }
                         }
                         for j in 0..ROWS {
@@ -663,8 +786,8 @@ mod x86 {
                     while c0 + COLS <= c {
                         let mut acc = [[_mm256_setzero_ps(); 2]; HEADS];
                         for (j, row) in rows.iter().enumerate() {
-                            let x0 = _mm256_loadu_ps(row.as_ptr().add(c0));
-                            let x1 = _mm256_loadu_ps(row.as_ptr().add(c0 + 8));
+                            let x0 = load256(row.as_ptr().add(c0));
+                            let x1 = load256(row.as_ptr().add(c0 + 8));
                             for (a, acc) in acc.iter_mut().enumerate() {
                                 // Heads past the group's last read its padding lanes.
                                 let pa = _mm256_set1_ps(*pg.add(j * GROUP + h0 + a));
@@ -746,11 +869,11 @@ mod tests {
     /// The whole one-pass attention of one token over `rows` on `isa`: each task's
     /// groups in one call, or (`per_group`) one call per head group, as the attention
     /// splits a token's heads when it has few tasks.
-    fn attend(
+    fn attend<E: CacheElem + bytemuck::Pod>(
         isa: Isa,
         shape: Shape,
         q_cat: &[f32],
-        rows: &[Vec<f32>],
+        rows: &[Vec<E>],
         per_group: bool,
     ) -> Vec<f32> {
         let Shape { h, c, w, .. } = shape;
@@ -770,7 +893,7 @@ mod tests {
                 let chunks = (t * per..((t + 1) * per)).map(|ch| ch * CHUNK_ROWS);
                 for s0 in chunks.take_while(|&s0| s0 < rows.len()) {
                     let s1 = (s0 + CHUNK_ROWS).min(rows.len());
-                    let chunk: Vec<&[f32]> = rows[s0..s1].iter().map(|r| r.as_slice()).collect();
+                    let chunk: Vec<&[E]> = rows[s0..s1].iter().map(|r| r.as_slice()).collect();
                     let next: Vec<&[u8]> = rows[s1..(s1 + CHUNK_ROWS).min(rows.len())]
                         .iter()
                         .map(|r| bytemuck::cast_slice(r.as_slice()))
@@ -859,14 +982,31 @@ mod tests {
                     .sum::<f64>()
                     .sqrt();
                 assert!(err <= 1e-6 * norm, "h {h} c {c} n {n}: {err} vs {norm}");
+                // A bf16 cache: its rows widened in the kernels give exactly what the
+                // same rows widened beforehand give.
+                let rows_bf16: Vec<Vec<bf16>> = rows
+                    .iter()
+                    .map(|r| r.iter().map(|v| bf16::from_f32(*v)).collect())
+                    .collect();
+                let widened: Vec<Vec<f32>> = rows_bf16
+                    .iter()
+                    .map(|r| r.iter().map(|v| v.to_f32()).collect())
+                    .collect();
+                let want_bf16 = attend(Isa::Portable, shape, &q_cat, &widened, false);
+                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
                 for isa in isas() {
                     for per_group in [false, true] {
                         let got = attend(isa, shape, &q_cat, &rows, per_group);
-                        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
                         assert_eq!(
                             bits(&got),
                             bits(&want),
                             "{isa:?} h {h} c {c} n {n} per group {per_group}"
+                        );
+                        let got = attend(isa, shape, &q_cat, &rows_bf16, per_group);
+                        assert_eq!(
+                            bits(&got),
+                            bits(&want_bf16),
+                            "bf16 rows, {isa:?} h {h} c {c} n {n} per group {per_group}"
                         );
                     }
                 }
@@ -930,6 +1070,83 @@ mod timing {
             let s = t.elapsed().as_secs_f64();
             let macs = (reps * CHUNK_ROWS * h * (w + c)) as f64;
             eprintln!("{isa:?}: {:.1} GMAC/s", macs / s / 1e9);
+        }
+    }
+}
+
+#[cfg(test)]
+mod cache_timing {
+    use super::*;
+    use crate::test_values;
+    use half::bf16;
+
+    /// Multiply-adds per second of two threads folding 8 × 4096 V2-Lite positions that
+    /// come from memory (the cache of batch 8 at a 4K context, one layer), f32 rows
+    /// against bf16 rows, alternating, median of 8 rounds
+    /// (`cargo test --release -p dsv2-cpu --lib flash_cache_timing -- --ignored --nocapture`).
+    #[test]
+    #[ignore]
+    fn flash_cache_timing() {
+        let (h, c, w) = (16, 512, 576);
+        let shape = Shape {
+            h,
+            c,
+            w,
+            scale: 0.05,
+        };
+        let positions = 8 * 4096;
+        let q_cat = test_values(h * w, 1);
+        let mut qt = vec![0.0; query_len(h, w)];
+        transpose_group(&q_cat, h, w, 0, &mut qt);
+        let pattern = test_values(w * CHUNK_ROWS, 3);
+        let rows_f32: Vec<f32> = (0..positions * w)
+            .map(|i| pattern[i % pattern.len()] * (1.0 + (i / pattern.len()) as f32 * 1e-4))
+            .collect();
+        let rows_bf16: Vec<bf16> = rows_f32.iter().map(|v| bf16::from_f32(*v)).collect();
+        fn run<E: CacheElem + bytemuck::Pod>(
+            shape: Shape,
+            qt: &[f32],
+            all: &[E],
+            span: Range<usize>,
+        ) {
+            let Shape { h, c, w, .. } = shape;
+            let mut state = vec![0.0; state_len(h, c)];
+            let mut scratch = vec![0.0; scratch_len(h)];
+            reset_state(&mut state, c);
+            let row = |s: usize| &all[s * w..][..w];
+            for s0 in span.clone().step_by(CHUNK_ROWS) {
+                let rows: Vec<&[E]> = (s0..s0 + CHUNK_ROWS).map(row).collect();
+                let next: Vec<&[u8]> = (s0 + CHUNK_ROWS..(s0 + 2 * CHUNK_ROWS).min(span.end))
+                    .map(|s| bytemuck::cast_slice(row(s)))
+                    .collect();
+                fold_chunk(shape, 0..1, qt, &rows, &next, &mut state, &mut scratch);
+            }
+        }
+        let halves = [0..positions / 2, positions / 2..positions];
+        let mut rates = [Vec::new(), Vec::new()];
+        for _ in 0..8 {
+            for (bf16_rows, rate) in rates.iter_mut().enumerate() {
+                let t = std::time::Instant::now();
+                std::thread::scope(|scope| {
+                    for span in &halves {
+                        let qt = &qt;
+                        match bf16_rows {
+                            0 => scope.spawn(|| run(shape, qt, &rows_f32, span.clone())),
+                            _ => scope.spawn(|| run(shape, qt, &rows_bf16, span.clone())),
+                        };
+                    }
+                });
+                let macs = (positions * h * (w + c)) as f64;
+                rate.push(macs / t.elapsed().as_secs_f64() / 1e9);
+            }
+        }
+        for (name, mut rate) in ["f32", "bf16"].into_iter().zip(rates) {
+            rate.sort_by(f64::total_cmp);
+            eprintln!(
+                "{name} rows: median {:.1} GMAC/s (best {:.1})",
+                rate[rate.len() / 2],
+                rate[rate.len() - 1]
+            );
         }
     }
 }
