@@ -128,8 +128,10 @@ pub fn with_weights<T: ModelTask>(
     };
     match args.device {
         Device::Cpu => {
-            let backend = CpuBackend::new(args.dtype)
-                .with_cache_dtype(args.kv_cache_dtype.unwrap_or(args.dtype));
+            let mut backend = CpuBackend::new(args.dtype);
+            if let Some(cache) = args.kv_cache_dtype {
+                backend = backend.with_cache_dtype(cache);
+            }
             let model = Model::load_from(&backend, info.config.clone(), &options, weight)
                 .with_context(|| format!("loading {source}"))?;
             task.run(&backend, &model, &info)

@@ -74,10 +74,10 @@ pub struct ModelArgs {
     /// matrices at q8; embeddings, norms and the router stay in their checkpoint dtype).
     #[arg(long)]
     pub quantize: Option<QuantFormat>,
-    /// Storage of the latent KV cache: f32 or bf16 (default: the --dtype). bf16 halves
-    /// the cache (V2-Lite: 31,104 instead of 62,208 bytes a token) and what decode
-    /// attention reads, rounding each cached value to bf16; under --dtype bf16 it is
-    /// exact. On CUDA the cache always follows --dtype.
+    /// Storage of the latent KV cache: f32 or bf16 (default: the --dtype, and bf16 on the
+    /// CPU for q4 weights). bf16 halves the cache (V2-Lite: 31,104 instead of 62,208 bytes
+    /// a token) and what decode attention reads, rounding each cached value to bf16; under
+    /// --dtype bf16 it is exact. On CUDA the cache always follows --dtype.
     #[arg(long)]
     pub kv_cache_dtype: Option<ComputeDtype>,
 }

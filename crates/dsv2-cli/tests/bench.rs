@@ -273,6 +273,43 @@ fn bench_counts_a_bf16_kv_cache_at_two_bytes_a_value() {
     positive(&report["decode"][1], "tokens_per_s");
 }
 
+/// Under q4 the CPU's latent cache defaults to bf16 (its rounding is small next to q4's;
+/// `crates/dsv2-engine/tests/fixtures.rs`), and `--kv-cache-dtype f32` still gets f32.
+#[test]
+fn q4_defaults_to_a_bf16_kv_cache() {
+    let config = fixture("lite").join("config.json");
+    for (cache, bytes) in [(None, 240.0), (Some("f32"), 480.0)] {
+        let mut args = vec![
+            "bench",
+            "--random-weights",
+            config.to_str().unwrap(),
+            "--quantize",
+            "q4",
+            "--prompt-lengths",
+            "4",
+            "--contexts",
+            "0,64",
+            "--batch-sizes",
+            "1",
+            "--decode-tokens",
+            "2",
+            "--json",
+        ];
+        if let Some(cache) = cache {
+            args.extend(["--kv-cache-dtype", cache]);
+        }
+        let out = dsv2(&args);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let report = last_json(&out);
+        let device = report["device"].as_str().unwrap();
+        let want = format!("{} latent cache)", cache.unwrap_or("bf16"));
+        assert!(device.ends_with(&want), "{device}");
+        // 3 layers × 40 cached values × 2 (bf16) or 4 (f32) bytes.
+        assert_eq!(num(&report, "kv_bytes_per_token"), bytes);
+        positive(&report["decode"][1], "tokens_per_s");
+    }
+}
+
 #[test]
 fn bench_rejects_what_it_cannot_run() {
     let config = fixture("lite").join("config.json");

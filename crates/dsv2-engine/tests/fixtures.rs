@@ -299,7 +299,8 @@ fn quantized_logits_stay_within_the_format_budget() {
     // 2.2e-2..3.6e-2 on `lite`/`plain`, 6.1e-2..1.02e-1 on `v2` (routed_scaling_factor
     // 16 multiplies the routed experts' error; issue #5's 6e-2 does not hold there),
     // 1.9e-2..3.3e-2 on `austen` and 2.8e-2..4.65e-2 on `austen-v2` (trained, with the
-    // same ×16 routing: q8 there 2.5e-3..9.3e-3).
+    // same ×16 routing: q8 there 2.5e-3..9.3e-3). Each format with its default latent
+    // cache: f32 under q8, bf16 under q4 (`q4_takes_a_bf16_cache_that_changes_little`).
     let budget = |format: QuantFormat, name: &str| match (format, name) {
         (QuantFormat::Q8, _) => 1e-2,
         (QuantFormat::Q4, "v2") => 0.105,
@@ -369,6 +370,42 @@ fn a_bf16_latent_cache_is_exact_under_bf16_and_close_under_f32() {
             {
                 assert!(err <= budget, "{label}{name} prompt {i}: {err}");
             }
+        }
+    }
+}
+
+/// Under q4 weights the CPU's latent cache is bf16 unless asked otherwise
+/// (`CpuBackend::cache_dtype`), under q8 it stays f32. The bf16 cache moves q4's logits by
+/// 1.3e-3..5.2e-3 relative (1.0e-2 on `v2`'s long prompt, where routing flips follow),
+/// but q4's error against the f32 reference by ≤ 5e-4 (measured: lite 2.58 → 2.60e-2,
+/// v2 1.012 → 1.017e-1, austen-v2 4.65 → 4.64e-2): the cache's rounding is small and
+/// independent next to q4's own.
+#[test]
+fn q4_takes_a_bf16_cache_that_changes_little() {
+    use dsv2_core::QuantFormat;
+    let (q8, _) = load_quantized("lite", QuantFormat::Q8);
+    assert_eq!(q8.cache_value_bytes(), 4);
+    for name in FIXTURES.into_iter().chain(TRAINED) {
+        let (backend, model) = load_quantized(name, QuantFormat::Q4);
+        assert_eq!(backend.cache_value_bytes(), 2, "{name}: q4's default cache");
+        let dir = fixture_dir(name);
+        let f32_cache = CpuBackend::new(ComputeDtype::F32).with_cache_dtype(ComputeDtype::F32);
+        let options = dsv2_model::LoadOptions {
+            quantize: Some(QuantFormat::Q4),
+        };
+        let config = ModelConfig::from_file(&dir.join("config.json")).unwrap();
+        let checkpoint = Checkpoint::open(&dir).unwrap();
+        let f32_model = Model::load_with(&f32_cache, config, &checkpoint, &options).unwrap();
+        assert_eq!(f32_cache.cache_value_bytes(), 4);
+        let with_bf16 = prompt_errors("q4 bf16 cache ", name, &backend, &model);
+        let with_f32 = prompt_errors("q4 f32 cache ", name, &f32_cache, &f32_model);
+        for (i, (a, b)) in with_bf16.iter().zip(&with_f32).enumerate() {
+            assert!(
+                (a.0 - b.0).abs() <= 1e-3,
+                "{name} prompt {i}: q4's error {:.4e} with the bf16 cache, {:.4e} with f32",
+                a.0,
+                b.0
+            );
         }
     }
 }
