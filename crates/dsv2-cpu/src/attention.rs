@@ -8,6 +8,7 @@
 use dsv2_backend::{AttentionPath, MlaAttention, MlaDims, SeqSlice};
 
 use crate::flash::{self, CacheElem};
+use crate::flash_bf16;
 use crate::kernels::{gemm_f32, round_bf16, MatRef, SyncPtr};
 use crate::matmul::KindOf;
 use crate::mla::{
@@ -391,18 +392,31 @@ fn attend_one_pass<E: KindOf + CacheElem>(
     let groups = flash::groups(h);
     let splits = (2 * team::threads()).div_ceil(total).clamp(1, groups);
     let split_groups = |s: usize| s * groups / splits..(s + 1) * groups / splits;
-    // Each token's query with its heads in vector lanes, a group at a time.
+    // Over a bf16 cache on a CPU with AVX-512 BF16 the attention runs in bf16 arithmetic
+    // (`flash_bf16`: the query and probabilities rounded to bf16 as the cache is).
+    let bf16_math = E::BF16 && flash_bf16::available();
+    // Each token's query with its heads in vector lanes, a group at a time (in bf16
+    // pairs for the bf16 arithmetic).
     let q_len = flash::query_len(h, w);
-    let group_q = w * flash::GROUP;
-    let mut qt = take::<f32>(n_tok * q_len);
-    team::for_each_chunk_mut(&mut qt, group_q, |i, dst| {
-        let (k, g) = (i / groups, i % groups);
-        flash::transpose_group(&q_cat[k * h * w..][..h * w], h, w, g, dst)
-    });
+    let q16_len = flash_bf16::query_len(h, w);
+    let mut qt = take::<f32>(if bf16_math { 0 } else { n_tok * q_len });
+    let mut qt16 = take::<u32>(if bf16_math { n_tok * q16_len } else { 0 });
+    if bf16_math {
+        let group_q = flash_bf16::pairs(w) * flash::GROUP;
+        team::for_each_chunk_mut(&mut qt16, group_q, |i, dst| {
+            let (k, g) = (i / groups, i % groups);
+            flash_bf16::transpose_group(&q_cat[k * h * w..][..h * w], h, w, g, dst)
+        });
+    } else {
+        team::for_each_chunk_mut(&mut qt, w * flash::GROUP, |i, dst| {
+            let (k, g) = (i / groups, i % groups);
+            flash::transpose_group(&q_cat[k * h * w..][..h * w], h, w, g, dst)
+        });
+    }
     let (state_len, group_state) = (flash::state_len(h, c), flash::group_state_len(c));
     let mut states = take::<f32>(total * state_len);
     let states_ptr = SyncPtr(states.as_mut_ptr());
-    let qt: &[f32] = &qt;
+    let (qt, qt16): (&[f32], &[u32]) = (&qt, &qt16);
     team::for_each(total * splits, |i| {
         let (task, part) = (i / splits, i % splits);
         let groups = split_groups(part);
@@ -422,7 +436,11 @@ fn attend_one_pass<E: KindOf + CacheElem>(
         let first = (task - task_at[k] as usize) * per * flash::CHUNK_ROWS;
         let end = (first + per * flash::CHUNK_ROWS).min(visible);
         flash::reset_state(state, c);
-        let mut scratch = take::<f32>(flash::scratch_len(h));
+        let mut scratch = take::<f32>(if bf16_math {
+            flash_bf16::scratch_len(h)
+        } else {
+            flash::scratch_len(h)
+        });
         for s0 in (first..end).step_by(flash::CHUNK_ROWS) {
             let n = (end - s0).min(flash::CHUNK_ROWS);
             let cached = |j: usize| &cache.row(slot(seq, bs, s0 + j))[..w];
@@ -444,15 +462,30 @@ fn attend_one_pass<E: KindOf + CacheElem>(
                     )
                 };
             }
-            flash::fold_chunk(
-                shape,
-                groups.clone(),
-                &qt[k * q_len..][..q_len],
-                &rows[..n],
-                &next[..next_n],
-                state,
-                &mut scratch,
-            );
+            if bf16_math {
+                // SAFETY: E is bf16 (E::BF16), so each row is a slice of bf16 values.
+                let rows =
+                    unsafe { std::slice::from_raw_parts(rows.as_ptr() as *const &[half::bf16], n) };
+                flash_bf16::fold_chunk(
+                    shape,
+                    groups.clone(),
+                    &qt16[k * q16_len..][..q16_len],
+                    rows,
+                    &next[..next_n],
+                    state,
+                    &mut scratch,
+                );
+            } else {
+                flash::fold_chunk(
+                    shape,
+                    groups.clone(),
+                    &qt[k * q_len..][..q_len],
+                    &rows[..n],
+                    &next[..next_n],
+                    state,
+                    &mut scratch,
+                );
+            }
         }
     });
     let states: &[f32] = &states;

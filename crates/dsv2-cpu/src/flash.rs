@@ -1081,8 +1081,8 @@ mod cache_timing {
     use half::bf16;
 
     /// Multiply-adds per second of two threads folding 8 × 4096 V2-Lite positions that
-    /// come from memory (the cache of batch 8 at a 4K context, one layer), f32 rows
-    /// against bf16 rows, alternating, median of 8 rounds
+    /// come from memory (the cache of batch 8 at a 4K context, one layer): f32 rows, bf16
+    /// rows, and bf16 rows in bf16 arithmetic (`flash_bf16`), alternating, median of 8 rounds
     /// (`cargo test --release -p dsv2-cpu --lib flash_cache_timing -- --ignored --nocapture`).
     #[test]
     #[ignore]
@@ -1122,17 +1122,42 @@ mod cache_timing {
                 fold_chunk(shape, 0..1, qt, &rows, &next, &mut state, &mut scratch);
             }
         }
+        let mut qt16 = vec![0u32; crate::flash_bf16::query_len(h, w)];
+        crate::flash_bf16::transpose_group(&q_cat, h, w, 0, &mut qt16);
+        let run16 = |span: Range<usize>| {
+            let mut state = vec![0.0; state_len(h, c)];
+            let mut scratch = vec![0.0; crate::flash_bf16::scratch_len(h)];
+            reset_state(&mut state, c);
+            let row = |s: usize| &rows_bf16[s * w..][..w];
+            for s0 in span.clone().step_by(CHUNK_ROWS) {
+                let rows: Vec<&[bf16]> = (s0..s0 + CHUNK_ROWS).map(row).collect();
+                let next: Vec<&[u8]> = (s0 + CHUNK_ROWS..(s0 + 2 * CHUNK_ROWS).min(span.end))
+                    .map(|s| bytemuck::cast_slice(row(s)))
+                    .collect();
+                crate::flash_bf16::fold_chunk(
+                    shape,
+                    0..1,
+                    &qt16,
+                    &rows,
+                    &next,
+                    &mut state,
+                    &mut scratch,
+                );
+            }
+        };
         let halves = [0..positions / 2, positions / 2..positions];
-        let mut rates = [Vec::new(), Vec::new()];
+        let mut rates = [Vec::new(), Vec::new(), Vec::new()];
         for _ in 0..8 {
-            for (bf16_rows, rate) in rates.iter_mut().enumerate() {
+            for (variant, rate) in rates.iter_mut().enumerate() {
                 let t = std::time::Instant::now();
                 std::thread::scope(|scope| {
                     for span in &halves {
                         let qt = &qt;
-                        match bf16_rows {
+                        let run16 = &run16;
+                        match variant {
                             0 => scope.spawn(|| run(shape, qt, &rows_f32, span.clone())),
-                            _ => scope.spawn(|| run(shape, qt, &rows_bf16, span.clone())),
+                            1 => scope.spawn(|| run(shape, qt, &rows_bf16, span.clone())),
+                            _ => scope.spawn(|| run16(span.clone())),
                         };
                     }
                 });
@@ -1140,10 +1165,11 @@ mod cache_timing {
                 rate.push(macs / t.elapsed().as_secs_f64() / 1e9);
             }
         }
-        for (name, mut rate) in ["f32", "bf16"].into_iter().zip(rates) {
+        let names = ["f32 rows", "bf16 rows", "bf16 rows, bf16 arithmetic"];
+        for (name, mut rate) in names.into_iter().zip(rates) {
             rate.sort_by(f64::total_cmp);
             eprintln!(
-                "{name} rows: median {:.1} GMAC/s (best {:.1})",
+                "{name}: median {:.1} GMAC/s (best {:.1})",
                 rate[rate.len() / 2],
                 rate[rate.len() - 1]
             );

@@ -30,6 +30,7 @@ pub(crate) fn test_values(n: usize, seed: u64) -> Vec<f32> {
 pub mod bandwidth;
 mod exp;
 mod flash;
+mod flash_bf16;
 pub mod kernels;
 pub mod matmul;
 mod mla;

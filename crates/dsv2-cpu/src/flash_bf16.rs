@@ -1,0 +1,586 @@
+//! The one-pass attention of [`crate::flash`] in bf16 arithmetic, over a bf16 latent cache,
+//! on AVX-512 BF16 (`vdpbf16ps`: 32 multiply-adds of bf16 pairs into 16 f32 lanes, twice
+//! the work of an f32 fused multiply-add per instruction).
+//!
+//! A bf16 cache holds bf16 keys and latents; here the query and the probabilities are
+//! rounded to bf16 too, as FlashMLA and the reference in bf16 do (the scores, the softmax
+//! and every sum stay f32). Long-context decode is bound by this arithmetic (17,408
+//! multiply-adds per cached position and layer on V2-Lite), so halving its instructions
+//! is what makes long contexts faster.
+//!
+//! The arithmetic, per value, is one fixed sequence, written here twice: as a scalar
+//! reference ([`fold_chunk_reference`]) and in AVX-512 BF16, tested bit for bit. Its one
+//! step, `dp(acc, (a0, a1), (b0, b1))`, is the instruction's: `acc = fma(a1, b1, acc)`, then
+//! `acc = fma(a0, b0, acc)` (the products of bf16 values are exact in f32), with subnormal
+//! inputs read as 0 and a subnormal result flushed to 0 (checked against the instruction
+//! on 2 million random operands, subnormals included, on the development VM's EPYC).
+//! Rounding to bf16 is to nearest even, with subnormals flushed to 0 (the instruction's
+//! `vcvtne2ps2bf16`).
+//! - the query `q` of head `h`, position `k`, is `bf16(q)`; a score is the blocked sum of
+//!   [`crate::flash`] with each block's chain taking the positions two at a time,
+//!   `dp(part, (q_k, q_k+1), (x_k, x_k+1))` (an odd last position paired with 0);
+//! - the softmax is [`crate::flash`]'s, on f32 scores;
+//! - the weighted sum takes the chunk's rows two at a time: `acc = dp(acc, (bf16(p_j),
+//!   bf16(p_j+1)), (x_j, x_j+1))` from 0 (an odd last row paired with a zero row), then
+//!   `o' = fma(o, α, acc)`; the running sum `l` adds the f32 probabilities.
+//!
+//! The tasks and their combination are [`crate::flash`]'s. Where the CPU lacks AVX-512
+//! BF16 the attention keeps [`crate::flash`]'s f32 arithmetic over the bf16 rows, so the
+//! logits of a bf16 cache depend on whether the CPU has the instruction (as the bf16
+//! `lm_head` of a quantized model does, [`crate::bf16dot`]); on one CPU they do not
+//! depend on the batch or the thread count.
+#![cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+
+use std::ops::Range;
+
+use half::bf16;
+
+use crate::exp::exp_portable;
+use crate::flash::{group_state_len, groups, Shape, CHUNK_ROWS, GROUP};
+
+/// Positions per block of a score's dot product (as [`crate::flash`]'s, even).
+const K_BLOCK: usize = 64;
+/// Cache rows of a score tile.
+const SCORE_ROWS: usize = 8;
+/// Heads of a weighted-sum tile.
+const SUM_HEADS: usize = 8;
+/// Latent columns of a weighted-sum tile.
+const SUM_COLS: usize = 32;
+
+/// Whether this CPU runs the bf16 attention (AVX-512 F, BW and BF16, checked once).
+pub(crate) fn available() -> bool {
+    static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *AVAILABLE.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            std::is_x86_feature_detected!("avx512f")
+                && std::is_x86_feature_detected!("avx512bw")
+                && std::is_x86_feature_detected!("avx512bf16")
+                && std::env::var("DSV2_BF16_ATTENTION").map_or(true, |v| v != "0")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        false
+    })
+}
+
+/// `x` rounded to bf16 as `vcvtne2ps2bf16` does: to nearest even, subnormals to 0.
+#[inline(always)]
+pub(crate) fn round(x: f32) -> u16 {
+    let x = if x.is_subnormal() {
+        0.0f32.copysign(x)
+    } else {
+        x
+    };
+    bf16::from_f32(x).to_bits()
+}
+
+/// The f32 value of bf16 bits, subnormals read as 0.
+#[inline(always)]
+fn widen(b: u16) -> f32 {
+    let x = f32::from_bits((b as u32) << 16);
+    if x.is_subnormal() {
+        0.0f32.copysign(x)
+    } else {
+        x
+    }
+}
+
+/// One product step of `vdpbf16ps`: `fma(a, b, acc)` with subnormal inputs read as 0 and
+/// a subnormal result flushed to 0.
+#[inline(always)]
+fn step(acc: f32, a: u16, b: u16) -> f32 {
+    let acc = if acc.is_subnormal() {
+        0.0f32.copysign(acc)
+    } else {
+        acc
+    };
+    let r = widen(a).mul_add(widen(b), acc);
+    if r.is_subnormal() {
+        0.0f32.copysign(r)
+    } else {
+        r
+    }
+}
+
+/// `vdpbf16ps` on one lane: the high pair first.
+#[inline(always)]
+fn dp(acc: f32, a: u32, b: u32) -> f32 {
+    let acc = step(acc, (a >> 16) as u16, (b >> 16) as u16);
+    step(acc, a as u16, b as u16)
+}
+
+/// Two bf16 values in one 32-bit lane: `lo` in the low half.
+#[inline(always)]
+fn pair(lo: u16, hi: u16) -> u32 {
+    lo as u32 | (hi as u32) << 16
+}
+
+/// Position pairs of a query or row of `w` values.
+pub(crate) fn pairs(w: usize) -> usize {
+    w.div_ceil(2)
+}
+
+/// `u32` values of one token's query in bf16 pairs ([`transpose_group`]).
+pub(crate) fn query_len(h: usize, w: usize) -> usize {
+    groups(h) * pairs(w) * GROUP
+}
+
+/// Floats of a fold's scratch: [`crate::flash::scratch_len`]'s scores and one group's
+/// probabilities in bf16 pairs.
+pub(crate) fn scratch_len(h: usize) -> usize {
+    crate::flash::scratch_len(h) + CHUNK_ROWS / 2 * GROUP
+}
+
+/// Group `g` of a token's query (`q_cat` `[h, w]`) in lanes and bf16 pairs: `qt[k2·GROUP +
+/// lane]` holds `bf16(q[k])` (low half) and `bf16(q[k + 1])` of head `g·GROUP + lane`, `k
+/// = 2·k2` (an odd last position paired with 0; lanes past the last head 0).
+pub(crate) fn transpose_group(q_cat: &[f32], h: usize, w: usize, g: usize, qt: &mut [u32]) {
+    let dst = &mut qt[..pairs(w) * GROUP];
+    for lane in 0..GROUP {
+        let head = g * GROUP + lane;
+        for k2 in 0..pairs(w) {
+            dst[k2 * GROUP + lane] = if head < h {
+                let q = &q_cat[head * w..][..w];
+                let hi = q.get(2 * k2 + 1).map_or(0, |v| round(*v));
+                pair(round(q[2 * k2]), hi)
+            } else {
+                0
+            };
+        }
+    }
+}
+
+/// [`crate::flash::fold_chunk`] in bf16 arithmetic: `rows` are bf16 cache rows, `qt` the
+/// token's query from [`transpose_group`] (all its groups), `scratch` holds
+/// [`scratch_len`] floats.
+pub(crate) fn fold_chunk(
+    shape: Shape,
+    groups: Range<usize>,
+    qt: &[u32],
+    rows: &[&[bf16]],
+    next: &[&[u8]],
+    state: &mut [f32],
+    scratch: &mut [f32],
+) {
+    let Shape { h, c, w, .. } = shape;
+    assert!(
+        (1..=CHUNK_ROWS).contains(&rows.len())
+            && rows.iter().all(|r| r.len() >= w)
+            && c <= w
+            && qt.len() >= query_len(h, w)
+            && groups.end <= self::groups(h)
+            && state.len() >= groups.len() * group_state_len(c)
+            && scratch.len() >= scratch_len(h),
+        "flash bf16 chunk shapes"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if available() {
+        // SAFETY: the features were detected; the shapes are checked above.
+        return unsafe { x86::fold_chunk512(shape, groups, qt, rows, next, state, scratch) };
+    }
+    let _ = next;
+    fold_chunk_reference(shape, groups, qt, rows, state, scratch)
+}
+
+/// The module's arithmetic, one value at a time.
+pub(crate) fn fold_chunk_reference(
+    shape: Shape,
+    groups: Range<usize>,
+    qt: &[u32],
+    rows: &[&[bf16]],
+    state: &mut [f32],
+    scratch: &mut [f32],
+) {
+    let Shape { h, c, w, scale } = shape;
+    let n = rows.len();
+    let x = |j: usize, k: usize| rows[j].get(k).filter(|_| k < w).map_or(0, |v| v.to_bits());
+    let (p, _) = scratch.split_at_mut(crate::flash::scratch_len(h));
+    for (g, st) in groups.zip(state.chunks_exact_mut(group_state_len(c))) {
+        let heads = (h - g * GROUP).min(GROUP);
+        let q = &qt[g * pairs(w) * GROUP..][..pairs(w) * GROUP];
+        let p = &mut p[g * CHUNK_ROWS * GROUP..][..n * GROUP];
+        for j in 0..n {
+            for lane in 0..GROUP {
+                let mut acc = 0.0f32;
+                for k0 in (0..w).step_by(K_BLOCK) {
+                    let mut part = 0.0f32;
+                    for k in (k0..(k0 + K_BLOCK).min(w)).step_by(2) {
+                        part = dp(part, q[k / 2 * GROUP + lane], pair(x(j, k), x(j, k + 1)));
+                    }
+                    acc += part;
+                }
+                p[j * GROUP + lane] = acc * scale;
+            }
+        }
+        let (ml, o) = st.split_at_mut(2 * GROUP);
+        let m: [f32; GROUP] = ml[..GROUP].try_into().expect("lanes");
+        let l: [f32; GROUP] = ml[GROUP..].try_into().expect("lanes");
+        let mut mx = m;
+        for row in p.chunks_exact(GROUP) {
+            for lane in 0..GROUP {
+                if row[lane] > mx[lane] {
+                    mx[lane] = row[lane];
+                }
+            }
+        }
+        let alpha: [f32; GROUP] = std::array::from_fn(|lane| exp_portable(m[lane] - mx[lane]));
+        let mut sum = [0.0f32; GROUP];
+        for row in p.chunks_exact_mut(GROUP) {
+            for lane in 0..GROUP {
+                row[lane] = exp_portable(row[lane] - mx[lane]);
+                sum[lane] += row[lane];
+            }
+        }
+        for lane in 0..GROUP {
+            ml[lane] = mx[lane];
+            ml[GROUP + lane] = l[lane].mul_add(alpha[lane], sum[lane]);
+        }
+        let pb = |j: usize, head: usize| if j < n { round(p[j * GROUP + head]) } else { 0 };
+        for head in 0..heads {
+            for col in 0..c {
+                let mut acc = 0.0f32;
+                for j in (0..n).step_by(2) {
+                    acc = dp(
+                        acc,
+                        pair(pb(j, head), pb(j + 1, head)),
+                        pair(x(j, col), if j + 1 < n { x(j + 1, col) } else { 0 }),
+                    );
+                }
+                let dst = &mut o[head * c + col];
+                *dst = dst.mul_add(alpha[head], acc);
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{dp, group_state_len, pair, pairs, Range, Shape, CHUNK_ROWS, GROUP, K_BLOCK};
+    use super::{SCORE_ROWS, SUM_COLS, SUM_HEADS};
+    use crate::exp::x86::exp512;
+    use half::bf16;
+    use std::arch::x86_64::*;
+
+    /// 32 bf16 values as the bf16 vector type of `vdpbf16ps`.
+    #[inline(always)]
+    fn bh(v: __m512i) -> __m512bh {
+        // SAFETY: both are 64 bytes of plain bits.
+        unsafe { std::mem::transmute::<__m512i, __m512bh>(v) }
+    }
+
+    /// The bits of a bf16 vector.
+    #[inline(always)]
+    fn bits(v: __m512bh) -> __m512i {
+        // SAFETY: both are 64 bytes of plain bits.
+        unsafe { std::mem::transmute::<__m512bh, __m512i>(v) }
+    }
+
+    /// The columns of a weighted-sum tile's two accumulators, back in order: the
+    /// interleave of two rows (`vpunpck[lh]wd`) leaves columns 0-3, 8-11, 16-19, 24-27 in
+    /// the first and 4-7, … in the second.
+    #[inline(always)]
+    unsafe fn in_order(lo: __m512, hi: __m512) -> [__m512; 2] {
+        let index = |base: usize| {
+            let idx: [i32; 16] = std::array::from_fn(|i| {
+                let col = base + i;
+                let at = (col / 8 * 4 + col % 4) as i32;
+                if col % 8 < 4 {
+                    at
+                } else {
+                    16 + at
+                }
+            });
+            // SAFETY: 16 i32 values.
+            unsafe { _mm512_loadu_si512(idx.as_ptr() as *const _) }
+        };
+        [
+            _mm512_permutex2var_ps(lo, index(0), hi),
+            _mm512_permutex2var_ps(lo, index(16), hi),
+        ]
+    }
+
+    /// [`fold_chunk_reference`] on AVX-512 BF16: score tiles of 8 rows × 16 heads, two
+    /// positions per `vdpbf16ps`; weighted-sum tiles of 8 heads × 32 columns, two rows
+    /// per `vdpbf16ps`.
+    ///
+    /// # Safety
+    /// AVX-512 F/BW/BF16; the shapes checked by [`fold_chunk`].
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16,avx512vl,fma")]
+    pub(super) unsafe fn fold_chunk512(
+        shape: Shape,
+        groups: Range<usize>,
+        qt: &[u32],
+        rows: &[&[bf16]],
+        next: &[&[u8]],
+        state: &mut [f32],
+        scratch: &mut [f32],
+    ) {
+        let Shape { h, c, w, scale } = shape;
+        let n = rows.len();
+        let gs = group_state_len(c);
+        let wp = pairs(w);
+        let (p_all, pp) = scratch.split_at_mut(crate::flash::scratch_len(h));
+        let pp = pp.as_mut_ptr() as *mut u32;
+        // A row's bf16 pair at position k (an odd last position paired with 0).
+        let x_pair = |row: *const u16, k: usize| -> i32 {
+            // SAFETY: k < w; k + 1 < w when read.
+            unsafe {
+                if k + 1 < w {
+                    (row.add(k) as *const i32).read_unaligned()
+                } else {
+                    *row.add(k) as i32
+                }
+            }
+        };
+        // SAFETY (all loads and stores below): rows hold ≥ w values (checked), `qt` a
+        // group's wp × 16 pairs, `p_all` the group's n × 16 scores, `pp` 32 × 16 pairs,
+        // `st` the group's state.
+        unsafe {
+            for (gi, g) in groups.enumerate() {
+                let st = state[gi * gs..][..gs].as_mut_ptr();
+                let heads = (h - g * GROUP).min(GROUP);
+                let q = qt[g * wp * GROUP..][..wp * GROUP].as_ptr();
+                let pg = p_all[g * CHUNK_ROWS * GROUP..][..n * GROUP].as_mut_ptr();
+                for j0 in (0..n).step_by(SCORE_ROWS) {
+                    let nr = (n - j0).min(SCORE_ROWS);
+                    let rr: [*const u16; SCORE_ROWS] =
+                        std::array::from_fn(|j| rows[j0 + j.min(nr - 1)].as_ptr() as *const u16);
+                    // The same slots of the next chunk, during the first group only.
+                    let ahead: &[&[u8]] = if gi == 0 && j0 < next.len() {
+                        &next[j0..(j0 + SCORE_ROWS).min(next.len())]
+                    } else {
+                        &[]
+                    };
+                    let mut acc = [_mm512_setzero_ps(); SCORE_ROWS];
+                    for k0 in (0..w).step_by(K_BLOCK) {
+                        let k1 = (k0 + K_BLOCK).min(w);
+                        let mut part = [_mm512_setzero_ps(); SCORE_ROWS];
+                        for k in (k0..k1).step_by(2) {
+                            if k % 32 == 0 {
+                                for row in ahead {
+                                    if k * 2 < row.len() {
+                                        _mm_prefetch::<_MM_HINT_T0>(
+                                            row.as_ptr().add(k * 2) as *const i8
+                                        );
+                                    }
+                                }
+                            }
+                            let qv = bh(_mm512_loadu_si512(q.add(k / 2 * GROUP) as *const _));
+                            for j in 0..SCORE_ROWS {
+                                let xv = bh(_mm512_set1_epi32(x_pair(rr[j], k)));
+                                part[j] = _mm512_dpbf16_ps(part[j], qv, xv);
+                            }
+                        }
+                        for j in 0..SCORE_ROWS {
+                            acc[j] = _mm512_add_ps(acc[j], part[j]);
+                        }
+                    }
+                    let sv = _mm512_set1_ps(scale);
+                    for (j, a) in acc.iter().enumerate().take(nr) {
+                        _mm512_storeu_ps(pg.add((j0 + j) * GROUP), _mm512_mul_ps(*a, sv));
+                    }
+                }
+                // The running max and sum of the group's lanes (as crate::flash).
+                let m = _mm512_loadu_ps(st);
+                let l = _mm512_loadu_ps(st.add(GROUP));
+                let mut mx = m;
+                for j in 0..n {
+                    let row = _mm512_loadu_ps(pg.add(j * GROUP));
+                    let gt = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(row, mx);
+                    mx = _mm512_mask_blend_ps(gt, mx, row);
+                }
+                let alpha = exp512(_mm512_sub_ps(m, mx));
+                let mut sum = _mm512_setzero_ps();
+                for j in 0..n {
+                    let e = exp512(_mm512_sub_ps(_mm512_loadu_ps(pg.add(j * GROUP)), mx));
+                    _mm512_storeu_ps(pg.add(j * GROUP), e);
+                    sum = _mm512_add_ps(sum, e);
+                }
+                _mm512_storeu_ps(st, mx);
+                _mm512_storeu_ps(st.add(GROUP), _mm512_fmadd_ps(l, alpha, sum));
+                let mut alphas = [0.0f32; GROUP];
+                _mm512_storeu_ps(alphas.as_mut_ptr(), alpha);
+                // The probabilities in bf16 pairs of rows: pp[j2·16 + lane] = (p[2·j2],
+                // p[2·j2 + 1]) of the lane (an odd last row paired with 0).
+                let interleave = {
+                    let idx: [i16; 32] = std::array::from_fn(|i| (i / 2 + 16 * (i % 2)) as i16);
+                    _mm512_loadu_si512(idx.as_ptr() as *const _)
+                };
+                for j2 in 0..n.div_ceil(2) {
+                    let p0 = _mm512_loadu_ps(pg.add(2 * j2 * GROUP));
+                    let p1 = if 2 * j2 + 1 < n {
+                        _mm512_loadu_ps(pg.add((2 * j2 + 1) * GROUP))
+                    } else {
+                        _mm512_setzero_ps()
+                    };
+                    // Low 16 values p0's, high 16 p1's; then interleaved per lane.
+                    let b = bits(_mm512_cvtne2ps_pbh(p1, p0));
+                    let v = _mm512_permutexvar_epi16(interleave, b);
+                    _mm512_storeu_si512(pp.add(j2 * GROUP) as *mut _, v);
+                }
+                let o = st.add(2 * GROUP);
+                let zero = _mm512_setzero_si512();
+                for h0 in (0..heads).step_by(SUM_HEADS) {
+                    let nh = (heads - h0).min(SUM_HEADS);
+                    let mut c0 = 0;
+                    while c0 + SUM_COLS <= c {
+                        let mut acc = [[_mm512_setzero_ps(); 2]; SUM_HEADS];
+                        for j in (0..n).step_by(2) {
+                            let r0 = _mm512_loadu_si512(rows[j].as_ptr().add(c0) as *const _);
+                            let r1 = if j + 1 < n {
+                                _mm512_loadu_si512(rows[j + 1].as_ptr().add(c0) as *const _)
+                            } else {
+                                zero
+                            };
+                            let lo = bh(_mm512_unpacklo_epi16(r0, r1));
+                            let hi = bh(_mm512_unpackhi_epi16(r0, r1));
+                            for (a, acc) in acc.iter_mut().enumerate() {
+                                // Heads past the group's last read its padding lanes.
+                                let pv =
+                                    bh(_mm512_set1_epi32(*pp.add(j / 2 * GROUP + h0 + a) as i32));
+                                acc[0] = _mm512_dpbf16_ps(acc[0], pv, lo);
+                                acc[1] = _mm512_dpbf16_ps(acc[1], pv, hi);
+                            }
+                        }
+                        for (a, acc) in acc.iter().enumerate().take(nh) {
+                            let head = h0 + a;
+                            let av = _mm512_set1_ps(alphas[head]);
+                            for (half, v) in in_order(acc[0], acc[1]).iter().enumerate() {
+                                let dst = o.add(head * c + c0 + 16 * half);
+                                _mm512_storeu_ps(
+                                    dst,
+                                    _mm512_fmadd_ps(_mm512_loadu_ps(dst), av, *v),
+                                );
+                            }
+                        }
+                        c0 += SUM_COLS;
+                    }
+                    // Columns past the last full tile, one at a time.
+                    let x = |j: usize, col: usize| rows.get(j).map_or(0, |r| r[col].to_bits());
+                    for col in c0..c {
+                        for (head, alpha) in alphas.iter().enumerate().skip(h0).take(nh) {
+                            let mut acc = 0.0f32;
+                            for j in (0..n).step_by(2) {
+                                let p = *pp.add(j / 2 * GROUP + head);
+                                acc = dp(acc, p, pair(x(j, col), x(j + 1, col)));
+                            }
+                            let dst = &mut *o.add(head * c + col);
+                            *dst = dst.mul_add(*alpha, acc);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::flash::{reset_state, state_len};
+    use crate::test_values;
+
+    /// A fold of one chunk: query pairs, rows, state, scratch.
+    type Fold<'a> = &'a dyn Fn(&[u32], &[&[bf16]], &mut [f32], &mut [f32]);
+
+    /// One token's chunks folded by `fold` (task 0 of all positions, all groups).
+    fn fold_all(shape: Shape, q_cat: &[f32], rows: &[Vec<bf16>], fold: Fold<'_>) -> Vec<f32> {
+        let Shape { h, c, w, .. } = shape;
+        let mut qt = vec![0u32; query_len(h, w)];
+        for g in 0..groups(h) {
+            transpose_group(q_cat, h, w, g, &mut qt[g * pairs(w) * GROUP..]);
+        }
+        let mut state = vec![0.0; state_len(h, c)];
+        reset_state(&mut state, c);
+        let mut scratch = vec![0.0; scratch_len(h)];
+        for chunk in rows.chunks(CHUNK_ROWS) {
+            let refs: Vec<&[bf16]> = chunk.iter().map(|r| r.as_slice()).collect();
+            fold(&qt, &refs, &mut state, &mut scratch);
+        }
+        state
+    }
+
+    /// The AVX-512 BF16 kernel against the scalar reference, bit for bit, on V2-Lite's
+    /// shape and ragged ones (odd widths and row counts, heads past a group, columns
+    /// past a tile), with some subnormal cache values.
+    #[test]
+    fn the_bf16_kernel_matches_the_reference_bit_for_bit() {
+        if !available() {
+            eprintln!("skipped: no AVX-512 BF16 here");
+            return;
+        }
+        for (h, c, dr, positions) in [
+            (16, 512, 64, vec![1, 7, 64, 65, 300]),
+            (4, 32, 16, vec![1, 3, 129]),
+            (21, 72, 9, vec![5, 200]),
+            (40, 64, 16, vec![3, 130]),
+        ] {
+            let w = c + dr;
+            let shape = Shape {
+                h,
+                c,
+                w,
+                scale: 1.0 / (w as f32).sqrt(),
+            };
+            for n in positions {
+                let q_cat: Vec<f32> = test_values(h * w, (h * n) as u64)
+                    .into_iter()
+                    .map(|v| 3.0 * v)
+                    .collect();
+                let rows: Vec<Vec<bf16>> = (0..n)
+                    .map(|s| {
+                        test_values(w + 3, (1000 + s) as u64)
+                            .into_iter()
+                            .enumerate()
+                            .map(|(i, v)| bf16::from_f32(if i % 97 == 5 { v * 1e-39 } else { v }))
+                            .collect()
+                    })
+                    .collect();
+                let groups = 0..groups(h);
+                let want = fold_all(shape, &q_cat, &rows, &|qt, r, st, sc| {
+                    fold_chunk_reference(shape, groups.clone(), qt, r, st, sc)
+                });
+                let got = fold_all(shape, &q_cat, &rows, &|qt, r, st, sc| {
+                    fold_chunk(shape, groups.clone(), qt, r, &[], st, sc)
+                });
+                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&got), bits(&want), "h {h} c {c} w {w} n {n}");
+            }
+        }
+    }
+
+    /// The arithmetic's step is the instruction's (both orders of the pair differ from
+    /// it on some operands; the reference's does not on any).
+    #[test]
+    fn the_reference_step_is_vdpbf16ps() {
+        if !available() {
+            eprintln!("skipped: no AVX-512 BF16 here");
+            return;
+        }
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::x86_64::*;
+            #[target_feature(enable = "avx512f,avx512bf16")]
+            unsafe fn hardware(acc: f32, a: u32, b: u32) -> f32 {
+                let bh =
+                    |v: u32| std::mem::transmute::<__m512i, __m512bh>(_mm512_set1_epi32(v as i32));
+                let r = _mm512_dpbf16_ps(_mm512_set1_ps(acc), bh(a), bh(b));
+                _mm_cvtss_f32(_mm512_castps512_ps128(r))
+            }
+            let v = test_values(400_000, 7);
+            for (i, c) in v.chunks_exact(5).enumerate() {
+                // Magnitudes from 2^-140 to 2^30: subnormal operands and results too.
+                let scale = |t: f32| 2f32.powi(((t.abs() * 1e4) as i32 % 170) - 140);
+                let b = |x: f32, t: f32| round(x * scale(t));
+                let (a, bb) = (
+                    pair(b(c[0], c[1]), b(c[1], c[2])),
+                    pair(b(c[2], c[3]), b(c[3], c[4])),
+                );
+                let acc = c[4] * scale(c[0]);
+                // SAFETY: the CPU has AVX-512 BF16 (checked).
+                let hw = unsafe { hardware(acc, a, bb) };
+                assert_eq!(hw.to_bits(), dp(acc, a, bb).to_bits(), "case {i}");
+            }
+        }
+    }
+}
