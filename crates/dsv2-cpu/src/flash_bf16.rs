@@ -551,36 +551,33 @@ mod tests {
 
     /// The arithmetic's step is the instruction's (both orders of the pair differ from
     /// it on some operands; the reference's does not on any).
+    #[cfg(target_arch = "x86_64")]
     #[test]
     fn the_reference_step_is_vdpbf16ps() {
         if !available() {
             eprintln!("skipped: no AVX-512 BF16 here");
             return;
         }
-        #[cfg(target_arch = "x86_64")]
-        {
-            use std::arch::x86_64::*;
-            #[target_feature(enable = "avx512f,avx512bf16")]
-            unsafe fn hardware(acc: f32, a: u32, b: u32) -> f32 {
-                let bh =
-                    |v: u32| std::mem::transmute::<__m512i, __m512bh>(_mm512_set1_epi32(v as i32));
-                let r = _mm512_dpbf16_ps(_mm512_set1_ps(acc), bh(a), bh(b));
-                _mm_cvtss_f32(_mm512_castps512_ps128(r))
-            }
-            let v = test_values(400_000, 7);
-            for (i, c) in v.chunks_exact(5).enumerate() {
-                // Magnitudes from 2^-140 to 2^30: subnormal operands and results too.
-                let scale = |t: f32| 2f32.powi(((t.abs() * 1e4) as i32 % 170) - 140);
-                let b = |x: f32, t: f32| round(x * scale(t));
-                let (a, bb) = (
-                    pair(b(c[0], c[1]), b(c[1], c[2])),
-                    pair(b(c[2], c[3]), b(c[3], c[4])),
-                );
-                let acc = c[4] * scale(c[0]);
-                // SAFETY: the CPU has AVX-512 BF16 (checked).
-                let hw = unsafe { hardware(acc, a, bb) };
-                assert_eq!(hw.to_bits(), dp(acc, a, bb).to_bits(), "case {i}");
-            }
+        use std::arch::x86_64::*;
+        #[target_feature(enable = "avx512f,avx512bf16")]
+        unsafe fn hardware(acc: f32, a: u32, b: u32) -> f32 {
+            let bh = |v: u32| std::mem::transmute::<__m512i, __m512bh>(_mm512_set1_epi32(v as i32));
+            let r = _mm512_dpbf16_ps(_mm512_set1_ps(acc), bh(a), bh(b));
+            _mm_cvtss_f32(_mm512_castps512_ps128(r))
+        }
+        let v = test_values(400_000, 7);
+        for (i, c) in v.chunks_exact(5).enumerate() {
+            // Magnitudes from 2^-140 to 2^30: subnormal operands and results too.
+            let scale = |t: f32| 2f32.powi(((t.abs() * 1e4) as i32 % 170) - 140);
+            let b = |x: f32, t: f32| round(x * scale(t));
+            let (a, bb) = (
+                pair(b(c[0], c[1]), b(c[1], c[2])),
+                pair(b(c[2], c[3]), b(c[3], c[4])),
+            );
+            let acc = c[4] * scale(c[0]);
+            // SAFETY: the CPU has AVX-512 BF16 (checked).
+            let hw = unsafe { hardware(acc, a, bb) };
+            assert_eq!(hw.to_bits(), dp(acc, a, bb).to_bits(), "case {i}");
         }
     }
 }
