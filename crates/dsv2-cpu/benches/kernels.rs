@@ -43,6 +43,7 @@ fn view(q: &QuantizedTensor) -> QMatrix<'_> {
         cols: q.cols,
         q: q.qweight_bytes(),
         scales: q.scales(),
+        terms: dsv2_cpu::qmatmul::activation_terms(q.format, q.format),
     }
 }
 

@@ -52,6 +52,7 @@ fn main() {
                 cols: k,
                 q: &buf[o..o + ql],
                 scales: s,
+                terms: dsv2_cpu::qmatmul::activation_terms(format, format),
             }
         }
         let x: Vec<f32> = (0..k).map(|j| ((j % 13) as f32 - 6.0) * 0.1).collect();

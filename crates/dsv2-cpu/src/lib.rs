@@ -110,20 +110,23 @@ impl CpuWeight {
     }
 
     /// The quantized planes, when this weight is quantized.
-    pub(crate) fn qmatrix(&self) -> Option<qmatmul::QMatrix<'_>> {
+    /// The quantized planes as a product's operand, read with the activation terms the
+    /// backend's model takes ([`CpuBackend::routed_format`]).
+    pub(crate) fn qmatrix(&self, be: &CpuBackend) -> Option<qmatmul::QMatrix<'_>> {
         self.quant.as_ref().map(|q| qmatmul::QMatrix {
             format: q.format,
             rows: q.rows,
             cols: q.cols,
             q: q.qweight_bytes(),
             scales: q.scales(),
+            terms: qmatmul::activation_terms(q.format, be.routed_format()),
         })
     }
 
     /// `y[m, rows] = x[m, cols] · selfᵀ`. A bf16 weight under bf16 compute runs on
     /// `vdpbf16ps` where the CPU has AVX-512 BF16 ([`bf16dot`]).
     pub(crate) fn matmul(&self, be: &CpuBackend, x: &[f32], m: usize, y: &mut [f32]) {
-        if let Some(q) = self.qmatrix() {
+        if let Some(q) = self.qmatrix(be) {
             return qmatmul::qmatmul(x, m, q, y);
         }
         match self.data() {
@@ -314,10 +317,22 @@ impl CpuBackend {
         self
     }
 
+    /// The format of the model's routed experts as far as the weights tell: q4 once a q4
+    /// weight is loaded, else q8 (it sets the activation terms of q8 products,
+    /// [`qmatmul::activation_terms`]; products run after the load).
+    pub fn routed_format(&self) -> dsv2_core::QuantFormat {
+        if self.q4_weights.load(std::sync::atomic::Ordering::Relaxed) {
+            dsv2_core::QuantFormat::Q4
+        } else {
+            dsv2_core::QuantFormat::Q8
+        }
+    }
+
     /// What the latent cache stores: the dtype [`CpuBackend::with_cache_dtype`] set, else
     /// the compute dtype (as on the GPU), except bf16 once the model has q4 weights: there
-    /// the cache's rounding changes the fixtures' logits by ≤ 5e-4 against q4's own
-    /// 2e-2..1e-1 (`crates/dsv2-engine/tests/fixtures.rs`), for half the cache's memory
+    /// the cache's rounding moves q4's error against the reference by ≤ 8e-4 (5e-3 on one
+    /// prompt whose routing flips) next to q4's own 2e-2..1e-1
+    /// (`crates/dsv2-engine/tests/fixtures.rs`), for half the cache's memory
     /// and a faster long-context decode. (Under q8 it took one trained fixture past
     /// issue #5's 1e-2, so q8 keeps the compute dtype.) Caches are allocated after the
     /// weights are loaded, so the choice is settled by then.
@@ -554,7 +569,7 @@ impl Backend for CpuBackend {
         w_b: &CpuWeight,
         out_b: &mut Vec<f32>,
     ) -> Result<()> {
-        match (w_a.qmatrix(), w_b.qmatrix()) {
+        match (w_a.qmatrix(self), w_b.qmatrix(self)) {
             (Some(a), Some(b)) if a.cols == b.cols => {
                 if !moe::few_rows_pair(x, rows, a, out_a, b, out_b) {
                     qmatmul::qmatmul_pair(x, rows, a, out_a, b, out_b);

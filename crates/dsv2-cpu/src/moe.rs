@@ -32,7 +32,7 @@ pub(crate) fn mlp_rows(
     let inter = mlp.gate_proj.rows();
     let mut gate = take::<f32>(rows * inter);
     let mut up = take::<f32>(rows * inter);
-    match (mlp.gate_proj.qmatrix(), mlp.up_proj.qmatrix()) {
+    match (mlp.gate_proj.qmatrix(be), mlp.up_proj.qmatrix(be)) {
         // Quantized: `x` quantized once for both (bit-identical to two products).
         (Some(g), Some(u)) => qmatmul_pair(x, rows, g, &mut gate, u, &mut up),
         _ => {
@@ -170,11 +170,11 @@ thread_local! {
 /// and layer; each loop has a fixed cost (starting the other threads, waiting for the
 /// slowest task), so fewer, larger loops spend more of the step streaming weights.
 /// Returns false (having done nothing) when a weight is not quantized.
-fn few_tokens_quantized(
+fn few_tokens_quantized<'a>(
     be: &CpuBackend,
     x: &[f32],
     rows: usize,
-    moe: &MoeWeights<CpuWeight>,
+    moe: &'a MoeWeights<CpuWeight>,
     ids: &[u32],
     weights: &[f32],
     out: &mut [f32],
@@ -199,9 +199,9 @@ fn few_tokens_quantized(
     };
     if (0..count).any(|i| {
         let m = mlp(i);
-        m.gate_proj.qmatrix().is_none()
-            || m.up_proj.qmatrix().is_none()
-            || m.down_proj.qmatrix().is_none()
+        m.gate_proj.qmatrix(be).is_none()
+            || m.up_proj.qmatrix(be).is_none()
+            || m.down_proj.qmatrix(be).is_none()
     }) {
         return false;
     }
@@ -283,9 +283,8 @@ fn few_tokens_quantized(
     }
     let mut hidden = take::<f32>(hidden_at[2 * count] as usize);
     let base = SyncPtr(hidden.as_mut_ptr());
-    fn quantized(w: &CpuWeight) -> QMatrix<'_> {
-        w.qmatrix().expect("quantized (checked)")
-    }
+    let quantized =
+        |w: &'a CpuWeight| -> QMatrix<'a> { w.qmatrix(be).expect("quantized (checked)") };
     // SwiGLU of each MLP, then its hidden rows quantized for its down projection into
     // acts[i], by the thread that finishes the MLP's last gate/up task (while the other
     // threads stream the next MLPs' weights).

@@ -11,12 +11,14 @@
 //! llama.cpp's `q8_0`), and so is what that rounding left over: each row becomes
 //! `TERMS` = 2 int8 rows whose sum carries ~15 bits, for twice the integer
 //! multiply-adds and the same weight reads (one term alone added as much logit error as
-//! the int8 weights). The block sums `Σq` are precomputed. `vpdpbusd` multiplies an
+//! the int8 weights). A product reads both terms, or only the first
+//! ([`QMatrix::terms`]: q4 matrices, and every matrix of a model with q4 routed experts,
+//! [`activation_terms`]). The block sums `Σq` are precomputed. `vpdpbusd` multiplies an
 //! unsigned by a signed byte, so q8 weights are biased to `q + 128` in the register and
 //! q4 codes are used as they are (`code = q + 8`); the bias times `Σq` is subtracted.
 //!
 //! **Numerics (the contract every instruction path keeps):** for output `(i, r)` and each
-//! term `t` of row `i`, `acc_t = 0`, then for each block `b` in order:
+//! term `t` of row `i` the product reads, `acc_t = 0`, then for each block `b` in order:
 //! `acc_t = fma(f32(s_b), dw_b · dx_b, acc_t)` where `s_b = Σ q·x` over the block is an
 //! exact integer (however it is computed), `dw_b` the weight scale (f16 widened exactly),
 //! `dx_b` the term's activation scale, `dw_b · dx_b` one f32 product and `fma` one fused
@@ -60,6 +62,8 @@ pub struct QMatrix<'a> {
     pub q: &'a [u8],
     /// The `rows · cols/32` block scales, interleaved per tile.
     pub scales: &'a [f16],
+    /// Activation terms the product reads ([`activation_terms`]): 2 or 1 for q8, 1 for q4.
+    pub terms: usize,
 }
 
 impl QMatrix<'_> {
@@ -71,6 +75,12 @@ impl QMatrix<'_> {
         );
         assert!(self.q.len() >= self.rows * self.format.row_bytes(self.cols));
         assert!(self.scales.len() >= self.rows * self.cols / BLOCK);
+        assert!(
+            self.terms == 1 || (self.terms == TERMS && self.format == QuantFormat::Q8),
+            "{} activation terms for {} weights",
+            self.terms,
+            self.format.name()
+        );
     }
 
     fn tiles(&self) -> usize {
@@ -108,13 +118,18 @@ pub(crate) const TERMS: usize = 2;
 // `Job::run` sums a row's terms as exactly two.
 const _: () = assert!(TERMS == 2);
 
-/// The terms a product with weights of `format` uses: q8 both; q4 the first (its 4-bit
-/// weights' error is ~5× the activations' rounding, which then moves the logits by ~5%,
-/// while a second term would slow a prefill by about a third, as it does q8's).
-fn terms_of(format: QuantFormat) -> usize {
-    match format {
-        QuantFormat::Q8 => TERMS,
-        QuantFormat::Q4 => 1,
+/// The terms a product with weights of `format` reads in a model whose routed experts
+/// are `experts` (q8 or q4): q8 matrices of a q8 model both; q4 matrices the first (their
+/// 4-bit weights' error is ~5× the activations' rounding, which then moves the logits by
+/// ~5%, while a second term would slow a prefill by about a third, as it does q8's); and
+/// so the q8 matrices of a q4 model (attention, shared experts, the dense MLP, `lm_head`):
+/// next to the routed experts' 4-bit error their one term moves q4's logit error by
+/// ~1e-3 relative (2.60 → 2.69e-2 on `lite`, `tools/fixtures/quant_error.py`), and their
+/// integer work halves.
+pub fn activation_terms(format: QuantFormat, experts: QuantFormat) -> usize {
+    match (format, experts) {
+        (QuantFormat::Q8, QuantFormat::Q8) => TERMS,
+        _ => 1,
     }
 }
 
@@ -645,7 +660,7 @@ impl<'a> Job<'a> {
         // The kernels see each row's terms as rows of their own (`mr` is a multiple of
         // `terms`, so a register tile holds all terms of its rows); they are added here.
         let q4 = self.w.format == QuantFormat::Q4;
-        let terms = terms_of(self.w.format);
+        let terms = self.w.terms;
         let (mr_max, nc_max) = self.shape(terms * act_rows.len());
         debug_assert!(mr_max.is_multiple_of(terms));
         let mut out = [0.0f32; OUT_LEN];
@@ -677,7 +692,7 @@ impl<'a> Job<'a> {
                 let mr = mr_max.min(terms * act_rows.end - i0);
                 // SAFETY: the tile pointers hold full 16-row tiles of `cols` columns and
                 // `acts` holds rows i0..i0 + mr of `cols` (checked by the callers).
-                unsafe { self.kernel(q4, mr, nc, i0, wq, ws, &mut out) };
+                unsafe { self.kernel(q4, mr, nc, i0, TERMS / terms, wq, ws, &mut out) };
                 for c in 0..nc {
                     let r0 = (t + c) * TILE;
                     let (lo, hi) = (r0.max(keep.start), (r0 + TILE).min(keep.end));
@@ -724,6 +739,7 @@ impl<'a> Job<'a> {
         mr: usize,
         nc: usize,
         i0: usize,
+        step: usize,
         wq: [*const u8; 2],
         ws: [*const f16; 2],
         out: &mut [f32; OUT_LEN],
@@ -734,8 +750,8 @@ impl<'a> Job<'a> {
             ($f:ident; $(($m:literal, $n:literal)),*) => {
                 match (q4, mr, nc) {
                     $(
-                        (false, $m, $n) => $f::<false, $m, $n>(a, i0, wq, ws, out),
-                        (true, $m, $n) => $f::<true, $m, $n>(a, i0, wq, ws, out),
+                        (false, $m, $n) => $f::<false, $m, $n>(a, i0, step, wq, ws, out),
+                        (true, $m, $n) => $f::<true, $m, $n>(a, i0, step, wq, ws, out),
                     )*
                     _ => unreachable!("tile {mr}x{nc}"),
                 }
@@ -755,16 +771,9 @@ impl<'a> Job<'a> {
             // SAFETY: the CPU has AVX2, FMA and F16C (checked in `available`).
             Isa::Avx2 => unsafe { arms!(kern_avx2; (1, 1), (2, 1), (3, 1), (4, 1)) },
             // SAFETY: as this function's contract.
-            Isa::Portable => unsafe { kern_portable(q4, mr, a, i0, wq[0], ws[0], out) },
+            Isa::Portable => unsafe { kern_portable(q4, mr, a, i0, step, wq[0], ws[0], out) },
         }
     }
-}
-
-/// Stored activation rows per kernel row: kernel row `j` reads stored row `j · step`
-/// (q8 reads every term, q4 only the first of each row).
-#[inline(always)]
-fn row_step(q4: bool) -> usize {
-    TERMS / if q4 { 1 } else { TERMS }
 }
 
 /// The ragged last tile `t` of `w` copied into a full 16-row tile (zero rows after).
@@ -791,17 +800,18 @@ fn padded_tile(w: &QMatrix<'_>, t: usize) -> (Vec<u8>, Vec<f16>) {
 ///
 /// # Safety
 /// `wq`/`ws` point to a full tile; `a` holds rows `i0..i0 + mr`.
+#[allow(clippy::too_many_arguments)]
 unsafe fn kern_portable(
     q4: bool,
     mr: usize,
     a: &QActivations,
     i0: usize,
+    step: usize,
     wq: *const u8,
     ws: *const f16,
     out: &mut [f32; OUT_LEN],
 ) {
     let (k, nb) = (a.k, a.k / BLOCK);
-    let step = row_step(q4);
     let bb = if q4 { BLOCK / 2 } else { BLOCK } * TILE;
     // SAFETY: a full tile is 16 rows × k weights and 16 × nb scales.
     let (wq, ws) = unsafe {
@@ -868,6 +878,7 @@ mod x86 {
     pub(super) unsafe fn kern512<const Q4: bool, const MR: usize, const NC: usize>(
         a: &QActivations,
         i0: usize,
+        step: usize,
         wq: [*const u8; 2],
         ws: [*const f16; 2],
         out: &mut [f32; OUT_LEN],
@@ -877,7 +888,6 @@ mod x86 {
         // The same distance in bytes for both formats (q4 blocks are half as long).
         let pf = PREFETCH * 512 / bb;
         let corr = if Q4 { &a.c8 } else { &a.c128 };
-        let step = row_step(Q4);
         let xq: [*const i8; MR] = std::array::from_fn(|i| a.q[(i0 + i) * step * k..].as_ptr());
         let xd: [&[f32]; MR] = std::array::from_fn(|i| &a.d[(i0 + i) * step * nb..][..nb]);
         let xc: [&[i32]; MR] = std::array::from_fn(|i| &corr[(i0 + i) * step * nb..][..nb]);
@@ -1063,6 +1073,7 @@ mod x86 {
             pub(super) unsafe fn $name<const Q4: bool, const MR: usize, const NC: usize>(
                 a: &QActivations,
                 i0: usize,
+                step: usize,
                 wq: [*const u8; 2],
                 ws: [*const f16; 2],
                 out: &mut [f32; OUT_LEN],
@@ -1070,7 +1081,6 @@ mod x86 {
                 debug_assert_eq!(NC, 1);
                 let (k, nb) = (a.k, a.k / BLOCK);
                 let bb = if Q4 { 256 } else { 512 };
-                let step = row_step(Q4);
                 let xq: [*const i8; MR] =
                     std::array::from_fn(|i| a.q[(i0 + i) * step * k..].as_ptr());
                 let xd: [&[f32]; MR] = std::array::from_fn(|i| &a.d[(i0 + i) * step * nb..][..nb]);
@@ -1175,7 +1185,15 @@ mod tests {
         cols: usize,
         q: Vec<u8>,
         scales: Vec<f16>,
+        terms: usize,
     }
+
+    /// Every weight format with every activation-term count it is run with.
+    const CASES: [(QuantFormat, usize); 3] = [
+        (QuantFormat::Q8, TERMS),
+        (QuantFormat::Q8, 1),
+        (QuantFormat::Q4, 1),
+    ];
 
     impl Owned {
         fn new(format: QuantFormat, rows: usize, cols: usize, seed: u64) -> Owned {
@@ -1189,7 +1207,14 @@ mod tests {
                 cols,
                 q,
                 scales,
+                terms: activation_terms(format, format),
             }
+        }
+
+        /// The same matrix read with `terms` activation terms.
+        fn with_terms(mut self, terms: usize) -> Owned {
+            self.terms = terms;
+            self
         }
 
         fn view(&self) -> QMatrix<'_> {
@@ -1199,6 +1224,7 @@ mod tests {
                 cols: self.cols,
                 q: &self.q,
                 scales: &self.scales,
+                terms: self.terms,
             }
         }
     }
@@ -1214,7 +1240,7 @@ mod tests {
         for i in 0..m {
             for j in 0..n {
                 let mut s64 = 0.0f64;
-                for t in 0..terms_of(w.format) {
+                for t in 0..w.terms {
                     let row = TERMS * i + t;
                     let mut acc = 0.0f32;
                     for b in 0..k / BLOCK {
@@ -1248,9 +1274,9 @@ mod tests {
     fn every_path_matches_the_scalar_reference_bit_for_bit() {
         let paths = available();
         eprintln!("paths: {paths:?}");
-        for format in [QuantFormat::Q8, QuantFormat::Q4] {
+        for (format, terms) in CASES {
             for &(m, n, k) in &SIZES {
-                let w = Owned::new(format, n, k, 7 + n as u64);
+                let w = Owned::new(format, n, k, 7 + n as u64).with_terms(terms);
                 let x = values(m * k, 8 + k as u64);
                 let (want, want64) = reference(&x, m, &w.view());
                 for (a, b) in want.iter().zip(&want64) {
@@ -1263,7 +1289,7 @@ mod tests {
                         assert_eq!(
                             a.to_bits(),
                             b.to_bits(),
-                            "{isa:?} {format:?} m={m} n={n} k={k} at {j}: {a} vs {b}"
+                            "{isa:?} {format:?} {terms} terms m={m} n={n} k={k} at {j}: {a} vs {b}"
                         );
                     }
                 }
@@ -1327,13 +1353,13 @@ mod tests {
         assert!(worst2 <= 0.5 / 127.0 / 254.0 + 1e-6, "{worst2}");
     }
 
-    /// With both terms (q8) the product is that of the f32 activations with the
-    /// quantized weights to ~1e-5; with one (q4) to ~4e-3.
+    /// With both terms the product is that of the f32 activations with the quantized
+    /// weights to ~1e-5; with one to ~4e-3.
     #[test]
     fn the_terms_carry_the_activations_almost_exactly() {
-        for format in [QuantFormat::Q8, QuantFormat::Q4] {
+        for (format, terms) in CASES {
             let (m, n, k) = (3, 40, 1408);
-            let w = Owned::new(format, n, k, 31);
+            let w = Owned::new(format, n, k, 31).with_terms(terms);
             let x = values(m * k, 32);
             let mut y = vec![0.0f32; m * n];
             qmatmul(&x, m, w.view(), &mut y);
@@ -1353,19 +1379,22 @@ mod tests {
                 }
             }
             let rel = (err / norm).sqrt();
-            let bound = match format {
-                QuantFormat::Q8 => 0.0..2e-5,
-                QuantFormat::Q4 => 1e-3..8e-3, // one term
+            let bound = match terms {
+                TERMS => 0.0..2e-5,
+                _ => 1e-3..8e-3, // one term
             };
-            assert!(bound.contains(&rel), "{format:?}: relative error {rel}");
+            assert!(
+                bound.contains(&rel),
+                "{format:?} {terms} terms: relative error {rel}"
+            );
         }
     }
 
     #[test]
     fn rows_are_batch_invariant() {
-        for format in [QuantFormat::Q8, QuantFormat::Q4] {
+        for (format, terms) in CASES {
             let (n, k) = (37, 1408);
-            let w = Owned::new(format, n, k, 9);
+            let w = Owned::new(format, n, k, 9).with_terms(terms);
             let x = values(200 * k, 10);
             for &isa in &available() {
                 let mut all = vec![0.0f32; 200 * n];
@@ -1383,9 +1412,9 @@ mod tests {
 
     #[test]
     fn qmatmul_rows_computes_a_strided_slice_of_the_product() {
-        for format in [QuantFormat::Q8, QuantFormat::Q4] {
+        for (format, terms) in CASES {
             let (m, n, k) = (5, 45, 96);
-            let w = Owned::new(format, n, k, 11);
+            let w = Owned::new(format, n, k, 11).with_terms(terms);
             let x = values(m * k, 12);
             let mut full = vec![0.0f32; m * n];
             qmatmul(&x, m, w.view(), &mut full);
@@ -1456,6 +1485,7 @@ mod timing {
                 cols: k,
                 q: &q,
                 scales: &s,
+                terms: TERMS,
             };
             let mut y = vec![0.0f32; 16];
             let t = min_time(200, || qmatmul(&x, 1, w, &mut y));
@@ -1482,6 +1512,7 @@ mod timing {
                     cols: k,
                     q: &q,
                     scales: &s,
+                    terms: activation_terms(format, format),
                 };
                 let bytes = (q.len() + 2 * s.len()) as f64;
                 let mut y = vec![0.0f32; 8 * n];
@@ -1510,6 +1541,7 @@ mod timing {
                             cols: k,
                             q,
                             scales: s,
+                            terms: activation_terms(format, format),
                         };
                         qmatmul(&x, 1, w, &mut y);
                         next = (next + 1) % 64;
@@ -1538,6 +1570,7 @@ mod timing {
                     cols: kk,
                     q: &q,
                     scales: &s,
+                    terms: activation_terms(format, format),
                 };
                 let mut y = vec![0.0f32; m * n];
                 let t = min_time(10, || qmatmul(&x, m, w, &mut y));
