@@ -198,7 +198,9 @@ const SCORE_CHUNK: usize = 64;
 ///
 /// - in f32 ([`attend_one_pass`], [`crate::flash`]): every token's positions in chunks
 ///   that are scored, exponentiated and summed while in the core's cache, with a running
-///   softmax; one parallel loop over every token's tasks, one to combine them;
+///   softmax; one parallel loop over every token's tasks, one to combine them; over a
+///   bf16 cache on a CPU with AVX-512 BF16, the same in bf16 arithmetic
+///   ([`crate::flash_bf16`]);
 /// - in bf16 ([`attend`], which rounds scores and probabilities where the reference
 ///   does), one query token at a time in two passes: the scores split over cache
 ///   positions in register tiles of 4 heads × 4 rows, each head's softmax on its own,

@@ -299,12 +299,12 @@ mod x86 {
         ]
     }
 
-    /// [`fold_chunk_reference`] on AVX-512 BF16: score tiles of 8 rows × 16 heads, two
+    /// [`super::fold_chunk_reference`] on AVX-512 BF16: score tiles of 8 rows × 16 heads, two
     /// positions per `vdpbf16ps`; weighted-sum tiles of 8 heads × 32 columns, two rows
     /// per `vdpbf16ps`.
     ///
     /// # Safety
-    /// AVX-512 F/BW/BF16; the shapes checked by [`fold_chunk`].
+    /// AVX-512 F/BW/BF16; the shapes checked by [`super::fold_chunk`].
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16,avx512vl,fma")]
     pub(super) unsafe fn fold_chunk512(
         shape: Shape,
