@@ -191,6 +191,33 @@ fn batch_equals_each_sequence_alone() {
     }
 }
 
+/// The same with q4 weights on the CPU's defaults for them: a bf16 latent cache (read in
+/// bf16 arithmetic where the CPU has AVX-512 BF16) and one activation term in every
+/// product.
+#[test]
+fn a_q4_batch_equals_each_sequence_alone() {
+    let backend = CpuBackend::new(ComputeDtype::F32);
+    let config = config("lite");
+    let checkpoint = synthetic_checkpoint(&config, 11, DType::F32);
+    let options = dsv2_model::LoadOptions {
+        quantize: Some(dsv2_core::QuantFormat::Q4),
+    };
+    let model = Model::load_with(&backend, config, &checkpoint, &options).unwrap();
+    assert_eq!(backend.cache_dtype(), ComputeDtype::Bf16);
+    let seqs = vec![tokens(5, 3), tokens(70, 4), tokens(1, 5), tokens(17, 6)];
+    for path in [AttentionPath::Auto, AttentionPath::Absorbed] {
+        let together = run_batch(&backend, &model, &seqs, path);
+        for (i, s) in seqs.iter().enumerate() {
+            let alone = run_batch(&backend, &model, std::slice::from_ref(s), path);
+            let same = together[i]
+                .iter()
+                .zip(&alone[0])
+                .all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(same, "q4 {path:?} sequence {i} differs from its solo run");
+        }
+    }
+}
+
 #[test]
 fn bad_inputs_are_errors() {
     let (backend, model) = model("lite", DType::F32);
