@@ -230,33 +230,42 @@ fn fold_chunk_impl<E: CacheElem>(
         let heads = (h - g * GROUP).min(GROUP);
         let p = &mut p[g * CHUNK_ROWS * GROUP..][..n * GROUP];
         scores(&qt[g * w * GROUP..][..w * GROUP], rows, w, scale, p);
-        // The running max and sum of the group's lanes (padding lanes score 0 and are
-        // carried along; nothing reads them).
         let (ml, o) = st.split_at_mut(2 * GROUP);
-        let m: [f32; GROUP] = ml[..GROUP].try_into().expect("lanes");
-        let l: [f32; GROUP] = ml[GROUP..].try_into().expect("lanes");
-        let mut mx = m;
-        for row in p.chunks_exact(GROUP) {
-            for lane in 0..GROUP {
-                if row[lane] > mx[lane] {
-                    mx[lane] = row[lane];
-                }
-            }
-        }
-        let alpha: [f32; GROUP] = std::array::from_fn(|lane| exp_portable(m[lane] - mx[lane]));
-        let mut sum = [0.0f32; GROUP];
-        for row in p.chunks_exact_mut(GROUP) {
-            for lane in 0..GROUP {
-                row[lane] = exp_portable(row[lane] - mx[lane]);
-                sum[lane] += row[lane];
-            }
-        }
-        for lane in 0..GROUP {
-            ml[lane] = mx[lane];
-            ml[GROUP + lane] = l[lane].mul_add(alpha[lane], sum[lane]);
-        }
+        let alpha = softmax_step(p, ml);
         weighted_sum(p, rows, heads, c, &alpha, &mut o[..heads * c]);
     }
+}
+
+/// The online softmax's step for one chunk of a head group: `p` (`n · GROUP` scores)
+/// becomes `e^(s − m')`, the group's running maxima and sums (`ml`, `2 · GROUP` values)
+/// become `m'` and `l·α + Σ p` (the sum in row order); returns `α = e^(m − m')`. Padding
+/// lanes score 0 and are carried along; nothing reads them. [`crate::flash_bf16`] shares
+/// it.
+#[inline(always)]
+pub(crate) fn softmax_step(p: &mut [f32], ml: &mut [f32]) -> [f32; GROUP] {
+    let m: [f32; GROUP] = ml[..GROUP].try_into().expect("lanes");
+    let l: [f32; GROUP] = ml[GROUP..2 * GROUP].try_into().expect("lanes");
+    let mut mx = m;
+    for row in p.chunks_exact(GROUP) {
+        for lane in 0..GROUP {
+            if row[lane] > mx[lane] {
+                mx[lane] = row[lane];
+            }
+        }
+    }
+    let alpha: [f32; GROUP] = std::array::from_fn(|lane| exp_portable(m[lane] - mx[lane]));
+    let mut sum = [0.0f32; GROUP];
+    for row in p.chunks_exact_mut(GROUP) {
+        for lane in 0..GROUP {
+            row[lane] = exp_portable(row[lane] - mx[lane]);
+            sum[lane] += row[lane];
+        }
+    }
+    for lane in 0..GROUP {
+        ml[lane] = mx[lane];
+        ml[GROUP + lane] = l[lane].mul_add(alpha[lane], sum[lane]);
+    }
+    alpha
 }
 
 /// `out[j·GROUP + lane] = scale · (qt[·, lane] · rows[j][..w])` for every row `j` (the
@@ -443,7 +452,7 @@ fn combine_impl(
 }
 
 #[cfg(target_arch = "x86_64")]
-mod x86 {
+pub(crate) mod x86 {
     use super::*;
     use crate::exp::x86::{exp256, exp512};
     use std::arch::x86_64::*;
@@ -518,6 +527,40 @@ mod x86 {
             _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(v)))
         } else {
             unsafe { _mm256_loadu_ps(p as *const f32) }
+        }
+    }
+
+    /// [`super::softmax_step`] in AVX-512: `pg` holds `n` rows of 16 scores, `st` the
+    /// group's running maxima and sums. Shared with [`crate::flash_bf16`].
+    ///
+    /// # Safety
+    /// AVX-512 F; `pg` valid for `n · 16` floats, `st` for 32.
+    #[inline]
+    #[target_feature(enable = "avx512f,fma")]
+    pub(crate) unsafe fn softmax_step512(pg: *mut f32, n: usize, st: *mut f32) -> [f32; GROUP] {
+        // SAFETY: the caller's pointers.
+        unsafe {
+            let m = _mm512_loadu_ps(st);
+            let l = _mm512_loadu_ps(st.add(GROUP));
+            let mut mx = m;
+            for j in 0..n {
+                // `row > mx ? row : mx`, as the portable code.
+                let row = _mm512_loadu_ps(pg.add(j * GROUP));
+                let gt = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(row, mx);
+                mx = _mm512_mask_blend_ps(gt, mx, row);
+            }
+            let alpha = exp512(_mm512_sub_ps(m, mx));
+            let mut sum = _mm512_setzero_ps();
+            for j in 0..n {
+                let e = exp512(_mm512_sub_ps(_mm512_loadu_ps(pg.add(j * GROUP)), mx));
+                _mm512_storeu_ps(pg.add(j * GROUP), e);
+                sum = _mm512_add_ps(sum, e);
+            }
+            _mm512_storeu_ps(st, mx);
+            _mm512_storeu_ps(st.add(GROUP), _mm512_fmadd_ps(l, alpha, sum));
+            let mut alphas = [0.0f32; GROUP];
+            _mm512_storeu_ps(alphas.as_mut_ptr(), alpha);
+            alphas
         }
     }
 
@@ -598,28 +641,7 @@ mod x86 {
                         _mm512_storeu_ps(pg.add((j0 + j) * GROUP), _mm512_mul_ps(*a, sv));
                     }
                 }
-                // The running max and sum of the group's lanes.
-                let m = _mm512_loadu_ps(st);
-                let l = _mm512_loadu_ps(st.add(GROUP));
-                let mut mx = m;
-                for j in 0..n {
-                    // `row > mx ? row : mx`, as the portable code.
-                    let row = _mm512_loadu_ps(pg.add(j * GROUP));
-                    let gt = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(row, mx);
-                    mx = _mm512_mask_blend_ps(gt, mx, row);
-                }
-                let alpha = exp512(_mm512_sub_ps(m, mx));
-                let mut sum = _mm512_setzero_ps();
-                for j in 0..n {
-                    let e = exp512(_mm512_sub_ps(_mm512_loadu_ps(pg.add(j * GROUP)), mx));
-                    _mm512_storeu_ps(pg.add(j * GROUP), e);
-                    sum = _mm512_add_ps(sum, e);
-                }
-                let l = _mm512_fmadd_ps(l, alpha, sum);
-                _mm512_storeu_ps(st, mx);
-                _mm512_storeu_ps(st.add(GROUP), l);
-                let mut alphas = [0.0f32; GROUP];
-                _mm512_storeu_ps(alphas.as_mut_ptr(), alpha);
+                let alphas = softmax_step512(pg, n, st);
                 // The weighted sum.
                 let o = st.add(2 * GROUP);
                 let pg = pg as *const f32;

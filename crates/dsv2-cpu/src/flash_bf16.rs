@@ -35,8 +35,7 @@ use std::ops::Range;
 
 use half::bf16;
 
-use crate::exp::exp_portable;
-use crate::flash::{group_state_len, groups, Shape, CHUNK_ROWS, GROUP};
+use crate::flash::{group_state_len, groups, softmax_step, Shape, CHUNK_ROWS, GROUP};
 
 /// Positions per block of a score's dot product (as [`crate::flash`]'s, even).
 const K_BLOCK: usize = 64;
@@ -213,28 +212,7 @@ pub(crate) fn fold_chunk_reference(
             }
         }
         let (ml, o) = st.split_at_mut(2 * GROUP);
-        let m: [f32; GROUP] = ml[..GROUP].try_into().expect("lanes");
-        let l: [f32; GROUP] = ml[GROUP..].try_into().expect("lanes");
-        let mut mx = m;
-        for row in p.chunks_exact(GROUP) {
-            for lane in 0..GROUP {
-                if row[lane] > mx[lane] {
-                    mx[lane] = row[lane];
-                }
-            }
-        }
-        let alpha: [f32; GROUP] = std::array::from_fn(|lane| exp_portable(m[lane] - mx[lane]));
-        let mut sum = [0.0f32; GROUP];
-        for row in p.chunks_exact_mut(GROUP) {
-            for lane in 0..GROUP {
-                row[lane] = exp_portable(row[lane] - mx[lane]);
-                sum[lane] += row[lane];
-            }
-        }
-        for lane in 0..GROUP {
-            ml[lane] = mx[lane];
-            ml[GROUP + lane] = l[lane].mul_add(alpha[lane], sum[lane]);
-        }
+        let alpha = softmax_step(p, ml);
         let pb = |j: usize, head: usize| if j < n { round(p[j * GROUP + head]) } else { 0 };
         for head in 0..heads {
             for col in 0..c {
@@ -257,7 +235,7 @@ pub(crate) fn fold_chunk_reference(
 mod x86 {
     use super::{dp, group_state_len, pair, pairs, Range, Shape, CHUNK_ROWS, GROUP, K_BLOCK};
     use super::{SCORE_ROWS, SUM_COLS, SUM_HEADS};
-    use crate::exp::x86::exp512;
+    use crate::flash::x86::softmax_step512;
     use half::bf16;
     use std::arch::x86_64::*;
 
@@ -280,22 +258,22 @@ mod x86 {
     /// the first and 4-7, … in the second.
     #[inline(always)]
     unsafe fn in_order(lo: __m512, hi: __m512) -> [__m512; 2] {
-        let index = |base: usize| {
-            let idx: [i32; 16] = std::array::from_fn(|i| {
-                let col = base + i;
+        /// For output column `col` of the tile: its lane in `lo` (`< 16`) or in `hi`.
+        const INDEX: [[i32; 16]; 2] = {
+            let mut index = [[0i32; 16]; 2];
+            let mut col = 0;
+            while col < 32 {
                 let at = (col / 8 * 4 + col % 4) as i32;
-                if col % 8 < 4 {
-                    at
-                } else {
-                    16 + at
-                }
-            });
-            // SAFETY: 16 i32 values.
-            unsafe { _mm512_loadu_si512(idx.as_ptr() as *const _) }
+                index[col / 16][col % 16] = if col % 8 < 4 { at } else { 16 + at };
+                col += 1;
+            }
+            index
         };
+        // SAFETY: 16 i32 values each.
+        let index = |half: usize| unsafe { _mm512_loadu_si512(INDEX[half].as_ptr() as *const _) };
         [
             _mm512_permutex2var_ps(lo, index(0), hi),
-            _mm512_permutex2var_ps(lo, index(16), hi),
+            _mm512_permutex2var_ps(lo, index(1), hi),
         ]
     }
 
@@ -381,25 +359,7 @@ mod x86 {
                     }
                 }
                 // The running max and sum of the group's lanes (as crate::flash).
-                let m = _mm512_loadu_ps(st);
-                let l = _mm512_loadu_ps(st.add(GROUP));
-                let mut mx = m;
-                for j in 0..n {
-                    let row = _mm512_loadu_ps(pg.add(j * GROUP));
-                    let gt = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(row, mx);
-                    mx = _mm512_mask_blend_ps(gt, mx, row);
-                }
-                let alpha = exp512(_mm512_sub_ps(m, mx));
-                let mut sum = _mm512_setzero_ps();
-                for j in 0..n {
-                    let e = exp512(_mm512_sub_ps(_mm512_loadu_ps(pg.add(j * GROUP)), mx));
-                    _mm512_storeu_ps(pg.add(j * GROUP), e);
-                    sum = _mm512_add_ps(sum, e);
-                }
-                _mm512_storeu_ps(st, mx);
-                _mm512_storeu_ps(st.add(GROUP), _mm512_fmadd_ps(l, alpha, sum));
-                let mut alphas = [0.0f32; GROUP];
-                _mm512_storeu_ps(alphas.as_mut_ptr(), alpha);
+                let alphas = softmax_step512(pg, n, st);
                 // The probabilities in bf16 pairs of rows: pp[j2·16 + lane] = (p[2·j2],
                 // p[2·j2 + 1]) of the lane (an odd last row paired with 0).
                 let interleave = {

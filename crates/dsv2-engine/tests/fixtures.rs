@@ -165,14 +165,25 @@ fn f32_logits_match_the_reference_at_every_position() {
     }
 }
 
-/// Every reference prompt of fixture `name` through `model`: (relative logit error
-/// against the reference, argmax agreement, prompt length) per prompt, each printed
-/// under `label`.
+/// Every reference prompt of fixture `name` through `model` (prefill's attention:
+/// `AttentionPath::Auto`): (relative logit error against the reference, argmax
+/// agreement, prompt length) per prompt, each printed under `label`.
 fn prompt_errors(
     label: &str,
     name: &str,
     backend: &CpuBackend,
     model: &Model<CpuBackend>,
+) -> Vec<(f64, usize, usize)> {
+    path_errors(label, name, backend, model, AttentionPath::Auto)
+}
+
+/// [`prompt_errors`] with every position through attention `path`.
+fn path_errors(
+    label: &str,
+    name: &str,
+    backend: &CpuBackend,
+    model: &Model<CpuBackend>,
+    path: AttentionPath,
 ) -> Vec<(f64, usize, usize)> {
     let reference = Reference::open(name);
     let vocab = model.config.vocab_size;
@@ -180,10 +191,10 @@ fn prompt_errors(
         .map(|i| {
             let prompt = reference.ids(&format!("prompt.{i}"));
             let (want, _) = reference.f32s(&format!("logits.{i}"));
-            let got = all_logits(backend, model, &prompt, AttentionPath::Auto);
+            let got = all_logits(backend, model, &prompt, path);
             let (err, agree) = (rel_err(&got, &want), argmax_agreement(&got, &want, vocab));
             eprintln!(
-                "{label}{name} prompt {i}: relative error {err:.4e}, argmax {agree}/{}",
+                "{label}{name} prompt {i} ({path:?}): relative error {err:.4e}, argmax {agree}/{}",
                 prompt.len()
             );
             (err, agree, prompt.len())
@@ -315,23 +326,14 @@ fn quantized_logits_stay_within_the_format_budget() {
             let budget = budget(format, name);
             let (backend, model) = load_quantized(name, format);
             let label = format!("{} ", format.name());
-            for (i, (err, _, _)) in prompt_errors(&label, name, &backend, &model)
-                .into_iter()
-                .enumerate()
-            {
-                assert!(err <= budget, "{} {name} prompt {i}: {err}", format.name());
-            }
-            // Every position through the decode (absorbed) attention too (q4's over its
-            // bf16 cache in bf16 arithmetic where the CPU has AVX-512 BF16): measured q8
-            // 2.5e-3..9.3e-3, as through prefill.
-            let reference = Reference::open(name);
-            for i in 0..reference.num_prompts() {
-                let prompt = reference.ids(&format!("prompt.{i}"));
-                let (want, _) = reference.f32s(&format!("logits.{i}"));
-                let got = all_logits(&backend, &model, &prompt, AttentionPath::Absorbed);
-                let err = rel_err(&got, &want);
-                eprintln!("{label}{name} prompt {i} absorbed: relative error {err:.4e}");
-                assert!(err <= budget, "{label}{name} prompt {i} absorbed: {err}");
+            // Prefill's attention, then every position through the decode (absorbed)
+            // attention (q4's over its bf16 cache in bf16 arithmetic where the CPU has
+            // AVX-512 BF16): measured q8 2.5e-3..9.3e-3 there, as through prefill.
+            for path in [AttentionPath::Auto, AttentionPath::Absorbed] {
+                let errors = path_errors(&label, name, &backend, &model, path);
+                for (i, (err, _, _)) in errors.into_iter().enumerate() {
+                    assert!(err <= budget, "{label}{name} prompt {i} {path:?}: {err}");
+                }
             }
         }
     }
@@ -382,22 +384,14 @@ fn a_bf16_latent_cache_is_exact_under_bf16_and_close_under_f32() {
         for (quantize, budget) in [(None, 8e-3), (Some(QuantFormat::Q8), 2e-2)] {
             let (backend, model) = open(name, ComputeDtype::F32, ComputeDtype::Bf16, quantize);
             let label = format!("{} bf16 cache ", quantize.map_or("f32", |q| q.name()));
-            for (i, (err, _, _)) in prompt_errors(&label, name, &backend, &model)
-                .into_iter()
-                .enumerate()
-            {
-                assert!(err <= budget, "{label}{name} prompt {i}: {err}");
-            }
-            // Every position through the absorbed (decode) attention, which reads the
-            // bf16 rows in bf16 arithmetic where the CPU has AVX-512 BF16.
-            let reference = Reference::open(name);
-            for i in 0..reference.num_prompts() {
-                let prompt = reference.ids(&format!("prompt.{i}"));
-                let (want, _) = reference.f32s(&format!("logits.{i}"));
-                let got = all_logits(&backend, &model, &prompt, AttentionPath::Absorbed);
-                let err = rel_err(&got, &want);
-                eprintln!("{label}{name} prompt {i} absorbed: relative error {err:.4e}");
-                assert!(err <= budget, "{label}{name} prompt {i} absorbed: {err}");
+            // Prefill's attention, then every position through the absorbed (decode)
+            // attention, which reads the bf16 rows in bf16 arithmetic where the CPU has
+            // AVX-512 BF16.
+            for path in [AttentionPath::Auto, AttentionPath::Absorbed] {
+                let errors = path_errors(&label, name, &backend, &model, path);
+                for (i, (err, _, _)) in errors.into_iter().enumerate() {
+                    assert!(err <= budget, "{label}{name} prompt {i} {path:?}: {err}");
+                }
             }
         }
     }
@@ -430,14 +424,10 @@ fn q4_takes_a_bf16_cache_that_changes_little() {
         let checkpoint = Checkpoint::open(&dir).unwrap();
         let f32_model = Model::load_with(&f32_cache, config, &checkpoint, &options).unwrap();
         assert_eq!(f32_cache.cache_value_bytes(), 4);
-        let reference = Reference::open(name);
         for path in [AttentionPath::Auto, AttentionPath::Absorbed] {
-            for i in 0..reference.num_prompts() {
-                let prompt = reference.ids(&format!("prompt.{i}"));
-                let (want, _) = reference.f32s(&format!("logits.{i}"));
-                let with_bf16 = rel_err(&all_logits(&backend, &model, &prompt, path), &want);
-                let with_f32 = rel_err(&all_logits(&f32_cache, &f32_model, &prompt, path), &want);
-                eprintln!("q4 {name} prompt {i} {path:?}: {with_f32:.4e} → {with_bf16:.4e}");
+            let bf16 = path_errors("q4 bf16 cache ", name, &backend, &model, path);
+            let f32 = path_errors("q4 f32 cache ", name, &f32_cache, &f32_model, path);
+            for (i, (&(with_bf16, ..), &(with_f32, ..))) in bf16.iter().zip(&f32).enumerate() {
                 assert!(
                     (with_bf16 - with_f32).abs() <= 6e-3,
                     "{name} prompt {i} {path:?}: q4's error {with_bf16:.4e} with the bf16 \

@@ -172,21 +172,31 @@ fn batch_equals_each_sequence_alone() {
     for variant in ["lite", "v2", "plain"] {
         let (backend, model) = model(variant, DType::F32);
         let seqs = vec![tokens(5, 3), tokens(33, 4), tokens(1, 5), tokens(17, 6)];
-        for path in [AttentionPath::Auto, AttentionPath::Absorbed] {
-            let together = run_batch(&backend, &model, &seqs, path);
-            for (i, s) in seqs.iter().enumerate() {
-                let alone = run_batch(&backend, &model, std::slice::from_ref(s), path);
-                // Bitwise: every kernel computes a row the same way whatever shares its
-                // batch.
-                let same = together[i]
-                    .iter()
-                    .zip(&alone[0])
-                    .all(|(a, b)| a.to_bits() == b.to_bits());
-                assert!(
-                    same,
-                    "{variant} {path:?} sequence {i} differs from its solo run"
-                );
-            }
+        assert_batch_equals_each_alone(&backend, &model, &seqs, variant);
+    }
+}
+
+/// Runs `seqs` together and each alone, through prefill's and the absorbed attention, and
+/// asserts every sequence's logits bit-identical: every kernel computes a row the same way
+/// whatever shares its batch.
+fn assert_batch_equals_each_alone(
+    backend: &CpuBackend,
+    model: &Model<CpuBackend>,
+    seqs: &[Vec<u32>],
+    label: &str,
+) {
+    for path in [AttentionPath::Auto, AttentionPath::Absorbed] {
+        let together = run_batch(backend, model, seqs, path);
+        for (i, s) in seqs.iter().enumerate() {
+            let alone = run_batch(backend, model, std::slice::from_ref(s), path);
+            let same = together[i]
+                .iter()
+                .zip(&alone[0])
+                .all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(
+                same,
+                "{label} {path:?} sequence {i} differs from its solo run"
+            );
         }
     }
 }
@@ -205,17 +215,7 @@ fn a_q4_batch_equals_each_sequence_alone() {
     let model = Model::load_with(&backend, config, &checkpoint, &options).unwrap();
     assert_eq!(backend.cache_dtype(), ComputeDtype::Bf16);
     let seqs = vec![tokens(5, 3), tokens(70, 4), tokens(1, 5), tokens(17, 6)];
-    for path in [AttentionPath::Auto, AttentionPath::Absorbed] {
-        let together = run_batch(&backend, &model, &seqs, path);
-        for (i, s) in seqs.iter().enumerate() {
-            let alone = run_batch(&backend, &model, std::slice::from_ref(s), path);
-            let same = together[i]
-                .iter()
-                .zip(&alone[0])
-                .all(|(a, b)| a.to_bits() == b.to_bits());
-            assert!(same, "q4 {path:?} sequence {i} differs from its solo run");
-        }
-    }
+    assert_batch_equals_each_alone(&backend, &model, &seqs, "q4");
 }
 
 #[test]
