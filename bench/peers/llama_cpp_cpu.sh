@@ -41,6 +41,10 @@
 #               converter does not recognize the DeepSeek pre-tokenizer) [VENV/bin/python]
 #   CMAKE       [VENV/bin/cmake if present, else cmake on PATH]
 #   VENV        [/work/venvs/peer], made by `setup`
+#   VIA         the converter's output type for `convert` [bf16]: bf16 (a bf16 GGUF, then
+#               llama-quantize to q8 and q4: peak disk = checkpoint + bf16 GGUF + q8) or q8_0
+#               (the converter writes Q8_0, q4 requantizes the routed experts from it: peak
+#               disk = checkpoint + 2 × q8, for the full-depth V2-Lite on ~45 GB free)
 #   THREADS     threads of both engines [2]   (dsv2 uses RAYON_NUM_THREADS=THREADS)
 #   FORMATS     [q8 q4]; bf16 also works when GGUF_DIR/bf16.gguf was kept (KEEP_BF16=1):
 #               dsv2 then runs the checkpoint's bf16 weights (f32 activations)
@@ -68,6 +72,8 @@ N_GEN="${N_GEN:-16}"
 REPS="${REPS:-3}"
 DSV2="${DSV2:-$REPO/target/release/dsv2}"
 JOBS="${JOBS:-$(nproc)}"
+VIA="${VIA:-bf16}"
+[[ "$VIA" == bf16 || "$VIA" == q8_0 ]] || { echo "VIA must be bf16 or q8_0, not $VIA" >&2; exit 2; }
 VENV="${VENV:-/work/venvs/peer}"
 PYTHON="${PYTHON:-$VENV/bin/python}"
 if [[ -z "${CMAKE:-}" ]]; then
@@ -182,6 +188,33 @@ if os.path.exists(t) and json.load(open(t)).get("add_bos_token"):
     print("--override-kv"); print("tokenizer.ggml.add_bos_token=bool:true")
 PY
 )
+    if [[ "$VIA" == q8_0 && ( ! -f "$out/q8.gguf" || ! -f "$out/q4.gguf" ) ]]; then
+        # Through Q8_0 (half the disk of the bf16 GGUF): the converter writes Q8_0 itself,
+        # llama-quantize COPY adds the metadata, and q4 requantizes the routed experts'
+        # Q8_0 blocks to Q4_0 (--allow-requantize; the other Q8_0 tensors are copied).
+        if [[ ! -f "$out/q8.gguf" ]]; then
+            if [[ ! -f "$out/q8-converted.gguf" ]]; then
+                timed "convert_hf_to_gguf (q8_0)" "$out/convert.log" nice -n "$NICE" "$PYTHON" \
+                    "$LLAMA_DIR/src/convert_hf_to_gguf.py" "$ckpt" --outtype q8_0 \
+                    --outfile "$out/q8-converted.gguf.part" \
+                    || { tail -30 "$out/convert.log"; die "conversion failed ($out/convert.log)"; }
+                grep -E 'WARNING|tokenizer.ggml.pre|successfully' "$out/convert.log" >&2 || true
+                mv "$out/q8-converted.gguf.part" "$out/q8-converted.gguf"
+            fi
+            timed "llama-quantize COPY (q8 with the metadata)" "$out/quantize-q8.log" nice -n "$NICE" \
+                "$bin/llama-quantize" "${kv[@]}" "$out/q8-converted.gguf" "$out/q8.gguf.part" COPY \
+                || { tail -20 "$out/quantize-q8.log"; die "copy q8 failed ($out/quantize-q8.log)"; }
+            mv "$out/q8.gguf.part" "$out/q8.gguf"
+            rm -f "$out/q8-converted.gguf"
+        fi
+        if [[ ! -f "$out/q4.gguf" ]]; then
+            timed "llama-quantize ffn_*_exps Q8_0 -> Q4_0" "$out/quantize-q4.log" nice -n "$NICE" "$bin/llama-quantize" \
+                --allow-requantize --tensor-type 'ffn_(gate|up|down)_exps=q4_0' \
+                "$out/q8.gguf" "$out/q4.gguf.part" Q8_0 "$THREADS" \
+                || { tail -20 "$out/quantize-q4.log"; die "quantize q4 failed ($out/quantize-q4.log)"; }
+            mv "$out/q4.gguf.part" "$out/q4.gguf"
+        fi
+    fi
     if [[ ! -f "$out/q8.gguf" || ! -f "$out/q4.gguf" ]]; then
         if [[ ! -f "$out/bf16.gguf" ]]; then
             timed "convert_hf_to_gguf (bf16)" "$out/convert.log" nice -n "$NICE" "$PYTHON" \

@@ -7,6 +7,7 @@
 
 use dsv2_backend::{AttentionPath, MlaAttention, MlaDims, SeqSlice};
 
+use crate::bf16dot;
 use crate::flash::{self, CacheElem};
 use crate::flash_bf16;
 use crate::kernels::{gemm_f32, round_bf16, MatRef, SyncPtr};
@@ -15,9 +16,10 @@ use crate::mla::{
     absorb_tokens, dots, project_tokens, weighted_sum, weighted_sum_rows, Rows, DOT_TILE,
     SUM_CHUNK, SUM_COLS, SUM_HEADS, TOKENS,
 };
-use crate::scratch::{take, take_empty};
+use crate::prefill_bf16::{self, Tile, TILE_ROWS};
+use crate::scratch::{take, take_empty, Scratch};
 use crate::team;
-use crate::{with_elems, CacheLayer, CpuBackend, LayerRows};
+use crate::{with_elems, CacheLayer, CpuBackend, LayerRows, WeightData};
 
 pub(crate) fn mla_attention(be: &CpuBackend, args: MlaAttention<'_, CpuBackend>, out: &mut [f32]) {
     let path = |seq: &SeqSlice| match args.path {
@@ -34,6 +36,11 @@ pub(crate) fn mla_attention(be: &CpuBackend, args: MlaAttention<'_, CpuBackend>,
             AttentionPath::Absorbed => absorbed_seqs.vec().push(i as u32),
             _ => match args.cache.layer(args.layer) {
                 LayerRows::F32(rows) => expanded(be, &args, seq, rows, out),
+                // Over a bf16 cache, in bf16 arithmetic where the CPU has it (f32
+                // activations only: bf16 compute keeps the reference's rounding points).
+                LayerRows::Bf16(rows) if !be.bf16() && prefill_bf16::available() => {
+                    expanded_bf16(be, &args, seq, rows, out)
+                }
                 LayerRows::Bf16(rows) => expanded(be, &args, seq, rows, out),
             },
         }
@@ -78,19 +85,23 @@ fn scale_score(be: &CpuBackend, raw: f32, scale: f32) -> f32 {
     }
 }
 
-fn expanded<E: KindOf>(
+/// The context of an expanded sequence: its cached RoPE keys `k_pe` `[S, Dr]` and its keys
+/// and values re-derived from the cached latents, `kv` `[S, H·(Dn + Dv)]` (`kv_b_proj` of
+/// the latents: head `h`'s key at columns `h·(Dn + Dv) ..+ Dn`, its value the next `Dv`).
+/// With `bf16_product` (the cache is bf16), a bf16 `kv_b_proj` multiplies the latents on
+/// `vdpbf16ps` ([`bf16dot`]) where the CPU has it: both operands are bf16 values, so the
+/// products are exact either way and only the order of the f32 sums differs.
+fn expand_context<E: KindOf>(
     be: &CpuBackend,
     args: &MlaAttention<'_, CpuBackend>,
     seq: &SeqSlice,
     cache: CacheLayer<'_, E>,
-    out: &mut [f32],
-) {
+    bf16_product: bool,
+) -> (Scratch<f32>, Scratch<f32>) {
     let d: MlaDims = args.dims;
     let bs = args.cache.spec().block_size;
-    let (c, dr, dn, dv, h) = (d.kv_lora_rank, d.rope_dim, d.nope_dim, d.v_dim, d.num_heads);
+    let (c, dr) = (d.kv_lora_rank, d.rope_dim);
     let s_len = seq.context_len;
-    let past = s_len - seq.query_len;
-    // Gather the context's latents and RoPE keys, then expand keys and values per head.
     let mut latents = take::<f32>(s_len * c);
     let mut k_pe = take::<f32>(s_len * dr);
     for pos in 0..s_len {
@@ -100,10 +111,31 @@ fn expanded<E: KindOf>(
         widen(&mut latents[pos * c..(pos + 1) * c], &row[..c]);
         widen(&mut k_pe[pos * dr..(pos + 1) * dr], &row[c..]);
     }
-    let kv_w = h * (dn + dv);
-    let mut kv = take::<f32>(s_len * kv_w);
-    args.kv_b_proj.matmul(be, &latents, s_len, &mut kv);
+    let mut kv = take::<f32>(s_len * d.num_heads * (d.nope_dim + d.v_dim));
+    let w = args.kv_b_proj;
+    match w.data() {
+        WeightData::Bf16(elems) if bf16_product && bf16dot::available() => {
+            bf16dot::matmul(&latents, s_len, elems, w.rows(), w.cols(), &mut kv)
+        }
+        _ => w.matmul(be, &latents, s_len, &mut kv),
+    }
     be.round(&mut kv);
+    (kv, k_pe)
+}
+
+fn expanded<E: KindOf>(
+    be: &CpuBackend,
+    args: &MlaAttention<'_, CpuBackend>,
+    seq: &SeqSlice,
+    cache: CacheLayer<'_, E>,
+    out: &mut [f32],
+) {
+    let d: MlaDims = args.dims;
+    let (dr, dn, dv, h) = (d.rope_dim, d.nope_dim, d.v_dim, d.num_heads);
+    let s_len = seq.context_len;
+    let past = s_len - seq.query_len;
+    let (kv, k_pe) = expand_context(be, args, seq, cache, false);
+    let kv_w = h * (dn + dv);
 
     let qd = d.q_head_dim();
     let (tq, q_row) = (seq.query_len, h * qd);
@@ -185,6 +217,118 @@ fn expanded<E: KindOf>(
 
 /// Queries per block of the expanded attention.
 const QUERY_BLOCK: usize = 256;
+
+/// [`expanded`] with both products in bf16 arithmetic ([`crate::prefill_bf16`]): each
+/// head's keys (`[k_nope | k_pe]`) and values packed once in bf16 pairs, its queries in
+/// blocks of [`QUERY_BLOCK`], each block's scores in tiles of [`TILE_ROWS`] queries ×
+/// [`TILE_COLS`] keys up to the last key the tile's last query sees, the softmax in f32,
+/// the probabilities rounded to bf16 for the weighted sum of values. Per value the
+/// arithmetic is one fixed sequence, so the result does not depend on the thread count.
+fn expanded_bf16(
+    be: &CpuBackend,
+    args: &MlaAttention<'_, CpuBackend>,
+    seq: &SeqSlice,
+    cache: CacheLayer<'_, half::bf16>,
+    out: &mut [f32],
+) {
+    let d: MlaDims = args.dims;
+    let (dr, dn, dv, h) = (d.rope_dim, d.nope_dim, d.v_dim, d.num_heads);
+    let s_len = seq.context_len;
+    let past = s_len - seq.query_len;
+    let (kv, k_pe) = expand_context(be, args, seq, cache, true);
+    let kv_w = h * (dn + dv);
+    let qd = d.q_head_dim();
+    let (tq, q_row) = (seq.query_len, h * qd);
+    let q_rows = &args.q[seq.query_start * q_row..(seq.query_start + tq) * q_row];
+    let out_ptr = SyncPtr(out.as_mut_ptr());
+    let out_row = h * dv;
+    // Pairs of a query (and of a key), of a row of probabilities.
+    let (q_pairs, p_pairs) = (qd.div_ceil(2), s_len.div_ceil(2));
+    let (key_cols, v_cols) = (
+        prefill_bf16::padded_cols(s_len),
+        prefill_bf16::padded_cols(dv),
+    );
+    team::for_each(h, |head| {
+        let head_kv = &kv[head * (dn + dv)..];
+        // The head's keys `[k_nope | k_pe]`, a row a position, packed as the columns of
+        // the scores' (Dn + Dr) × S operand; its values, the weighted sum's S × Dv.
+        let mut key_rows = take::<f32>(s_len * qd);
+        for (j, row) in key_rows.chunks_exact_mut(qd).enumerate() {
+            row[..dn].copy_from_slice(&head_kv[j * kv_w..][..dn]);
+            row[dn..].copy_from_slice(&k_pe[j * dr..][..dr]);
+        }
+        let mut keys = take::<u32>(prefill_bf16::packed_len(qd, s_len));
+        prefill_bf16::pack_cols(qd, s_len, |j| &key_rows[j * qd..], &mut keys);
+        drop(key_rows);
+        let mut values = take::<u32>(prefill_bf16::packed_len(s_len, dv));
+        prefill_bf16::pack_rows(s_len, dv, |j| &head_kv[j * kv_w + dn..], &mut values);
+        let block = tq.min(QUERY_BLOCK);
+        let mut queries = take::<u32>(block * q_pairs);
+        let mut scores = take::<f32>(block * key_cols);
+        let mut probs = take::<u32>(block * p_pairs);
+        let mut head_out = take::<f32>(block * v_cols);
+        for i0 in (0..tq).step_by(QUERY_BLOCK) {
+            let bq = (tq - i0).min(QUERY_BLOCK);
+            for i in 0..bq {
+                let q = &q_rows[(i0 + i) * q_row + head * qd..][..qd];
+                prefill_bf16::pairs_of(q, &mut queries[i * q_pairs..(i + 1) * q_pairs]);
+            }
+            // Keys visible to the block's query i: past + i0 + i + 1.
+            let visible = |i: usize| past + i0 + i + 1;
+            for r0 in (0..bq).step_by(TILE_ROWS) {
+                let rows = (bq - r0).min(TILE_ROWS);
+                let seen = visible(r0 + rows - 1);
+                prefill_bf16::tile(
+                    Tile {
+                        a: &queries[r0 * q_pairs..],
+                        a_stride: q_pairs,
+                        rows,
+                        kk_end: q_pairs,
+                        b: &keys,
+                        kp: q_pairs,
+                        col_end: prefill_bf16::padded_cols(seen),
+                        c_stride: key_cols,
+                    },
+                    &mut scores[r0 * key_cols..],
+                );
+            }
+            // Scale, causal mask, softmax in f32; the probabilities in bf16 pairs, zero past
+            // the query's last key up to its tile's.
+            for i in 0..bq {
+                let seen = visible(i);
+                let row = &mut scores[i * key_cols..][..seen];
+                scale_scores(be, row, d.softmax_scale);
+                softmax(be, row);
+                let tile_end = visible(((i / TILE_ROWS + 1) * TILE_ROWS).min(bq) - 1);
+                prefill_bf16::pairs_of(row, &mut probs[i * p_pairs..][..tile_end.div_ceil(2)]);
+            }
+            for r0 in (0..bq).step_by(TILE_ROWS) {
+                let rows = (bq - r0).min(TILE_ROWS);
+                prefill_bf16::tile(
+                    Tile {
+                        a: &probs[r0 * p_pairs..],
+                        a_stride: p_pairs,
+                        rows,
+                        kk_end: visible(r0 + rows - 1).div_ceil(2),
+                        b: &values,
+                        kp: p_pairs,
+                        col_end: v_cols,
+                        c_stride: v_cols,
+                    },
+                    &mut head_out[r0 * v_cols..],
+                );
+            }
+            for i in 0..bq {
+                let t = seq.query_start + i0 + i;
+                // SAFETY: row t, head `head` is written by this task only.
+                let dst = unsafe {
+                    std::slice::from_raw_parts_mut(out_ptr.get().add(t * out_row + head * dv), dv)
+                };
+                dst.copy_from_slice(&head_out[i * v_cols..][..dv]);
+            }
+        }
+    });
+}
 
 /// Cache positions per parallel task of the absorbed scores.
 const SCORE_CHUNK: usize = 64;

@@ -103,14 +103,14 @@ fn step(acc: f32, a: u16, b: u16) -> f32 {
 
 /// `vdpbf16ps` on one lane: the high pair first.
 #[inline(always)]
-fn dp(acc: f32, a: u32, b: u32) -> f32 {
+pub(crate) fn dp(acc: f32, a: u32, b: u32) -> f32 {
     let acc = step(acc, (a >> 16) as u16, (b >> 16) as u16);
     step(acc, a as u16, b as u16)
 }
 
 /// Two bf16 values in one 32-bit lane: `lo` in the low half.
 #[inline(always)]
-fn pair(lo: u16, hi: u16) -> u32 {
+pub(crate) fn pair(lo: u16, hi: u16) -> u32 {
     lo as u32 | (hi as u32) << 16
 }
 

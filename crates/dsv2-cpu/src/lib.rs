@@ -36,6 +36,7 @@ pub mod matmul;
 mod mla;
 mod moe;
 pub mod peak;
+mod prefill_bf16;
 pub mod qmatmul;
 mod scratch;
 mod softmax;
