@@ -88,12 +88,15 @@ pub(crate) fn pack_cols<'a>(k: usize, n: usize, col: impl Fn(usize) -> &'a [f32]
 /// `out[j] = (bf16(lo[j]), bf16(hi[j]))` (`hi` absent: 0), 0 past `lo`'s end.
 fn interleave(lo: &[f32], hi: Option<&[f32]>, out: &mut [u32]) {
     let n = lo.len();
-    let mut done = 0;
     #[cfg(target_arch = "x86_64")]
-    if available() {
+    let done = if available() {
         // SAFETY: the features were detected; `hi` (if any) holds `n` values too.
-        done = unsafe { x86::interleave512(lo, hi, out) };
-    }
+        unsafe { x86::interleave512(lo, hi, out) }
+    } else {
+        0
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let done = 0;
     for (j, p) in out.iter_mut().enumerate().skip(done) {
         *p = if j < n {
             pair(round(lo[j]), hi.map_or(0, |hi| round(hi[j])))
@@ -106,12 +109,15 @@ fn interleave(lo: &[f32], hi: Option<&[f32]>, out: &mut [u32]) {
 /// The bf16 pairs of an f32 row: `out[kk] = (bf16(x[2kk]), bf16(x[2kk + 1]))`, 0 past
 /// `x`'s end, for every `kk < out.len()`.
 pub(crate) fn pairs_of(x: &[f32], out: &mut [u32]) {
-    let mut done = 0;
     #[cfg(target_arch = "x86_64")]
-    if available() {
+    let done = if available() {
         // SAFETY: the features were detected.
-        done = unsafe { x86::pairs_of512(x, out) };
-    }
+        unsafe { x86::pairs_of512(x, out) }
+    } else {
+        0
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let done = 0;
     for (kk, p) in out.iter_mut().enumerate().skip(done) {
         let at = |i: usize| x.get(i).map_or(0, |v| round(*v));
         *p = pair(at(2 * kk), at(2 * kk + 1));
