@@ -14,6 +14,14 @@
 mod attention;
 pub mod bf16dot;
 
+/// Whether attention over a bf16 latent cache runs in bf16 arithmetic on this CPU (decode:
+/// `flash_bf16`, prefill: `prefill_bf16`): AVX-512 F, BW and BF16 present and not turned
+/// off by `DSV2_BF16_ATTENTION=0`. Its logits then differ slightly from a CPU without the
+/// instruction's, as with any bf16 kernel.
+pub fn bf16_attention() -> bool {
+    flash_bf16::available()
+}
+
 /// Deterministic test values in [-1, 1) (xorshift64), shared by the kernel tests.
 #[cfg(test)]
 pub(crate) fn test_values(n: usize, seed: u64) -> Vec<f32> {

@@ -221,8 +221,9 @@ fn a_q4_batch_equals_each_sequence_alone() {
 /// Over a bf16 latent cache the prefill's attention runs in bf16 arithmetic where the CPU
 /// has AVX-512 BF16 (`dsv2_cpu`'s `prefill_bf16`), the decode's too: the two formulations
 /// still agree, and a prompt prefilled in chunks (each chunk's queries against the cached
-/// context) gives bit for bit the logits of the whole prompt at once (a query's scores and
-/// weighted sum do not depend on its tile). 300 tokens: past one block of 256 queries.
+/// context; the last chunk one token) gives bit for bit the logits of the whole prompt at
+/// once (a query's scores and weighted sum do not depend on its tile; without the bf16
+/// arithmetic, within 1e-5). 300 tokens: past one block of 256 queries.
 #[test]
 fn a_bf16_cache_prefill_agrees_with_decode_and_with_itself_in_chunks() {
     for variant in ["lite", "v2", "plain"] {
@@ -260,7 +261,7 @@ fn a_bf16_cache_prefill_agrees_with_decode_and_with_itself_in_chunks() {
             .unwrap();
         let mut ws = model.workspace(&backend, prompt.len()).unwrap();
         let mut past = 0;
-        for chunk in [37, 200, 63] {
+        for chunk in [37, 200, 62, 1] {
             let mut batch = Batch::default();
             batch.push_seq(
                 &prompt[past..past + chunk],
@@ -281,13 +282,19 @@ fn a_bf16_cache_prefill_agrees_with_decode_and_with_itself_in_chunks() {
                 )
                 .unwrap();
             let want = &whole[0][past * vocab..(past + chunk) * vocab];
-            assert!(
-                logits
-                    .iter()
-                    .zip(want)
-                    .all(|(a, b)| a.to_bits() == b.to_bits()),
-                "{variant}: the chunk at {past} differs from the whole prompt's prefill"
-            );
+            if dsv2_cpu::bf16_attention() {
+                assert!(
+                    logits
+                        .iter()
+                        .zip(want)
+                        .all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{variant}: the chunk at {past} differs from the whole prompt's prefill"
+                );
+            } else {
+                // The f32 products (`gemm`) may take another kernel for another shape.
+                let err = rel_err(&logits, want);
+                assert!(err <= 1e-5, "{variant}: the chunk at {past}: {err}");
+            }
             past += chunk;
         }
     }
