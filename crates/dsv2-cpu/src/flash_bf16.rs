@@ -232,7 +232,7 @@ pub(crate) fn fold_chunk_reference(
 }
 
 #[cfg(target_arch = "x86_64")]
-mod x86 {
+pub(crate) mod x86 {
     use super::{dp, group_state_len, pair, pairs, Range, Shape, CHUNK_ROWS, GROUP, K_BLOCK};
     use super::{SCORE_ROWS, SUM_COLS, SUM_HEADS};
     use crate::flash::x86::softmax_step512;
@@ -241,16 +241,40 @@ mod x86 {
 
     /// 32 bf16 values as the bf16 vector type of `vdpbf16ps`.
     #[inline(always)]
-    fn bh(v: __m512i) -> __m512bh {
+    pub(crate) fn bh(v: __m512i) -> __m512bh {
         // SAFETY: both are 64 bytes of plain bits.
         unsafe { std::mem::transmute::<__m512i, __m512bh>(v) }
     }
 
     /// The bits of a bf16 vector.
     #[inline(always)]
-    fn bits(v: __m512bh) -> __m512i {
+    pub(crate) fn bits(v: __m512bh) -> __m512i {
         // SAFETY: both are 64 bytes of plain bits.
         unsafe { std::mem::transmute::<__m512bh, __m512i>(v) }
+    }
+
+    /// Two f32 vectors rounded to bf16 (`vcvtne2ps2bf16`, as [`super::round`]) and paired per
+    /// lane: lane `j` holds `bf16(lo[j])` in its low half and `bf16(hi[j])` in its high one.
+    ///
+    /// # Safety
+    /// AVX-512 F/BW/BF16.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    pub(crate) unsafe fn pair_lanes(lo: __m512, hi: __m512) -> __m512i {
+        /// Result value `i` (of 32): value `i / 2` of the low or the high half.
+        const INDEX: [i16; 32] = {
+            let mut index = [0i16; 32];
+            let mut i = 0;
+            while i < 32 {
+                index[i] = (i / 2 + 16 * (i % 2)) as i16;
+                i += 1;
+            }
+            index
+        };
+        // SAFETY: 32 i16 values.
+        let index = unsafe { _mm512_loadu_si512(INDEX.as_ptr() as *const _) };
+        // Low 16 values lo's, high 16 hi's; then interleaved per lane.
+        _mm512_permutexvar_epi16(index, bits(_mm512_cvtne2ps_pbh(hi, lo)))
     }
 
     /// The columns of a weighted-sum tile's two accumulators, back in order: the
@@ -362,10 +386,6 @@ mod x86 {
                 let alphas = softmax_step512(pg, n, st);
                 // The probabilities in bf16 pairs of rows: pp[j2·16 + lane] = (p[2·j2],
                 // p[2·j2 + 1]) of the lane (an odd last row paired with 0).
-                let interleave = {
-                    let idx: [i16; 32] = std::array::from_fn(|i| (i / 2 + 16 * (i % 2)) as i16);
-                    _mm512_loadu_si512(idx.as_ptr() as *const _)
-                };
                 for j2 in 0..n.div_ceil(2) {
                     let p0 = _mm512_loadu_ps(pg.add(2 * j2 * GROUP));
                     let p1 = if 2 * j2 + 1 < n {
@@ -373,10 +393,7 @@ mod x86 {
                     } else {
                         _mm512_setzero_ps()
                     };
-                    // Low 16 values p0's, high 16 p1's; then interleaved per lane.
-                    let b = bits(_mm512_cvtne2ps_pbh(p1, p0));
-                    let v = _mm512_permutexvar_epi16(interleave, b);
-                    _mm512_storeu_si512(pp.add(j2 * GROUP) as *mut _, v);
+                    _mm512_storeu_si512(pp.add(j2 * GROUP) as *mut _, pair_lanes(p0, p1));
                 }
                 let o = st.add(2 * GROUP);
                 let zero = _mm512_setzero_si512();

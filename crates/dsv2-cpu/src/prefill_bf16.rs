@@ -198,21 +198,8 @@ pub(crate) fn tile_reference(t: Tile<'_>, c: &mut [f32]) {
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::{Tile, TILE_COLS};
+    use crate::flash_bf16::x86::{bh, bits, pair_lanes};
     use std::arch::x86_64::*;
-
-    /// 32 bf16 values as the bf16 vector type of `vdpbf16ps`.
-    #[inline(always)]
-    fn bh(v: __m512i) -> __m512bh {
-        // SAFETY: both are 64 bytes of plain bits.
-        unsafe { std::mem::transmute::<__m512i, __m512bh>(v) }
-    }
-
-    /// The bits of a bf16 vector.
-    #[inline(always)]
-    fn bits(v: __m512bh) -> __m512i {
-        // SAFETY: both are 64 bytes of plain bits.
-        unsafe { std::mem::transmute::<__m512bh, __m512i>(v) }
-    }
 
     /// [`super::pairs_of`] for the whole 16-pair blocks that `x` and `out` both hold;
     /// returns the pairs written (`vcvtne2ps2bf16` rounds as [`super::round`]).
@@ -243,10 +230,6 @@ mod x86 {
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
     pub(super) unsafe fn interleave512(lo: &[f32], hi: Option<&[f32]>, out: &mut [u32]) -> usize {
         let blocks = (lo.len() / 16).min(out.len() / 16);
-        // Lane j of the result: value j of lo's half (low) and of hi's half (high).
-        let index: [i16; 32] = std::array::from_fn(|i| (i / 2 + 16 * (i % 2)) as i16);
-        // SAFETY: 32 i16 values.
-        let index = unsafe { _mm512_loadu_si512(index.as_ptr() as *const _) };
         for b in 0..blocks {
             // SAFETY: 16 values of lo, hi and out at block b.
             unsafe {
@@ -255,8 +238,7 @@ mod x86 {
                     Some(hi) => _mm512_loadu_ps(hi.as_ptr().add(16 * b)),
                     None => _mm512_setzero_ps(),
                 };
-                let v = _mm512_permutexvar_epi16(index, bits(_mm512_cvtne2ps_pbh(h, l)));
-                _mm512_storeu_si512(out.as_mut_ptr().add(16 * b) as *mut _, v);
+                _mm512_storeu_si512(out.as_mut_ptr().add(16 * b) as *mut _, pair_lanes(l, h));
             }
         }
         16 * blocks
