@@ -87,6 +87,13 @@ fn decode_dram(c: &mut Criterion) {
     group.warm_up_time(Duration::from_secs(1));
     group.measurement_time(Duration::from_secs(4));
     {
+        // The host's read bandwidth in the same run (`dsv2 bench`'s probe), to set the
+        // kernels' rates against.
+        let mut probe = dsv2_cpu::bandwidth::ReadProbe::new(512 << 20);
+        group.throughput(Throughput::Bytes(probe.bytes() as u64));
+        group.bench_function("read_probe_512MiB", |b| b.iter(|| probe.pass()));
+    }
+    {
         let n = 102400;
         let q = quantized(QuantFormat::Q8, n, K, 5);
         let mut y = vec![0.0f32; 8 * n];

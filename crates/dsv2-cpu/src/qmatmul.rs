@@ -46,9 +46,19 @@ const OUT_LEN: usize = MR_MAX * NC_MAX * TILE;
 /// q8 blocks ahead to prefetch weights in the AVX-512 kernel (0: none): 8 KiB, the same
 /// distance in bytes for q4 (32 of its half-size blocks). Tiles of a task are contiguous,
 /// so this runs on into the next tile. Measured: decode m = 8 from DRAM 10 → 24 GB/s (one
-/// core's worth on a loaded machine), m = 1 unchanged.
+/// core's worth on a loaded machine).
 #[cfg(target_arch = "x86_64")]
 const PREFETCH: usize = 16;
+/// Fewest kernel rows (activation rows × terms) a register tile prefetches for. Below,
+/// the instructions of the prefetches themselves cost more than they bring: a core's
+/// out-of-order window covers fewer weight lines and the hardware prefetchers stream
+/// these reads alone. Measured on a Zen 4 VM (`examples/stream_exp.rs`, matrices
+/// from DRAM, against the read probe in the same rounds): 1 kernel row (q4 m = 1) and 2
+/// (q8 m = 1) stream 5-8% faster without (q8 experts 0.83 → 0.89 of the probe at
+/// 35 GB/s, 0.65 → 0.69 at 58 GB/s; one thread 0.71 → 0.76), 4 and more slower (q4 m = 4
+/// 0.52 → 0.65 with).
+#[cfg(target_arch = "x86_64")]
+const PREFETCH_MIN_ROWS: usize = 3;
 /// Activation rows per parallel task in prefill (a multiple of the 6-row tile).
 const ROW_CHUNK: usize = 96;
 
@@ -665,7 +675,7 @@ impl<'a> Job<'a> {
         debug_assert!(mr_max.is_multiple_of(terms));
         let mut out = [0.0f32; OUT_LEN];
         #[cfg(target_arch = "x86_64")]
-        if PREFETCH > 0 && !tiles.is_empty() {
+        if PREFETCH > 0 && mr_max >= PREFETCH_MIN_ROWS && !tiles.is_empty() {
             // The kernel prefetches a fixed distance ahead of the block it reads; a task
             // starting on fresh tiles has nothing in flight yet, so ask for the first
             // stretch of its first tiles now (the rest follows from the kernel).
@@ -886,7 +896,11 @@ mod x86 {
         let (k, nb) = (a.k, a.k / BLOCK);
         let bb = if Q4 { 256 } else { 512 };
         // The same distance in bytes for both formats (q4 blocks are half as long).
-        let pf = PREFETCH * 512 / bb;
+        let pf = if MR >= PREFETCH_MIN_ROWS {
+            PREFETCH * 512 / bb
+        } else {
+            0
+        };
         let corr = if Q4 { &a.c8 } else { &a.c128 };
         let xq: [*const i8; MR] = std::array::from_fn(|i| a.q[(i0 + i) * step * k..].as_ptr());
         let xd: [&[f32]; MR] = std::array::from_fn(|i| &a.d[(i0 + i) * step * nb..][..nb]);
@@ -905,7 +919,7 @@ mod x86 {
             let mut acc2 = [[_mm512_setzero_si512(); NC]; MR];
             // SAFETY (all loads below): block b of a full tile, k < cols of the rows.
             unsafe {
-                if PREFETCH > 0 {
+                if pf > 0 {
                     // Weights a few blocks ahead (may run past the tile: prefetches of
                     // any address are harmless).
                     for w in &wq[..NC] {
