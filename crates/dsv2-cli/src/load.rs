@@ -132,8 +132,20 @@ pub fn with_weights<T: ModelTask>(
             if let Some(cache) = args.kv_cache_dtype {
                 backend = backend.with_cache_dtype(cache);
             }
+            if let Some(terms) = args.activation_terms {
+                backend = backend.with_q8_activation_terms(terms.into());
+            }
             let model = Model::load_from(&backend, info.config.clone(), &options, weight)
                 .with_context(|| format!("loading {source}"))?;
+            if let Some(terms) = args.activation_terms {
+                if !backend.has_quantized_weights() {
+                    bail!(
+                        "--activation-terms {terms}: {source} has no quantized weights \
+                         (the terms apply to q8 products: add --quantize q8|q4, or load a \
+                         checkpoint written by `dsv2 quantize`)"
+                    );
+                }
+            }
             task.run(&backend, &model, &info)
         }
         #[cfg(feature = "cuda")]
@@ -157,6 +169,12 @@ fn check_device(args: &ModelArgs) -> Result<()> {
         bail!(
             "--device cuda: this dsv2 binary was built without CUDA support \
              (build with `cargo build --release --features cuda`)"
+        );
+    }
+    if let (Device::Cuda(_), Some(terms)) = (args.device, args.activation_terms) {
+        bail!(
+            "--activation-terms {terms}: the int8 activation terms are the CPU's quantized \
+             products; CUDA runs bf16/f32 weights (drop --activation-terms)"
         );
     }
     if let (Device::Cuda(_), Some(cache)) = (args.device, args.kv_cache_dtype) {

@@ -213,6 +213,74 @@ fn the_thread_count_does_not_change_the_logits() {
     assert_one_line_error(&out, &format!("{cpus} CPUs"));
 }
 
+/// `--activation-terms` sets the int8 terms of q8 products: 2 is q8's default (the same
+/// logits), 1 moves them (llama.cpp's q8_0 activation rounding; its error is measured in
+/// `crates/dsv2-engine/tests/fixtures.rs`). Without quantized weights, on CUDA, or
+/// outside 1..=2 it is a one-line error.
+#[test]
+fn activation_terms_select_the_q8_activation_rounding() {
+    let dir = fixture("lite");
+    let (prompt, _) = read_tensor(&dir.join("reference.safetensors"), "prompt.0");
+    let ids = ids_arg(&prompt);
+    let out_dir = tmp("terms");
+    let logits = |terms: Option<&str>| {
+        let path = out_dir.join(format!("{terms:?}.safetensors"));
+        let mut args = vec![
+            "logits",
+            "--model",
+            dir.to_str().unwrap(),
+            "--quantize",
+            "q8",
+            "--token-ids",
+            &ids,
+            "--output",
+            path.to_str().unwrap(),
+        ];
+        if let Some(terms) = terms {
+            args.extend(["--activation-terms", terms]);
+        }
+        let out = dsv2(&args);
+        assert!(out.status.success(), "{}", stderr(&out));
+        read_tensor(&path, "logits").0
+    };
+    let default = logits(None);
+    assert_eq!(logits(Some("2")), default);
+    let one = logits(Some("1"));
+    assert_eq!(one.len(), default.len());
+    assert_ne!(one, default);
+    let model = dir.to_str().unwrap();
+    let out = dsv2(&[
+        "generate",
+        "--model",
+        model,
+        "--token-ids",
+        "1",
+        "--activation-terms",
+        "1",
+    ]);
+    assert_one_line_error(&out, "no quantized weights");
+    let out = dsv2(&[
+        "generate",
+        "--token-ids",
+        "1",
+        "--quantize",
+        "q8",
+        "--activation-terms",
+        "3",
+    ]);
+    assert_one_line_error(&out, "--activation-terms");
+    let out = dsv2(&[
+        "generate",
+        "--device",
+        "cuda",
+        "--token-ids",
+        "1",
+        "--activation-terms",
+        "1",
+    ]);
+    assert!(!out.status.success());
+}
+
 /// `--kv-cache-dtype bf16` under `--dtype bf16` is exact: the same greedy tokens as an f32
 /// cache, from a cache half the size.
 #[test]

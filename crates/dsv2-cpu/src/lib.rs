@@ -118,9 +118,9 @@ impl CpuWeight {
             .for_each(|(o, v)| *o = v.to_f32()))
     }
 
-    /// The quantized planes, when this weight is quantized.
-    /// The quantized planes as a product's operand, read with the activation terms the
-    /// backend's model takes ([`CpuBackend::routed_format`]).
+    /// The quantized planes as a product's operand, when this weight is quantized, read
+    /// with the activation terms the backend takes for its format
+    /// ([`CpuBackend::activation_terms`]).
     pub(crate) fn qmatrix(&self, be: &CpuBackend) -> Option<qmatmul::QMatrix<'_>> {
         self.quant.as_ref().map(|q| qmatmul::QMatrix {
             format: q.format,
@@ -128,7 +128,7 @@ impl CpuWeight {
             cols: q.cols,
             q: q.qweight_bytes(),
             scales: q.scales(),
-            terms: qmatmul::activation_terms(q.format, be.routed_format()),
+            terms: be.activation_terms(q.format),
         })
     }
 
@@ -296,6 +296,10 @@ pub struct CpuBackend {
     /// Distinct routed experts run, summed over MoE layer calls
     /// ([`Backend::routed_experts_run`]).
     routed_experts_run: std::sync::atomic::AtomicU64,
+    /// The int8 activation terms of q8 products when set
+    /// ([`CpuBackend::with_q8_activation_terms`]); unset, [`qmatmul::activation_terms`]
+    /// picks them from the model's formats.
+    q8_terms: Option<usize>,
 }
 
 impl CpuBackend {
@@ -307,7 +311,43 @@ impl CpuBackend {
             q4_weights: std::sync::atomic::AtomicBool::new(false),
             quantized: std::sync::atomic::AtomicBool::new(false),
             routed_experts_run: std::sync::atomic::AtomicU64::new(0),
+            q8_terms: None,
         }
+    }
+
+    /// Splits each activation row entering a q8 product into `terms` int8 rows instead
+    /// of the model's default ([`qmatmul::activation_terms`]: 2 in a q8 model, 1 in a q4
+    /// one). 2 carry ~15 bits per value, so the products are nearly those of the f32
+    /// activations with the int8 weights; 1 is llama.cpp's `q8_0` activation rounding,
+    /// which adds about as much logit error as the int8 weights themselves (issue #5's
+    /// fixtures: q8 5.3e-3..9.3e-3 with 2, 1.2e-2..2.1e-2 with 1) for half the integer
+    /// multiply-adds: a prefill ~1.7× faster where the int8 arithmetic is the limit.
+    /// (q4 products always take one term; their 4-bit weights' error is ~5× it.)
+    ///
+    /// # Panics
+    /// If `terms` is not 1 or 2.
+    pub fn with_q8_activation_terms(mut self, terms: usize) -> Self {
+        assert!(
+            terms == 1 || terms == qmatmul::TERMS,
+            "{terms} activation terms (1 or 2)"
+        );
+        self.q8_terms = Some(terms);
+        self
+    }
+
+    /// The int8 activation terms of products with `format` weights in this backend's
+    /// model ([`CpuBackend::with_q8_activation_terms`], else
+    /// [`qmatmul::activation_terms`] of the formats loaded).
+    pub fn activation_terms(&self, format: dsv2_core::QuantFormat) -> usize {
+        match (format, self.q8_terms) {
+            (dsv2_core::QuantFormat::Q8, Some(terms)) => terms,
+            _ => qmatmul::activation_terms(format, self.routed_format()),
+        }
+    }
+
+    /// True once a quantized (q8 or q4) weight is loaded.
+    pub fn has_quantized_weights(&self) -> bool {
+        self.quantized.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Adds a MoE layer call's distinct routed experts to [`Backend::routed_experts_run`].
@@ -407,8 +447,20 @@ impl Backend for CpuBackend {
 
     fn describe(&self) -> String {
         let threads = team::threads();
+        // The int8 terms of q8 products (and q4's one), once quantized weights are loaded.
+        let terms = match (self.has_quantized_weights(), self.routed_format()) {
+            (false, _) => String::new(),
+            (true, dsv2_core::QuantFormat::Q8) => format!(
+                ", int8 activation terms {}",
+                self.activation_terms(dsv2_core::QuantFormat::Q8)
+            ),
+            (true, dsv2_core::QuantFormat::Q4) => format!(
+                ", int8 activation terms q8 {} q4 1",
+                self.activation_terms(dsv2_core::QuantFormat::Q8)
+            ),
+        };
         format!(
-            "cpu ({threads} thread{}, {} activations, {} latent cache)",
+            "cpu ({threads} thread{}, {} activations{terms}, {} latent cache)",
             if threads == 1 { "" } else { "s" },
             self.dtype,
             self.cache_dtype()

@@ -287,10 +287,17 @@ fn bf16_compute_tracks_the_references() {
 }
 
 fn load_quantized(name: &str, format: dsv2_core::QuantFormat) -> (CpuBackend, Model<CpuBackend>) {
+    load_quantized_on(name, format, CpuBackend::new(ComputeDtype::F32))
+}
+
+fn load_quantized_on(
+    name: &str,
+    format: dsv2_core::QuantFormat,
+    backend: CpuBackend,
+) -> (CpuBackend, Model<CpuBackend>) {
     let dir = fixture_dir(name);
     let config = ModelConfig::from_file(&dir.join("config.json")).unwrap();
     let checkpoint = Checkpoint::open(&dir).unwrap();
-    let backend = CpuBackend::new(ComputeDtype::F32);
     let options = dsv2_model::LoadOptions {
         quantize: Some(format),
     };
@@ -336,6 +343,37 @@ fn quantized_logits_stay_within_the_format_budget() {
                 }
             }
         }
+    }
+}
+
+/// q8 with one int8 activation term (`--activation-terms 1`, llama.cpp's `q8_0`
+/// activation rounding) instead of two: the trade it offers, measured. Measured through
+/// prefill (two terms → one): `lite` 5.3e-3..6.5e-3 → 8.9e-3..1.0e-2, `v2` (routed ×16)
+/// 7.7e-3..9.2e-3 → 1.29e-2..1.87e-2, `plain` 5.3e-3..6.8e-3 → 8.6e-3..1.08e-2, `austen`
+/// 2.9e-3..5.9e-3 → 5.4e-3..7.6e-3, `austen-v2` 2.5e-3..9.3e-3 → 7.0e-3..1.57e-2: issue
+/// #5's 1e-2 no longer holds on every prompt, so two terms stay q8's default.
+#[test]
+fn one_activation_term_trades_q8_accuracy_as_measured() {
+    use dsv2_core::QuantFormat;
+    for name in FIXTURES.into_iter().chain(TRAINED) {
+        let (two, two_model) = load_quantized(name, QuantFormat::Q8);
+        let one = CpuBackend::new(ComputeDtype::F32).with_q8_activation_terms(1);
+        let (one, one_model) = load_quantized_on(name, QuantFormat::Q8, one);
+        assert_eq!(two.activation_terms(QuantFormat::Q8), 2);
+        assert_eq!(one.activation_terms(QuantFormat::Q8), 1);
+        let path = AttentionPath::Auto;
+        let errors_two = path_errors("q8 two terms ", name, &two, &two_model, path);
+        let errors_one = path_errors("q8 one term ", name, &one, &one_model, path);
+        for (i, (err, _, _)) in errors_one.iter().enumerate() {
+            assert!(*err <= 2.1e-2, "{name} prompt {i}: one term {err}");
+        }
+        // Per prompt either may be the closer (austen-v2 prompt 2: 8.4e-3 against
+        // 9.3e-3); over a fixture's prompts one term is the further.
+        let total = |errors: &[(f64, usize, usize)]| errors.iter().map(|e| e.0).sum::<f64>();
+        assert!(
+            total(&errors_one) > total(&errors_two),
+            "{name}: one term {errors_one:?}, two {errors_two:?}"
+        );
     }
 }
 
