@@ -325,8 +325,7 @@ pub fn dense_streamed_matrix(name: &str, shape: &[usize]) -> bool {
 /// error below the absmax scale's by ~8% (q8) and ~7-10% (q4) for ~2.2× the quantization
 /// time (`tools/fixtures/quant_error.py`; the ignored `quantize_speed` test).
 #[inline(always)]
-fn quantize_block(format: QuantFormat, block: &[f32]) -> (f16, [i8; BLOCK]) {
-    let block: &[f32; BLOCK] = block.try_into().expect("a block of 32");
+fn quantize_block(format: QuantFormat, block: &[f32; BLOCK]) -> (f16, [i8; BLOCK]) {
     match format {
         QuantFormat::Q8 => search_block(block, -127.0, 127.0, -127.0, Q8_DIVISORS),
         QuantFormat::Q4 => search_block(block, -8.0, 7.0, -8.0, Q4_DIVISORS),
@@ -444,6 +443,192 @@ fn round_block(block: &[f32; BLOCK], d: f16, lo: f32, hi: f32) -> ([i8; BLOCK], 
     (q, e)
 }
 
+/// The scale search in explicit AVX-512 ([`quantize_block`]'s operations, in the same
+/// order, so the same bytes): the compiler's vectorization of [`search_block`] leaves the
+/// clamps and the float-to-int8 conversions scalar, ~17 cycles a value.
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    use half::f16;
+
+    use super::{QuantFormat, BLOCK, Q4_DIVISORS, Q8_DIVISORS};
+
+    /// [`super::quantize_block`] of each block of `values` (1 or
+    /// [`super::BLOCKS_AT_ONCE`] blocks) into `out`.
+    ///
+    /// # Safety
+    /// AVX-512 F/BW/VL/DQ and F16C.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,f16c")]
+    pub(super) unsafe fn quantize_blocks(
+        format: QuantFormat,
+        values: &[f32],
+        out: &mut [(f16, [i8; BLOCK])],
+    ) {
+        let (lo, hi, base, divisors) = match format {
+            QuantFormat::Q8 => (-127.0, 127.0, -127.0, Q8_DIVISORS),
+            QuantFormat::Q4 => (-8.0, 7.0, -8.0, Q4_DIVISORS),
+        };
+        match out.len() {
+            1 => out.copy_from_slice(&search_blocks::<1>(values, lo, hi, base, divisors)),
+            2 => out.copy_from_slice(&search_blocks::<2>(values, lo, hi, base, divisors)),
+            n => unreachable!("{n} blocks at once"),
+        }
+    }
+
+    /// `round_half_even(y).clamp(lo, hi)` of [`super::search_block`] (`y` finite).
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn round_clamp(y: __m512, lo: __m512, hi: __m512) -> __m512 {
+        let magic = _mm512_set1_ps(12_582_912.0);
+        let r = _mm512_sub_ps(_mm512_add_ps(y, magic), magic);
+        // `clamp` for values that are not NaN: `r` is never −0 (`(y + M) − M` of an
+        // exact `M` gives +0), so `max`/`min` agree with its comparisons.
+        _mm512_min_ps(_mm512_max_ps(r, lo), hi)
+    }
+
+    /// [`super::search_block`] of the `N` blocks of `values`, each step of the `N`
+    /// together (independent work for the core while one block's chain waits).
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,f16c")]
+    fn search_blocks<const N: usize>(
+        values: &[f32],
+        lo: f32,
+        hi: f32,
+        base: f32,
+        divisors: [f32; 8],
+    ) -> [(f16, [i8; BLOCK]); N] {
+        assert_eq!(values.len(), N * BLOCK);
+        // Plain loops over the blocks, not closures: a closure does not take this
+        // function's target features, so its intrinsics would not inline.
+        let mut v = [[_mm512_setzero_ps(); 2]; N];
+        for (n, vn) in v.iter_mut().enumerate() {
+            // SAFETY: 32 values per block (checked).
+            unsafe {
+                let p = values.as_ptr().add(n * BLOCK);
+                *vn = [_mm512_loadu_ps(p), _mm512_loadu_ps(p.add(16))];
+            }
+        }
+        // abs_max: the largest magnitude bits; signed_max: the largest of the keys that
+        // order floats as signed integers; the absmax scale; the candidates' 1/d.
+        let magnitude = _mm512_set1_epi32(0x7fff_ffff);
+        // SAFETY: 8 divisors.
+        let divisors = unsafe { _mm256_loadu_ps(divisors.as_ptr()) };
+        let (mut amax, mut base_scale) = ([0.0f32; N], [f16::ZERO; N]);
+        let mut inv = [_mm512_setzero_ps(); N];
+        for n in 0..N {
+            let (b0, b1) = (_mm512_castps_si512(v[n][0]), _mm512_castps_si512(v[n][1]));
+            amax[n] = f32::from_bits(_mm512_reduce_max_epu32(_mm512_max_epu32(
+                _mm512_and_si512(b0, magnitude),
+                _mm512_and_si512(b1, magnitude),
+            )));
+            let k0 = _mm512_xor_si512(b0, _mm512_srli_epi32(_mm512_srai_epi32(b0, 31), 1));
+            let k1 = _mm512_xor_si512(b1, _mm512_srli_epi32(_mm512_srai_epi32(b1, 31), 1));
+            let k = _mm512_reduce_max_epi32(_mm512_max_epi32(k0, k1));
+            let signed_max = f32::from_bits((k ^ (((k >> 31) as u32) >> 1) as i32) as u32);
+            let m = if signed_max >= amax[n] {
+                amax[n]
+            } else {
+                -amax[n]
+            };
+            base_scale[n] = f16::from_f32(m / base);
+            // (A block of zeros divides by 0 here; its results are replaced below.)
+            let inv8 = _mm256_div_ps(divisors, _mm256_set1_ps(m));
+            inv[n] = _mm512_insertf32x8::<1>(_mm512_castps256_ps512(inv8), inv8);
+        }
+        let (vlo, vhi) = (_mm512_set1_ps(lo), _mm512_set1_ps(hi));
+        // Lane 8h + c: element 2i + h, candidate c (as the generic code).
+        let pair = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+        let mut sxq = [_mm512_setzero_ps(); N];
+        let mut sqq = [_mm512_setzero_ps(); N];
+        for i in 0..BLOCK / 2 {
+            let idx = _mm512_add_epi32(pair, _mm512_set1_epi32(2 * (i % 8) as i32));
+            for n in 0..N {
+                let x = _mm512_permutexvar_ps(idx, v[n][i / 8]);
+                let q = round_clamp(_mm512_mul_ps(x, inv[n]), vlo, vhi);
+                sxq[n] = _mm512_add_ps(sxq[n], _mm512_mul_ps(x, q));
+                sqq[n] = _mm512_add_ps(sqq[n], _mm512_mul_ps(q, q));
+            }
+        }
+        let mut fit = [f16::ZERO; N];
+        for n in 0..N {
+            let xq = _mm256_add_ps(
+                _mm512_castps512_ps256(sxq[n]),
+                _mm512_extractf32x8_ps::<1>(sxq[n]),
+            );
+            let qq = _mm256_add_ps(
+                _mm512_castps512_ps256(sqq[n]),
+                _mm512_extractf32x8_ps::<1>(sqq[n]),
+            );
+            let refit_v = _mm256_div_ps(xq, qq);
+            let (mut refit, mut score) = ([0.0f32; 8], [0.0f32; 8]);
+            // SAFETY: 8 floats each.
+            unsafe {
+                _mm256_storeu_ps(refit.as_mut_ptr(), refit_v);
+                _mm256_storeu_ps(score.as_mut_ptr(), _mm256_mul_ps(xq, refit_v));
+            }
+            let mut best = 0;
+            for c in 1..8 {
+                if score[c] > score[best] {
+                    best = c;
+                }
+            }
+            fit[n] = f16::from_f32(refit[best]);
+        }
+        let mut rounded = [[([_mm512_setzero_si512(); 2], 0.0f32); 2]; N];
+        for n in 0..N {
+            rounded[n][0] = round_block(v[n], base_scale[n], vlo, vhi);
+        }
+        for n in 0..N {
+            rounded[n][1] = round_block(v[n], fit[n], vlo, vhi);
+        }
+        let mut out = [(f16::ZERO, [0i8; BLOCK]); N];
+        for n in 0..N {
+            if amax[n] == 0.0 {
+                continue;
+            }
+            let [(q0, e0), (q1, e1)] = rounded[n];
+            let (d, q) = if e1 < e0 {
+                (fit[n], q1)
+            } else {
+                (base_scale[n], q0)
+            };
+            out[n].0 = d;
+            // SAFETY: 32 bytes.
+            unsafe {
+                let p = out[n].1.as_mut_ptr() as *mut __m128i;
+                _mm_storeu_si128(p, _mm512_cvtepi32_epi8(q[0]));
+                _mm_storeu_si128(p.add(1), _mm512_cvtepi32_epi8(q[1]));
+            }
+        }
+        out
+    }
+
+    /// [`super::round_block`]: the codes as 32-bit integers, and the squared error.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512dq,f16c")]
+    fn round_block(v: [__m512; 2], d: f16, lo: __m512, hi: __m512) -> ([__m512i; 2], f32) {
+        let [v0, v1] = v;
+        let d = d.to_f32();
+        let inv = _mm512_set1_ps(if d != 0.0 { 1.0 / d } else { 0.0 });
+        let dv = _mm512_set1_ps(d);
+        let r0 = round_clamp(_mm512_mul_ps(v0, inv), lo, hi);
+        let r1 = round_clamp(_mm512_mul_ps(v1, inv), lo, hi);
+        let e0 = _mm512_sub_ps(v0, _mm512_mul_ps(dv, r0));
+        let e1 = _mm512_sub_ps(v1, _mm512_mul_ps(dv, r1));
+        let (s0, s1) = (_mm512_mul_ps(e0, e0), _mm512_mul_ps(e1, e1));
+        // Lane j sums elements j, 8 + j, 16 + j, 24 + j in order (from 0: 0 + x = x).
+        let mut lanes8 = _mm256_add_ps(_mm512_castps512_ps256(s0), _mm512_extractf32x8_ps::<1>(s0));
+        lanes8 = _mm256_add_ps(lanes8, _mm512_castps512_ps256(s1));
+        lanes8 = _mm256_add_ps(lanes8, _mm512_extractf32x8_ps::<1>(s1));
+        let mut l = [0.0f32; 8];
+        // SAFETY: 8 floats.
+        unsafe { _mm256_storeu_ps(l.as_mut_ptr(), lanes8) };
+        let e = ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7]));
+        ([_mm512_cvtps_epi32(r0), _mm512_cvtps_epi32(r1)], e)
+    }
+}
+
 /// `y` rounded to the nearest integer, ties to even, for `|y| < 2²²` (larger values stay
 /// beyond every clamp bound), in plain f32 arithmetic: vectorizes on every instruction
 /// set, without libm.
@@ -514,7 +699,10 @@ unsafe fn quantize_rows_avx512(
     q: &mut [u8],
     scales: &mut [f16],
 ) {
-    quantize_rows_impl(format, x, cols, q, scales)
+    quantize_rows_with(format, x, cols, q, scales, |format, values, out| {
+        // SAFETY: this function's features, which the caller checked.
+        unsafe { avx512::quantize_blocks(format, values, out) }
+    })
 }
 
 /// [`quantize_rows`] compiled for AVX2/F16C: the same IEEE operations (`round` is
@@ -540,34 +728,57 @@ fn quantize_rows_impl(
     q: &mut [u8],
     scales: &mut [f16],
 ) {
+    quantize_rows_with(format, x, cols, q, scales, |format, values, out| {
+        for (o, block) in out.iter_mut().zip(values.chunks_exact(BLOCK)) {
+            *o = quantize_block(format, block.try_into().expect("32 values"));
+        }
+    })
+}
+
+/// [`quantize_rows`] with `blocks(format, values, out)` quantizing the blocks of
+/// `values` (one or [`BLOCKS_AT_ONCE`] of them) into `out` as [`quantize_block`] does.
+#[inline(always)]
+fn quantize_rows_with(
+    format: QuantFormat,
+    x: &[f32],
+    cols: usize,
+    q: &mut [u8],
+    scales: &mut [f16],
+    blocks: impl Fn(QuantFormat, &[f32], &mut [(f16, [i8; BLOCK])]),
+) {
     assert!(cols.is_multiple_of(BLOCK) && x.len().is_multiple_of(cols));
     let rows = x.len() / cols;
     let nb = cols / BLOCK;
     let bb = format.block_bytes();
     assert!(q.len() >= rows * format.row_bytes(cols) && scales.len() >= rows * nb);
+    let mut out = [(f16::ZERO, [0i8; BLOCK]); BLOCKS_AT_ONCE];
     for t in 0..rows.div_ceil(TILE) {
         let (qt, rt, st) = tile_at(format, rows, cols, t);
         for rr in 0..rt {
             let row = &x[(t * TILE + rr) * cols..][..cols];
-            for (b, block) in row.chunks_exact(BLOCK).enumerate() {
-                let (d, w) = quantize_block(format, block);
-                scales[st + b * rt + rr] = d;
-                let qb = &mut q[qt + b * rt * bb..][..rt * bb];
-                match format {
-                    QuantFormat::Q8 => {
-                        for (g, four) in w.chunks_exact(4).enumerate() {
-                            let at = g * 4 * rt + 4 * rr;
-                            for (o, &v) in qb[at..at + 4].iter_mut().zip(four) {
-                                *o = v as u8;
+            for (c, chunk) in row.chunks(BLOCKS_AT_ONCE * BLOCK).enumerate() {
+                let out = &mut out[..chunk.len() / BLOCK];
+                blocks(format, chunk, out);
+                for (i, &(d, w)) in out.iter().enumerate() {
+                    let b = c * BLOCKS_AT_ONCE + i;
+                    scales[st + b * rt + rr] = d;
+                    let qb = &mut q[qt + b * rt * bb..][..rt * bb];
+                    match format {
+                        QuantFormat::Q8 => {
+                            for (g, four) in w.chunks_exact(4).enumerate() {
+                                let at = g * 4 * rt + 4 * rr;
+                                for (o, &v) in qb[at..at + 4].iter_mut().zip(four) {
+                                    *o = v as u8;
+                                }
                             }
                         }
-                    }
-                    QuantFormat::Q4 => {
-                        for c in 0..4 {
-                            for j in 0..4 {
-                                let lo = (w[8 * c + j] + 8) as u8;
-                                let hi = (w[8 * c + 4 + j] + 8) as u8;
-                                qb[c * 4 * rt + 4 * rr + j] = lo | (hi << 4);
+                        QuantFormat::Q4 => {
+                            for c in 0..4 {
+                                for j in 0..4 {
+                                    let lo = (w[8 * c + j] + 8) as u8;
+                                    let hi = (w[8 * c + 4 + j] + 8) as u8;
+                                    qb[c * 4 * rt + 4 * rr + j] = lo | (hi << 4);
+                                }
                             }
                         }
                     }
@@ -576,6 +787,11 @@ fn quantize_rows_impl(
         }
     }
 }
+
+/// Blocks a quantizer takes at once: the AVX-512 search interleaves two blocks' work,
+/// whose long dependency chains (reductions, divisions, in-order sums) one block alone
+/// leaves the core waiting on.
+const BLOCKS_AT_ONCE: usize = 2;
 
 /// Quantizes a dense 2-D tensor (BF16, F16 or F32) into `format`, in parallel over rows.
 ///
@@ -675,8 +891,10 @@ mod tests {
         assert!(q4 > q8);
     }
 
+    /// Every instruction path (the explicit AVX-512 one, the AVX2 compilation, the
+    /// generic code) gives the same bytes, on random rows and on rows of special blocks.
     #[test]
-    fn the_compiled_for_avx2_quantizer_gives_the_same_bytes() {
+    fn every_quantizer_path_gives_the_same_bytes() {
         for format in [QuantFormat::Q8, QuantFormat::Q4] {
             let (rows, cols) = (21, 256);
             let mut x = values(rows * cols, 9);
@@ -684,12 +902,49 @@ mod tests {
             for (i, v) in x.iter_mut().enumerate().take(cols) {
                 *v = (i % 17) as f32 * 0.5 - 4.0;
             }
-            let (mut q1, mut q2) = (vec![0u8; rows * cols], vec![0u8; rows * cols]);
-            let (mut s1, mut s2) = (vec![f16::ZERO; rows * 8], vec![f16::ZERO; rows * 8]);
-            quantize_rows(format, &x, cols, &mut q1, &mut s1);
-            quantize_rows_impl(format, &x, cols, &mut q2, &mut s2);
-            assert_eq!(q1, q2, "{format:?}");
-            assert_eq!(s1, s2, "{format:?}");
+            // Row 1, block by block: zeros; values so small the f16 scale underflows to
+            // 0 or to a subnormal; the largest magnitude negative; both signs at the
+            // largest magnitude; one value alone; huge values; a ramp.
+            let specials: [fn(usize) -> f32; 8] = [
+                |_| 0.0,
+                |i| (i as f32 - 15.0) * 1e-9,
+                |i| (i as f32 - 15.0) * 3e-7,
+                |i| if i == 5 { -2.5 } else { (i as f32) * 0.01 },
+                |i| if i % 2 == 0 { 1.75 } else { -1.75 },
+                |i| if i == 31 { 0.3 } else { 0.0 },
+                |i| (i as f32 - 16.0) * 1.5e4,
+                |i| i as f32 / 31.0,
+            ];
+            for (b, f) in specials.iter().enumerate() {
+                for i in 0..BLOCK {
+                    x[cols + b * BLOCK + i] = f(i);
+                }
+            }
+            same_bytes_on_every_path(format, &x, cols);
+            // An odd number of blocks a row (the last one alone).
+            same_bytes_on_every_path(format, &values(5 * 96, 4), 96);
+        }
+    }
+
+    /// The explicit AVX-512 path where the CPU has it ([`quantize_rows`]) and the AVX2
+    /// compilation against the generic code.
+    fn same_bytes_on_every_path(format: QuantFormat, x: &[f32], cols: usize) {
+        let rows = x.len() / cols;
+        let (mut q1, mut q2) = (vec![0u8; rows * cols], vec![0u8; rows * cols]);
+        let nb = cols / BLOCK;
+        let (mut s1, mut s2) = (vec![f16::ZERO; rows * nb], vec![f16::ZERO; rows * nb]);
+        quantize_rows_impl(format, x, cols, &mut q2, &mut s2);
+        quantize_rows(format, x, cols, &mut q1, &mut s1);
+        assert_eq!(q1, q2, "{format:?}");
+        assert_eq!(s1, s2, "{format:?}");
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("f16c") {
+            q1.fill(0);
+            s1.fill(f16::ZERO);
+            // SAFETY: the features were just detected.
+            unsafe { quantize_rows_avx2(format, x, cols, &mut q1, &mut s1) };
+            assert_eq!(q1, q2, "{format:?} avx2");
+            assert_eq!(s1, s2, "{format:?} avx2");
         }
     }
 
@@ -781,7 +1036,7 @@ mod tests {
                 // The plain absmax scale m/base: m takes code base (−8 or −127).
                 let d0 = f16::from_f32(m / base).to_f32();
                 let e0 = block_err(b, d0, lo, hi);
-                let (d, w) = quantize_block(format, b);
+                let (d, w) = quantize_block(format, b.as_slice().try_into().unwrap());
                 let e: f64 = b
                     .iter()
                     .zip(w)
@@ -830,7 +1085,7 @@ mod tests {
             for r in 0..rows {
                 dequantize_row(format, rows, cols, &q, &s, r, &mut out);
                 for (b, block) in x[r * cols..(r + 1) * cols].chunks_exact(BLOCK).enumerate() {
-                    let (d, w) = quantize_block(format, block);
+                    let (d, w) = quantize_block(format, block.try_into().unwrap());
                     for (j, v) in w.iter().enumerate() {
                         assert_eq!(out[b * BLOCK + j], d.to_f32() * *v as f32);
                     }
