@@ -51,6 +51,8 @@
 #   PROMPT [512]   DEPTHS [0,1024]   N_GEN [16]
 #   REPS        llama-bench repetitions of each test (mean reported), and dsv2's
 #               --prefill-runs (median reported) [3]
+#   DSV2_EXTRA  extra flags of the `dsv2 bench` runs, recorded in run.txt [none]; e.g.
+#               "--activation-terms 1" (llama.cpp's q8_0 activation rounding in q8 products)
 #   NICE        niceness of build, convert and smoke [15]
 #   BENCH_NICE  niceness of `bench` [0]: the measurement wants the machine to itself
 #   JOBS        build jobs [nproc]
@@ -71,6 +73,7 @@ DEPTHS="${DEPTHS:-0,1024}"
 N_GEN="${N_GEN:-16}"
 REPS="${REPS:-3}"
 DSV2="${DSV2:-$REPO/target/release/dsv2}"
+DSV2_EXTRA="${DSV2_EXTRA:-}"
 JOBS="${JOBS:-$(nproc)}"
 VIA="${VIA:-bf16}"
 [[ "$VIA" == bf16 || "$VIA" == q8_0 ]] || { echo "VIA must be bf16 or q8_0, not $VIA" >&2; exit 2; }
@@ -272,6 +275,7 @@ cmd_bench() {
         echo "dsv2: $DSV2 ($("$DSV2" --version 2>&1 | head -1); repo commit $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo '?'))"
         head -1 "$LLAMA_DIR/VERSION"
         echo "grid: threads $THREADS, prefill $PROMPT, decode $N_GEN tokens at depths $DEPTHS, llama-bench reps $REPS"
+        echo "dsv2 extra flags: ${DSV2_EXTRA:-none}"
     } > "$out/run.txt"
     log "results in $out"
     for f in $FORMATS; do
@@ -285,7 +289,8 @@ cmd_bench() {
             >"$out/llama-$f-decode.json" 2>"$out/llama-$f-decode.log" \
             || { tail -20 "$out/llama-$f-decode.log"; die "llama-bench failed"; }
         log "dsv2 $f: prefill $PROMPT, decode $N_GEN at contexts $DEPTHS"
-        RAYON_NUM_THREADS="$THREADS" nice -n "$BENCH_NICE" "$DSV2" bench --model "$ckpt" $(quant_arg "$f") \
+        # shellcheck disable=SC2086 # DSV2_EXTRA is a list of flags
+        RAYON_NUM_THREADS="$THREADS" nice -n "$BENCH_NICE" "$DSV2" bench --model "$ckpt" $(quant_arg "$f") $DSV2_EXTRA \
             --prompt-lengths "$PROMPT" --prefill-runs "$REPS" --contexts "$DEPTHS" --batch-sizes 1 \
             --decode-tokens "$N_GEN" --json >"$out/dsv2-$f.out" 2>"$out/dsv2-$f.log" \
             || { tail -20 "$out/dsv2-$f.log"; die "dsv2 bench failed"; }

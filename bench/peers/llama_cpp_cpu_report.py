@@ -133,7 +133,10 @@ def cmd_table(out):
                          f"{x.get('cpu_info', '')}")
         # dsv2
         if d:
-            drow = {"engine": "dsv2", "format": f, "prefill": {}, "decode": {}}
+            extra = next((line.split(":", 1)[1].strip() for line in run.splitlines()
+                          if line.startswith("dsv2 extra flags:")), "none")
+            engine = "dsv2" if extra == "none" else f"dsv2 `{extra}`"
+            drow = {"engine": engine, "format": f, "prefill": {}, "decode": {}}
             for x in d["prefill"]:
                 drow["prefill"][x["prompt_tokens"]] = f"{x['tokens_per_s']:,.1f}"
                 prompts.add(x["prompt_tokens"])
