@@ -265,7 +265,7 @@ fn bench_counts_a_bf16_kv_cache_at_two_bytes_a_value() {
     let report = last_json(&out);
     let device = report["device"].as_str().unwrap();
     assert!(
-        device.ends_with("f32 activations, bf16 latent cache)"),
+        device.ends_with("f32 activations, int8 activation terms 2, bf16 latent cache)"),
         "{device}"
     );
     // 3 layers × 40 cached values × 2 bytes.
@@ -302,7 +302,11 @@ fn q4_defaults_to_a_bf16_kv_cache() {
         assert!(out.status.success(), "{}", stderr(&out));
         let report = last_json(&out);
         let device = report["device"].as_str().unwrap();
-        let want = format!("{} latent cache)", cache.unwrap_or("bf16"));
+        // q4 products take one int8 activation term, and so (by default) do its q8 ones.
+        let want = format!(
+            "int8 activation terms q8 1 q4 1, {} latent cache)",
+            cache.unwrap_or("bf16")
+        );
         assert!(device.ends_with(&want), "{device}");
         // 3 layers × 40 cached values × 2 (bf16) or 4 (f32) bytes.
         assert_eq!(num(&report, "kv_bytes_per_token"), bytes);
