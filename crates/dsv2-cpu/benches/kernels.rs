@@ -37,14 +37,7 @@ fn quantized(format: QuantFormat, n: usize, k: usize, seed: u64) -> QuantizedTen
 }
 
 fn view(q: &QuantizedTensor) -> QMatrix<'_> {
-    QMatrix {
-        format: q.format,
-        rows: q.rows,
-        cols: q.cols,
-        q: q.qweight_bytes(),
-        scales: q.scales(),
-        terms: dsv2_cpu::qmatmul::activation_terms(q.format, q.format),
-    }
+    QMatrix::of(q, dsv2_cpu::qmatmul::activation_terms(q.format, q.format))
 }
 
 fn weight_bytes(q: &QuantizedTensor) -> u64 {

@@ -34,14 +34,7 @@ fn quantized(format: QuantFormat, n: usize, seed: u64) -> QuantizedTensor {
 }
 
 fn view(q: &QuantizedTensor) -> QMatrix<'_> {
-    QMatrix {
-        format: q.format,
-        rows: q.rows,
-        cols: q.cols,
-        q: q.qweight_bytes(),
-        scales: q.scales(),
-        terms: activation_terms(q.format, q.format),
-    }
+    QMatrix::of(q, activation_terms(q.format, q.format))
 }
 
 fn bytes(q: &QuantizedTensor) -> f64 {

@@ -122,14 +122,9 @@ impl CpuWeight {
     /// with the activation terms the backend takes for its format
     /// ([`CpuBackend::activation_terms`]).
     pub(crate) fn qmatrix(&self, be: &CpuBackend) -> Option<qmatmul::QMatrix<'_>> {
-        self.quant.as_ref().map(|q| qmatmul::QMatrix {
-            format: q.format,
-            rows: q.rows,
-            cols: q.cols,
-            q: q.qweight_bytes(),
-            scales: q.scales(),
-            terms: be.activation_terms(q.format),
-        })
+        self.quant
+            .as_ref()
+            .map(|q| qmatmul::QMatrix::of(q, be.activation_terms(q.format)))
     }
 
     /// `y[m, rows] = x[m, cols] · selfᵀ`. A bf16 weight under bf16 compute runs on

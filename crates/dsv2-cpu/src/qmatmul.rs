@@ -76,7 +76,20 @@ pub struct QMatrix<'a> {
     pub terms: usize,
 }
 
-impl QMatrix<'_> {
+impl<'a> QMatrix<'a> {
+    /// The planes of a quantized tensor as a product's operand, reading `terms`
+    /// activation terms ([`activation_terms`]).
+    pub fn of(q: &'a dsv2_core::quant::QuantizedTensor, terms: usize) -> QMatrix<'a> {
+        QMatrix {
+            format: q.format,
+            rows: q.rows,
+            cols: q.cols,
+            q: q.qweight_bytes(),
+            scales: q.scales(),
+            terms,
+        }
+    }
+
     fn check(&self) {
         assert!(
             self.cols.is_multiple_of(BLOCK),
