@@ -191,19 +191,20 @@ if os.path.exists(t) and json.load(open(t)).get("add_bos_token"):
     print("--override-kv"); print("tokenizer.ggml.add_bos_token=bool:true")
 PY
 )
+    # convert_to OUTTYPE FILE: the converter's GGUF of $ckpt, written whole or not at all.
+    convert_to() {
+        timed "convert_hf_to_gguf ($1)" "$out/convert.log" nice -n "$NICE" "$PYTHON" \
+            "$LLAMA_DIR/src/convert_hf_to_gguf.py" "$ckpt" --outtype "$1" --outfile "$2.part" \
+            || { tail -30 "$out/convert.log"; die "conversion failed ($out/convert.log)"; }
+        grep -E 'WARNING|tokenizer.ggml.pre|successfully' "$out/convert.log" >&2 || true
+        mv "$2.part" "$2"
+    }
     if [[ "$VIA" == q8_0 && ( ! -f "$out/q8.gguf" || ! -f "$out/q4.gguf" ) ]]; then
         # Through Q8_0 (half the disk of the bf16 GGUF): the converter writes Q8_0 itself,
         # llama-quantize COPY adds the metadata, and q4 requantizes the routed experts'
         # Q8_0 blocks to Q4_0 (--allow-requantize; the other Q8_0 tensors are copied).
         if [[ ! -f "$out/q8.gguf" ]]; then
-            if [[ ! -f "$out/q8-converted.gguf" ]]; then
-                timed "convert_hf_to_gguf (q8_0)" "$out/convert.log" nice -n "$NICE" "$PYTHON" \
-                    "$LLAMA_DIR/src/convert_hf_to_gguf.py" "$ckpt" --outtype q8_0 \
-                    --outfile "$out/q8-converted.gguf.part" \
-                    || { tail -30 "$out/convert.log"; die "conversion failed ($out/convert.log)"; }
-                grep -E 'WARNING|tokenizer.ggml.pre|successfully' "$out/convert.log" >&2 || true
-                mv "$out/q8-converted.gguf.part" "$out/q8-converted.gguf"
-            fi
+            [[ -f "$out/q8-converted.gguf" ]] || convert_to q8_0 "$out/q8-converted.gguf"
             timed "llama-quantize COPY (q8 with the metadata)" "$out/quantize-q8.log" nice -n "$NICE" \
                 "$bin/llama-quantize" "${kv[@]}" "$out/q8-converted.gguf" "$out/q8.gguf.part" COPY \
                 || { tail -20 "$out/quantize-q8.log"; die "copy q8 failed ($out/quantize-q8.log)"; }
@@ -219,14 +220,7 @@ PY
         fi
     fi
     if [[ ! -f "$out/q8.gguf" || ! -f "$out/q4.gguf" ]]; then
-        if [[ ! -f "$out/bf16.gguf" ]]; then
-            timed "convert_hf_to_gguf (bf16)" "$out/convert.log" nice -n "$NICE" "$PYTHON" \
-                "$LLAMA_DIR/src/convert_hf_to_gguf.py" "$ckpt" --outtype bf16 \
-                --outfile "$out/bf16.gguf.part" \
-                || { tail -30 "$out/convert.log"; die "conversion failed ($out/convert.log)"; }
-            grep -E 'WARNING|tokenizer.ggml.pre|successfully' "$out/convert.log" >&2 || true
-            mv "$out/bf16.gguf.part" "$out/bf16.gguf"
-        fi
+        [[ -f "$out/bf16.gguf" ]] || convert_to bf16 "$out/bf16.gguf"
         if [[ ! -f "$out/q8.gguf" ]]; then
             timed "llama-quantize Q8_0" "$out/quantize-q8.log" nice -n "$NICE" "$bin/llama-quantize" "${kv[@]}" \
                 "$out/bf16.gguf" "$out/q8.gguf.part" Q8_0 "$THREADS" \

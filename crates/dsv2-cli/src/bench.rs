@@ -100,6 +100,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
 
     let (label, config, source) = open_source(&args)?;
     check_grid(&args, &config)?;
+    load::check_activation_terms(&args.model, &label, source.quantized(&config))?;
     let weight_bytes: usize = expected_tensors(&config)
         .iter()
         .map(|t| source.tensor_bytes(t))

@@ -100,6 +100,11 @@ pub fn with_model<T: ModelTask>(args: &ModelArgs, task: T) -> Result<T::Output> 
         }
     };
     let root = checkpoint.root().display().to_string();
+    check_activation_terms(
+        args,
+        &root,
+        args.quantize.is_some() || checkpoint.has_quantized_tensors(),
+    )?;
     checkpoint
         .validate(&expected_tensors(&config))
         .with_context(|| format!("loading {root}"))?;
@@ -137,15 +142,6 @@ pub fn with_weights<T: ModelTask>(
             }
             let model = Model::load_from(&backend, info.config.clone(), &options, weight)
                 .with_context(|| format!("loading {source}"))?;
-            if let Some(terms) = args.activation_terms {
-                if !backend.has_quantized_weights() {
-                    bail!(
-                        "--activation-terms {terms}: {source} has no quantized weights \
-                         (the terms apply to q8 products: add --quantize q8|q4, or load a \
-                         checkpoint written by `dsv2 quantize`)"
-                    );
-                }
-            }
             task.run(&backend, &model, &info)
         }
         #[cfg(feature = "cuda")]
@@ -160,6 +156,19 @@ pub fn with_weights<T: ModelTask>(
         #[cfg(not(feature = "cuda"))]
         Device::Cuda(_) => unreachable!("rejected above"),
     }
+}
+
+/// Fails before loading when `--activation-terms` is given for weights that will not be
+/// quantized (`quantized`: `--quantize`, or a checkpoint written by `dsv2 quantize`).
+pub fn check_activation_terms(args: &ModelArgs, source: &str, quantized: bool) -> Result<()> {
+    if let (Some(terms), false) = (args.activation_terms, quantized) {
+        bail!(
+            "--activation-terms {terms}: {source} has no quantized weights (the terms apply \
+             to q8 products: add --quantize q8|q4, or load a checkpoint written by \
+             `dsv2 quantize`)"
+        );
+    }
+    Ok(())
 }
 
 /// Fails early, before any loading, when the device the arguments name is unavailable.

@@ -84,7 +84,7 @@ pub struct ModelArgs {
     /// quantized weights): 2 carry ~15 bits (the default for q8 weights: logit error
     /// ≤ 1e-2 on the fixtures), 1 is llama.cpp's q8_0 activation rounding (the default
     /// for the q8 matrices of q4 weights): about twice the logit error for a prefill
-    /// ~1.7× faster at q8. q4 products always take 1.
+    /// 1.6-1.8× faster at q8. q4 products always take 1.
     #[arg(long, value_parser = clap::value_parser!(u8).range(1..=2))]
     pub activation_terms: Option<u8>,
 }

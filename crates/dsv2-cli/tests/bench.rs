@@ -318,7 +318,7 @@ fn q4_defaults_to_a_bf16_kv_cache() {
 fn bench_rejects_what_it_cannot_run() {
     let config = fixture("lite").join("config.json");
     let config = config.to_str().unwrap();
-    let cases: [(&[&str], &str); 6] = [
+    let cases: [(&[&str], &str); 7] = [
         (&["bench"], "--random-weights"),
         (
             &["bench", "--random-weights", config, "--peak-tflops", "0"],
@@ -337,6 +337,16 @@ fn bench_rejects_what_it_cannot_run() {
             "CUDA",
         ),
         (&["bench", "--random-weights", "deepseek-v3"], "deepseek-v3"),
+        (
+            &[
+                "bench",
+                "--random-weights",
+                config,
+                "--activation-terms",
+                "1",
+            ],
+            "no quantized weights",
+        ),
     ];
     for (args, needle) in cases {
         let out = dsv2(args);

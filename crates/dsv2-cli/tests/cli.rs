@@ -392,6 +392,15 @@ fn quantized_checkpoint_loads_without_requantizing() {
         let from_file = run(&out_dir, &[], "a.safetensors");
         let at_load = run(&lite, &["--quantize", format], "b.safetensors");
         assert_eq!(from_file, at_load, "{format}");
+        // The quantized file takes --activation-terms without --quantize, as at load.
+        let one_term = ["--activation-terms", "1"];
+        let from_file = run(&out_dir, &one_term, "a1.safetensors");
+        let at_load = run(
+            &lite,
+            &["--quantize", format, one_term[0], one_term[1]],
+            "b1.safetensors",
+        );
+        assert_eq!(from_file, at_load, "{format}, one term");
         // A file of the old row-major layout (version 1) is refused, not misread.
         assert_eq!(meta.metadata().as_ref().unwrap()["dsv2_quant_version"], "2");
         let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;

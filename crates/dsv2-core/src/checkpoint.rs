@@ -484,6 +484,11 @@ impl Checkpoint {
         }
     }
 
+    /// Whether the checkpoint stores any tensor quantized (a `dsv2 quantize` output).
+    pub fn has_quantized_tensors(&self) -> bool {
+        self.tensors.keys().any(|k| k.ends_with(QWEIGHT_SUFFIX))
+    }
+
     /// The quantized planes of `name`, if the checkpoint stores it quantized.
     fn quantized(&self, name: &str) -> Result<Option<QuantizedTensor>> {
         let qname = format!("{name}{QWEIGHT_SUFFIX}");

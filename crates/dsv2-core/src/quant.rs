@@ -327,9 +327,17 @@ pub fn dense_streamed_matrix(name: &str, shape: &[usize]) -> bool {
 /// `quantize_speed` test), which the explicit AVX-512 path more than wins back.
 #[inline(always)]
 fn quantize_block(format: QuantFormat, block: &[f32; BLOCK]) -> (f16, [i8; BLOCK]) {
+    let (lo, hi, base, divisors) = search_params(format);
+    search_block(block, lo, hi, base, divisors)
+}
+
+/// [`search_block`]'s arguments for a format: the code range `lo..=hi`, the absmax
+/// divisor `base` and the candidate divisors.
+#[inline(always)]
+fn search_params(format: QuantFormat) -> (f32, f32, f32, [f32; 8]) {
     match format {
-        QuantFormat::Q8 => search_block(block, -127.0, 127.0, -127.0, Q8_DIVISORS),
-        QuantFormat::Q4 => search_block(block, -8.0, 7.0, -8.0, Q4_DIVISORS),
+        QuantFormat::Q8 => (-127.0, 127.0, -127.0, Q8_DIVISORS),
+        QuantFormat::Q4 => (-8.0, 7.0, -8.0, Q4_DIVISORS),
     }
 }
 
@@ -453,7 +461,7 @@ mod avx512 {
 
     use half::f16;
 
-    use super::{QuantFormat, BLOCK, Q4_DIVISORS, Q8_DIVISORS};
+    use super::{QuantFormat, BLOCK};
 
     /// [`super::quantize_block`] of each block of `values` (1 or
     /// [`super::BLOCKS_AT_ONCE`] blocks) into `out`.
@@ -466,10 +474,7 @@ mod avx512 {
         values: &[f32],
         out: &mut [(f16, [i8; BLOCK])],
     ) {
-        let (lo, hi, base, divisors) = match format {
-            QuantFormat::Q8 => (-127.0, 127.0, -127.0, Q8_DIVISORS),
-            QuantFormat::Q4 => (-8.0, 7.0, -8.0, Q4_DIVISORS),
-        };
+        let (lo, hi, base, divisors) = super::search_params(format);
         match out.len() {
             1 => out.copy_from_slice(&search_blocks::<1>(values, lo, hi, base, divisors)),
             2 => out.copy_from_slice(&search_blocks::<2>(values, lo, hi, base, divisors)),
@@ -553,14 +558,8 @@ mod avx512 {
         }
         let mut fit = [f16::ZERO; N];
         for n in 0..N {
-            let xq = _mm256_add_ps(
-                _mm512_castps512_ps256(sxq[n]),
-                _mm512_extractf32x8_ps::<1>(sxq[n]),
-            );
-            let qq = _mm256_add_ps(
-                _mm512_castps512_ps256(sqq[n]),
-                _mm512_extractf32x8_ps::<1>(sqq[n]),
-            );
+            // Lane c + lane 8 + c: the generic code's `sxq[c] + sxq[8 + c]`.
+            let (xq, qq) = (halves(sxq[n]), halves(sqq[n]));
             let refit_v = _mm256_div_ps(xq, qq);
             let (mut refit, mut score) = ([0.0f32; 8], [0.0f32; 8]);
             // SAFETY: 8 floats each.
@@ -605,6 +604,13 @@ mod avx512 {
         out
     }
 
+    /// Lane `j` of the low half plus lane `j` of the high half (8 sums).
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512dq")]
+    fn halves(v: __m512) -> __m256 {
+        _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps::<1>(v))
+    }
+
     /// [`super::round_block`]: the codes as 32-bit integers, and the squared error.
     #[inline]
     #[target_feature(enable = "avx512f,avx512dq,f16c")]
@@ -619,7 +625,7 @@ mod avx512 {
         let e1 = _mm512_sub_ps(v1, _mm512_mul_ps(dv, r1));
         let (s0, s1) = (_mm512_mul_ps(e0, e0), _mm512_mul_ps(e1, e1));
         // Lane j sums elements j, 8 + j, 16 + j, 24 + j in order (from 0: 0 + x = x).
-        let mut lanes8 = _mm256_add_ps(_mm512_castps512_ps256(s0), _mm512_extractf32x8_ps::<1>(s0));
+        let mut lanes8 = halves(s0);
         lanes8 = _mm256_add_ps(lanes8, _mm512_castps512_ps256(s1));
         lanes8 = _mm256_add_ps(lanes8, _mm512_extractf32x8_ps::<1>(s1));
         let mut l = [0.0f32; 8];

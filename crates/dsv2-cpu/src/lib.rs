@@ -315,8 +315,9 @@ impl CpuBackend {
     /// one). 2 carry ~15 bits per value, so the products are nearly those of the f32
     /// activations with the int8 weights; 1 is llama.cpp's `q8_0` activation rounding,
     /// which adds about as much logit error as the int8 weights themselves (issue #5's
-    /// fixtures: q8 5.3e-3..9.3e-3 with 2, 1.2e-2..2.1e-2 with 1) for half the integer
-    /// multiply-adds: a prefill ~1.7× faster where the int8 arithmetic is the limit.
+    /// fixtures: q8 2.5e-3..9.3e-3 with 2, 5.4e-3..1.87e-2 with 1) for half the integer
+    /// multiply-adds: a V2-Lite prefill 1.6-1.8× faster where the int8 arithmetic is the
+    /// limit.
     /// (q4 products always take one term; their 4-bit weights' error is ~5× it.)
     ///
     /// # Panics
@@ -450,8 +451,9 @@ impl Backend for CpuBackend {
                 self.activation_terms(dsv2_core::QuantFormat::Q8)
             ),
             (true, dsv2_core::QuantFormat::Q4) => format!(
-                ", int8 activation terms q8 {} q4 1",
-                self.activation_terms(dsv2_core::QuantFormat::Q8)
+                ", int8 activation terms q8 {} q4 {}",
+                self.activation_terms(dsv2_core::QuantFormat::Q8),
+                self.activation_terms(dsv2_core::QuantFormat::Q4)
             ),
         };
         format!(

@@ -52,8 +52,9 @@ const PREFETCH: usize = 16;
 /// Fewest kernel rows (activation rows × terms) a register tile prefetches for. Below,
 /// the instructions of the prefetches themselves cost more than they bring: a core's
 /// out-of-order window covers fewer weight lines and the hardware prefetchers stream
-/// these reads alone. Measured on a Zen 4 VM (`examples/stream_exp.rs`, matrices
-/// from DRAM, against the read probe in the same rounds): 1 kernel row (q4 m = 1) and 2
+/// these reads alone. Measured on a Zen 4 VM (`examples/stream_vs_probe.rs` with the
+/// prefetch distance made switchable for the experiment; matrices from DRAM, against
+/// the read probe in the same rounds): 1 kernel row (q4 m = 1) and 2
 /// (q8 m = 1) stream 5-8% faster without (q8 experts 0.83 → 0.89 of the probe at
 /// 35 GB/s, 0.65 → 0.69 at 58 GB/s; one thread 0.71 → 0.76), 4 and more slower (q4 m = 4
 /// 0.52 → 0.65 with).
