@@ -1,5 +1,7 @@
 //! `dsv2 bench` end to end on the tiny `lite` fixture config.
 
+mod support;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -227,7 +229,14 @@ fn bench_quantizes_random_weights_at_load() {
     let report = last_json(&out);
     assert_eq!(report["weights_dtype"], "bf16, q8 at load");
     let basis = report["peak_basis"].as_str().unwrap();
-    assert!(basis.starts_with("int8 dot products"), "{basis}");
+    // The prefill's instruction: q8 prompt rows take bf16 activations where the CPU has
+    // AVX-512 BF16.
+    let want = if support::bf16_prompt_rows() {
+        "bf16 dot products (avx512-bf16, q8 prompt rows)"
+    } else {
+        "int8 dot products"
+    };
+    assert!(basis.starts_with(want), "{basis}");
     // Matrices with 32-multiple rows of K become K + 2·K/32 bytes per row; embeddings,
     // norms, routers and kv_b_proj stay bf16 (hand count over the lite fixture):
     // embed 38,400; per layer q_proj 6,528, kv_a 2,720, kv_a_layernorm 64, kv_b 8,192,
@@ -264,8 +273,15 @@ fn bench_counts_a_bf16_kv_cache_at_two_bytes_a_value() {
     assert!(out.status.success(), "{}", stderr(&out));
     let report = last_json(&out);
     let device = report["device"].as_str().unwrap();
+    let prompt_rows = if support::bf16_prompt_rows() {
+        " (prompt rows bf16)"
+    } else {
+        ""
+    };
     assert!(
-        device.ends_with("f32 activations, int8 activation terms 2, bf16 latent cache)"),
+        device.ends_with(&format!(
+            "f32 activations, int8 activation terms 2{prompt_rows}, bf16 latent cache)"
+        )),
         "{device}"
     );
     // 3 layers × 40 cached values × 2 bytes.

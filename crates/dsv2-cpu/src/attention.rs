@@ -17,6 +17,7 @@ use crate::mla::{
     SUM_CHUNK, SUM_COLS, SUM_HEADS, TOKENS,
 };
 use crate::prefill_bf16::{self, Tile, TILE_ROWS};
+use crate::qmatmul::PromptRows;
 use crate::scratch::{take, take_empty, Scratch};
 use crate::team;
 use crate::{with_elems, CacheLayer, CpuBackend, LayerRows, WeightData};
@@ -113,11 +114,22 @@ fn expand_context<E: KindOf>(
     }
     let mut kv = take::<f32>(s_len * d.num_heads * (d.nope_dim + d.v_dim));
     let w = args.kv_b_proj;
+    // A prompt chunk's context is prompt work: with the backend's bf16 prompt rows its
+    // latents are rounded to bf16 for this product too.
+    let prompt = seq.query_len > 1 && be.bf16_prompt_rows();
     match w.data() {
-        WeightData::Bf16(elems) if bf16_product && bf16dot::available() => {
+        WeightData::Bf16(elems) if (bf16_product || prompt) && bf16dot::available() => {
             bf16dot::matmul(&latents, s_len, elems, w.rows(), w.cols(), &mut kv)
         }
-        _ => w.matmul(be, &latents, s_len, &mut kv),
+        // The context of a prompt chunk is prompt work (its rows are not the step's).
+        _ => {
+            let rows = if prompt {
+                PromptRows::All
+            } else {
+                PromptRows::None
+            };
+            w.matmul(be, &latents, s_len, rows, &mut kv)
+        }
     }
     be.round(&mut kv);
     (kv, k_pe)

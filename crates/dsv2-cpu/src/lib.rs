@@ -45,6 +45,7 @@ mod mla;
 mod moe;
 pub mod peak;
 mod prefill_bf16;
+mod q8_bf16;
 pub mod qmatmul;
 mod scratch;
 mod softmax;
@@ -58,6 +59,7 @@ use dsv2_core::{DType, QuantizedTensor, TensorView};
 use half::{bf16, f16};
 
 use kernels::{round_bf16, round_bf16_slice, Elem};
+use qmatmul::PromptRows;
 
 /// A weight on the CPU: a view of the checkpoint bytes, never a converted copy.
 pub struct CpuWeight {
@@ -129,9 +131,19 @@ impl CpuWeight {
 
     /// `y[m, rows] = x[m, cols] · selfᵀ`. A bf16 weight under bf16 compute runs on
     /// `vdpbf16ps` where the CPU has AVX-512 BF16 ([`bf16dot`]).
-    pub(crate) fn matmul(&self, be: &CpuBackend, x: &[f32], m: usize, y: &mut [f32]) {
+    ///
+    /// Quantized, its `prompt` rows take bf16 activations where the weights allow
+    /// ([`qmatmul::qmatmul_prompt`]); a dense weight computes every row alike.
+    pub(crate) fn matmul(
+        &self,
+        be: &CpuBackend,
+        x: &[f32],
+        m: usize,
+        prompt: PromptRows<'_>,
+        y: &mut [f32],
+    ) {
         if let Some(q) = self.qmatrix(be) {
-            return qmatmul::qmatmul(x, m, q, y);
+            return qmatmul::qmatmul_prompt(x, m, q, prompt, y);
         }
         match self.data() {
             WeightData::Bf16(w) if be.bf16() && bf16dot::available() => {
@@ -295,6 +307,10 @@ pub struct CpuBackend {
     /// ([`CpuBackend::with_q8_activation_terms`]); unset, [`qmatmul::activation_terms`]
     /// picks them from the model's formats.
     q8_terms: Option<usize>,
+    /// The prepared step's prompt rows (rows of sequences computing more than one new
+    /// token), one value per row, when this backend computes prompt rows of q8 products
+    /// in bf16 ([`CpuBackend::bf16_prompt_rows`]); empty otherwise.
+    step_prompt_rows: std::sync::Mutex<Vec<bool>>,
 }
 
 impl CpuBackend {
@@ -307,7 +323,42 @@ impl CpuBackend {
             quantized: std::sync::atomic::AtomicBool::new(false),
             routed_experts_run: std::sync::atomic::AtomicU64::new(0),
             q8_terms: None,
+            step_prompt_rows: std::sync::Mutex::new(Vec::new()),
         }
+    }
+
+    /// Whether prompt rows of q8 products take bf16 activations ([`q8_bf16`]): in a
+    /// q8 model whose activation terms were not set ([`CpuBackend::with_q8_activation_terms`]
+    /// asks for int8 terms on every row), on a CPU with AVX-512 BF16. A prompt's products
+    /// then do 32 weight multiply-adds per `vdpbf16ps` where two int8 terms take two
+    /// `vpdpbusd`s per 64 and more work per block (1.1-1.25× the speed on Zen 4), with
+    /// logit error 2.5e-3..9.5e-3 on issue #5's fixtures (two int8 terms:
+    /// 2.5e-3..9.3e-3). Decode rows keep the int8 terms (their products stream memory).
+    pub fn bf16_prompt_rows(&self) -> bool {
+        self.q8_terms.is_none()
+            && self.has_quantized_weights()
+            && self.routed_format() == dsv2_core::QuantFormat::Q8
+            && q8_bf16::available()
+    }
+
+    /// The prompt rows of a product over the prepared step's `rows` rows (`mask`, the
+    /// locked [`CpuBackend::step_prompt_rows`]); none for another row count (a product
+    /// outside the step's rows).
+    fn prompt_rows<'a>(&self, mask: &'a [bool], rows: usize) -> PromptRows<'a> {
+        if mask.len() != rows || !mask.iter().any(|&p| p) {
+            PromptRows::None
+        } else if mask.iter().all(|&p| p) {
+            PromptRows::All
+        } else {
+            PromptRows::Mask(mask)
+        }
+    }
+
+    /// Locks the prepared step's prompt rows.
+    fn step_prompt_rows(&self) -> std::sync::MutexGuard<'_, Vec<bool>> {
+        self.step_prompt_rows
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Splits each activation row entering a q8 product into `terms` int8 rows instead
@@ -447,8 +498,13 @@ impl Backend for CpuBackend {
         let terms = match (self.has_quantized_weights(), self.routed_format()) {
             (false, _) => String::new(),
             (true, dsv2_core::QuantFormat::Q8) => format!(
-                ", int8 activation terms {}",
-                self.activation_terms(dsv2_core::QuantFormat::Q8)
+                ", int8 activation terms {}{}",
+                self.activation_terms(dsv2_core::QuantFormat::Q8),
+                if self.bf16_prompt_rows() {
+                    " (prompt rows bf16)"
+                } else {
+                    ""
+                }
             ),
             (true, dsv2_core::QuantFormat::Q4) => format!(
                 ", int8 activation terms q8 {} q4 {}",
@@ -533,11 +589,17 @@ impl Backend for CpuBackend {
         Ok(bandwidth::measure_read_bandwidth(bandwidth::buffer_bytes()))
     }
 
-    /// Measured ([`peak::measure_peak_macs`]): int8 dot products for quantized weights,
-    /// `vdpbf16ps` for bf16 weights under bf16 activations where the CPU has AVX-512
-    /// BF16, else f32 FMA.
+    /// Measured ([`peak::measure_peak_macs`]): int8 dot products for quantized weights
+    /// (`vdpbf16ps` once q8 weights are loaded whose prompt rows take bf16 activations,
+    /// [`CpuBackend::bf16_prompt_rows`]), `vdpbf16ps` for bf16 weights under bf16
+    /// activations where the CPU has AVX-512 BF16, else f32 FMA.
     fn peak_matrix_rate(&self, quantized: bool) -> Result<Option<PeakRate>> {
-        let (op, what) = if quantized {
+        let (op, what) = if quantized && self.bf16_prompt_rows() {
+            (
+                peak::MatrixOp::Bf16,
+                "bf16 dot products (avx512-bf16, q8 prompt rows)".to_string(),
+            )
+        } else if quantized {
             (
                 peak::MatrixOp::Int8,
                 format!("int8 dot products ({})", qmatmul::isa_name()),
@@ -572,6 +634,15 @@ impl Backend for CpuBackend {
         step: &mut CpuStep,
     ) -> Result<()> {
         step.batch.clone_from(batch);
+        let mut prompt = self.step_prompt_rows();
+        prompt.clear();
+        if self.bf16_prompt_rows() {
+            for seq in &batch.seqs {
+                prompt.extend(std::iter::repeat_n(seq.query_len > 1, seq.query_len));
+            }
+            prompt.resize(batch.num_tokens(), false);
+        }
+        drop(prompt);
         step.cos.clear();
         step.cos.extend_from_slice(angles.cos);
         step.sin.clear();
@@ -610,7 +681,8 @@ impl Backend for CpuBackend {
     }
 
     fn linear(&self, x: &Vec<f32>, rows: usize, w: &CpuWeight, out: &mut Vec<f32>) -> Result<()> {
-        w.matmul(self, x, rows, out);
+        let mask = self.step_prompt_rows();
+        w.matmul(self, x, rows, self.prompt_rows(&mask, rows), out);
         self.round(&mut out[..rows * w.rows]);
         Ok(())
     }
@@ -629,8 +701,10 @@ impl Backend for CpuBackend {
     ) -> Result<()> {
         match (w_a.qmatrix(self), w_b.qmatrix(self)) {
             (Some(a), Some(b)) if a.cols == b.cols => {
-                if !moe::few_rows_pair(x, rows, a, out_a, b, out_b) {
-                    qmatmul::qmatmul_pair(x, rows, a, out_a, b, out_b);
+                let mask = self.step_prompt_rows();
+                let prompt = self.prompt_rows(&mask, rows);
+                if prompt.any(rows) || !moe::few_rows_pair(x, rows, a, out_a, b, out_b) {
+                    qmatmul::qmatmul_pair(x, rows, a, out_a, b, out_b, prompt);
                 }
                 self.round(&mut out_a[..rows * a.rows]);
                 self.round(&mut out_b[..rows * b.rows]);
@@ -732,7 +806,8 @@ impl Backend for CpuBackend {
         mlp: &Mlp<CpuWeight>,
         out: &mut Vec<f32>,
     ) -> Result<()> {
-        moe::mlp_rows(self, x, rows, mlp, out);
+        let mask = self.step_prompt_rows();
+        moe::mlp_rows(self, x, rows, self.prompt_rows(&mask, rows), mlp, out);
         Ok(())
     }
 
@@ -743,7 +818,8 @@ impl Backend for CpuBackend {
         moe: &MoeWeights<CpuWeight>,
         out: &mut Vec<f32>,
     ) -> Result<()> {
-        moe::moe(self, x, rows, moe, out);
+        let mask = self.step_prompt_rows();
+        moe::moe(self, x, rows, self.prompt_rows(&mask, rows), moe, out);
         Ok(())
     }
 
@@ -777,7 +853,7 @@ impl Backend for CpuBackend {
         if bf16_head {
             bf16dot::matmul(&gathered, rows.len(), lm_head.view.as_bf16(), v, d, out)
         } else {
-            lm_head.matmul(self, &gathered, rows.len(), out)
+            lm_head.matmul(self, &gathered, rows.len(), PromptRows::None, out)
         }
         self.round(out);
         Ok(())

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use crate::kernels::SyncPtr;
 use crate::qmatmul::{
-    decode_tiles_per_task, qmatmul_pair, qmatmul_rows_ptr, QActivations, QMatrix,
+    decode_tiles_per_task, qmatmul_pair, qmatmul_rows_ptr, PromptRows, QActivations, QMatrix,
 };
 use crate::scratch::{take, take_empty};
 use crate::team;
@@ -22,10 +22,12 @@ fn swiglu(be: &CpuBackend, gate: &mut [f32], up: &[f32]) {
 
 /// `out[rows, D] = down(silu(gate(x)) * up(x))` with the reference's bf16 rounding
 /// points (each projection, the SiLU, the product).
+/// `prompt` says which rows are prompt rows ([`PromptRows`]).
 pub(crate) fn mlp_rows(
     be: &CpuBackend,
     x: &[f32],
     rows: usize,
+    prompt: PromptRows<'_>,
     mlp: &Mlp<CpuWeight>,
     out: &mut [f32],
 ) {
@@ -34,15 +36,16 @@ pub(crate) fn mlp_rows(
     let mut up = take::<f32>(rows * inter);
     match (mlp.gate_proj.qmatrix(be), mlp.up_proj.qmatrix(be)) {
         // Quantized: `x` quantized once for both (bit-identical to two products).
-        (Some(g), Some(u)) => qmatmul_pair(x, rows, g, &mut gate, u, &mut up),
+        (Some(g), Some(u)) => qmatmul_pair(x, rows, g, &mut gate, u, &mut up, prompt),
         _ => {
-            mlp.gate_proj.matmul(be, x, rows, &mut gate);
-            mlp.up_proj.matmul(be, x, rows, &mut up);
+            mlp.gate_proj.matmul(be, x, rows, prompt, &mut gate);
+            mlp.up_proj.matmul(be, x, rows, prompt, &mut up);
         }
     }
     swiglu(be, &mut gate, &up);
     let d = mlp.down_proj.rows();
-    mlp.down_proj.matmul(be, &gate, rows, &mut out[..rows * d]);
+    mlp.down_proj
+        .matmul(be, &gate, rows, prompt, &mut out[..rows * d]);
     be.round(&mut out[..rows * d]);
 }
 
@@ -54,10 +57,13 @@ thread_local! {
 
 /// The MoE block: f32 router and softmax, top-k routing, each chosen expert run once on
 /// all of its tokens, the weighted sum in f32 (rounded once), plus the shared experts.
+/// `prompt` says which rows are prompt rows ([`PromptRows`]); the few-token path is for
+/// decode rows only.
 pub(crate) fn moe(
     be: &CpuBackend,
     x: &[f32],
     rows: usize,
+    prompt: PromptRows<'_>,
     moe: &MoeWeights<CpuWeight>,
     out: &mut [f32],
 ) {
@@ -66,7 +72,7 @@ pub(crate) fn moe(
     let k = moe.routing.top_k;
     // Router: f32 logits of the (bf16-representable, in bf16 mode) activations.
     let mut probs = take::<f32>(rows * num_experts);
-    moe.gate.matmul(be, x, rows, &mut probs);
+    moe.gate.matmul(be, x, rows, PromptRows::None, &mut probs);
     let mut ids = take::<u32>(rows * k);
     let mut weights = take::<f32>(rows * k);
     for t in 0..rows {
@@ -82,6 +88,7 @@ pub(crate) fn moe(
     be.count_routed_experts(distinct_experts(&ids, num_experts));
     if FUSE_FEW_TOKENS.with(Cell::get)
         && rows <= FUSED_MAX_ROWS
+        && !prompt.any(rows)
         && few_tokens_quantized(be, x, rows, moe, &ids, &weights, out)
     {
         return;
@@ -91,15 +98,18 @@ pub(crate) fn moe(
     let mut gathered = take_empty::<f32>();
     let mut member_rows = take_empty::<u32>();
     let mut member_weights = take_empty::<f32>();
+    let mut member_prompt = take_empty::<bool>();
     let mut expert_out = take_empty::<f32>();
     for (e, expert) in moe.experts.iter().enumerate() {
         member_rows.vec().clear();
         member_weights.vec().clear();
+        member_prompt.vec().clear();
         for t in 0..rows {
             for j in 0..k {
                 if ids[t * k + j] as usize == e {
                     member_rows.vec().push(t as u32);
                     member_weights.vec().push(weights[t * k + j]);
+                    member_prompt.vec().push(prompt.contains(t));
                 }
             }
         }
@@ -113,7 +123,11 @@ pub(crate) fn moe(
         }
         let n = member_rows.len();
         expert_out.vec().resize(n * d, 0.0);
-        mlp_rows(be, &gathered, n, expert, &mut expert_out);
+        let member_kinds = match prompt {
+            PromptRows::Mask(_) => PromptRows::Mask(&member_prompt),
+            all_or_none => all_or_none,
+        };
+        mlp_rows(be, &gathered, n, member_kinds, expert, &mut expert_out);
         for (m, (&t, &w)) in member_rows.iter().zip(member_weights.iter()).enumerate() {
             let t = t as usize;
             for (acc, v) in routed[t * d..(t + 1) * d]
@@ -127,7 +141,7 @@ pub(crate) fn moe(
     be.round(&mut routed);
     match &moe.shared_experts {
         Some(shared) => {
-            mlp_rows(be, x, rows, shared, out);
+            mlp_rows(be, x, rows, prompt, shared, out);
             for (o, r) in out[..rows * d].iter_mut().zip(&routed) {
                 *o += r;
             }
@@ -577,9 +591,9 @@ mod tests {
                         be.round(&mut x);
                         let mut fused = vec![f32::NAN; rows * d];
                         let mut general = vec![f32::NAN; rows * d];
-                        moe(&be, &x, rows, &weights, &mut fused);
+                        moe(&be, &x, rows, PromptRows::None, &weights, &mut fused);
                         FUSE_FEW_TOKENS.with(|f| f.set(false));
-                        moe(&be, &x, rows, &weights, &mut general);
+                        moe(&be, &x, rows, PromptRows::None, &weights, &mut general);
                         FUSE_FEW_TOKENS.with(|f| f.set(true));
                         let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
                         let case = format!("{dtype:?} {format:?} shared {shared} rows {rows}");

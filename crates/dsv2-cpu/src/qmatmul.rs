@@ -465,9 +465,92 @@ fn qmatmul_isa(isa: Isa, x: &[f32], m: usize, w: QMatrix<'_>, y: &mut [f32]) {
     with_activations(x, m, w.cols, |acts| checked_acts_matmul(isa, acts, m, w, y))
 }
 
+/// Which rows of a product are prompt rows: rows of a sequence computing more than one
+/// new token in its step. Where [`prompt_rows_in_bf16`] holds for the weights, prompt
+/// rows take bf16 activations ([`crate::q8_bf16`]) and the others int8 terms; elsewhere
+/// every row takes int8 terms. The kind is the row's own, never the batch's, so a row's
+/// result still does not depend on the rows beside it.
+#[derive(Clone, Copy, Debug, Default)]
+pub enum PromptRows<'a> {
+    /// No row is a prompt row (decode rows, or a backend not using bf16 prompt rows).
+    #[default]
+    None,
+    /// Every row is.
+    All,
+    /// Row `i` is a prompt row when `mask[i]` (one value per row of the product).
+    Mask(&'a [bool]),
+}
+
+impl<'a> PromptRows<'a> {
+    /// Whether row `i` is a prompt row.
+    pub fn contains(&self, i: usize) -> bool {
+        match self {
+            PromptRows::None => false,
+            PromptRows::All => true,
+            PromptRows::Mask(mask) => mask[i],
+        }
+    }
+
+    /// Whether any of the first `m` rows is a prompt row.
+    pub fn any(&self, m: usize) -> bool {
+        match self {
+            PromptRows::None => false,
+            PromptRows::All => m > 0,
+            PromptRows::Mask(mask) => mask[..m].iter().any(|&p| p),
+        }
+    }
+
+    /// Rows `0..m` in maximal runs of one kind: `(rows, prompt)`.
+    fn runs(self, m: usize) -> impl Iterator<Item = (Range<usize>, bool)> + 'a {
+        let mut start = 0;
+        std::iter::from_fn(move || {
+            if start >= m {
+                return None;
+            }
+            let kind = self.contains(start);
+            let mut end = start + 1;
+            while end < m && self.contains(end) == kind {
+                end += 1;
+            }
+            let run = start..end;
+            start = end;
+            Some((run, kind))
+        })
+    }
+}
+
+/// Whether prompt rows of a product with `w` take bf16 activations: q8 weights read with
+/// two activation terms (a q8 model's default: the bf16 rows keep its accuracy, one term
+/// would not), on a CPU with AVX-512 BF16.
+pub fn prompt_rows_in_bf16(w: &QMatrix<'_>) -> bool {
+    w.format == QuantFormat::Q8 && w.terms == TERMS && crate::q8_bf16::available()
+}
+
+/// [`qmatmul`] with the prompt rows of `prompt` in bf16 activations where
+/// [`prompt_rows_in_bf16`] holds (each run of rows of one kind as one product).
+pub fn qmatmul_prompt(x: &[f32], m: usize, w: QMatrix<'_>, prompt: PromptRows<'_>, y: &mut [f32]) {
+    if !prompt.any(m) || !prompt_rows_in_bf16(&w) {
+        return qmatmul(x, m, w, y);
+    }
+    let (n, k) = (w.rows, w.cols);
+    assert!(
+        x.len() >= m * k && y.len() >= m * n,
+        "qmatmul_prompt shapes"
+    );
+    for (rows, in_prompt) in prompt.runs(m) {
+        let x = &x[rows.start * k..rows.end * k];
+        let y = &mut y[rows.start * n..rows.end * n];
+        if in_prompt {
+            crate::q8_bf16::matmul(x, rows.len(), w, y);
+        } else {
+            qmatmul(x, rows.len(), w, y);
+        }
+    }
+}
+
 /// `ya = x · aᵀ` and `yb = x · bᵀ` for two quantized matrices of the same width, with `x`
 /// quantized once (a prefill's gate and up projections, or query and latent ones);
-/// bit-identical to two [`qmatmul`] calls.
+/// bit-identical to two [`qmatmul_prompt`] calls.
 pub(crate) fn qmatmul_pair(
     x: &[f32],
     m: usize,
@@ -475,8 +558,13 @@ pub(crate) fn qmatmul_pair(
     ya: &mut [f32],
     b: QMatrix<'_>,
     yb: &mut [f32],
+    prompt: PromptRows<'_>,
 ) {
     assert_eq!(a.cols, b.cols, "qmatmul_pair widths");
+    if prompt.any(m) && (prompt_rows_in_bf16(&a) || prompt_rows_in_bf16(&b)) {
+        qmatmul_prompt(x, m, a, prompt, ya);
+        return qmatmul_prompt(x, m, b, prompt, yb);
+    }
     with_activations(x, m, a.cols, |acts| {
         checked_acts_matmul(isa(), acts, m, a, ya);
         checked_acts_matmul(isa(), acts, m, b, yb);
@@ -801,7 +889,7 @@ impl<'a> Job<'a> {
 }
 
 /// The ragged last tile `t` of `w` copied into a full 16-row tile (zero rows after).
-fn padded_tile(w: &QMatrix<'_>, t: usize) -> (Vec<u8>, Vec<f16>) {
+pub(crate) fn padded_tile(w: &QMatrix<'_>, t: usize) -> (Vec<u8>, Vec<f16>) {
     let (rb, nb) = (w.format.row_bytes(w.cols), w.cols / BLOCK);
     let rt = dsv2_core::quant::tile_rows(w.rows, t);
     // 64-byte units per block: 8 (q8) or 4 (q4), each 4 bytes per row.

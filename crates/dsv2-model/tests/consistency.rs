@@ -218,6 +218,32 @@ fn a_q4_batch_equals_each_sequence_alone() {
     assert_batch_equals_each_alone(&backend, &model, &seqs, "q4");
 }
 
+/// The same with q8 weights on the CPU's defaults: prompt rows (of sequences computing
+/// more than one token) take bf16 activations where the CPU has AVX-512 BF16, one-token
+/// rows two int8 terms, so this batch mixes both kinds in every product (and in each
+/// routed expert's rows); each row's kind is its own, so the logits still do not depend
+/// on the batch.
+#[test]
+fn a_q8_batch_equals_each_sequence_alone() {
+    for variant in ["lite", "v2"] {
+        let backend = CpuBackend::new(ComputeDtype::F32);
+        let config = config(variant);
+        let checkpoint = synthetic_checkpoint(&config, 11, DType::F32);
+        let options = dsv2_model::LoadOptions {
+            quantize: Some(dsv2_core::QuantFormat::Q8),
+        };
+        let model = Model::load_with(&backend, config, &checkpoint, &options).unwrap();
+        let seqs = vec![
+            tokens(1, 2),
+            tokens(5, 3),
+            tokens(70, 4),
+            tokens(1, 5),
+            tokens(17, 6),
+        ];
+        assert_batch_equals_each_alone(&backend, &model, &seqs, variant);
+    }
+}
+
 /// Over a bf16 latent cache the prefill's attention runs in bf16 arithmetic where the CPU
 /// has AVX-512 BF16 (`dsv2_cpu`'s `prefill_bf16`), the decode's too: the two formulations
 /// still agree, and a prompt prefilled in chunks (each chunk's queries against the cached

@@ -1,0 +1,731 @@
+//! Prompt rows of q8 products in bf16 arithmetic: q8 weights × bf16 activations on
+//! AVX-512 BF16 (`vdpbf16ps`).
+//!
+//! A prompt's products are bound by arithmetic, not memory. The int8 path
+//! ([`crate::qmatmul`]) carries a q8 product's activations in two int8 terms (one term
+//! alone costs q8 its 1e-2 logit budget), so each weight costs two `vpdpbusd`
+//! multiply-adds, and its per-block float work and weight bias share the same pipes: on
+//! Zen 4, where one `vpdpbusd` (64 multiply-adds) and one `vdpbf16ps` (32) issue per
+//! cycle each, that tile reaches ~19 weight multiply-adds per cycle. Here the int8 weights
+//! are widened once per tile to bf16, which holds every int8 value exactly, and the
+//! activations are rounded to bf16 (8 significant bits with their own exponent, ~4× finer
+//! than one int8 term of a 32-value block): one `vdpbf16ps` does 32 weight multiply-adds
+//! and the block scale is one FMA per 16 of them.
+//!
+//! Which rows take this path is a property of the row, never of the batch: the backend
+//! gives every row of a sequence computing a prompt chunk (more than one new token) to
+//! this path and every decode row to the int8 one ([`crate::qmatmul::RowKinds`]), so a
+//! request's logits do not depend on what else shares its step, as the attention's
+//! expanded/absorbed split does not (`dsv2_engine::scheduler`).
+//!
+//! **Numerics:** for output `(i, r)`: `acc = 0`, then for each 32-value block `b` in
+//! order, `s = 0`, `s = dp(s, x_kk, w_kk)` for the block's 16 pairs `kk` in order, and
+//! `acc = fma(s, f32(dw_b), acc)`; where `x_kk` is the pair `(bf16(x[2kk]),
+//! bf16(x[2kk+1]))` (rounded to nearest even, subnormals to 0), `w_kk` the pair of int8
+//! weights as bf16 (exact), `dp` the instruction's step ([`crate::flash_bf16`], tested
+//! against the instruction) and `dw_b` the f16 block scale widened exactly. The scalar
+//! reference [`tile_reference`] and the AVX-512 BF16 kernel are tested bit for bit.
+//! Where the CPU lacks AVX-512 BF16, prompt rows keep the int8 path (as the bf16
+//! attention and `lm_head` do, the logits then depend on the CPU, never on the batch).
+#![cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+
+use std::cell::RefCell;
+
+use dsv2_core::quant::{QuantFormat, BLOCK, TILE};
+use half::f16;
+
+use crate::flash_bf16::{dp, pair, round};
+use crate::kernels::SyncPtr;
+use crate::qmatmul::QMatrix;
+use crate::team;
+
+/// Activation rows of a register tile.
+const MR: usize = 6;
+/// Weight tiles (of 16 rows) of a register tile.
+const NC: usize = 2;
+/// Pairs of one 32-value block.
+const BLOCK_PAIRS: usize = BLOCK / 2;
+
+/// Whether this CPU runs the bf16 arithmetic (AVX-512 F, BW and BF16; not disabled by
+/// `DSV2_BF16_ATTENTION=0`, which turns off every bf16-arithmetic path).
+pub(crate) fn available() -> bool {
+    crate::flash_bf16::available()
+}
+
+/// Activation rows rounded to bf16 in pairs: row `i` is `k/2` values, pair `kk` holding
+/// `bf16(x[i, 2kk])` in its low half.
+#[derive(Default)]
+pub(crate) struct BfRows {
+    pairs: Vec<u32>,
+    m: usize,
+    k: usize,
+}
+
+impl BfRows {
+    /// Rounds `x[m, k]` (`k` even) into these (reused) buffers.
+    pub(crate) fn round(&mut self, x: &[f32], m: usize, k: usize) {
+        assert!(k.is_multiple_of(2) && x.len() >= m * k, "x [{m}, {k}]");
+        let kp = k / 2;
+        self.pairs.resize(m * kp, 0);
+        (self.m, self.k) = (m, k);
+        let pairs = &mut self.pairs[..m * kp];
+        let round = |x: &[f32], pairs: &mut [u32]| {
+            #[cfg(target_arch = "x86_64")]
+            if available() {
+                // SAFETY: the features were detected; `pairs` holds `x.len() / 2` values.
+                return unsafe { x86::round_rows(x, pairs) };
+            }
+            round_rows_reference(x, pairs)
+        };
+        if m * k >= 1 << 16 {
+            // A prompt's rows, in parallel.
+            team::for_each_chunk_mut(pairs, kp, |i, row| round(&x[i * k..(i + 1) * k], row));
+        } else {
+            round(&x[..m * k], pairs);
+        }
+    }
+
+    fn row(&self, i: usize) -> &[u32] {
+        let kp = self.k / 2;
+        &self.pairs[i * kp..(i + 1) * kp]
+    }
+}
+
+/// [`BfRows::round`]'s rounding, one value at a time.
+fn round_rows_reference(x: &[f32], pairs: &mut [u32]) {
+    for (p, x) in pairs.iter_mut().zip(x.chunks_exact(2)) {
+        *p = pair(round(x[0]), round(x[1]));
+    }
+}
+
+/// `u32` values of a packed tile of `k` columns ([`pack_tile`]).
+pub(crate) fn packed_len(k: usize) -> usize {
+    k / 2 * TILE
+}
+
+/// Widens one q8 tile (16 rows of `k` int8 weights in the interleaved layout of
+/// [`dsv2_core::quant`]) to bf16 pairs: `out[kk·16 + r] = (bf16(q[r, 2kk]),
+/// bf16(q[r, 2kk + 1]))`, exact.
+pub(crate) fn pack_tile(q: &[u8], k: usize, out: &mut [u32]) {
+    assert!(k.is_multiple_of(BLOCK) && q.len() >= k * TILE && out.len() >= packed_len(k));
+    #[cfg(target_arch = "x86_64")]
+    if available() {
+        // SAFETY: the features were detected; the lengths are checked above.
+        return unsafe { x86::pack512(q.as_ptr(), k / BLOCK, out.as_mut_ptr()) };
+    }
+    pack_tile_reference(q, k, out)
+}
+
+/// [`pack_tile`], one value at a time. In the stored layout, byte `4r + j` of 64-byte
+/// unit `g` of block `b` is `q[r, 32b + 4g + j]`.
+pub(crate) fn pack_tile_reference(q: &[u8], k: usize, out: &mut [u32]) {
+    let widen = |v: u8| round(v as i8 as f32);
+    for b in 0..k / BLOCK {
+        for g in 0..8 {
+            let unit = &q[(b * 8 + g) * 64..][..64];
+            for h in 0..2 {
+                let kk = b * BLOCK_PAIRS + 2 * g + h;
+                for r in 0..TILE {
+                    let (lo, hi) = (unit[4 * r + 2 * h], unit[4 * r + 2 * h + 1]);
+                    out[kk * TILE + r] = pair(widen(lo), widen(hi));
+                }
+            }
+        }
+    }
+}
+
+/// One register tile's operands: `rows` activation rows (at most 6) against `tiles`
+/// packed weight tiles (1 or 2) and their block scales.
+#[derive(Clone, Copy)]
+pub(crate) struct Tile<'a> {
+    pub x: &'a BfRows,
+    pub row0: usize,
+    pub rows: usize,
+    /// Packed tiles ([`pack_tile`]), `tiles` of them.
+    pub w: [&'a [u32]; NC],
+    /// Each tile's scales, 16 per block (`s[b·16 + r]`).
+    pub scales: [&'a [f16]; NC],
+    pub tiles: usize,
+}
+
+/// Output floats of one register tile: `out[(i·2 + c)·16 + r]`.
+pub(crate) const OUT_LEN: usize = MR * NC * TILE;
+
+impl Tile<'_> {
+    fn check(&self) {
+        let (k, nb) = (self.x.k, self.x.k / BLOCK);
+        assert!((1..=MR).contains(&self.rows) && (1..=NC).contains(&self.tiles));
+        assert!(self.row0 + self.rows <= self.x.m);
+        for c in 0..self.tiles {
+            assert!(self.w[c].len() >= packed_len(k) && self.scales[c].len() >= nb * TILE);
+        }
+    }
+}
+
+/// Computes one register tile into `out` (`out[(i·2 + c)·16 + r]` for activation row
+/// `row0 + i` and row `r` of tile `c`).
+pub(crate) fn tile(t: Tile<'_>, out: &mut [f32; OUT_LEN]) {
+    // SAFETY: `out` holds rows of NC·16 values for every row of the tile.
+    unsafe { tile_to(t, out.as_mut_ptr(), NC * TILE) }
+}
+
+/// [`tile`] writing `dst[i·stride + c·16 + r]`.
+///
+/// # Safety
+/// Those values of `dst` must be valid for writes and not accessed concurrently.
+unsafe fn tile_to(t: Tile<'_>, dst: *mut f32, stride: usize) {
+    t.check();
+    #[cfg(target_arch = "x86_64")]
+    if available() {
+        macro_rules! arms {
+            ($(($m:literal, $n:literal)),*) => {
+                match (t.rows, t.tiles) {
+                    // SAFETY: the features were detected; the shapes are checked above;
+                    // `dst` is the caller's contract.
+                    $(($m, $n) => unsafe { x86::kern512::<$m, $n>(t, dst, stride) },)*
+                    _ => unreachable!(),
+                }
+            };
+        }
+        return arms!(
+            (1, 1),
+            (2, 1),
+            (3, 1),
+            (4, 1),
+            (5, 1),
+            (6, 1),
+            (1, 2),
+            (2, 2),
+            (3, 2),
+            (4, 2),
+            (5, 2),
+            (6, 2)
+        );
+    }
+    let mut out = [0.0f32; OUT_LEN];
+    tile_reference(t, &mut out);
+    for i in 0..t.rows {
+        for c in 0..t.tiles {
+            let from = &out[(i * NC + c) * TILE..][..TILE];
+            // SAFETY: the caller's contract.
+            unsafe {
+                std::ptr::copy_nonoverlapping(from.as_ptr(), dst.add(i * stride + c * TILE), TILE)
+            };
+        }
+    }
+}
+
+/// [`tile`], one value at a time.
+pub(crate) fn tile_reference(t: Tile<'_>, out: &mut [f32; OUT_LEN]) {
+    t.check();
+    let nb = t.x.k / BLOCK;
+    for i in 0..t.rows {
+        let x = t.x.row(t.row0 + i);
+        for c in 0..t.tiles {
+            for r in 0..TILE {
+                let mut acc = 0.0f32;
+                for b in 0..nb {
+                    let pairs = b * BLOCK_PAIRS..(b + 1) * BLOCK_PAIRS;
+                    let mut s = 0.0f32;
+                    for (&xp, kk) in x[pairs.clone()].iter().zip(pairs) {
+                        s = dp(s, xp, t.w[c][kk * TILE + r]);
+                    }
+                    acc = s.mul_add(t.scales[c][b * TILE + r].to_f32(), acc);
+                }
+                out[(i * NC + c) * TILE + r] = acc;
+            }
+        }
+    }
+}
+
+thread_local! {
+    /// The calling thread's activations in bf16 (reused across calls).
+    static ROWS: RefCell<BfRows> = RefCell::new(BfRows::default());
+    /// The calling thread's packed weight tiles (reused across calls).
+    static PACKED: RefCell<Vec<u32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// `y[m, n] = x[m, k] · wᵀ` for a q8 `w` in this module's arithmetic, all rows as prompt
+/// rows. Parallel over pairs of weight tiles; each task widens its tiles once and runs
+/// every activation row against them.
+///
+/// # Panics
+/// If `w` is not q8, the shapes disagree, or the CPU lacks AVX-512 BF16 and this is not a
+/// test (the portable reference is for tests).
+pub(crate) fn matmul(x: &[f32], m: usize, w: QMatrix<'_>, y: &mut [f32]) {
+    assert_eq!(
+        w.format,
+        QuantFormat::Q8,
+        "bf16 prompt rows need q8 weights"
+    );
+    let (n, k) = (w.rows, w.cols);
+    assert!(k.is_multiple_of(BLOCK) && y.len() >= m * n && x.len() >= m * k);
+    if m == 0 || n == 0 {
+        return;
+    }
+    ROWS.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut rows) => {
+            rows.round(x, m, k);
+            matmul_rows(&rows, w, y)
+        }
+        Err(_) => {
+            let mut rows = BfRows::default();
+            rows.round(x, m, k);
+            matmul_rows(&rows, w, y)
+        }
+    })
+}
+
+fn matmul_rows(x: &BfRows, w: QMatrix<'_>, y: &mut [f32]) {
+    let (m, n, k) = (x.m, w.rows, w.cols);
+    let nb = k / BLOCK;
+    let rb = k;
+    let tiles = n.div_ceil(TILE);
+    let pad = (!n.is_multiple_of(TILE)).then(|| crate::qmatmul::padded_tile(&w, tiles - 1));
+    let weights = |t: usize| -> (&[u8], &[f16]) {
+        if (t + 1) * TILE > n {
+            let (q, s) = pad.as_ref().expect("padded last tile");
+            (q, s)
+        } else {
+            (
+                &w.q[t * TILE * rb..][..TILE * rb],
+                &w.scales[t * TILE * nb..][..TILE * nb],
+            )
+        }
+    };
+    let pairs = tiles.div_ceil(NC);
+    let y_ptr = SyncPtr(y.as_mut_ptr());
+    let len = packed_len(k);
+    team::for_each(pairs, |p| {
+        let t0 = p * NC;
+        let nt = NC.min(tiles - t0);
+        PACKED.with(|cell| {
+            let mut packed = cell.borrow_mut();
+            if packed.len() < NC * len {
+                packed.resize(NC * len, 0);
+            }
+            let (a, b) = packed.split_at_mut(len);
+            pack_tile(weights(t0).0, k, a);
+            if nt > 1 {
+                pack_tile(weights(t0 + 1).0, k, &mut b[..len]);
+            }
+            let scales = [weights(t0).1, weights(t0 + nt - 1).1];
+            let w = [&a[..], &b[..len]];
+            // Full tiles write their outputs in place; a ragged last one goes through
+            // `out`.
+            let in_place = (t0 + nt) * TILE <= n;
+            let mut out = [0.0f32; OUT_LEN];
+            let mut i0 = 0;
+            while i0 < m {
+                let rows = MR.min(m - i0);
+                let t = Tile {
+                    x,
+                    row0: i0,
+                    rows,
+                    w,
+                    scales,
+                    tiles: nt,
+                };
+                if in_place {
+                    // SAFETY: rows i0.., columns of tiles t0..t0 + nt of `y` ([m, n]):
+                    // tasks write disjoint columns.
+                    unsafe { tile_to(t, y_ptr.get().add(i0 * n + t0 * TILE), n) };
+                } else {
+                    tile(t, &mut out);
+                    for i in 0..rows {
+                        for c in 0..nt {
+                            let r0 = (t0 + c) * TILE;
+                            let width = TILE.min(n - r0);
+                            // SAFETY: row i0 + i, columns r0..r0 + width of `y`, as above.
+                            unsafe {
+                                let dst = y_ptr.get().add((i0 + i) * n + r0);
+                                std::ptr::copy_nonoverlapping(
+                                    out[(i * NC + c) * TILE..].as_ptr(),
+                                    dst,
+                                    width,
+                                );
+                            }
+                        }
+                    }
+                }
+                i0 += rows;
+            }
+        })
+    });
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{Tile, BLOCK_PAIRS};
+    use crate::flash_bf16::x86::{bh, bits};
+    use dsv2_core::quant::TILE;
+    use std::arch::x86_64::*;
+
+    /// [`super::BfRows::round`]: 32 values per `vcvtne2ps2bf16` (consecutive values are
+    /// the low and high halves of a pair); a tail one value at a time.
+    ///
+    /// # Safety
+    /// AVX-512 F/BW/BF16; `pairs` holds `x.len() / 2` values.
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    pub(super) unsafe fn round_rows(x: &[f32], pairs: &mut [u32]) {
+        let full = x.len() / 32;
+        for c in 0..full {
+            // SAFETY: values 32c..32c + 32 of `x`, pairs 16c..16c + 16 of `pairs`.
+            unsafe {
+                let lo = _mm512_loadu_ps(x.as_ptr().add(32 * c));
+                let hi = _mm512_loadu_ps(x.as_ptr().add(32 * c + 16));
+                let v = _mm512_cvtne2ps_pbh(hi, lo);
+                _mm512_storeu_si512(pairs.as_mut_ptr().add(16 * c) as *mut _, bits(v));
+            }
+        }
+        super::round_rows_reference(&x[32 * full..], &mut pairs[16 * full..]);
+    }
+
+    /// [`super::pack_tile`]: each 64-byte unit (4 consecutive weights of 16 rows) becomes
+    /// two vectors of pairs; int8 → f32 is exact and so is its bf16 (the top half).
+    ///
+    /// # Safety
+    /// AVX-512 F/BW; `q` holds `nb` blocks of a tile, `out` `nb·16·16` values.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub(super) unsafe fn pack512(q: *const u8, nb: usize, out: *mut u32) {
+        let widen = |v: __m512i| _mm512_castps_si512(_mm512_cvtepi32_ps(v));
+        for u in 0..nb * 8 {
+            // SAFETY: unit u of the tile; pairs 2u, 2u + 1 of `out`.
+            unsafe {
+                let v = _mm512_loadu_si512(q.add(64 * u) as *const _);
+                let f0 = widen(_mm512_srai_epi32(_mm512_slli_epi32(v, 24), 24));
+                let f1 = widen(_mm512_srai_epi32(_mm512_slli_epi32(v, 16), 24));
+                let f2 = widen(_mm512_srai_epi32(_mm512_slli_epi32(v, 8), 24));
+                let f3 = widen(_mm512_srai_epi32(v, 24));
+                // The low halves of f1, f3 are 0: a value's bf16 is its top half.
+                let p0 = _mm512_or_si512(f1, _mm512_srli_epi32(f0, 16));
+                let p1 = _mm512_or_si512(f3, _mm512_srli_epi32(f2, 16));
+                _mm512_storeu_si512(out.add(32 * u) as *mut _, p0);
+                _mm512_storeu_si512(out.add(32 * u + 16) as *mut _, p1);
+            }
+        }
+    }
+
+    /// [`super::tile`]'s `M × N` register tile.
+    ///
+    /// # Safety
+    /// AVX-512 F/BW/BF16; `t` checked ([`Tile::check`]), `t.rows == M`, `t.tiles == N`;
+    /// `dst[i·stride + c·16 ..+ 16]` valid for writes for `i < M`, `c < N`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    pub(super) unsafe fn kern512<const M: usize, const N: usize>(
+        t: Tile<'_>,
+        dst: *mut f32,
+        stride: usize,
+    ) {
+        let nb = t.x.k / dsv2_core::quant::BLOCK;
+        let x: [*const u32; M] = std::array::from_fn(|i| t.x.row(t.row0 + i).as_ptr());
+        let w: [*const u32; N] = std::array::from_fn(|c| t.w[c].as_ptr());
+        let mut acc = [[_mm512_setzero_ps(); N]; M];
+        for b in 0..nb {
+            let mut s = [[_mm512_setzero_ps(); N]; M];
+            for kk in b * BLOCK_PAIRS..(b + 1) * BLOCK_PAIRS {
+                // SAFETY (loads): pair kk < k/2 of each row and each packed tile.
+                unsafe {
+                    let wv: [__m512bh; N] = std::array::from_fn(|c| {
+                        bh(_mm512_loadu_si512(w[c].add(kk * TILE) as *const _))
+                    });
+                    for i in 0..M {
+                        let xv = bh(_mm512_set1_epi32(*x[i].add(kk) as i32));
+                        for c in 0..N {
+                            s[i][c] = _mm512_dpbf16_ps(s[i][c], xv, wv[c]);
+                        }
+                    }
+                }
+            }
+            for c in 0..N {
+                // SAFETY: the 16 scales of block b.
+                let dw = unsafe {
+                    _mm512_cvtph_ps(_mm256_loadu_si256(
+                        t.scales[c].as_ptr().add(b * TILE) as *const _
+                    ))
+                };
+                for i in 0..M {
+                    acc[i][c] = _mm512_fmadd_ps(s[i][c], dw, acc[i][c]);
+                }
+            }
+        }
+        for (i, row) in acc.iter().enumerate() {
+            for (c, v) in row.iter().enumerate() {
+                // SAFETY: the caller's contract.
+                unsafe { _mm512_storeu_ps(dst.add(i * stride + c * TILE), *v) };
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_values;
+    use dsv2_core::quant::{dequantize_row, quantize_rows};
+
+    /// A q8 matrix of random weights: its planes.
+    struct Q8 {
+        rows: usize,
+        cols: usize,
+        q: Vec<u8>,
+        scales: Vec<f16>,
+    }
+
+    impl Q8 {
+        fn view(&self) -> QMatrix<'_> {
+            QMatrix {
+                format: QuantFormat::Q8,
+                rows: self.rows,
+                cols: self.cols,
+                q: &self.q,
+                scales: &self.scales,
+                terms: 2,
+            }
+        }
+    }
+
+    fn q8(rows: usize, cols: usize, seed: u64) -> Q8 {
+        let w = test_values(rows * cols, seed);
+        let mut q = vec![0u8; rows * cols];
+        let mut scales = vec![f16::ZERO; rows * cols / BLOCK];
+        quantize_rows(QuantFormat::Q8, &w, cols, &mut q, &mut scales);
+        Q8 {
+            rows,
+            cols,
+            q,
+            scales,
+        }
+    }
+
+    #[test]
+    fn packing_widens_every_weight_exactly() {
+        let q = q8(16, 96, 1);
+        let m = q.view();
+        let mut fast = vec![0u32; packed_len(96)];
+        let mut slow = vec![1u32; packed_len(96)];
+        pack_tile(m.q, 96, &mut fast);
+        pack_tile_reference(m.q, 96, &mut slow);
+        assert_eq!(fast, slow);
+        // Every int8 value, through the reference's widening.
+        for v in i8::MIN..=i8::MAX {
+            let f = f32::from_bits((round(v as f32) as u32) << 16);
+            assert_eq!(f, v as f32);
+        }
+    }
+
+    #[test]
+    fn rounding_rows_matches_the_scalar_rounding() {
+        let mut x = test_values(3 * 70, 2);
+        x[5] = 1e-40; // subnormal: to 0
+        x[6] = -1e-41;
+        x[7] = 1.0 + f32::EPSILON * 64.0; // a tie in bf16
+        let mut fast = BfRows::default();
+        fast.round(&x, 3, 70);
+        let mut slow = vec![0u32; 3 * 35];
+        round_rows_reference(&x, &mut slow);
+        assert_eq!(fast.pairs, slow);
+    }
+
+    /// The kernel against the scalar reference, bit for bit, on every tile shape, and the
+    /// whole product against f64 sums of the same bf16 operands.
+    #[test]
+    fn matches_the_reference_bit_for_bit() {
+        let (n, k) = (40, 160);
+        let q = q8(n, k, 3);
+        let w = q.view();
+        let x = test_values(9 * k, 4);
+        let mut rows = BfRows::default();
+        rows.round(&x, 9, k);
+        let pad = crate::qmatmul::padded_tile(&w, 2);
+        let mut packs = Vec::new();
+        for t in 0..3 {
+            let mut p = vec![0u32; packed_len(k)];
+            let src = if t == 2 {
+                &pad.0[..]
+            } else {
+                &w.q[t * TILE * k..][..TILE * k]
+            };
+            pack_tile_reference(src, k, &mut p);
+            packs.push(p);
+        }
+        let nb = k / BLOCK;
+        let scales = |t: usize| -> &[f16] {
+            if t == 2 {
+                &pad.1
+            } else {
+                &w.scales[t * TILE * nb..][..TILE * nb]
+            }
+        };
+        for rows_in in 1..=MR {
+            for tiles in 1..=NC {
+                for t0 in [0, 1] {
+                    let t1 = t0 + tiles - 1;
+                    let tile_args = Tile {
+                        x: &rows,
+                        row0: 9 - rows_in,
+                        rows: rows_in,
+                        w: [&packs[t0], &packs[t1]],
+                        scales: [scales(t0), scales(t1)],
+                        tiles,
+                    };
+                    let (mut fast, mut slow) = ([0.0f32; OUT_LEN], [0.0f32; OUT_LEN]);
+                    tile(tile_args, &mut fast);
+                    tile_reference(tile_args, &mut slow);
+                    assert_eq!(fast.map(f32::to_bits), slow.map(f32::to_bits));
+                }
+            }
+        }
+        let mut y = vec![0.0f32; 9 * n];
+        matmul(&x, 9, w, &mut y);
+        let mut deq = vec![0.0f32; n * k];
+        for (r, row) in deq.chunks_exact_mut(k).enumerate() {
+            dequantize_row(QuantFormat::Q8, n, k, &q.q, &q.scales, r, row);
+        }
+        for i in 0..9 {
+            for r in 0..n {
+                let want: f64 = (0..k)
+                    .map(|j| {
+                        let xb = f32::from_bits((round(x[i * k + j]) as u32) << 16);
+                        xb as f64 * deq[r * k + j] as f64
+                    })
+                    .sum();
+                let got = y[i * n + r] as f64;
+                assert!(
+                    (got - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                    "{i},{r}: {got} vs {want}"
+                );
+            }
+        }
+    }
+
+    /// A product whose rows mix both kinds: each prompt row is this path's result for
+    /// the row alone, each other row the int8 path's (so neither depends on the other
+    /// rows); a ragged row count of weights; every row one kind gives either path alone.
+    #[test]
+    fn prompt_rows_take_this_path_and_the_others_int8() {
+        use crate::qmatmul::{qmatmul, qmatmul_prompt, PromptRows};
+        let (m, n, k) = (11, 37, 96);
+        let q = q8(n, k, 9);
+        let w = q.view();
+        let x = test_values(m * k, 10);
+        let mask = [
+            false, true, true, false, false, true, true, true, true, true, false,
+        ];
+        let mut y = vec![0.0f32; m * n];
+        qmatmul_prompt(&x, m, w, PromptRows::Mask(&mask), &mut y);
+        let in_bf16 = crate::qmatmul::prompt_rows_in_bf16(&w);
+        assert_eq!(in_bf16, available());
+        for (i, &prompt) in mask.iter().enumerate() {
+            let row = &x[i * k..(i + 1) * k];
+            let mut alone = vec![0.0f32; n];
+            if prompt && in_bf16 {
+                matmul(row, 1, w, &mut alone);
+            } else {
+                qmatmul(row, 1, w, &mut alone);
+            }
+            assert_eq!(
+                y[i * n..(i + 1) * n]
+                    .iter()
+                    .map(|v| v.to_bits())
+                    .collect::<Vec<_>>(),
+                alone.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                "row {i}"
+            );
+        }
+        let (mut all, mut none) = (vec![0.0f32; m * n], vec![0.0f32; m * n]);
+        qmatmul_prompt(&x, m, w, PromptRows::All, &mut all);
+        qmatmul_prompt(&x, m, w, PromptRows::None, &mut none);
+        let mut want = vec![0.0f32; m * n];
+        qmatmul(&x, m, w, &mut want);
+        assert_eq!(none, want);
+        if in_bf16 {
+            matmul(&x, m, w, &mut want);
+        }
+        assert_eq!(all, want);
+        // One activation term: every row int8, whatever its kind.
+        let one = QMatrix { terms: 1, ..w };
+        assert!(!crate::qmatmul::prompt_rows_in_bf16(&one));
+        qmatmul_prompt(&x, m, one, PromptRows::All, &mut all);
+        qmatmul(&x, m, one, &mut want);
+        assert_eq!(all, want);
+    }
+
+    /// Prompt products of V2-Lite's shapes, this path against the int8 one (two terms):
+    /// `cargo test --release -p dsv2-cpu --lib prompt_speed -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn prompt_speed() {
+        use std::time::Instant;
+        let min_time = |reps: usize, f: &mut dyn FnMut()| {
+            f();
+            (0..reps)
+                .map(|_| {
+                    let t = Instant::now();
+                    f();
+                    t.elapsed().as_secs_f64()
+                })
+                .fold(f64::INFINITY, f64::min)
+        };
+        {
+            // The register tile alone, on cache-resident operands (one core).
+            let k = 2048;
+            let q = q8(32, k, 5);
+            let w = q.view();
+            let x = test_values(6 * k, 6);
+            let mut rows = BfRows::default();
+            rows.round(&x, 6, k);
+            let (mut a, mut b) = (vec![0u32; packed_len(k)], vec![0u32; packed_len(k)]);
+            pack_tile(&w.q[..TILE * k], k, &mut a);
+            pack_tile(&w.q[TILE * k..], k, &mut b);
+            let nb = k / BLOCK;
+            let t = Tile {
+                x: &rows,
+                row0: 0,
+                rows: 6,
+                w: [&a, &b],
+                scales: [&w.scales[..TILE * nb], &w.scales[TILE * nb..]],
+                tiles: 2,
+            };
+            let mut out = [0.0f32; OUT_LEN];
+            let secs = min_time(10, &mut || {
+                for _ in 0..100 {
+                    tile(t, &mut out)
+                }
+            });
+            eprintln!(
+                "6x32 tile: {:.1} GMAC/s on one core",
+                100.0 * (6 * 32 * k) as f64 / secs / 1e9
+            );
+            let secs = min_time(10, &mut || {
+                for _ in 0..100 {
+                    pack_tile(&w.q[..TILE * k], k, &mut a)
+                }
+            });
+            eprintln!(
+                "packing: {:.2} ns per weight",
+                secs / 100.0 / (TILE * k) as f64 * 1e9
+            );
+        }
+        for (m, n, k) in [
+            (48, 1408, 2048),
+            (48, 2048, 1408),
+            (512, 2048, 2048),
+            (512, 3072, 2048),
+        ] {
+            let q = q8(n, k, 7);
+            let x = test_values(m * k, 8);
+            let mut y = vec![0.0f32; m * n];
+            let w = q.view();
+            let t_bf = min_time(10, &mut || matmul(&x, m, w, &mut y));
+            let t_i8 = min_time(10, &mut || crate::qmatmul::qmatmul(&x, m, w, &mut y));
+            let macs = (m * n * k) as f64;
+            eprintln!(
+                "m={m} n={n} k={k}: bf16 {:.1} GMAC/s, int8 two terms {:.1} GMAC/s ({:.2}x)",
+                macs / t_bf / 1e9,
+                macs / t_i8 / 1e9,
+                t_i8 / t_bf
+            );
+        }
+    }
+}
