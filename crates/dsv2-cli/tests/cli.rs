@@ -255,7 +255,7 @@ fn activation_terms_select_the_q8_activation_rounding() {
             .iter()
             .zip(&default)
             .fold((0.0f64, 0.0f64), |(d, n), (a, b)| {
-                (d + ((a - b) as f64).powi(2), n + (*b as f64).powi(2))
+                (d + (a - b).powi(2), n + b.powi(2))
             });
         assert!((diff / norm).sqrt() < 1e-2, "{}", (diff / norm).sqrt());
     } else {
