@@ -73,6 +73,10 @@ pub struct SeqSlice {
     pub query_len: usize,
     /// Tokens in the cache once this step's tokens are written (past + new).
     pub context_len: usize,
+    /// Tokens of the prompt (or recomputed prefix) this step's tokens belong to, 0 for a
+    /// decode token: a property of the request, whatever the chunking, so a backend may
+    /// pick a row's arithmetic by it and stay batch-invariant (the CPU's q8 prompt rows).
+    pub prompt_len: usize,
     /// Physical cache block of each logical block of the sequence.
     pub block_table: Vec<u32>,
 }
@@ -83,6 +87,7 @@ impl Clone for SeqSlice {
             query_start: self.query_start,
             query_len: self.query_len,
             context_len: self.context_len,
+            prompt_len: self.prompt_len,
             block_table: self.block_table.clone(),
         }
     }
@@ -92,6 +97,7 @@ impl Clone for SeqSlice {
         self.query_start = source.query_start;
         self.query_len = source.query_len;
         self.context_len = source.context_len;
+        self.prompt_len = source.prompt_len;
         self.block_table.clone_from(&source.block_table);
     }
 }
@@ -149,6 +155,7 @@ impl Clone for Batch {
                 query_start: src.query_start,
                 query_len: src.query_len,
                 context_len: src.context_len,
+                prompt_len: src.prompt_len,
                 block_table,
             });
         }
@@ -166,6 +173,7 @@ impl Batch {
             query_start: row,
             query_len: 1,
             context_len: 1,
+            prompt_len: 0,
             block_table,
         });
     }
@@ -183,7 +191,10 @@ impl Batch {
 
     /// Appends a sequence's new tokens: `past_len` tokens are already cached, the new ones
     /// go to the slots given by `block_table`. Logits are requested for its last token
-    /// when `want_logits` (or for all of them with `all_logits`).
+    /// when `want_logits` (or for all of them with `all_logits`). More than one new token
+    /// are taken as a whole prompt's last part (`prompt_len` = `past_len` + their
+    /// count); a caller computing a prompt in chunks says its length with
+    /// [`set_prompt_len`](Batch::set_prompt_len).
     pub fn push_seq(
         &mut self,
         tokens: &[u32],
@@ -221,8 +232,22 @@ impl Batch {
             query_start,
             query_len: tokens.len(),
             context_len: past_len + tokens.len(),
+            prompt_len: if tokens.len() > 1 {
+                past_len + tokens.len()
+            } else {
+                0
+            },
             block_table: table,
         });
+    }
+
+    /// Sets the prompt length of the last sequence pushed (one computing a chunk of a
+    /// longer prompt): every chunk of a prompt then carries the same length.
+    ///
+    /// # Panics
+    /// If no sequence was pushed.
+    pub fn set_prompt_len(&mut self, prompt_len: usize) {
+        self.seqs.last_mut().expect("a pushed sequence").prompt_len = prompt_len;
     }
 
     /// Number of tokens (`T`).

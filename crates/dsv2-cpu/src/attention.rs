@@ -114,9 +114,11 @@ fn expand_context<E: KindOf>(
     }
     let mut kv = take::<f32>(s_len * d.num_heads * (d.nope_dim + d.v_dim));
     let w = args.kv_b_proj;
-    // A prompt chunk's context is prompt work: with the backend's bf16 prompt rows its
-    // latents are rounded to bf16 for this product too.
-    let prompt = seq.query_len > 1 && be.bf16_prompt_rows();
+    // A prompt chunk's context is prompt work: with the backend's bf16 prompt rows (and
+    // a prompt long enough for them) its latents are rounded to bf16 for this product too.
+    let prompt = seq.query_len > 1
+        && seq.prompt_len >= crate::q8_bf16::PROMPT_MIN_ROWS as usize
+        && be.bf16_prompt_rows();
     match w.data() {
         WeightData::Bf16(elems) if (bf16_product || prompt) && bf16dot::available() => {
             bf16dot::matmul(&latents, s_len, elems, w.rows(), w.cols(), &mut kv)

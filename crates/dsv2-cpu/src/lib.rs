@@ -307,10 +307,11 @@ pub struct CpuBackend {
     /// ([`CpuBackend::with_q8_activation_terms`]); unset, [`qmatmul::activation_terms`]
     /// picks them from the model's formats.
     q8_terms: Option<usize>,
-    /// The prepared step's prompt rows (rows of sequences computing more than one new
-    /// token), one value per row, when this backend computes prompt rows of q8 products
-    /// in bf16 ([`CpuBackend::bf16_prompt_rows`]); empty otherwise.
-    step_prompt_rows: std::sync::Mutex<Vec<bool>>,
+    /// The prepared step's prompt length of each row (its sequence's
+    /// [`SeqSlice::prompt_len`](dsv2_backend::SeqSlice) when it computes more than one
+    /// token, else 0), when this backend computes prompt rows of q8 products in bf16
+    /// ([`CpuBackend::bf16_prompt_rows`]); empty otherwise.
+    step_prompt_lens: std::sync::Mutex<Vec<u32>>,
 }
 
 impl CpuBackend {
@@ -323,17 +324,18 @@ impl CpuBackend {
             quantized: std::sync::atomic::AtomicBool::new(false),
             routed_experts_run: std::sync::atomic::AtomicU64::new(0),
             q8_terms: None,
-            step_prompt_rows: std::sync::Mutex::new(Vec::new()),
+            step_prompt_lens: std::sync::Mutex::new(Vec::new()),
         }
     }
 
     /// Whether prompt rows of q8 products take bf16 activations ([`q8_bf16`]): in a
     /// q8 model whose activation terms were not set ([`CpuBackend::with_q8_activation_terms`]
-    /// asks for int8 terms on every row), on a CPU with AVX-512 BF16. A prompt's products
-    /// then do 32 weight multiply-adds per `vdpbf16ps` where two int8 terms take two
-    /// `vpdpbusd`s per 64 and more work per block (1.1-1.25× the speed on Zen 4), with
-    /// logit error 2.5e-3..9.5e-3 on issue #5's fixtures (two int8 terms:
-    /// 2.5e-3..9.3e-3). Decode rows keep the int8 terms (their products stream memory).
+    /// asks for int8 terms on every row), on a CPU with AVX-512 BF16. A product's rows of
+    /// a prompt long enough to give it [`q8_bf16::PROMPT_MIN_ROWS`] rows then do 32
+    /// weight multiply-adds per `vdpbf16ps` where two int8 terms take two `vpdpbusd`s per
+    /// 64 and more work per block (1.1-1.27× the speed on Zen 4), with logit error
+    /// 2.5e-3..9.5e-3 on issue #5's fixtures (two int8 terms: 2.5e-3..9.3e-3). Decode
+    /// rows and short prompts keep the int8 terms (their products stream memory).
     pub fn bf16_prompt_rows(&self) -> bool {
         self.q8_terms.is_none()
             && self.has_quantized_weights()
@@ -341,22 +343,10 @@ impl CpuBackend {
             && q8_bf16::available()
     }
 
-    /// The prompt rows of a product over the prepared step's `rows` rows (`mask`, the
-    /// locked [`CpuBackend::step_prompt_rows`]); none for another row count (a product
-    /// outside the step's rows).
-    fn prompt_rows<'a>(&self, mask: &'a [bool], rows: usize) -> PromptRows<'a> {
-        if mask.len() != rows || !mask.iter().any(|&p| p) {
-            PromptRows::None
-        } else if mask.iter().all(|&p| p) {
-            PromptRows::All
-        } else {
-            PromptRows::Mask(mask)
-        }
-    }
-
-    /// Locks the prepared step's prompt rows.
-    fn step_prompt_rows(&self) -> std::sync::MutexGuard<'_, Vec<bool>> {
-        self.step_prompt_rows
+    /// Locks the prepared step's prompt lengths ([`CpuBackend::step_prompt_lens`]):
+    /// [`PromptRows::of`] them gives a product's prompt rows.
+    fn step_prompt_lens(&self) -> std::sync::MutexGuard<'_, Vec<u32>> {
+        self.step_prompt_lens
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
@@ -634,15 +624,16 @@ impl Backend for CpuBackend {
         step: &mut CpuStep,
     ) -> Result<()> {
         step.batch.clone_from(batch);
-        let mut prompt = self.step_prompt_rows();
-        prompt.clear();
+        let mut lens = self.step_prompt_lens();
+        lens.clear();
         if self.bf16_prompt_rows() {
             for seq in &batch.seqs {
-                prompt.extend(std::iter::repeat_n(seq.query_len > 1, seq.query_len));
+                let len = if seq.query_len > 1 { seq.prompt_len } else { 0 };
+                lens.extend(std::iter::repeat_n(len as u32, seq.query_len));
             }
-            prompt.resize(batch.num_tokens(), false);
+            lens.resize(batch.num_tokens(), 0);
         }
-        drop(prompt);
+        drop(lens);
         step.cos.clear();
         step.cos.extend_from_slice(angles.cos);
         step.sin.clear();
@@ -681,8 +672,9 @@ impl Backend for CpuBackend {
     }
 
     fn linear(&self, x: &Vec<f32>, rows: usize, w: &CpuWeight, out: &mut Vec<f32>) -> Result<()> {
-        let mask = self.step_prompt_rows();
-        w.matmul(self, x, rows, self.prompt_rows(&mask, rows), out);
+        let lens = self.step_prompt_lens();
+        let prompt = PromptRows::of(&lens, rows, q8_bf16::PROMPT_MIN_ROWS);
+        w.matmul(self, x, rows, prompt, out);
         self.round(&mut out[..rows * w.rows]);
         Ok(())
     }
@@ -701,8 +693,8 @@ impl Backend for CpuBackend {
     ) -> Result<()> {
         match (w_a.qmatrix(self), w_b.qmatrix(self)) {
             (Some(a), Some(b)) if a.cols == b.cols => {
-                let mask = self.step_prompt_rows();
-                let prompt = self.prompt_rows(&mask, rows);
+                let lens = self.step_prompt_lens();
+                let prompt = PromptRows::of(&lens, rows, q8_bf16::PROMPT_MIN_ROWS);
                 if prompt.any(rows) || !moe::few_rows_pair(x, rows, a, out_a, b, out_b) {
                     qmatmul::qmatmul_pair(x, rows, a, out_a, b, out_b, prompt);
                 }
@@ -806,8 +798,9 @@ impl Backend for CpuBackend {
         mlp: &Mlp<CpuWeight>,
         out: &mut Vec<f32>,
     ) -> Result<()> {
-        let mask = self.step_prompt_rows();
-        moe::mlp_rows(self, x, rows, self.prompt_rows(&mask, rows), mlp, out);
+        let lens = self.step_prompt_lens();
+        let prompt = PromptRows::of(&lens, rows, q8_bf16::PROMPT_MIN_ROWS);
+        moe::mlp_rows(self, x, rows, prompt, mlp, out);
         Ok(())
     }
 
@@ -818,8 +811,8 @@ impl Backend for CpuBackend {
         moe: &MoeWeights<CpuWeight>,
         out: &mut Vec<f32>,
     ) -> Result<()> {
-        let mask = self.step_prompt_rows();
-        moe::moe(self, x, rows, self.prompt_rows(&mask, rows), moe, out);
+        let lens = self.step_prompt_lens();
+        moe::moe(self, x, rows, &lens, moe, out);
         Ok(())
     }
 

@@ -7,6 +7,7 @@ use std::cell::{Cell, RefCell};
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use crate::kernels::SyncPtr;
+use crate::q8_bf16::PROMPT_MIN_ROWS;
 use crate::qmatmul::{
     decode_tiles_per_task, qmatmul_pair, qmatmul_rows_ptr, PromptRows, QActivations, QMatrix,
 };
@@ -57,13 +58,15 @@ thread_local! {
 
 /// The MoE block: f32 router and softmax, top-k routing, each chosen expert run once on
 /// all of its tokens, the weighted sum in f32 (rounded once), plus the shared experts.
-/// `prompt` says which rows are prompt rows ([`PromptRows`]); the few-token path is for
-/// decode rows only.
+/// `prompt_lens` gives each row's prompt length (empty: no prompt rows), from which the
+/// shared experts' prompt rows ([`PromptRows`]) are those of prompts of
+/// [`PROMPT_MIN_ROWS`] tokens and a routed expert's those of prompts long enough to send
+/// it that many rows on average; the few-token path runs no prompt rows.
 pub(crate) fn moe(
     be: &CpuBackend,
     x: &[f32],
     rows: usize,
-    prompt: PromptRows<'_>,
+    prompt_lens: &[u32],
     moe: &MoeWeights<CpuWeight>,
     out: &mut [f32],
 ) {
@@ -86,6 +89,9 @@ pub(crate) fn moe(
         );
     }
     be.count_routed_experts(distinct_experts(&ids, num_experts));
+    let prompt = PromptRows::of(prompt_lens, rows, PROMPT_MIN_ROWS);
+    let expert_min = (PROMPT_MIN_ROWS as usize * num_experts).div_ceil(k.max(1)) as u32;
+    let routed_prompt = PromptRows::of(prompt_lens, rows, expert_min);
     if FUSE_FEW_TOKENS.with(Cell::get)
         && rows <= FUSED_MAX_ROWS
         && !prompt.any(rows)
@@ -98,18 +104,20 @@ pub(crate) fn moe(
     let mut gathered = take_empty::<f32>();
     let mut member_rows = take_empty::<u32>();
     let mut member_weights = take_empty::<f32>();
-    let mut member_prompt = take_empty::<bool>();
+    let mut member_lens = take_empty::<u32>();
     let mut expert_out = take_empty::<f32>();
     for (e, expert) in moe.experts.iter().enumerate() {
         member_rows.vec().clear();
         member_weights.vec().clear();
-        member_prompt.vec().clear();
+        member_lens.vec().clear();
         for t in 0..rows {
             for j in 0..k {
                 if ids[t * k + j] as usize == e {
                     member_rows.vec().push(t as u32);
                     member_weights.vec().push(weights[t * k + j]);
-                    member_prompt.vec().push(prompt.contains(t));
+                    if !prompt_lens.is_empty() {
+                        member_lens.vec().push(prompt_lens[t]);
+                    }
                 }
             }
         }
@@ -123,11 +131,11 @@ pub(crate) fn moe(
         }
         let n = member_rows.len();
         expert_out.vec().resize(n * d, 0.0);
-        let member_kinds = match prompt {
-            PromptRows::Mask(_) => PromptRows::Mask(&member_prompt),
+        let member_prompt = match routed_prompt {
+            PromptRows::Lens { min, .. } => PromptRows::of(&member_lens, n, min),
             all_or_none => all_or_none,
         };
-        mlp_rows(be, &gathered, n, member_kinds, expert, &mut expert_out);
+        mlp_rows(be, &gathered, n, member_prompt, expert, &mut expert_out);
         for (m, (&t, &w)) in member_rows.iter().zip(member_weights.iter()).enumerate() {
             let t = t as usize;
             for (acc, v) in routed[t * d..(t + 1) * d]
@@ -591,9 +599,9 @@ mod tests {
                         be.round(&mut x);
                         let mut fused = vec![f32::NAN; rows * d];
                         let mut general = vec![f32::NAN; rows * d];
-                        moe(&be, &x, rows, PromptRows::None, &weights, &mut fused);
+                        moe(&be, &x, rows, &[], &weights, &mut fused);
                         FUSE_FEW_TOKENS.with(|f| f.set(false));
-                        moe(&be, &x, rows, PromptRows::None, &weights, &mut general);
+                        moe(&be, &x, rows, &[], &weights, &mut general);
                         FUSE_FEW_TOKENS.with(|f| f.set(true));
                         let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
                         let case = format!("{dtype:?} {format:?} shared {shared} rows {rows}");

@@ -39,6 +39,14 @@ use crate::kernels::SyncPtr;
 use crate::qmatmul::QMatrix;
 use crate::team;
 
+/// Rows of one prompt a product must expect before they take this path: with fewer, the
+/// widening of each weight tile costs more than the bf16 arithmetic saves and the int8
+/// path is as fast (measured on 64 expert-sized matrices from memory, bf16 against two
+/// int8 terms: 6 rows 0.5-0.75×, 12 rows 0.98-1.07×, 24 rows 1.12-1.24×, 48 rows
+/// 1.16-1.23×; `prompt_speed`). A dense product expects a prompt's every token as a
+/// row, a routed expert its share (`prompt_len · top_k / experts`).
+pub(crate) const PROMPT_MIN_ROWS: u32 = 16;
+
 /// Activation rows of a register tile.
 const MR: usize = 6;
 /// Weight tiles (of 16 rows) of a register tile.
@@ -146,6 +154,9 @@ pub(crate) struct Tile<'a> {
     /// Each tile's scales, 16 per block (`s[b·16 + r]`).
     pub scales: [&'a [f16]; NC],
     pub tiles: usize,
+    /// Weights to prefetch while this tile computes (the next tiles' bytes a later
+    /// packing reads from memory), spread over its blocks; empty for none.
+    pub prefetch: &'a [u8],
 }
 
 /// Output floats of one register tile: `out[(i·2 + c)·16 + r]`.
@@ -294,64 +305,111 @@ fn matmul_rows(x: &BfRows, w: QMatrix<'_>, y: &mut [f32]) {
         }
     };
     let pairs = tiles.div_ceil(NC);
+    // Tasks of consecutive pairs, so that each pair's weights can be fetched from memory
+    // while the task computes the one before (its packing then reads them from cache).
+    let per_task = pairs.div_ceil(4 * team::threads()).clamp(1, PAIRS_PER_TASK);
     let y_ptr = SyncPtr(y.as_mut_ptr());
     let len = packed_len(k);
-    team::for_each(pairs, |p| {
-        let t0 = p * NC;
-        let nt = NC.min(tiles - t0);
+    let row_tiles = m.div_ceil(MR);
+    team::for_each(pairs.div_ceil(per_task), |task| {
         PACKED.with(|cell| {
             let mut packed = cell.borrow_mut();
             if packed.len() < NC * len {
                 packed.resize(NC * len, 0);
             }
-            let (a, b) = packed.split_at_mut(len);
-            pack_tile(weights(t0).0, k, a);
-            if nt > 1 {
-                pack_tile(weights(t0 + 1).0, k, &mut b[..len]);
-            }
-            let scales = [weights(t0).1, weights(t0 + nt - 1).1];
-            let w = [&a[..], &b[..len]];
-            // Full tiles write their outputs in place; a ragged last one goes through
-            // `out`.
-            let in_place = (t0 + nt) * TILE <= n;
-            let mut out = [0.0f32; OUT_LEN];
-            let mut i0 = 0;
-            while i0 < m {
-                let rows = MR.min(m - i0);
-                let t = Tile {
-                    x,
-                    row0: i0,
-                    rows,
-                    w,
-                    scales,
-                    tiles: nt,
-                };
-                if in_place {
-                    // SAFETY: rows i0.., columns of tiles t0..t0 + nt of `y` ([m, n]):
-                    // tasks write disjoint columns.
-                    unsafe { tile_to(t, y_ptr.get().add(i0 * n + t0 * TILE), n) };
+            for p in task * per_task..((task + 1) * per_task).min(pairs) {
+                let t0 = p * NC;
+                let nt = NC.min(tiles - t0);
+                // The next pair's weights (contiguous in the stored layout), spread over
+                // this pair's row tiles; none past the task or into a padded copy.
+                let next = if p + 1 < ((task + 1) * per_task).min(pairs) && (p + 2) * NC * TILE <= n
+                {
+                    &w.q[(p + 1) * NC * TILE * rb..][..NC * TILE * rb]
                 } else {
-                    tile(t, &mut out);
-                    for i in 0..rows {
-                        for c in 0..nt {
-                            let r0 = (t0 + c) * TILE;
-                            let width = TILE.min(n - r0);
-                            // SAFETY: row i0 + i, columns r0..r0 + width of `y`, as above.
-                            unsafe {
-                                let dst = y_ptr.get().add((i0 + i) * n + r0);
-                                std::ptr::copy_nonoverlapping(
-                                    out[(i * NC + c) * TILE..].as_ptr(),
-                                    dst,
-                                    width,
-                                );
-                            }
-                        }
-                    }
+                    &[][..]
+                };
+                let share = next.len().div_ceil(row_tiles).next_multiple_of(64);
+                let (a, b) = packed.split_at_mut(len);
+                pack_tile(weights(t0).0, k, a);
+                if nt > 1 {
+                    pack_tile(weights(t0 + 1).0, k, &mut b[..len]);
                 }
-                i0 += rows;
+                let scales = [weights(t0).1, weights(t0 + nt - 1).1];
+                run_pair(
+                    x,
+                    [&a[..], &b[..len]],
+                    scales,
+                    nt,
+                    t0,
+                    next,
+                    share,
+                    y_ptr,
+                    n,
+                );
             }
         })
     });
+}
+
+/// Most tile pairs of one task.
+const PAIRS_PER_TASK: usize = 8;
+
+/// Every activation row against one packed pair of tiles (`nt` of them, from tile
+/// `t0`), into `y` (`[m, n]`); row tile `i` prefetches `next[i·share..][..share]`.
+#[allow(clippy::too_many_arguments)]
+fn run_pair(
+    x: &BfRows,
+    w: [&[u32]; NC],
+    scales: [&[f16]; NC],
+    nt: usize,
+    t0: usize,
+    next: &[u8],
+    share: usize,
+    y_ptr: SyncPtr,
+    n: usize,
+) {
+    let m = x.m;
+    // Full tiles write their outputs in place; a ragged last one goes through
+    // `out`.
+    let in_place = (t0 + nt) * TILE <= n;
+    let mut out = [0.0f32; OUT_LEN];
+    let mut i0 = 0;
+    while i0 < m {
+        let rows = MR.min(m - i0);
+        let from = (i0 / MR * share).min(next.len());
+        let t = Tile {
+            x,
+            row0: i0,
+            rows,
+            w,
+            scales,
+            tiles: nt,
+            prefetch: &next[from..(from + share).min(next.len())],
+        };
+        if in_place {
+            // SAFETY: rows i0.., columns of tiles t0..t0 + nt of `y` ([m, n]):
+            // tasks write disjoint columns.
+            unsafe { tile_to(t, y_ptr.get().add(i0 * n + t0 * TILE), n) };
+        } else {
+            tile(t, &mut out);
+            for i in 0..rows {
+                for c in 0..nt {
+                    let r0 = (t0 + c) * TILE;
+                    let width = TILE.min(n - r0);
+                    // SAFETY: row i0 + i, columns r0..r0 + width of `y`, as above.
+                    unsafe {
+                        let dst = y_ptr.get().add((i0 + i) * n + r0);
+                        std::ptr::copy_nonoverlapping(
+                            out[(i * NC + c) * TILE..].as_ptr(),
+                            dst,
+                            width,
+                        );
+                    }
+                }
+            }
+        }
+        i0 += rows;
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -421,7 +479,16 @@ mod x86 {
         let x: [*const u32; M] = std::array::from_fn(|i| t.x.row(t.row0 + i).as_ptr());
         let w: [*const u32; N] = std::array::from_fn(|c| t.w[c].as_ptr());
         let mut acc = [[_mm512_setzero_ps(); N]; M];
+        // Prefetch lines per block.
+        let lines = t.prefetch.len().div_ceil(64);
+        let per_block = lines.div_ceil(nb);
         for b in 0..nb {
+            for l in b * per_block..((b + 1) * per_block).min(lines) {
+                // SAFETY: a prefetch of any address is harmless (this one is in the slice).
+                unsafe {
+                    _mm_prefetch::<_MM_HINT_T0>(t.prefetch.as_ptr().add(64 * l) as *const i8)
+                };
+            }
             let mut s = [[_mm512_setzero_ps(); N]; M];
             for kk in b * BLOCK_PAIRS..(b + 1) * BLOCK_PAIRS {
                 // SAFETY (loads): pair kk < k/2 of each row and each packed tile.
@@ -568,6 +635,7 @@ mod tests {
                         w: [&packs[t0], &packs[t1]],
                         scales: [scales(t0), scales(t1)],
                         tiles,
+                        prefetch: &w.q[..64 * rows_in],
                     };
                     let (mut fast, mut slow) = ([0.0f32; OUT_LEN], [0.0f32; OUT_LEN]);
                     tile(tile_args, &mut fast);
@@ -612,8 +680,13 @@ mod tests {
         let mask = [
             false, true, true, false, false, true, true, true, true, true, false,
         ];
+        // Rows of prompts of 40 tokens against rows of 7-token prompts, at a threshold
+        // of 16.
+        let lens: Vec<u32> = mask.iter().map(|&p| if p { 40 } else { 7 }).collect();
+        let prompt = PromptRows::of(&lens, m, 16);
+        assert!(matches!(prompt, PromptRows::Lens { .. }));
         let mut y = vec![0.0f32; m * n];
-        qmatmul_prompt(&x, m, w, PromptRows::Mask(&mask), &mut y);
+        qmatmul_prompt(&x, m, w, prompt, &mut y);
         let in_bf16 = crate::qmatmul::prompt_rows_in_bf16(&w);
         assert_eq!(in_bf16, available());
         for (i, &prompt) in mask.iter().enumerate() {
@@ -686,6 +759,7 @@ mod tests {
                 w: [&a, &b],
                 scales: [&w.scales[..TILE * nb], &w.scales[TILE * nb..]],
                 tiles: 2,
+                prefetch: &[],
             };
             let mut out = [0.0f32; OUT_LEN];
             let secs = min_time(10, &mut || {
@@ -706,6 +780,34 @@ mod tests {
                 "packing: {:.2} ns per weight",
                 secs / 100.0 / (TILE * k) as f64 * 1e9
             );
+        }
+        {
+            // Expert-sized products from memory: 64 distinct 1408 × 2048 matrices in turn
+            // (185 MB), few rows each, as a short prompt's routed experts.
+            let (n, k) = (1408, 2048);
+            let experts: Vec<Q8> = (0..64).map(|e| q8(n, k, 100 + e)).collect();
+            for m in [6, 12, 24, 48] {
+                let x = test_values(m * k, 8);
+                let mut y = vec![0.0f32; m * n];
+                let t_bf = min_time(3, &mut || {
+                    for e in &experts {
+                        matmul(&x, m, e.view(), &mut y)
+                    }
+                });
+                let t_i8 = min_time(3, &mut || {
+                    for e in &experts {
+                        crate::qmatmul::qmatmul(&x, m, e.view(), &mut y)
+                    }
+                });
+                let macs = (64 * m * n * k) as f64;
+                eprintln!(
+                    "64 experts from memory, m={m}: bf16 {:.1} GMAC/s, int8 two terms {:.1} \
+                     GMAC/s ({:.2}x)",
+                    macs / t_bf / 1e9,
+                    macs / t_i8 / 1e9,
+                    t_i8 / t_bf
+                );
+            }
         }
         for (m, n, k) in [
             (48, 1408, 2048),

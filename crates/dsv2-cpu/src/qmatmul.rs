@@ -465,11 +465,11 @@ fn qmatmul_isa(isa: Isa, x: &[f32], m: usize, w: QMatrix<'_>, y: &mut [f32]) {
     with_activations(x, m, w.cols, |acts| checked_acts_matmul(isa, acts, m, w, y))
 }
 
-/// Which rows of a product are prompt rows: rows of a sequence computing more than one
-/// new token in its step. Where [`prompt_rows_in_bf16`] holds for the weights, prompt
-/// rows take bf16 activations ([`crate::q8_bf16`]) and the others int8 terms; elsewhere
-/// every row takes int8 terms. The kind is the row's own, never the batch's, so a row's
-/// result still does not depend on the rows beside it.
+/// Which rows of a product are prompt rows. Where [`prompt_rows_in_bf16`] holds for the
+/// weights, prompt rows take bf16 activations ([`crate::q8_bf16`]) and the others int8
+/// terms; elsewhere every row takes int8 terms. The kind is a property of the row's
+/// request (its prompt's length against a product's threshold), never of the batch or of
+/// the prompt's chunking, so a row's result still does not depend on the rows beside it.
 #[derive(Clone, Copy, Debug, Default)]
 pub enum PromptRows<'a> {
     /// No row is a prompt row (decode rows, or a backend not using bf16 prompt rows).
@@ -477,17 +477,35 @@ pub enum PromptRows<'a> {
     None,
     /// Every row is.
     All,
-    /// Row `i` is a prompt row when `mask[i]` (one value per row of the product).
-    Mask(&'a [bool]),
+    /// Row `i` is a prompt row when `lens[i] >= min` (one value per row: the length of
+    /// the prompt the row belongs to, 0 for a decode row).
+    Lens {
+        /// Each row's prompt length.
+        lens: &'a [u32],
+        /// The least prompt length whose rows are prompt rows in this product.
+        min: u32,
+    },
 }
 
 impl<'a> PromptRows<'a> {
+    /// The prompt rows of a product over `rows` rows whose prompt lengths are `lens`
+    /// (empty: none), those of prompts of at least `min` tokens.
+    pub fn of(lens: &'a [u32], rows: usize, min: u32) -> PromptRows<'a> {
+        if lens.len() != rows || !lens.iter().any(|&l| l >= min) {
+            PromptRows::None
+        } else if lens.iter().all(|&l| l >= min) {
+            PromptRows::All
+        } else {
+            PromptRows::Lens { lens, min }
+        }
+    }
+
     /// Whether row `i` is a prompt row.
     pub fn contains(&self, i: usize) -> bool {
         match self {
             PromptRows::None => false,
             PromptRows::All => true,
-            PromptRows::Mask(mask) => mask[i],
+            PromptRows::Lens { lens, min } => lens[i] >= *min,
         }
     }
 
@@ -496,7 +514,7 @@ impl<'a> PromptRows<'a> {
         match self {
             PromptRows::None => false,
             PromptRows::All => m > 0,
-            PromptRows::Mask(mask) => mask[..m].iter().any(|&p| p),
+            PromptRows::Lens { lens, min } => lens[..m].iter().any(|l| l >= min),
         }
     }
 

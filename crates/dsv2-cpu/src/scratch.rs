@@ -28,7 +28,6 @@ macro_rules! pooled {
 }
 pooled!(f32, F32_POOL);
 pooled!(u32, U32_POOL);
-pooled!(bool, BOOL_POOL);
 
 /// A zero-filled scratch buffer that returns to its thread's pool when dropped.
 pub(crate) struct Scratch<T: Pooled> {

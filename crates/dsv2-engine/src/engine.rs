@@ -354,6 +354,11 @@ impl<'m, B: Backend> Engine<'m, B> {
                 block_size,
                 want,
             );
+            if p.num_new_tokens > 1 {
+                // A chunk of the prompt (or of a preempted sequence's recomputation):
+                // every chunk carries the whole length.
+                self.batch.set_prompt_len(seq.token_ids.len());
+            }
         }
         self.model.forward(
             self.backend,
