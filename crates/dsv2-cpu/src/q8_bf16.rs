@@ -305,25 +305,23 @@ fn matmul_rows(x: &BfRows, w: QMatrix<'_>, y: &mut [f32]) {
         }
     };
     let pairs = tiles.div_ceil(NC);
-    // Tasks of consecutive pairs, so that each pair's weights can be fetched from memory
-    // while the task computes the one before (its packing then reads them from cache).
-    let per_task = pairs.div_ceil(4 * team::threads()).clamp(1, PAIRS_PER_TASK);
     let y_ptr = SyncPtr(y.as_mut_ptr());
     let len = packed_len(k);
     let row_tiles = m.div_ceil(MR);
-    team::for_each(pairs.div_ceil(per_task), |task| {
+    let threads = team::threads();
+    team::for_each(guided_tasks(pairs, threads), |task| {
+        let pairs_of_task = guided_task(pairs, threads, task);
         PACKED.with(|cell| {
             let mut packed = cell.borrow_mut();
             if packed.len() < NC * len {
                 packed.resize(NC * len, 0);
             }
-            for p in task * per_task..((task + 1) * per_task).min(pairs) {
+            for p in pairs_of_task.clone() {
                 let t0 = p * NC;
                 let nt = NC.min(tiles - t0);
                 // The next pair's weights (contiguous in the stored layout), spread over
                 // this pair's row tiles; none past the task or into a padded copy.
-                let next = if p + 1 < ((task + 1) * per_task).min(pairs) && (p + 2) * NC * TILE <= n
-                {
+                let next = if p + 1 < pairs_of_task.end && (p + 2) * NC * TILE <= n {
                     &w.q[(p + 1) * NC * TILE * rb..][..NC * TILE * rb]
                 } else {
                     &[][..]
@@ -353,6 +351,46 @@ fn matmul_rows(x: &BfRows, w: QMatrix<'_>, y: &mut [f32]) {
 
 /// Most tile pairs of one task.
 const PAIRS_PER_TASK: usize = 8;
+
+/// Sizes of [`guided_task`]'s tasks in order, `f(size)` for each until `f` says stop.
+fn guided_sizes(pairs: usize, threads: usize, mut f: impl FnMut(usize) -> bool) {
+    let mut left = pairs;
+    while left > 0 {
+        let size = left.div_ceil(2 * threads).clamp(1, PAIRS_PER_TASK);
+        if !f(size) {
+            return;
+        }
+        left -= size;
+    }
+}
+
+/// Tasks [`guided_task`] splits `pairs` tile pairs into.
+fn guided_tasks(pairs: usize, threads: usize) -> usize {
+    let mut tasks = 0;
+    guided_sizes(pairs, threads, |_| {
+        tasks += 1;
+        true
+    });
+    tasks
+}
+
+/// The pairs of task `task`: consecutive pairs (each pair's weights are fetched from
+/// memory while the task computes the one before, so its packing reads them from cache),
+/// in tasks that shrink as the work runs out ("guided" scheduling: a share of what is
+/// left, at most [`PAIRS_PER_TASK`]), so the threads finish together.
+fn guided_task(pairs: usize, threads: usize, task: usize) -> std::ops::Range<usize> {
+    let (mut start, mut index, mut range) = (0, 0, 0..0);
+    guided_sizes(pairs, threads, |size| {
+        if index == task {
+            range = start..start + size;
+            return false;
+        }
+        start += size;
+        index += 1;
+        true
+    });
+    range
+}
 
 /// Every activation row against one packed pair of tiles (`nt` of them, from tile
 /// `t0`), into `y` (`[m, n]`); row tile `i` prefetches `next[i·share..][..share]`.
@@ -665,6 +703,27 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// Guided tasks cover every pair once, in order, shrinking to single pairs.
+    #[test]
+    fn guided_tasks_cover_the_pairs_in_shrinking_tasks() {
+        for (pairs, threads) in [(1, 2), (44, 2), (64, 2), (7, 4), (200, 3)] {
+            let tasks = guided_tasks(pairs, threads);
+            let ranges: Vec<_> = (0..tasks).map(|t| guided_task(pairs, threads, t)).collect();
+            assert_eq!(ranges[0].start, 0);
+            assert_eq!(ranges[tasks - 1].end, pairs);
+            for w in ranges.windows(2) {
+                assert_eq!(w[0].end, w[1].start);
+                assert!(w[0].len() >= w[1].len() && w[1].len() >= 1);
+            }
+            assert!(ranges.iter().all(|r| r.len() <= PAIRS_PER_TASK));
+            assert_eq!(ranges[tasks - 1].len(), 1, "{pairs} {threads}");
+        }
+        let sizes: Vec<_> = (0..guided_tasks(44, 2))
+            .map(|t| guided_task(44, 2, t).len())
+            .collect();
+        assert_eq!(sizes, [8, 8, 7, 6, 4, 3, 2, 2, 1, 1, 1, 1]);
     }
 
     /// A product whose rows mix both kinds: each prompt row is this path's result for

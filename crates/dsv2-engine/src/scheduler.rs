@@ -15,7 +15,10 @@
 //! to rounding. So that a request's result does not depend on how its prompt happened to
 //! be chunked or cached, the scheduler never splits a prompt into a 1-token chunk and
 //! never lets the prefix cache leave exactly one prompt token to compute: every token of
-//! a prompt longer than one runs in a multi-token chunk, as it does alone.
+//! a prompt longer than one runs in a multi-token chunk, as it does alone. Each chunk
+//! also carries its prompt's whole length (`SeqSlice::prompt_len`, set by the engine), by
+//! which a backend may choose a prompt row's arithmetic (the CPU's q8 prompt rows) the
+//! same way for every chunking.
 
 use std::collections::VecDeque;
 
