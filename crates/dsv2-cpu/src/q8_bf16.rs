@@ -261,34 +261,58 @@ thread_local! {
 /// every activation row against them.
 ///
 /// # Panics
-/// If `w` is not q8, the shapes disagree, or the CPU lacks AVX-512 BF16 and this is not a
-/// test (the portable reference is for tests).
+/// If `w` is not q8 or the shapes disagree.
 pub(crate) fn matmul(x: &[f32], m: usize, w: QMatrix<'_>, y: &mut [f32]) {
-    assert_eq!(
-        w.format,
-        QuantFormat::Q8,
-        "bf16 prompt rows need q8 weights"
-    );
-    let (n, k) = (w.rows, w.cols);
-    assert!(k.is_multiple_of(BLOCK) && y.len() >= m * n && x.len() >= m * k);
-    if m == 0 || n == 0 {
-        return;
-    }
+    with_rows(x, m, w.cols, |rows| matmul_rows(rows, w, y))
+}
+
+/// [`matmul`] of two matrices of the same width (a prompt's gate and up projections, or
+/// query and latent ones), with `x` rounded once; bit-identical to two calls.
+pub(crate) fn matmul_pair(
+    x: &[f32],
+    m: usize,
+    a: QMatrix<'_>,
+    ya: &mut [f32],
+    b: QMatrix<'_>,
+    yb: &mut [f32],
+) {
+    assert_eq!(a.cols, b.cols, "matmul_pair widths");
+    with_rows(x, m, a.cols, |rows| {
+        matmul_rows(rows, a, ya);
+        matmul_rows(rows, b, yb);
+    })
+}
+
+/// Runs `f` on `x` (`m` rows of `k`) rounded into this thread's buffers (fresh ones when
+/// those are borrowed already).
+fn with_rows<R>(x: &[f32], m: usize, k: usize, f: impl FnOnce(&BfRows) -> R) -> R {
     ROWS.with(|cell| match cell.try_borrow_mut() {
         Ok(mut rows) => {
             rows.round(x, m, k);
-            matmul_rows(&rows, w, y)
+            f(&rows)
         }
         Err(_) => {
             let mut rows = BfRows::default();
             rows.round(x, m, k);
-            matmul_rows(&rows, w, y)
+            f(&rows)
         }
     })
 }
 
 fn matmul_rows(x: &BfRows, w: QMatrix<'_>, y: &mut [f32]) {
+    assert_eq!(
+        w.format,
+        QuantFormat::Q8,
+        "bf16 prompt rows need q8 weights"
+    );
     let (m, n, k) = (x.m, w.rows, w.cols);
+    assert!(
+        k == x.k && k.is_multiple_of(BLOCK) && y.len() >= m * n,
+        "matmul shapes"
+    );
+    if m == 0 || n == 0 {
+        return;
+    }
     let nb = k / BLOCK;
     let rb = k;
     let tiles = n.div_ceil(TILE);
@@ -715,7 +739,7 @@ mod tests {
             assert_eq!(ranges[tasks - 1].end, pairs);
             for w in ranges.windows(2) {
                 assert_eq!(w[0].end, w[1].start);
-                assert!(w[0].len() >= w[1].len() && w[1].len() >= 1);
+                assert!(w[0].len() >= w[1].len() && !w[1].is_empty());
             }
             assert!(ranges.iter().all(|r| r.len() <= PAIRS_PER_TASK));
             assert_eq!(ranges[tasks - 1].len(), 1, "{pairs} {threads}");
@@ -775,6 +799,14 @@ mod tests {
             matmul(&x, m, w, &mut want);
         }
         assert_eq!(all, want);
+        // A pair of products of the same input: as two products, bit for bit.
+        let q2 = q8(21, k, 11);
+        let w2 = q2.view();
+        let (mut ya, mut yb) = (vec![0.0f32; m * n], vec![0.0f32; m * 21]);
+        crate::qmatmul::qmatmul_pair(&x, m, w, &mut ya, w2, &mut yb, prompt);
+        let mut want_b = vec![0.0f32; m * 21];
+        qmatmul_prompt(&x, m, w2, prompt, &mut want_b);
+        assert_eq!((&ya, &yb), (&y, &want_b));
         // One activation term: every row int8, whatever its kind.
         let one = QMatrix { terms: 1, ..w };
         assert!(!crate::qmatmul::prompt_rows_in_bf16(&one));

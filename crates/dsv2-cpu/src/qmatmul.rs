@@ -579,6 +579,23 @@ pub(crate) fn qmatmul_pair(
     prompt: PromptRows<'_>,
 ) {
     assert_eq!(a.cols, b.cols, "qmatmul_pair widths");
+    if prompt.any(m) && prompt_rows_in_bf16(&a) && prompt_rows_in_bf16(&b) {
+        // Each run of rows of one kind as one pair of products, the input rounded or
+        // quantized once for both.
+        let k = a.cols;
+        assert!(x.len() >= m * k && ya.len() >= m * a.rows && yb.len() >= m * b.rows);
+        for (rows, in_prompt) in prompt.runs(m) {
+            let x = &x[rows.start * k..rows.end * k];
+            let ya = &mut ya[rows.start * a.rows..rows.end * a.rows];
+            let yb = &mut yb[rows.start * b.rows..rows.end * b.rows];
+            if in_prompt {
+                crate::q8_bf16::matmul_pair(x, rows.len(), a, ya, b, yb);
+            } else {
+                qmatmul_pair(x, rows.len(), a, ya, b, yb, PromptRows::None);
+            }
+        }
+        return;
+    }
     if prompt.any(m) && (prompt_rows_in_bf16(&a) || prompt_rows_in_bf16(&b)) {
         qmatmul_prompt(x, m, a, prompt, ya);
         return qmatmul_prompt(x, m, b, prompt, yb);
