@@ -328,10 +328,10 @@ impl CpuBackend {
         }
     }
 
-    /// Whether prompt rows of q8 products take bf16 activations ([`q8_bf16`]): in a
+    /// Whether prompt rows of q8 products take bf16 activations (`q8_bf16.rs`): in a
     /// q8 model whose activation terms were not set ([`CpuBackend::with_q8_activation_terms`]
     /// asks for int8 terms on every row), on a CPU with AVX-512 BF16. A product's rows of
-    /// a prompt long enough to give it [`q8_bf16::PROMPT_MIN_ROWS`] rows then do 32
+    /// a prompt long enough to give it 16 rows (`q8_bf16::PROMPT_MIN_ROWS`) then do 32
     /// weight multiply-adds per `vdpbf16ps` where two int8 terms take two `vpdpbusd`s per
     /// 64 and more work per block (1.1-1.27× the speed on Zen 4), with logit error
     /// 2.5e-3..9.5e-3 on issue #5's fixtures (two int8 terms: 2.5e-3..9.3e-3). Decode

@@ -466,7 +466,7 @@ fn qmatmul_isa(isa: Isa, x: &[f32], m: usize, w: QMatrix<'_>, y: &mut [f32]) {
 }
 
 /// Which rows of a product are prompt rows. Where [`prompt_rows_in_bf16`] holds for the
-/// weights, prompt rows take bf16 activations ([`crate::q8_bf16`]) and the others int8
+/// weights, prompt rows take bf16 activations (`q8_bf16.rs`) and the others int8
 /// terms; elsewhere every row takes int8 terms. The kind is a property of the row's
 /// request (its prompt's length against a product's threshold), never of the batch or of
 /// the prompt's chunking, so a row's result still does not depend on the rows beside it.
