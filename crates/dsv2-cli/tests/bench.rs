@@ -1,7 +1,5 @@
 //! `dsv2 bench` end to end on the tiny `lite` fixture config.
 
-mod support;
-
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -231,7 +229,7 @@ fn bench_quantizes_random_weights_at_load() {
     let basis = report["peak_basis"].as_str().unwrap();
     // The prefill's instruction: q8 prompt rows take bf16 activations where the CPU has
     // AVX-512 BF16.
-    let want = if support::bf16_prompt_rows() {
+    let want = if dsv2_cpu::bf16_arithmetic() {
         "bf16 dot products (avx512-bf16, q8 prompt rows)"
     } else {
         "int8 dot products"
@@ -273,7 +271,7 @@ fn bench_counts_a_bf16_kv_cache_at_two_bytes_a_value() {
     assert!(out.status.success(), "{}", stderr(&out));
     let report = last_json(&out);
     let device = report["device"].as_str().unwrap();
-    let prompt_rows = if support::bf16_prompt_rows() {
+    let prompt_rows = if dsv2_cpu::bf16_arithmetic() {
         " (prompt rows bf16)"
     } else {
         ""

@@ -1,7 +1,5 @@
 //! The `dsv2` binary's command-line contracts, run as a user runs them.
 
-mod support;
-
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -252,7 +250,7 @@ fn activation_terms_select_the_q8_activation_rounding() {
     // Unset, the prompt's rows take bf16 activations where the CPU has AVX-512 BF16; an
     // explicit 2 keeps two int8 terms on every row. Both within q8's budget of each other.
     let two = logits(Some("2"));
-    if support::bf16_prompt_rows() {
+    if dsv2_cpu::bf16_arithmetic() {
         assert_ne!(two, default);
         let (diff, norm) = two
             .iter()

@@ -14,12 +14,27 @@
 mod attention;
 pub mod bf16dot;
 
-/// Whether attention over a bf16 latent cache runs in bf16 arithmetic on this CPU (decode:
-/// `flash_bf16`, prefill: `prefill_bf16`): AVX-512 F, BW and BF16 present and not turned
-/// off by `DSV2_BF16_ATTENTION=0`. Its logits then differ slightly from a CPU without the
+/// Whether this CPU runs the bf16-arithmetic kernels: attention over a bf16 latent cache
+/// (decode: `flash_bf16`, prefill: `prefill_bf16`) and the prompt rows of q8 products
+/// (`q8_bf16`). AVX-512 F, BW and BF16 present and not turned off by
+/// `DSV2_BF16_ATTENTION=0`. Logits then differ slightly from a CPU without the
 /// instruction's, as with any bf16 kernel.
-pub fn bf16_attention() -> bool {
+pub fn bf16_arithmetic() -> bool {
     flash_bf16::available()
+}
+
+/// The shortest of `reps` timed runs of `f` after one untimed, in seconds (the kernels'
+/// ignored timing tests).
+#[cfg(test)]
+pub(crate) fn min_time(reps: usize, mut f: impl FnMut()) -> f64 {
+    f();
+    (0..reps)
+        .map(|_| {
+            let t = std::time::Instant::now();
+            f();
+            t.elapsed().as_secs_f64()
+        })
+        .fold(f64::INFINITY, f64::min)
 }
 
 /// Deterministic test values in [-1, 1) (xorshift64), shared by the kernel tests.

@@ -286,16 +286,9 @@ pub(crate) fn matmul_pair(
 /// Runs `f` on `x` (`m` rows of `k`) rounded into this thread's buffers (fresh ones when
 /// those are borrowed already).
 fn with_rows<R>(x: &[f32], m: usize, k: usize, f: impl FnOnce(&BfRows) -> R) -> R {
-    ROWS.with(|cell| match cell.try_borrow_mut() {
-        Ok(mut rows) => {
-            rows.round(x, m, k);
-            f(&rows)
-        }
-        Err(_) => {
-            let mut rows = BfRows::default();
-            rows.round(x, m, k);
-            f(&rows)
-        }
+    crate::scratch::with_local(&ROWS, |rows| {
+        rows.round(x, m, k);
+        f(rows)
     })
 }
 
@@ -820,17 +813,7 @@ mod tests {
     #[test]
     #[ignore]
     fn prompt_speed() {
-        use std::time::Instant;
-        let min_time = |reps: usize, f: &mut dyn FnMut()| {
-            f();
-            (0..reps)
-                .map(|_| {
-                    let t = Instant::now();
-                    f();
-                    t.elapsed().as_secs_f64()
-                })
-                .fold(f64::INFINITY, f64::min)
-        };
+        use crate::min_time;
         {
             // The register tile alone, on cache-resident operands (one core).
             let k = 2048;
@@ -853,7 +836,7 @@ mod tests {
                 prefetch: &[],
             };
             let mut out = [0.0f32; OUT_LEN];
-            let secs = min_time(10, &mut || {
+            let secs = min_time(10, || {
                 for _ in 0..100 {
                     tile(t, &mut out)
                 }
@@ -862,7 +845,7 @@ mod tests {
                 "6x32 tile: {:.1} GMAC/s on one core",
                 100.0 * (6 * 32 * k) as f64 / secs / 1e9
             );
-            let secs = min_time(10, &mut || {
+            let secs = min_time(10, || {
                 for _ in 0..100 {
                     pack_tile(&w.q[..TILE * k], k, &mut a)
                 }
@@ -880,12 +863,12 @@ mod tests {
             for m in [6, 12, 24, 48] {
                 let x = test_values(m * k, 8);
                 let mut y = vec![0.0f32; m * n];
-                let t_bf = min_time(3, &mut || {
+                let t_bf = min_time(3, || {
                     for e in &experts {
                         matmul(&x, m, e.view(), &mut y)
                     }
                 });
-                let t_i8 = min_time(3, &mut || {
+                let t_i8 = min_time(3, || {
                     for e in &experts {
                         crate::qmatmul::qmatmul(&x, m, e.view(), &mut y)
                     }
@@ -910,8 +893,8 @@ mod tests {
             let x = test_values(m * k, 8);
             let mut y = vec![0.0f32; m * n];
             let w = q.view();
-            let t_bf = min_time(10, &mut || matmul(&x, m, w, &mut y));
-            let t_i8 = min_time(10, &mut || crate::qmatmul::qmatmul(&x, m, w, &mut y));
+            let t_bf = min_time(10, || matmul(&x, m, w, &mut y));
+            let t_i8 = min_time(10, || crate::qmatmul::qmatmul(&x, m, w, &mut y));
             let macs = (m * n * k) as f64;
             eprintln!(
                 "m={m} n={n} k={k}: bf16 {:.1} GMAC/s, int8 two terms {:.1} GMAC/s ({:.2}x)",

@@ -620,18 +620,9 @@ fn checked_acts_matmul(isa: Isa, acts: &QActivations, m: usize, w: QMatrix<'_>, 
 /// Runs `f` on `x` (`m` rows of `k`) quantized into this thread's activation buffers.
 fn with_activations<R>(x: &[f32], m: usize, k: usize, f: impl FnOnce(&QActivations) -> R) -> R {
     assert!(x.len() >= m * k, "activations shorter than {m} rows of {k}");
-    // The thread-local buffers may be borrowed already (a qmatmul inside a task of an
-    // outer qmatmul's loop): then use fresh ones.
-    ACTIVATIONS.with(|cell| match cell.try_borrow_mut() {
-        Ok(mut acts) => {
-            acts.quantize(x, m, k);
-            f(&acts)
-        }
-        Err(_) => {
-            let mut acts = QActivations::default();
-            acts.quantize(x, m, k);
-            f(&acts)
-        }
+    crate::scratch::with_local(&ACTIVATIONS, |acts| {
+        acts.quantize(x, m, k);
+        f(acts)
     })
 }
 
@@ -1596,7 +1587,6 @@ mod timing {
     use super::*;
     use crate::test_values as values;
     use dsv2_core::quant::quantize_rows;
-    use std::time::Instant;
 
     fn matrix(format: QuantFormat, n: usize, k: usize, seed: u64) -> (Vec<u8>, Vec<f16>) {
         let src = values(n * k, seed);
@@ -1606,16 +1596,7 @@ mod timing {
         (q, s)
     }
 
-    fn min_time(reps: usize, mut f: impl FnMut()) -> f64 {
-        f();
-        (0..reps)
-            .map(|_| {
-                let t = Instant::now();
-                f();
-                t.elapsed().as_secs_f64()
-            })
-            .fold(f64::INFINITY, f64::min)
-    }
+    use crate::min_time;
 
     #[test]
     #[ignore]

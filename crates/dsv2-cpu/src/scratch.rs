@@ -83,6 +83,18 @@ impl<T: Pooled> Drop for Scratch<T> {
     }
 }
 
+/// Runs `f` on this thread's buffer `key`, or on a fresh one when that is borrowed
+/// already (a product inside a task of an outer product's parallel loop).
+pub(crate) fn with_local<T: Default + 'static, R>(
+    key: &'static std::thread::LocalKey<RefCell<T>>,
+    f: impl FnOnce(&mut T) -> R,
+) -> R {
+    key.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut local) => f(&mut local),
+        Err(_) => f(&mut T::default()),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -257,7 +257,6 @@ fn a_bf16_cache_prefill_agrees_with_decode_and_with_itself_in_chunks() {
         let config = config(variant);
         let checkpoint = synthetic_checkpoint(&config, 11, DType::F32);
         let model = Model::load(&backend, config, &checkpoint).unwrap();
-        let vocab = model.config.vocab_size;
         let prompt = tokens(300, 8);
         let whole = run_batch(
             &backend,
@@ -279,50 +278,16 @@ fn a_bf16_cache_prefill_agrees_with_decode_and_with_itself_in_chunks() {
         if variant != "v2" {
             assert!(err <= 1e-2, "{variant}: expanded vs absorbed {err}");
         }
-        let table: Vec<u32> = (0..prompt.len().div_ceil(BLOCK) as u32)
-            .map(|b| 2 * b + 1)
-            .collect();
-        let mut cache = backend
-            .alloc_cache(model.cache_spec(2 * table.len() + 2, BLOCK))
-            .unwrap();
-        let mut ws = model.workspace(&backend, prompt.len()).unwrap();
-        let mut past = 0;
-        for chunk in [37, 200, 62, 1] {
-            let mut batch = Batch::default();
-            batch.push_seq(
-                &prompt[past..past + chunk],
-                past,
-                &table,
-                BLOCK,
-                LogitsWanted::All,
-            );
-            let mut logits = vec![0.0; chunk * vocab];
-            model
-                .forward(
-                    &backend,
-                    &batch,
-                    &mut cache,
-                    &mut ws,
-                    AttentionPath::Expanded,
-                    &mut logits,
-                )
-                .unwrap();
-            let want = &whole[0][past * vocab..(past + chunk) * vocab];
-            if dsv2_cpu::bf16_attention() {
-                assert!(
-                    logits
-                        .iter()
-                        .zip(want)
-                        .all(|(a, b)| a.to_bits() == b.to_bits()),
-                    "{variant}: the chunk at {past} differs from the whole prompt's prefill"
-                );
-            } else {
-                // The f32 products (`gemm`) may take another kernel for another shape.
-                let err = rel_err(&logits, want);
-                assert!(err <= 1e-5, "{variant}: the chunk at {past}: {err}");
-            }
-            past += chunk;
-        }
+        assert_chunks_equal_the_whole(
+            &backend,
+            &model,
+            &prompt,
+            &[37, 200, 62, 1],
+            None,
+            AttentionPath::Expanded,
+            &whole[0],
+            variant,
+        );
     }
 }
 
@@ -341,7 +306,6 @@ fn a_q8_prompt_in_chunks_equals_the_whole_prompt() {
         quantize: Some(dsv2_core::QuantFormat::Q8),
     };
     let model = Model::load_with(&backend, config, &checkpoint, &options).unwrap();
-    let vocab = model.config.vocab_size;
     let prompt = tokens(300, 8);
     let whole = run_batch(
         &backend,
@@ -349,13 +313,44 @@ fn a_q8_prompt_in_chunks_equals_the_whole_prompt() {
         std::slice::from_ref(&prompt),
         AttentionPath::Auto,
     );
-    let table: Vec<u32> = (0..prompt.len().div_ceil(BLOCK) as u32).collect();
+    assert_chunks_equal_the_whole(
+        &backend,
+        &model,
+        &prompt,
+        &[37, 200, 63],
+        Some(prompt.len()),
+        AttentionPath::Auto,
+        &whole[0],
+        "q8",
+    );
+}
+
+/// Prefills `prompt` in `chunks` (each chunk's queries against the cached context; with
+/// `prompt_len`, each carrying that prompt length) and asserts each chunk's logits those
+/// of `whole` at its positions: bit for bit where the CPU has the bf16 arithmetic (over a
+/// bf16 cache, a query's attention does not depend on its tile), else within 1e-5 (the
+/// f32 products, `gemm`, may take another kernel for another shape).
+#[allow(clippy::too_many_arguments)]
+fn assert_chunks_equal_the_whole(
+    backend: &CpuBackend,
+    model: &Model<CpuBackend>,
+    prompt: &[u32],
+    chunks: &[usize],
+    prompt_len: Option<usize>,
+    path: AttentionPath,
+    whole: &[f32],
+    label: &str,
+) {
+    let vocab = model.config.vocab_size;
+    let table: Vec<u32> = (0..prompt.len().div_ceil(BLOCK) as u32)
+        .map(|b| 2 * b + 1)
+        .collect();
     let mut cache = backend
-        .alloc_cache(model.cache_spec(table.len() + 1, BLOCK))
+        .alloc_cache(model.cache_spec(2 * table.len() + 2, BLOCK))
         .unwrap();
-    let mut ws = model.workspace(&backend, prompt.len()).unwrap();
+    let mut ws = model.workspace(backend, prompt.len()).unwrap();
     let mut past = 0;
-    for chunk in [37, 200, 63] {
+    for &chunk in chunks {
         let mut batch = Batch::default();
         batch.push_seq(
             &prompt[past..past + chunk],
@@ -364,30 +359,25 @@ fn a_q8_prompt_in_chunks_equals_the_whole_prompt() {
             BLOCK,
             LogitsWanted::All,
         );
-        batch.set_prompt_len(prompt.len());
+        if let Some(len) = prompt_len {
+            batch.set_prompt_len(len);
+        }
         let mut logits = vec![0.0; chunk * vocab];
         model
-            .forward(
-                &backend,
-                &batch,
-                &mut cache,
-                &mut ws,
-                AttentionPath::Auto,
-                &mut logits,
-            )
+            .forward(backend, &batch, &mut cache, &mut ws, path, &mut logits)
             .unwrap();
-        let want = &whole[0][past * vocab..(past + chunk) * vocab];
-        if dsv2_cpu::bf16_attention() {
+        let want = &whole[past * vocab..(past + chunk) * vocab];
+        if dsv2_cpu::bf16_arithmetic() {
             assert!(
                 logits
                     .iter()
                     .zip(want)
                     .all(|(a, b)| a.to_bits() == b.to_bits()),
-                "the chunk at {past} differs from the whole prompt's prefill"
+                "{label}: the chunk at {past} differs from the whole prompt's prefill"
             );
         } else {
             let err = rel_err(&logits, want);
-            assert!(err <= 1e-5, "the chunk at {past}: {err}");
+            assert!(err <= 1e-5, "{label}: the chunk at {past}: {err}");
         }
         past += chunk;
     }
