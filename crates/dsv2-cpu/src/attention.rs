@@ -36,6 +36,13 @@ pub(crate) fn mla_attention(be: &CpuBackend, args: MlaAttention<'_, CpuBackend>,
         match path(seq) {
             AttentionPath::Absorbed => absorbed_seqs.vec().push(i as u32),
             _ => match args.cache.layer(args.layer) {
+                // A q8 prompt whose rows take bf16 activations takes the bf16 attention
+                // too (its keys and values rounded to bf16 as they are packed).
+                LayerRows::F32(rows)
+                    if !be.bf16() && prefill_bf16::available() && be.bf16_prompt(seq) =>
+                {
+                    expanded_bf16(be, &args, seq, rows, out)
+                }
                 LayerRows::F32(rows) => expanded(be, &args, seq, rows, out),
                 // Over a bf16 cache, in bf16 arithmetic where the CPU has it (f32
                 // activations only: bf16 compute keeps the reference's rounding points).
@@ -116,9 +123,7 @@ fn expand_context<E: KindOf>(
     let w = args.kv_b_proj;
     // A prompt chunk's context is prompt work: with the backend's bf16 prompt rows (and
     // a prompt long enough for them) its latents are rounded to bf16 for this product too.
-    let prompt = seq.query_len > 1
-        && seq.prompt_len >= crate::q8_bf16::PROMPT_MIN_ROWS as usize
-        && be.bf16_prompt_rows();
+    let prompt = be.bf16_prompt(seq);
     match w.data() {
         WeightData::Bf16(elems) if (bf16_product || prompt) && bf16dot::available() => {
             bf16dot::matmul(&latents, s_len, elems, w.rows(), w.cols(), &mut kv)
@@ -238,11 +243,11 @@ const QUERY_BLOCK: usize = 256;
 /// [`TILE_COLS`] keys up to the last key the tile's last query sees, the softmax in f32,
 /// the probabilities rounded to bf16 for the weighted sum of values. Per value the
 /// arithmetic is one fixed sequence, so the result does not depend on the thread count.
-fn expanded_bf16(
+fn expanded_bf16<E: KindOf>(
     be: &CpuBackend,
     args: &MlaAttention<'_, CpuBackend>,
     seq: &SeqSlice,
-    cache: CacheLayer<'_, half::bf16>,
+    cache: CacheLayer<'_, E>,
     out: &mut [f32],
 ) {
     let d: MlaDims = args.dims;

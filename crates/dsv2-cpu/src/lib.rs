@@ -358,6 +358,15 @@ impl CpuBackend {
             && q8_bf16::available()
     }
 
+    /// Whether a sequence's prompt chunk is prompt work in bf16 under
+    /// [`CpuBackend::bf16_prompt_rows`]: its dense products' rows, its `kv_b_proj`
+    /// expansion and its expanded attention (a prompt of at least 16 tokens).
+    pub(crate) fn bf16_prompt(&self, seq: &dsv2_backend::SeqSlice) -> bool {
+        seq.query_len > 1
+            && seq.prompt_len >= q8_bf16::PROMPT_MIN_ROWS as usize
+            && self.bf16_prompt_rows()
+    }
+
     /// Locks the prepared step's prompt lengths ([`CpuBackend::step_prompt_lens`]):
     /// [`PromptRows::of`] them gives a product's prompt rows.
     fn step_prompt_lens(&self) -> std::sync::MutexGuard<'_, Vec<u32>> {
