@@ -313,9 +313,9 @@ fn quantized_logits_stay_within_the_format_budget() {
     // 5.3e-3..9.2e-3 on the random fixtures and 2.5e-3..9.3e-3 on the trained ones; with
     // the default bf16 activations for the 64- and 520-token prompts' rows on AVX-512
     // BF16 (`dsv2_cpu`'s `q8_bf16`, and their attention in bf16; the 7-token ones stay
-    // int8) 5.6e-3..9.57e-3 and
-    // 2.9e-3..8.2e-3: issue #5's 1e-2 holds on every prompt (it was 1.15e-2..2.14e-2 with one activation term, absmax
-    // scales and a q8 lm_head: tools/fixtures/quant_error.py). q4 (routed experts at 4
+    // int8) 5.6e-3..9.57e-3 and 2.9e-3..8.2e-3: issue #5's 1e-2 holds on every prompt
+    // (it was 1.15e-2..2.14e-2 with one activation term, absmax scales and a q8
+    // lm_head: tools/fixtures/quant_error.py). q4 (routed experts at 4
     // bits, the rest as q8 but with a q8 lm_head, every matrix with one activation term)
     // 2.4e-2..3.6e-2 on `lite`/`plain`, 6.2e-2..1.02e-1 on `v2` (routed_scaling_factor
     // 16 multiplies the routed experts' error; issue #5's 6e-2 does not hold there),
