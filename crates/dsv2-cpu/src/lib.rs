@@ -348,8 +348,9 @@ impl CpuBackend {
     /// asks for int8 terms on every row), on a CPU with AVX-512 BF16. A product's rows of
     /// a prompt long enough to give it 16 rows (`q8_bf16::PROMPT_MIN_ROWS`) then do 32
     /// weight multiply-adds per `vdpbf16ps` where two int8 terms take two `vpdpbusd`s per
-    /// 64 and more work per block (1.1-1.27× the speed on Zen 4), with logit error
-    /// 2.5e-3..9.5e-3 on issue #5's fixtures (two int8 terms: 2.5e-3..9.3e-3). Decode
+    /// 64 and more work per block (products 1.1-1.27× the speed on Zen 4; with the
+    /// prompt's attention in bf16 too, a V2-Lite prefill 1.15-1.35×), with logit error
+    /// 2.9e-3..9.6e-3 on issue #5's fixtures (two int8 terms: 2.5e-3..9.3e-3). Decode
     /// rows and short prompts keep the int8 terms (their products stream memory).
     pub fn bf16_prompt_rows(&self) -> bool {
         self.q8_terms.is_none()
