@@ -30,6 +30,7 @@
 #![cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 
 use std::cell::RefCell;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use dsv2_core::quant::{QuantFormat, BLOCK, TILE};
 use half::f16;
@@ -119,26 +120,62 @@ pub(crate) fn pack_tile(q: &[u8], k: usize, out: &mut [u32]) {
     #[cfg(target_arch = "x86_64")]
     if available() {
         // SAFETY: the features were detected; the lengths are checked above.
-        return unsafe { x86::pack512(q.as_ptr(), k / BLOCK, out.as_mut_ptr()) };
+        return unsafe { x86::pack_units(q.as_ptr(), k * TILE / 64, out.as_mut_ptr()) };
     }
     pack_tile_reference(q, k, out)
+}
+
+/// Widens whole units ([`pack_units_reference`]'s layout) at this CPU's speed.
+fn pack_tile_units(q: &[u8], out: &mut [u32]) {
+    let units = q.len() / 64;
+    assert!(q.len().is_multiple_of(64) && out.len() >= 2 * TILE * units);
+    #[cfg(target_arch = "x86_64")]
+    if available() {
+        // SAFETY: the features were detected; the lengths are checked above.
+        return unsafe { x86::pack_units(q.as_ptr(), units, out.as_mut_ptr()) };
+    }
+    pack_units_reference(q, out)
 }
 
 /// [`pack_tile`], one value at a time. In the stored layout, byte `4r + j` of 64-byte
 /// unit `g` of block `b` is `q[r, 32b + 4g + j]`.
 pub(crate) fn pack_tile_reference(q: &[u8], k: usize, out: &mut [u32]) {
+    pack_units_reference(&q[..k * TILE], &mut out[..packed_len(k)]);
+}
+
+/// Widens consecutive 64-byte units of the stored layout (4 weights of 16 rows each), unit
+/// `u` into `out[32u..32u + 32]`: a tile is `k/4` units, and the tiles of a pair are
+/// contiguous both stored and packed, so any run of a pair's units packs on its own.
+fn pack_units_reference(q: &[u8], out: &mut [u32]) {
     let widen = |v: u8| round(v as i8 as f32);
-    for b in 0..k / BLOCK {
-        for g in 0..8 {
-            let unit = &q[(b * 8 + g) * 64..][..64];
-            for h in 0..2 {
-                let kk = b * BLOCK_PAIRS + 2 * g + h;
-                for r in 0..TILE {
-                    let (lo, hi) = (unit[4 * r + 2 * h], unit[4 * r + 2 * h + 1]);
-                    out[kk * TILE + r] = pair(widen(lo), widen(hi));
-                }
+    for (unit, out) in q.chunks_exact(64).zip(out.chunks_exact_mut(2 * TILE)) {
+        for h in 0..2 {
+            for r in 0..TILE {
+                let (lo, hi) = (unit[4 * r + 2 * h], unit[4 * r + 2 * h + 1]);
+                out[h * TILE + r] = pair(widen(lo), widen(hi));
             }
         }
+    }
+}
+
+/// Stored weight units a register tile widens while it computes ([`pack_units_reference`]'s
+/// layout): `src` holds whole 64-byte units, `dst` room for 32 values per unit that no one
+/// else touches while the tile runs. Empty for none.
+#[derive(Clone, Copy)]
+pub(crate) struct PackShare<'a> {
+    pub src: &'a [u8],
+    pub dst: *mut u32,
+}
+
+impl PackShare<'_> {
+    /// No packing.
+    pub(crate) const NONE: PackShare<'static> = PackShare {
+        src: &[],
+        dst: std::ptr::null_mut(),
+    };
+
+    fn units(&self) -> usize {
+        self.src.len() / 64
     }
 }
 
@@ -157,6 +194,10 @@ pub(crate) struct Tile<'a> {
     /// Weights to prefetch while this tile computes (the next tiles' bytes a later
     /// packing reads from memory), spread over its blocks; empty for none.
     pub prefetch: &'a [u8],
+    /// Units of the next tiles this tile widens between its blocks (already fetched
+    /// into cache by an earlier tile's `prefetch`), so the widening runs on the pipes the
+    /// multiply-adds leave idle.
+    pub pack: PackShare<'a>,
 }
 
 /// Output floats of one register tile: `out[(i·2 + c)·16 + r]`.
@@ -170,20 +211,27 @@ impl Tile<'_> {
         for c in 0..self.tiles {
             assert!(self.w[c].len() >= packed_len(k) && self.scales[c].len() >= nb * TILE);
         }
+        assert!(self.pack.src.len().is_multiple_of(64));
+        assert!(self.pack.src.is_empty() || !self.pack.dst.is_null());
     }
 }
 
 /// Computes one register tile into `out` (`out[(i·2 + c)·16 + r]` for activation row
 /// `row0 + i` and row `r` of tile `c`).
 pub(crate) fn tile(t: Tile<'_>, out: &mut [f32; OUT_LEN]) {
-    // SAFETY: `out` holds rows of NC·16 values for every row of the tile.
+    assert!(
+        t.pack.src.is_empty(),
+        "a tile that packs runs through tile_to"
+    );
+    // SAFETY: `out` holds rows of NC·16 values for every row of the tile; no packing.
     unsafe { tile_to(t, out.as_mut_ptr(), NC * TILE) }
 }
 
-/// [`tile`] writing `dst[i·stride + c·16 + r]`.
+/// [`tile`] writing `dst[i·stride + c·16 + r]`, and packing `t.pack`.
 ///
 /// # Safety
-/// Those values of `dst` must be valid for writes and not accessed concurrently.
+/// Those values of `dst` must be valid for writes and not accessed concurrently; so must
+/// `t.pack.dst[..32 · units]`.
 unsafe fn tile_to(t: Tile<'_>, dst: *mut f32, stride: usize) {
     t.check();
     #[cfg(target_arch = "x86_64")]
@@ -215,6 +263,11 @@ unsafe fn tile_to(t: Tile<'_>, dst: *mut f32, stride: usize) {
     }
     let mut out = [0.0f32; OUT_LEN];
     tile_reference(t, &mut out);
+    if t.pack.units() > 0 {
+        // SAFETY: the caller's contract (`check`: not null).
+        let pack = unsafe { std::slice::from_raw_parts_mut(t.pack.dst, 2 * TILE * t.pack.units()) };
+        pack_units_reference(t.pack.src, pack);
+    }
     for i in 0..t.rows {
         for c in 0..t.tiles {
             let from = &out[(i * NC + c) * TILE..][..TILE];
@@ -324,114 +377,157 @@ fn matmul_rows(x: &BfRows, w: QMatrix<'_>, y: &mut [f32]) {
     let pairs = tiles.div_ceil(NC);
     let y_ptr = SyncPtr(y.as_mut_ptr());
     let len = packed_len(k);
-    let row_tiles = m.div_ceil(MR);
     let threads = team::threads();
-    team::for_each(guided_tasks(pairs, threads), |task| {
-        let pairs_of_task = guided_task(pairs, threads, task);
+    let chunks = GuidedChunks::new(pairs, threads);
+    // One task per thread, each claiming chunks of pairs until none is left; it claims
+    // its next chunk as it starts its chunk's last pair, so that pair's row tiles widen
+    // the next chunk's first pair too.
+    team::for_each(threads, |_| {
         PACKED.with(|cell| {
             let mut packed = cell.borrow_mut();
-            if packed.len() < NC * len {
-                packed.resize(NC * len, 0);
+            if packed.len() < 2 * NC * len {
+                packed.resize(2 * NC * len, 0);
             }
-            for p in pairs_of_task.clone() {
-                let t0 = p * NC;
-                let nt = NC.min(tiles - t0);
-                // The next pair's weights (contiguous in the stored layout), spread over
-                // this pair's row tiles; none past the task or into a padded copy.
-                let next = if p + 1 < pairs_of_task.end && (p + 2) * NC * TILE <= n {
-                    &w.q[(p + 1) * NC * TILE * rb..][..NC * TILE * rb]
-                } else {
-                    &[][..]
-                };
-                let share = next.len().div_ceil(row_tiles).next_multiple_of(64);
-                let (a, b) = packed.split_at_mut(len);
-                pack_tile(weights(t0).0, k, a);
-                if nt > 1 {
-                    pack_tile(weights(t0 + 1).0, k, &mut b[..len]);
+            // The pair computing, and the next one, which its row tiles widen.
+            let (mut current, mut following) = packed[..2 * NC * len].split_at_mut(NC * len);
+            let mut packed_ahead = false;
+            let mut chunk = chunks.claim();
+            while let Some(pairs_of_chunk) = chunk.take() {
+                for p in pairs_of_chunk.clone() {
+                    let t0 = p * NC;
+                    let nt = NC.min(tiles - t0);
+                    if !packed_ahead {
+                        let (a, b) = current.split_at_mut(len);
+                        pack_tile(weights(t0).0, k, a);
+                        if nt > 1 {
+                            pack_tile(weights(t0 + 1).0, k, b);
+                        }
+                    }
+                    let next_pair = if p + 1 < pairs_of_chunk.end {
+                        Some(p + 1)
+                    } else {
+                        chunk = chunks.claim();
+                        chunk.as_ref().map(|c| c.start)
+                    };
+                    // The next pair's weights (contiguous in the stored layout), fetched
+                    // and widened over this pair's row tiles; none into a padded copy.
+                    let next = match next_pair {
+                        Some(q) if (q + 1) * NC * TILE <= n => {
+                            &w.q[q * NC * TILE * rb..][..NC * TILE * rb]
+                        }
+                        _ => &[][..],
+                    };
+                    let scales = [weights(t0).1, weights(t0 + nt - 1).1];
+                    let (a, b) = current.split_at(len);
+                    // SAFETY: `following` holds NC·len values, 32 per unit of `next`, and
+                    // is this task's alone.
+                    unsafe {
+                        run_pair(
+                            x,
+                            [a, b],
+                            scales,
+                            nt,
+                            t0,
+                            next,
+                            following.as_mut_ptr(),
+                            y_ptr,
+                            n,
+                        )
+                    };
+                    packed_ahead = !next.is_empty();
+                    std::mem::swap(&mut current, &mut following);
                 }
-                let scales = [weights(t0).1, weights(t0 + nt - 1).1];
-                run_pair(
-                    x,
-                    [&a[..], &b[..len]],
-                    scales,
-                    nt,
-                    t0,
-                    next,
-                    share,
-                    y_ptr,
-                    n,
-                );
             }
         })
     });
 }
 
-/// Most tile pairs of one task.
-const PAIRS_PER_TASK: usize = 8;
+/// Most tile pairs of one chunk.
+const PAIRS_PER_CHUNK: usize = 8;
 
-/// Sizes of [`guided_task`]'s tasks in order, `f(size)` for each until `f` says stop.
-fn guided_sizes(pairs: usize, threads: usize, mut f: impl FnMut(usize) -> bool) {
-    let mut left = pairs;
-    while left > 0 {
-        let size = left.div_ceil(2 * threads).clamp(1, PAIRS_PER_TASK);
-        if !f(size) {
-            return;
+/// Consecutive tile pairs handed out in chunks that shrink as the work runs out
+/// ("guided" scheduling: a share of what is left, at most [`PAIRS_PER_CHUNK`]), so the
+/// threads finish together; within a chunk each pair's weights are fetched from memory
+/// while the one before computes.
+struct GuidedChunks {
+    next: AtomicUsize,
+    pairs: usize,
+    threads: usize,
+}
+
+impl GuidedChunks {
+    fn new(pairs: usize, threads: usize) -> GuidedChunks {
+        GuidedChunks {
+            next: AtomicUsize::new(0),
+            pairs,
+            threads: threads.max(1),
         }
-        left -= size;
+    }
+
+    /// The next chunk, or `None` when every pair is handed out.
+    fn claim(&self) -> Option<std::ops::Range<usize>> {
+        let mut start = self.next.load(Ordering::Relaxed);
+        loop {
+            let left = self.pairs.checked_sub(start).filter(|&l| l > 0)?;
+            let size = left.div_ceil(2 * self.threads).clamp(1, PAIRS_PER_CHUNK);
+            match self.next.compare_exchange_weak(
+                start,
+                start + size,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return Some(start..start + size),
+                Err(now) => start = now,
+            }
+        }
     }
 }
 
-/// Tasks [`guided_task`] splits `pairs` tile pairs into.
-fn guided_tasks(pairs: usize, threads: usize) -> usize {
-    let mut tasks = 0;
-    guided_sizes(pairs, threads, |_| {
-        tasks += 1;
-        true
-    });
-    tasks
-}
-
-/// The pairs of task `task`: consecutive pairs (each pair's weights are fetched from
-/// memory while the task computes the one before, so its packing reads them from cache),
-/// in tasks that shrink as the work runs out ("guided" scheduling: a share of what is
-/// left, at most [`PAIRS_PER_TASK`]), so the threads finish together.
-fn guided_task(pairs: usize, threads: usize, task: usize) -> std::ops::Range<usize> {
-    let (mut start, mut index, mut range) = (0, 0, 0..0);
-    guided_sizes(pairs, threads, |size| {
-        if index == task {
-            range = start..start + size;
-            return false;
-        }
-        start += size;
-        index += 1;
-        true
-    });
-    range
-}
-
 /// Every activation row against one packed pair of tiles (`nt` of them, from tile
-/// `t0`), into `y` (`[m, n]`); row tile `i` prefetches `next[i·share..][..share]`.
+/// `t0`), into `y` (`[m, n]`). Meanwhile the next pair's stored weights `next` are
+/// fetched and widened into `next_packed`: row tile `i` prefetches share `i` and widens
+/// share `i - 1` (in cache by then), the last share is widened at the end.
+///
+/// # Safety
+/// `next_packed[..32 · next.len() / 64]` valid for writes and not accessed concurrently.
 #[allow(clippy::too_many_arguments)]
-fn run_pair(
+unsafe fn run_pair(
     x: &BfRows,
     w: [&[u32]; NC],
     scales: [&[f16]; NC],
     nt: usize,
     t0: usize,
     next: &[u8],
-    share: usize,
+    next_packed: *mut u32,
     y_ptr: SyncPtr,
     n: usize,
 ) {
     let m = x.m;
+    let row_tiles = m.div_ceil(MR);
+    let share = next.len().div_ceil(row_tiles).next_multiple_of(64);
+    let share_of = |i: usize| {
+        let from = (i * share).min(next.len());
+        &next[from..(from + share).min(next.len())]
+    };
+    let pack_of = |i: usize| {
+        let src = share_of(i);
+        if src.is_empty() {
+            return PackShare::NONE;
+        }
+        PackShare {
+            src,
+            // SAFETY: unit i·share/64 of the next pair, within `next_packed` (the
+            // caller's contract) as `src` is within `next`.
+            dst: unsafe { next_packed.add(i * share / 64 * 2 * TILE) },
+        }
+    };
     // Full tiles write their outputs in place; a ragged last one goes through
-    // `out`.
+    // `out` (it is a product's last pair: no next pair to pack).
     let in_place = (t0 + nt) * TILE <= n;
     let mut out = [0.0f32; OUT_LEN];
-    let mut i0 = 0;
-    while i0 < m {
+    for i in 0..row_tiles {
+        let i0 = i * MR;
         let rows = MR.min(m - i0);
-        let from = (i0 / MR * share).min(next.len());
         let t = Tile {
             x,
             row0: i0,
@@ -439,11 +535,16 @@ fn run_pair(
             w,
             scales,
             tiles: nt,
-            prefetch: &next[from..(from + share).min(next.len())],
+            prefetch: share_of(i),
+            pack: if i > 0 {
+                pack_of(i - 1)
+            } else {
+                PackShare::NONE
+            },
         };
         if in_place {
             // SAFETY: rows i0.., columns of tiles t0..t0 + nt of `y` ([m, n]):
-            // tasks write disjoint columns.
+            // tasks write disjoint columns; the packing is the caller's contract.
             unsafe { tile_to(t, y_ptr.get().add(i0 * n + t0 * TILE), n) };
         } else {
             tile(t, &mut out);
@@ -463,7 +564,12 @@ fn run_pair(
                 }
             }
         }
-        i0 += rows;
+    }
+    let last = pack_of(row_tiles - 1);
+    if !last.src.is_empty() {
+        // SAFETY: the caller's contract.
+        let dst = unsafe { std::slice::from_raw_parts_mut(last.dst, 2 * TILE * last.units()) };
+        pack_tile_units(last.src, dst);
     }
 }
 
@@ -494,28 +600,43 @@ mod x86 {
         super::round_rows_reference(&x[32 * full..], &mut pairs[16 * full..]);
     }
 
-    /// [`super::pack_tile`]: each 64-byte unit (4 consecutive weights of 16 rows) becomes
-    /// two vectors of pairs; int8 → f32 is exact and so is its bf16 (the top half).
+    /// [`super::pack_tile_units`]: each 64-byte unit (4 consecutive weights of 16 rows)
+    /// becomes two vectors of pairs ([`pack_unit`]).
     ///
     /// # Safety
-    /// AVX-512 F/BW; `q` holds `nb` blocks of a tile, `out` `nb·16·16` values.
+    /// AVX-512 F/BW; `q` holds `units` units, `out` `32 · units` values.
     #[target_feature(enable = "avx512f,avx512bw")]
-    pub(super) unsafe fn pack512(q: *const u8, nb: usize, out: *mut u32) {
-        let widen = |v: __m512i| _mm512_castps_si512(_mm512_cvtepi32_ps(v));
-        for u in 0..nb * 8 {
+    pub(super) unsafe fn pack_units(q: *const u8, units: usize, out: *mut u32) {
+        for u in 0..units {
             // SAFETY: unit u of the tile; pairs 2u, 2u + 1 of `out`.
-            unsafe {
-                let v = _mm512_loadu_si512(q.add(64 * u) as *const _);
-                let f0 = widen(_mm512_srai_epi32(_mm512_slli_epi32(v, 24), 24));
-                let f1 = widen(_mm512_srai_epi32(_mm512_slli_epi32(v, 16), 24));
-                let f2 = widen(_mm512_srai_epi32(_mm512_slli_epi32(v, 8), 24));
-                let f3 = widen(_mm512_srai_epi32(v, 24));
-                // The low halves of f1, f3 are 0: a value's bf16 is its top half.
-                let p0 = _mm512_or_si512(f1, _mm512_srli_epi32(f0, 16));
-                let p1 = _mm512_or_si512(f3, _mm512_srli_epi32(f2, 16));
-                _mm512_storeu_si512(out.add(32 * u) as *mut _, p0);
-                _mm512_storeu_si512(out.add(32 * u + 16) as *mut _, p1);
-            }
+            unsafe { pack_unit(q.add(64 * u), out.add(32 * u)) }
+        }
+    }
+
+    /// One 64-byte unit (4 consecutive weights of 16 rows) into 32 pairs: int8 → f32 is
+    /// exact and so is its bf16 (the top half).
+    ///
+    /// # Safety
+    /// AVX-512 F; `q[..64]` readable, `out[..32]` writable.
+    #[inline(always)]
+    unsafe fn pack_unit(q: *const u8, out: *mut u32) {
+        let widen = |v: __m512i| _mm512_castps_si512(_mm512_cvtepi32_ps(v));
+        // SAFETY: the caller's contract.
+        unsafe {
+            let v = _mm512_loadu_si512(q as *const _);
+            let f0 = widen(_mm512_srai_epi32(_mm512_slli_epi32(v, 24), 24));
+            let f1 = widen(_mm512_srai_epi32(_mm512_slli_epi32(v, 16), 24));
+            // The low halves of f1, f3 are 0: a value's bf16 is its top half.
+            _mm512_storeu_si512(
+                out as *mut _,
+                _mm512_or_si512(f1, _mm512_srli_epi32(f0, 16)),
+            );
+            let f2 = widen(_mm512_srai_epi32(_mm512_slli_epi32(v, 8), 24));
+            let f3 = widen(_mm512_srai_epi32(v, 24));
+            _mm512_storeu_si512(
+                out.add(16) as *mut _,
+                _mm512_or_si512(f3, _mm512_srli_epi32(f2, 16)),
+            );
         }
     }
 
@@ -523,7 +644,8 @@ mod x86 {
     ///
     /// # Safety
     /// AVX-512 F/BW/BF16; `t` checked ([`Tile::check`]), `t.rows == M`, `t.tiles == N`;
-    /// `dst[i·stride + c·16 ..+ 16]` valid for writes for `i < M`, `c < N`.
+    /// `dst[i·stride + c·16 ..+ 16]` valid for writes for `i < M`, `c < N`; so is
+    /// `t.pack.dst[..32 · units]`.
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
     pub(super) unsafe fn kern512<const M: usize, const N: usize>(
         t: Tile<'_>,
@@ -534,15 +656,21 @@ mod x86 {
         let x: [*const u32; M] = std::array::from_fn(|i| t.x.row(t.row0 + i).as_ptr());
         let w: [*const u32; N] = std::array::from_fn(|c| t.w[c].as_ptr());
         let mut acc = [[_mm512_setzero_ps(); N]; M];
-        // Prefetch lines per block.
+        // Prefetch lines and packed units per block.
         let lines = t.prefetch.len().div_ceil(64);
         let per_block = lines.div_ceil(nb);
+        let units = t.pack.src.len() / 64;
+        let units_per_block = units.div_ceil(nb);
         for b in 0..nb {
             for l in b * per_block..((b + 1) * per_block).min(lines) {
                 // SAFETY: a prefetch of any address is harmless (this one is in the slice).
                 unsafe {
                     _mm_prefetch::<_MM_HINT_T0>(t.prefetch.as_ptr().add(64 * l) as *const i8)
                 };
+            }
+            for u in b * units_per_block..((b + 1) * units_per_block).min(units) {
+                // SAFETY: unit u of `t.pack.src`; `dst` the caller's contract.
+                unsafe { pack_unit(t.pack.src.as_ptr().add(64 * u), t.pack.dst.add(32 * u)) };
             }
             let mut s = [[_mm512_setzero_ps(); N]; M];
             for kk in b * BLOCK_PAIRS..(b + 1) * BLOCK_PAIRS {
@@ -691,6 +819,7 @@ mod tests {
                         scales: [scales(t0), scales(t1)],
                         tiles,
                         prefetch: &w.q[..64 * rows_in],
+                        pack: PackShare::NONE,
                     };
                     let (mut fast, mut slow) = ([0.0f32; OUT_LEN], [0.0f32; OUT_LEN]);
                     tile(tile_args, &mut fast);
@@ -722,23 +851,79 @@ mod tests {
         }
     }
 
-    /// Guided tasks cover every pair once, in order, shrinking to single pairs.
+    /// Whole products, whose tasks widen each next pair of tiles while the pair before
+    /// computes (in shares of its row tiles, across chunks), against the scalar reference
+    /// tile by tile, bit for bit.
     #[test]
-    fn guided_tasks_cover_the_pairs_in_shrinking_tasks() {
+    fn products_equal_the_reference_tile_by_tile() {
+        let k = 160;
+        for (m, n) in [(1, 64), (7, 100), (20, 200), (61, 96), (13, 512)] {
+            let q = q8(n, k, 20 + n as u64);
+            let w = q.view();
+            let x = test_values(m * k, 21 + m as u64);
+            let mut rows = BfRows::default();
+            rows.round(&x, m, k);
+            let mut y = vec![0.0f32; m * n];
+            matmul(&x, m, w, &mut y);
+            let nb = k / BLOCK;
+            let tiles = n.div_ceil(TILE);
+            let pad = crate::qmatmul::padded_tile(&w, tiles - 1);
+            for t in 0..tiles {
+                let (src, scales) = if (t + 1) * TILE > n {
+                    (&pad.0[..], &pad.1[..])
+                } else {
+                    (
+                        &w.q[t * TILE * k..][..TILE * k],
+                        &w.scales[t * TILE * nb..][..TILE * nb],
+                    )
+                };
+                let mut packed = vec![0u32; packed_len(k)];
+                pack_tile_reference(src, k, &mut packed);
+                for i in 0..m {
+                    let t_args = Tile {
+                        x: &rows,
+                        row0: i,
+                        rows: 1,
+                        w: [&packed, &packed],
+                        scales: [scales, scales],
+                        tiles: 1,
+                        prefetch: &[],
+                        pack: PackShare::NONE,
+                    };
+                    let mut out = [0.0f32; OUT_LEN];
+                    tile_reference(t_args, &mut out);
+                    for r in 0..TILE.min(n - t * TILE) {
+                        assert_eq!(
+                            y[i * n + t * TILE + r].to_bits(),
+                            out[r].to_bits(),
+                            "m={m} n={n}: row {i}, column {}",
+                            t * TILE + r
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// Guided chunks cover every pair once, in order, shrinking to single pairs.
+    #[test]
+    fn guided_chunks_cover_the_pairs_in_shrinking_chunks() {
         for (pairs, threads) in [(1, 2), (44, 2), (64, 2), (7, 4), (200, 3)] {
-            let tasks = guided_tasks(pairs, threads);
-            let ranges: Vec<_> = (0..tasks).map(|t| guided_task(pairs, threads, t)).collect();
+            let chunks = GuidedChunks::new(pairs, threads);
+            let ranges: Vec<_> = std::iter::from_fn(|| chunks.claim()).collect();
             assert_eq!(ranges[0].start, 0);
-            assert_eq!(ranges[tasks - 1].end, pairs);
+            assert_eq!(ranges.last().unwrap().end, pairs);
             for w in ranges.windows(2) {
                 assert_eq!(w[0].end, w[1].start);
                 assert!(w[0].len() >= w[1].len() && !w[1].is_empty());
             }
-            assert!(ranges.iter().all(|r| r.len() <= PAIRS_PER_TASK));
-            assert_eq!(ranges[tasks - 1].len(), 1, "{pairs} {threads}");
+            assert!(ranges.iter().all(|r| r.len() <= PAIRS_PER_CHUNK));
+            assert_eq!(ranges.last().unwrap().len(), 1, "{pairs} {threads}");
+            assert!(chunks.claim().is_none());
         }
-        let sizes: Vec<_> = (0..guided_tasks(44, 2))
-            .map(|t| guided_task(44, 2, t).len())
+        let chunks = GuidedChunks::new(44, 2);
+        let sizes: Vec<_> = std::iter::from_fn(|| chunks.claim())
+            .map(|r| r.len())
             .collect();
         assert_eq!(sizes, [8, 8, 7, 6, 4, 3, 2, 2, 1, 1, 1, 1]);
     }
@@ -834,6 +1019,7 @@ mod tests {
                 scales: [&w.scales[..TILE * nb], &w.scales[TILE * nb..]],
                 tiles: 2,
                 prefetch: &[],
+                pack: PackShare::NONE,
             };
             let mut out = [0.0f32; OUT_LEN];
             let secs = min_time(10, || {
