@@ -16,11 +16,29 @@ fn fixture(name: &str) -> PathBuf {
         .join(name)
 }
 
-fn tmp(tag: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("dsv2-cli-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+/// A fresh folder under the system's temp folder, removed (with what the test wrote in
+/// it) when dropped.
+struct Scratch(tempfile::TempDir);
+
+impl std::ops::Deref for Scratch {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        self.0.path()
+    }
+}
+
+impl AsRef<Path> for Scratch {
+    fn as_ref(&self) -> &Path {
+        self.0.path()
+    }
+}
+
+fn tmp(tag: &str) -> Scratch {
+    let dir = tempfile::Builder::new()
+        .prefix(&format!("dsv2-cli-{tag}-"))
+        .tempdir()
+        .expect("create a scratch folder");
+    Scratch(dir)
 }
 
 /// Reads tensor `name` of a safetensors file as f32 (F32) or as ids (I64).
@@ -61,7 +79,8 @@ fn logits_command_writes_the_reference_logits() {
     let reference = dir.join("reference.safetensors");
     let (prompt, _) = read_tensor(&reference, "prompt.1");
     let (want, want_shape) = read_tensor(&reference, "logits.1");
-    let out_path = tmp("logits").join("out.safetensors");
+    let out_dir = tmp("logits");
+    let out_path = out_dir.join("out.safetensors");
     let out = dsv2(&[
         "logits",
         "--model",

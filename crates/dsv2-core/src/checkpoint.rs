@@ -689,11 +689,28 @@ mod tests {
         safetensors::serialize_to_file(views, None, path).unwrap();
     }
 
-    fn tmpdir(tag: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("dsv2-ckpt-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        dir
+    /// A fresh folder, removed (with the checkpoint a test wrote in it) when dropped.
+    struct Scratch(tempfile::TempDir);
+
+    impl std::ops::Deref for Scratch {
+        type Target = Path;
+        fn deref(&self) -> &Path {
+            self.0.path()
+        }
+    }
+
+    impl AsRef<Path> for Scratch {
+        fn as_ref(&self) -> &Path {
+            self.0.path()
+        }
+    }
+
+    fn tmpdir(tag: &str) -> Scratch {
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("dsv2-ckpt-{tag}-"))
+            .tempdir()
+            .expect("create a scratch folder");
+        Scratch(dir)
     }
 
     fn expect(name: &str, shape: &[usize]) -> ExpectedTensor {
