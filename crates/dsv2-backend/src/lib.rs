@@ -724,6 +724,27 @@ pub trait Backend: Send + Sync {
         out: &mut Self::Buffer,
     ) -> Result<()>;
 
+    /// Narrows a step to the rows whose logits are read, after the last layer's
+    /// attention: moves row `logits_rows[i]` of each `(buffer, width)` of `bufs` to row
+    /// `i`, and makes the step's later ops (the last layer's output projection and
+    /// feed-forward block, the final norm, the head) take those rows as rows
+    /// `0..logits_rows.len()`. Returns the rows kept. The other tokens' last-layer outputs
+    /// are never read (the cache already holds their latents), so a prompt's tokens but
+    /// its last skip the last layer's feed-forward block, as in llama.cpp. The default
+    /// keeps every row (same results, more work).
+    ///
+    /// # Errors
+    /// A backend failure.
+    fn keep_logits_rows(
+        &self,
+        step: &mut Self::Step,
+        rows: usize,
+        bufs: &mut [(&mut Self::Buffer, usize)],
+    ) -> Result<usize> {
+        let _ = (step, bufs);
+        Ok(rows)
+    }
+
     /// Logits of the step's `logits_rows` of `x` `[T, D]` through `lm_head` `[V, D]`,
     /// copied to the host as f32 `[rows, V]`.
     fn logits(

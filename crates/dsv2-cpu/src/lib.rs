@@ -848,6 +848,40 @@ impl Backend for CpuBackend {
         )
     }
 
+    fn keep_logits_rows(
+        &self,
+        step: &mut CpuStep,
+        rows: usize,
+        bufs: &mut [(&mut Vec<f32>, usize)],
+    ) -> Result<usize> {
+        let keep = &mut step.batch.logits_rows;
+        let n = keep.len();
+        // Ascending rows (as every batch lists them) move down in place; anything else,
+        // or every row already, keeps the step as it is.
+        let ascending = keep.windows(2).all(|w| w[0] < w[1]);
+        if !ascending || n == rows || keep.last().is_some_and(|&r| r as usize >= rows) {
+            return Ok(rows);
+        }
+        for (buf, width) in bufs.iter_mut() {
+            let width = *width;
+            for (i, &r) in keep.iter().enumerate() {
+                let r = r as usize;
+                buf.copy_within(r * width..(r + 1) * width, i * width);
+            }
+        }
+        let mut lens = self.step_prompt_lens();
+        if !lens.is_empty() {
+            for (i, &r) in keep.iter().enumerate() {
+                lens[i] = lens[r as usize];
+            }
+            lens.truncate(n);
+        }
+        for (i, r) in keep.iter_mut().enumerate() {
+            *r = i as u32;
+        }
+        Ok(n)
+    }
+
     fn logits(
         &self,
         x: &Vec<f32>,

@@ -403,11 +403,13 @@ impl<B: Backend> Model<B> {
         Ok(())
     }
 
-    /// Embedding, decoder layers and final norm of a prepared step of `t` tokens.
+    /// Embedding, decoder layers and final norm of a prepared step of `t` tokens; the last
+    /// layer's output projection and feed-forward block and the final norm run on the
+    /// step's logits rows only ([`Backend::keep_logits_rows`]).
     fn decoder(
         &self,
         backend: &B,
-        t: usize,
+        mut t: usize,
         cache: &mut B::Cache,
         ws: &mut Workspace<B>,
         path: AttentionPath,
@@ -426,6 +428,18 @@ impl<B: Backend> Model<B> {
                 Some(&layer.input_layernorm)
             };
             self.attention(backend, i, &layer.self_attn, t, cache, ws, path, residual)?;
+            if i + 1 == self.layers.len() {
+                // The rest runs on the rows whose logits are read.
+                let heads = self.config.num_attention_heads * self.config.v_head_dim;
+                t = backend.keep_logits_rows(
+                    &mut ws.step,
+                    t,
+                    &mut [(&mut ws.hidden, d), (&mut ws.attn, heads)],
+                )?;
+                if t == 0 {
+                    return Ok(());
+                }
+            }
             backend.linear(&ws.attn, t, &layer.self_attn.o_proj, &mut ws.block_out)?;
             // h = h + mlp_or_moe(post_attention_layernorm(h))
             let norm = &layer.post_attention_layernorm;

@@ -94,6 +94,78 @@ fn run_batch(
     out
 }
 
+/// Runs `seqs` as one batch asking for each sequence's last logits only; returns them.
+fn run_batch_last(
+    backend: &CpuBackend,
+    model: &Model<CpuBackend>,
+    seqs: &[Vec<u32>],
+) -> Vec<Vec<f32>> {
+    let vocab = model.config.vocab_size;
+    let mut batch = Batch::default();
+    let mut next_block = 0u32;
+    for s in seqs {
+        let n_blocks = s.len().div_ceil(BLOCK) as u32;
+        let table: Vec<u32> = (next_block..next_block + n_blocks).collect();
+        next_block += n_blocks;
+        batch.push_seq(s, 0, &table, BLOCK, LogitsWanted::Last);
+    }
+    let mut cache = backend
+        .alloc_cache(model.cache_spec(next_block as usize, BLOCK))
+        .unwrap();
+    let mut ws = model.workspace(backend, batch.num_tokens()).unwrap();
+    let mut logits = vec![0.0; seqs.len() * vocab];
+    model
+        .forward(
+            backend,
+            &batch,
+            &mut cache,
+            &mut ws,
+            AttentionPath::Auto,
+            &mut logits,
+        )
+        .unwrap();
+    logits.chunks(vocab).map(<[f32]>::to_vec).collect()
+}
+
+/// The last layer's output projection and feed-forward block, and the final norm, run on
+/// the rows whose logits are read (`Backend::keep_logits_rows`): a batch asking for each
+/// sequence's last logits gets the last rows of the logits of every position — bit for
+/// bit with q8 weights (row-independent products), within 1e-6 with f32 ones (the `gemm`
+/// crate picks its kernel by shape).
+#[test]
+fn the_last_rows_alone_equal_the_last_rows_of_all() {
+    let seqs = vec![tokens(5, 3), tokens(40, 4), tokens(1, 5), tokens(17, 6)];
+    for (variant, quantize) in [
+        ("lite", None),
+        ("v2", None),
+        ("plain", None),
+        ("lite", Some(dsv2_core::QuantFormat::Q8)),
+        ("v2", Some(dsv2_core::QuantFormat::Q8)),
+    ] {
+        let backend = CpuBackend::new(ComputeDtype::F32);
+        let config = config(variant);
+        let checkpoint = synthetic_checkpoint(&config, 11, DType::F32);
+        let options = dsv2_model::LoadOptions { quantize };
+        let model = Model::load_with(&backend, config, &checkpoint, &options).unwrap();
+        let vocab = model.config.vocab_size;
+        let all = run_batch(&backend, &model, &seqs, AttentionPath::Auto);
+        let last = run_batch_last(&backend, &model, &seqs);
+        for (i, (all, last)) in all.iter().zip(&last).enumerate() {
+            let want = &all[all.len() - vocab..];
+            if quantize.is_some() {
+                let same = want
+                    .iter()
+                    .zip(last)
+                    .all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(same, "{variant} q8 sequence {i}");
+            } else {
+                let err = rel_err(last, want);
+                assert!(err <= 1e-6, "{variant} sequence {i}: relative error {err}");
+            }
+        }
+    }
+}
+
 fn rel_err(a: &[f32], b: &[f32]) -> f64 {
     let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
     let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();

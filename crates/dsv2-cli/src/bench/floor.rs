@@ -125,7 +125,9 @@ pub fn decode_step_bytes(
 /// pairs per head, each a `Dn + Dr` dot product and a `Dv`-wide weighted sum), the
 /// standard count behind an MFU figure. Re-deriving keys and values from the latents
 /// (`kv_b_proj` over the context) is a weight a token passes through, so it is counted
-/// once per token like the others.
+/// once per token like the others. The last layer's output projection and feed-forward
+/// block count for the last token only: the engine skips them for the others, whose
+/// outputs there nothing reads (`Backend::keep_logits_rows`), so the MFU is of work done.
 pub fn prefill_flops(config: &ModelConfig, len: usize) -> f64 {
     let step = DecodeStep {
         batch: 1,
@@ -146,7 +148,26 @@ pub fn prefill_flops(config: &ModelConfig, len: usize) -> f64 {
         * pairs
         * 2.0
         * (config.q_head_dim() + config.v_head_dim) as f64;
-    2.0 * per_token * len as f64 + 2.0 * params.lm_head + attention
+    let skipped = 2.0 * last_layer_tail_params(config) * len.saturating_sub(1) as f64;
+    2.0 * per_token * len as f64 + 2.0 * params.lm_head + attention - skipped
+}
+
+/// Weights a token passes through in the last layer after its attention: the output
+/// projection and the feed-forward block (router, shared and `top_k` routed experts, or
+/// the dense MLP).
+fn last_layer_tail_params(config: &ModelConfig) -> f64 {
+    let d = config.hidden_size as f64;
+    let o_proj = (config.num_attention_heads * config.v_head_dim) as f64 * d;
+    let last = config.num_hidden_layers.saturating_sub(1);
+    let ffn = match &config.moe {
+        Some(moe) if config.is_moe_layer(last) => {
+            let expert = 3.0 * d * moe.moe_intermediate_size as f64;
+            moe.n_routed_experts as f64 * d
+                + (moe.n_shared_experts + moe.num_experts_per_tok) as f64 * expert
+        }
+        _ => 3.0 * d * config.intermediate_size as f64,
+    };
+    o_proj + ffn
 }
 
 #[cfg(test)]
@@ -243,8 +264,14 @@ mod tests {
         let per_token = 2.0 * (2_451_437_056.0 - 209_715_200.0 - 4096.0);
         let head = 2.0 * 209_715_200.0;
         let attn = |len: f64| 27.0 * 16.0 * len * (len + 1.0) / 2.0 * 2.0 * 320.0;
+        // The last layer's o_proj (2048 · 2048), router (64 · 2048), 2 shared and 6
+        // routed experts (3 · 2048 · 1408 each): 73,531,392 weights, skipped by every
+        // token but the last.
+        let tail = 2.0 * (2048.0 * 2048.0 + 64.0 * 2048.0 + 8.0 * 3.0 * 2048.0 * 1408.0);
+        assert_eq!(tail, 2.0 * 73_531_392.0);
         for len in [1usize, 512, 2048] {
-            let want = per_token * len as f64 + head + attn(len as f64);
+            let len_f = len as f64;
+            let want = per_token * len_f + head + attn(len_f) - tail * (len_f - 1.0);
             let got = prefill_flops(&config, len);
             assert!((got - want).abs() < 1e-9 * want, "{len}: {got} vs {want}");
         }
