@@ -33,7 +33,7 @@ use std::cell::RefCell;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use dsv2_core::quant::{QuantFormat, BLOCK, TILE};
-use half::f16;
+use half::{bf16, f16};
 
 use crate::flash_bf16::{dp, pair, round};
 use crate::kernels::SyncPtr;
@@ -318,7 +318,71 @@ thread_local! {
 /// # Panics
 /// If `w` is not q8 or the shapes disagree.
 pub(crate) fn matmul(x: &[f32], m: usize, w: QMatrix<'_>, y: &mut [f32]) {
-    with_rows(x, m, w.cols, |rows| matmul_rows(rows, w, y))
+    with_rows(x, m, w.cols, |rows| matmul_rows(rows, Weights::Q8(w), y))
+}
+
+/// `y[m, n] = bf16(x)[m, k] · w[n, k]ᵀ` for bf16 weights `w` (row-major) on this module's
+/// register tiles, the block scale 1: a prompt's `kv_b_proj` expansion of its context,
+/// which the decode-shaped [`crate::bf16dot`] ran at ~60% of this rate. Each task packs
+/// its 16-row tiles into pairs once (one gather a pair of columns) and runs every row
+/// against them; per output the arithmetic is fixed, as for q8 weights.
+///
+/// # Panics
+/// If [`available`] is false, `k` is not a multiple of 32 or above [`BF16_MAX_COLS`], or
+/// a slice is short.
+pub(crate) fn matmul_bf16(x: &[f32], m: usize, w: &[bf16], n: usize, y: &mut [f32]) {
+    assert!(available(), "AVX-512 BF16 is not available or turned off");
+    let k = w.len().checked_div(n).unwrap_or(0);
+    assert!(
+        k <= BF16_MAX_COLS && w.len() == n * k && x.len() >= m * k,
+        "matmul_bf16 shapes"
+    );
+    with_rows(x, m, k, |rows| matmul_rows(rows, Weights::Bf16 { w, n }, y))
+}
+
+/// Widest bf16 weight rows [`matmul_bf16`] takes (the unit scales it reads are a static
+/// table of this many columns' blocks).
+pub(crate) const BF16_MAX_COLS: usize = 4096;
+
+/// Unit block scales of bf16 weights: 16 rows × the blocks of [`BF16_MAX_COLS`].
+static UNIT_SCALES: [f16; TILE * BF16_MAX_COLS / BLOCK] = [f16::ONE; TILE * BF16_MAX_COLS / BLOCK];
+
+/// A product's weights as the register tiles take them.
+#[derive(Clone, Copy)]
+enum Weights<'a> {
+    /// q8 tiles in the stored layout.
+    Q8(QMatrix<'a>),
+    /// bf16 rows `[n, k]`, a block scale of 1.
+    Bf16 { w: &'a [bf16], n: usize },
+}
+
+/// Packs rows `16t..16t + 16` of bf16 `w` (`[n, k]`, rows past `n` as zeros) into pairs:
+/// `out[kk·16 + r] = (w[16t + r, 2kk], w[16t + r, 2kk + 1])`.
+fn pack_bf16_tile(w: &[bf16], n: usize, k: usize, t: usize, out: &mut [u32]) {
+    assert!(k.is_multiple_of(2) && w.len() >= n * k && out.len() >= packed_len(k));
+    let rows = n.saturating_sub(t * TILE).min(TILE);
+    #[cfg(target_arch = "x86_64")]
+    if available() && rows == TILE {
+        // SAFETY: the features were detected; rows 16t..16t + 16 lie in `w`, `out` holds
+        // k/2 · 16 values (checked above).
+        return unsafe { x86::pack_bf16(w[t * TILE * k..].as_ptr(), k, out.as_mut_ptr()) };
+    }
+    pack_bf16_tile_reference(w, n, k, t, out)
+}
+
+/// [`pack_bf16_tile`], one value at a time.
+fn pack_bf16_tile_reference(w: &[bf16], n: usize, k: usize, t: usize, out: &mut [u32]) {
+    for r in 0..TILE {
+        let row = t * TILE + r;
+        for kk in 0..k / 2 {
+            out[kk * TILE + r] = if row < n {
+                let (lo, hi) = (w[row * k + 2 * kk], w[row * k + 2 * kk + 1]);
+                lo.to_bits() as u32 | (hi.to_bits() as u32) << 16
+            } else {
+                0
+            };
+        }
+    }
 }
 
 /// [`matmul`] of two matrices of the same width (a prompt's gate and up projections, or
@@ -333,8 +397,8 @@ pub(crate) fn matmul_pair(
 ) {
     assert_eq!(a.cols, b.cols, "matmul_pair widths");
     with_rows(x, m, a.cols, |rows| {
-        matmul_rows(rows, a, ya);
-        matmul_rows(rows, b, yb);
+        matmul_rows(rows, Weights::Q8(a), ya);
+        matmul_rows(rows, Weights::Q8(b), yb);
     })
 }
 
@@ -347,26 +411,44 @@ fn with_rows<R>(x: &[f32], m: usize, k: usize, f: impl FnOnce(&BfRows) -> R) -> 
     })
 }
 
-fn matmul_rows(x: &BfRows, w: QMatrix<'_>, y: &mut [f32]) {
-    assert_eq!(
-        w.format,
-        QuantFormat::Q8,
-        "bf16 prompt rows need q8 weights"
-    );
-    let (m, n, k) = (x.m, w.rows, w.cols);
-    assert!(
-        k == x.k && k.is_multiple_of(BLOCK) && y.len() >= m * n,
-        "matmul shapes"
-    );
+fn matmul_rows(x: &BfRows, weights_of: Weights<'_>, y: &mut [f32]) {
+    let (m, k) = (x.m, x.k);
+    let (w, n) = match weights_of {
+        Weights::Q8(w) => {
+            assert_eq!(
+                w.format,
+                QuantFormat::Q8,
+                "bf16 prompt rows need q8 weights"
+            );
+            assert_eq!(w.cols, k, "matmul shapes");
+            (w, w.rows)
+        }
+        // An empty q8 view: bf16 weights use none of its planes.
+        Weights::Bf16 { n, .. } => (
+            QMatrix {
+                format: QuantFormat::Q8,
+                rows: 0,
+                cols: k,
+                q: &[],
+                scales: &[],
+                terms: 2,
+            },
+            n,
+        ),
+    };
+    assert!(k.is_multiple_of(BLOCK) && y.len() >= m * n, "matmul shapes");
     if m == 0 || n == 0 {
         return;
     }
     let nb = k / BLOCK;
     let rb = k;
     let tiles = n.div_ceil(TILE);
-    let pad = (!n.is_multiple_of(TILE)).then(|| crate::qmatmul::padded_tile(&w, tiles - 1));
+    let q8 = matches!(weights_of, Weights::Q8(_));
+    let pad = (q8 && !n.is_multiple_of(TILE)).then(|| crate::qmatmul::padded_tile(&w, tiles - 1));
     let weights = |t: usize| -> (&[u8], &[f16]) {
-        if (t + 1) * TILE > n {
+        if !q8 {
+            (&[], &UNIT_SCALES[..TILE * nb])
+        } else if (t + 1) * TILE > n {
             let (q, s) = pad.as_ref().expect("padded last tile");
             (q, s)
         } else {
@@ -375,6 +457,10 @@ fn matmul_rows(x: &BfRows, w: QMatrix<'_>, y: &mut [f32]) {
                 &w.scales[t * TILE * nb..][..TILE * nb],
             )
         }
+    };
+    let pack = |t: usize, out: &mut [u32]| match weights_of {
+        Weights::Q8(_) => pack_tile(weights(t).0, k, out),
+        Weights::Bf16 { w, n } => pack_bf16_tile(w, n, k, t, out),
     };
     let pairs = tiles.div_ceil(NC);
     let y_ptr = SyncPtr(y.as_mut_ptr());
@@ -400,9 +486,9 @@ fn matmul_rows(x: &BfRows, w: QMatrix<'_>, y: &mut [f32]) {
                     let nt = NC.min(tiles - t0);
                     if !packed_ahead {
                         let (a, b) = current.split_at_mut(len);
-                        pack_tile(weights(t0).0, k, a);
+                        pack(t0, a);
                         if nt > 1 {
-                            pack_tile(weights(t0 + 1).0, k, b);
+                            pack(t0 + 1, b);
                         }
                     }
                     let next_pair = if p + 1 < pairs_of_chunk.end {
@@ -412,9 +498,10 @@ fn matmul_rows(x: &BfRows, w: QMatrix<'_>, y: &mut [f32]) {
                         chunk.as_ref().map(|c| c.start)
                     };
                     // The next pair's weights (contiguous in the stored layout), fetched
-                    // and widened over this pair's row tiles; none into a padded copy.
+                    // and widened over this pair's row tiles; none into a padded copy
+                    // (nor for bf16 weights: packed between pairs).
                     let next = match next_pair {
-                        Some(q) if (q + 1) * NC * TILE <= n => {
+                        Some(q) if q8 && (q + 1) * NC * TILE <= n => {
                             &w.q[q * NC * TILE * rb..][..NC * TILE * rb]
                         }
                         _ => &[][..],
@@ -664,6 +751,30 @@ mod x86 {
                 out.add(16) as *mut _,
                 _mm512_or_si512(high(v2), _mm512_srli_epi32(low(v2), 16)),
             );
+        }
+    }
+
+    /// [`super::pack_bf16_tile`] of a full tile: column pair `kk` of the 16 rows is one
+    /// gather of a 32-bit lane per row.
+    ///
+    /// # Safety
+    /// AVX-512 F; `w[..16·k]` readable (16 rows of `k`, `k` even), `out[..k/2·16]`
+    /// writable.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn pack_bf16(w: *const half::bf16, k: usize, out: *mut u32) {
+        let stride = (k / 2) as i32;
+        let index = _mm512_mullo_epi32(
+            _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+            _mm512_set1_epi32(stride),
+        );
+        let base = w as *const u32;
+        for kk in 0..k / 2 {
+            // SAFETY: lane r reads pair kk of row r, within the 16 rows; `out` the
+            // caller's contract.
+            unsafe {
+                let v = _mm512_i32gather_epi32::<4>(index, base.add(kk) as *const _);
+                _mm512_storeu_si512(out.add(kk * TILE) as *mut _, v);
+            }
         }
     }
 
@@ -938,6 +1049,58 @@ mod tests {
         }
     }
 
+    /// bf16 weights on the same tiles (unit scales): the packing against the scalar one
+    /// (full and ragged tiles), and the product against f64 sums of the bf16 operands and
+    /// row by row against itself (each row's arithmetic is fixed).
+    #[test]
+    fn bf16_weights_on_the_tiles() {
+        if !available() {
+            return;
+        }
+        let k = 96;
+        for n in [16, 40, 100] {
+            let w: Vec<bf16> = test_values(n * k, 30 + n as u64)
+                .into_iter()
+                .map(bf16::from_f32)
+                .collect();
+            for t in 0..n.div_ceil(TILE) {
+                let (mut fast, mut slow) = (vec![1u32; packed_len(k)], vec![2u32; packed_len(k)]);
+                pack_bf16_tile(&w, n, k, t, &mut fast);
+                pack_bf16_tile_reference(&w, n, k, t, &mut slow);
+                assert_eq!(fast, slow, "n={n} tile {t}");
+            }
+            let m = 13;
+            let x = test_values(m * k, 31);
+            let mut y = vec![0.0f32; m * n];
+            matmul_bf16(&x, m, &w, n, &mut y);
+            for i in 0..m {
+                let mut alone = vec![0.0f32; n];
+                matmul_bf16(&x[i * k..(i + 1) * k], 1, &w, n, &mut alone);
+                assert_eq!(
+                    y[i * n..(i + 1) * n]
+                        .iter()
+                        .map(|v| v.to_bits())
+                        .collect::<Vec<_>>(),
+                    alone.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    "n={n} row {i}"
+                );
+                for r in 0..n {
+                    let want: f64 = (0..k)
+                        .map(|j| {
+                            let xb = f32::from_bits((round(x[i * k + j]) as u32) << 16);
+                            xb as f64 * w[r * k + j].to_f64()
+                        })
+                        .sum();
+                    let got = y[i * n + r] as f64;
+                    assert!(
+                        (got - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                        "n={n} {i},{r}: {got} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+
     /// Guided chunks cover every pair once, in order, shrinking to single pairs.
     #[test]
     fn guided_chunks_cover_the_pairs_in_shrinking_chunks() {
@@ -1122,6 +1285,27 @@ mod tests {
                     t_i8 / t_bf
                 );
             }
+        }
+        {
+            // A prompt's `kv_b_proj` expansion (V2-Lite: 4096 × 512 bf16), 512 context rows:
+            // these tiles against `bf16dot`.
+            let (m, n, k) = (512, 4096, 512);
+            let w: Vec<bf16> = test_values(n * k, 12)
+                .into_iter()
+                .map(bf16::from_f32)
+                .collect();
+            let x = test_values(m * k, 13);
+            let mut y = vec![0.0f32; m * n];
+            let t_tiles = min_time(10, || matmul_bf16(&x, m, &w, n, &mut y));
+            let t_dot = min_time(10, || crate::bf16dot::matmul(&x, m, &w, n, k, &mut y));
+            let macs = (m * n * k) as f64;
+            eprintln!(
+                "kv_b m={m} n={n} k={k} bf16 weights: tiles {:.1} GMAC/s, bf16dot {:.1} GMAC/s \
+                 ({:.2}x)",
+                macs / t_tiles / 1e9,
+                macs / t_dot / 1e9,
+                t_dot / t_tiles
+            );
         }
         for (m, n, k) in [
             (48, 1408, 2048),
