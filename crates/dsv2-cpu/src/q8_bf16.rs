@@ -360,9 +360,8 @@ enum Weights<'a> {
 /// `out[kk·16 + r] = (w[16t + r, 2kk], w[16t + r, 2kk + 1])`.
 fn pack_bf16_tile(w: &[bf16], n: usize, k: usize, t: usize, out: &mut [u32]) {
     assert!(k.is_multiple_of(2) && w.len() >= n * k && out.len() >= packed_len(k));
-    let rows = n.saturating_sub(t * TILE).min(TILE);
     #[cfg(target_arch = "x86_64")]
-    if available() && rows == TILE {
+    if available() && (t + 1) * TILE <= n {
         // SAFETY: the features were detected; rows 16t..16t + 16 lie in `w`, `out` holds
         // k/2 · 16 values (checked above).
         return unsafe { x86::pack_bf16(w[t * TILE * k..].as_ptr(), k, out.as_mut_ptr()) };
