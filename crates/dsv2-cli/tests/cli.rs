@@ -18,27 +18,11 @@ fn fixture(name: &str) -> PathBuf {
 
 /// A fresh folder under the system's temp folder, removed (with what the test wrote in
 /// it) when dropped.
-struct Scratch(tempfile::TempDir);
-
-impl std::ops::Deref for Scratch {
-    type Target = Path;
-    fn deref(&self) -> &Path {
-        self.0.path()
-    }
-}
-
-impl AsRef<Path> for Scratch {
-    fn as_ref(&self) -> &Path {
-        self.0.path()
-    }
-}
-
-fn tmp(tag: &str) -> Scratch {
-    let dir = tempfile::Builder::new()
+fn tmp(tag: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
         .prefix(&format!("dsv2-cli-{tag}-"))
         .tempdir()
-        .expect("create a scratch folder");
-    Scratch(dir)
+        .expect("create a scratch folder")
 }
 
 /// Reads tensor `name` of a safetensors file as f32 (F32) or as ids (I64).
@@ -79,7 +63,8 @@ fn logits_command_writes_the_reference_logits() {
     let reference = dir.join("reference.safetensors");
     let (prompt, _) = read_tensor(&reference, "prompt.1");
     let (want, want_shape) = read_tensor(&reference, "logits.1");
-    let out_dir = tmp("logits");
+    let scratch = tmp("logits");
+    let out_dir = scratch.path();
     let out_path = out_dir.join("out.safetensors");
     let out = dsv2(&[
         "logits",
@@ -199,7 +184,8 @@ fn the_thread_count_does_not_change_the_logits() {
     let (prompt, _) = read_tensor(&reference, "prompt.0");
     let ids = ids_arg(&prompt);
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let out_dir = tmp("threads");
+    let scratch = tmp("threads");
+    let out_dir = scratch.path();
     for quantize in [None, Some("q8")] {
         let mut runs = Vec::new();
         for threads in [1, cpus] {
@@ -244,7 +230,8 @@ fn activation_terms_select_the_q8_activation_rounding() {
     // 64 tokens: past the dense products' threshold for bf16 prompt rows (16).
     let (prompt, _) = read_tensor(&dir.join("reference.safetensors"), "prompt.1");
     let ids = ids_arg(&prompt);
-    let out_dir = tmp("terms");
+    let scratch = tmp("terms");
+    let out_dir = scratch.path();
     let logits = |terms: Option<&str>| {
         let path = out_dir.join(format!("{terms:?}.safetensors"));
         let mut args = vec![
@@ -352,7 +339,8 @@ fn a_bf16_kv_cache_under_bf16_generates_the_same_tokens() {
 
 #[test]
 fn truncated_checkpoint_names_the_tensor_and_file() {
-    let dir = tmp("truncated");
+    let scratch = tmp("truncated");
+    let dir = scratch.path();
     for entry in std::fs::read_dir(fixture("plain")).unwrap() {
         let entry = entry.unwrap();
         std::fs::copy(entry.path(), dir.join(entry.file_name())).unwrap();
@@ -377,7 +365,8 @@ fn truncated_checkpoint_names_the_tensor_and_file() {
 #[test]
 fn quantized_checkpoint_loads_without_requantizing() {
     for format in ["q8", "q4"] {
-        let dir = tmp(&format!("quantize-{format}"));
+        let scratch = tmp(&format!("quantize-{format}"));
+        let dir = scratch.path();
         let out_dir = dir.join("model");
         let lite = fixture("lite");
         let out = dsv2(&[
@@ -472,7 +461,8 @@ fn tokenize_text_and_chat() {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["token_ids"][0], 100000, "BOS first");
     assert_eq!(v["text"], "Hello world");
-    let dir = tmp("tokenize");
+    let scratch = tmp("tokenize");
+    let dir = scratch.path();
     let chat = dir.join("chat.json");
     std::fs::write(
         &chat,

@@ -689,28 +689,13 @@ mod tests {
         safetensors::serialize_to_file(views, None, path).unwrap();
     }
 
-    /// A fresh folder, removed (with the checkpoint a test wrote in it) when dropped.
-    struct Scratch(tempfile::TempDir);
-
-    impl std::ops::Deref for Scratch {
-        type Target = Path;
-        fn deref(&self) -> &Path {
-            self.0.path()
-        }
-    }
-
-    impl AsRef<Path> for Scratch {
-        fn as_ref(&self) -> &Path {
-            self.0.path()
-        }
-    }
-
-    fn tmpdir(tag: &str) -> Scratch {
-        let dir = tempfile::Builder::new()
+    /// A fresh folder under the system's temp folder, removed (with what the test wrote in
+    /// it) when dropped.
+    fn tmpdir(tag: &str) -> tempfile::TempDir {
+        tempfile::Builder::new()
             .prefix(&format!("dsv2-ckpt-{tag}-"))
             .tempdir()
-            .expect("create a scratch folder");
-        Scratch(dir)
+            .expect("create a scratch folder")
     }
 
     fn expect(name: &str, shape: &[usize]) -> ExpectedTensor {
@@ -722,14 +707,15 @@ mod tests {
 
     #[test]
     fn a_mapped_tensor_moves_into_huge_pages_unchanged() {
-        let dir = tmpdir("huge");
+        let scratch = tmpdir("huge");
+        let dir = scratch.path();
         // 1 MiB: above hugemem's heap threshold, so it lands in a huge-page mapping.
         let bytes: Vec<u8> = (0..1u32 << 20).map(|i| (i * 7 % 251) as u8).collect();
         write_file(
             &dir.join("model.safetensors"),
             &[("w", Dtype::BF16, vec![512, 1024], bytes.clone())],
         );
-        let ck = Checkpoint::open(&dir).unwrap();
+        let ck = Checkpoint::open(dir).unwrap();
         let view = ck.tensor("w").unwrap().clone();
         assert!(view.data.is_mapped());
         let moved = view.into_huge_pages();
@@ -744,7 +730,8 @@ mod tests {
 
     #[test]
     fn reads_single_file_and_checks_shapes() {
-        let dir = tmpdir("single");
+        let scratch = tmpdir("single");
+        let dir = scratch.path();
         let a: Vec<u8> = [1.5f32, -2.0, 3.25, 0.0]
             .iter()
             .flat_map(|x| x.to_le_bytes())
@@ -760,7 +747,7 @@ mod tests {
                 ("b", Dtype::BF16, vec![2], b),
             ],
         );
-        let ck = Checkpoint::open(&dir).unwrap();
+        let ck = Checkpoint::open(dir).unwrap();
         assert_eq!(ck.get("a").unwrap().as_f32(), &[1.5, -2.0, 3.25, 0.0]);
         assert_eq!(ck.get("b").unwrap().to_f32_vec(), vec![0.5, -1.0]);
         ck.validate(&[expect("a", &[2, 2]), expect("b", &[2])])
@@ -773,7 +760,8 @@ mod tests {
 
     #[test]
     fn released_pages_read_back_from_the_file() {
-        let dir = tmpdir("release");
+        let scratch = tmpdir("release");
+        let dir = scratch.path();
         // Two tensors sharing pages: releasing one must not disturb the other.
         let big: Vec<f32> = (0..50_000).map(|i| i as f32 * 0.5).collect();
         let small = [7.0f32, 8.0, 9.0];
@@ -794,7 +782,7 @@ mod tests {
                 ),
             ],
         );
-        let ck = Checkpoint::open(&dir).unwrap();
+        let ck = Checkpoint::open(dir).unwrap();
         let (b, s) = (ck.get("big").unwrap(), ck.get("small").unwrap());
         assert_eq!(b.as_f32(), &big[..]);
         b.data.release_pages();
@@ -814,7 +802,8 @@ mod tests {
 
     #[test]
     fn truncated_file_names_the_tensor() {
-        let dir = tmpdir("trunc");
+        let scratch = tmpdir("trunc");
+        let dir = scratch.path();
         let path = dir.join(SINGLE_FILE);
         write_file(
             &path,
@@ -825,16 +814,17 @@ mod tests {
         );
         let full = std::fs::read(&path).unwrap();
         std::fs::write(&path, &full[..full.len() - 10]).unwrap();
-        let e = Checkpoint::open(&dir).err().unwrap().to_string();
+        let e = Checkpoint::open(dir).err().unwrap().to_string();
         assert!(e.contains("`second`") && e.contains("truncated"), "{e}");
         std::fs::write(&path, &full[..20]).unwrap();
-        let e = Checkpoint::open(&dir).err().unwrap().to_string();
+        let e = Checkpoint::open(dir).err().unwrap().to_string();
         assert!(e.contains("truncated"), "{e}");
     }
 
     #[test]
     fn sharded_index_and_missing_shard() {
-        let dir = tmpdir("shards");
+        let scratch = tmpdir("shards");
+        let dir = scratch.path();
         write_file(
             &dir.join("model-00001-of-00002.safetensors"),
             &[("x", Dtype::F32, vec![1], vec![0u8; 4])],
@@ -847,11 +837,11 @@ mod tests {
             "x": "model-00001-of-00002.safetensors",
             "y": "model-00002-of-00002.safetensors"}});
         std::fs::write(dir.join(INDEX_FILE), index.to_string()).unwrap();
-        let ck = Checkpoint::open(&dir).unwrap();
+        let ck = Checkpoint::open(dir).unwrap();
         assert_eq!(ck.len(), 2);
         assert_eq!(ck.get("y").unwrap().dtype, DType::F16);
         std::fs::remove_file(dir.join("model-00002-of-00002.safetensors")).unwrap();
-        let e = Checkpoint::open(&dir).err().unwrap().to_string();
+        let e = Checkpoint::open(dir).err().unwrap().to_string();
         assert!(
             e.contains("model-00002-of-00002") && e.contains("`y`"),
             "{e}"
@@ -860,12 +850,13 @@ mod tests {
 
     #[test]
     fn unsupported_dtype_is_named() {
-        let dir = tmpdir("dtype");
+        let scratch = tmpdir("dtype");
+        let dir = scratch.path();
         write_file(
             &dir.join(SINGLE_FILE),
             &[("q", Dtype::I32, vec![4], vec![0u8; 16])],
         );
-        let ck = Checkpoint::open(&dir).unwrap();
+        let ck = Checkpoint::open(dir).unwrap();
         let e = ck.validate(&[expect("q", &[4])]).unwrap_err().to_string();
         assert!(e.contains("`q`") && e.contains("I32"), "{e}");
     }
