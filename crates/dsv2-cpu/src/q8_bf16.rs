@@ -715,28 +715,18 @@ mod x86 {
     unsafe fn pack_unit(q: *const u8, out: *mut u32) {
         // (x & mask) ^ magic, as `vpternlogd`'s truth table: A = 0xF0, B = 0xCC, C = 0xAA.
         const AND_XOR: i32 = 0x6A;
-        let low = |x: __m512i| {
+        // The masked byte as mantissa bits under `magic` (exponent and bias), less the
+        // float `base` (the exponent's value plus 128): the byte's int8 value.
+        let widen = |x: __m512i, mask: i32, magic: i32, base: f32| {
             let f = _mm512_ternarylogic_epi32::<AND_XOR>(
                 x,
-                _mm512_set1_epi32(0xFF),
-                _mm512_set1_epi32(0x4B00_0080),
+                _mm512_set1_epi32(mask),
+                _mm512_set1_epi32(magic),
             );
-            _mm512_castps_si512(_mm512_sub_ps(
-                _mm512_castsi512_ps(f),
-                _mm512_set1_ps(8_388_608.0 + 128.0),
-            ))
+            _mm512_castps_si512(_mm512_sub_ps(_mm512_castsi512_ps(f), _mm512_set1_ps(base)))
         };
-        let high = |x: __m512i| {
-            let f = _mm512_ternarylogic_epi32::<AND_XOR>(
-                x,
-                _mm512_set1_epi32(0xFF00),
-                _mm512_set1_epi32(0x4700_8000),
-            );
-            _mm512_castps_si512(_mm512_sub_ps(
-                _mm512_castsi512_ps(f),
-                _mm512_set1_ps(32_768.0 + 128.0),
-            ))
-        };
+        let low = |x| widen(x, 0xFF, 0x4B00_0080, 8_388_608.0 + 128.0);
+        let high = |x| widen(x, 0xFF00, 0x4700_8000, 32_768.0 + 128.0);
         // SAFETY: the caller's contract.
         unsafe {
             let v = _mm512_loadu_si512(q as *const _);
@@ -977,18 +967,34 @@ mod tests {
         for (r, row) in deq.chunks_exact_mut(k).enumerate() {
             dequantize_row(QuantFormat::Q8, n, k, &q.q, &q.scales, r, row);
         }
-        for i in 0..9 {
+        assert_near_f64_sums(&x, 9, k, n, |r, j| deq[r * k + j] as f64, &y);
+    }
+
+    fn bits(v: &[f32]) -> Vec<u32> {
+        v.iter().map(|f| f.to_bits()).collect()
+    }
+
+    /// `y[m, n]` within 1e-5 of f64 sums of bf16(x) times `w(r, j)`.
+    fn assert_near_f64_sums(
+        x: &[f32],
+        m: usize,
+        k: usize,
+        n: usize,
+        w: impl Fn(usize, usize) -> f64,
+        y: &[f32],
+    ) {
+        for i in 0..m {
             for r in 0..n {
                 let want: f64 = (0..k)
                     .map(|j| {
                         let xb = f32::from_bits((round(x[i * k + j]) as u32) << 16);
-                        xb as f64 * deq[r * k + j] as f64
+                        xb as f64 * w(r, j)
                     })
                     .sum();
                 let got = y[i * n + r] as f64;
                 assert!(
                     (got - want).abs() <= 1e-5 * (1.0 + want.abs()),
-                    "{i},{r}: {got} vs {want}"
+                    "n={n} {i},{r}: {got} vs {want}"
                 );
             }
         }
@@ -1075,28 +1081,9 @@ mod tests {
             for i in 0..m {
                 let mut alone = vec![0.0f32; n];
                 matmul_bf16(&x[i * k..(i + 1) * k], 1, &w, n, &mut alone);
-                assert_eq!(
-                    y[i * n..(i + 1) * n]
-                        .iter()
-                        .map(|v| v.to_bits())
-                        .collect::<Vec<_>>(),
-                    alone.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-                    "n={n} row {i}"
-                );
-                for r in 0..n {
-                    let want: f64 = (0..k)
-                        .map(|j| {
-                            let xb = f32::from_bits((round(x[i * k + j]) as u32) << 16);
-                            xb as f64 * w[r * k + j].to_f64()
-                        })
-                        .sum();
-                    let got = y[i * n + r] as f64;
-                    assert!(
-                        (got - want).abs() <= 1e-5 * (1.0 + want.abs()),
-                        "n={n} {i},{r}: {got} vs {want}"
-                    );
-                }
+                assert_eq!(bits(&y[i * n..(i + 1) * n]), bits(&alone), "n={n} row {i}");
             }
+            assert_near_f64_sums(&x, m, k, n, |r, j| w[r * k + j].to_f64(), &y);
         }
     }
 
@@ -1153,14 +1140,7 @@ mod tests {
             } else {
                 qmatmul(row, 1, w, &mut alone);
             }
-            assert_eq!(
-                y[i * n..(i + 1) * n]
-                    .iter()
-                    .map(|v| v.to_bits())
-                    .collect::<Vec<_>>(),
-                alone.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-                "row {i}"
-            );
+            assert_eq!(bits(&y[i * n..(i + 1) * n]), bits(&alone), "row {i}");
         }
         let (mut all, mut none) = (vec![0.0f32; m * n], vec![0.0f32; m * n]);
         qmatmul_prompt(&x, m, w, PromptRows::All, &mut all);

@@ -66,6 +66,18 @@ fn run_batch(
     seqs: &[Vec<u32>],
     path: AttentionPath,
 ) -> Vec<Vec<f32>> {
+    run_batch_wanting(backend, model, seqs, path, LogitsWanted::All)
+}
+
+/// Runs `seqs` as one batch asking for `wanted` logits of each; returns them per sequence
+/// (every position's, or the last one's).
+fn run_batch_wanting(
+    backend: &CpuBackend,
+    model: &Model<CpuBackend>,
+    seqs: &[Vec<u32>],
+    path: AttentionPath,
+    wanted: LogitsWanted,
+) -> Vec<Vec<f32>> {
     let vocab = model.config.vocab_size;
     let mut batch = Batch::default();
     let mut next_block = 0u32;
@@ -74,57 +86,29 @@ fn run_batch(
         // Non-contiguous, interleaved block tables exercise the paging.
         let table: Vec<u32> = (0..n_blocks).map(|b| next_block + 2 * b).collect();
         next_block += 2 * n_blocks + 1;
-        batch.push_seq(s, 0, &table, BLOCK, LogitsWanted::All);
+        batch.push_seq(s, 0, &table, BLOCK, wanted);
     }
     let total_blocks = next_block as usize + 1;
     let mut cache = backend
         .alloc_cache(model.cache_spec(total_blocks, BLOCK))
         .unwrap();
     let mut ws = model.workspace(backend, batch.num_tokens()).unwrap();
-    let mut logits = vec![0.0; batch.num_tokens() * vocab];
+    let mut logits = vec![0.0; batch.logits_rows.len() * vocab];
     model
         .forward(backend, &batch, &mut cache, &mut ws, path, &mut logits)
         .unwrap();
+    let rows_of = |s: &Vec<u32>| match wanted {
+        LogitsWanted::All => s.len(),
+        LogitsWanted::Last => 1,
+        LogitsWanted::None => 0,
+    };
     let mut out = Vec::new();
     let mut at = 0;
     for s in seqs {
-        out.push(logits[at * vocab..(at + s.len()) * vocab].to_vec());
-        at += s.len();
+        out.push(logits[at * vocab..(at + rows_of(s)) * vocab].to_vec());
+        at += rows_of(s);
     }
     out
-}
-
-/// Runs `seqs` as one batch asking for each sequence's last logits only; returns them.
-fn run_batch_last(
-    backend: &CpuBackend,
-    model: &Model<CpuBackend>,
-    seqs: &[Vec<u32>],
-) -> Vec<Vec<f32>> {
-    let vocab = model.config.vocab_size;
-    let mut batch = Batch::default();
-    let mut next_block = 0u32;
-    for s in seqs {
-        let n_blocks = s.len().div_ceil(BLOCK) as u32;
-        let table: Vec<u32> = (next_block..next_block + n_blocks).collect();
-        next_block += n_blocks;
-        batch.push_seq(s, 0, &table, BLOCK, LogitsWanted::Last);
-    }
-    let mut cache = backend
-        .alloc_cache(model.cache_spec(next_block as usize, BLOCK))
-        .unwrap();
-    let mut ws = model.workspace(backend, batch.num_tokens()).unwrap();
-    let mut logits = vec![0.0; seqs.len() * vocab];
-    model
-        .forward(
-            backend,
-            &batch,
-            &mut cache,
-            &mut ws,
-            AttentionPath::Auto,
-            &mut logits,
-        )
-        .unwrap();
-    logits.chunks(vocab).map(<[f32]>::to_vec).collect()
 }
 
 /// The last layer's output projection and feed-forward block, and the final norm, run on
@@ -149,7 +133,13 @@ fn the_last_rows_alone_equal_the_last_rows_of_all() {
         let model = Model::load_with(&backend, config, &checkpoint, &options).unwrap();
         let vocab = model.config.vocab_size;
         let all = run_batch(&backend, &model, &seqs, AttentionPath::Auto);
-        let last = run_batch_last(&backend, &model, &seqs);
+        let last = run_batch_wanting(
+            &backend,
+            &model,
+            &seqs,
+            AttentionPath::Auto,
+            LogitsWanted::Last,
+        );
         for (i, (all, last)) in all.iter().zip(&last).enumerate() {
             let want = &all[all.len() - vocab..];
             if quantize.is_some() {
