@@ -410,9 +410,9 @@ fn with_rows<R>(x: &[f32], m: usize, k: usize, f: impl FnOnce(&BfRows) -> R) -> 
     })
 }
 
-fn matmul_rows(x: &BfRows, weights_of: Weights<'_>, y: &mut [f32]) {
+fn matmul_rows(x: &BfRows, weights: Weights<'_>, y: &mut [f32]) {
     let (m, k) = (x.m, x.k);
-    let (w, n) = match weights_of {
+    let n = match weights {
         Weights::Q8(w) => {
             assert_eq!(
                 w.format,
@@ -420,20 +420,9 @@ fn matmul_rows(x: &BfRows, weights_of: Weights<'_>, y: &mut [f32]) {
                 "bf16 prompt rows need q8 weights"
             );
             assert_eq!(w.cols, k, "matmul shapes");
-            (w, w.rows)
+            w.rows
         }
-        // An empty q8 view: bf16 weights use none of its planes.
-        Weights::Bf16 { n, .. } => (
-            QMatrix {
-                format: QuantFormat::Q8,
-                rows: 0,
-                cols: k,
-                q: &[],
-                scales: &[],
-                terms: 2,
-            },
-            n,
-        ),
+        Weights::Bf16 { n, .. } => n,
     };
     assert!(k.is_multiple_of(BLOCK) && y.len() >= m * n, "matmul shapes");
     if m == 0 || n == 0 {
@@ -442,24 +431,24 @@ fn matmul_rows(x: &BfRows, weights_of: Weights<'_>, y: &mut [f32]) {
     let nb = k / BLOCK;
     let rb = k;
     let tiles = n.div_ceil(TILE);
-    let q8 = matches!(weights_of, Weights::Q8(_));
-    let pad = (q8 && !n.is_multiple_of(TILE)).then(|| crate::qmatmul::padded_tile(&w, tiles - 1));
-    let weights = |t: usize| -> (&[u8], &[f16]) {
-        if !q8 {
-            (&[], &UNIT_SCALES[..TILE * nb])
-        } else if (t + 1) * TILE > n {
-            let (q, s) = pad.as_ref().expect("padded last tile");
-            (q, s)
-        } else {
-            (
-                &w.q[t * TILE * rb..][..TILE * rb],
-                &w.scales[t * TILE * nb..][..TILE * nb],
-            )
+    let pad = match weights {
+        Weights::Q8(w) if !n.is_multiple_of(TILE) => {
+            Some(crate::qmatmul::padded_tile(&w, tiles - 1))
+        }
+        _ => None,
+    };
+    // Tile t's block scales (1 for bf16 weights).
+    let scales_of = |t: usize| -> &[f16] {
+        match (weights, &pad) {
+            (Weights::Q8(_), Some((_, s))) if (t + 1) * TILE > n => s,
+            (Weights::Q8(w), _) => &w.scales[t * TILE * nb..][..TILE * nb],
+            (Weights::Bf16 { .. }, _) => &UNIT_SCALES[..TILE * nb],
         }
     };
-    let pack = |t: usize, out: &mut [u32]| match weights_of {
-        Weights::Q8(_) => pack_tile(weights(t).0, k, out),
-        Weights::Bf16 { w, n } => pack_bf16_tile(w, n, k, t, out),
+    let pack = |t: usize, out: &mut [u32]| match (weights, &pad) {
+        (Weights::Q8(_), Some((q, _))) if (t + 1) * TILE > n => pack_tile(q, k, out),
+        (Weights::Q8(w), _) => pack_tile(&w.q[t * TILE * rb..][..TILE * rb], k, out),
+        (Weights::Bf16 { w, n }, _) => pack_bf16_tile(w, n, k, t, out),
     };
     let pairs = tiles.div_ceil(NC);
     let y_ptr = SyncPtr(y.as_mut_ptr());
@@ -499,13 +488,13 @@ fn matmul_rows(x: &BfRows, weights_of: Weights<'_>, y: &mut [f32]) {
                     // The next pair's weights (contiguous in the stored layout), fetched
                     // and widened over this pair's row tiles; none into a padded copy
                     // (nor for bf16 weights: packed between pairs).
-                    let next = match next_pair {
-                        Some(q) if q8 && (q + 1) * NC * TILE <= n => {
+                    let next = match (weights, next_pair) {
+                        (Weights::Q8(w), Some(q)) if (q + 1) * NC * TILE <= n => {
                             &w.q[q * NC * TILE * rb..][..NC * TILE * rb]
                         }
                         _ => &[][..],
                     };
-                    let scales = [weights(t0).1, weights(t0 + nt - 1).1];
+                    let scales = [scales_of(t0), scales_of(t0 + nt - 1)];
                     let (a, b) = current.split_at(len);
                     // SAFETY: `following` holds NC·len values, 32 per unit of `next`, and
                     // is this task's alone.
