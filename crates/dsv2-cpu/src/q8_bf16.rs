@@ -117,12 +117,7 @@ pub(crate) fn packed_len(k: usize) -> usize {
 /// bf16(q[r, 2kk + 1]))`, exact.
 pub(crate) fn pack_tile(q: &[u8], k: usize, out: &mut [u32]) {
     assert!(k.is_multiple_of(BLOCK) && q.len() >= k * TILE && out.len() >= packed_len(k));
-    #[cfg(target_arch = "x86_64")]
-    if available() {
-        // SAFETY: the features were detected; the lengths are checked above.
-        return unsafe { x86::pack_units(q.as_ptr(), k * TILE / 64, out.as_mut_ptr()) };
-    }
-    pack_tile_reference(q, k, out)
+    pack_tile_units(&q[..k * TILE], out)
 }
 
 /// Widens whole units ([`pack_units_reference`]'s layout) at this CPU's speed.
@@ -137,8 +132,9 @@ fn pack_tile_units(q: &[u8], out: &mut [u32]) {
     pack_units_reference(q, out)
 }
 
-/// [`pack_tile`], one value at a time. In the stored layout, byte `4r + j` of 64-byte
-/// unit `g` of block `b` is `q[r, 32b + 4g + j]`.
+/// [`pack_tile`], one value at a time (the tests' reference). In the stored layout, byte
+/// `4r + j` of 64-byte unit `g` of block `b` is `q[r, 32b + 4g + j]`.
+#[cfg(test)]
 pub(crate) fn pack_tile_reference(q: &[u8], k: usize, out: &mut [u32]) {
     pack_units_reference(&q[..k * TILE], &mut out[..packed_len(k)]);
 }
@@ -312,8 +308,8 @@ thread_local! {
 }
 
 /// `y[m, n] = x[m, k] · wᵀ` for a q8 `w` in this module's arithmetic, all rows as prompt
-/// rows. Parallel over pairs of weight tiles; each task widens its tiles once and runs
-/// every activation row against them.
+/// rows. Parallel over pairs of weight tiles: each pair is widened once, by the thread
+/// that claims it, and every activation row runs against it.
 ///
 /// # Panics
 /// If `w` is not q8 or the shapes disagree.
@@ -459,8 +455,7 @@ fn matmul_rows(x: &BfRows, weights: Weights<'_>, y: &mut [f32]) {
     // its next chunk as it starts its chunk's last pair, so that pair's row tiles widen
     // the next chunk's first pair too.
     team::for_each(threads, |_| {
-        PACKED.with(|cell| {
-            let mut packed = cell.borrow_mut();
+        crate::scratch::with_local(&PACKED, |packed| {
             if packed.len() < 2 * NC * len {
                 packed.resize(2 * NC * len, 0);
             }
