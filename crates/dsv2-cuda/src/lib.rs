@@ -478,18 +478,22 @@ impl CudaBackend {
         rows: u64,
         d: usize,
     ) -> Result<()> {
+        let list = step.at(step.layout.logits_rows);
+        self.gather_rows(x.ptr(), list, rows, step.counts.logits_rows, d)
+    }
+
+    /// `out[i] = x[list[i]]` for `n` rows of `d` compute-dtype values.
+    fn gather_rows(&self, x: u64, list: u64, out: u64, n: usize, d: usize) -> Result<()> {
+        if n == 0 {
+            return Ok(());
+        }
         self.dev.launch(
             &self.dev.kernels.gather_rows,
             "gather_rows",
-            (step.counts.logits_rows, 1),
+            (n, 1),
             ROW_THREADS,
             0,
-            &[
-                x.ptr().into(),
-                step.at(step.layout.logits_rows).into(),
-                rows.into(),
-                (d as i32).into(),
-            ],
+            &[x.into(), list.into(), out.into(), (d as i32).into()],
         )
     }
 
@@ -617,6 +621,33 @@ impl Backend for CudaBackend {
         Ok(step.prepare(&self.dev, batch, angles)?)
     }
 
+    fn keep_logits_rows(
+        &self,
+        step: &mut CudaStep,
+        rows: usize,
+        bufs: &mut [(&mut CudaBuffer, usize)],
+    ) -> BResult<usize> {
+        let c = step.counts;
+        let n = c.logits_rows;
+        // Steps without a prompt chunk keep every row: those are the ones step graphs
+        // capture, and a replay would not repeat the host-side narrowing below.
+        if n == rows || rows != c.tokens || c.max_qlen_all <= 1 {
+            return Ok(rows);
+        }
+        let identity = step.at(step.layout.logits_identity);
+        let mut scratch = self.scratch();
+        for (buf, width) in bufs.iter_mut() {
+            let width = *width;
+            self.check_len("keep_logits_rows", "a buffer", buf, rows * width)?;
+            // Through scratch, not in place: a row may be read after another block wrote it.
+            let front = scratch.get(&self.dev, Slot::LogitsRows, n * width * self.elem())?;
+            self.gather_rows(buf.ptr(), step.at(step.layout.logits_rows), front, n, width)?;
+            self.gather_rows(front, identity, buf.ptr(), n, width)?;
+        }
+        step.layout.logits_rows = step.layout.logits_identity;
+        Ok(n)
+    }
+
     fn decode_bucket(&self, tokens: usize) -> usize {
         let g = self.graphs_lock();
         if g.disabled || !g.buckets {
@@ -647,6 +678,7 @@ impl Backend for CudaBackend {
             scratch_generation: self.scratch().generation,
             layout: step::Layout {
                 logits_rows: 0,
+                logits_identity: 0,
                 words: 0,
                 ..step.layout
             },

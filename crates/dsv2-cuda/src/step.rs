@@ -19,6 +19,9 @@ pub(crate) struct Layout {
     pub tok_seq: usize,
     pub tok_visible: usize,
     pub logits_rows: usize,
+    /// `0..logits_rows.len()`: the logits rows once `keep_logits_rows` moved them to the
+    /// front.
+    pub logits_identity: usize,
     pub seq_ctx: usize,
     /// Per sequence: first row and number of its new tokens.
     pub seq_qstart: usize,
@@ -148,6 +151,12 @@ impl CudaStep {
                 *field = s.len();
                 s.extend(values);
             };
+        if let Some(&r) = batch.logits_rows.iter().find(|&&r| r as usize >= t) {
+            return Err(unsupported(
+                "prepare_step",
+                format!("logits row {r} past the batch's {t} tokens"),
+            ));
+        }
         c.max_slot = batch.slots.iter().copied().filter(|&s| s != PAD_SLOT).max();
         c.max_block = batch
             .seqs
@@ -261,6 +270,7 @@ impl CudaStep {
             &mut l.logits_rows,
             &mut batch.logits_rows.iter().copied(),
         );
+        section(s, &mut l.logits_identity, &mut (0..c.logits_rows as u32));
         l.words = s.len();
         let needed = l.words * 4;
         if self.mem.as_ref().is_none_or(|m| m.bytes() < needed) {

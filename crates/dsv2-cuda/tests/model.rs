@@ -232,3 +232,96 @@ fn bucketed_decode_steps_match_exact_ones() {
         }
     }
 }
+
+/// Two steps asking for each sequence's `wanted` logits: prompts of several lengths, then
+/// one decoding sequence beside a new prompt (a mixed step); returns each sequence's last
+/// logits row of each step.
+fn last_rows_of_steps<B: Backend>(
+    be: &B,
+    model: &Model<B>,
+    prompts: &[Vec<u32>],
+    wanted: LogitsWanted,
+) -> Vec<Vec<f32>> {
+    let vocab = model.config.vocab_size;
+    let n = prompts.len() + 1;
+    let per_seq = 6;
+    let tables: Vec<Vec<u32>> = (0..n)
+        .map(|i| (0..per_seq).map(|b| (i * per_seq + b) as u32).collect())
+        .collect();
+    let mut cache = be
+        .alloc_cache(model.cache_spec(n * per_seq, BLOCK))
+        .unwrap();
+    let mut ws = model.workspace(be, 128).unwrap();
+    let late_prompt = tokens(21, 9);
+    let steps: [Vec<(&[u32], usize, usize)>; 2] = [
+        prompts
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (&p[..], 0, i))
+            .collect(),
+        vec![
+            (&[7][..], prompts[1].len(), 1),
+            (&late_prompt[..], 0, n - 1),
+        ],
+    ];
+    let mut out = Vec::new();
+    for step in steps {
+        let mut batch = Batch::default();
+        for &(toks, past, seq) in &step {
+            batch.push_seq(toks, past, &tables[seq], BLOCK, wanted);
+        }
+        let mut logits = vec![0.0; batch.logits_rows.len() * vocab];
+        model
+            .forward(
+                be,
+                &batch,
+                &mut cache,
+                &mut ws,
+                AttentionPath::Auto,
+                &mut logits,
+            )
+            .unwrap();
+        let mut end = 0;
+        for &(toks, _, _) in &step {
+            end += if wanted == LogitsWanted::All {
+                toks.len()
+            } else {
+                1
+            };
+            out.push(logits[(end - 1) * vocab..end * vocab].to_vec());
+        }
+    }
+    out
+}
+
+/// The last layer's output projection and feed-forward block and the final norm run on
+/// the rows whose logits are read (`Backend::keep_logits_rows`, moved to the front through
+/// scratch on the device): asking for each sequence's last logits gives the last rows of
+/// the logits of every position, in prompt steps and in a step mixing a decode token with a
+/// prompt.
+#[test]
+fn the_last_rows_alone_equal_the_last_rows_of_all() {
+    let (Some(gpu32), Some(gpu16)) = (cuda(ComputeDtype::F32), cuda(ComputeDtype::Bf16)) else {
+        return;
+    };
+    let prompts = vec![tokens(5, 3), tokens(33, 4), tokens(1, 5), tokens(40, 6)];
+    for variant in ["lite", "v2", "mla"] {
+        let cfg = config(variant);
+        let ckpt = synthetic_checkpoint(&cfg, 11, DType::BF16);
+        for (be, dtype, bound) in [(&gpu32, "f32", 1e-5), (&gpu16, "bf16", 2e-2)] {
+            let model = Model::load(be, cfg.clone(), &ckpt).unwrap();
+            let all = last_rows_of_steps(be, &model, &prompts, LogitsWanted::All);
+            let last = last_rows_of_steps(be, &model, &prompts, LogitsWanted::Last);
+            for (i, (all, last)) in all.iter().zip(&last).enumerate() {
+                let err = rel_err(last, all);
+                eprintln!("{variant} {dtype} row {i}: last alone vs all {err:.2e}");
+                assert!(err <= bound, "{variant} {dtype} row {i}: {err:.3e}");
+                assert_eq!(
+                    argmax(last),
+                    argmax(all),
+                    "{variant} {dtype} row {i}: argmax"
+                );
+            }
+        }
+    }
+}
