@@ -392,8 +392,11 @@ pub(crate) fn matmul_pair(
 ) {
     assert_eq!(a.cols, b.cols, "matmul_pair widths");
     with_rows(x, m, a.cols, |rows| {
-        matmul_rows(rows, Weights::Q8(a), ya);
-        matmul_rows(rows, Weights::Q8(b), yb);
+        let products = [
+            Product::new(rows, Weights::Q8(a), ya),
+            Product::new(rows, Weights::Q8(b), yb),
+        ];
+        matmul_rows_of(rows, products)
     })
 }
 
@@ -407,50 +410,116 @@ fn with_rows<R>(x: &[f32], m: usize, k: usize, f: impl FnOnce(&BfRows) -> R) -> 
 }
 
 fn matmul_rows(x: &BfRows, weights: Weights<'_>, y: &mut [f32]) {
-    let (m, k) = (x.m, x.k);
-    let n = match weights {
-        Weights::Q8(w) => {
-            assert_eq!(
-                w.format,
-                QuantFormat::Q8,
-                "bf16 prompt rows need q8 weights"
-            );
-            assert_eq!(w.cols, k, "matmul shapes");
-            w.rows
+    matmul_rows_of(x, [Product::new(x, weights, y)])
+}
+
+/// One product of [`matmul_rows_of`]: its weights, their padded last tile, its output.
+struct Product<'a> {
+    weights: Weights<'a>,
+    /// Output rows (weight rows) and tiles of 16 of them.
+    n: usize,
+    tiles: usize,
+    /// The ragged last tile of q8 weights copied into a full one.
+    pad: Option<(Vec<u8>, Vec<f16>)>,
+    /// `y` (`[m, n]`), written by the tasks at disjoint columns.
+    y: SyncPtr,
+}
+
+impl<'a> Product<'a> {
+    /// The product of `x` by `weights` into `y`.
+    ///
+    /// # Panics
+    /// If the shapes disagree, or q8 weights are not q8.
+    fn new(x: &BfRows, weights: Weights<'a>, y: &'a mut [f32]) -> Product<'a> {
+        let (m, k) = (x.m, x.k);
+        let n = match weights {
+            Weights::Q8(w) => {
+                assert_eq!(
+                    w.format,
+                    QuantFormat::Q8,
+                    "bf16 prompt rows need q8 weights"
+                );
+                assert_eq!(w.cols, k, "matmul shapes");
+                w.rows
+            }
+            Weights::Bf16 { n, .. } => n,
+        };
+        assert!(k.is_multiple_of(BLOCK) && y.len() >= m * n, "matmul shapes");
+        let tiles = n.div_ceil(TILE);
+        let pad = match weights {
+            Weights::Q8(w) if !n.is_multiple_of(TILE) && m > 0 => {
+                Some(crate::qmatmul::padded_tile(&w, tiles - 1))
+            }
+            _ => None,
+        };
+        Product {
+            weights,
+            n,
+            tiles,
+            pad,
+            y: SyncPtr(y.as_mut_ptr()),
         }
-        Weights::Bf16 { n, .. } => n,
-    };
-    assert!(k.is_multiple_of(BLOCK) && y.len() >= m * n, "matmul shapes");
-    if m == 0 || n == 0 {
-        return;
     }
-    let nb = k / BLOCK;
-    let rb = k;
-    let tiles = n.div_ceil(TILE);
-    let pad = match weights {
-        Weights::Q8(w) if !n.is_multiple_of(TILE) => {
-            Some(crate::qmatmul::padded_tile(&w, tiles - 1))
-        }
-        _ => None,
-    };
-    // Tile t's block scales (1 for bf16 weights).
-    let scales_of = |t: usize| -> &[f16] {
-        match (weights, &pad) {
-            (Weights::Q8(_), Some((_, s))) if (t + 1) * TILE > n => s,
+
+    fn pairs(&self) -> usize {
+        self.tiles.div_ceil(NC)
+    }
+
+    /// Tile t's block scales (1 for bf16 weights).
+    fn scales_of(&self, t: usize, nb: usize) -> &[f16] {
+        match (self.weights, &self.pad) {
+            (Weights::Q8(_), Some((_, s))) if (t + 1) * TILE > self.n => s,
             (Weights::Q8(w), _) => &w.scales[t * TILE * nb..][..TILE * nb],
             (Weights::Bf16 { .. }, _) => &UNIT_SCALES[..TILE * nb],
         }
+    }
+
+    /// Tile t widened into `out`.
+    fn pack(&self, t: usize, k: usize, out: &mut [u32]) {
+        match (self.weights, &self.pad) {
+            (Weights::Q8(_), Some((q, _))) if (t + 1) * TILE > self.n => pack_tile(q, k, out),
+            (Weights::Q8(w), _) => pack_tile(&w.q[t * TILE * k..][..TILE * k], k, out),
+            (Weights::Bf16 { w, n }, _) => pack_bf16_tile(w, n, k, t, out),
+        }
+    }
+
+    /// Pair p's weights as stored, to fetch and widen ahead: those of full q8 pairs (none
+    /// into a padded copy, nor for bf16 weights: packed between pairs).
+    fn stored_pair(&self, p: usize, k: usize) -> &[u8] {
+        match self.weights {
+            Weights::Q8(w) if (p + 1) * NC * TILE <= self.n => {
+                &w.q[p * NC * TILE * k..][..NC * TILE * k]
+            }
+            _ => &[],
+        }
+    }
+}
+
+/// Products of the same rows `x` by several matrices in one parallel loop over their
+/// tile pairs (product 0's pairs, then product 1's, ...): one loop's start and tail for a
+/// prompt's gate and up projections instead of two, and the first pair of each product
+/// after the first widened ahead like any other. Per output the arithmetic is
+/// [`matmul`]'s.
+fn matmul_rows_of<const P: usize>(x: &BfRows, products: [Product<'_>; P]) {
+    let k = x.k;
+    let nb = k / BLOCK;
+    // Product j's pairs are global pairs first[j]..first[j + 1].
+    let mut first = [0usize; P];
+    let mut total = 0;
+    for (f, product) in first.iter_mut().zip(&products) {
+        *f = total;
+        total += product.pairs();
+    }
+    if x.m == 0 || total == 0 {
+        return;
+    }
+    let locate = |g: usize| {
+        let j = first.partition_point(|&f| f <= g) - 1;
+        (&products[j], g - first[j])
     };
-    let pack = |t: usize, out: &mut [u32]| match (weights, &pad) {
-        (Weights::Q8(_), Some((q, _))) if (t + 1) * TILE > n => pack_tile(q, k, out),
-        (Weights::Q8(w), _) => pack_tile(&w.q[t * TILE * rb..][..TILE * rb], k, out),
-        (Weights::Bf16 { w, n }, _) => pack_bf16_tile(w, n, k, t, out),
-    };
-    let pairs = tiles.div_ceil(NC);
-    let y_ptr = SyncPtr(y.as_mut_ptr());
     let len = packed_len(k);
     let threads = team::threads();
-    let chunks = GuidedChunks::new(pairs, threads);
+    let chunks = GuidedChunks::new(total, threads);
     // One task per thread, each claiming chunks of pairs until none is left; it claims
     // its next chunk as it starts its chunk's last pair, so that pair's row tiles widen
     // the next chunk's first pair too.
@@ -464,32 +533,38 @@ fn matmul_rows(x: &BfRows, weights: Weights<'_>, y: &mut [f32]) {
             let mut packed_ahead = false;
             let mut chunk = chunks.claim();
             while let Some(pairs_of_chunk) = chunk.take() {
-                for p in pairs_of_chunk.clone() {
+                for g in pairs_of_chunk.clone() {
+                    let (product, p) = locate(g);
                     let t0 = p * NC;
-                    let nt = NC.min(tiles - t0);
+                    let nt = NC.min(product.tiles - t0);
                     if !packed_ahead {
                         let (a, b) = current.split_at_mut(len);
-                        pack(t0, a);
+                        product.pack(t0, k, a);
                         if nt > 1 {
-                            pack(t0 + 1, b);
+                            product.pack(t0 + 1, k, b);
                         }
                     }
-                    let next_pair = if p + 1 < pairs_of_chunk.end {
-                        Some(p + 1)
+                    let next_pair = if g + 1 < pairs_of_chunk.end {
+                        Some(g + 1)
                     } else {
                         chunk = chunks.claim();
                         chunk.as_ref().map(|c| c.start)
                     };
                     // The next pair's weights (contiguous in the stored layout), fetched
-                    // and widened over this pair's row tiles; none into a padded copy
-                    // (nor for bf16 weights: packed between pairs).
-                    let next = match (weights, next_pair) {
-                        (Weights::Q8(w), Some(q)) if (q + 1) * NC * TILE <= n => {
-                            &w.q[q * NC * TILE * rb..][..NC * TILE * rb]
+                    // and widened over this pair's row tiles; none over a ragged last
+                    // pair (its tiles write through a copy that does not pack).
+                    let full = (t0 + nt) * TILE <= product.n;
+                    let next = match next_pair {
+                        Some(g) if full => {
+                            let (product, p) = locate(g);
+                            product.stored_pair(p, k)
                         }
                         _ => &[][..],
                     };
-                    let scales = [scales_of(t0), scales_of(t0 + nt - 1)];
+                    let scales = [
+                        product.scales_of(t0, nb),
+                        product.scales_of(t0 + nt - 1, nb),
+                    ];
                     let (a, b) = current.split_at(len);
                     // SAFETY: `following` holds NC·len values, 32 per unit of `next`, and
                     // is this task's alone.
@@ -502,8 +577,8 @@ fn matmul_rows(x: &BfRows, weights: Weights<'_>, y: &mut [f32]) {
                             t0,
                             next,
                             following.as_mut_ptr(),
-                            y_ptr,
-                            n,
+                            product.y,
+                            product.n,
                         )
                     };
                     packed_ahead = !next.is_empty();
@@ -594,7 +669,7 @@ unsafe fn run_pair(
         }
     };
     // Full tiles write their outputs in place; a ragged last one goes through
-    // `out` (it is a product's last pair: no next pair to pack).
+    // `out` (its caller packs no next pair over it).
     let in_place = (t0 + nt) * TILE <= n;
     let mut out = [0.0f32; OUT_LEN];
     for i in 0..row_tiles {
@@ -1038,6 +1113,32 @@ mod tests {
         }
     }
 
+    /// Two products of the same rows in one loop ([`matmul_pair`]: the pairs of the
+    /// second follow the first's, the first of them widened ahead by the first product's
+    /// last pair) equal each product alone, bit for bit: full and ragged last tiles on
+    /// either side of the boundary, one row to several row tiles.
+    #[test]
+    fn a_pair_of_products_in_one_loop_equals_each_alone() {
+        let k = 160;
+        for (m, na, nb) in [
+            (1, 64, 32),
+            (7, 100, 37),
+            (20, 200, 200),
+            (61, 96, 512),
+            (48, 320, 8),
+        ] {
+            let (qa, qb) = (q8(na, k, 40 + na as u64), q8(nb, k, 41 + nb as u64));
+            let x = test_values(m * k, 42 + m as u64);
+            let (mut ya, mut yb) = (vec![0.0f32; m * na], vec![0.0f32; m * nb]);
+            matmul_pair(&x, m, qa.view(), &mut ya, qb.view(), &mut yb);
+            let (mut wa, mut wb) = (vec![0.0f32; m * na], vec![0.0f32; m * nb]);
+            matmul(&x, m, qa.view(), &mut wa);
+            matmul(&x, m, qb.view(), &mut wb);
+            assert_eq!(bits(&ya), bits(&wa), "m={m} first of {na}, {nb}");
+            assert_eq!(bits(&yb), bits(&wb), "m={m} second of {na}, {nb}");
+        }
+    }
+
     /// bf16 weights on the same tiles (unit scales): the packing against the scalar one
     /// (full and ragged tiles), and the product against f64 sums of the bf16 operands and
     /// row by row against itself (each row's arithmetic is fixed).
@@ -1239,11 +1340,19 @@ mod tests {
                         crate::qmatmul::qmatmul(&x, m, e.view(), &mut y)
                     }
                 });
+                // The same matrices as 32 gate and up pairs, each pair in one loop.
+                let mut y2 = vec![0.0f32; m * n];
+                let t_pair = min_time(3, || {
+                    for e in experts.chunks_exact(2) {
+                        matmul_pair(&x, m, e[0].view(), &mut y, e[1].view(), &mut y2)
+                    }
+                });
                 let macs = (64 * m * n * k) as f64;
                 eprintln!(
-                    "64 experts from memory, m={m}: bf16 {:.1} GMAC/s, int8 two terms {:.1} \
-                     GMAC/s ({:.2}x)",
+                    "64 experts from memory, m={m}: bf16 {:.1} GMAC/s (as 32 pairs {:.1}), \
+                     int8 two terms {:.1} GMAC/s ({:.2}x)",
                     macs / t_bf / 1e9,
+                    macs / t_pair / 1e9,
                     macs / t_i8 / 1e9,
                     t_i8 / t_bf
                 );
