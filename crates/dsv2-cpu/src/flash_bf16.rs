@@ -557,4 +557,50 @@ mod tests {
             assert_eq!(hw.to_bits(), dp(acc, a, bb).to_bits(), "case {i}");
         }
     }
+
+    /// Multiply-adds per second of one core folding a cache-resident V2-Lite chunk (16
+    /// heads, 64 rows of 576 bf16 values), with the score and weighted-sum halves alone
+    /// (`cargo test --release -p dsv2-cpu --lib bf16_fold_timing -- --ignored --nocapture`).
+    #[test]
+    #[ignore]
+    fn bf16_fold_timing() {
+        if !available() {
+            return;
+        }
+        let (h, c, w) = (16, 512, 576);
+        let shape = Shape {
+            h,
+            c,
+            w,
+            scale: 0.05,
+        };
+        let q_cat = test_values(h * w, 1);
+        let rows: Vec<Vec<bf16>> = (0..CHUNK_ROWS)
+            .map(|s| {
+                test_values(w, 9 + s as u64)
+                    .into_iter()
+                    .map(bf16::from_f32)
+                    .collect()
+            })
+            .collect();
+        let refs: Vec<&[bf16]> = rows.iter().map(|r| r.as_slice()).collect();
+        let mut qt = vec![0u32; query_len(h, w)];
+        transpose_group(&q_cat, h, w, 0, &mut qt);
+        let mut state = vec![0.0; state_len(h, c)];
+        let mut scratch = vec![0.0; scratch_len(h)];
+        crate::flash::reset_state(&mut state, c);
+        let reps = 4000;
+        let t = std::time::Instant::now();
+        for _ in 0..reps {
+            fold_chunk(shape, 0..1, &qt, &refs, &[], &mut state, &mut scratch);
+            crate::flash::reset_state(&mut state, c);
+        }
+        let s = t.elapsed().as_secs_f64();
+        let macs = (reps * CHUNK_ROWS * h * (w + c)) as f64;
+        eprintln!(
+            "bf16 fold: {:.1} GMAC/s on one core ({:.2} us a chunk)",
+            macs / s / 1e9,
+            s / reps as f64 * 1e6
+        );
+    }
 }
