@@ -286,6 +286,7 @@ impl ModelTask for BenchTask<'_> {
         let mut probes = Probes {
             peak_rss: peak_rss_bytes(),
             values: self.bandwidth_before_load.into_iter().collect(),
+            round_trips_ns: Vec::new(),
         };
         let mut read_probe = if self.bandwidth_before_load.is_some() {
             bar.set_message("measuring the read bandwidth");
@@ -295,6 +296,9 @@ impl ModelTask for BenchTask<'_> {
         };
         if let Some(read_probe) = &mut read_probe {
             probes.values.push(read_probe.best_of(PROBE_PASSES));
+            probes
+                .round_trips_ns
+                .extend(dsv2_cpu::bandwidth::core_round_trip_ns());
         }
         let mut decode = Vec::new();
         for &context in &args.contexts {
@@ -307,6 +311,9 @@ impl ModelTask for BenchTask<'_> {
                         let before = *probes.values.last().expect("probed before the rows");
                         let after = read_probe.best_of(PROBE_PASSES);
                         probes.values.push(after);
+                        probes
+                            .round_trips_ns
+                            .extend(dsv2_cpu::bandwidth::core_round_trip_ns());
                         (Some(best(&measured.probes)), Some(before.max(after)))
                     }
                     None => (None, None),
@@ -370,6 +377,7 @@ impl ModelTask for BenchTask<'_> {
                 probes.peak_rss
             }
         };
+        let round_trips_ns = probes.round_trips_ns;
         let probes = probes.values;
         let bandwidth = probes.iter().copied().fold(0.0, f64::max);
         bar.finish_and_clear();
@@ -381,6 +389,7 @@ impl ModelTask for BenchTask<'_> {
             kv_bytes_per_token,
             bandwidth,
             bandwidth_probes: probes,
+            round_trips_ns,
             peak,
             prefill,
             decode,
@@ -737,6 +746,9 @@ struct Report {
     bandwidth: f64,
     /// Each probe of the read bandwidth, in order (bytes per second).
     bandwidth_probes: Vec<f64>,
+    /// On the CPU, the threads' core-to-core round trip next to each probe after the load
+    /// (nanoseconds; [`dsv2_cpu::bandwidth::core_round_trip_ns`]).
+    round_trips_ns: Vec<f64>,
     /// Peak matrix rate the MFU is reckoned against (none known: no MFU).
     peak: Option<PeakRate>,
     prefill: Vec<PrefillRow>,
@@ -762,6 +774,18 @@ impl Report {
                 .collect::<Vec<_>>()
                 .join(", ")
         );
+        if !self.round_trips_ns.is_empty() {
+            println!(
+                "core-to-core round trip at the probes after the load: {} ns (tens of ns: \
+                 the threads' cores share a last-level cache and its memory link; hundreds: \
+                 separate chips, each core streaming alone)",
+                self.round_trips_ns
+                    .iter()
+                    .map(|ns| format!("{ns:.0}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
         println!();
         println!(
             "{:>14} {:>8} {:>10} {:>10} {:>9} {:>6}  {}",
@@ -939,6 +963,7 @@ impl Report {
             "kv_bytes_per_token": self.kv_bytes_per_token,
             "bandwidth_gbps": self.bandwidth / 1e9,
             "bandwidth_probes_gbps": self.bandwidth_probes.iter().map(|b| b / 1e9).collect::<Vec<_>>(),
+            "core_round_trip_ns": self.round_trips_ns,
             "peak_tflops": self.peak.as_ref().map(|p| p.flops_per_s / 1e12),
             "peak_basis": self.peak.as_ref().map(|p| p.basis.clone()),
             "prefill": prefill,
@@ -980,6 +1005,8 @@ struct Probes {
     peak_rss: Option<u64>,
     /// Each probe's bandwidth, bytes per second.
     values: Vec<f64>,
+    /// The core-to-core round trip next to each CPU probe after the load, nanoseconds.
+    round_trips_ns: Vec<f64>,
 }
 
 impl Probes {

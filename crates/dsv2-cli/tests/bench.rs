@@ -82,6 +82,15 @@ fn bench_random_weights_reports_every_figure() {
     let load_rss = positive(&report, "load_rss_bytes");
     assert!(load_rss <= peak_rss, "{load_rss} > {peak_rss}");
     positive(&report, "bandwidth_gbps");
+    // The threads' round trip next to each probe after the load: before the rows and
+    // after each of the 4 decode rows (the probes also count the one before the load).
+    let round_trips = floats(&report, "core_round_trip_ns");
+    let probes = floats(&report, "bandwidth_probes_gbps");
+    if std::thread::available_parallelism().unwrap().get() > 1 {
+        assert_eq!(round_trips.len(), 5, "{report}");
+        assert_eq!(probes.len(), round_trips.len() + 1, "{report}");
+        assert!(round_trips.iter().all(|ns| (1.0..1e6).contains(ns)), "{report}");
+    }
     // 3 layers × (kv_lora_rank 32 + qk_rope_head_dim 8) × 4 bytes (the CPU cache is f32).
     assert_eq!(num(&report, "kv_bytes_per_token"), 480.0);
     assert_eq!(num(&report, "params"), 231_968.0);

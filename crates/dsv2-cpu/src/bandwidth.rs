@@ -30,6 +30,55 @@ pub fn measure_read_bandwidth(bytes: usize) -> f64 {
     ReadProbe::new(bytes).best_of(PASSES)
 }
 
+/// The mean round trip, in nanoseconds, of one cache line bounced between the calling
+/// thread and a second one, each waiting for the other's write (after a warm-up): tens
+/// of nanoseconds when the two threads run on cores under one shared last-level cache,
+/// hundreds across chips (an EPYC's separate CCDs, or sockets), where each core reaches
+/// memory through its own link. On a shared VM the placement of its vCPUs can change
+/// within seconds and moves the read bandwidth and the kernels' rates with it, so
+/// `dsv2 bench` reports this next to each bandwidth probe. `None` with one CPU.
+pub fn core_round_trip_ns() -> Option<f64> {
+    const ROUNDS: u64 = 20_000;
+    const WARMUP: u64 = 1_000;
+    /// The bounced value, alone on its cache lines.
+    #[repr(align(128))]
+    struct Line(AtomicU64);
+    if std::thread::available_parallelism().map_or(1, |n| n.get()) < 2 {
+        return None;
+    }
+    let line = Line(AtomicU64::new(0));
+    // Waits for `value`, yielding now and then in case both threads share one CPU.
+    let wait_for = |value: u64| {
+        let mut spins = 0u32;
+        while line.0.load(Ordering::Acquire) != value {
+            spins = spins.wrapping_add(1);
+            if spins.is_multiple_of(1 << 12) {
+                std::thread::yield_now();
+            } else {
+                std::hint::spin_loop();
+            }
+        }
+    };
+    let elapsed = std::thread::scope(|scope| {
+        scope.spawn(|| {
+            for i in 0..ROUNDS {
+                wait_for(2 * i + 1);
+                line.0.store(2 * i + 2, Ordering::Release);
+            }
+        });
+        let mut started = Instant::now();
+        for i in 0..ROUNDS {
+            if i == WARMUP {
+                started = Instant::now();
+            }
+            line.0.store(2 * i + 1, Ordering::Release);
+            wait_for(2 * i + 2);
+        }
+        started.elapsed()
+    });
+    Some(elapsed.as_secs_f64() * 1e9 / (ROUNDS - WARMUP) as f64)
+}
+
 /// A buffer in huge pages, written once, whose timed reads measure the host's read
 /// bandwidth. Kept alive across a benchmark's decode steps, one pass between two steps
 /// samples the bandwidth at the moments the steps ran (on a shared host it drifts by
@@ -156,5 +205,15 @@ mod tests {
         let pass = probe.pass();
         assert!(pass.is_finite() && pass > 1e8, "{pass}");
         assert!(probe.best_of(3) > 1e8);
+    }
+
+    /// Two threads bounce a cache line: a round trip takes more than a nanosecond and,
+    /// on any machine this runs on, well under a millisecond.
+    #[test]
+    fn measures_a_plausible_round_trip() {
+        match core_round_trip_ns() {
+            Some(ns) => assert!(ns.is_finite() && (1.0..1e6).contains(&ns), "{ns} ns"),
+            None => assert_eq!(std::thread::available_parallelism().unwrap().get(), 1),
+        }
     }
 }
