@@ -89,7 +89,10 @@ fn bench_random_weights_reports_every_figure() {
     if std::thread::available_parallelism().unwrap().get() > 1 {
         assert_eq!(round_trips.len(), 5, "{report}");
         assert_eq!(probes.len(), round_trips.len() + 1, "{report}");
-        assert!(round_trips.iter().all(|ns| (1.0..1e6).contains(ns)), "{report}");
+        assert!(
+            round_trips.iter().all(|ns| (1.0..1e6).contains(ns)),
+            "{report}"
+        );
     }
     // 3 layers × (kv_lora_rank 32 + qk_rope_head_dim 8) × 4 bytes (the CPU cache is f32).
     assert_eq!(num(&report, "kv_bytes_per_token"), 480.0);
