@@ -4,5 +4,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo test --workspace
+# The kernel paths of CPUs without AVX-512 BF16 (Cascade/Ice Lake), without AVX-512
+# (Zen 2/3, Haswell-Skylake) and without SIMD, end to end on this machine: the backend's,
+# the model's and the engine's tests under each limit (see dsv2_core::isa).
+for isa in avx512 avx2 portable; do
+    echo "== DSV2_CPU_ISA=$isa"
+    DSV2_CPU_ISA=$isa cargo test -p dsv2-cpu -p dsv2-model -p dsv2-engine
+done
 cargo build -p dsv2-cli
 bash tests/server/run.sh target/debug/dsv2

@@ -206,6 +206,8 @@ fn set_threads(threads: Option<usize>) -> Result<()> {
 }
 
 fn run(cli: Cli) -> Result<()> {
+    // A wrong instruction-set limit is reported before any work, not as a kernel's panic.
+    dsv2_core::isa::IsaLimit::from_env().map_err(anyhow::Error::msg)?;
     set_threads(cli.threads)?;
     match cli.command {
         Command::Logits(args) => logits::run(args),

@@ -5,6 +5,7 @@
 //! - [`Checkpoint`] memory-maps `model.safetensors` or the shards of
 //!   `model.safetensors.index.json` and hands out [`TensorView`]s.
 //! - [`quant`] defines the `q8`/`q4` block formats and quantizes dense tensors.
+//! - [`isa`] says which instruction sets the CPU kernels may use (`DSV2_CPU_ISA`).
 //! - [`expected_tensors`] lists the tensors a config implies, so a checkpoint is checked
 //!   for presence, shape and dtype before any compute.
 //!
@@ -36,6 +37,7 @@ pub mod generation_config;
 pub mod hub;
 pub mod hugemem;
 pub mod inventory;
+pub mod isa;
 pub mod quant;
 pub mod sampling;
 pub mod tokenizer;

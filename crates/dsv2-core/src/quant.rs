@@ -682,13 +682,13 @@ pub fn quantize_rows(
     scales: &mut [f16],
 ) {
     #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512bw") {
+    if crate::isa::avx512() {
         // SAFETY: the CPU has the features the function is compiled for.
         unsafe { quantize_rows_avx512(format, x, cols, q, scales) };
         return;
     }
     #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("f16c") {
+    if crate::isa::avx2() {
         // SAFETY: the features were just detected.
         return unsafe { quantize_rows_avx2(format, x, cols, q, scales) };
     }

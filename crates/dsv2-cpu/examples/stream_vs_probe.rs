@@ -79,9 +79,12 @@ fn main() {
             line += &format!(" | experts {} {r:5.1}", format.name());
         }
         let best = before.max(probe.pass() / 1e9);
+        // The placement of the two threads (see `core_round_trip_ns`): tens of ns share
+        // one memory link, hundreds stream alone.
+        let trip = dsv2_cpu::bandwidth::core_round_trip_ns().unwrap_or(0.0);
         let fractions: Vec<String> = rates.iter().map(|r| format!("{:.2}", r / best)).collect();
         println!(
-            "round {round:3}: probe {best:5.1} | {line} | {}",
+            "round {round:3}: round trip {trip:4.0} ns | probe {best:5.1} | {line} | {}",
             fractions.join(" ")
         );
     }

@@ -52,9 +52,7 @@ pub(crate) fn available() -> bool {
     *AVAILABLE.get_or_init(|| {
         #[cfg(target_arch = "x86_64")]
         {
-            std::is_x86_feature_detected!("avx512f")
-                && std::is_x86_feature_detected!("avx512bw")
-                && std::is_x86_feature_detected!("avx512bf16")
+            dsv2_core::isa::avx512_bf16()
                 && std::env::var("DSV2_BF16_ATTENTION").map_or(true, |v| v != "0")
         }
         #[cfg(not(target_arch = "x86_64"))]

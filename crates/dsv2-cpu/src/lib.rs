@@ -527,11 +527,23 @@ impl Backend for CpuBackend {
                 self.activation_terms(dsv2_core::QuantFormat::Q4)
             ),
         };
+        let limit = match dsv2_core::isa::limit() {
+            dsv2_core::isa::IsaLimit::Native => String::new(),
+            l => format!(", {}={}", dsv2_core::isa::ISA_LIMIT_ENV, l.name()),
+        };
         format!(
-            "cpu ({threads} thread{}, {} activations{terms}, {} latent cache)",
+            "cpu ({threads} thread{}, {} activations{terms}, {} latent cache; kernels int8 {}, \
+             f32 {}{}{limit})",
             if threads == 1 { "" } else { "s" },
             self.dtype,
-            self.cache_dtype()
+            self.cache_dtype(),
+            qmatmul::isa_name(),
+            matmul::isa_name(),
+            if bf16dot::available() {
+                ", bf16 avx512-bf16"
+            } else {
+                ""
+            },
         )
     }
 
@@ -925,5 +937,64 @@ impl Backend for CpuBackend {
             *o = kernels::argmax(row);
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod isa_limit {
+    use dsv2_core::isa::{limit, IsaLimit};
+
+    /// `scripts/test.sh` runs this crate's tests, and the model's and engine's, under each
+    /// `DSV2_CPU_ISA`: every kernel family then takes the best path the limit allows.
+    #[test]
+    fn the_kernels_take_the_best_path_within_the_isa_limit() {
+        let int8 = crate::qmatmul::isa_name();
+        let f32 = crate::matmul::isa_name();
+        let attention = crate::mla::isa();
+        let bf16 = crate::bf16dot::available() || crate::flash_bf16::available();
+        let has = |features: &[&str]| -> bool {
+            #[cfg(target_arch = "x86_64")]
+            {
+                features.iter().all(|f| match *f {
+                    "avx2" => std::is_x86_feature_detected!("avx2"),
+                    "fma" => std::is_x86_feature_detected!("fma"),
+                    "f16c" => std::is_x86_feature_detected!("f16c"),
+                    "avx512f" => std::is_x86_feature_detected!("avx512f"),
+                    "avx512bw" => std::is_x86_feature_detected!("avx512bw"),
+                    "avx512vl" => std::is_x86_feature_detected!("avx512vl"),
+                    "avx512dq" => std::is_x86_feature_detected!("avx512dq"),
+                    "avx512vnni" => std::is_x86_feature_detected!("avx512vnni"),
+                    other => panic!("{other}"),
+                })
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            {
+                let _ = features;
+                false
+            }
+        };
+        let avx2 = has(&["avx2", "fma", "f16c"]);
+        let avx512 = avx2 && has(&["avx512f", "avx512bw", "avx512vl", "avx512dq"]);
+        let vnni = avx512 && has(&["avx512vnni"]);
+        let l = limit();
+        match l {
+            IsaLimit::Portable => {
+                assert_eq!((int8, f32), ("portable", "portable"));
+                assert!(matches!(attention, crate::mla::Isa::Portable));
+            }
+            IsaLimit::Avx2 if avx2 => {
+                assert_eq!((int8, f32), ("avx2", "avx2+fma"));
+            }
+            IsaLimit::Avx512 | IsaLimit::Native if vnni => {
+                assert_eq!((int8, f32), ("avx512-vnni", "avx512+fma"));
+            }
+            _ => {}
+        }
+        if l < IsaLimit::Native {
+            assert!(!bf16, "bf16 dot products under {l:?}");
+        }
+        if l < IsaLimit::Avx512 {
+            assert!(!int8.starts_with("avx512") && !f32.starts_with("avx512"));
+        }
     }
 }

@@ -402,9 +402,28 @@ fn available() -> Vec<Isa> {
     out
 }
 
+/// Whether [`dsv2_core::isa`]'s limit lets products take `isa`.
+fn allowed(isa: Isa) -> bool {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512Vnni => dsv2_core::isa::avx512_vnni(),
+        #[cfg(target_arch = "x86_64")]
+        Isa::AvxVnni => dsv2_core::isa::avx_vnni(),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => dsv2_core::isa::avx2(),
+        Isa::Portable => true,
+    }
+}
+
+/// The best path of this CPU within the limit.
 fn isa() -> Isa {
     static ISA: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
-    *ISA.get_or_init(|| available()[0])
+    *ISA.get_or_init(|| {
+        available()
+            .into_iter()
+            .find(|&i| allowed(i))
+            .unwrap_or(Isa::Portable)
+    })
 }
 
 /// Name of the quantized-kernel instruction path in use (for reports).

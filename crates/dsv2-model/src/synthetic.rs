@@ -118,7 +118,7 @@ impl TensorInit {
     /// dtype holds, read back. Vectorized with AVX-512 where the CPU has it.
     pub fn values_as_stored(&self, dtype: &DType, first: usize, out: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
-        if std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512dq") {
+        if dsv2_core::isa::avx512() {
             // SAFETY: the CPU has the features the function is compiled for.
             unsafe { self.values_as_stored_avx512(dtype, first, out) };
             return;
