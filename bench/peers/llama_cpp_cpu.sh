@@ -270,6 +270,7 @@ cmd_bench() {
         head -1 "$LLAMA_DIR/VERSION"
         echo "grid: threads $THREADS, prefill $PROMPT, decode $N_GEN tokens at depths $DEPTHS, llama-bench reps $REPS"
         echo "dsv2 extra flags: ${DSV2_EXTRA:-none}"
+        echo "dsv2 CPU kernels: DSV2_CPU_ISA=${DSV2_CPU_ISA:-native}"
     } > "$out/run.txt"
     log "results in $out"
     for f in $FORMATS; do
