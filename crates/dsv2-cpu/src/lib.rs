@@ -61,6 +61,7 @@ mod moe;
 pub mod peak;
 mod prefill_bf16;
 mod q8_bf16;
+mod q8_f32;
 pub mod qmatmul;
 mod scratch;
 mod softmax;
@@ -324,8 +325,8 @@ pub struct CpuBackend {
     q8_terms: Option<usize>,
     /// The prepared step's prompt length of each row (its sequence's
     /// [`SeqSlice::prompt_len`](dsv2_backend::SeqSlice) when it computes more than one
-    /// token, else 0), when this backend computes prompt rows of q8 products in bf16
-    /// ([`CpuBackend::bf16_prompt_rows`]); empty otherwise.
+    /// token, else 0), when this backend computes prompt rows of q8 products in float
+    /// arithmetic ([`CpuBackend::float_prompt_rows`]); empty otherwise.
     step_prompt_lens: std::sync::Mutex<Vec<u32>>,
 }
 
@@ -353,10 +354,18 @@ impl CpuBackend {
     /// 2.9e-3..9.6e-3 on issue #5's fixtures (two int8 terms: 2.5e-3..9.3e-3). Decode
     /// rows and short prompts keep the int8 terms (their products stream memory).
     pub fn bf16_prompt_rows(&self) -> bool {
+        self.float_prompt_rows() && q8_bf16::available()
+    }
+
+    /// Whether prompt rows of q8 products take float activations: in bf16 arithmetic
+    /// ([`CpuBackend::bf16_prompt_rows`]), or in f32 on a CPU with AVX2 and FMA but no
+    /// int8 dot product (`q8_f32.rs`: exact activations, one FMA per 8 weight
+    /// multiply-adds where two int8 terms take ~9 operations per 32).
+    pub fn float_prompt_rows(&self) -> bool {
         self.q8_terms.is_none()
             && self.has_quantized_weights()
             && self.routed_format() == dsv2_core::QuantFormat::Q8
-            && q8_bf16::available()
+            && (q8_bf16::available() || q8_f32::available())
     }
 
     /// Whether a sequence's prompt chunk is prompt work in bf16 under
@@ -517,6 +526,8 @@ impl Backend for CpuBackend {
                 self.activation_terms(dsv2_core::QuantFormat::Q8),
                 if self.bf16_prompt_rows() {
                     " (prompt rows bf16)"
+                } else if self.float_prompt_rows() {
+                    " (prompt rows f32)"
                 } else {
                     ""
                 }
@@ -626,6 +637,11 @@ impl Backend for CpuBackend {
                 peak::MatrixOp::Bf16,
                 "bf16 dot products (avx512-bf16, q8 prompt rows)".to_string(),
             )
+        } else if quantized && self.float_prompt_rows() {
+            (
+                peak::MatrixOp::F32,
+                format!("f32 FMA ({}, q8 prompt rows)", matmul::isa_name()),
+            )
         } else if quantized {
             (
                 peak::MatrixOp::Int8,
@@ -663,7 +679,7 @@ impl Backend for CpuBackend {
         step.batch.clone_from(batch);
         let mut lens = self.step_prompt_lens();
         lens.clear();
-        if self.bf16_prompt_rows() {
+        if self.float_prompt_rows() {
             for seq in &batch.seqs {
                 let len = if seq.query_len > 1 { seq.prompt_len } else { 0 };
                 lens.extend(std::iter::repeat_n(len as u32, seq.query_len));

@@ -1215,13 +1215,21 @@ mod tests {
         assert!(matches!(prompt, PromptRows::Lens { .. }));
         let mut y = vec![0.0f32; m * n];
         qmatmul_prompt(&x, m, w, prompt, &mut y);
-        let in_bf16 = crate::qmatmul::prompt_rows_in_bf16(&w);
-        assert_eq!(in_bf16, available());
+        // Float prompt rows: this path, or f32 on AVX2 without an int8 dot product.
+        let in_float = crate::qmatmul::prompt_rows_in_float(&w);
+        assert_eq!(in_float, available() || crate::q8_f32::available());
+        let float_rows = |x: &[f32], m: usize, w: QMatrix<'_>, y: &mut [f32]| {
+            if available() {
+                matmul(x, m, w, y)
+            } else {
+                crate::q8_f32::matmul(x, m, w, y)
+            }
+        };
         for (i, &prompt) in mask.iter().enumerate() {
             let row = &x[i * k..(i + 1) * k];
             let mut alone = vec![0.0f32; n];
-            if prompt && in_bf16 {
-                matmul(row, 1, w, &mut alone);
+            if prompt && in_float {
+                float_rows(row, 1, w, &mut alone);
             } else {
                 qmatmul(row, 1, w, &mut alone);
             }
@@ -1233,8 +1241,8 @@ mod tests {
         let mut want = vec![0.0f32; m * n];
         qmatmul(&x, m, w, &mut want);
         assert_eq!(none, want);
-        if in_bf16 {
-            matmul(&x, m, w, &mut want);
+        if in_float {
+            float_rows(&x, m, w, &mut want);
         }
         assert_eq!(all, want);
         // A pair of products of the same input: as two products, bit for bit.
@@ -1247,7 +1255,7 @@ mod tests {
         assert_eq!((&ya, &yb), (&y, &want_b));
         // One activation term: every row int8, whatever its kind.
         let one = QMatrix { terms: 1, ..w };
-        assert!(!crate::qmatmul::prompt_rows_in_bf16(&one));
+        assert!(!crate::qmatmul::prompt_rows_in_float(&one));
         qmatmul_prompt(&x, m, one, PromptRows::All, &mut all);
         qmatmul(&x, m, one, &mut want);
         assert_eq!(all, want);

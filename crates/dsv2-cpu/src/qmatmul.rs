@@ -484,9 +484,9 @@ fn qmatmul_isa(isa: Isa, x: &[f32], m: usize, w: QMatrix<'_>, y: &mut [f32]) {
     with_activations(x, m, w.cols, |acts| checked_acts_matmul(isa, acts, m, w, y))
 }
 
-/// Which rows of a product are prompt rows. Where [`prompt_rows_in_bf16`] holds for the
-/// weights, prompt rows take bf16 activations (`q8_bf16.rs`) and the others int8
-/// terms; elsewhere every row takes int8 terms. The kind is a property of the row's
+/// Which rows of a product are prompt rows. Where [`prompt_rows_in_float`] holds for the
+/// weights, prompt rows take float activations (`q8_bf16.rs`, `q8_f32.rs`) and the others
+/// int8 terms; elsewhere every row takes int8 terms. The kind is a property of the row's
 /// request (its prompt's length against a product's threshold), never of the batch or of
 /// the prompt's chunking, so a row's result still does not depend on the rows beside it.
 #[derive(Clone, Copy, Debug, Default)]
@@ -556,17 +556,20 @@ impl<'a> PromptRows<'a> {
     }
 }
 
-/// Whether prompt rows of a product with `w` take bf16 activations: q8 weights read with
-/// two activation terms (a q8 model's default: the bf16 rows keep its accuracy, one term
-/// would not), on a CPU with AVX-512 BF16.
-pub fn prompt_rows_in_bf16(w: &QMatrix<'_>) -> bool {
-    w.format == QuantFormat::Q8 && w.terms == TERMS && crate::q8_bf16::available()
+/// Whether prompt rows of a product with `w` take float activations: q8 weights read with
+/// two activation terms (a q8 model's default: the float rows keep its accuracy, one term
+/// would not), in bf16 arithmetic on a CPU with AVX-512 BF16 ([`crate::q8_bf16`]), in f32
+/// on one with AVX2 and FMA but no int8 dot product ([`crate::q8_f32`]).
+pub fn prompt_rows_in_float(w: &QMatrix<'_>) -> bool {
+    w.format == QuantFormat::Q8
+        && w.terms == TERMS
+        && (crate::q8_bf16::available() || crate::q8_f32::available())
 }
 
-/// [`qmatmul`] with the prompt rows of `prompt` in bf16 activations where
-/// [`prompt_rows_in_bf16`] holds (each run of rows of one kind as one product).
+/// [`qmatmul`] with the prompt rows of `prompt` in float activations where
+/// [`prompt_rows_in_float`] holds (each run of rows of one kind as one product).
 pub fn qmatmul_prompt(x: &[f32], m: usize, w: QMatrix<'_>, prompt: PromptRows<'_>, y: &mut [f32]) {
-    if !prompt.any(m) || !prompt_rows_in_bf16(&w) {
+    if !prompt.any(m) || !prompt_rows_in_float(&w) {
         return qmatmul(x, m, w, y);
     }
     let (n, k) = (w.rows, w.cols);
@@ -577,8 +580,10 @@ pub fn qmatmul_prompt(x: &[f32], m: usize, w: QMatrix<'_>, prompt: PromptRows<'_
     for (rows, in_prompt) in prompt.runs(m) {
         let x = &x[rows.start * k..rows.end * k];
         let y = &mut y[rows.start * n..rows.end * n];
-        if in_prompt {
+        if in_prompt && crate::q8_bf16::available() {
             crate::q8_bf16::matmul(x, rows.len(), w, y);
+        } else if in_prompt {
+            crate::q8_f32::matmul(x, rows.len(), w, y);
         } else {
             qmatmul(x, rows.len(), w, y);
         }
@@ -598,7 +603,7 @@ pub(crate) fn qmatmul_pair(
     prompt: PromptRows<'_>,
 ) {
     assert_eq!(a.cols, b.cols, "qmatmul_pair widths");
-    if prompt.any(m) && prompt_rows_in_bf16(&a) && prompt_rows_in_bf16(&b) {
+    if prompt.any(m) && prompt_rows_in_float(&a) && prompt_rows_in_float(&b) {
         // Each run of rows of one kind as one pair of products, the input rounded or
         // quantized once for both.
         let k = a.cols;
@@ -607,15 +612,18 @@ pub(crate) fn qmatmul_pair(
             let x = &x[rows.start * k..rows.end * k];
             let ya = &mut ya[rows.start * a.rows..rows.end * a.rows];
             let yb = &mut yb[rows.start * b.rows..rows.end * b.rows];
-            if in_prompt {
+            if in_prompt && crate::q8_bf16::available() {
                 crate::q8_bf16::matmul_pair(x, rows.len(), a, ya, b, yb);
+            } else if in_prompt {
+                crate::q8_f32::matmul(x, rows.len(), a, ya);
+                crate::q8_f32::matmul(x, rows.len(), b, yb);
             } else {
                 qmatmul_pair(x, rows.len(), a, ya, b, yb, PromptRows::None);
             }
         }
         return;
     }
-    if prompt.any(m) && (prompt_rows_in_bf16(&a) || prompt_rows_in_bf16(&b)) {
+    if prompt.any(m) && (prompt_rows_in_float(&a) || prompt_rows_in_float(&b)) {
         qmatmul_prompt(x, m, a, prompt, ya);
         return qmatmul_prompt(x, m, b, prompt, yb);
     }
