@@ -1192,11 +1192,14 @@ mod x86 {
         unsafe { peak256(rounds, |a, w, x| dot4_vnni(a, w, x)) }
     }
 
-    /// [`super::peak_macs`] on AVX2: `maddubs` + `madd` + `add`.
+    /// [`super::peak_macs`] on AVX2: `maddubs` + `madd` + `add`, with the activations
+    /// xored with the chain's sum first (as the q8 kernel's `vpsignb`: one operation),
+    /// so that the loop-invariant `maddubs(w, x)` cannot be hoisted out of the loop (it
+    /// was, and the peak read ~8× too high).
     #[target_feature(enable = "avx2")]
     pub(super) unsafe fn peak_avx2(rounds: usize) -> u64 {
         // SAFETY: AVX2 (this function's features).
-        unsafe { peak256(rounds, |a, w, x| dot4_avx2(a, w, x)) }
+        unsafe { peak256(rounds, |a, w, x| dot4_avx2(a, w, _mm256_xor_si256(x, a))) }
     }
 
     /// q8 on AVX2: `Σ q·x` per 4 bytes via `maddubs(|q|, sign(x, q))` + `madd` (|q|,
