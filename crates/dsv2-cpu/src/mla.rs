@@ -346,7 +346,7 @@ fn absorb_isa<E: KindOf>(isa: Isa, q: &[f32], w: &[E], out: &mut [f32]) {
     }
 }
 
-/// The scalar reference of [`absorb_isa`] (also the AVX2 path, compiled with FMA).
+/// The scalar reference of [`absorb_isa`].
 #[inline(always)]
 pub(crate) fn absorb_portable<E: KindOf>(q: &[f32], w: &[E], out: &mut [f32]) {
     let c = out.len();
@@ -375,7 +375,7 @@ fn project_isa<E: KindOf>(isa: Isa, w: &[E], x: &[f32], out: &mut [f32]) {
     }
 }
 
-/// The scalar reference of [`project_isa`] (also the AVX2 path, compiled with FMA).
+/// The scalar reference of [`project_isa`].
 #[inline(always)]
 pub(crate) fn project_portable<E: KindOf>(w: &[E], x: &[f32], out: &mut [f32]) {
     let k = x.len();
@@ -547,22 +547,100 @@ mod x86 {
         }
     }
 
-    /// [`absorb_portable`] compiled for AVX2 + FMA (the same fused operations).
+    /// [`absorb_portable`] in AVX2 + FMA: 64 columns at a time with their chains in 8
+    /// registers over all rows (the portable `axpy` form re-read and re-wrote every
+    /// column per row), then 8 at a time, then one; the same fused operations per column.
     ///
     /// # Safety
-    /// AVX2 and FMA.
+    /// AVX2 and FMA; `w` holds `q.len()` rows of `out.len()`.
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn absorb_avx2<E: KindOf>(q: &[f32], w: &[E], out: &mut [f32]) {
-        absorb_portable(q, w, out)
+        const VECS: usize = 8;
+        let c = out.len();
+        assert!(w.len() >= q.len() * c, "absorb shapes");
+        let (wp, op) = (w.as_ptr(), out.as_mut_ptr());
+        let mut c0 = 0;
+        // SAFETY (all loads and stores): row j's columns c0 .. c0 + 8·VECS (or 8) lie
+        // inside `w` (checked), columns c0.. inside `out`.
+        unsafe {
+            while c0 + VECS * 8 <= c {
+                let mut acc = [_mm256_setzero_ps(); VECS];
+                for (j, &qj) in q.iter().enumerate() {
+                    let qv = _mm256_set1_ps(qj);
+                    let row = wp.add(j * c + c0);
+                    for (v, a) in acc.iter_mut().enumerate() {
+                        *a = _mm256_fmadd_ps(qv, load8(row.add(v * 8)), *a);
+                    }
+                }
+                for (v, a) in acc.iter().enumerate() {
+                    _mm256_storeu_ps(op.add(c0 + v * 8), *a);
+                }
+                c0 += VECS * 8;
+            }
+            while c0 + 8 <= c {
+                let mut acc = _mm256_setzero_ps();
+                for (j, &qj) in q.iter().enumerate() {
+                    acc = _mm256_fmadd_ps(_mm256_set1_ps(qj), load8(wp.add(j * c + c0)), acc);
+                }
+                _mm256_storeu_ps(op.add(c0), acc);
+                c0 += 8;
+            }
+        }
+        for col in c0..c {
+            let mut acc = 0.0f32;
+            for (j, &qj) in q.iter().enumerate() {
+                acc = qj.mul_add(w[j * c + col].to_f32(), acc);
+            }
+            out[col] = acc;
+        }
     }
 
-    /// [`project_portable`] compiled for AVX2 + FMA (the same fused operations).
+    /// [`project_portable`] in AVX2 + FMA: the same fused operations per lane, the same
+    /// reduction.
     ///
     /// # Safety
-    /// AVX2 and FMA.
+    /// AVX2 and FMA; `w` holds `out.len()` rows of `x.len()`.
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn project_avx2<E: KindOf>(w: &[E], x: &[f32], out: &mut [f32]) {
-        project_portable(w, x, out)
+        // Four rows at a time: 8 chains in flight instead of 2 (a row alone waits on the
+        // fused multiply-add's latency); each row's 16 lanes are two registers.
+        const ROWS: usize = 4;
+        let (k, n) = (x.len(), out.len());
+        assert!(w.len() >= n * k, "project shapes");
+        let full = k / LANES * LANES;
+        let (wp, xp) = (w.as_ptr(), x.as_ptr());
+        let mut j0 = 0;
+        while j0 < n {
+            let nr = (n - j0).min(ROWS);
+            let mut acc = [[_mm256_setzero_ps(); 2]; ROWS];
+            // SAFETY: rows j0 .. j0 + nr of `w` hold k values each (checked); a short
+            // group repeats its last row (computed, not stored).
+            unsafe {
+                let rows: [*const E; ROWS] =
+                    std::array::from_fn(|r| wp.add((j0 + r.min(nr - 1)) * k));
+                for t in (0..full).step_by(LANES) {
+                    let (x0, x1) = (_mm256_loadu_ps(xp.add(t)), _mm256_loadu_ps(xp.add(t + 8)));
+                    for (a, row) in acc.iter_mut().zip(rows) {
+                        a[0] = _mm256_fmadd_ps(load8(row.add(t)), x0, a[0]);
+                        a[1] = _mm256_fmadd_ps(load8(row.add(t + 8)), x1, a[1]);
+                    }
+                }
+            }
+            for (r, a) in acc.iter().enumerate().take(nr) {
+                let mut lanes = [0.0f32; LANES];
+                // SAFETY: 16 floats.
+                unsafe {
+                    _mm256_storeu_ps(lanes.as_mut_ptr(), a[0]);
+                    _mm256_storeu_ps(lanes.as_mut_ptr().add(8), a[1]);
+                }
+                let row = &w[(j0 + r) * k..(j0 + r + 1) * k];
+                for t in full..k {
+                    lanes[t % LANES] = row[t].to_f32().mul_add(x[t], lanes[t % LANES]);
+                }
+                out[j0 + r] = reduce_lanes(lanes);
+            }
+            j0 += nr;
+        }
     }
 
     /// # Safety
