@@ -270,6 +270,12 @@ fn tile_dispatch<E: KindOf>(
         }
         return;
     }
+    if mr == 1 {
+        // One activation row (decode): up to NR weight rows in one tile, so NR chains of
+        // fused multiply-adds are in flight (three alone wait on the FMA's latency), the
+        // same arithmetic per weight row.
+        return tile_small(isa, 1, nr, x, w, k, out);
+    }
     let first = nr.min(NR_SMALL);
     tile_small(isa, mr, first, x, w, k, out);
     if nr > first {
@@ -281,7 +287,8 @@ fn tile_dispatch<E: KindOf>(
     }
 }
 
-/// The AVX2 or portable kernel for an `mr × nr` tile (`nr ≤ NR_SMALL`).
+/// The AVX2 or portable kernel for an `mr × nr` tile (`nr ≤ NR_SMALL`, or `nr ≤ NR` for
+/// one row).
 fn tile_small<E: KindOf>(
     isa: Isa,
     mr: usize,
@@ -297,6 +304,9 @@ fn tile_small<E: KindOf>(
                 (1, 1) => $f::<E, 1, 1>(x, w, k, out),
                 (1, 2) => $f::<E, 1, 2>(x, w, k, out),
                 (1, 3) => $f::<E, 1, 3>(x, w, k, out),
+                (1, 4) => $f::<E, 1, 4>(x, w, k, out),
+                (1, 5) => $f::<E, 1, 5>(x, w, k, out),
+                (1, 6) => $f::<E, 1, 6>(x, w, k, out),
                 (2, 1) => $f::<E, 2, 1>(x, w, k, out),
                 (2, 2) => $f::<E, 2, 2>(x, w, k, out),
                 (2, 3) => $f::<E, 2, 3>(x, w, k, out),

@@ -558,8 +558,8 @@ impl<'a> PromptRows<'a> {
 
 /// Whether prompt rows of a product with `w` take float activations: q8 weights read with
 /// two activation terms (a q8 model's default: the float rows keep its accuracy, one term
-/// would not), in bf16 arithmetic on a CPU with AVX-512 BF16 ([`crate::q8_bf16`]), in f32
-/// on one with AVX2 and FMA but no int8 dot product ([`crate::q8_f32`]).
+/// would not), in bf16 arithmetic on a CPU with AVX-512 BF16 (`q8_bf16.rs`), in f32 on one
+/// with AVX2 and FMA but no int8 dot product (`q8_f32.rs`).
 pub fn prompt_rows_in_float(w: &QMatrix<'_>) -> bool {
     w.format == QuantFormat::Q8
         && w.terms == TERMS
