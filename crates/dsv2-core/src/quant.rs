@@ -415,13 +415,7 @@ fn search_block(
         refit[c] = xq / qq;
         score[c] = xq * refit[c];
     }
-    let mut best = 0;
-    for c in 1..8 {
-        if score[c] > score[best] {
-            best = c;
-        }
-    }
-    let fit = f16::from_f32(refit[best]);
+    let fit = best_fit(&refit, &score);
     let (q0, e0) = round_block(block, base, lo, hi);
     let (q1, e1) = round_block(block, fit, lo, hi);
     if e1 < e0 {
@@ -429,6 +423,19 @@ fn search_block(
     } else {
         (base, q0)
     }
+}
+
+/// The least-squares scale of the candidate whose score is largest (the first of equal
+/// ones), rounded to f16: step 2 of [`search_block`], shared by every instruction set.
+#[inline(always)]
+fn best_fit(refit: &[f32; 8], score: &[f32; 8]) -> f16 {
+    let mut best = 0;
+    for c in 1..8 {
+        if score[c] > score[best] {
+            best = c;
+        }
+    }
+    f16::from_f32(refit[best])
 }
 
 /// The codes `round(v/d)` clamped to `lo..=hi` (0 where `d` is 0) and the block's
@@ -560,20 +567,7 @@ mod avx512 {
         for n in 0..N {
             // Lane c + lane 8 + c: the generic code's `sxq[c] + sxq[8 + c]`.
             let (xq, qq) = (halves(sxq[n]), halves(sqq[n]));
-            let refit_v = _mm256_div_ps(xq, qq);
-            let (mut refit, mut score) = ([0.0f32; 8], [0.0f32; 8]);
-            // SAFETY: 8 floats each.
-            unsafe {
-                _mm256_storeu_ps(refit.as_mut_ptr(), refit_v);
-                _mm256_storeu_ps(score.as_mut_ptr(), _mm256_mul_ps(xq, refit_v));
-            }
-            let mut best = 0;
-            for c in 1..8 {
-                if score[c] > score[best] {
-                    best = c;
-                }
-            }
-            fit[n] = f16::from_f32(refit[best]);
+            fit[n] = super::avx2::fit_from_sums(xq, qq);
         }
         let mut rounded = [[([_mm512_setzero_si512(); 2], 0.0f32); 2]; N];
         for n in 0..N {
@@ -651,7 +645,7 @@ mod avx2 {
     /// [`super::BLOCKS_AT_ONCE`] blocks) into `out`.
     ///
     /// # Safety
-    /// AVX2, FMA-free arithmetic only, and F16C.
+    /// AVX2 and F16C.
     #[target_feature(enable = "avx2,f16c")]
     pub(super) unsafe fn quantize_blocks(
         format: QuantFormat,
@@ -674,6 +668,21 @@ mod avx2 {
         let r = _mm256_sub_ps(_mm256_add_ps(y, magic), magic);
         // As the AVX-512 path: `r` is never −0, so `max`/`min` agree with `clamp`.
         _mm256_min_ps(_mm256_max_ps(r, lo), hi)
+    }
+
+    /// [`super::best_fit`] of the candidates' sums `Σ v·q` (`xq`) and `Σ q²` (`qq`):
+    /// `refit = xq / qq`, `score = xq · refit`. The AVX-512 search shares it.
+    #[inline]
+    #[target_feature(enable = "avx2,f16c")]
+    pub(super) fn fit_from_sums(xq: __m256, qq: __m256) -> f16 {
+        let refit_v = _mm256_div_ps(xq, qq);
+        let (mut refit, mut score) = ([0.0f32; 8], [0.0f32; 8]);
+        // SAFETY: 8 floats each.
+        unsafe {
+            _mm256_storeu_ps(refit.as_mut_ptr(), refit_v);
+            _mm256_storeu_ps(score.as_mut_ptr(), _mm256_mul_ps(xq, refit_v));
+        }
+        super::best_fit(&refit, &score)
     }
 
     /// The 8 lanes of an integer register, stored.
@@ -751,20 +760,7 @@ mod avx2 {
             // The generic code's `sxq[c] + sxq[8 + c]`.
             let xq = _mm256_add_ps(sxq[n][0], sxq[n][1]);
             let qq = _mm256_add_ps(sqq[n][0], sqq[n][1]);
-            let refit_v = _mm256_div_ps(xq, qq);
-            let (mut refit, mut score) = ([0.0f32; 8], [0.0f32; 8]);
-            // SAFETY: 8 floats each.
-            unsafe {
-                _mm256_storeu_ps(refit.as_mut_ptr(), refit_v);
-                _mm256_storeu_ps(score.as_mut_ptr(), _mm256_mul_ps(xq, refit_v));
-            }
-            let mut best = 0;
-            for c in 1..8 {
-                if score[c] > score[best] {
-                    best = c;
-                }
-            }
-            fit[n] = f16::from_f32(refit[best]);
+            fit[n] = fit_from_sums(xq, qq);
         }
         let mut out = [(f16::ZERO, [0i8; BLOCK]); N];
         for n in 0..N {
