@@ -148,14 +148,6 @@ pub fn avx_vnni() -> bool {
     false
 }
 
-/// What the kernels run with, for reports: `"native"`, or e.g. `"avx2 (DSV2_CPU_ISA)"`.
-pub fn describe_limit() -> String {
-    match limit() {
-        IsaLimit::Native => "native".to_string(),
-        l => format!("{} ({ISA_LIMIT_ENV})", l.name()),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -19,7 +19,7 @@
 //! [`tile_reference`] and the AVX2 kernel are tested bit for bit.
 #![cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 
-use dsv2_core::quant::{QuantFormat, BLOCK, TILE};
+use dsv2_core::quant::{weight_block, QuantFormat, BLOCK, TILE};
 
 use crate::kernels::SyncPtr;
 use crate::qmatmul::QMatrix;
@@ -106,14 +106,16 @@ fn widen(q: &[u8], s: &[half::f16], k0: usize, kc: usize, out: &mut [f32]) {
     widen_reference(q, s, k0, kc, out)
 }
 
-/// [`widen`] in plain Rust.
+/// [`widen`] in plain Rust, through the format's own block reader.
 fn widen_reference(q: &[u8], s: &[half::f16], k0: usize, kc: usize, out: &mut [f32]) {
-    for kk in 0..kc {
-        let k = k0 + kk;
-        let (b, u, j) = (k / BLOCK, (k % BLOCK) / 4, k % 4);
+    // The tile alone is a 16-row matrix of the format's layout.
+    let cols = q.len() / TILE;
+    for b in k0 / BLOCK..(k0 + kc) / BLOCK {
         for r in 0..TILE {
-            let code = q[(b * 8 + u) * 4 * TILE + 4 * r + j] as i8;
-            out[kk * TILE + r] = code as f32 * s[b * TILE + r].to_f32();
+            let (w, d) = weight_block(QuantFormat::Q8, TILE, cols, q, s, r, b);
+            for (i, w) in w.into_iter().enumerate() {
+                out[(b * BLOCK + i - k0) * TILE + r] = w as f32 * d.to_f32();
+            }
         }
     }
 }
@@ -274,27 +276,22 @@ mod tests {
         )
     }
 
-    /// The whole product in plain Rust from the definition: `f32(q)·f32(d)` per weight,
-    /// one fused chain per output.
+    /// Every weight row dequantized by the format's reader (`f32(q)·f32(d)`, exact).
+    fn dequantized(w: &QuantizedTensor) -> Vec<f32> {
+        let mut out = vec![0.0f32; w.rows * w.cols];
+        for (r, row) in out.chunks_exact_mut(w.cols).enumerate() {
+            w.dequantize_row(r, row);
+        }
+        out
+    }
+
+    /// The whole product from the definition: one fused chain per output.
     fn reference(x: &[f32], m: usize, w: &QuantizedTensor) -> Vec<f32> {
-        let (n, k) = (w.rows, w.cols);
-        let (q, s) = (w.qweight_bytes(), w.scales());
+        let (n, k, wd) = (w.rows, w.cols, dequantized(w));
         let mut y = vec![0.0f32; m * n];
-        for r in 0..n {
-            let (t, rr) = (r / TILE, r % TILE);
-            let rt = dsv2_core::quant::tile_rows(n, t);
-            let tq = &q[t * TILE * k..];
-            let ts = &s[t * TILE * (k / BLOCK)..];
-            for i in 0..m {
-                let mut acc = 0.0f32;
-                for kk in 0..k {
-                    let (b, u, j) = (kk / BLOCK, (kk % BLOCK) / 4, kk % 4);
-                    let code = tq[(b * 8 + u) * 4 * rt + 4 * rr + j] as i8;
-                    let wv = code as f32 * ts[b * rt + rr].to_f32();
-                    acc = x[i * k + kk].mul_add(wv, acc);
-                }
-                y[i * n + r] = acc;
-            }
+        for (o, v) in y.iter_mut().enumerate() {
+            let (i, r) = (o / n, o % n);
+            *v = (0..k).fold(0.0f32, |acc, t| x[i * k + t].mul_add(wd[r * k + t], acc));
         }
         y
     }
@@ -363,16 +360,12 @@ mod tests {
         let mut terms = vec![0.0; m * n];
         crate::qmatmul::qmatmul(&x, m, QMatrix::of(&w, 2), &mut terms);
         // The product of x and the dequantized weights in f64.
-        let mut ones = vec![0.0f32; k * k];
-        for (i, v) in ones.iter_mut().enumerate() {
-            *v = if i / k == i % k { 1.0 } else { 0.0 };
-        }
-        let dequantized = reference(&ones, k, &w); // [k, n]: column r is weight row r
+        let wd = dequantized(&w);
         let exact: Vec<f64> = (0..m * n)
             .map(|o| {
                 let (i, r) = (o / n, o % n);
                 (0..k)
-                    .map(|kk| x[i * k + kk] as f64 * dequantized[kk * n + r] as f64)
+                    .map(|t| x[i * k + t] as f64 * wd[r * k + t] as f64)
                     .sum()
             })
             .collect();
