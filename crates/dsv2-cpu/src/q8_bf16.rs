@@ -25,8 +25,9 @@
 //! weights as bf16 (exact), `dp` the instruction's step ([`crate::flash_bf16`], tested
 //! against the instruction) and `dw_b` the f16 block scale widened exactly. The scalar
 //! reference [`tile_reference`] and the AVX-512 BF16 kernel are tested bit for bit.
-//! Where the CPU lacks AVX-512 BF16, prompt rows keep the int8 path (as the bf16
-//! attention and `lm_head` do, the logits then depend on the CPU, never on the batch).
+//! Where the CPU lacks AVX-512 BF16, prompt rows take f32 arithmetic on AVX2 CPUs without
+//! an int8 dot product ([`crate::q8_f32`]) and the int8 path elsewhere (as with the bf16
+//! attention and `lm_head`, the logits then depend on the CPU, never on the batch).
 #![cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 
 use std::cell::RefCell;
