@@ -44,6 +44,54 @@ pub fn round_bf16_slice(x: &mut [f32]) {
     x.iter_mut().for_each(|v| *v = round_bf16(*v));
 }
 
+/// `a · b + c` rounded once, as `f32::mul_add`, for the portable kernels.
+///
+/// Where the build has no FMA instruction (x86-64's baseline, which the portable paths
+/// are compiled for), `mul_add` is a call into libm for every multiply-add — a software
+/// routine on CPUs without FMA, and a call that stops vectorization everywhere. This is
+/// the same value in plain f64 arithmetic the compiler inlines and vectorizes: the
+/// product of two f32 is exact in f64 (48 of its 53 bits), the sum is rounded to odd at
+/// f64 precision (the round-to-nearest sum and its exact error, `TwoSum`, pick the odd
+/// neighbour when the sum is inexact), and rounding that to the nearest f32 gives the
+/// correctly rounded result (Boldo and Melquiond: rounding to odd with at least two
+/// extra bits, then to nearest, rounds once). Bit for bit `f32::mul_add` on every input,
+/// non-finite ones included (tested).
+#[inline(always)]
+pub fn fma(a: f32, b: f32, c: f32) -> f32 {
+    if cfg!(any(
+        target_feature = "fma",
+        not(any(target_arch = "x86_64", target_arch = "x86"))
+    )) {
+        // An instruction (aarch64 and most other targets have it in their baseline).
+        a.mul_add(b, c)
+    } else {
+        fma_in_f64(a, b, c)
+    }
+}
+
+/// [`fma`] in f64 arithmetic, rounded to odd then to f32.
+#[inline(always)]
+fn fma_in_f64(a: f32, b: f32, c: f32) -> f32 {
+    let (p, q) = (a as f64 * b as f64, c as f64);
+    let sum = p + q;
+    // TwoSum: `sum + err` is `p + q` exactly.
+    let p_part = sum - q;
+    let q_part = sum - p_part;
+    let err = (p - p_part) + (q - q_part);
+    let bits = sum.to_bits();
+    // Inexact with an even last bit: the odd neighbour towards the exact sum.
+    let odd = if err != 0.0 && bits & 1 == 0 && sum.is_finite() {
+        if (err > 0.0) == (sum > 0.0) {
+            bits + 1
+        } else {
+            bits - 1
+        }
+    } else {
+        bits
+    };
+    f64::from_bits(odd) as f32
+}
+
 /// A raw pointer that parallel tasks share, each writing its own disjoint elements.
 pub(crate) struct SyncPtr<T = f32>(pub *mut T);
 // SAFETY: used only to write disjoint index ranges from parallel tasks.
@@ -166,5 +214,66 @@ mod tests {
         // 1 + 2^-8 is halfway between bf16 neighbours 1 and 1 + 2^-7: ties to even (1).
         assert_eq!(round_bf16(1.0 + 1.0 / 256.0), 1.0);
         assert_eq!(round_bf16(1.0 + 3.0 / 256.0), 1.0 + 4.0 / 256.0);
+    }
+
+    /// The f64 fused multiply-add is `f32::mul_add` bit for bit: random bit patterns
+    /// (every class: zeros, subnormals, infinities, NaNs), near-cancellations, sums whose
+    /// f64 rounding lands on an f32 halfway point (where rounding twice to nearest
+    /// differs), and products of small integers by scales as the int8 kernels make them.
+    #[test]
+    fn the_f64_fma_rounds_once() {
+        let same = |a: f32, b: f32, c: f32| {
+            let (want, got) = (a.mul_add(b, c), fma_in_f64(a, b, c));
+            assert!(
+                want.to_bits() == got.to_bits() || (want.is_nan() && got.is_nan()),
+                "fma({a:e}, {b:e}, {c:e}) = {want:e}, f64 path {got:e}"
+            );
+        };
+        let mut s = 0x2545_f491_4f6c_dd1du64;
+        let mut next = || {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            s
+        };
+        for _ in 0..200_000 {
+            let r = next();
+            same(
+                f32::from_bits(r as u32),
+                f32::from_bits((r >> 32) as u32),
+                f32::from_bits(next() as u32),
+            );
+        }
+        for _ in 0..200_000 {
+            let (r, t) = (next(), next());
+            // Operands of nearby magnitudes, so the sums cancel and round in every way.
+            let a = f32::from_bits(0x3f00_0000 | (r as u32 & 0x00ff_ffff));
+            let b = f32::from_bits(0x3f00_0000 | ((r >> 32) as u32 & 0x00ff_ffff));
+            let c = f32::from_bits(0x3e80_0000 + (t as u32 & 0x01ff_ffff))
+                * (1.0 - 2.0 * (t >> 63) as f32);
+            same(a, b, c);
+            // Integer block sums times scales (the int8 kernels' shape).
+            let sum = ((t >> 8) as i32 % 600_000) as f32;
+            same(sum, b * 1e-3, c);
+        }
+        // The product an exact f32 halfway point, the addend far below it: the f64 sum
+        // rounds to the halfway point, a second rounding to nearest would go to even.
+        let half_ulp = f32::EPSILON / 2.0;
+        for tiny in [1e-30f32, -1e-30, f32::from_bits(1), -f32::from_bits(1)] {
+            same(1.0 + half_ulp, 1.0, tiny);
+            same(1.0 + 3.0 * half_ulp, 1.0, tiny);
+            same(-(1.0 + half_ulp), 1.0, tiny);
+        }
+        for (a, b, c) in [
+            (0.0, 0.0, -0.0),
+            (-0.0, 0.0, 0.0),
+            (1.0, -1.0, 1.0),
+            (f32::MAX, 2.0, -f32::MAX),
+            (f32::MAX, f32::MAX, f32::NEG_INFINITY),
+            (f32::INFINITY, 0.0, 1.0),
+            (f32::MIN_POSITIVE, 0.5, f32::from_bits(1)),
+        ] {
+            same(a, b, c);
+        }
     }
 }

@@ -33,6 +33,7 @@ use std::ops::Range;
 
 use dsv2_core::quant::{QuantFormat, BLOCK, TILE};
 use half::f16;
+use half::slice::HalfFloatSliceExt;
 
 use crate::kernels::SyncPtr;
 use crate::team;
@@ -936,7 +937,19 @@ impl<'a> Job<'a> {
             // SAFETY: the CPU has AVX2, FMA and F16C (checked in `available`).
             Isa::Avx2 => unsafe { arms!(kern_avx2; (1, 1), (2, 1), (3, 1), (4, 1)) },
             // SAFETY: as this function's contract.
-            Isa::Portable => unsafe { kern_portable(q4, mr, a, i0, step, wq[0], ws[0], out) },
+            Isa::Portable => unsafe {
+                match (q4, mr) {
+                    (false, 1) => kern_portable::<false, 1>(a, i0, step, wq[0], ws[0], out),
+                    (false, 2) => kern_portable::<false, 2>(a, i0, step, wq[0], ws[0], out),
+                    (false, 3) => kern_portable::<false, 3>(a, i0, step, wq[0], ws[0], out),
+                    (false, 4) => kern_portable::<false, 4>(a, i0, step, wq[0], ws[0], out),
+                    (true, 1) => kern_portable::<true, 1>(a, i0, step, wq[0], ws[0], out),
+                    (true, 2) => kern_portable::<true, 2>(a, i0, step, wq[0], ws[0], out),
+                    (true, 3) => kern_portable::<true, 3>(a, i0, step, wq[0], ws[0], out),
+                    (true, 4) => kern_portable::<true, 4>(a, i0, step, wq[0], ws[0], out),
+                    _ => unreachable!("tile {mr}x{nc}"),
+                }
+            },
         }
     }
 }
@@ -963,12 +976,13 @@ pub(crate) fn padded_tile(w: &QMatrix<'_>, t: usize) -> (Vec<u8>, Vec<f16>) {
 
 /// The portable path: one register tile of `mr` rows × one weight tile.
 ///
+/// Written for the compiler's vectorizer (SSE2 on any x86-64, NEON on aarch64): each
+/// block's 16 × 32 weights are unpacked once into rows of bytes, and each output's
+/// block sum is a plain 32-long integer dot product (`pmaddwd` on SSE2).
+///
 /// # Safety
 /// `wq`/`ws` point to a full tile; `a` holds rows `i0..i0 + mr`.
-#[allow(clippy::too_many_arguments)]
-unsafe fn kern_portable(
-    q4: bool,
-    mr: usize,
+unsafe fn kern_portable<const Q4: bool, const MR: usize>(
     a: &QActivations,
     i0: usize,
     step: usize,
@@ -977,7 +991,7 @@ unsafe fn kern_portable(
     out: &mut [f32; OUT_LEN],
 ) {
     let (k, nb) = (a.k, a.k / BLOCK);
-    let bb = if q4 { BLOCK / 2 } else { BLOCK } * TILE;
+    let bb = if Q4 { BLOCK / 2 } else { BLOCK } * TILE;
     // SAFETY: a full tile is 16 rows × k weights and 16 × nb scales.
     let (wq, ws) = unsafe {
         (
@@ -985,40 +999,64 @@ unsafe fn kern_portable(
             std::slice::from_raw_parts(ws, nb * TILE),
         )
     };
-    let mut acc = [[0.0f32; TILE]; MR_MAX];
+    let mut acc = [[0.0f32; TILE]; MR];
+    let mut w = [[0i8; BLOCK]; TILE];
     for b in 0..nb {
-        // The tile's weights of this block as [row][k] integers.
-        let mut w = [[0i8; BLOCK]; TILE];
         let blk = &wq[b * bb..][..bb];
-        for (r, wr) in w.iter_mut().enumerate() {
-            for (kk, v) in wr.iter_mut().enumerate() {
-                *v = if q4 {
-                    let byte = blk[(kk / 8) * 4 * TILE + 4 * r + kk % 4];
-                    let code = if (kk / 4) % 2 == 0 {
-                        byte & 0x0f
-                    } else {
-                        byte >> 4
-                    };
-                    code as i8 - 8
-                } else {
-                    blk[(kk / 4) * 4 * TILE + 4 * r + kk % 4] as i8
-                };
-            }
+        if Q4 {
+            unpack_q4_block(blk, &mut w);
+        } else {
+            unpack_q8_block(blk, &mut w);
         }
-        for (i, acc_row) in acc.iter_mut().enumerate().take(mr) {
+        let mut dw = [0.0f32; TILE];
+        ws[b * TILE..][..TILE].convert_to_f32_slice(&mut dw);
+        for (i, acc_row) in acc.iter_mut().enumerate() {
             let row = i0 + i;
-            let x = &a.q[row * step * k + b * BLOCK..][..BLOCK];
+            let x: &[i8; BLOCK] = a.q[row * step * k + b * BLOCK..][..BLOCK]
+                .try_into()
+                .expect("a block of activations");
             let dx = a.d[row * step * nb + b];
-            for (r, o) in acc_row.iter_mut().enumerate() {
-                let s: i32 = w[r].iter().zip(x).map(|(&p, &q)| p as i32 * q as i32).sum();
-                let d = ws[b * TILE + r].to_f32() * dx;
-                *o = (s as f32).mul_add(d, *o);
+            for ((o, wr), dw) in acc_row.iter_mut().zip(&w).zip(dw) {
+                *o = crate::kernels::fma(dot_block(wr, x) as f32, dw * dx, *o);
             }
         }
     }
-    for (i, acc_row) in acc.iter().enumerate().take(mr) {
+    for (i, acc_row) in acc.iter().enumerate() {
         out[i * NC_MAX * TILE..][..TILE].copy_from_slice(acc_row);
     }
+}
+
+/// One q8 block of a tile (8 units of 16 rows × 4 consecutive weights) as rows.
+#[inline(always)]
+fn unpack_q8_block(blk: &[u8], w: &mut [[i8; BLOCK]; TILE]) {
+    for (r, wr) in w.iter_mut().enumerate() {
+        for u in 0..BLOCK / 4 {
+            for j in 0..4 {
+                wr[4 * u + j] = blk[u * 4 * TILE + 4 * r + j] as i8;
+            }
+        }
+    }
+}
+
+/// One q4 block of a tile (4 units of 16 rows × 4 bytes, low nibbles weights
+/// `8u..8u + 4`, high nibbles `8u + 4..8u + 8`) as rows of `code − 8`.
+#[inline(always)]
+fn unpack_q4_block(blk: &[u8], w: &mut [[i8; BLOCK]; TILE]) {
+    for u in 0..BLOCK / 8 {
+        for (r, wr) in w.iter_mut().enumerate() {
+            for j in 0..4 {
+                let byte = blk[u * 4 * TILE + 4 * r + j];
+                wr[8 * u + j] = (byte & 0x0f) as i8 - 8;
+                wr[8 * u + 4 + j] = (byte >> 4) as i8 - 8;
+            }
+        }
+    }
+}
+
+/// `Σ w·x` over one block, exact.
+#[inline(always)]
+fn dot_block(w: &[i8; BLOCK], x: &[i8; BLOCK]) -> i32 {
+    w.iter().zip(x).map(|(&p, &q)| p as i32 * q as i32).sum()
 }
 
 #[cfg(target_arch = "x86_64")]
