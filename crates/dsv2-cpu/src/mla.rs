@@ -22,6 +22,7 @@
 use std::ops::Range;
 
 #[cfg(target_arch = "x86_64")]
+use crate::kernels::fma;
 use crate::matmul::Kind;
 use crate::matmul::KindOf;
 
@@ -110,7 +111,7 @@ pub(crate) fn dots_portable<E: KindOf>(
         for j in 0..nr {
             let mut acc = [0.0f32; LANES];
             for (k, (a, b)) in q[i].iter().zip(rows[j]).enumerate() {
-                acc[k % LANES] = a.mul_add(b.to_f32(), acc[k % LANES]);
+                acc[k % LANES] = fma(*a, b.to_f32(), acc[k % LANES]);
             }
             out[i][j] = reduce_lanes(acc);
         }
@@ -353,7 +354,7 @@ pub(crate) fn absorb_portable<E: KindOf>(q: &[f32], w: &[E], out: &mut [f32]) {
     out.fill(0.0);
     for (j, &qj) in q.iter().enumerate() {
         for (o, wv) in out.iter_mut().zip(&w[j * c..(j + 1) * c]) {
-            *o = qj.mul_add(wv.to_f32(), *o);
+            *o = fma(qj, wv.to_f32(), *o);
         }
     }
 }
@@ -382,7 +383,7 @@ pub(crate) fn project_portable<E: KindOf>(w: &[E], x: &[f32], out: &mut [f32]) {
     for (j, o) in out.iter_mut().enumerate() {
         let mut acc = [0.0f32; LANES];
         for (t, (wv, xv)) in w[j * k..(j + 1) * k].iter().zip(x).enumerate() {
-            acc[t % LANES] = wv.to_f32().mul_add(*xv, acc[t % LANES]);
+            acc[t % LANES] = fma(wv.to_f32(), *xv, acc[t % LANES]);
         }
         *o = reduce_lanes(acc);
     }
