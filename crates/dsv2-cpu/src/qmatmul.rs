@@ -1016,8 +1016,11 @@ unsafe fn kern_portable<const Q4: bool, const MR: usize>(
                 .try_into()
                 .expect("a block of activations");
             let dx = a.d[row * step * nb + b];
-            for ((o, wr), dw) in acc_row.iter_mut().zip(&w).zip(dw) {
-                *o = crate::kernels::fma(dot_block(wr, x) as f32, dw * dx, *o);
+            // The block sums first, then the 16 scalings in one loop the compiler
+            // vectorizes (interleaved, each waited on its reduction).
+            let sums: [i32; TILE] = std::array::from_fn(|r| dot_block(&w[r], x));
+            for ((o, sum), dw) in acc_row.iter_mut().zip(sums).zip(dw) {
+                *o = crate::kernels::fma(sum as f32, dw * dx, *o);
             }
         }
     }
@@ -1029,11 +1032,15 @@ unsafe fn kern_portable<const Q4: bool, const MR: usize>(
 /// One q8 block of a tile (8 units of 16 rows × 4 consecutive weights) as rows.
 #[inline(always)]
 fn unpack_q8_block(blk: &[u8], w: &mut [[i8; BLOCK]; TILE]) {
+    let blk: &[u8; BLOCK * TILE] = blk.try_into().expect("a q8 block of a tile");
     for (r, wr) in w.iter_mut().enumerate() {
-        for u in 0..BLOCK / 4 {
-            for j in 0..4 {
-                wr[4 * u + j] = blk[u * 4 * TILE + 4 * r + j] as i8;
-            }
+        // Each unit's 4 bytes of row r move as one word.
+        let words: [u32; BLOCK / 4] = std::array::from_fn(|u| {
+            let at = u * 4 * TILE + 4 * r;
+            u32::from_ne_bytes([blk[at], blk[at + 1], blk[at + 2], blk[at + 3]])
+        });
+        for (dst, word) in wr.chunks_exact_mut(4).zip(words) {
+            dst.copy_from_slice(&word.to_ne_bytes().map(|b| b as i8));
         }
     }
 }
