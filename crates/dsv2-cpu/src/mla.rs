@@ -21,8 +21,8 @@
 
 use std::ops::Range;
 
-#[cfg(target_arch = "x86_64")]
 use crate::kernels::fma;
+#[cfg(target_arch = "x86_64")]
 use crate::matmul::Kind;
 use crate::matmul::KindOf;
 
