@@ -42,6 +42,7 @@ use std::ops::Range;
 use half::bf16;
 
 use crate::exp::exp_portable;
+use crate::kernels::fma;
 use crate::kernels::Elem;
 use crate::mla::{isa, Isa};
 
@@ -286,7 +287,7 @@ fn scores<E: CacheElem>(qt: &[f32], rows: &[&[E]], w: usize, scale: f32, out: &m
                 for j in 0..SCORE_ROWS {
                     let x = rr[j][k].to_f32();
                     for lane in 0..GROUP {
-                        part[j][lane] = q[lane].mul_add(x, part[j][lane]);
+                        part[j][lane] = fma(q[lane], x, part[j][lane]);
                     }
                 }
             }
@@ -326,7 +327,7 @@ fn weighted_sum<E: CacheElem>(
                     p[j * GROUP + h0..][..SUM_HEADS].try_into().expect("heads");
                 for a in 0..SUM_HEADS {
                     for col in 0..SUM_COLS {
-                        acc[a][col] = pj[a].mul_add(x[col], acc[a][col]);
+                        acc[a][col] = fma(pj[a], x[col], acc[a][col]);
                     }
                 }
             }
@@ -334,7 +335,7 @@ fn weighted_sum<E: CacheElem>(
                 let head = h0 + a;
                 let dst = &mut o[head * c + c0..][..SUM_COLS];
                 for col in 0..SUM_COLS {
-                    dst[col] = dst[col].mul_add(alpha[head], acc[col]);
+                    dst[col] = fma(dst[col], alpha[head], acc[col]);
                 }
             }
             c0 += SUM_COLS;
