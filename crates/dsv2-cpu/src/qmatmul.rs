@@ -1280,9 +1280,21 @@ mod x86 {
         unsafe { _mm256_dpbusd_avx_epi32(acc, w, x) }
     }
 
+    /// How far ahead of its block the AVX2 tile asks for weights (8 KiB). Its
+    /// `maddubs`/`madd` pairs are slow enough that the hardware prefetchers alone leave
+    /// one core's stream short of memory: measured on a Zen 4 VM under
+    /// `DSV2_CPU_ISA=avx2`, one core over a 22 MB q8 matrix at m = 1 (`qtiming`)
+    /// 18.9-21.2 → 25.2-25.6 GB/s, 8 V2-Lite layers at q8 on two threads 24.9-27.0 →
+    /// 26.9-28.7 tokens/s (BENCHMARKS, session 17). The AVX-VNNI tile (not measured
+    /// here) and the AVX-512 one at 1-2 kernel rows (slower with it) do not.
+    const AVX2_PREFETCH_BYTES: usize = 8 << 10;
+
     /// 256-bit register tile: `MR` activation rows × one 16-row tile (two ymm halves).
     macro_rules! kern256 {
-        ($name:ident, $features:literal, $dot8:ident, $dot4:ident, $q8_bias:literal) => {
+        (
+            $name:ident, $features:literal, $dot8:ident, $dot4:ident, $q8_bias:literal,
+            $prefetch:literal
+        ) => {
             /// # Safety
             /// The CPU features; `wq`/`ws` point to one full tile; `a` holds rows
             /// `i0..i0 + MR`.
@@ -1315,6 +1327,14 @@ mod x86 {
                     // SAFETY (loads): block b of a full tile; k within the rows.
                     unsafe {
                         let blk = wq[0].add(b * bb);
+                        if $prefetch {
+                            // A fixed distance ahead, running on into the next tiles of the
+                            // task (a prefetch of any address is harmless).
+                            let ahead = blk.wrapping_add(AVX2_PREFETCH_BYTES);
+                            for l in (0..bb).step_by(64) {
+                                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(l) as *const i8);
+                            }
+                        }
                         if Q4 {
                             for u in 0..4 {
                                 for h in 0..2 {
@@ -1377,13 +1397,21 @@ mod x86 {
         };
     }
 
-    kern256!(kern_avx2, "avx2,fma,f16c", dot8_avx2, dot4_avx2, false);
+    kern256!(
+        kern_avx2,
+        "avx2,fma,f16c",
+        dot8_avx2,
+        dot4_avx2,
+        false,
+        true
+    );
     kern256!(
         kern_avx_vnni,
         "avx2,fma,f16c,avxvnni",
         dot8_vnni,
         dot4_vnni,
-        true
+        true,
+        false
     );
 }
 
