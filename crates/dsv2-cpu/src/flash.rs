@@ -878,7 +878,7 @@ pub(crate) mod x86 {
 mod tests {
     use super::*;
     use crate::mla::isas;
-    use crate::test_values;
+    use crate::{bits, test_values};
 
     /// A token's query in lanes, every group.
     fn transpose(q_cat: &[f32], h: usize, w: usize) -> Vec<f32> {
@@ -1016,7 +1016,6 @@ mod tests {
                     .map(|r| r.iter().map(|v| v.to_f32()).collect())
                     .collect();
                 let want_bf16 = attend(Isa::Portable, shape, &q_cat, &widened, false);
-                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
                 for isa in isas() {
                     for per_group in [false, true] {
                         let got = attend(isa, shape, &q_cat, &rows, per_group);

@@ -50,6 +50,12 @@ pub(crate) fn test_values(n: usize, seed: u64) -> Vec<f32> {
         })
         .collect()
 }
+
+/// Bit patterns of `v`, for tests that compare kernel paths bit for bit.
+#[cfg(test)]
+pub(crate) fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|f| f.to_bits()).collect()
+}
 pub mod bandwidth;
 mod exp;
 mod flash;

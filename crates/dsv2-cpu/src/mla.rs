@@ -1174,7 +1174,7 @@ mod x86 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_values;
+    use crate::{bits, test_values};
 
     #[test]
     /// Also over bf16 cache rows, which the kernels widen exactly.
@@ -1243,7 +1243,6 @@ mod tests {
                 for isa in isas() {
                     let mut got = vec![f32::NAN; c];
                     absorb_isa(isa, &q, &w, &mut got);
-                    let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
                     assert_eq!(bits(&got), bits(&want), "absorb {isa:?} {rows}x{c}");
                     let mut got_p = vec![f32::NAN; rows];
                     project_isa(isa, &w, &x, &mut got_p);
@@ -1269,7 +1268,6 @@ mod tests {
                     .collect();
                 let xs: Vec<Vec<f32>> =
                     (0..TOKENS).map(|i| test_values(c, 16 + i as u64)).collect();
-                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
                 for n in 1..=TOKENS {
                     let mut got = vec![f32::NAN; TOKENS * c];
                     let mut got_p = vec![f32::NAN; TOKENS * rows];
@@ -1411,7 +1409,6 @@ mod tests {
                         c,
                         &mut got,
                     );
-                    let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
                     assert_eq!(
                         bits(&got),
                         bits(&want),

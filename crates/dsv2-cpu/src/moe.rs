@@ -554,7 +554,7 @@ unsafe fn run_tiles_then<'w, 'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_values;
+    use crate::{bits, test_values};
     use dsv2_backend::{Backend, ComputeDtype, Routing};
     use dsv2_core::quant::{quantize_tensor, QuantFormat};
     use dsv2_core::{DType, TensorView};
@@ -599,7 +599,6 @@ mod tests {
                     be.linear_pair(&x, rows, &a, &mut a1, &b, &mut b1).unwrap();
                     be.linear(&x, rows, &a, &mut a2).unwrap();
                     be.linear(&x, rows, &b, &mut b2).unwrap();
-                    let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
                     assert_eq!(bits(&a1), bits(&a2), "{dtype:?} {format:?} {rows}");
                     assert_eq!(bits(&b1), bits(&b2), "{dtype:?} {format:?} {rows}");
                 }
@@ -639,7 +638,6 @@ mod tests {
             for t in 0..rows {
                 let mut alone = vec![f32::NAN; d];
                 moe(&be, &x[t * d..(t + 1) * d], 1, &[], &weights, &mut alone);
-                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
                 assert_eq!(
                     bits(&all[t * d..(t + 1) * d]),
                     bits(&alone),
@@ -684,7 +682,6 @@ mod tests {
                         FUSE_FEW_TOKENS.with(|f| f.set(false));
                         moe(&be, &x, rows, &[], &weights, &mut general);
                         FUSE_FEW_TOKENS.with(|f| f.set(true));
-                        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
                         let case = format!("{dtype:?} {format:?} shared {shared} rows {rows}");
                         assert_eq!(bits(&fused), bits(&general), "{case}");
                         assert!(fused.iter().all(|v| v.is_finite()), "{case}");

@@ -898,7 +898,7 @@ mod x86 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_values;
+    use crate::{bits, test_values};
     use dsv2_core::quant::{dequantize_row, quantize_rows};
 
     /// A q8 matrix of random weights: its planes.
@@ -1028,10 +1028,6 @@ mod tests {
             dequantize_row(QuantFormat::Q8, n, k, &q.q, &q.scales, r, row);
         }
         assert_near_f64_sums(&x, 9, k, n, |r, j| deq[r * k + j] as f64, &y);
-    }
-
-    fn bits(v: &[f32]) -> Vec<u32> {
-        v.iter().map(|f| f.to_bits()).collect()
     }
 
     /// `y[m, n]` within 1e-5 of f64 sums of bf16(x) times `w(r, j)`.

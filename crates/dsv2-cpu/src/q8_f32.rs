@@ -263,7 +263,7 @@ mod x86 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_values;
+    use crate::{bits, test_values};
     use dsv2_core::quant::{quantize_tensor, QuantizedTensor};
     use dsv2_core::{DType, TensorView};
 
@@ -325,7 +325,6 @@ mod tests {
             let (mut got, mut want) = (start.clone(), start);
             tile_rows(&xs, k, mr, 16, kc, &wide, &mut got);
             tile_reference(&xs[16..], k, mr, kc, &wide, &mut want);
-            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
             assert_eq!(bits(&got), bits(&want), "{mr} rows");
         }
     }
@@ -342,7 +341,6 @@ mod tests {
             let mut y = vec![f32::NAN; m * n];
             matmul(&x, m, QMatrix::of(&w, 2), &mut y);
             let want = reference(&x, m, &w);
-            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
             assert_eq!(bits(&y), bits(&want), "{m}x{n}x{k}");
         }
     }

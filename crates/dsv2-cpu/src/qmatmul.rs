@@ -898,7 +898,6 @@ impl<'a> Job<'a> {
     /// # Safety
     /// `wq`/`ws` point to `nc` full tiles; `acts` holds rows `i0..i0 + mr`.
     #[allow(clippy::too_many_arguments)]
-    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
     unsafe fn kernel(
         &self,
         q4: bool,
@@ -911,7 +910,6 @@ impl<'a> Job<'a> {
         out: &mut [f32; OUT_LEN],
     ) {
         let a = self.acts;
-        #[allow(unused_macros)] // only the x86 paths use it
         macro_rules! arms {
             ($f:ident; $(($m:literal, $n:literal)),*) => {
                 match (q4, mr, nc) {
@@ -937,19 +935,7 @@ impl<'a> Job<'a> {
             // SAFETY: the CPU has AVX2, FMA and F16C (checked in `available`).
             Isa::Avx2 => unsafe { arms!(kern_avx2; (1, 1), (2, 1), (3, 1), (4, 1)) },
             // SAFETY: as this function's contract.
-            Isa::Portable => unsafe {
-                match (q4, mr) {
-                    (false, 1) => kern_portable::<false, 1>(a, i0, step, wq[0], ws[0], out),
-                    (false, 2) => kern_portable::<false, 2>(a, i0, step, wq[0], ws[0], out),
-                    (false, 3) => kern_portable::<false, 3>(a, i0, step, wq[0], ws[0], out),
-                    (false, 4) => kern_portable::<false, 4>(a, i0, step, wq[0], ws[0], out),
-                    (true, 1) => kern_portable::<true, 1>(a, i0, step, wq[0], ws[0], out),
-                    (true, 2) => kern_portable::<true, 2>(a, i0, step, wq[0], ws[0], out),
-                    (true, 3) => kern_portable::<true, 3>(a, i0, step, wq[0], ws[0], out),
-                    (true, 4) => kern_portable::<true, 4>(a, i0, step, wq[0], ws[0], out),
-                    _ => unreachable!("tile {mr}x{nc}"),
-                }
-            },
+            Isa::Portable => unsafe { arms!(kern_portable; (1, 1), (2, 1), (3, 1), (4, 1)) },
         }
     }
 }
@@ -981,15 +967,17 @@ pub(crate) fn padded_tile(w: &QMatrix<'_>, t: usize) -> (Vec<u8>, Vec<f16>) {
 /// block sum is a plain 32-long integer dot product (`pmaddwd` on SSE2).
 ///
 /// # Safety
-/// `wq`/`ws` point to a full tile; `a` holds rows `i0..i0 + mr`.
-unsafe fn kern_portable<const Q4: bool, const MR: usize>(
+/// `wq[0]`/`ws[0]` point to a full tile (`NC` is 1); `a` holds rows `i0..i0 + MR`.
+unsafe fn kern_portable<const Q4: bool, const MR: usize, const NC: usize>(
     a: &QActivations,
     i0: usize,
     step: usize,
-    wq: *const u8,
-    ws: *const f16,
+    wq: [*const u8; 2],
+    ws: [*const f16; 2],
     out: &mut [f32; OUT_LEN],
 ) {
+    debug_assert_eq!(NC, 1);
+    let (wq, ws) = (wq[0], ws[0]);
     let (k, nb) = (a.k, a.k / BLOCK);
     let bb = if Q4 { BLOCK / 2 } else { BLOCK } * TILE;
     // SAFETY: a full tile is 16 rows × k weights and 16 × nb scales.
@@ -1016,8 +1004,8 @@ unsafe fn kern_portable<const Q4: bool, const MR: usize>(
                 .try_into()
                 .expect("a block of activations");
             let dx = a.d[row * step * nb + b];
-            // The block sums first, then the 16 scalings in one loop the compiler
-            // vectorizes (interleaved, each waited on its reduction).
+            // The block sums first, then the 16 scalings as one loop the compiler
+            // vectorizes (each scaling after its own sum did not vectorize).
             let sums: [i32; TILE] = std::array::from_fn(|r| dot_block(&w[r], x));
             for ((o, sum), dw) in acc_row.iter_mut().zip(sums).zip(dw) {
                 *o = crate::kernels::fma(sum as f32, dw * dx, *o);
@@ -1284,8 +1272,8 @@ mod x86 {
     /// `maddubs`/`madd` pairs are slow enough that the hardware prefetchers alone leave
     /// one core's stream short of memory: measured on a Zen 4 VM under
     /// `DSV2_CPU_ISA=avx2`, one core over a 22 MB q8 matrix at m = 1 (`qtiming`)
-    /// 18.9-21.2 → 25.2-25.6 GB/s, 8 V2-Lite layers at q8 on two threads 24.9-27.0 →
-    /// 26.9-28.7 tokens/s (BENCHMARKS, session 17). The AVX-VNNI tile (not measured
+    /// 18.9-21.2 → 25.2-25.6 GB/s, 8 V2-Lite layers at q8 on two threads 24.3-27.0 →
+    /// 26.7-28.7 tokens/s, at q4 28.7-36.7 → 39.1-47.9 (BENCHMARKS, session 17). The AVX-VNNI tile (not measured
     /// here) and the AVX-512 one at 1-2 kernel rows (slower with it) do not.
     const AVX2_PREFETCH_BYTES: usize = 8 << 10;
 
