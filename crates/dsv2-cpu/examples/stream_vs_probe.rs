@@ -53,6 +53,9 @@ fn main() {
     let mut y = vec![0.0f32; m * 102400];
     let mut probe = dsv2_cpu::bandwidth::ReadProbe::new(512 << 20);
     let head = quantized(QuantFormat::Q8, 102400, 5);
+    let head_bf16: Vec<half::bf16> = (0..102400 * K)
+        .map(|i| half::bf16::from_f32(((i * 7919 % 1000) as f32 - 500.0) / 1e3))
+        .collect();
     let experts: Vec<(QuantFormat, Vec<QuantizedTensor>)> = [QuantFormat::Q8, QuantFormat::Q4]
         .into_iter()
         .map(|f| (f, (0..64).map(|e| quantized(f, 1408, 100 + e)).collect()))
@@ -72,6 +75,13 @@ fn main() {
         let before = probe.pass() / 1e9;
         let mut rates = vec![rate(&[&head], &mut y)];
         let mut line = format!("head q8 {:5.1}", rates[0]);
+        if dsv2_cpu::bf16dot::available() {
+            let started = Instant::now();
+            dsv2_cpu::bf16dot::matmul(&x, m, &head_bf16, 102400, K, &mut y);
+            let r = (head_bf16.len() * 2) as f64 / started.elapsed().as_secs_f64() / 1e9;
+            rates.push(r);
+            line += &format!(" | head bf16 {r:5.1}");
+        }
         for (format, mats) in &experts {
             let all: Vec<&QuantizedTensor> = mats.iter().collect();
             let r = rate(&all, &mut y);

@@ -25,6 +25,10 @@ use crate::team;
 const MR: usize = 4;
 /// Weight rows per register tile.
 const NR: usize = 4;
+/// Weight rows per register tile of a one-row (decode) product: eight 4 KB rows of
+/// V2-Lite's head in flight at once, each its own page, so a core alone keeps more of
+/// its reads outstanding ([`x86::row_tile`]).
+const DECODE_NR: usize = 8;
 /// Weight rows per parallel task of a product of many rows.
 const ROW_BLOCK: usize = 32;
 /// Most activation rows of a decode product, whose tasks are large ([`row_block`]).
@@ -43,7 +47,7 @@ fn row_block(m: usize, n: usize, k: usize, threads: usize) -> usize {
     let by_bytes = (MAX_TASK_BYTES / (2 * k).max(1)).max(NR);
     n.div_ceil(2 * threads)
         .clamp(NR, by_bytes)
-        .next_multiple_of(NR)
+        .next_multiple_of(DECODE_NR)
 }
 
 /// Whether this CPU runs [`matmul`] (AVX-512 F, BW and BF16, checked once).
@@ -100,6 +104,20 @@ fn tiled(x: &[f32], m: usize, w: &[bf16], n: usize, k: usize, y: &mut [f32]) {
         // it from the first-level cache while the prefetches in `tile` keep the next
         // tile's rows coming from memory.
         let mut j0 = n0;
+        if m == 1 {
+            while j0 + DECODE_NR <= n1 {
+                // SAFETY: `available()`; rows j0..j0 + DECODE_NR of `w` are in bounds and
+                // the activation row holds `kp / 2` pairs.
+                let out = unsafe {
+                    x86::row_tile::<DECODE_NR>(&xb[..kp / 2], &w[j0 * k..][..DECODE_NR * k], k)
+                };
+                for (j, &v) in out.iter().enumerate() {
+                    // SAFETY: j0 + j lies in this task's rows of `y`.
+                    unsafe { *y_ptr.get().add(j0 + j) = v };
+                }
+                j0 += DECODE_NR;
+            }
+        }
         while j0 < n1 {
             let nr = (n1 - j0).min(NR);
             let rows: [&[bf16]; NR] = std::array::from_fn(|j| &w[(j0 + j.min(nr - 1)) * k..][..k]);
@@ -171,6 +189,57 @@ mod x86 {
         }
         black_box(acc);
         (rounds * CHAINS * 32) as u64
+    }
+
+    /// One activation row × `N` consecutive weight rows (`rows`, `N · k` long) over all of
+    /// `k`, with each output's arithmetic exactly [`tile`]'s (so a row's result does not
+    /// depend on which kernel computed it).
+    ///
+    /// While it computes, the same chunk of the next `N` rows is prefetched into the
+    /// second-level cache: every 4 KB row of V2-Lite's head is its own page, where the
+    /// hardware prefetchers stop, and without the hint one core alone read the head at
+    /// ~0.55 of its read probe (NR = 4, no hint) against ~0.74 with eight rows and the
+    /// hint (two cores sharing a link 0.76-0.82 → 0.92-0.97; `stream_vs_probe`,
+    /// docs/BENCHMARKS.md).
+    ///
+    /// # Safety
+    /// AVX-512 F + BF16; `act` holds `k.next_multiple_of(32) / 2` pairs.
+    #[target_feature(enable = "avx512f,avx512bf16,avx512bw")]
+    pub(super) unsafe fn row_tile<const N: usize>(
+        act: &[u32],
+        rows: &[half::bf16],
+        k: usize,
+    ) -> [f32; N] {
+        assert!(rows.len() >= N * k && act.len() >= k.div_ceil(32) * 16);
+        let mut acc = [_mm512_setzero_ps(); N];
+        let full = k / 32;
+        let base = rows.as_ptr();
+        // SAFETY (loads): chunk c covers elements 32c..32c + 32 ≤ k of each row (or a
+        // mask of the k − 32c that exist) and pairs 16c..16c + 16 of the activations;
+        // prefetches of any address are harmless.
+        unsafe {
+            for c in 0..k.div_ceil(32) {
+                for j in 0..N {
+                    let ahead = base.wrapping_add((N + j) * k + 32 * c);
+                    _mm_prefetch::<_MM_HINT_T2>(ahead as *const i8);
+                }
+                let xv = std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(
+                    act.as_ptr().add(16 * c) as *const _,
+                ));
+                for (j, a) in acc.iter_mut().enumerate() {
+                    let p = base.add(j * k + 32 * c) as *const i16;
+                    let v = if c < full {
+                        _mm512_loadu_si512(p as *const _)
+                    } else {
+                        let mask: __mmask32 = ((1u64 << (k - 32 * c)) - 1) as u32;
+                        _mm512_maskz_loadu_epi16(mask, p)
+                    };
+                    *a = _mm512_dpbf16_ps(*a, xv, std::mem::transmute::<__m512i, __m512bh>(v));
+                }
+            }
+        }
+        // SAFETY: AVX-512 F (this function's features).
+        std::array::from_fn(|j| unsafe { crate::mla::reduce512(acc[j]) })
     }
 
     /// One `M × NR` register tile over all of `k` (`M ≤ MR`: the first `M` of `acts`);
@@ -262,6 +331,9 @@ mod tests {
             // Decode products: a few large tasks, the last one ragged.
             (2, 1001, 64),
             (4, 515, 96),
+            // One row: tiles of DECODE_NR rows, then a ragged rest.
+            (1, 203, 2048),
+            (1, 21, 70),
         ] {
             let x = bf16_values(m * k, 1 + k as u64);
             let w: Vec<bf16> = test_values(n * k, 2)

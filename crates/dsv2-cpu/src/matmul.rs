@@ -24,6 +24,8 @@ use crate::kernels::{Elem, SyncPtr};
 const ROW_BLOCK: usize = 48;
 /// Activation rows per register tile.
 const MR: usize = 4;
+/// Largest task of a decode product (bytes of weights), as in [`crate::qmatmul`].
+const MAX_TASK_BYTES: usize = 4 << 20;
 /// Weight rows per register tile (the AVX2 and portable kernels take up to
 /// [`NR_SMALL`] at a time).
 const NR: usize = 6;
@@ -202,8 +204,9 @@ fn matmul_isa<E: KindOf>(
         return;
     }
     let y_ptr = SyncPtr(y.as_mut_ptr());
-    crate::team::for_each(n.div_ceil(ROW_BLOCK), |b| {
-        let (n0, n1) = (b * ROW_BLOCK, ((b + 1) * ROW_BLOCK).min(n));
+    let block = row_block(m, n, k * std::mem::size_of::<E>(), crate::team::threads());
+    crate::team::for_each(n.div_ceil(block), |b| {
+        let (n0, n1) = (b * block, ((b + 1) * block).min(n));
         let mut i0 = 0;
         while i0 < m {
             let mr = (m - i0).min(MR);
@@ -223,6 +226,21 @@ fn matmul_isa<E: KindOf>(
             i0 += mr;
         }
     });
+}
+
+/// Weight rows per parallel task: [`ROW_BLOCK`] for many activation rows; for a decode
+/// product (≤ [`MR`] rows, memory-bound) two tasks per thread of at most
+/// [`MAX_TASK_BYTES`], so that each thread streams long runs of consecutive rows (with
+/// [`ROW_BLOCK`], V2-Lite's `lm_head` at m = 1 ran as 2,134 tasks of 192 KB, the two
+/// threads' streams interleaved).
+fn row_block(m: usize, n: usize, row_bytes: usize, threads: usize) -> usize {
+    if m > MR {
+        return ROW_BLOCK;
+    }
+    let by_bytes = (MAX_TASK_BYTES / row_bytes.max(1)).max(NR);
+    n.div_ceil(2 * threads)
+        .clamp(NR, by_bytes)
+        .next_multiple_of(NR)
 }
 
 /// Calls the tile kernel for an `mr × nr` tile (`mr ≤ MR`, `nr ≤ NR`).
@@ -380,7 +398,11 @@ unsafe fn tile_avx2<E: KindOf, const R: usize, const C: usize>(
     let (xp, wp) = (x.as_ptr(), w.as_ptr());
     let mut acc = [[_mm256_setzero_ps(); C]; R];
     let chunks = k / 8;
+    let line_chunks = 64 / (8 * std::mem::size_of::<E>());
     for c in 0..chunks {
+        if R == 1 && c % line_chunks == 0 {
+            next_tile_hint(wp, C, k, c);
+        }
         let mut wv = [_mm256_setzero_ps(); C];
         for (j, v) in wv.iter_mut().enumerate() {
             // SAFETY: j*k + c*8 + 8 <= C*k, within w.
@@ -416,6 +438,22 @@ unsafe fn tile_avx2<E: KindOf, const R: usize, const C: usize>(
     }
 }
 
+/// Decode (one activation row): asks for chunk `c` of the `rows` weight rows after this
+/// tile's `rows` (the next tile's, contiguous) to come into the second-level cache.
+/// Each 4 KB row of a V2-Lite matrix in bf16 is its own page, where the hardware
+/// prefetchers stop, so without the hint a core streaming alone waits at every tile
+/// (see [`crate::bf16dot`]'s decode tile). Prefetches of any address are harmless.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn next_tile_hint<E>(w: *const E, rows: usize, k: usize, c: usize) {
+    use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T2};
+    for j in 0..rows {
+        let ahead = w.wrapping_add((rows + j) * k + c * 8);
+        // SAFETY: a prefetch does not access memory architecturally.
+        unsafe { _mm_prefetch::<_MM_HINT_T2>(ahead as *const i8) };
+    }
+}
+
 /// The AVX2 tile's arithmetic on AVX-512: `R` activation rows × `P` pairs of weight
 /// rows, one row per 256-bit half of each `zmm` (the activations broadcast to both
 /// halves), so each half runs exactly [`tile_avx2`]'s lanes.
@@ -435,7 +473,11 @@ unsafe fn tile_avx512<E: KindOf, const R: usize, const P: usize>(
     let (xp, wp) = (x.as_ptr(), w.as_ptr());
     let mut acc = [[_mm512_setzero_ps(); P]; R];
     let chunks = k / 8;
+    let line_chunks = 64 / (8 * std::mem::size_of::<E>());
     for c in 0..chunks {
+        if R == 1 && c % line_chunks == 0 {
+            next_tile_hint(wp, 2 * P, k, c);
+        }
         let mut wv = [_mm512_setzero_ps(); P];
         for (p, v) in wv.iter_mut().enumerate() {
             // SAFETY: rows 2p and 2p + 1 of w, elements c*8..c*8+8 < k.
