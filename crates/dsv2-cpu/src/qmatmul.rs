@@ -654,15 +654,20 @@ fn with_activations<R>(x: &[f32], m: usize, k: usize, f: impl FnOnce(&QActivatio
     })
 }
 
-/// Weight tiles per task of a decode product: two tasks per thread, at most
+/// Weight tiles per task of a decode product: one task per thread, at most
 /// [`MAX_TASK_BYTES`] each. Every task restarts the weight stream (its first reads wait
-/// on memory), so few large tasks stream best; two per thread (not one) keep a thread
-/// that was slowed down from holding the others back. Measured at m = 1 on 8 expert
-/// matrices of 1408 × 2048 in a row: 8 tasks per thread 57 GiB/s (q8) and 51 (q4), 4:
-/// 59 / 58, 2: 61 / 61, 1: 58 / 51 (the 102400-row `lm_head` fell to 47 from 65).
+/// on memory), so few large tasks stream best, most of all where each core streams
+/// alone (vCPUs on two CCDs). The MoE's products run in one loop over all the chosen
+/// experts' tasks (`moe::run_tiles`), so a slower thread takes fewer of them there.
+/// Measured in the real decode (8 V2-Lite layers, the task count alternating step by
+/// step in one run; docs/BENCHMARKS.md, session 18): at split placement one task per
+/// thread took q8 steps from 24.3-24.6 to 23.4-23.7 ms and q4 from 17.4-18.4 to
+/// 16.9-18.0, at one CCD within ±0.5% of two per thread. (84c7d05 measured separate
+/// expert products, each its own loop, where two per thread were better: 61 against
+/// 58 GiB/s at q8, 61 against 51 at q4.)
 pub(crate) fn decode_tiles_per_task(tiles: usize, tile_bytes: usize, threads: usize) -> usize {
     let by_bytes = (MAX_TASK_BYTES / tile_bytes.max(1)).max(1);
-    tiles.div_ceil(2 * threads).clamp(1, by_bytes)
+    tiles.div_ceil(threads).clamp(1, by_bytes)
 }
 
 /// Largest task of a decode product (bytes of weights).
