@@ -1,6 +1,7 @@
-//! How close the quantized decode products come to the host's read bandwidth: rounds
-//! of a read-probe pass (`dsv2 bench`'s), an `lm_head`-sized q8 product (102400 × 2048,
-//! 223 MB) and 64 expert-sized products (1408 × 2048) at q8 and at q4, each from DRAM,
+//! How close the decode products come to the host's read bandwidth: rounds of a
+//! read-probe pass (`dsv2 bench`'s), an `lm_head`-sized q8 product (102400 × 2048,
+//! 223 MB), the same head in bf16 (419 MB, `bf16dot`, where the CPU has AVX-512 BF16: a
+//! q8 model's head) and 64 expert-sized products (1408 × 2048) at q8 and at q4, each from DRAM,
 //! each reported as a fraction of the better probe pass next to it (on a shared host the
 //! bandwidth drifts within seconds, so only same-moment ratios compare).
 //!
