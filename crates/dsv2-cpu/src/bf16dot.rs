@@ -33,21 +33,16 @@ const DECODE_NR: usize = 8;
 const ROW_BLOCK: usize = 32;
 /// Most activation rows of a decode product, whose tasks are large ([`row_block`]).
 const DECODE_ROWS: usize = 4;
-/// Largest task of a decode product (bytes of weights), as in [`crate::qmatmul`].
-const MAX_TASK_BYTES: usize = 4 << 20;
 
 /// Weight rows per task: [`ROW_BLOCK`] for many activation rows; for a decode product
 /// (≤ [`DECODE_ROWS`] rows, memory-bound) two tasks per thread of at most
-/// [`MAX_TASK_BYTES`], each one stream: V2-Lite's 102400 × 2048 head at m = 1 ran as
-/// 3,200 tasks of 128 KB, each restarting the stream.
+/// [`team::DECODE_TASK_BYTES`], each one stream: V2-Lite's 102400 × 2048 head at m = 1
+/// ran as 3,200 tasks of 128 KB, each restarting the stream.
 fn row_block(m: usize, n: usize, k: usize, threads: usize) -> usize {
     if m > DECODE_ROWS {
         return ROW_BLOCK;
     }
-    let by_bytes = (MAX_TASK_BYTES / (2 * k).max(1)).max(NR);
-    n.div_ceil(2 * threads)
-        .clamp(NR, by_bytes)
-        .next_multiple_of(DECODE_NR)
+    team::decode_task_len(n, 2 * k, threads, 2, DECODE_NR)
 }
 
 /// Whether this CPU runs [`matmul`] (AVX-512 F, BW and BF16, checked once).
@@ -199,7 +194,7 @@ mod x86 {
     /// second-level cache: every 4 KB row of V2-Lite's head is its own page, where the
     /// hardware prefetchers stop, and without the hint one core alone read the head at
     /// ~0.55 of its read probe (NR = 4, no hint) against ~0.74 with eight rows and the
-    /// hint (two cores sharing a link 0.76-0.82 → 0.92-0.97; `stream_vs_probe`,
+    /// hint (two cores sharing a link 0.74-0.82 → 0.92-0.98; `stream_vs_probe`,
     /// docs/BENCHMARKS.md).
     ///
     /// # Safety

@@ -24,8 +24,6 @@ use crate::kernels::{Elem, SyncPtr};
 const ROW_BLOCK: usize = 48;
 /// Activation rows per register tile.
 const MR: usize = 4;
-/// Largest task of a decode product (bytes of weights), as in [`crate::qmatmul`].
-const MAX_TASK_BYTES: usize = 4 << 20;
 /// Weight rows per register tile (the AVX2 and portable kernels take up to
 /// [`NR_SMALL`] at a time).
 const NR: usize = 6;
@@ -230,17 +228,14 @@ fn matmul_isa<E: KindOf>(
 
 /// Weight rows per parallel task: [`ROW_BLOCK`] for many activation rows; for a decode
 /// product (≤ [`MR`] rows, memory-bound) two tasks per thread of at most
-/// [`MAX_TASK_BYTES`], so that each thread streams long runs of consecutive rows (with
-/// [`ROW_BLOCK`], V2-Lite's `lm_head` at m = 1 ran as 2,134 tasks of 192 KB, the two
-/// threads' streams interleaved).
+/// [`crate::team::DECODE_TASK_BYTES`], so that each thread streams long runs of
+/// consecutive rows (with [`ROW_BLOCK`], V2-Lite's `lm_head` at m = 1 ran as 2,134 tasks
+/// of 192 KB, the two threads' streams interleaved).
 fn row_block(m: usize, n: usize, row_bytes: usize, threads: usize) -> usize {
     if m > MR {
         return ROW_BLOCK;
     }
-    let by_bytes = (MAX_TASK_BYTES / row_bytes.max(1)).max(NR);
-    n.div_ceil(2 * threads)
-        .clamp(NR, by_bytes)
-        .next_multiple_of(NR)
+    crate::team::decode_task_len(n, row_bytes, threads, 2, NR)
 }
 
 /// Calls the tile kernel for an `mr × nr` tile (`mr ≤ MR`, `nr ≤ NR`).
@@ -398,9 +393,8 @@ unsafe fn tile_avx2<E: KindOf, const R: usize, const C: usize>(
     let (xp, wp) = (x.as_ptr(), w.as_ptr());
     let mut acc = [[_mm256_setzero_ps(); C]; R];
     let chunks = k / 8;
-    let line_chunks = 64 / (8 * std::mem::size_of::<E>());
     for c in 0..chunks {
-        if R == 1 && c % line_chunks == 0 {
+        if R == 1 {
             next_tile_hint(wp, C, k, c);
         }
         let mut wv = [_mm256_setzero_ps(); C];
@@ -438,8 +432,9 @@ unsafe fn tile_avx2<E: KindOf, const R: usize, const C: usize>(
     }
 }
 
-/// Decode (one activation row): asks for chunk `c` of the `rows` weight rows after this
-/// tile's `rows` (the next tile's, contiguous) to come into the second-level cache.
+/// Decode (one activation row): asks for chunk `c` (8 elements) of the `rows` weight
+/// rows after this tile's `rows` (the next tile's, contiguous) to come into the
+/// second-level cache, once per 64-byte line (at the chunks that start one).
 /// Each 4 KB row of a V2-Lite matrix in bf16 is its own page, where the hardware
 /// prefetchers stop, so without the hint a core streaming alone waits at every tile
 /// (see [`crate::bf16dot`]'s decode tile). Prefetches of any address are harmless.
@@ -447,6 +442,9 @@ unsafe fn tile_avx2<E: KindOf, const R: usize, const C: usize>(
 #[inline(always)]
 fn next_tile_hint<E>(w: *const E, rows: usize, k: usize, c: usize) {
     use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T2};
+    if !(c * 8 * std::mem::size_of::<E>()).is_multiple_of(64) {
+        return;
+    }
     for j in 0..rows {
         let ahead = w.wrapping_add((rows + j) * k + c * 8);
         // SAFETY: a prefetch does not access memory architecturally.
@@ -473,9 +471,8 @@ unsafe fn tile_avx512<E: KindOf, const R: usize, const P: usize>(
     let (xp, wp) = (x.as_ptr(), w.as_ptr());
     let mut acc = [[_mm512_setzero_ps(); P]; R];
     let chunks = k / 8;
-    let line_chunks = 64 / (8 * std::mem::size_of::<E>());
     for c in 0..chunks {
-        if R == 1 && c % line_chunks == 0 {
+        if R == 1 {
             next_tile_hint(wp, 2 * P, k, c);
         }
         let mut wv = [_mm512_setzero_ps(); P];

@@ -655,7 +655,7 @@ fn with_activations<R>(x: &[f32], m: usize, k: usize, f: impl FnOnce(&QActivatio
 }
 
 /// Weight tiles per task of a decode product: one task per thread, at most
-/// [`MAX_TASK_BYTES`] each. Every task restarts the weight stream (its first reads wait
+/// [`team::DECODE_TASK_BYTES`] each. Every task restarts the weight stream (its first reads wait
 /// on memory), so few large tasks stream best, most of all where each core streams
 /// alone (vCPUs on two CCDs). The MoE's products run in one loop over all the chosen
 /// experts' tasks (`moe::run_tiles`), so a slower thread takes fewer of them there.
@@ -666,12 +666,8 @@ fn with_activations<R>(x: &[f32], m: usize, k: usize, f: impl FnOnce(&QActivatio
 /// expert products, each its own loop, where two per thread were better: 61 against
 /// 58 GiB/s at q8, 61 against 51 at q4.)
 pub(crate) fn decode_tiles_per_task(tiles: usize, tile_bytes: usize, threads: usize) -> usize {
-    let by_bytes = (MAX_TASK_BYTES / tile_bytes.max(1)).max(1);
-    tiles.div_ceil(threads).clamp(1, by_bytes)
+    team::decode_task_len(tiles, tile_bytes, threads, 1, 1)
 }
-
-/// Largest task of a decode product (bytes of weights).
-const MAX_TASK_BYTES: usize = 4 << 20;
 
 fn acts_matmul(isa: Isa, acts: &QActivations, m: usize, w: QMatrix<'_>, y: &mut [f32]) {
     let n = w.rows;

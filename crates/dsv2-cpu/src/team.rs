@@ -100,6 +100,28 @@ pub fn threads() -> usize {
     team().threads
 }
 
+/// Largest task of a decode product, in bytes of weights: each task restarts the weight
+/// stream (its first reads wait on memory), so a decode product runs as few long tasks,
+/// capped so that a product much larger than the team's share still balances.
+pub(crate) const DECODE_TASK_BYTES: usize = 4 << 20;
+
+/// Items (weight rows, or row tiles) per task of a memory-bound decode product of
+/// `items` items of `item_bytes` each over `threads` threads: `per_thread` tasks a
+/// thread, at most [`DECODE_TASK_BYTES`] each, at least and a multiple of `align` items.
+pub(crate) fn decode_task_len(
+    items: usize,
+    item_bytes: usize,
+    threads: usize,
+    per_thread: usize,
+    align: usize,
+) -> usize {
+    let by_bytes = (DECODE_TASK_BYTES / item_bytes.max(1)).max(align);
+    items
+        .div_ceil(per_thread * threads)
+        .clamp(align, by_bytes)
+        .next_multiple_of(align)
+}
+
 /// Runs `f(0..tasks)`, spread over the team; returns when every task has finished.
 /// Tasks are handed out one at a time in index order. A panic in a task is re-raised
 /// here after every other task has finished.
@@ -295,6 +317,18 @@ mod tests {
                 "{tasks} tasks"
             );
         }
+    }
+
+    #[test]
+    fn decode_tasks_are_long_capped_and_aligned() {
+        // V2-Lite's bf16 head (4 KB rows): capped at 4 MB, 1024 rows.
+        assert_eq!(decode_task_len(102_400, 4096, 2, 2, 8), 1024);
+        // A q8 expert matrix (88 tiles of 33 KB): one task per thread.
+        assert_eq!(decode_task_len(88, 33 * 1024, 2, 1, 1), 44);
+        // Two per thread, rounded up to the tile (1408 rows of 4 KB, tiles of 6 rows).
+        assert_eq!(decode_task_len(1408, 4096, 2, 2, 6), 354);
+        // Fewer items than the alignment: one aligned task.
+        assert_eq!(decode_task_len(3, 4096, 2, 2, 8), 8);
     }
 
     #[test]
