@@ -26,7 +26,7 @@ const MR: usize = 4;
 /// Weight rows per register tile.
 const NR: usize = 4;
 /// Weight rows per register tile of a one-row (decode) product: eight 4 KB rows of
-/// V2-Lite's head in flight at once, each its own page, so a core alone keeps more of
+/// V2-Lite's head in flight at once, each its own 4 KiB stretch, so a core alone keeps more of
 /// its reads outstanding ([`x86::row_tile`]).
 const DECODE_NR: usize = 8;
 /// Weight rows per parallel task of a product of many rows.
@@ -191,8 +191,9 @@ mod x86 {
     /// depend on which kernel computed it).
     ///
     /// While it computes, the same chunk of the next `N` rows is prefetched into the
-    /// second-level cache: every 4 KB row of V2-Lite's head is its own page, where the
-    /// hardware prefetchers stop, and without the hint one core alone read the head at
+    /// second-level cache: every 4 KB row of V2-Lite's head is its own 4 KiB stretch, where
+    /// the hardware prefetchers' streams stop on 4 KiB pages (the hint paid too over the
+    /// huge pages a quantized model's head lives in), and without it one core alone read the head at
     /// ~0.55 of its read probe (NR = 4, no hint) against ~0.74 with eight rows and the
     /// hint (two cores sharing a link 0.74-0.82 → 0.92-0.98; `stream_vs_probe`,
     /// docs/BENCHMARKS.md).

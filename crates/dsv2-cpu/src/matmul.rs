@@ -435,8 +435,9 @@ unsafe fn tile_avx2<E: KindOf, const R: usize, const C: usize>(
 /// Decode (one activation row): asks for chunk `c` (8 elements) of the `rows` weight
 /// rows after this tile's `rows` (the next tile's, contiguous) to come into the
 /// second-level cache, once per 64-byte line (at the chunks that start one).
-/// Each 4 KB row of a V2-Lite matrix in bf16 is its own page, where the hardware
-/// prefetchers stop, so without the hint a core streaming alone waits at every tile
+/// Each 4 KB row of a V2-Lite matrix in bf16 is its own 4 KiB stretch, where the hardware
+/// prefetchers' streams stop on 4 KiB pages, so without the hint a core streaming alone
+/// waits at every tile
 /// (see [`crate::bf16dot`]'s decode tile). Prefetches of any address are harmless.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
