@@ -769,6 +769,24 @@ type OneTile =
 /// A register tile's results as each is done: its index in the call's run, the scratch.
 type Emit<'e> = &'e mut dyn FnMut(usize, &[f32; OUT_LEN]);
 
+/// The weights and scales of group `j` of `nc` consecutive tiles (of `nb` blocks, `q4` or
+/// q8) that starts at `wq`/`ws`: a kernel's `j`-th register tile in a run of tiles.
+#[inline(always)]
+fn tile_group(
+    wq: [*const u8; 2],
+    ws: [*const f16; 2],
+    j: usize,
+    nc: usize,
+    nb: usize,
+    q4: bool,
+) -> ([*const u8; 2], [*const f16; 2]) {
+    let block_bytes = if q4 { BLOCK / 2 } else { BLOCK } * TILE;
+    (
+        wq.map(|p| p.wrapping_add(j * nc * nb * block_bytes)),
+        ws.map(|p| p.wrapping_add(j * nc * nb * TILE)),
+    )
+}
+
 /// One product's shared state: the weights, and a zero-padded copy of a ragged last tile.
 struct Job<'a> {
     isa: Isa,
@@ -1009,22 +1027,12 @@ impl<'a> Job<'a> {
         emit: Emit<'_>,
     ) {
         let a = self.acts;
-        let (tile_q, tile_s) = (TILE * self.w.format.row_bytes(a.k), TILE * (a.k / BLOCK));
         // Kernels that run one register tile a call: `count` calls, `nc` tiles apart.
         let mut each = |kern: OneTile| {
             for j in 0..count {
-                let (dq, ds) = (j * nc * tile_q, j * nc * tile_s);
+                let (wq, ws) = tile_group(wq, ws, j, nc, a.k / BLOCK, q4);
                 // SAFETY: the caller's contract (tiles j·nc.. are full and in the matrix).
-                unsafe {
-                    kern(
-                        a,
-                        i0,
-                        step,
-                        wq.map(|p| p.add(dq)),
-                        ws.map(|p| p.add(ds)),
-                        out,
-                    );
-                }
+                unsafe { kern(a, i0, step, wq, ws, out) };
                 emit(j, out);
             }
         };
@@ -1218,13 +1226,8 @@ mod x86 {
         out: &mut [f32; OUT_LEN],
         emit: Emit<'_>,
     ) {
-        let nb = a.k / BLOCK;
-        let bb = if Q4 { 256 } else { 512 };
         for j in 0..count {
-            let (wq, ws) = (
-                wq.map(|p| p.wrapping_add(j * NC * nb * bb)),
-                ws.map(|p| p.wrapping_add(j * NC * nb * TILE)),
-            );
+            let (wq, ws) = tile_group(wq, ws, j, NC, a.k / BLOCK, Q4);
             // SAFETY: register tile j of the caller's `count` (full tiles).
             unsafe { tile512::<Q4, MR, NC>(a, i0, step, wq, ws, out) };
             emit(j, out);
@@ -1466,13 +1469,8 @@ mod x86 {
                 emit: Emit<'_>,
             ) {
                 debug_assert_eq!(NC, 1);
-                let nb = a.k / BLOCK;
-                let bb = if Q4 { 256 } else { 512 };
                 for j in 0..count {
-                    let (wq, ws) = (
-                        wq.map(|p| p.wrapping_add(j * nb * bb)),
-                        ws.map(|p| p.wrapping_add(j * nb * TILE)),
-                    );
+                    let (wq, ws) = tile_group(wq, ws, j, 1, a.k / BLOCK, Q4);
                     // SAFETY: tile j of the caller's `count` (full tiles).
                     unsafe { $one::<Q4, MR>(a, i0, step, wq, ws, out) };
                     emit(j, out);
