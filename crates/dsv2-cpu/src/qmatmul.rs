@@ -874,70 +874,34 @@ impl<'a> Job<'a> {
                 }
             }
         }
-        let mut t = tiles.start;
         let (i_start, i_end) = (terms * act_rows.start, terms * act_rows.end);
-        if i_end - i_start <= mr_max {
-            // One register tile of rows (decode): the kernel runs every full tile of
-            // the range in one call, so its stream of weights never stops between tiles.
-            let full = tiles.end.min(self.w.rows / TILE).saturating_sub(t) / nc_max;
-            if full > 0 {
-                let (q0, s0) = self.tile(t);
-                let (q1, s1) = if nc_max > 1 {
-                    self.tile(t + 1)
-                } else {
-                    (q0, s0)
-                };
-                let mr = i_end - i_start;
-                let first = t;
-                let mut emit = |j: usize, out: &[f32; OUT_LEN]| {
-                    // SAFETY: the caller's contract.
-                    unsafe {
-                        self.store(
-                            out,
-                            first + j * nc_max,
-                            nc_max,
-                            i_start,
-                            mr,
-                            &keep,
-                            y,
-                            y_stride,
-                            origin,
-                        )
-                    }
-                };
-                // SAFETY: tiles first..first + full·nc_max are full and in the matrix;
-                // `acts` holds the rows (checked by the callers).
-                unsafe {
-                    self.kernel(
-                        q4,
-                        mr,
-                        nc_max,
-                        i_start,
-                        TERMS / terms,
-                        [q0, q1],
-                        [s0, s1],
-                        full,
-                        &mut out,
-                        &mut emit,
-                    )
-                };
-                t += full * nc_max;
-            }
-        }
+        // With every row in one register tile (decode), one kernel call runs all the
+        // full groups of tiles of the range, so the core's stream of weights does not
+        // pause at each tile for a call's return and the next call's setup; a ragged
+        // last tile (padded) runs alone.
+        let one_row_tile = i_end - i_start <= mr_max;
+        let full_tiles = self.w.rows / TILE;
+        let mut t = tiles.start;
         while t < tiles.end {
             let nc = nc_max.min(tiles.end - t);
+            let run = if one_row_tile {
+                (tiles.end.min(full_tiles).saturating_sub(t) / nc).max(1)
+            } else {
+                1
+            };
             let (q0, s0) = self.tile(t);
             let (q1, s1) = if nc > 1 { self.tile(t + 1) } else { (q0, s0) };
             let (wq, ws) = ([q0, q1], [s0, s1]);
             let mut i0 = i_start;
             while i0 < i_end {
                 let mr = mr_max.min(i_end - i0);
-                let mut emit = |_: usize, out: &[f32; OUT_LEN]| {
+                let mut emit = |j: usize, out: &[f32; OUT_LEN]| {
                     // SAFETY: the caller's contract.
-                    unsafe { self.store(out, t, nc, i0, mr, &keep, y, y_stride, origin) }
+                    unsafe { self.store(out, t + j * nc, nc, i0, mr, &keep, y, y_stride, origin) }
                 };
-                // SAFETY: the tile pointers hold full 16-row tiles of `cols` columns and
-                // `acts` holds rows i0..i0 + mr of `cols` (checked by the callers).
+                // SAFETY: the tile pointers hold `run` full groups of `nc` 16-row tiles
+                // of `cols` columns (or one group with a padded tile) and `acts` holds
+                // rows i0..i0 + mr of `cols` (checked by the callers).
                 unsafe {
                     self.kernel(
                         q4,
@@ -947,14 +911,14 @@ impl<'a> Job<'a> {
                         TERMS / terms,
                         wq,
                         ws,
-                        1,
+                        run,
                         &mut out,
                         &mut emit,
                     )
                 };
                 i0 += mr;
             }
-            t += nc;
+            t += run * nc;
         }
     }
 
@@ -1205,39 +1169,49 @@ mod x86 {
         unsafe { (p as *const i32).read_unaligned() }
     }
 
-    /// AVX-512 VNNI register tiles: `MR` activation rows × `NC` tiles of 16 weight rows,
-    /// for `count` consecutive groups of `NC` tiles from `wq`/`ws`, each group's results
-    /// handed to `emit` in `out`. One call runs a decode task's whole stretch of tiles:
+    /// Defines `$name`, the kernel of a run of `count` register tiles: `MR` activation
+    /// rows × `NC` tiles of 16 weight rows, `count` consecutive groups of `NC` tiles from
+    /// `wq`/`ws`, each group through the one-tile kernel `$one` (inlined) and its results
+    /// handed to `emit` in `out`. One call runs a decode task's whole stretch of tiles, so
     /// its weight stream never stops between tiles (one core over a 512 MB q8 matrix at
     /// m = 1: 24.2-25.7 → 25.3-26.9 GB/s, medians of 10 passes, builds alternating).
-    ///
-    /// # Safety
-    /// AVX-512 F/BW/VNNI; `wq`/`ws` point to `count · NC` full consecutive tiles; `a`
-    /// holds rows `i0..i0 + MR`.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-    #[allow(clippy::too_many_arguments)]
-    pub(super) unsafe fn kern512<const Q4: bool, const MR: usize, const NC: usize>(
-        a: &QActivations,
-        i0: usize,
-        step: usize,
-        wq: [*const u8; 2],
-        ws: [*const f16; 2],
-        count: usize,
-        out: &mut [f32; OUT_LEN],
-        emit: Emit<'_>,
-    ) {
-        for j in 0..count {
-            let (wq, ws) = tile_group(wq, ws, j, NC, a.k / BLOCK, Q4);
-            // SAFETY: register tile j of the caller's `count` (full tiles).
-            unsafe { tile512::<Q4, MR, NC>(a, i0, step, wq, ws, out) };
-            emit(j, out);
-        }
+    macro_rules! run_of_tiles {
+        ($name:ident, $one:ident, $features:literal) => {
+            /// See `run_of_tiles`.
+            ///
+            /// # Safety
+            /// The CPU features; `wq`/`ws` point to `count · NC` full consecutive tiles;
+            /// `a` holds rows `i0..i0 + MR`.
+            #[target_feature(enable = $features)]
+            #[allow(clippy::too_many_arguments)]
+            pub(super) unsafe fn $name<const Q4: bool, const MR: usize, const NC: usize>(
+                a: &QActivations,
+                i0: usize,
+                step: usize,
+                wq: [*const u8; 2],
+                ws: [*const f16; 2],
+                count: usize,
+                out: &mut [f32; OUT_LEN],
+                emit: Emit<'_>,
+            ) {
+                for j in 0..count {
+                    let (wq, ws) = tile_group(wq, ws, j, NC, a.k / BLOCK, Q4);
+                    // SAFETY: register tile j of the caller's `count` (full tiles).
+                    unsafe { $one::<Q4, MR, NC>(a, i0, step, wq, ws, out) };
+                    emit(j, out);
+                }
+            }
+        };
     }
 
-    /// One register tile of [`kern512`].
+    run_of_tiles!(kern512, tile512, "avx512f,avx512bw,avx512vnni");
+
+    /// AVX-512 VNNI register tile: `MR` activation rows × `NC` tiles of 16 weight rows
+    /// (the tile of [`kern512`]).
     ///
     /// # Safety
-    /// As [`kern512`]'s, for one register tile.
+    /// AVX-512 F/BW/VNNI; `wq`/`ws` point to `NC` full tiles; `a` holds rows
+    /// `i0..i0 + MR`.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
     #[inline]
     unsafe fn tile512<const Q4: bool, const MR: usize, const NC: usize>(
@@ -1450,40 +1424,16 @@ mod x86 {
             $name:ident, $one:ident, $features:literal, $dot8:ident, $dot4:ident, $q8_bias:literal,
             $prefetch:literal
         ) => {
-            /// Register tiles of `MR` rows × one tile for `count` consecutive tiles, each
-            /// tile's results handed to `emit` in `out` (as [`kern512`]).
-            ///
-            /// # Safety
-            /// The CPU features; `wq`/`ws` point to `count` full consecutive tiles; `a`
-            /// holds rows `i0..i0 + MR`.
-            #[target_feature(enable = $features)]
-            #[allow(clippy::too_many_arguments)]
-            pub(super) unsafe fn $name<const Q4: bool, const MR: usize, const NC: usize>(
-                a: &QActivations,
-                i0: usize,
-                step: usize,
-                wq: [*const u8; 2],
-                ws: [*const f16; 2],
-                count: usize,
-                out: &mut [f32; OUT_LEN],
-                emit: Emit<'_>,
-            ) {
-                debug_assert_eq!(NC, 1);
-                for j in 0..count {
-                    let (wq, ws) = tile_group(wq, ws, j, 1, a.k / BLOCK, Q4);
-                    // SAFETY: tile j of the caller's `count` (full tiles).
-                    unsafe { $one::<Q4, MR>(a, i0, step, wq, ws, out) };
-                    emit(j, out);
-                }
-            }
+            run_of_tiles!($name, $one, $features);
 
-            /// One tile of the function above.
+            /// The 256-bit register tile: `MR` activation rows × one 16-row tile.
             ///
             /// # Safety
-            /// As the function above's, for one tile.
+            /// The CPU features; `wq`/`ws` point to one full tile (`NC` is 1); `a` holds
+            /// rows `i0..i0 + MR`.
             #[target_feature(enable = $features)]
             #[inline]
-            unsafe fn $one<const Q4: bool, const MR: usize>(
+            unsafe fn $one<const Q4: bool, const MR: usize, const NC: usize>(
                 a: &QActivations,
                 i0: usize,
                 step: usize,
@@ -1491,6 +1441,7 @@ mod x86 {
                 ws: [*const f16; 2],
                 out: &mut [f32; OUT_LEN],
             ) {
+                debug_assert_eq!(NC, 1);
                 let (k, nb) = (a.k, a.k / BLOCK);
                 let bb = if Q4 { 256 } else { 512 };
                 let xq: [*const i8; MR] =
