@@ -877,8 +877,8 @@ impl<'a> Job<'a> {
         let (i_start, i_end) = (terms * act_rows.start, terms * act_rows.end);
         // With every row in one register tile (decode), one kernel call runs all the
         // full groups of tiles of the range, so the core's stream of weights does not
-        // pause at each tile for a call's return and the next call's setup; a ragged
-        // last tile (padded) runs alone.
+        // pause at each tile for the dispatch to a kernel and the glue between calls; a
+        // ragged last tile (padded) runs alone.
         let one_row_tile = i_end - i_start <= mr_max;
         let full_tiles = self.w.rows / TILE;
         let mut t = tiles.start;
@@ -1171,7 +1171,7 @@ mod x86 {
 
     /// Defines `$name`, the kernel of a run of `count` register tiles: `MR` activation
     /// rows × `NC` tiles of 16 weight rows, `count` consecutive groups of `NC` tiles from
-    /// `wq`/`ws`, each group through the one-tile kernel `$one` (inlined) and its results
+    /// `wq`/`ws`, each group through the one-tile kernel `$one` (a direct call) and its results
     /// handed to `emit` in `out`. One call runs a decode task's whole stretch of tiles, so
     /// its weight stream never stops between tiles (one core over a 512 MB q8 matrix at
     /// m = 1: 24.2-25.7 → 25.3-26.9 GB/s, medians of 10 passes, builds alternating).
