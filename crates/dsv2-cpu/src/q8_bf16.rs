@@ -240,7 +240,7 @@ unsafe fn tile_to(t: Tile<'_>, dst: *mut f32, stride: usize) {
                 match (t.rows, t.tiles) {
                     // SAFETY: the features were detected; the shapes are checked above;
                     // `dst` is the caller's contract.
-                    $(($m, $n) => unsafe { x86::kern512::<$m, $n>(t, dst, stride) },)*
+                    $(($m, $n) => unsafe { x86::kern512::<$m, $n>(&t, dst, stride) },)*
                     _ => unreachable!(),
                 }
             };
@@ -835,7 +835,7 @@ mod x86 {
     /// `t.pack.dst[..32 · units]`.
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
     pub(super) unsafe fn kern512<const M: usize, const N: usize>(
-        t: Tile<'_>,
+        t: &Tile<'_>,
         dst: *mut f32,
         stride: usize,
     ) {
