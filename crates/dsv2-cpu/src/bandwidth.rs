@@ -197,14 +197,15 @@ mod tests {
 
     #[test]
     fn measures_a_plausible_bandwidth() {
-        // A small buffer (mostly cache-resident): only the arithmetic is checked here.
+        // A small buffer (mostly cache-resident): only the arithmetic is checked here,
+        // never a speed (the aarch64 tests run under qemu, on a shared host).
         let bw = measure_read_bandwidth(8 << 20);
-        assert!(bw.is_finite() && bw > 1e8, "{bw}");
+        assert!(bw.is_finite() && bw > 0.0, "{bw}");
         let mut probe = ReadProbe::new(4 << 20);
         assert_eq!(probe.bytes(), 4 << 20);
         let pass = probe.pass();
-        assert!(pass.is_finite() && pass > 1e8, "{pass}");
-        assert!(probe.best_of(3) > 1e8);
+        assert!(pass.is_finite() && pass > 0.0, "{pass}");
+        assert!(probe.best_of(3) > 0.0);
     }
 
     /// Two threads bounce a cache line: a round trip takes more than a nanosecond and,

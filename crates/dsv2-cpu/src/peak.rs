@@ -87,9 +87,11 @@ mod tests {
                     && (10 * CHAINS as u64..=640 * CHAINS as u64).contains(&macs),
                 "{op:?}: {macs}"
             );
+            // A rate, not a speed bound: under qemu (the aarch64 tests) or a busy host it
+            // falls below any floor one could name (0.098 G multiply-adds/s seen in CI).
             let rate = measure_peak_macs(op);
             eprintln!("{op:?}: {:.1} G multiply-adds/s", rate / 1e9);
-            assert!(rate.is_finite() && rate > 1e8, "{op:?}: {rate}");
+            assert!(rate.is_finite() && rate > 0.0, "{op:?}: {rate}");
         }
     }
 }
