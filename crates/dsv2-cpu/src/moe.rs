@@ -207,7 +207,7 @@ fn routed_experts(
         }
     }
     // Experts with members, most members first, so the last tasks are the shortest.
-    let mut order = take::<u32>(0);
+    let mut order = take_empty::<u32>();
     order
         .vec()
         .extend((0..num_experts as u32).filter(|&e| start[e as usize + 1] > start[e as usize]));
