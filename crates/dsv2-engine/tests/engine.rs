@@ -73,13 +73,26 @@ fn collect(mut stream: RequestStream) -> (Vec<u32>, FinishReason, Usage) {
 
 /// Runs `body` with an engine running on a scoped thread; drains it afterwards.
 fn with_engine<R>(cfg: EngineConfig, body: impl FnOnce(&EngineHandle) -> R) -> R {
+    with_engine_after(cfg, |_| (), |h, ()| body(h))
+}
+
+/// [`with_engine`], with `before` run on the handle before the engine thread starts
+/// (requests it submits are all queued when the first step is scheduled); its result
+/// goes to `body`.
+fn with_engine_after<B, R>(
+    cfg: EngineConfig,
+    before: impl FnOnce(&EngineHandle) -> B,
+    body: impl FnOnce(&EngineHandle, B) -> R,
+) -> R {
     let (backend, model) = model();
     let (engine, handle) = Engine::new(&backend, &model, cfg).unwrap();
+    let prepared = before(&handle);
     std::thread::scope(|s| {
         let runner = s.spawn(move || engine.run());
         // Drain even when the body fails, so a failed assertion fails the test instead
         // of leaving the scope waiting for the engine forever.
-        let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| body(&handle)));
+        let out =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| body(&handle, prepared)));
         handle.drain(Instant::now() + Duration::from_secs(30));
         runner.join().unwrap();
         out.unwrap_or_else(|e| std::panic::resume_unwind(e))
@@ -155,17 +168,25 @@ fn preemption_under_a_tiny_cache_still_finishes_every_request() {
         ..EngineConfig::default()
     };
     drop((backend, model));
-    let outs = with_engine(cfg, |h| {
-        let streams: Vec<_> = (0..8)
-            .map(|i| h.submit(request(prompt(20, 100 + i), 20)).unwrap())
-            .collect();
-        let outs: Vec<_> = streams.into_iter().map(collect).collect();
-        assert!(
-            h.stats().num_preemptions > 0,
-            "the cache should force preemption"
-        );
-        outs
-    });
+    // All eight are queued before the engine's first step: submitted while it runs, a
+    // descheduled test thread (CI runs tests side by side on 2 cores) could let the
+    // first requests finish before the last arrive, and nothing would be preempted.
+    let outs = with_engine_after(
+        cfg,
+        |h| {
+            (0..8)
+                .map(|i| h.submit(request(prompt(20, 100 + i), 20)).unwrap())
+                .collect::<Vec<_>>()
+        },
+        |h, streams| {
+            let outs: Vec<_> = streams.into_iter().map(collect).collect();
+            assert!(
+                h.stats().num_preemptions > 0,
+                "the cache should force preemption"
+            );
+            outs
+        },
+    );
     for (tokens, reason, _) in outs {
         assert_eq!(tokens.len(), 20);
         assert_eq!(reason, FinishReason::Length);
