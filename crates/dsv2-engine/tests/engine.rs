@@ -2,6 +2,8 @@
 //! single-sequence generator, prefix-cache hits show in usage, cancels free blocks,
 //! the queue limit holds, and a drain ends the loop.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dsv2_backend::ComputeDtype;
@@ -9,7 +11,7 @@ use dsv2_core::{DType, ModelConfig};
 use dsv2_cpu::CpuBackend;
 use dsv2_engine::{
     Engine, EngineConfig, EngineError, EngineHandle, Event, FinishReason, Generator, Greedy,
-    Request, RequestStream, Usage,
+    Request, RequestStream, TokenPicker, Usage,
 };
 use dsv2_model::synthetic::synthetic_checkpoint;
 use dsv2_model::Model;
@@ -207,11 +209,35 @@ fn repeated_prompt_hits_the_prefix_cache() {
     assert_eq!(first.0, second.0);
 }
 
+/// Greedy, but each token after the first waits until `open` is set: a request held by
+/// it keeps its blocks for as long as the test needs, however the threads are scheduled.
+struct Gated {
+    open: Arc<AtomicBool>,
+}
+
+impl TokenPicker for Gated {
+    fn pick(&mut self, logits: &[f32], generated: &[u32]) -> u32 {
+        if !generated.is_empty() {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while !self.open.load(Ordering::Acquire) {
+                assert!(Instant::now() < deadline, "the gate was never opened");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        Greedy.pick(logits, generated)
+    }
+}
+
 #[test]
 fn dropping_a_stream_frees_its_blocks() {
     with_engine(EngineConfig::default(), |h| {
-        let mut stream = h.submit(request(prompt(30, 9), 400)).unwrap();
-        // Wait for the first token, then walk away.
+        let open = Arc::new(AtomicBool::new(false));
+        let mut req = request(prompt(30, 9), 400);
+        req.picker = Box::new(Gated { open: open.clone() });
+        let mut stream = h.submit(req).unwrap();
+        // Wait for the first token, then walk away. The second is held at the gate, so
+        // the request is still running (it could otherwise finish its 400 tokens while
+        // this thread is descheduled, and nothing would be left to free).
         loop {
             match stream.blocking_next() {
                 Some(Event::Token { .. }) => break,
@@ -226,6 +252,7 @@ fn dropping_a_stream_frees_its_blocks() {
             std::thread::sleep(Duration::from_millis(1));
         }
         drop(stream);
+        open.store(true, Ordering::Release);
         let deadline = Instant::now() + Duration::from_secs(10);
         while h.stats().blocks_used > 0 || h.stats().num_running > 0 {
             assert!(Instant::now() < deadline, "blocks not freed");
@@ -242,7 +269,9 @@ fn validation_and_queue_limit() {
         max_model_len: Some(64),
         ..EngineConfig::default()
     };
-    with_engine(cfg, |h| {
+    // Everything is submitted before the engine's first step, so no request is admitted
+    // (and leaves the queue) while the test fills it, however the threads are scheduled.
+    let submit_all = |h: &EngineHandle| {
         assert!(matches!(
             h.submit(request(vec![], 4)),
             Err(EngineError::Request(_))
@@ -253,7 +282,6 @@ fn validation_and_queue_limit() {
         ));
         let err = h.submit(request(prompt(64, 1), 4)).unwrap_err();
         assert!(err.to_string().contains("64"), "{err}");
-        // Fill the queue faster than one running slot can drain it.
         let mut streams = Vec::new();
         let mut refused = 0;
         for i in 0..20 {
@@ -266,8 +294,15 @@ fn validation_and_queue_limit() {
                 Err(e) => panic!("unexpected {e}"),
             }
         }
-        assert!(refused > 0);
-        drop(streams);
+        (streams, refused)
+    };
+    with_engine_after(cfg, submit_all, |_, (streams, refused)| {
+        assert_eq!((streams.len(), refused), (2, 18));
+        // The two queued requests run to the end.
+        for stream in streams {
+            let (tokens, reason, _) = collect(stream);
+            assert_eq!((tokens.len(), reason), (40, FinishReason::Length));
+        }
     });
 }
 
