@@ -38,7 +38,7 @@ def test_api_key_from_environment(start_server):
 
 
 def test_request_timeout(start_server):
-    # Well below LONG's running time (~0.7 s), well above its first tokens' (~ms).
+    # Well below LONG's running time (0.7-1.4 s), well above its first tokens' (~ms).
     s = start_server("--request-timeout", "0.1")
     with pytest.raises(openai.APIStatusError) as e:
         client(s.url).completions.create(**LONG_KW)
@@ -68,7 +68,9 @@ def read_rest(conn_resp):
 
 def test_sigterm_drains_running_requests_then_exits(start_server):
     s = start_server("--drain-timeout", "60")
-    body = {**LONG, "max_tokens": 1500, "stream": True}
+    # All of LONG: the health and the refused request below must come while
+    # it still runs (1,500 tokens, ~0.3 s, left a thin margin on a loaded machine).
+    body = {**LONG, "stream": True}
     _, resp = raw_stream(s.url, body)
     s.terminate()
     # Draining: health 503, new requests 503, the running stream goes on.
@@ -84,7 +86,9 @@ def test_sigterm_drains_running_requests_then_exits(start_server):
 
 
 def test_drain_deadline_aborts_what_is_left(start_server):
-    s = start_server("--drain-timeout", "0.5")
+    # Far below LONG's running time, so the request is still running at the deadline even
+    # on a machine several times faster than this one.
+    s = start_server("--drain-timeout", "0.1")
     _, resp = raw_stream(s.url, {**LONG, "max_tokens": 5000, "stream": True})
     s.terminate()
     lines = read_rest(resp)

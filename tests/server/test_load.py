@@ -64,8 +64,9 @@ def raw_stream(url, body, first_event=True):
     return conn, resp
 
 
-# A request that runs for a while: 5,000 tokens (the test model's context is 5,120), ~0.7 s
-# on a 2-core VM with the debug build (4,000 took 0.54 s there at dcef5de).
+# A request that runs for a while: 5,000 tokens (the test model's context is 5,120), 0.7-1.4 s
+# on a 2-core VM with the debug build (4,000 took 0.54 s there at dcef5de; 5,000 1.35 s on
+# session 22's VM).
 LONG = {"model": "deepseek-chat", "prompt": [1, 2, 3, 4], "max_tokens": 5000,
         "temperature": 0, "ignore_eos": True}
 # The same request as keyword arguments of the OpenAI client.
