@@ -3,22 +3,30 @@
 //! The output folder holds `model.safetensors` (quantized planes `<name>.qweight` and
 //! `<name>.scales` for eligible matrices, every other tensor as stored) with
 //! `{"dsv2_quantization": FORMAT, "dsv2_quant_version": "2"}` metadata (the interleaved
-//! layout documented in `dsv2_core::quant`), plus copies of
-//! the config, tokenizer and generation files. It loads memory-mapped, without
-//! re-quantizing (the CPU backend copies the planes once into huge pages). Tensors are quantized one at a time while the file is written, so
-//! memory stays near one tensor's size.
+//! layout documented in `dsv2_core::quant`), plus copies of the config, tokenizer and
+//! generation files. It loads memory-mapped, without re-quantizing (the CPU backend
+//! copies the planes once into huge pages).
+//!
+//! The file is laid out as `safetensors::serialize` lays it out (the same bytes), but
+//! written tensor by tensor at its offsets: each matrix is quantized once, both of its
+//! planes written, and its input pages released before the next, so the process holds
+//! about one tensor at a time however large the checkpoint. It is written under a
+//! temporary name and renamed when complete, so a failed run leaves no truncated model.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
+use std::fs::File;
+use std::io::{Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use clap::Args;
 use dsv2_core::quant::{
     quantize_tensor, quantized_format, QuantFormat, LAYOUT_VERSION, METADATA_KEY, QWEIGHT_SUFFIX,
     SCALES_SUFFIX, VERSION_KEY,
 };
 use dsv2_core::{expected_tensors, Checkpoint, DType, ModelConfig, TensorView, Weight};
+use indicatif::{ProgressBar, ProgressStyle};
 use safetensors::tensor::View;
 
 /// Arguments of `dsv2 quantize`.
@@ -43,11 +51,46 @@ const SIDE_FILES: [&str; 4] = [
     "tokenizer_config.json",
 ];
 
-/// One tensor of the output file, produced when the writer asks for its bytes.
-enum Plane {
-    Dense(TensorView),
-    QWeight(TensorView, QuantFormat, Vec<usize>),
-    Scales(TensorView, QuantFormat, Vec<usize>),
+/// One tensor of the output file as the header describes it.
+struct Entry {
+    name: String,
+    dtype: safetensors::Dtype,
+    shape: Vec<usize>,
+}
+
+impl Entry {
+    fn bytes(&self) -> usize {
+        let n: usize = self.shape.iter().product();
+        n * self.dtype.bitsize() / 8
+    }
+}
+
+/// An [`Entry`] as a `safetensors` view without data: `safetensors::serialize` of these
+/// is the file's header alone, in the crate's own order and format.
+impl View for &Entry {
+    fn dtype(&self) -> safetensors::Dtype {
+        self.dtype
+    }
+
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    fn data(&self) -> Cow<'_, [u8]> {
+        Cow::Borrowed(&[])
+    }
+
+    fn data_len(&self) -> usize {
+        self.bytes()
+    }
+}
+
+/// What becomes of one input tensor.
+enum Job {
+    /// Copied as stored.
+    Copy(TensorView),
+    /// Quantized into the `.qweight` and `.scales` planes.
+    Quantize(TensorView, QuantFormat),
 }
 
 fn st_dtype(d: &DType) -> safetensors::Dtype {
@@ -61,42 +104,70 @@ fn st_dtype(d: &DType) -> safetensors::Dtype {
     }
 }
 
-impl View for &Plane {
-    fn dtype(&self) -> safetensors::Dtype {
-        match self {
-            Plane::Dense(v) => st_dtype(&v.dtype),
-            Plane::QWeight(_, QuantFormat::Q8, _) => safetensors::Dtype::I8,
-            Plane::QWeight(_, QuantFormat::Q4, _) => safetensors::Dtype::U8,
-            Plane::Scales(..) => safetensors::Dtype::F16,
-        }
-    }
+/// A safetensors file written tensor by tensor at the offsets its header gives.
+struct SafetensorsWriter {
+    file: File,
+    /// Where the tensors' data starts: 8 bytes of header length plus the header.
+    data_start: u64,
+    /// Each tensor's `[start, end)` within the data.
+    offsets: HashMap<String, (usize, usize)>,
+}
 
-    fn shape(&self) -> &[usize] {
-        match self {
-            Plane::Dense(v) => &v.shape,
-            Plane::QWeight(_, _, s) | Plane::Scales(_, _, s) => s,
-        }
-    }
-
-    fn data(&self) -> Cow<'_, [u8]> {
-        match self {
-            Plane::Dense(v) => Cow::Borrowed(v.data.as_slice()),
-            Plane::QWeight(v, f, _) => {
-                Cow::Owned(quantize_tensor(v, *f).qweight.data.as_slice().to_vec())
+impl SafetensorsWriter {
+    /// Creates `path`, sized for every entry, with the header `safetensors::serialize`
+    /// would write for them.
+    fn create(
+        path: &Path,
+        entries: &[Entry],
+        metadata: HashMap<String, String>,
+    ) -> Result<SafetensorsWriter> {
+        let header =
+            safetensors::serialize(entries.iter().map(|e| (e.name.as_str(), e)), Some(metadata))
+                .context("making the safetensors header")?;
+        let json: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_slice(&header[8..]).context("reading back the safetensors header")?;
+        let mut offsets = HashMap::new();
+        let mut data_len = 0usize;
+        for (name, info) in &json {
+            if name == "__metadata__" {
+                continue;
             }
-            Plane::Scales(v, f, _) => {
-                Cow::Owned(quantize_tensor(v, *f).scales.data.as_slice().to_vec())
-            }
+            let range = info["data_offsets"]
+                .as_array()
+                .and_then(|r| Some((r.first()?.as_u64()? as usize, r.get(1)?.as_u64()? as usize)))
+                .with_context(|| format!("{name}: no data_offsets in the header"))?;
+            data_len = data_len.max(range.1);
+            offsets.insert(name.clone(), range);
         }
+        let mut file =
+            File::create(path).with_context(|| format!("creating {}", path.display()))?;
+        file.write_all(&header)?;
+        let data_start = header.len() as u64;
+        file.set_len(data_start + data_len as u64)?;
+        Ok(SafetensorsWriter {
+            file,
+            data_start,
+            offsets,
+        })
     }
 
-    fn data_len(&self) -> usize {
-        let n: usize = self.shape().iter().product();
-        match self.dtype() {
-            safetensors::Dtype::F32 => n * 4,
-            safetensors::Dtype::F16 | safetensors::Dtype::BF16 => n * 2,
-            _ => n,
-        }
+    /// Writes tensor `name`'s bytes at its offset.
+    fn write(&mut self, name: &str, bytes: &[u8]) -> Result<()> {
+        let (start, end) = *self
+            .offsets
+            .get(name)
+            .with_context(|| format!("{name}: not in the header"))?;
+        ensure!(
+            end - start == bytes.len(),
+            "{name}: {} bytes, the header has {}",
+            bytes.len(),
+            end - start
+        );
+        self.file
+            .seek(SeekFrom::Start(self.data_start + start as u64))?;
+        self.file
+            .write_all(bytes)
+            .with_context(|| format!("writing {name}"))
     }
 }
 
@@ -112,7 +183,8 @@ pub fn run(args: QuantizeArgs) -> Result<()> {
     }
     std::fs::create_dir_all(&args.output)
         .with_context(|| format!("creating {}", args.output.display()))?;
-    let mut planes = Vec::new();
+    let mut entries = Vec::new();
+    let mut jobs = Vec::new();
     let (mut quantized, mut kept) = (0usize, 0usize);
     for expected in expected_tensors(&config) {
         let name = expected.name;
@@ -123,20 +195,29 @@ pub fn run(args: QuantizeArgs) -> Result<()> {
         match quantized_format(&name, &view.shape, args.to) {
             Some(format) => {
                 let (rows, cols) = (view.shape[0], view.shape[1]);
-                let qshape = vec![rows, format.row_bytes(cols)];
-                let sshape = vec![rows, cols / dsv2_core::quant::BLOCK];
-                planes.push((
-                    format!("{name}{QWEIGHT_SUFFIX}"),
-                    Plane::QWeight(view.clone(), format, qshape),
-                ));
-                planes.push((
-                    format!("{name}{SCALES_SUFFIX}"),
-                    Plane::Scales(view, format, sshape),
-                ));
+                entries.push(Entry {
+                    name: format!("{name}{QWEIGHT_SUFFIX}"),
+                    dtype: match format {
+                        QuantFormat::Q8 => safetensors::Dtype::I8,
+                        QuantFormat::Q4 => safetensors::Dtype::U8,
+                    },
+                    shape: vec![rows, format.row_bytes(cols)],
+                });
+                entries.push(Entry {
+                    name: format!("{name}{SCALES_SUFFIX}"),
+                    dtype: safetensors::Dtype::F16,
+                    shape: vec![rows, cols / dsv2_core::quant::BLOCK],
+                });
+                jobs.push(Job::Quantize(view, format));
                 quantized += 1;
             }
             None => {
-                planes.push((name, Plane::Dense(view)));
+                entries.push(Entry {
+                    name,
+                    dtype: st_dtype(&view.dtype),
+                    shape: view.shape.clone(),
+                });
+                jobs.push(Job::Copy(view));
                 kept += 1;
             }
         }
@@ -145,12 +226,14 @@ pub fn run(args: QuantizeArgs) -> Result<()> {
         (METADATA_KEY.to_string(), args.to.name().to_string()),
         (VERSION_KEY.to_string(), LAYOUT_VERSION.to_string()),
     ]);
-    safetensors::serialize_to_file(
-        planes.iter().map(|(n, p)| (n.as_str(), p)),
-        Some(metadata),
-        &out_file,
-    )
-    .with_context(|| format!("writing {}", out_file.display()))?;
+    let partial = args.output.join("model.safetensors.partial");
+    let written = write_jobs(&partial, &entries, metadata, &jobs);
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&partial);
+        return Err(e.context(format!("writing {}", out_file.display())));
+    }
+    std::fs::rename(&partial, &out_file)
+        .with_context(|| format!("renaming {} to {}", partial.display(), out_file.display()))?;
     for file in SIDE_FILES {
         copy_if_present(&dir, &args.output, file)?;
     }
@@ -164,10 +247,148 @@ pub fn run(args: QuantizeArgs) -> Result<()> {
     Ok(())
 }
 
+/// Writes the file: each job's tensor once, then its input pages released.
+fn write_jobs(
+    path: &Path,
+    entries: &[Entry],
+    metadata: HashMap<String, String>,
+    jobs: &[Job],
+) -> Result<()> {
+    let mut writer = SafetensorsWriter::create(path, entries, metadata)?;
+    let bar = ProgressBar::new(
+        jobs.iter()
+            .map(|j| match j {
+                Job::Copy(v) | Job::Quantize(v, _) => v.data.as_slice().len() as u64,
+            })
+            .sum(),
+    );
+    bar.set_style(
+        ProgressStyle::with_template(
+            "quantizing [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} ({bytes_per_sec}, eta {eta})",
+        )
+        .expect("a valid template"),
+    );
+    for job in jobs {
+        let view = match job {
+            Job::Copy(view) => {
+                writer.write(&view.name, view.data.as_slice())?;
+                view
+            }
+            Job::Quantize(view, format) => {
+                let q = quantize_tensor(view, *format);
+                writer.write(
+                    &format!("{}{QWEIGHT_SUFFIX}", view.name),
+                    q.qweight.data.as_slice(),
+                )?;
+                writer.write(
+                    &format!("{}{SCALES_SUFFIX}", view.name),
+                    q.scales.data.as_slice(),
+                )?;
+                view
+            }
+        };
+        view.data.release_pages();
+        bar.inc(view.data.as_slice().len() as u64);
+    }
+    bar.finish_and_clear();
+    writer.file.sync_all()?;
+    Ok(())
+}
+
 fn copy_if_present(from: &Path, to: &Path, name: &str) -> Result<()> {
     let src = from.join(name);
     if src.exists() {
         std::fs::copy(&src, to.join(name)).with_context(|| format!("copying {name}"))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A tensor with its bytes, for `safetensors::serialize`.
+    struct Owned(safetensors::Dtype, Vec<usize>, Vec<u8>);
+
+    impl View for &Owned {
+        fn dtype(&self) -> safetensors::Dtype {
+            self.0
+        }
+        fn shape(&self) -> &[usize] {
+            &self.1
+        }
+        fn data(&self) -> Cow<'_, [u8]> {
+            Cow::Borrowed(&self.2)
+        }
+        fn data_len(&self) -> usize {
+            self.2.len()
+        }
+    }
+
+    #[test]
+    fn the_writer_gives_the_bytes_of_safetensors_serialize() {
+        use safetensors::Dtype::{BF16, F16, F32, I8, U8};
+        let specs: [(&str, safetensors::Dtype, Vec<usize>); 7] = [
+            ("b.qweight", I8, vec![3, 7]),
+            ("b.scales", F16, vec![3, 1]),
+            ("a.weight", BF16, vec![5, 3]),
+            ("norm", F32, vec![3]),
+            ("c.qweight", U8, vec![1, 5]),
+            ("c.scales", F16, vec![1, 1]),
+            ("embed", F32, vec![2, 3]),
+        ];
+        let mut seed = 7u32;
+        let tensors: Vec<(String, Owned)> = specs
+            .iter()
+            .map(|(name, dtype, shape)| {
+                let n = shape.iter().product::<usize>() * dtype.bitsize() / 8;
+                let bytes = (0..n)
+                    .map(|_| {
+                        seed = seed.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+                        (seed >> 16) as u8
+                    })
+                    .collect();
+                (name.to_string(), Owned(*dtype, shape.clone(), bytes))
+            })
+            .collect();
+        let metadata = HashMap::from([("k".to_string(), "v".to_string())]);
+        let want = safetensors::serialize(
+            tensors.iter().map(|(n, t)| (n.as_str(), t)),
+            Some(metadata.clone()),
+        )
+        .unwrap();
+        let entries: Vec<Entry> = tensors
+            .iter()
+            .map(|(name, t)| Entry {
+                name: name.clone(),
+                dtype: t.0,
+                shape: t.1.clone(),
+            })
+            .collect();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("out.safetensors");
+        let mut writer = SafetensorsWriter::create(&path, &entries, metadata).unwrap();
+        // In an order of its own, as the quantizer's jobs come.
+        for (name, t) in tensors.iter().rev() {
+            writer.write(name, &t.2).unwrap();
+        }
+        drop(writer);
+        assert_eq!(std::fs::read(&path).unwrap(), want);
+    }
+
+    #[test]
+    fn the_writer_refuses_a_tensor_of_the_wrong_size_or_name() {
+        let entries = [Entry {
+            name: "w".into(),
+            dtype: safetensors::Dtype::F32,
+            shape: vec![2, 2],
+        }];
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("out.safetensors");
+        let mut writer = SafetensorsWriter::create(&path, &entries, HashMap::new()).unwrap();
+        let err = writer.write("w", &[0; 12]).unwrap_err().to_string();
+        assert!(err.contains("w: 12 bytes, the header has 16"), "{err}");
+        let err = writer.write("x", &[0; 16]).unwrap_err().to_string();
+        assert!(err.contains("x: not in the header"), "{err}");
+    }
 }

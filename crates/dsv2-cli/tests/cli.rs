@@ -379,6 +379,8 @@ fn quantized_checkpoint_loads_without_requantizing() {
             out_dir.to_str().unwrap(),
         ]);
         assert!(out.status.success(), "{}", stderr(&out));
+        // Written under a temporary name, renamed when complete.
+        assert!(!out_dir.join("model.safetensors.partial").exists());
         // The file holds the quantized planes and says which format it is.
         let bytes = std::fs::read(out_dir.join("model.safetensors")).unwrap();
         let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
