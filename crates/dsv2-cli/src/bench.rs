@@ -148,6 +148,11 @@ fn open_source(args: &BenchArgs) -> Result<(String, ModelConfig, WeightSource)> 
             }
             let dir = load::resolve(Some(spec))?.context("--model names no folder")?;
             let (config, checkpoint, _) = load::open_folder(&dir)?;
+            if args.model.device == load::Device::Cpu {
+                let what = dir.display().to_string();
+                let held = |n: &str| load::held(&checkpoint, n);
+                crate::memory::check_before_load(&what, &config, held, args.model.quantize)?;
+            }
             let stored = Stored::Checkpoint(checkpoint);
             let source = WeightSource::new(stored, &config, args.model.quantize)?;
             Ok((dir.display().to_string(), config, source))
@@ -155,6 +160,10 @@ fn open_source(args: &BenchArgs) -> Result<(String, ModelConfig, WeightSource)> 
         (None, Some(spec)) => {
             let (label, config) = random_config(spec, args.num_layers)?;
             let dtype = args.weights_dtype.clone().unwrap_or(DType::BF16);
+            if args.model.device == load::Device::Cpu {
+                let held = |_: &str| crate::memory::Held::InMemory(dtype.clone());
+                crate::memory::check_before_load(&label, &config, held, args.model.quantize)?;
+            }
             let random = RandomWeights::new(&config, dtype, bytes_bar("generating weights"));
             let source = WeightSource::new(Stored::Random(random), &config, args.model.quantize)?;
             Ok((label, config, source))

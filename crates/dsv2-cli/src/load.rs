@@ -108,6 +108,9 @@ pub fn with_model<T: ModelTask>(args: &ModelArgs, task: T) -> Result<T::Output> 
     checkpoint
         .validate(&expected_tensors(&config))
         .with_context(|| format!("loading {root}"))?;
+    if matches!(args.device, Device::Cpu) {
+        crate::memory::check_before_load(&root, &config, |n| held(&checkpoint, n), args.quantize)?;
+    }
     let info = ModelInfo {
         dir,
         config,
@@ -155,6 +158,18 @@ pub fn with_weights<T: ModelTask>(
         }
         #[cfg(not(feature = "cuda"))]
         Device::Cuda(_) => unreachable!("rejected above"),
+    }
+}
+
+/// How the validated `checkpoint` holds tensor `name`, for [`crate::memory`].
+pub fn held(checkpoint: &Checkpoint, name: &str) -> crate::memory::Held {
+    use crate::memory::Held;
+    match checkpoint.weight(name) {
+        Ok(Weight::Dense(view)) if view.data.is_mapped() => Held::Mapped(view.dtype),
+        Ok(Weight::Dense(view)) => Held::InMemory(view.dtype),
+        Ok(Weight::Quantized(q)) => Held::Quantized(q.format),
+        // Not reached after `validate`; counted as nothing.
+        Err(_) => Held::Mapped(DType::Unsupported(String::new())),
     }
 }
 

@@ -5,6 +5,7 @@ mod chat;
 mod generate;
 mod load;
 mod logits;
+mod memory;
 mod perplexity;
 mod quantize;
 mod serve;

@@ -380,3 +380,34 @@ fn bench_rejects_what_it_cannot_run() {
         assert!(stderr(&out).contains(needle), "{args:?}: {}", stderr(&out));
     }
 }
+
+/// The machine's memory, from `/proc/meminfo` (Linux).
+fn mem_total() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = s.lines().find(|l| l.starts_with("MemTotal:"))?;
+    Some(line.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024)
+}
+
+#[test]
+fn weights_larger_than_memory_are_refused_before_loading() {
+    // DeepSeek-V2 at q4 keeps 140.6 GB; on a machine with less, the bench must stop at
+    // once with the sizes, not make weights until the out-of-memory kill.
+    match mem_total() {
+        Some(total) if total < 140_000_000_000 => {}
+        _ => return,
+    }
+    let out = dsv2(&[
+        "bench",
+        "--random-weights",
+        "deepseek-v2",
+        "--quantize",
+        "q4",
+    ]);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains("deepseek-v2: its weights need 140.6 GB of memory on the CPU"),
+        "{err}"
+    );
+    assert!(err.contains("killed for lack of memory"), "{err}");
+}
