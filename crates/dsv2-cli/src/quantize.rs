@@ -8,9 +8,9 @@
 //! copies the planes once into huge pages).
 //!
 //! The file is laid out as `safetensors::serialize` lays it out (the same bytes), but
-//! written tensor by tensor at its offsets: each matrix is quantized once, both of its
-//! planes written, and its input pages released before the next, so the process holds
-//! about one tensor at a time however large the checkpoint. It is written under a
+//! written tensor by tensor at its offsets: each matrix is quantized once and its input
+//! pages released, and a writer thread writes its planes while the next is quantized, so
+//! the process holds about two tensors at a time however large the checkpoint. It is written under a
 //! temporary name and renamed when complete, so a failed run leaves no truncated model.
 
 use std::borrow::Cow;
@@ -25,7 +25,7 @@ use dsv2_core::quant::{
     quantize_tensor, quantized_format, QuantFormat, LAYOUT_VERSION, METADATA_KEY, QWEIGHT_SUFFIX,
     SCALES_SUFFIX, VERSION_KEY,
 };
-use dsv2_core::{expected_tensors, Checkpoint, DType, ModelConfig, TensorView, Weight};
+use dsv2_core::{expected_tensors, Bytes, Checkpoint, DType, ModelConfig, TensorView, Weight};
 use indicatif::{ProgressBar, ProgressStyle};
 use safetensors::tensor::View;
 
@@ -247,7 +247,8 @@ pub fn run(args: QuantizeArgs) -> Result<()> {
     Ok(())
 }
 
-/// Writes the file: each job's tensor once, then its input pages released.
+/// Writes the file: each job's tensor once, then its input pages released. A second
+/// thread writes while the next matrix is quantized.
 fn write_jobs(
     path: &Path,
     entries: &[Entry],
@@ -268,31 +269,42 @@ fn write_jobs(
         )
         .expect("a valid template"),
     );
-    for job in jobs {
-        let view = match job {
-            Job::Copy(view) => {
-                writer.write(&view.name, view.data.as_slice())?;
-                view
+    std::thread::scope(|scope| {
+        // Two planes in flight: one matrix's, while the next is quantized.
+        let (send, receive) = std::sync::mpsc::sync_channel::<(String, Bytes)>(2);
+        let written = scope.spawn(move || -> Result<SafetensorsWriter> {
+            for (name, bytes) in receive {
+                writer.write(&name, bytes.as_slice())?;
+                // A copied tensor's mapped pages; a no-op for the planes made in memory.
+                bytes.release_pages();
             }
-            Job::Quantize(view, format) => {
-                let q = quantize_tensor(view, *format);
-                writer.write(
-                    &format!("{}{QWEIGHT_SUFFIX}", view.name),
-                    q.qweight.data.as_slice(),
-                )?;
-                writer.write(
-                    &format!("{}{SCALES_SUFFIX}", view.name),
-                    q.scales.data.as_slice(),
-                )?;
-                view
+            Ok(writer)
+        });
+        for job in jobs {
+            let (view, planes) = match job {
+                Job::Copy(view) => (view, vec![(view.name.clone(), view.data.clone())]),
+                Job::Quantize(view, format) => {
+                    let q = quantize_tensor(view, *format);
+                    view.data.release_pages();
+                    let planes = vec![
+                        (format!("{}{QWEIGHT_SUFFIX}", view.name), q.qweight.data),
+                        (format!("{}{SCALES_SUFFIX}", view.name), q.scales.data),
+                    ];
+                    (view, planes)
+                }
+            };
+            // A closed channel means the writer failed: its error is returned below.
+            if planes.into_iter().any(|plane| send.send(plane).is_err()) {
+                break;
             }
-        };
-        view.data.release_pages();
-        bar.inc(view.data.as_slice().len() as u64);
-    }
-    bar.finish_and_clear();
-    writer.file.sync_all()?;
-    Ok(())
+            bar.inc(view.data.as_slice().len() as u64);
+        }
+        drop(send);
+        let writer = written.join().expect("the writer thread panicked")?;
+        bar.finish_and_clear();
+        writer.file.sync_all()?;
+        Ok(())
+    })
 }
 
 fn copy_if_present(from: &Path, to: &Path, name: &str) -> Result<()> {
