@@ -75,59 +75,77 @@ pub fn weight_memory<'a>(
     memory
 }
 
-/// This process's memory limit: the machine's `MemTotal`, or its cgroup's limit where
-/// that is lower. `None` where neither can be read (not Linux).
-pub fn memory_limit() -> Option<u64> {
-    let total = std::fs::read_to_string("/proc/meminfo").ok().and_then(|s| {
-        let line = s.lines().find(|l| l.starts_with("MemTotal:"))?;
+/// What this process may hold: memory (`MemTotal`, or the cgroup's limit where lower)
+/// and swap (`SwapTotal`).
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    pub memory: u64,
+    pub swap: u64,
+}
+
+/// This process's [`Limits`]; `None` where `/proc/meminfo` cannot be read (not Linux).
+pub fn limits() -> Option<Limits> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let field = |key: &str| -> Option<u64> {
+        let line = meminfo.lines().find(|l| l.starts_with(key))?;
         Some(line.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024)
-    });
+    };
     let cgroup = [
         "/sys/fs/cgroup/memory.max",
         "/sys/fs/cgroup/memory/memory.limit_in_bytes",
     ]
     .iter()
     .find_map(|p| std::fs::read_to_string(p).ok()?.trim().parse::<u64>().ok());
-    match (total, cgroup) {
-        (Some(t), Some(c)) => Some(t.min(c)),
-        (t, c) => t.or(c),
-    }
+    let total = field("MemTotal:")?;
+    Some(Limits {
+        memory: cgroup.map_or(total, |c| c.min(total)),
+        swap: field("SwapTotal:").unwrap_or(0),
+    })
 }
 
 fn gb(bytes: u64) -> String {
     format!("{:.1} GB", bytes as f64 / 1e9)
 }
 
-/// Fails when the anonymous part alone exceeds `limit`; returns a warning when the
-/// mapped part makes the whole exceed it. `what` names the model in the messages;
-/// `quantized_sizes` gives the anonymous bytes at q8 and at q4, for the advice.
+/// Fails when the anonymous part alone exceeds memory and swap together; returns a
+/// warning when the whole exceeds memory. `what` names the model in the messages;
+/// `quantized_sizes` gives the bytes at q8 and at q4, for the advice.
 pub fn check(
     what: &str,
     memory: WeightMemory,
-    limit: u64,
+    limits: Limits,
     quantized_sizes: (u64, u64),
 ) -> Result<Option<String>> {
     let (q8, q4) = quantized_sizes;
-    if memory.anonymous > limit {
-        let advice = if q4 < memory.anonymous && q4 <= limit {
+    let room = limits.memory + limits.swap;
+    if memory.anonymous > room {
+        let advice = if q4 < memory.anonymous && q4 <= limits.memory {
             format!(" (q4 would keep {})", gb(q4))
         } else {
             String::new()
         };
+        let has = if limits.swap > 0 {
+            format!(
+                "{} of memory and {} of swap",
+                gb(limits.memory),
+                gb(limits.swap)
+            )
+        } else {
+            gb(limits.memory)
+        };
         bail!(
-            "{what}: its weights need {} of memory on the CPU and this machine has {}: the \
-             load would be killed for lack of memory{advice}",
+            "{what}: its weights need {} of memory on the CPU and this machine has {has}: \
+             the load would be killed for lack of memory{advice}",
             gb(memory.anonymous),
-            gb(limit)
         );
     }
-    if memory.anonymous + memory.mapped > limit {
+    if memory.anonymous + memory.mapped > limits.memory {
         return Ok(Some(format!(
-            "dsv2: {what}: its weights take {} and this machine has {}: the pages of the \
-             experts a step needs will be read from disk again and again (slow); \
-             --quantize q8 keeps {} in memory, --quantize q4 {}",
+            "dsv2: {what}: its weights take {} and this machine has {} of memory: the pages \
+             of the experts a step needs will be read from disk or swap again and again \
+             (slow); --quantize q8 keeps {} in memory, --quantize q4 {}",
             gb(memory.anonymous + memory.mapped),
-            gb(limit),
+            gb(limits.memory),
             gb(q8),
             gb(q4)
         )));
@@ -145,7 +163,7 @@ pub fn check_before_load(
     held: impl Fn(&str) -> Held,
     quantize: Option<QuantFormat>,
 ) -> Result<()> {
-    let Some(limit) = memory_limit() else {
+    let Some(limits) = limits() else {
         return Ok(());
     };
     let tensors: Vec<_> = expected_tensors(config)
@@ -168,7 +186,7 @@ pub fn check_before_load(
         total(memory_at(Some(QuantFormat::Q8))),
         total(memory_at(Some(QuantFormat::Q4))),
     );
-    if let Some(warning) = check(what, memory_at(quantize), limit, sizes)? {
+    if let Some(warning) = check(what, memory_at(quantize), limits, sizes)? {
         eprintln!("{warning}");
     }
     Ok(())
@@ -272,6 +290,7 @@ mod tests {
 
     #[test]
     fn too_large_in_memory_is_an_error_and_too_large_mapped_a_warning() {
+        let limits = |memory, swap| Limits { memory, swap };
         let q = (900, 500);
         let err = check(
             "V2",
@@ -279,7 +298,7 @@ mod tests {
                 anonymous: 1_000,
                 mapped: 0,
             },
-            800,
+            limits(800, 0),
             q,
         )
         .unwrap_err()
@@ -287,13 +306,14 @@ mod tests {
         assert!(err.contains("need 0.0 GB"), "{err}");
         assert!(err.contains("q4 would keep"), "{err}");
         let big = 40_000_000_000;
+        let gb24 = 24_000_000_000;
         let err = check(
             "V2",
             WeightMemory {
                 anonymous: big,
                 mapped: 0,
             },
-            24_000_000_000,
+            limits(gb24, 0),
             (big, big),
         )
         .unwrap_err()
@@ -303,19 +323,47 @@ mod tests {
             "V2: its weights need 40.0 GB of memory on the CPU and this machine has 24.0 GB: \
              the load would be killed for lack of memory"
         );
+        let err = check(
+            "V2",
+            WeightMemory {
+                anonymous: big,
+                mapped: 0,
+            },
+            limits(gb24, 8_000_000_000),
+            (big, big),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("has 24.0 GB of memory and 8.0 GB of swap"),
+            "{err}"
+        );
+        // What swap can hold loads, with the warning.
+        let warning = check(
+            "V2",
+            WeightMemory {
+                anonymous: big,
+                mapped: 0,
+            },
+            limits(gb24, 20_000_000_000),
+            (big, big),
+        )
+        .unwrap()
+        .unwrap();
+        assert!(warning.contains("read from disk or swap"), "{warning}");
         let warning = check(
             "lite",
             WeightMemory {
                 anonymous: 0,
                 mapped: 31_400_000_000,
             },
-            24_000_000_000,
+            limits(gb24, 0),
             (17_000_000_000, 9_900_000_000),
         )
         .unwrap()
         .unwrap();
         assert!(
-            warning.contains("take 31.4 GB and this machine has 24.0 GB"),
+            warning.contains("take 31.4 GB and this machine has 24.0 GB of memory"),
             "{warning}"
         );
         assert!(
@@ -328,7 +376,7 @@ mod tests {
                 anonymous: 9,
                 mapped: 10
             },
-            20,
+            limits(20, 0),
             q
         )
         .unwrap()

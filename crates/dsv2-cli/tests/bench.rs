@@ -381,18 +381,22 @@ fn bench_rejects_what_it_cannot_run() {
     }
 }
 
-/// The machine's memory, from `/proc/meminfo` (Linux).
-fn mem_total() -> Option<u64> {
+/// The machine's memory and swap together, from `/proc/meminfo` (Linux).
+fn memory_and_swap() -> Option<u64> {
     let s = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = s.lines().find(|l| l.starts_with("MemTotal:"))?;
-    Some(line.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024)
+    let field = |key: &str| -> Option<u64> {
+        let line = s.lines().find(|l| l.starts_with(key))?;
+        Some(line.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024)
+    };
+    Some(field("MemTotal:")? + field("SwapTotal:").unwrap_or(0))
 }
 
 #[test]
 fn weights_larger_than_memory_are_refused_before_loading() {
-    // DeepSeek-V2 at q4 keeps 140.6 GB; on a machine with less, the bench must stop at
-    // once with the sizes, not make weights until the out-of-memory kill.
-    match mem_total() {
+    // DeepSeek-V2 at q4 keeps 140.6 GB; on a machine with less memory and swap, the
+    // bench must stop at once with the sizes, not make weights until the out-of-memory
+    // kill.
+    match memory_and_swap() {
         Some(total) if total < 140_000_000_000 => {}
         _ => return,
     }
