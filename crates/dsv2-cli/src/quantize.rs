@@ -21,6 +21,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, ensure, Context, Result};
 use clap::Args;
+use dsv2_core::checkpoint::{INDEX_FILE, SINGLE_FILE};
 use dsv2_core::quant::{
     quantize_tensor, quantized_format, QuantFormat, LAYOUT_VERSION, METADATA_KEY, QWEIGHT_SUFFIX,
     SCALES_SUFFIX, VERSION_KEY,
@@ -38,9 +39,15 @@ pub struct QuantizeArgs {
     /// Target format: q8, or q4 (routed experts at 4 bits, other matrices at q8).
     #[arg(long)]
     to: QuantFormat,
-    /// Output folder (created; must not hold a model.safetensors already).
+    /// Output folder (created; must not hold a checkpoint already).
     #[arg(long)]
     output: PathBuf,
+    /// Split the output into shards of at most this size (e.g. 5GB, 4GiB), named
+    /// `model-00001-of-0000N.safetensors` with a `model.safetensors.index.json`, as
+    /// `save_pretrained` does; a tensor larger than this gets a shard of its own. Default:
+    /// one `model.safetensors`.
+    #[arg(long, value_parser = crate::serve::parse_bytes)]
+    max_shard_size: Option<usize>,
 }
 
 /// Files copied next to the quantized weights when present.
@@ -85,12 +92,19 @@ impl View for &Entry {
     }
 }
 
-/// What becomes of one input tensor.
-enum Job {
-    /// Copied as stored.
-    Copy(TensorView),
-    /// Quantized into the `.qweight` and `.scales` planes.
-    Quantize(TensorView, QuantFormat),
+/// One input tensor: how it is written (quantized to `format`, or copied as stored when
+/// `None`), the output tensors it becomes and the shard they go to.
+struct Job {
+    view: TensorView,
+    format: Option<QuantFormat>,
+    entries: Vec<Entry>,
+    shard: usize,
+}
+
+impl Job {
+    fn bytes(&self) -> usize {
+        self.entries.iter().map(Entry::bytes).sum()
+    }
 }
 
 fn st_dtype(d: &DType) -> safetensors::Dtype {
@@ -118,12 +132,14 @@ impl SafetensorsWriter {
     /// would write for them.
     fn create(
         path: &Path,
-        entries: &[Entry],
+        entries: &[&Entry],
         metadata: HashMap<String, String>,
     ) -> Result<SafetensorsWriter> {
-        let header =
-            safetensors::serialize(entries.iter().map(|e| (e.name.as_str(), e)), Some(metadata))
-                .context("making the safetensors header")?;
+        let header = safetensors::serialize(
+            entries.iter().map(|e| (e.name.as_str(), *e)),
+            Some(metadata),
+        )
+        .context("making the safetensors header")?;
         let json: serde_json::Map<String, serde_json::Value> =
             serde_json::from_slice(&header[8..]).context("reading back the safetensors header")?;
         let mut offsets = HashMap::new();
@@ -177,13 +193,9 @@ pub fn run(args: QuantizeArgs) -> Result<()> {
     let config = ModelConfig::from_file(&dir.join("config.json"))?;
     let checkpoint = Checkpoint::open(&dir)?;
     checkpoint.validate(&expected_tensors(&config))?;
-    let out_file = args.output.join("model.safetensors");
-    if out_file.exists() {
-        bail!("{} already exists", out_file.display());
+    if args.max_shard_size == Some(0) {
+        bail!("--max-shard-size must be positive");
     }
-    std::fs::create_dir_all(&args.output)
-        .with_context(|| format!("creating {}", args.output.display()))?;
-    let mut entries = Vec::new();
     let mut jobs = Vec::new();
     let (mut quantized, mut kept) = (0usize, 0usize);
     for expected in expected_tensors(&config) {
@@ -192,75 +204,159 @@ pub fn run(args: QuantizeArgs) -> Result<()> {
             Weight::Dense(view) => view,
             Weight::Quantized(_) => bail!("{}: already quantized", dir.display()),
         };
-        match quantized_format(&name, &view.shape, args.to) {
+        let format = quantized_format(&name, &view.shape, args.to);
+        let entries = match format {
             Some(format) => {
                 let (rows, cols) = (view.shape[0], view.shape[1]);
-                entries.push(Entry {
-                    name: format!("{name}{QWEIGHT_SUFFIX}"),
-                    dtype: match format {
-                        QuantFormat::Q8 => safetensors::Dtype::I8,
-                        QuantFormat::Q4 => safetensors::Dtype::U8,
-                    },
-                    shape: vec![rows, format.row_bytes(cols)],
-                });
-                entries.push(Entry {
-                    name: format!("{name}{SCALES_SUFFIX}"),
-                    dtype: safetensors::Dtype::F16,
-                    shape: vec![rows, cols / dsv2_core::quant::BLOCK],
-                });
-                jobs.push(Job::Quantize(view, format));
                 quantized += 1;
+                vec![
+                    Entry {
+                        name: format!("{name}{QWEIGHT_SUFFIX}"),
+                        dtype: match format {
+                            QuantFormat::Q8 => safetensors::Dtype::I8,
+                            QuantFormat::Q4 => safetensors::Dtype::U8,
+                        },
+                        shape: vec![rows, format.row_bytes(cols)],
+                    },
+                    Entry {
+                        name: format!("{name}{SCALES_SUFFIX}"),
+                        dtype: safetensors::Dtype::F16,
+                        shape: vec![rows, cols / dsv2_core::quant::BLOCK],
+                    },
+                ]
             }
             None => {
-                entries.push(Entry {
+                kept += 1;
+                vec![Entry {
                     name,
                     dtype: st_dtype(&view.dtype),
                     shape: view.shape.clone(),
-                });
-                jobs.push(Job::Copy(view));
-                kept += 1;
+                }]
             }
+        };
+        jobs.push(Job {
+            view,
+            format,
+            entries,
+            shard: 0,
+        });
+    }
+    let shards = assign_shards(&mut jobs, args.max_shard_size);
+    let files: Vec<String> = match args.max_shard_size {
+        None => vec![SINGLE_FILE.to_string()],
+        Some(_) => (1..=shards)
+            .map(|i| format!("model-{i:05}-of-{shards:05}.safetensors"))
+            .collect(),
+    };
+    for file in files.iter().map(String::as_str).chain([INDEX_FILE]) {
+        let path = args.output.join(file);
+        if path.exists() || (file == INDEX_FILE && args.output.join(SINGLE_FILE).exists()) {
+            bail!(
+                "{} already holds a checkpoint ({file})",
+                args.output.display()
+            );
         }
     }
+    std::fs::create_dir_all(&args.output)
+        .with_context(|| format!("creating {}", args.output.display()))?;
     let metadata = HashMap::from([
         (METADATA_KEY.to_string(), args.to.name().to_string()),
         (VERSION_KEY.to_string(), LAYOUT_VERSION.to_string()),
     ]);
-    let partial = args.output.join("model.safetensors.partial");
-    let written = write_jobs(&partial, &entries, metadata, &jobs);
-    if let Err(e) = written {
-        let _ = std::fs::remove_file(&partial);
-        return Err(e.context(format!("writing {}", out_file.display())));
+    let mut finals: Vec<PathBuf> = files.iter().map(|f| args.output.join(f)).collect();
+    if args.max_shard_size.is_some() {
+        finals.push(args.output.join(INDEX_FILE));
     }
-    std::fs::rename(&partial, &out_file)
-        .with_context(|| format!("renaming {} to {}", partial.display(), out_file.display()))?;
+    let partials: Vec<PathBuf> = finals
+        .iter()
+        .map(|f| PathBuf::from(format!("{}.partial", f.display())))
+        .collect();
+    let written = write_jobs(&partials[..files.len()], metadata, &jobs).and_then(|()| {
+        if args.max_shard_size.is_some() {
+            write_index(&partials[files.len()], &jobs, &files)?;
+        }
+        Ok(())
+    });
+    if let Err(e) = written {
+        for partial in &partials {
+            let _ = std::fs::remove_file(partial);
+        }
+        return Err(e.context(format!("writing {}", args.output.display())));
+    }
+    // The index last: until it is in place, the folder holds no checkpoint.
+    for (partial, done) in partials.iter().zip(&finals) {
+        std::fs::rename(partial, done)
+            .with_context(|| format!("renaming {} to {}", partial.display(), done.display()))?;
+    }
     for file in SIDE_FILES {
         copy_if_present(&dir, &args.output, file)?;
     }
     eprintln!(
-        "wrote {} ({} matrices quantized to {}, {} tensors kept)",
-        out_file.display(),
+        "wrote {} ({} matrices quantized to {}, {} tensors kept{})",
+        args.output.display(),
         quantized,
         args.to.name(),
-        kept
+        kept,
+        if shards > 1 || args.max_shard_size.is_some() {
+            format!("; {shards} shards")
+        } else {
+            String::new()
+        }
     );
     Ok(())
 }
 
-/// Writes the file: each job's tensor once, then its input pages released. A second
-/// thread writes while the next matrix is quantized.
-fn write_jobs(
-    path: &Path,
-    entries: &[Entry],
-    metadata: HashMap<String, String>,
-    jobs: &[Job],
-) -> Result<()> {
-    let mut writer = SafetensorsWriter::create(path, entries, metadata)?;
+/// Puts the jobs in shards of at most `max` bytes, in order (a job larger than `max`
+/// alone in one); returns the number of shards.
+fn assign_shards(jobs: &mut [Job], max: Option<usize>) -> usize {
+    let Some(max) = max else {
+        return 1;
+    };
+    let (mut shard, mut filled) = (0, 0);
+    for job in jobs.iter_mut() {
+        let bytes = job.bytes();
+        if filled > 0 && filled + bytes > max {
+            shard += 1;
+            filled = 0;
+        }
+        job.shard = shard;
+        filled += bytes;
+    }
+    shard + 1
+}
+
+/// Writes `model.safetensors.index.json`: the total size and each tensor's shard.
+fn write_index(path: &Path, jobs: &[Job], files: &[String]) -> Result<()> {
+    let mut weight_map = serde_json::Map::new();
+    for job in jobs {
+        for entry in &job.entries {
+            weight_map.insert(entry.name.clone(), files[job.shard].clone().into());
+        }
+    }
+    let total: usize = jobs.iter().map(Job::bytes).sum();
+    let index = serde_json::json!({
+        "metadata": {"total_size": total},
+        "weight_map": weight_map,
+    });
+    std::fs::write(path, serde_json::to_string_pretty(&index)? + "\n")
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+/// Writes the shard files `paths`: each job's tensor once, then its input pages
+/// released. A second thread writes while the next matrix is quantized.
+fn write_jobs(paths: &[PathBuf], metadata: HashMap<String, String>, jobs: &[Job]) -> Result<()> {
+    let mut writers = Vec::new();
+    for (shard, path) in paths.iter().enumerate() {
+        let entries: Vec<&Entry> = jobs
+            .iter()
+            .filter(|j| j.shard == shard)
+            .flat_map(|j| &j.entries)
+            .collect();
+        writers.push(SafetensorsWriter::create(path, &entries, metadata.clone())?);
+    }
     let bar = ProgressBar::new(
         jobs.iter()
-            .map(|j| match j {
-                Job::Copy(v) | Job::Quantize(v, _) => v.data.as_slice().len() as u64,
-            })
+            .map(|j| j.view.data.as_slice().len() as u64)
             .sum(),
     );
     bar.set_style(
@@ -271,26 +367,26 @@ fn write_jobs(
     );
     std::thread::scope(|scope| {
         // Two planes in flight: one matrix's, while the next is quantized.
-        let (send, receive) = std::sync::mpsc::sync_channel::<(String, Bytes)>(2);
-        let written = scope.spawn(move || -> Result<SafetensorsWriter> {
-            for (name, bytes) in receive {
-                writer.write(&name, bytes.as_slice())?;
+        let (send, receive) = std::sync::mpsc::sync_channel::<(usize, String, Bytes)>(2);
+        let written = scope.spawn(move || -> Result<Vec<SafetensorsWriter>> {
+            for (shard, name, bytes) in receive {
+                writers[shard].write(&name, bytes.as_slice())?;
                 // A copied tensor's mapped pages; a no-op for the planes made in memory.
                 bytes.release_pages();
             }
-            Ok(writer)
+            Ok(writers)
         });
         for job in jobs {
-            let (view, planes) = match job {
-                Job::Copy(view) => (view, vec![(view.name.clone(), view.data.clone())]),
-                Job::Quantize(view, format) => {
-                    let q = quantize_tensor(view, *format);
+            let view = &job.view;
+            let planes = match job.format {
+                None => vec![(job.shard, view.name.clone(), view.data.clone())],
+                Some(format) => {
+                    let q = quantize_tensor(view, format);
                     view.data.release_pages();
-                    let planes = vec![
-                        (format!("{}{QWEIGHT_SUFFIX}", view.name), q.qweight.data),
-                        (format!("{}{SCALES_SUFFIX}", view.name), q.scales.data),
-                    ];
-                    (view, planes)
+                    vec![
+                        (job.shard, job.entries[0].name.clone(), q.qweight.data),
+                        (job.shard, job.entries[1].name.clone(), q.scales.data),
+                    ]
                 }
             };
             // A closed channel means the writer failed: its error is returned below.
@@ -300,9 +396,11 @@ fn write_jobs(
             bar.inc(view.data.as_slice().len() as u64);
         }
         drop(send);
-        let writer = written.join().expect("the writer thread panicked")?;
+        let writers = written.join().expect("the writer thread panicked")?;
         bar.finish_and_clear();
-        writer.file.sync_all()?;
+        for writer in writers {
+            writer.file.sync_all()?;
+        }
         Ok(())
     })
 }
@@ -379,7 +477,9 @@ mod tests {
             .collect();
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("out.safetensors");
-        let mut writer = SafetensorsWriter::create(&path, &entries, metadata).unwrap();
+        let mut writer =
+            SafetensorsWriter::create(&path, &entries.iter().collect::<Vec<_>>(), metadata)
+                .unwrap();
         // In an order of its own, as the quantizer's jobs come.
         for (name, t) in tensors.iter().rev() {
             writer.write(name, &t.2).unwrap();
@@ -397,7 +497,7 @@ mod tests {
         }];
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("out.safetensors");
-        let mut writer = SafetensorsWriter::create(&path, &entries, HashMap::new()).unwrap();
+        let mut writer = SafetensorsWriter::create(&path, &[&entries[0]], HashMap::new()).unwrap();
         let err = writer.write("w", &[0; 12]).unwrap_err().to_string();
         assert!(err.contains("w: 12 bytes, the header has 16"), "{err}");
         let err = writer.write("x", &[0; 16]).unwrap_err().to_string();

@@ -60,7 +60,7 @@ pub struct ServeArgs {
 }
 
 /// Parses `1GiB`, `512MiB`, `64KB`, `2G` or a plain number of bytes.
-fn parse_bytes(s: &str) -> Result<usize, String> {
+pub(crate) fn parse_bytes(s: &str) -> Result<usize, String> {
     let t = s.trim();
     let split = t
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))

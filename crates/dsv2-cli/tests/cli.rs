@@ -1,5 +1,6 @@
 //! The `dsv2` binary's command-line contracts, run as a user runs them.
 
+use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -360,6 +361,87 @@ fn truncated_checkpoint_names_the_tensor_and_file() {
     assert_one_line_error(&out, "model-00002-of-00002.safetensors");
     assert!(stderr(&out).contains("truncated"), "{}", stderr(&out));
     assert!(stderr(&out).contains("tensor `"), "{}", stderr(&out));
+}
+
+#[test]
+fn quantized_checkpoint_in_shards_loads_as_one_file_does() {
+    let scratch = tmp("quantize-shards");
+    let dir = scratch.path();
+    let lite = fixture("lite");
+    let quantize = |out: &Path, extra: &[&str]| {
+        let mut args = vec![
+            "quantize",
+            "--model",
+            lite.to_str().unwrap(),
+            "--to",
+            "q4",
+            "--output",
+            out.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        dsv2(&args)
+    };
+    let one = dir.join("one");
+    assert!(quantize(&one, &[]).status.success());
+    let sharded = dir.join("sharded");
+    let out = quantize(&sharded, &["--max-shard-size", "100KB"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    // Shards of at most 100 KB (or one tensor), listed by the index, no partial files.
+    let index: Value = serde_json::from_str(
+        &std::fs::read_to_string(sharded.join("model.safetensors.index.json")).unwrap(),
+    )
+    .unwrap();
+    let weight_map = index["weight_map"].as_object().unwrap();
+    let mut files: Vec<&str> = weight_map.values().map(|v| v.as_str().unwrap()).collect();
+    files.sort();
+    files.dedup();
+    assert!(files.len() > 2, "{files:?}");
+    let mut data_bytes = 0;
+    for (i, file) in files.iter().enumerate() {
+        assert_eq!(
+            *file,
+            format!("model-{:05}-of-{:05}.safetensors", i + 1, files.len())
+        );
+        let bytes = std::fs::read(sharded.join(file)).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let shard_bytes: usize = st.tensors().iter().map(|(_, t)| t.data().len()).sum();
+        assert!(
+            shard_bytes <= 100_000 || st.len() == 1,
+            "{file}: {shard_bytes}"
+        );
+        data_bytes += shard_bytes;
+    }
+    assert_eq!(index["metadata"]["total_size"], data_bytes);
+    assert!(!sharded.join("model.safetensors").exists());
+    let names: Vec<_> = std::fs::read_dir(&sharded)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert!(names.iter().all(|n| !n.ends_with(".partial")), "{names:?}");
+    // The same logits as the single file.
+    let logits = |model: &Path, file: &str| {
+        let path = dir.join(file);
+        let out = dsv2(&[
+            "logits",
+            "--model",
+            model.to_str().unwrap(),
+            "--token-ids",
+            "1,2,3,4,5",
+            "--output",
+            path.to_str().unwrap(),
+        ]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        std::fs::read(path).unwrap()
+    };
+    assert_eq!(
+        logits(&sharded, "a.safetensors"),
+        logits(&one, "b.safetensors")
+    );
+    // A folder that holds a checkpoint is not written over.
+    let again = quantize(&sharded, &["--max-shard-size", "100KB"]);
+    assert_one_line_error(&again, "already holds a checkpoint");
+    let again = quantize(&one, &["--max-shard-size", "100KB"]);
+    assert_one_line_error(&again, "already holds a checkpoint");
 }
 
 #[test]
