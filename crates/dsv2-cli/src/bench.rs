@@ -151,7 +151,7 @@ fn open_source(args: &BenchArgs) -> Result<(String, ModelConfig, WeightSource)> 
             if args.model.device == load::Device::Cpu {
                 let what = dir.display().to_string();
                 let held = |n: &str| load::held(&checkpoint, n);
-                crate::memory::check_before_load(&what, &config, held, args.model.quantize)?;
+                crate::memory::check_before_load(&what, &config, held, args.model.quantize, 0)?;
             }
             let stored = Stored::Checkpoint(checkpoint);
             let source = WeightSource::new(stored, &config, args.model.quantize)?;
@@ -162,7 +162,7 @@ fn open_source(args: &BenchArgs) -> Result<(String, ModelConfig, WeightSource)> 
             let dtype = args.weights_dtype.clone().unwrap_or(DType::BF16);
             if args.model.device == load::Device::Cpu {
                 let held = |_: &str| crate::memory::Held::InMemory(dtype.clone());
-                crate::memory::check_before_load(&label, &config, held, args.model.quantize)?;
+                crate::memory::check_before_load(&label, &config, held, args.model.quantize, 0)?;
             }
             let random = RandomWeights::new(&config, dtype, bytes_bar("generating weights"));
             let source = WeightSource::new(Stored::Random(random), &config, args.model.quantize)?;

@@ -60,6 +60,11 @@ impl ModelInfo {
 /// A command that runs on a loaded model, whatever the backend.
 pub trait ModelTask {
     type Output;
+    /// Bytes the task will hold beside the weights (a server's KV cache), counted in the
+    /// memory check before a CPU load.
+    fn memory_beside_weights(&self) -> u64 {
+        0
+    }
     /// Runs with the model loaded on `backend`.
     fn run<B: Backend>(
         self,
@@ -109,7 +114,9 @@ pub fn with_model<T: ModelTask>(args: &ModelArgs, task: T) -> Result<T::Output> 
         .validate(&expected_tensors(&config))
         .with_context(|| format!("loading {root}"))?;
     if matches!(args.device, Device::Cpu) {
-        crate::memory::check_before_load(&root, &config, |n| held(&checkpoint, n), args.quantize)?;
+        let held = |n: &str| held(&checkpoint, n);
+        let cache = task.memory_beside_weights();
+        crate::memory::check_before_load(&root, &config, held, args.quantize, cache)?;
     }
     let info = ModelInfo {
         dir,

@@ -107,20 +107,36 @@ fn gb(bytes: u64) -> String {
     format!("{:.1} GB", bytes as f64 / 1e9)
 }
 
-/// Fails when the anonymous part alone exceeds memory and swap together; returns a
-/// warning when the whole exceeds memory. `what` names the model in the messages;
-/// `quantized_sizes` gives the bytes at q8 and at q4, for the advice.
+/// Fails when the anonymous part and `cache` (the KV cache a server will fill, 0
+/// elsewhere) exceed memory and swap together; returns a warning when they and the mapped
+/// part exceed memory. `what` names the model in the messages; `quantized_sizes` gives
+/// the weights' bytes at q8 and at q4, for the advice.
 pub fn check(
     what: &str,
     memory: WeightMemory,
+    cache: u64,
     limits: Limits,
     quantized_sizes: (u64, u64),
 ) -> Result<Option<String>> {
     let (q8, q4) = quantized_sizes;
     let room = limits.memory + limits.swap;
-    if memory.anonymous > room {
-        let advice = if q4 < memory.anonymous && q4 <= limits.memory {
+    let needs = if cache > 0 {
+        format!(
+            "its weights need {} and its KV cache {} of memory on the CPU",
+            gb(memory.anonymous),
+            gb(cache)
+        )
+    } else {
+        format!(
+            "its weights need {} of memory on the CPU",
+            gb(memory.anonymous)
+        )
+    };
+    if memory.anonymous + cache > room {
+        let advice = if q4 < memory.anonymous && q4 + cache <= limits.memory {
             format!(" (q4 would keep {})", gb(q4))
+        } else if cache > 0 && memory.anonymous < room {
+            " (a smaller --kv-cache-memory)".to_string()
         } else {
             String::new()
         };
@@ -133,17 +149,18 @@ pub fn check(
         } else {
             gb(limits.memory)
         };
-        bail!(
-            "{what}: its weights need {} of memory on the CPU and this machine has {has}: \
-             the load would be killed for lack of memory{advice}",
-            gb(memory.anonymous),
-        );
+        bail!("{what}: {needs} and this machine has {has}: it would be killed for lack of memory{advice}");
     }
-    if memory.anonymous + memory.mapped > limits.memory {
+    if memory.anonymous + memory.mapped + cache > limits.memory {
+        let cache_part = if cache > 0 {
+            format!(" (and {} of KV cache)", gb(cache))
+        } else {
+            String::new()
+        };
         return Ok(Some(format!(
-            "dsv2: {what}: its weights take {} and this machine has {} of memory: the pages \
-             of the experts a step needs will be read from disk or swap again and again \
-             (slow); --quantize q8 keeps {} in memory, --quantize q4 {}",
+            "dsv2: {what}: its weights take {}{cache_part} and this machine has {} of memory: \
+             the pages of the experts a step needs will be read from disk or swap again and \
+             again (slow); --quantize q8 keeps {} in memory, --quantize q4 {}",
             gb(memory.anonymous + memory.mapped),
             gb(limits.memory),
             gb(q8),
@@ -153,15 +170,16 @@ pub fn check(
     Ok(None)
 }
 
-/// Checks, before a CPU load, that the weights of `config` fit this machine's memory
-/// (`held` says how each tensor is held, `quantize` is `--quantize`): an error when they
-/// cannot, a warning on stderr when a dense checkpoint will be read from disk again and
-/// again. Nothing where the limit cannot be read.
+/// Checks, before a CPU load, that the weights of `config` and `cache` bytes of KV cache
+/// fit this machine's memory (`held` says how each tensor is held, `quantize` is
+/// `--quantize`): an error when they cannot, a warning on stderr when a dense checkpoint
+/// will be read from disk again and again. Nothing where the limits cannot be read.
 pub fn check_before_load(
     what: &str,
     config: &ModelConfig,
     held: impl Fn(&str) -> Held,
     quantize: Option<QuantFormat>,
+    cache: u64,
 ) -> Result<()> {
     let Some(limits) = limits() else {
         return Ok(());
@@ -186,7 +204,7 @@ pub fn check_before_load(
         total(memory_at(Some(QuantFormat::Q8))),
         total(memory_at(Some(QuantFormat::Q4))),
     );
-    if let Some(warning) = check(what, memory_at(quantize), limits, sizes)? {
+    if let Some(warning) = check(what, memory_at(quantize), cache, limits, sizes)? {
         eprintln!("{warning}");
     }
     Ok(())
@@ -298,6 +316,7 @@ mod tests {
                 anonymous: 1_000,
                 mapped: 0,
             },
+            0,
             limits(800, 0),
             q,
         )
@@ -313,6 +332,7 @@ mod tests {
                 anonymous: big,
                 mapped: 0,
             },
+            0,
             limits(gb24, 0),
             (big, big),
         )
@@ -321,7 +341,7 @@ mod tests {
         assert_eq!(
             err,
             "V2: its weights need 40.0 GB of memory on the CPU and this machine has 24.0 GB: \
-             the load would be killed for lack of memory"
+             it would be killed for lack of memory"
         );
         let err = check(
             "V2",
@@ -329,6 +349,7 @@ mod tests {
                 anonymous: big,
                 mapped: 0,
             },
+            0,
             limits(gb24, 8_000_000_000),
             (big, big),
         )
@@ -345,6 +366,7 @@ mod tests {
                 anonymous: big,
                 mapped: 0,
             },
+            0,
             limits(gb24, 20_000_000_000),
             (big, big),
         )
@@ -357,6 +379,7 @@ mod tests {
                 anonymous: 0,
                 mapped: 31_400_000_000,
             },
+            0,
             limits(gb24, 0),
             (17_000_000_000, 9_900_000_000),
         )
@@ -370,12 +393,53 @@ mod tests {
             warning.contains("q8 keeps 17.0 GB in memory, --quantize q4 9.9 GB"),
             "{warning}"
         );
+        // A server's KV cache counts beside the weights.
+        let q8 = WeightMemory {
+            anonymous: 17_100_000_000,
+            mapped: 400_000_000,
+        };
+        let err = check(
+            "lite",
+            q8,
+            12_000_000_000,
+            limits(gb24, 0),
+            (17_500_000_000, 10_000_000_000),
+        )
+        .unwrap_err()
+        .to_string();
+        assert_eq!(
+            err,
+            "lite: its weights need 17.1 GB and its KV cache 12.0 GB of memory on the CPU and \
+             this machine has 24.0 GB: it would be killed for lack of memory (q4 would keep \
+             10.0 GB)"
+        );
+        let err = check(
+            "lite",
+            q8,
+            16_000_000_000,
+            limits(gb24, 0),
+            (17_500_000_000, 17_500_000_000),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.ends_with("(a smaller --kv-cache-memory)"), "{err}");
+        let warning = check("lite", q8, 6_700_000_000, limits(gb24, 0), (0, 0))
+            .unwrap()
+            .unwrap();
+        assert!(
+            warning.contains("take 17.5 GB (and 6.7 GB of KV cache)"),
+            "{warning}"
+        );
+        assert!(check("lite", q8, 1_000_000_000, limits(gb24, 0), (0, 0))
+            .unwrap()
+            .is_none());
         assert!(check(
             "lite",
             WeightMemory {
                 anonymous: 9,
                 mapped: 10
             },
+            0,
             limits(20, 0),
             q
         )

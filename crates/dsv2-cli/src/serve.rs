@@ -129,6 +129,9 @@ struct ServeTask {
 
 impl ModelTask for ServeTask {
     type Output = ();
+    fn memory_beside_weights(&self) -> u64 {
+        self.engine.kv_cache_bytes as u64
+    }
     fn run<B: Backend>(self, backend: &B, model: &Model<B>, info: &ModelInfo) -> Result<()> {
         let text = text_model(info, self.args.served_model_name, model.config.vocab_size)?;
         self.server.run_engine(backend, model, text, self.engine)
