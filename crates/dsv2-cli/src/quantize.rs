@@ -269,7 +269,11 @@ pub fn run(args: QuantizeArgs) -> Result<()> {
     }
     let partials: Vec<PathBuf> = finals
         .iter()
-        .map(|f| PathBuf::from(format!("{}.partial", f.display())))
+        .map(|f| {
+            let mut partial = f.clone().into_os_string();
+            partial.push(".partial");
+            PathBuf::from(partial)
+        })
         .collect();
     let written = write_jobs(&partials[..files.len()], metadata, &jobs).and_then(|()| {
         if args.max_shard_size.is_some() {
@@ -283,7 +287,8 @@ pub fn run(args: QuantizeArgs) -> Result<()> {
         }
         return Err(e.context(format!("writing {}", args.output.display())));
     }
-    // The index last: until it is in place, the folder holds no checkpoint.
+    // In order, so the index comes last: until it is in place, the folder holds no
+    // checkpoint.
     for (partial, done) in partials.iter().zip(&finals) {
         std::fs::rename(partial, done)
             .with_context(|| format!("renaming {} to {}", partial.display(), done.display()))?;
@@ -297,7 +302,7 @@ pub fn run(args: QuantizeArgs) -> Result<()> {
         quantized,
         args.to.name(),
         kept,
-        if shards > 1 || args.max_shard_size.is_some() {
+        if args.max_shard_size.is_some() {
             format!("; {shards} shards")
         } else {
             String::new()
