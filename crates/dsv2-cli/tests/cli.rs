@@ -363,6 +363,24 @@ fn truncated_checkpoint_names_the_tensor_and_file() {
     assert!(stderr(&out).contains("tensor `"), "{}", stderr(&out));
 }
 
+/// `dsv2 logits` of tokens 1..=5 from `model` (plus `extra` flags), written to `out`:
+/// the file's bytes.
+fn logits_of_five_tokens(model: &Path, extra: &[&str], out: &Path) -> Vec<u8> {
+    let mut args = vec![
+        "logits",
+        "--model",
+        model.to_str().unwrap(),
+        "--token-ids",
+        "1,2,3,4,5",
+        "--output",
+        out.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    let run = dsv2(&args);
+    assert!(run.status.success(), "{}", stderr(&run));
+    std::fs::read(out).unwrap()
+}
+
 #[test]
 fn quantized_checkpoint_in_shards_loads_as_one_file_does() {
     let scratch = tmp("quantize-shards");
@@ -419,23 +437,9 @@ fn quantized_checkpoint_in_shards_loads_as_one_file_does() {
         .collect();
     assert!(names.iter().all(|n| !n.ends_with(".partial")), "{names:?}");
     // The same logits as the single file.
-    let logits = |model: &Path, file: &str| {
-        let path = dir.join(file);
-        let out = dsv2(&[
-            "logits",
-            "--model",
-            model.to_str().unwrap(),
-            "--token-ids",
-            "1,2,3,4,5",
-            "--output",
-            path.to_str().unwrap(),
-        ]);
-        assert!(out.status.success(), "{}", stderr(&out));
-        std::fs::read(path).unwrap()
-    };
     assert_eq!(
-        logits(&sharded, "a.safetensors"),
-        logits(&one, "b.safetensors")
+        logits_of_five_tokens(&sharded, &[], &dir.join("a.safetensors")),
+        logits_of_five_tokens(&one, &[], &dir.join("b.safetensors"))
     );
     // A folder that holds a checkpoint is not written over.
     let again = quantize(&sharded, &["--max-shard-size", "100KB"]);
@@ -483,20 +487,7 @@ fn quantized_checkpoint_loads_without_requantizing() {
         assert!(st.tensor("model.embed_tokens.weight").is_ok());
         // Loading it gives exactly the logits of quantizing at load time.
         let run = |model: &Path, extra: &[&str], file: &str| {
-            let path = dir.join(file);
-            let mut args = vec![
-                "logits",
-                "--model",
-                model.to_str().unwrap(),
-                "--token-ids",
-                "1,2,3,4,5",
-                "--output",
-                path.to_str().unwrap(),
-            ];
-            args.extend_from_slice(extra);
-            let out = dsv2(&args);
-            assert!(out.status.success(), "{}", stderr(&out));
-            std::fs::read(path).unwrap()
+            logits_of_five_tokens(model, extra, &dir.join(file))
         };
         let from_file = run(&out_dir, &[], "a.safetensors");
         let at_load = run(&lite, &["--quantize", format], "b.safetensors");
