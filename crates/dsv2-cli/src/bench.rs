@@ -99,6 +99,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let started = Instant::now();
 
     let (label, config, source) = open_source(&args)?;
+    if args.model.device == load::Device::Cpu {
+        let held = |n: &str| source.held(n);
+        crate::memory::check_before_load(&label, &config, held, args.model.quantize, 0)?;
+    }
     check_grid(&args, &config)?;
     load::check_activation_terms(&args.model, &label, source.quantized(&config))?;
     let weight_bytes: usize = expected_tensors(&config)
@@ -148,11 +152,6 @@ fn open_source(args: &BenchArgs) -> Result<(String, ModelConfig, WeightSource)> 
             }
             let dir = load::resolve(Some(spec))?.context("--model names no folder")?;
             let (config, checkpoint, _) = load::open_folder(&dir)?;
-            if args.model.device == load::Device::Cpu {
-                let what = dir.display().to_string();
-                let held = |n: &str| load::held(&checkpoint, n);
-                crate::memory::check_before_load(&what, &config, held, args.model.quantize, 0)?;
-            }
             let stored = Stored::Checkpoint(checkpoint);
             let source = WeightSource::new(stored, &config, args.model.quantize)?;
             Ok((dir.display().to_string(), config, source))
@@ -160,10 +159,6 @@ fn open_source(args: &BenchArgs) -> Result<(String, ModelConfig, WeightSource)> 
         (None, Some(spec)) => {
             let (label, config) = random_config(spec, args.num_layers)?;
             let dtype = args.weights_dtype.clone().unwrap_or(DType::BF16);
-            if args.model.device == load::Device::Cpu {
-                let held = |_: &str| crate::memory::Held::InMemory(dtype.clone());
-                crate::memory::check_before_load(&label, &config, held, args.model.quantize, 0)?;
-            }
             let random = RandomWeights::new(&config, dtype, bytes_bar("generating weights"));
             let source = WeightSource::new(Stored::Random(random), &config, args.model.quantize)?;
             Ok((label, config, source))

@@ -168,16 +168,17 @@ pub fn with_weights<T: ModelTask>(
     }
 }
 
-/// How the validated `checkpoint` holds tensor `name`, for [`crate::memory`].
-pub fn held(checkpoint: &Checkpoint, name: &str) -> crate::memory::Held {
+/// How `checkpoint` holds tensor `name`, for [`crate::memory`].
+///
+/// # Errors
+/// The tensor is missing or its quantized planes disagree (what `validate` reports).
+pub fn held(checkpoint: &Checkpoint, name: &str) -> Result<crate::memory::Held> {
     use crate::memory::Held;
-    match checkpoint.weight(name) {
-        Ok(Weight::Dense(view)) if view.data.is_mapped() => Held::Mapped(view.dtype),
-        Ok(Weight::Dense(view)) => Held::InMemory(view.dtype),
-        Ok(Weight::Quantized(q)) => Held::Quantized(q.format),
-        // Not reached after `validate`; counted as nothing.
-        Err(_) => Held::Mapped(DType::Unsupported(String::new())),
-    }
+    Ok(match checkpoint.weight(name)? {
+        Weight::Dense(view) if view.data.is_mapped() => Held::Mapped(view.dtype),
+        Weight::Dense(view) => Held::InMemory(view.dtype),
+        Weight::Quantized(q) => Held::Quantized(q.format),
+    })
 }
 
 /// Fails before loading when `--activation-terms` is given for weights that will not be

@@ -8,7 +8,7 @@
 //! a warning with the quantized sizes that would fit.
 
 use anyhow::{bail, Result};
-use dsv2_core::quant::{dense_streamed_matrix, quantized_format, QuantFormat, BLOCK};
+use dsv2_core::quant::{dense_streamed_matrix, quantized_format, QuantFormat};
 use dsv2_core::{expected_tensors, DType, ModelConfig};
 
 /// How one tensor is held before the CPU backend loads it.
@@ -33,13 +33,6 @@ pub struct WeightMemory {
     pub mapped: u64,
 }
 
-/// Bytes of a matrix's planes in `format`: one int8 or packed nibble per weight and an
-/// f16 scale per 32.
-fn plane_bytes(shape: &[usize], format: QuantFormat) -> u64 {
-    let (rows, cols) = (shape[0], shape[1]);
-    (rows * format.row_bytes(cols) + rows * cols / BLOCK * 2) as u64
-}
-
 fn dense_bytes(shape: &[usize], dtype: &DType) -> u64 {
     (shape.iter().product::<usize>() * dtype.size().unwrap_or(0)) as u64
 }
@@ -58,10 +51,12 @@ pub fn weight_memory<'a>(
     let mut memory = WeightMemory::default();
     for (name, shape, held) in tensors {
         match held {
-            Held::Quantized(format) => memory.anonymous += plane_bytes(shape, format),
+            Held::Quantized(format) => {
+                memory.anonymous += format.matrix_bytes(shape[0], shape[1]) as u64
+            }
             Held::Mapped(ref dtype) | Held::InMemory(ref dtype) => {
                 if let Some(format) = quantize.and_then(|q| quantized_format(name, shape, q)) {
-                    memory.anonymous += plane_bytes(shape, format);
+                    memory.anonymous += format.matrix_bytes(shape[0], shape[1]) as u64;
                 } else if matches!(held, Held::InMemory(_))
                     || (quantized_model && dense_streamed_matrix(name, shape))
                 {
@@ -177,25 +172,22 @@ pub fn check(
 pub fn check_before_load(
     what: &str,
     config: &ModelConfig,
-    held: impl Fn(&str) -> Held,
+    held: impl Fn(&str) -> Result<Held>,
     quantize: Option<QuantFormat>,
     cache: u64,
 ) -> Result<()> {
     let Some(limits) = limits() else {
         return Ok(());
     };
-    let tensors: Vec<_> = expected_tensors(config)
+    let tensors = expected_tensors(config)
         .into_iter()
-        .map(|t| {
-            let h = held(&t.name);
-            (t, h)
-        })
-        .collect();
+        .map(|t| Ok((held(&t.name)?, t)))
+        .collect::<Result<Vec<_>>>()?;
     let memory_at = |q: Option<QuantFormat>| {
         weight_memory(
             tensors
                 .iter()
-                .map(|(t, h)| (t.name.as_str(), t.shape.as_slice(), h.clone())),
+                .map(|(h, t)| (t.name.as_str(), t.shape.as_slice(), h.clone())),
             q,
         )
     };

@@ -1,17 +1,19 @@
 //! `dsv2 quantize`: write a checkpoint in dsv2's q8/q4 block format.
 //!
-//! The output folder holds `model.safetensors` (quantized planes `<name>.qweight` and
-//! `<name>.scales` for eligible matrices, every other tensor as stored) with
+//! The output folder holds `model.safetensors`, or with `--max-shard-size` numbered shards
+//! and a `model.safetensors.index.json` (quantized planes `<name>.qweight` and
+//! `<name>.scales` for eligible matrices, every other tensor as stored), each file with
 //! `{"dsv2_quantization": FORMAT, "dsv2_quant_version": "2"}` metadata (the interleaved
 //! layout documented in `dsv2_core::quant`), plus copies of the config, tokenizer and
 //! generation files. It loads memory-mapped, without re-quantizing (the CPU backend
 //! copies the planes once into huge pages).
 //!
-//! The file is laid out as `safetensors::serialize` lays it out (the same bytes), but
+//! Each file is laid out as `safetensors::serialize` lays it out (the same bytes), but
 //! written tensor by tensor at its offsets: each matrix is quantized once and its input
 //! pages released, and a writer thread writes its planes while the next is quantized, so
-//! the process holds about two tensors at a time however large the checkpoint. It is written under a
-//! temporary name and renamed when complete, so a failed run leaves no truncated model.
+//! the process holds about two tensors at a time however large the checkpoint. Files are
+//! written under temporary names and renamed when complete (the index last), so a failed
+//! run leaves no truncated model.
 
 use std::borrow::Cow;
 use std::collections::HashMap;

@@ -83,6 +83,12 @@ impl QuantFormat {
         }
     }
 
+    /// Bytes of a `rows × cols` matrix in this format: both planes, the quantized
+    /// values and an f16 scale per 32 weights.
+    pub fn matrix_bytes(self, rows: usize, cols: usize) -> usize {
+        rows * (self.row_bytes(cols) + cols / BLOCK * std::mem::size_of::<f16>())
+    }
+
     /// Bytes per 32-weight block of one row: 32 (q8) or 16 (q4).
     pub fn block_bytes(self) -> usize {
         self.row_bytes(BLOCK)

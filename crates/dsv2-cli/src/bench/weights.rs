@@ -5,10 +5,9 @@
 
 use std::collections::HashMap;
 
+use crate::memory::Held;
 use anyhow::{bail, Context, Result};
-use dsv2_core::quant::{
-    dense_streamed_matrix, quantize_with, quantized_format, QuantizedTensor, BLOCK,
-};
+use dsv2_core::quant::{dense_streamed_matrix, quantize_with, quantized_format, QuantizedTensor};
 use dsv2_core::{
     expected_tensors, Checkpoint, CoreError, DType, ExpectedTensor, ModelConfig, QuantFormat,
     TensorView, Weight,
@@ -183,15 +182,12 @@ impl WeightSource {
     /// `--quantize` format when the loader quantizes it (the rule of
     /// [`quantized_format`]).
     pub fn tensor_bytes(&self, tensor: &ExpectedTensor) -> usize {
-        let quantized = |format: QuantFormat, rows: usize, cols: usize| {
-            rows * (format.row_bytes(cols) + cols / BLOCK * std::mem::size_of::<u16>())
-        };
         let load_format = self
             .quantize
             .and_then(|f| quantized_format(&tensor.name, &tensor.shape, f));
         if let (Some(format), &[rows, cols]) = (load_format, tensor.shape.as_slice()) {
             if self.stored_dense(&tensor.name) {
-                return quantized(format, rows, cols);
+                return format.matrix_bytes(rows, cols);
             }
         }
         match &self.stored {
@@ -203,6 +199,17 @@ impl WeightSource {
                 }
                 Err(_) => 0, // validated in `new`: every tensor is there
             },
+        }
+    }
+
+    /// How tensor `name` is held before the load, for the memory check.
+    ///
+    /// # Errors
+    /// A checkpoint tensor that cannot be read (validated in `new`).
+    pub fn held(&self, name: &str) -> Result<Held> {
+        match &self.stored {
+            Stored::Checkpoint(c) => crate::load::held(c, name),
+            Stored::Random(r) => Ok(Held::InMemory(r.dtype.clone())),
         }
     }
 
