@@ -591,6 +591,16 @@ fn attend_one_pass<E: KindOf + CacheElem>(
     let (state_len, group_state) = (flash::state_len(h, c), flash::group_state_len(c));
     let mut states = take::<f32>(total * state_len);
     let states_ptr = SyncPtr(states.as_mut_ptr());
+    // Each task's fold scratch, taken here rather than from the pool of whichever thread
+    // claims the task: on many threads a thread may claim its first attention task only
+    // in a later step, and would allocate there.
+    let scratch_len = if bf16_math {
+        flash_bf16::scratch_len(h)
+    } else {
+        flash::scratch_len(h)
+    };
+    let mut scratches = take::<f32>(total * splits * scratch_len);
+    let scratches_ptr = SyncPtr(scratches.as_mut_ptr());
     let (qt, qt16): (&[f32], &[u32]) = (&qt, &qt16);
     team::for_each(total * splits, |i| {
         let (task, part) = (i / splits, i % splits);
@@ -611,11 +621,10 @@ fn attend_one_pass<E: KindOf + CacheElem>(
         let first = (task - task_at[k] as usize) * per * flash::CHUNK_ROWS;
         let end = (first + per * flash::CHUNK_ROWS).min(visible);
         flash::reset_state(state, c);
-        let mut scratch = take::<f32>(if bf16_math {
-            flash_bf16::scratch_len(h)
-        } else {
-            flash::scratch_len(h)
-        });
+        // SAFETY: task-part `i`'s scratch, used by this call only.
+        let scratch = unsafe {
+            std::slice::from_raw_parts_mut(scratches_ptr.get().add(i * scratch_len), scratch_len)
+        };
         for s0 in (first..end).step_by(flash::CHUNK_ROWS) {
             let n = (end - s0).min(flash::CHUNK_ROWS);
             let cached = |j: usize| &cache.row(slot(seq, bs, s0 + j))[..w];
@@ -648,7 +657,7 @@ fn attend_one_pass<E: KindOf + CacheElem>(
                     rows,
                     &next[..next_n],
                     state,
-                    &mut scratch,
+                    scratch,
                 );
             } else {
                 flash::fold_chunk(
@@ -658,7 +667,7 @@ fn attend_one_pass<E: KindOf + CacheElem>(
                     &rows[..n],
                     &next[..next_n],
                     state,
-                    &mut scratch,
+                    scratch,
                 );
             }
         }
