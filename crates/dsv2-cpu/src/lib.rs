@@ -23,6 +23,14 @@ pub fn bf16_arithmetic() -> bool {
     flash_bf16::available()
 }
 
+/// Whether the prompt rows of a q8 model's products take bf16 activations on this CPU
+/// ([`CpuBackend::bf16_prompt_rows`] with the activation terms unset): [`bf16_arithmetic`]
+/// on a CPU whose `vdpbf16ps` keeps pace with its `vpdpbusd`
+/// ([`dsv2_core::isa::bf16_dot_keeps_pace`]), where they beat two int8 terms.
+pub fn q8_prompt_rows_in_bf16() -> bool {
+    q8_bf16::preferred()
+}
+
 /// The shortest of `reps` timed runs of `f` after one untimed, in seconds (the kernels'
 /// ignored timing tests).
 #[cfg(test)]
@@ -352,15 +360,17 @@ impl CpuBackend {
 
     /// Whether prompt rows of q8 products take bf16 activations (`q8_bf16.rs`): in a
     /// q8 model whose activation terms were not set ([`CpuBackend::with_q8_activation_terms`]
-    /// asks for int8 terms on every row), on a CPU with AVX-512 BF16. A product's rows of
-    /// a prompt long enough to give it 16 rows (`q8_bf16::PROMPT_MIN_ROWS`) then do 32
-    /// weight multiply-adds per `vdpbf16ps` where two int8 terms take two `vpdpbusd`s per
-    /// 64 and more work per block (products 1.1-1.27× the speed on Zen 4; with the
-    /// prompt's attention in bf16 too, a V2-Lite prefill 1.15-1.35×), with logit error
-    /// 2.9e-3..9.6e-3 on issue #5's fixtures (two int8 terms: 2.5e-3..9.3e-3). Decode
-    /// rows and short prompts keep the int8 terms (their products stream memory).
+    /// asks for int8 terms on every row), on a CPU with AVX-512 BF16 whose `vdpbf16ps`
+    /// keeps pace with its `vpdpbusd` ([`q8_prompt_rows_in_bf16`]: AMD's, not Intel's). A
+    /// product's rows of a prompt long enough to give it 16 rows
+    /// (`q8_bf16::PROMPT_MIN_ROWS`) then do 32 weight multiply-adds per `vdpbf16ps` where
+    /// two int8 terms take two `vpdpbusd`s per 64 and more work per block (products
+    /// 1.1-1.27× the speed on Zen 4; with the prompt's attention in bf16 too, a V2-Lite
+    /// prefill 1.15-1.35×), with logit error 2.9e-3..9.6e-3 on issue #5's fixtures (two
+    /// int8 terms: 2.5e-3..9.3e-3). Decode rows and short prompts keep the int8 terms
+    /// (their products stream memory).
     pub fn bf16_prompt_rows(&self) -> bool {
-        self.float_prompt_rows() && q8_bf16::available()
+        self.float_prompt_rows() && q8_bf16::preferred()
     }
 
     /// Whether prompt rows of q8 products take float activations: in bf16 arithmetic
@@ -371,7 +381,7 @@ impl CpuBackend {
         self.q8_terms.is_none()
             && self.has_quantized_weights()
             && self.routed_format() == dsv2_core::QuantFormat::Q8
-            && (q8_bf16::available() || q8_f32::available())
+            && (q8_bf16::preferred() || q8_f32::available())
     }
 
     /// Whether a sequence's prompt chunk is prompt work in bf16 under

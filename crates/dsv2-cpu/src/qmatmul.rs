@@ -559,12 +559,13 @@ impl<'a> PromptRows<'a> {
 
 /// Whether prompt rows of a product with `w` take float activations: q8 weights read with
 /// two activation terms (a q8 model's default: the float rows keep its accuracy, one term
-/// would not), in bf16 arithmetic on a CPU with AVX-512 BF16 (`q8_bf16.rs`), in f32 on one
-/// with AVX2 and FMA but no int8 dot product (`q8_f32.rs`).
+/// would not), in bf16 arithmetic on a CPU with AVX-512 BF16 that keeps pace with its int8
+/// dot product (`q8_bf16.rs`, `q8_bf16::preferred`), in f32 on one with AVX2 and
+/// FMA but no int8 dot product (`q8_f32.rs`).
 pub fn prompt_rows_in_float(w: &QMatrix<'_>) -> bool {
     w.format == QuantFormat::Q8
         && w.terms == TERMS
-        && (crate::q8_bf16::available() || crate::q8_f32::available())
+        && (crate::q8_bf16::preferred() || crate::q8_f32::available())
 }
 
 /// [`qmatmul`] with the prompt rows of `prompt` in float activations where
@@ -581,7 +582,7 @@ pub fn qmatmul_prompt(x: &[f32], m: usize, w: QMatrix<'_>, prompt: PromptRows<'_
     for (rows, in_prompt) in prompt.runs(m) {
         let x = &x[rows.start * k..rows.end * k];
         let y = &mut y[rows.start * n..rows.end * n];
-        if in_prompt && crate::q8_bf16::available() {
+        if in_prompt && crate::q8_bf16::preferred() {
             crate::q8_bf16::matmul(x, rows.len(), w, y);
         } else if in_prompt {
             crate::q8_f32::matmul(x, rows.len(), w, y);
@@ -613,7 +614,7 @@ pub(crate) fn qmatmul_pair(
             let x = &x[rows.start * k..rows.end * k];
             let ya = &mut ya[rows.start * a.rows..rows.end * a.rows];
             let yb = &mut yb[rows.start * b.rows..rows.end * b.rows];
-            if in_prompt && crate::q8_bf16::available() {
+            if in_prompt && crate::q8_bf16::preferred() {
                 crate::q8_bf16::matmul_pair(x, rows.len(), a, ya, b, yb);
             } else if in_prompt {
                 crate::q8_f32::matmul(x, rows.len(), a, ya);
