@@ -137,18 +137,33 @@ pub fn avx512_bf16() -> bool {
     false
 }
 
-/// Whether this CPU's `vdpbf16ps` keeps pace with its `vpdpbusd`: issued at least as
-/// often, so 32 bf16 multiply-adds cost no more than the two int8 terms of a q8
-/// product's 64 (`vpdpbusd` twice). AMD's Zen 4 and 5 run both on the same vector pipes
-/// (measured on a Zen 4 VM: 0.47 bf16 TFLOP/s against 0.94 int8 TOP/s). Intel's cores
-/// with AVX-512 BF16 (Cooper Lake, Sapphire, Emerald and Granite Rapids) issue
-/// `vdpbf16ps` to one port and `vpdpbusd` to two: on a 16-core Sapphire Rapids VM the
-/// measured peaks were 0.97 TFLOP/s against 7.5 TOP/s. Told by the CPU's vendor, never
-/// measured, so a machine always takes the same arithmetic (and gives the same logits).
+/// Whether this CPU's `vdpbf16ps` keeps pace with its `vpdpbusd` and its FMAs: issued at
+/// least as often, so that 32 bf16 multiply-adds cost no more than the two int8 terms of a
+/// q8 product's 64 (`vpdpbusd` twice) or two f32 FMAs. The kernels that use bf16 for speed
+/// alone (a q8 model's prompt rows, the decode attention over a bf16 cache) ask it. AMD's
+/// Zen 4 and 5 run them on the same vector pipes (measured on a Zen 4 VM: 0.47 bf16 TFLOP/s
+/// against 0.94 int8 TOP/s; the bf16 decode attention 1.65× the f32 one). Intel's cores
+/// with AVX-512 BF16 (Cooper Lake, Sapphire, Emerald and Granite Rapids) issue `vdpbf16ps`
+/// to one port, `vpdpbusd` and FMAs to two: on a 16-core Sapphire Rapids VM the peaks were
+/// 0.97 TFLOP/s against 7.5 TOP/s, q8 prompt rows ran 1.5× faster as int8 terms and the
+/// decode attention ~12% faster in f32. Told by the CPU's vendor, never measured, so a
+/// machine always takes the same arithmetic (and gives the same logits);
+/// [`BF16_KEEPS_PACE_ENV`] overrides it.
 pub fn bf16_dot_keeps_pace() -> bool {
     static KEEPS_PACE: OnceLock<bool> = OnceLock::new();
-    *KEEPS_PACE.get_or_init(|| avx512_bf16() && bf16_dot_keeps_pace_on(&vendor()))
+    *KEEPS_PACE.get_or_init(|| {
+        avx512_bf16()
+            && match std::env::var(BF16_KEEPS_PACE_ENV) {
+                Ok(v) if !v.trim().is_empty() => v.trim() != "0",
+                _ => bf16_dot_keeps_pace_on(&vendor()),
+            }
+    })
 }
+
+/// The environment variable that overrides [`bf16_dot_keeps_pace`] on a CPU with AVX-512
+/// BF16: `0` says it does not, any other value that it does (unset or empty: the CPU's
+/// vendor decides).
+pub const BF16_KEEPS_PACE_ENV: &str = "DSV2_BF16_KEEPS_PACE";
 
 /// [`bf16_dot_keeps_pace`] for the CPUID vendor string `vendor`, given AVX-512 BF16.
 fn bf16_dot_keeps_pace_on(vendor: &str) -> bool {

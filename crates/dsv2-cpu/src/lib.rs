@@ -14,11 +14,12 @@
 mod attention;
 pub mod bf16dot;
 
-/// Whether this CPU runs the bf16-arithmetic kernels: attention over a bf16 latent cache
-/// (decode: `flash_bf16`, prefill: `prefill_bf16`) and the prompt rows of q8 products
-/// (`q8_bf16`). AVX-512 F, BW and BF16 present and not turned off by
-/// `DSV2_BF16_ATTENTION=0`. Logits then differ slightly from a CPU without the
-/// instruction's, as with any bf16 kernel.
+/// Whether this CPU runs the bf16-arithmetic kernels: AVX-512 F, BW and BF16 present and
+/// not turned off by `DSV2_BF16_ATTENTION=0`. The prefill attention over a bf16 latent
+/// cache (`prefill_bf16`) then runs in bf16; the decode attention over it (`flash_bf16`)
+/// and the prompt rows of q8 products (`q8_bf16`) do where the CPU's `vdpbf16ps` also keeps
+/// pace with its int8 and f32 instructions ([`dsv2_core::isa::bf16_dot_keeps_pace`]).
+/// Logits then differ slightly from a CPU without them, as with any bf16 kernel.
 pub fn bf16_arithmetic() -> bool {
     flash_bf16::available()
 }

@@ -65,24 +65,11 @@ pub(crate) fn available() -> bool {
 /// Whether q8 prompt rows take this path: [`available`], on a CPU whose `vdpbf16ps`
 /// keeps pace with its `vpdpbusd` ([`dsv2_core::isa::bf16_dot_keeps_pace`]: AMD's). On
 /// Intel's (one port for `vdpbf16ps`, two for `vpdpbusd`) the two int8 terms are faster:
-/// a V2-Lite q8 prefill of 512 tokens on a 16-core Sapphire Rapids VM ran at 146-154
-/// tokens/s in bf16 and 246-256 in int8 terms. [`PROMPT_ROWS_ENV`] overrides the choice
-/// (where the bf16 arithmetic is available at all).
+/// a V2-Lite q8 prefill of 512 tokens on a 16-core Sapphire Rapids VM ran at 173-182
+/// tokens/s in bf16 and 260-272 in int8 terms.
 pub(crate) fn preferred() -> bool {
-    static PREFERRED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *PREFERRED.get_or_init(|| {
-        available()
-            && match std::env::var(PROMPT_ROWS_ENV) {
-                Ok(v) if !v.trim().is_empty() => v.trim() != "0",
-                _ => dsv2_core::isa::bf16_dot_keeps_pace(),
-            }
-    })
+    available() && dsv2_core::isa::bf16_dot_keeps_pace()
 }
-
-/// The environment variable that overrides [`preferred`]: `0` keeps q8 prompt rows in
-/// int8 terms, any other value puts them in bf16 arithmetic on any CPU with AVX-512 BF16
-/// (unset or empty: the CPU's vendor decides).
-pub(crate) const PROMPT_ROWS_ENV: &str = "DSV2_BF16_PROMPT_ROWS";
 
 /// Activation rows rounded to bf16 in pairs: row `i` is `k/2` values, pair `kk` holding
 /// `bf16(x[i, 2kk])` in its low half.
