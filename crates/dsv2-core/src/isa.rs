@@ -146,7 +146,7 @@ pub fn avx512_bf16() -> bool {
 /// with AVX-512 BF16 (Cooper Lake, Sapphire, Emerald and Granite Rapids) issue `vdpbf16ps`
 /// to one port, `vpdpbusd` and FMAs to two: on a 16-core Sapphire Rapids VM the peaks were
 /// 0.97 TFLOP/s against 7.5 TOP/s, q8 prompt rows ran 1.5× faster as int8 terms and the
-/// decode attention ~12% faster in f32. Told by the CPU's vendor, never measured, so a
+/// decode attention 12-26% faster in f32. Told by the CPU's vendor, never measured, so a
 /// machine always takes the same arithmetic (and gives the same logits);
 /// [`BF16_KEEPS_PACE_ENV`] overrides it.
 pub fn bf16_dot_keeps_pace() -> bool {
