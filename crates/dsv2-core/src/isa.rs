@@ -171,7 +171,7 @@ fn bf16_dot_keeps_pace_on(vendor: &str) -> bool {
 }
 
 /// The CPUID vendor string ("AuthenticAMD", "GenuineIntel", …; empty off x86-64).
-pub fn vendor() -> String {
+fn vendor() -> String {
     #[cfg(target_arch = "x86_64")]
     {
         // SAFETY: CPUID leaf 0 exists on every x86-64 CPU.

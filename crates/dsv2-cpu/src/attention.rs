@@ -570,7 +570,7 @@ fn attend_one_pass<E: KindOf + CacheElem>(
     // Over a bf16 cache on a CPU with AVX-512 BF16 that keeps pace with its FMAs the
     // attention runs in bf16 arithmetic (`flash_bf16`: the query and probabilities rounded
     // to bf16 as the cache is); elsewhere in f32, the rows widened in the registers.
-    let bf16_math = E::BF16 && flash_bf16::available() && dsv2_core::isa::bf16_dot_keeps_pace();
+    let bf16_math = E::BF16 && flash_bf16::keeps_pace();
     // Each token's query with its heads in vector lanes, a group at a time (in bf16
     // pairs for the bf16 arithmetic).
     let q_len = flash::query_len(h, w);

@@ -60,6 +60,15 @@ pub(crate) fn available() -> bool {
     })
 }
 
+/// Whether the kernels that take bf16 for speed alone use it: [`available`], on a CPU
+/// whose `vdpbf16ps` keeps pace with its int8 and f32 instructions
+/// ([`dsv2_core::isa::bf16_dot_keeps_pace`]: AMD's, not Intel's). This decode attention
+/// over a bf16 cache and the q8 prompt rows (`q8_bf16`) ask it; the prefill attention
+/// (`prefill_bf16`) takes bf16 wherever [`available`].
+pub(crate) fn keeps_pace() -> bool {
+    available() && dsv2_core::isa::bf16_dot_keeps_pace()
+}
+
 /// `x` rounded to bf16 as `vcvtne2ps2bf16` does: to nearest even, subnormals to 0.
 #[inline(always)]
 pub(crate) fn round(x: f32) -> u16 {

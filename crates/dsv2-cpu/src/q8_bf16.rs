@@ -62,13 +62,12 @@ pub(crate) fn available() -> bool {
     crate::flash_bf16::available()
 }
 
-/// Whether q8 prompt rows take this path: [`available`], on a CPU whose `vdpbf16ps`
-/// keeps pace with its `vpdpbusd` ([`dsv2_core::isa::bf16_dot_keeps_pace`]: AMD's). On
-/// Intel's (one port for `vdpbf16ps`, two for `vpdpbusd`) the two int8 terms are faster:
-/// a V2-Lite q8 prefill of 512 tokens on a 16-core Sapphire Rapids VM ran at 173-182
-/// tokens/s in bf16 and 260-272 in int8 terms.
+/// Whether q8 prompt rows take this path: [`crate::flash_bf16::keeps_pace`] (AMD's
+/// AVX-512 BF16). On Intel's (one port for `vdpbf16ps`, two for `vpdpbusd`) the two int8
+/// terms are faster: a V2-Lite q8 prefill of 512 tokens on a 16-core Sapphire Rapids VM
+/// ran at 173-182 tokens/s in bf16 and 260-272 in int8 terms.
 pub(crate) fn preferred() -> bool {
-    available() && dsv2_core::isa::bf16_dot_keeps_pace()
+    crate::flash_bf16::keeps_pace()
 }
 
 /// Activation rows rounded to bf16 in pairs: row `i` is `k/2` values, pair `kk` holding
