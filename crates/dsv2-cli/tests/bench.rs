@@ -239,9 +239,11 @@ fn bench_quantizes_random_weights_at_load() {
     let report = last_json(&out);
     assert_eq!(report["weights_dtype"], "bf16, q8 at load");
     let basis = report["peak_basis"].as_str().unwrap();
-    // The prefill's instruction: q8 prompt rows take bf16 activations where the CPU's bf16
-    // dot product keeps pace with its int8 one.
-    let want = if dsv2_cpu::q8_prompt_rows_in_bf16() {
+    // The prefill's instruction: q8 prompt rows take bf16 activations on AMX tiles, or
+    // where the CPU's bf16 dot product keeps pace with its int8 one.
+    let want = if dsv2_cpu::q8_prompt_rows_on_amx_tiles() {
+        "bf16 tiles (amx-bf16, q8 prompt rows)"
+    } else if dsv2_cpu::q8_prompt_rows_in_bf16() {
         "bf16 dot products (avx512-bf16, q8 prompt rows)"
     } else {
         "int8 dot products"
@@ -292,7 +294,7 @@ fn bench_counts_a_bf16_kv_cache_at_two_bytes_a_value() {
         "{device}"
     );
     if dsv2_cpu::q8_prompt_rows_in_bf16() {
-        assert!(device.contains("terms 2 (prompt rows bf16), "), "{device}");
+        assert!(device.contains("terms 2 (prompt rows bf16"), "{device}");
     }
     // 3 layers × 40 cached values × 2 bytes.
     assert_eq!(num(&report, "kv_bytes_per_token"), 240.0);

@@ -11,6 +11,7 @@
 //! let backend = dsv2_cpu::CpuBackend::new(ComputeDtype::F32);
 //! ```
 
+mod amx;
 mod attention;
 pub mod bf16dot;
 
@@ -27,9 +28,16 @@ pub fn bf16_arithmetic() -> bool {
 /// Whether the prompt rows of a q8 model's products take bf16 activations on this CPU
 /// ([`CpuBackend::bf16_prompt_rows`] with the activation terms unset): [`bf16_arithmetic`]
 /// on a CPU whose `vdpbf16ps` keeps pace with its `vpdpbusd`
-/// ([`dsv2_core::isa::bf16_dot_keeps_pace`]), where they beat two int8 terms.
+/// ([`dsv2_core::isa::bf16_dot_keeps_pace`]), or on one with AMX tiles
+/// ([`q8_prompt_rows_on_amx_tiles`]), where they beat two int8 terms.
 pub fn q8_prompt_rows_in_bf16() -> bool {
     q8_bf16::preferred()
+}
+
+/// Whether those bf16 prompt rows run on the CPU's AMX tiles (`amx.rs`: Intel's Sapphire
+/// Rapids and later, where the OS grants the tile state; `DSV2_AMX=0` turns them off).
+pub fn q8_prompt_rows_on_amx_tiles() -> bool {
+    q8_bf16::preferred() && amx::available()
 }
 
 /// The shortest of `reps` timed runs of `f` after one untimed, in seconds (the kernels'
@@ -362,14 +370,16 @@ impl CpuBackend {
     /// Whether prompt rows of q8 products take bf16 activations (`q8_bf16.rs`): in a
     /// q8 model whose activation terms were not set ([`CpuBackend::with_q8_activation_terms`]
     /// asks for int8 terms on every row), on a CPU with AVX-512 BF16 whose `vdpbf16ps`
-    /// keeps pace with its `vpdpbusd` ([`q8_prompt_rows_in_bf16`]: AMD's, not Intel's). A
-    /// product's rows of a prompt long enough to give it 16 rows
-    /// (`q8_bf16::PROMPT_MIN_ROWS`) then do 32 weight multiply-adds per `vdpbf16ps` where
-    /// two int8 terms take two `vpdpbusd`s per 64 and more work per block (products
-    /// 1.1-1.27× the speed on Zen 4; with the prompt's attention in bf16 too, a V2-Lite
-    /// prefill 1.15-1.35×), with logit error 2.9e-3..9.6e-3 on issue #5's fixtures (two
-    /// int8 terms: 2.5e-3..9.3e-3). Decode rows and short prompts keep the int8 terms
-    /// (their products stream memory).
+    /// keeps pace with its `vpdpbusd` ([`q8_prompt_rows_in_bf16`]: AMD's, not Intel's), or
+    /// with AMX tiles ([`q8_prompt_rows_on_amx_tiles`]: Intel's Sapphire Rapids and
+    /// later). A product's rows of a prompt long enough to give it 16 rows
+    /// (`q8_bf16::PROMPT_MIN_ROWS`) then do 32 weight multiply-adds per `vdpbf16ps` (or
+    /// 8,192 per `tdpbf16ps`) where two int8 terms take two `vpdpbusd`s per 64 and more
+    /// work per block (products 1.1-1.27× the speed on Zen 4; with the prompt's attention
+    /// in bf16 too, a V2-Lite prefill 1.15-1.35×; on the tiles of a 16-core Sapphire
+    /// Rapids 1.4-1.9×), with logit error 2.9e-3..9.6e-3 on issue #5's fixtures (two int8
+    /// terms: 2.5e-3..9.3e-3). Decode rows and short prompts keep the int8 terms (their
+    /// products stream memory).
     pub fn bf16_prompt_rows(&self) -> bool {
         self.float_prompt_rows() && q8_bf16::preferred()
     }
@@ -541,7 +551,9 @@ impl Backend for CpuBackend {
             (true, dsv2_core::QuantFormat::Q8) => format!(
                 ", int8 activation terms {}{}",
                 self.activation_terms(dsv2_core::QuantFormat::Q8),
-                if self.bf16_prompt_rows() {
+                if self.bf16_prompt_rows() && amx::available() {
+                    " (prompt rows bf16 on AMX tiles)"
+                } else if self.bf16_prompt_rows() {
                     " (prompt rows bf16)"
                 } else if self.float_prompt_rows() {
                     " (prompt rows f32)"
@@ -646,10 +658,15 @@ impl Backend for CpuBackend {
 
     /// Measured ([`peak::measure_peak_macs`]): int8 dot products for quantized weights
     /// (`vdpbf16ps` once q8 weights are loaded whose prompt rows take bf16 activations,
-    /// [`CpuBackend::bf16_prompt_rows`]), `vdpbf16ps` for bf16 weights under bf16
+    /// [`CpuBackend::bf16_prompt_rows`], or the AMX tiles' `tdpbf16ps` where they run), `vdpbf16ps` for bf16 weights under bf16
     /// activations where the CPU has AVX-512 BF16, else f32 FMA.
     fn peak_matrix_rate(&self, quantized: bool) -> Result<Option<PeakRate>> {
-        let (op, what) = if quantized && self.bf16_prompt_rows() {
+        let (op, what) = if quantized && self.bf16_prompt_rows() && amx::available() {
+            (
+                peak::MatrixOp::AmxBf16,
+                "bf16 tiles (amx-bf16, q8 prompt rows)".to_string(),
+            )
+        } else if quantized && self.bf16_prompt_rows() {
             (
                 peak::MatrixOp::Bf16,
                 "bf16 dot products (avx512-bf16, q8 prompt rows)".to_string(),

@@ -24,6 +24,8 @@ pub enum MatrixOp {
     Bf16,
     /// int8 dot products (`vpdpbusd` / `maddubs`: the q8 and q4 kernels).
     Int8,
+    /// AMX bf16 tiles (`tdpbf16ps`: q8 prompt rows where the CPU has them).
+    AmxBf16,
 }
 
 impl MatrixOp {
@@ -34,6 +36,7 @@ impl MatrixOp {
             MatrixOp::F32 => crate::matmul::peak_macs(rounds),
             MatrixOp::Bf16 => crate::bf16dot::peak_macs(rounds),
             MatrixOp::Int8 => crate::qmatmul::peak_macs(rounds),
+            MatrixOp::AmxBf16 => crate::amx::peak_macs(rounds),
         }
     }
 }
@@ -48,7 +51,8 @@ const PASSES: usize = 5;
 /// The team's peak rate of `op` in multiply-adds per second (all threads together).
 ///
 /// # Panics
-/// For [`MatrixOp::Bf16`] on a CPU without AVX-512 BF16 ([`crate::bf16dot::available`]).
+/// For [`MatrixOp::Bf16`] on a CPU without AVX-512 BF16 ([`crate::bf16dot::available`]),
+/// [`MatrixOp::AmxBf16`] on one without AMX tiles.
 pub fn measure_peak_macs(op: MatrixOp) -> f64 {
     // Rounds for one task of about TASK_TIME, from a short run on this thread.
     let probe_rounds = 20_000;
@@ -79,12 +83,16 @@ mod tests {
         if crate::bf16dot::available() {
             ops.push(MatrixOp::Bf16);
         }
+        if crate::amx::available() {
+            ops.push(MatrixOp::AmxBf16);
+        }
         for op in ops {
-            // Lanes per instruction: 1 (portable) .. 64 (a zmm of int8 pairs).
+            // Lanes per instruction: 1 (portable) .. 64 (a zmm of int8 pairs), 8,192 for
+            // a tile.
             let macs = op.run(10);
             assert!(
                 macs.is_multiple_of(10 * CHAINS as u64)
-                    && (10 * CHAINS as u64..=640 * CHAINS as u64).contains(&macs),
+                    && (10 * CHAINS as u64..=81_920 * CHAINS as u64).contains(&macs),
                 "{op:?}: {macs}"
             );
             // A rate, not a speed bound: under qemu (the aarch64 tests) or a busy host it

@@ -67,26 +67,40 @@ pub(crate) fn available() -> bool {
 /// terms are faster: a V2-Lite q8 prefill of 512 tokens on a 16-core Sapphire Rapids VM
 /// ran at 173-182 tokens/s in bf16 and 260-272 in int8 terms.
 pub(crate) fn preferred() -> bool {
-    crate::flash_bf16::keeps_pace()
+    crate::flash_bf16::keeps_pace() || crate::amx::available()
 }
 
 /// Activation rows rounded to bf16 in pairs: row `i` is `k/2` values, pair `kk` holding
-/// `bf16(x[i, 2kk])` in its low half.
+/// `bf16(x[i, 2kk])` in its low half. Rows lie [`BfRows::stride`] values apart; where the
+/// AMX tiles take them ([`crate::amx`]) the stride is 16 values (one cache line) longer
+/// than a row, so that 16 rows of a wide matrix do not fall in one cache set, and the
+/// buffer holds whole tiles of 16 rows (those past `m` are never read into an output).
 #[derive(Default)]
 pub(crate) struct BfRows {
     pairs: Vec<u32>,
     m: usize,
     k: usize,
+    stride: usize,
 }
 
 impl BfRows {
-    /// Rounds `x[m, k]` (`k` even) into these (reused) buffers.
+    /// Rounds `x[m, k]` (`k` even) into these (reused) buffers, laid out for the AMX
+    /// tiles where [`crate::amx::available`].
     pub(crate) fn round(&mut self, x: &[f32], m: usize, k: usize) {
+        self.round_for(x, m, k, crate::amx::available())
+    }
+
+    /// [`BfRows::round`], laid out for the AMX tiles when `tiles`.
+    pub(crate) fn round_for(&mut self, x: &[f32], m: usize, k: usize, tiles: bool) {
         assert!(k.is_multiple_of(2) && x.len() >= m * k, "x [{m}, {k}]");
         let kp = k / 2;
-        self.pairs.resize(m * kp, 0);
-        (self.m, self.k) = (m, k);
-        let pairs = &mut self.pairs[..m * kp];
+        let stride = if tiles { kp + 16 } else { kp };
+        let alloc = if tiles { m.next_multiple_of(16) } else { m };
+        if self.pairs.len() < alloc * stride {
+            self.pairs.resize(alloc * stride, 0);
+        }
+        (self.m, self.k, self.stride) = (m, k, stride);
+        let pairs = &mut self.pairs[..m * stride];
         let round = |x: &[f32], pairs: &mut [u32]| {
             #[cfg(target_arch = "x86_64")]
             if available() {
@@ -97,15 +111,48 @@ impl BfRows {
         };
         if m * k >= 1 << 16 {
             // A prompt's rows, in parallel.
-            team::for_each_chunk_mut(pairs, kp, |i, row| round(&x[i * k..(i + 1) * k], row));
-        } else {
+            team::for_each_chunk_mut(pairs, stride, |i, row| {
+                round(&x[i * k..(i + 1) * k], &mut row[..kp])
+            });
+        } else if stride == kp {
             round(&x[..m * k], pairs);
+        } else {
+            for (i, row) in pairs.chunks_exact_mut(stride).enumerate() {
+                round(&x[i * k..(i + 1) * k], &mut row[..kp]);
+            }
         }
     }
 
     fn row(&self, i: usize) -> &[u32] {
-        let kp = self.k / 2;
-        &self.pairs[i * kp..(i + 1) * kp]
+        &self.pairs[i * self.stride..][..self.k / 2]
+    }
+
+    /// Rows rounded by the last [`BfRows::round`].
+    pub(crate) fn m(&self) -> usize {
+        self.m
+    }
+
+    /// Values of one row rounded by the last [`BfRows::round`] (twice its pairs).
+    pub(crate) fn k(&self) -> usize {
+        self.k
+    }
+
+    /// `u32` values from one row's start to the next's.
+    pub(crate) fn stride(&self) -> usize {
+        self.stride
+    }
+
+    /// Rows whose whole stride lies in the buffer: with the AMX layout, at least the
+    /// rounded rows up to the next multiple of 16.
+    pub(crate) fn readable_rows(&self) -> usize {
+        self.pairs.len() / self.stride.max(1)
+    }
+
+    /// Row `i`'s first pair.
+    pub(crate) fn row_ptr(&self, i: usize) -> *const u32 {
+        assert!(i <= self.readable_rows());
+        // SAFETY: within (or one past) the buffer, checked above.
+        unsafe { self.pairs.as_ptr().add(i * self.stride) }
     }
 }
 
@@ -528,6 +575,53 @@ fn matmul_rows_of<const P: usize>(x: &BfRows, products: [Product<'_>; P]) {
     };
     let len = packed_len(k);
     let threads = team::threads();
+    #[cfg(target_arch = "x86_64")]
+    if crate::amx::available() {
+        // On the AMX tiles: each task claims one pair at a time, widens it, claims the
+        // next and runs every row tile against its pair while the next pair's weights
+        // are fetched. (Chunks of 2-8 pairs, each row tile run against all of them while
+        // in cache, were slower on a 16-core Sapphire Rapids: q8 prefill of 512 tokens
+        // 398-408 tokens/s against 481-499, alternating.)
+        let chunks = GuidedChunks::one_at_a_time(total);
+        team::for_each(threads, |_| {
+            crate::scratch::with_local(&PACKED, |packed| {
+                if packed.len() < NC * len {
+                    packed.resize(NC * len, 0);
+                }
+                let mut next = chunks.claim().map(|c| c.start);
+                while let Some(g) = next {
+                    let (product, p) = locate(g);
+                    let t0 = p * NC;
+                    let nt = NC.min(product.tiles - t0);
+                    let (a, b) = packed[..NC * len].split_at_mut(len);
+                    product.pack(t0, k, a);
+                    if nt > 1 {
+                        product.pack(t0 + 1, k, b);
+                    }
+                    next = chunks.claim().map(|c| c.start);
+                    let prefetch = next.map_or(&[][..], |g| {
+                        let (product, p) = locate(g);
+                        product.stored_pair(p, k)
+                    });
+                    let job = crate::amx::PairJob {
+                        w: [a, b],
+                        scales: [
+                            product.scales_of(t0, nb),
+                            product.scales_of(t0 + nt - 1, nb),
+                        ],
+                        nt,
+                        t0,
+                        y: product.y,
+                        n: product.n,
+                    };
+                    // SAFETY: the tiles are available and `x` rounded for them; tasks
+                    // write disjoint columns of `y`.
+                    unsafe { crate::amx::pair(&mut crate::amx::Amx, x, &job, prefetch) };
+                }
+            })
+        });
+        return;
+    }
     let chunks = GuidedChunks::new(total, threads);
     // One task per thread, each claiming chunks of pairs until none is left; it claims
     // its next chunk as it starts its chunk's last pair, so that pair's row tiles widen
@@ -608,7 +702,9 @@ const PAIRS_PER_CHUNK: usize = 8;
 struct GuidedChunks {
     next: AtomicUsize,
     pairs: usize,
-    threads: usize,
+    /// A chunk is the pairs left over this many, at most `most`.
+    share: usize,
+    most: usize,
 }
 
 impl GuidedChunks {
@@ -616,7 +712,18 @@ impl GuidedChunks {
         GuidedChunks {
             next: AtomicUsize::new(0),
             pairs,
-            threads: threads.max(1),
+            share: 2 * threads.max(1),
+            most: PAIRS_PER_CHUNK,
+        }
+    }
+
+    /// Chunks of one pair each: the AMX tiles'.
+    fn one_at_a_time(pairs: usize) -> GuidedChunks {
+        GuidedChunks {
+            next: AtomicUsize::new(0),
+            pairs,
+            share: 1,
+            most: 1,
         }
     }
 
@@ -625,7 +732,7 @@ impl GuidedChunks {
         let mut start = self.next.load(Ordering::Relaxed);
         loop {
             let left = self.pairs.checked_sub(start).filter(|&l| l > 0)?;
-            let size = left.div_ceil(2 * self.threads).clamp(1, PAIRS_PER_CHUNK);
+            let size = left.div_ceil(self.share).clamp(1, self.most);
             match self.next.compare_exchange_weak(
                 start,
                 start + size,
@@ -975,7 +1082,9 @@ mod tests {
         fast.round(&x, 3, 70);
         let mut slow = vec![0u32; 3 * 35];
         round_rows_reference(&x, &mut slow);
-        assert_eq!(fast.pairs, slow);
+        for i in 0..3 {
+            assert_eq!(fast.row(i), &slow[i * 35..][..35]);
+        }
     }
 
     /// The kernel against the scalar reference, bit for bit, on every tile shape, and the
@@ -1105,13 +1214,26 @@ mod tests {
                     };
                     let mut out = [0.0f32; OUT_LEN];
                     tile_reference(t_args, &mut out);
+                    // The AMX tiles' block sums round a few last places differently
+                    // from `vdpbf16ps`'s chain (`amx::tests`): within 1e-6 of the
+                    // tile's largest output there, bit for bit elsewhere.
+                    let top = out[..TILE].iter().fold(0.0f32, |a, v| a.max(v.abs()));
                     for r in 0..TILE.min(n - t * TILE) {
-                        assert_eq!(
-                            y[i * n + t * TILE + r].to_bits(),
-                            out[r].to_bits(),
-                            "m={m} n={n}: row {i}, column {}",
-                            t * TILE + r
-                        );
+                        let (got, want) = (y[i * n + t * TILE + r], out[r]);
+                        if crate::amx::available() {
+                            assert!(
+                                (got - want).abs() <= 1e-6 * top,
+                                "m={m} n={n}: row {i}, column {}: {got} {want}",
+                                t * TILE + r
+                            );
+                        } else {
+                            assert_eq!(
+                                got.to_bits(),
+                                want.to_bits(),
+                                "m={m} n={n}: row {i}, column {}",
+                                t * TILE + r
+                            );
+                        }
                     }
                 }
             }

@@ -1,0 +1,745 @@
+//! Prompt rows of q8 (and bf16-weight) products on Intel's AMX tiles (`tdpbf16ps`).
+//!
+//! Sapphire Rapids and later Xeons have, beside AVX-512, a tile unit: eight 1 KiB tile
+//! registers and one instruction that multiplies a 16 × 32 bf16 tile by a 32 × 16 one into
+//! a 16 × 16 f32 tile, 8,192 multiply-adds, issued every 16 cycles: 512 bf16 multiply-adds
+//! a cycle a core, where that CPU's AVX-512 runs 32 (`vdpbf16ps`, one port) or 64 int8
+//! ones in two terms' worth of `vpdpbusd` (two ports; `q8_bf16`'s header). A prompt's
+//! products are bound by arithmetic, so the tiles take them where the CPU has them.
+//!
+//! The operands are `q8_bf16`'s, unchanged: the activations rounded to bf16 pairs
+//! ([`BfRows`]: 16 tokens of one 32-value block are one `A` tile of 16 rows × 64 bytes,
+//! a row stride apart) and a weight tile widened to bf16 pairs (`pack_tile`'s layout:
+//! pair `kk` of 16 weight rows is 64 contiguous bytes, so one 32-value block of a
+//! 16-row weight tile is one `B` tile, 1 KiB contiguous). One 32-value block is exactly
+//! one full-width `tdpbf16ps`, so each block's sum is a tile from zero, stored and folded
+//! into the f32 outputs with its block scale by AVX-512 (`acc = fma(s, f32(dw_b), acc)`),
+//! as `q8_bf16`'s register tiles do. A row tile (16 tokens) runs against the two weight
+//! tiles of a pair, software-pipelined over the blocks: block `b`'s two products issue
+//! into one set of two sum tiles while block `b − 1`'s set is stored and block `b − 2`'s
+//! stored sums are folded, so the tile unit, the stores and the vector FMAs overlap.
+//!
+//! **Numerics:** per output, each block's sum `s` is the tile unit's from 0 over the
+//! block's 16 pairs, then `acc = fma(s, f32(dw_b), acc)` over blocks in order from 0:
+//! `q8_bf16`'s arithmetic, except that the tile unit rounds a few block sums in the last
+//! place differently from `vdpbf16ps`'s chain (on a Sapphire Rapids, 249 of 256 sums
+//! equal; outputs within 1.1e-7 of their row's largest: `which_sum_the_tiles_take`). So
+//! a CPU with AMX gives its own logits, as any bf16 kernel does, and never depends on the
+//! batch: prompt rows always take the tiles there. The tile code is written once over
+//! [`Tiles`]: the hardware ([`Amx`], inline assembly, as the tile intrinsics are not
+//! stable Rust) and a scalar model of the same instructions (`Emulated`, in the tests),
+//! against which the driver's indexing is tested bit for bit on any machine.
+//!
+//! Linux hands out tile state only on request (`arch_prctl(ARCH_REQ_XCOMP_PERM)`):
+//! [`available`] asks once per process, and is false where the kernel refuses.
+//! `DSV2_AMX=0` turns the tiles off (the prompt rows then take the CPU's other path).
+#![cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+
+use dsv2_core::quant::{BLOCK, TILE};
+use half::f16;
+
+use crate::kernels::SyncPtr;
+use crate::q8_bf16::BfRows;
+
+/// Pairs of one 32-value block: the rows of one `B` tile.
+const BLOCK_PAIRS: usize = BLOCK / 2;
+/// Floats of one 16 × 16 f32 tile.
+const C_TILE: usize = TILE * TILE;
+/// Bytes of one tile row (16 pairs, or 16 floats).
+const ROW_BYTES: usize = 64;
+/// Outputs of a pair of weight tiles.
+const PAIR_COLS: usize = 2 * TILE;
+
+/// Whether this CPU runs [`pair`] on its tiles: AMX-TILE and AMX-BF16 present, the bf16
+/// kernels allowed ([`crate::flash_bf16::available`]: AVX-512 BF16, `DSV2_CPU_ISA`
+/// native), `DSV2_AMX` not `0`, and the tile state granted by the OS. Checked once.
+pub(crate) fn available() -> bool {
+    static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *AVAILABLE.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            std::env::var("DSV2_AMX").map_or(true, |v| v != "0")
+                && crate::flash_bf16::available()
+                && x86::has_amx_bf16()
+                && x86::request_tile_state()
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        false
+    })
+}
+
+/// The tile instructions [`pair`] runs: [`Amx`] on the hardware, `Emulated` (tests) as a
+/// scalar model. Two sets of two sum tiles, `S` = 0 or 1, alternate between blocks.
+pub(crate) trait Tiles {
+    /// Configures the calling thread's tiles: all eight 16 rows × 64 bytes.
+    ///
+    /// # Safety
+    /// On [`Amx`], [`available`] must hold.
+    unsafe fn configure(&mut self);
+
+    /// Releases the calling thread's tile state.
+    ///
+    /// # Safety
+    /// As [`Tiles::configure`], after it on this thread.
+    unsafe fn release(&mut self);
+
+    /// One block's sums of a row tile against two weight tiles into set `S`: for weight
+    /// tile `j`, row `r` and column `n`, sum `(j, r, n)` of the set is `Σ_kk a[r·stride +
+    /// kk] · b[j][16kk + n]` over the 16 pairs `kk` (a pair's two products as the tile
+    /// unit takes them), from 0. `stride` is in bytes.
+    ///
+    /// # Safety
+    /// After [`Tiles::configure`] on this thread; `a` readable for 16 rows of 64 bytes
+    /// `stride` apart, `b[j]` for 1 KiB each.
+    unsafe fn compute<const S: usize>(&mut self, a: *const u32, stride: usize, b: [*const u32; 2]);
+
+    /// Stores set `S`: sum `(j, r, n)` to `c[256j + 16r + n]`.
+    ///
+    /// # Safety
+    /// After [`Tiles::compute`] into set `S`; `c` writable for 2 KiB, 64-byte aligned.
+    unsafe fn store<const S: usize>(&mut self, c: *mut f32);
+}
+
+/// The tile unit itself.
+pub(crate) struct Amx;
+
+/// 64-byte aligned floats: a tile's store is line by line.
+#[repr(C, align(64))]
+struct Lines<const N: usize>([f32; N]);
+
+/// One packed pair of weight tiles of a product and where its outputs go: `nt` tiles (1
+/// or 2) from tile `t0`, `w[j]` packed (`k/2 · 16` pairs, `pack_tile`'s layout) with its
+/// block scales `scales[j]` (16 per block; `w[1]`, `scales[1]` ignored for one tile),
+/// into `y` (`[m, n]`: columns of tiles `t0..t0 + nt`, those past `n` dropped).
+#[derive(Clone, Copy)]
+pub(crate) struct PairJob<'a> {
+    pub w: [&'a [u32]; 2],
+    pub scales: [&'a [f16]; 2],
+    pub nt: usize,
+    pub t0: usize,
+    pub y: SyncPtr,
+    pub n: usize,
+}
+
+impl PairJob<'_> {
+    fn check(&self, k: usize) {
+        let nb = k / BLOCK;
+        assert!((1..=2).contains(&self.nt) && self.t0 * TILE < self.n);
+        for j in 0..self.nt {
+            assert!(self.w[j].len() >= k / 2 * TILE && self.scales[j].len() >= nb * TILE);
+        }
+    }
+}
+
+/// Every row of `x` against the packed pair of `job`: `q8_bf16`'s `run_pair` on the
+/// tiles. The lines of `prefetch` (the next pair's stored weights) are fetched into cache
+/// meanwhile, spread over the blocks.
+///
+/// # Safety
+/// On [`Amx`], [`available`] must hold; no one else may access the job's outputs of its
+/// `y` meanwhile.
+pub(crate) unsafe fn pair<T: Tiles>(tiles: &mut T, x: &BfRows, job: &PairJob<'_>, prefetch: &[u8]) {
+    // SAFETY: the caller's contract.
+    unsafe { pair_with::<T, true>(tiles, x, job, prefetch) }
+}
+
+/// [`pair`], or with `FOLD` false its tile work alone (the block sums computed and
+/// stored, never folded into outputs: `amx_speed`'s ceiling; the outputs are then
+/// meaningless).
+///
+/// # Safety
+/// As [`pair`].
+unsafe fn pair_with<T: Tiles, const FOLD: bool>(
+    tiles: &mut T,
+    x: &BfRows,
+    job: &PairJob<'_>,
+    prefetch: &[u8],
+) {
+    let (m, k) = (x.m(), x.k());
+    let nb = k / BLOCK;
+    assert!(k.is_multiple_of(BLOCK));
+    job.check(k);
+    // Tiles read whole tiles of 16 rows, the first 64 bytes of a block per row.
+    assert!(x.readable_rows() >= m.next_multiple_of(TILE) && x.stride() >= k / 2);
+    let stride = x.stride() * 4;
+    let lines = prefetch.len().div_ceil(64);
+    let lines_per_block = lines.div_ceil(m.div_ceil(TILE) * nb);
+    let mut fetched = 0;
+    let last = job.nt - 1;
+    let weights = |b: usize| {
+        // SAFETY: block b of each packed tile is 1 KiB at 256b (lengths checked above).
+        unsafe {
+            [
+                job.w[0].as_ptr().add(b * C_TILE),
+                job.w[last].as_ptr().add(b * C_TILE),
+            ]
+        }
+    };
+    let dw = |b: usize| {
+        [
+            &job.scales[0][b * TILE..][..TILE],
+            &job.scales[last][b * TILE..][..TILE],
+        ]
+    };
+    // Stored sums of blocks b − 1 (being stored) and b − 2 (being folded), by parity.
+    let mut c = [Lines([0.0f32; 2 * C_TILE]), Lines([0.0f32; 2 * C_TILE])];
+    // 16 tokens × the pair's 32 outputs.
+    let mut acc = Lines([0.0f32; TILE * PAIR_COLS]);
+    // SAFETY: the caller's contract.
+    unsafe { tiles.configure() };
+    for r0 in (0..m).step_by(TILE) {
+        let a = x.row_ptr(r0);
+        acc.0.fill(0.0);
+        for b in 0..nb + 2 {
+            // SAFETY: pairs 16b.. of rows r0..r0 + 16 lie in the rounded buffer (whole
+            // tiles of 16 rows, checked above); each set is computed before it is
+            // stored, and stored before it is computed again.
+            unsafe {
+                if b < nb {
+                    let a = a.add(b * BLOCK_PAIRS);
+                    if b % 2 == 0 {
+                        tiles.compute::<0>(a, stride, weights(b));
+                    } else {
+                        tiles.compute::<1>(a, stride, weights(b));
+                    }
+                }
+                if (1..=nb).contains(&b) {
+                    let to = c[(b - 1) % 2].0.as_mut_ptr();
+                    if (b - 1) % 2 == 0 {
+                        tiles.store::<0>(to);
+                    } else {
+                        tiles.store::<1>(to);
+                    }
+                }
+            }
+            if FOLD && b >= 2 {
+                fold(&c[b % 2].0, dw(b - 2), &mut acc.0);
+            }
+            for _ in 0..lines_per_block.min(lines - fetched) {
+                prefetch_line(prefetch, fetched);
+                fetched += 1;
+            }
+        }
+        let rows = (m - r0).min(TILE);
+        for i in 0..rows {
+            for j in 0..job.nt {
+                let col = (job.t0 + j) * TILE;
+                let width = TILE.min(job.n - col);
+                // SAFETY: row r0 + i, columns col..col + width of the job's `y` ([m, n]):
+                // the caller's contract.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        acc.0[i * PAIR_COLS + j * TILE..].as_ptr(),
+                        job.y.get().add((r0 + i) * job.n + col),
+                        width,
+                    )
+                };
+            }
+        }
+    }
+    // SAFETY: configured above.
+    unsafe { tiles.release() };
+}
+
+/// Fetches line `l` of `bytes` into the cache.
+#[inline(always)]
+fn prefetch_line(bytes: &[u8], l: usize) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch of any address is harmless (this one is in the slice).
+    unsafe {
+        use std::arch::x86_64::*;
+        _mm_prefetch::<_MM_HINT_T0>(bytes.as_ptr().add(64 * l) as *const i8)
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (bytes, l);
+}
+
+/// For weight tile `j`, token `r` and column `n`: `acc[32r + 16j + n] = fma(c[256j + 16r +
+/// n], f32(dw[j][n]), acc[32r + 16j + n])`.
+fn fold(c: &[f32; 2 * C_TILE], dw: [&[f16]; 2], acc: &mut [f32; TILE * PAIR_COLS]) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::flash_bf16::available() {
+        // SAFETY: AVX-512 F (implied by the bf16 kernels).
+        return unsafe { x86::fold(c, dw, acc) };
+    }
+    fold_reference(c, dw, acc)
+}
+
+/// [`fold`], one value at a time.
+fn fold_reference(c: &[f32; 2 * C_TILE], dw: [&[f16]; 2], acc: &mut [f32; TILE * PAIR_COLS]) {
+    for (j, dw) in dw.iter().enumerate() {
+        for r in 0..TILE {
+            for n in 0..TILE {
+                let a = &mut acc[r * PAIR_COLS + TILE * j + n];
+                *a = c[j * C_TILE + TILE * r + n].mul_add(dw[n].to_f32(), *a);
+            }
+        }
+    }
+}
+
+/// A thread's peak rate on the tiles: `rounds` rounds of 12 `tdpbf16ps` into four
+/// independent sum tiles, in registers; returns the multiply-adds done.
+///
+/// # Panics
+/// If [`available`] is false.
+pub(crate) fn peak_macs(rounds: usize) -> u64 {
+    assert!(available(), "AMX tiles are not available");
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: the tile state is granted (checked above).
+    unsafe {
+        x86::configure();
+        for _ in 0..rounds {
+            for _ in 0..crate::peak::CHAINS / 4 {
+                std::arch::asm!(
+                    "tdpbf16ps tmm4, tmm0, tmm2",
+                    "tdpbf16ps tmm5, tmm0, tmm3",
+                    "tdpbf16ps tmm6, tmm1, tmm2",
+                    "tdpbf16ps tmm7, tmm1, tmm3",
+                    options(nostack, nomem),
+                );
+            }
+        }
+        std::arch::asm!("tilerelease", options(nostack, nomem));
+    }
+    (rounds * crate::peak::CHAINS * TILE * TILE * BLOCK) as u64
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Tiles for Amx {
+    unsafe fn configure(&mut self) {
+        // SAFETY: the caller's contract (the OS granted the tile state).
+        unsafe { x86::configure() }
+    }
+
+    unsafe fn release(&mut self) {
+        // SAFETY: as `configure`.
+        unsafe { std::arch::asm!("tilerelease", options(nostack, nomem)) }
+    }
+
+    // tmm0: the row tile; tmm1, tmm2: the weight tiles; set 0 in tmm4, tmm5, set 1 in
+    // tmm6, tmm7 (weight tile j in the set's j-th).
+    #[inline(always)]
+    unsafe fn compute<const S: usize>(&mut self, a: *const u32, stride: usize, b: [*const u32; 2]) {
+        macro_rules! compute {
+            ($c0:literal, $c1:literal) => {
+                // SAFETY: the trait's contract.
+                unsafe {
+                    std::arch::asm!(
+                        concat!("tilezero ", $c0),
+                        concat!("tilezero ", $c1),
+                        "tileloadd tmm0, [{a} + {s}*1]",
+                        "tileloadd tmm1, [{b0} + {l}*1]",
+                        "tileloadd tmm2, [{b1} + {l}*1]",
+                        concat!("tdpbf16ps ", $c0, ", tmm0, tmm1"),
+                        concat!("tdpbf16ps ", $c1, ", tmm0, tmm2"),
+                        a = in(reg) a,
+                        s = in(reg) stride,
+                        b0 = in(reg) b[0],
+                        b1 = in(reg) b[1],
+                        l = in(reg) ROW_BYTES,
+                        options(nostack, readonly),
+                    )
+                }
+            };
+        }
+        if S == 0 {
+            compute!("tmm4", "tmm5")
+        } else {
+            compute!("tmm6", "tmm7")
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn store<const S: usize>(&mut self, c: *mut f32) {
+        macro_rules! store {
+            ($c0:literal, $c1:literal) => {
+                // SAFETY: the trait's contract.
+                unsafe {
+                    std::arch::asm!(
+                        concat!("tilestored [{c} + {l}*1], ", $c0),
+                        concat!("tilestored [{c} + {l}*1 + 1024], ", $c1),
+                        c = in(reg) c,
+                        l = in(reg) ROW_BYTES,
+                        options(nostack),
+                    )
+                }
+            };
+        }
+        if S == 0 {
+            store!("tmm4", "tmm5")
+        } else {
+            store!("tmm6", "tmm7")
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{C_TILE, PAIR_COLS, TILE};
+    use half::f16;
+    use std::arch::x86_64::*;
+
+    /// CPUID.(7, 0):EDX bits 24 (AMX-TILE) and 22 (AMX-BF16).
+    pub(super) fn has_amx_bf16() -> bool {
+        // Leaf 7 exists on every CPU with AVX-512 (checked first by the caller).
+        let leaf = __cpuid_count(7, 0);
+        leaf.edx >> 24 & 1 == 1 && leaf.edx >> 22 & 1 == 1
+    }
+
+    /// Asks Linux for the tile data state (`arch_prctl(ARCH_REQ_XCOMP_PERM,
+    /// XFEATURE_XTILEDATA)`), which it grants per process; false where refused (an
+    /// older kernel, another OS, or the state not enabled in XCR0).
+    pub(super) fn request_tile_state() -> bool {
+        #[cfg(target_os = "linux")]
+        {
+            const SYS_ARCH_PRCTL: i64 = 158;
+            const ARCH_REQ_XCOMP_PERM: i64 = 0x1023;
+            const XFEATURE_XTILEDATA: i64 = 18;
+            let ret: i64;
+            // SAFETY: a system call that changes no memory of ours; rcx and r11 are
+            // clobbered by `syscall`.
+            unsafe {
+                std::arch::asm!(
+                    "syscall",
+                    inlateout("rax") SYS_ARCH_PRCTL => ret,
+                    in("rdi") ARCH_REQ_XCOMP_PERM,
+                    in("rsi") XFEATURE_XTILEDATA,
+                    lateout("rcx") _,
+                    lateout("r11") _,
+                    options(nostack),
+                )
+            };
+            ret == 0
+        }
+        #[cfg(not(target_os = "linux"))]
+        false
+    }
+
+    /// The tile configuration: palette 1, tiles 0-7 of 16 rows × 64 bytes.
+    #[repr(C, align(64))]
+    struct Config([u8; 64]);
+
+    static CONFIG: Config = {
+        let mut bytes = [0u8; 64];
+        bytes[0] = 1;
+        let mut t = 0;
+        while t < 8 {
+            bytes[16 + 2 * t] = super::ROW_BYTES as u8;
+            bytes[48 + t] = TILE as u8;
+            t += 1;
+        }
+        Config(bytes)
+    };
+
+    /// `ldtilecfg` of [`CONFIG`] (which also zeroes every tile).
+    ///
+    /// # Safety
+    /// The tile state granted ([`super::available`]).
+    pub(super) unsafe fn configure() {
+        // SAFETY: the caller's contract; CONFIG is 64 readable bytes.
+        unsafe {
+            std::arch::asm!(
+                "ldtilecfg [{}]",
+                in(reg) &CONFIG as *const Config,
+                options(nostack, readonly),
+            )
+        }
+    }
+
+    /// [`super::fold`] in vectors of 16.
+    ///
+    /// # Safety
+    /// AVX-512 F.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn fold(
+        c: &[f32; 2 * C_TILE],
+        dw: [&[f16]; 2],
+        acc: &mut [f32; TILE * PAIR_COLS],
+    ) {
+        assert!(dw[0].len() >= TILE && dw[1].len() >= TILE);
+        // SAFETY (all loads and stores): 16 scales per slice (checked above); row r of
+        // sum tile j and accumulator row r, half j, lie in the arrays.
+        unsafe {
+            let d = [
+                _mm512_cvtph_ps(_mm256_loadu_si256(dw[0].as_ptr() as *const _)),
+                _mm512_cvtph_ps(_mm256_loadu_si256(dw[1].as_ptr() as *const _)),
+            ];
+            for r in 0..TILE {
+                for (j, d) in d.iter().enumerate() {
+                    let s = _mm512_load_ps(c.as_ptr().add(j * C_TILE + TILE * r));
+                    let a = acc.as_mut_ptr().add(r * PAIR_COLS + TILE * j);
+                    _mm512_store_ps(a, _mm512_fmadd_ps(s, *d, _mm512_load_ps(a)));
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::q8_bf16::{pack_tile_reference, packed_len};
+    use crate::test_values;
+    use dsv2_core::quant::{quantize_rows, QuantFormat};
+
+    /// The tile instructions as scalar Rust: each block's sum the chain of `vdpbf16ps`
+    /// steps ([`crate::flash_bf16::dp`]) that `q8_bf16`'s reference takes.
+    struct Emulated {
+        sets: [[f32; 2 * C_TILE]; 2],
+    }
+
+    impl Tiles for Emulated {
+        unsafe fn configure(&mut self) {
+            self.sets = [[0.0; 2 * C_TILE]; 2];
+        }
+
+        unsafe fn release(&mut self) {}
+
+        unsafe fn compute<const S: usize>(
+            &mut self,
+            a: *const u32,
+            stride: usize,
+            b: [*const u32; 2],
+        ) {
+            for (j, bj) in b.iter().enumerate() {
+                for r in 0..TILE {
+                    for n in 0..TILE {
+                        let mut s = 0.0f32;
+                        for kk in 0..BLOCK_PAIRS {
+                            // SAFETY: the trait's contract.
+                            let (x, w) = unsafe {
+                                (*a.byte_add(r * stride).add(kk), *bj.add(TILE * kk + n))
+                            };
+                            s = crate::flash_bf16::dp(s, x, w);
+                        }
+                        self.sets[S][j * C_TILE + TILE * r + n] = s;
+                    }
+                }
+            }
+        }
+
+        unsafe fn store<const S: usize>(&mut self, c: *mut f32) {
+            // SAFETY: the trait's contract.
+            unsafe { std::ptr::copy_nonoverlapping(self.sets[S].as_ptr(), c, 2 * C_TILE) };
+        }
+    }
+
+    /// Packed q8 weight tiles of `n` rows (whole tiles) and their scales.
+    fn weights(n: usize, k: usize, seed: u64) -> (Vec<Vec<u32>>, Vec<Vec<f16>>) {
+        let w = test_values(n * k, seed);
+        let mut q = vec![0u8; n * k];
+        let mut scales = vec![f16::ZERO; n * k / BLOCK];
+        quantize_rows(QuantFormat::Q8, &w, k, &mut q, &mut scales);
+        let tiles = n / TILE;
+        let packed = (0..tiles)
+            .map(|t| {
+                let mut p = vec![0u32; packed_len(k)];
+                pack_tile_reference(&q[t * TILE * k..][..TILE * k], k, &mut p);
+                p
+            })
+            .collect();
+        let scales = (0..tiles)
+            .map(|t| scales[t * TILE * k / BLOCK..][..TILE * k / BLOCK].to_vec())
+            .collect();
+        (packed, scales)
+    }
+
+    /// The reference: `q8_bf16`'s per-output chain over the same operands.
+    fn reference(x: &BfRows, w: &[u32], s: &[f16], i: usize, r: usize) -> f32 {
+        let xr = unsafe { std::slice::from_raw_parts(x.row_ptr(i), x.k() / 2) };
+        let mut acc = 0.0f32;
+        for b in 0..x.k() / BLOCK {
+            let mut sum = 0.0f32;
+            for kk in b * BLOCK_PAIRS..(b + 1) * BLOCK_PAIRS {
+                sum = crate::flash_bf16::dp(sum, xr[kk], w[kk * TILE + r]);
+            }
+            acc = sum.mul_add(s[b * TILE + r].to_f32(), acc);
+        }
+        acc
+    }
+
+    /// Runs [`pair`] on `T` for every shape of rows (1..=70: whole and ragged row tiles)
+    /// and of the pair (one pair, one tile, ragged output widths), and checks every
+    /// output against the reference: bit for bit when `exact`, else returns the largest
+    /// difference relative to the row's largest output.
+    fn check<T: Tiles>(tiles: &mut T, exact: bool) -> f32 {
+        let k = 96;
+        let (w, s) = weights(32, k, 7);
+        let wl = [&w[0][..], &w[1][..]];
+        let sl = [&s[0][..], &s[1][..]];
+        let shapes = [(2, 32), (1, 16), (2, 29), (1, 7)];
+        let mut worst = 0.0f32;
+        for m in [1, 5, 16, 17, 31, 32, 33, 48, 70] {
+            let xs = test_values(m * k, m as u64);
+            let mut x = BfRows::default();
+            x.round_for(&xs, m, k, true);
+            let mut ys: Vec<Vec<f32>> =
+                shapes.iter().map(|&(_, n)| vec![f32::NAN; m * n]).collect();
+            for (&(nt, n), y) in shapes.iter().zip(&mut ys) {
+                let job = PairJob {
+                    w: wl,
+                    scales: sl,
+                    nt,
+                    t0: 0,
+                    y: SyncPtr(y.as_mut_ptr()),
+                    n,
+                };
+                // SAFETY: `y` is ours; `x` rounded for the tiles.
+                unsafe { pair(tiles, &x, &job, &[0u8; 300]) };
+            }
+            for (&(_, n), y) in shapes.iter().zip(&ys) {
+                for i in 0..m {
+                    let top = (0..n)
+                        .map(|c| reference(&x, wl[c / TILE], sl[c / TILE], i, c % TILE).abs())
+                        .fold(0.0f32, f32::max);
+                    for c in 0..n {
+                        let want = reference(&x, wl[c / TILE], sl[c / TILE], i, c % TILE);
+                        let got = y[i * n + c];
+                        if exact {
+                            assert_eq!(
+                                got.to_bits(),
+                                want.to_bits(),
+                                "m {m} n {n} row {i} col {c}"
+                            );
+                        }
+                        worst = worst.max((got - want).abs() / top.max(f32::MIN_POSITIVE));
+                    }
+                }
+            }
+        }
+        worst
+    }
+
+    /// The driver's indexing, on the scalar model of the tiles: bit for bit.
+    #[test]
+    fn the_tile_driver_matches_the_reference_on_the_model() {
+        let mut tiles = Emulated {
+            sets: [[f32::NAN; 2 * C_TILE]; 2],
+        };
+        check(&mut tiles, true);
+    }
+
+    /// On a CPU with AMX: the tiles against the same reference.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn the_tiles_match_the_reference() {
+        if !available() {
+            eprintln!("no AMX tiles on this CPU: skipped");
+            return;
+        }
+        let worst = check(&mut Amx, false);
+        eprintln!("AMX tiles against the vdpbf16ps chain: largest difference {worst:e} of the row's largest output");
+        assert!(worst <= 1e-6, "{worst:e}");
+    }
+
+    /// On a CPU with AMX: which arithmetic one block's sum in the tiles is, printed as the
+    /// outputs each model of it matches bit for bit (odd element of a pair first, as
+    /// `vdpbf16ps`; even first; each pair's two products summed exactly, then added;
+    /// the whole block summed exactly, then rounded once).
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn which_sum_the_tiles_take() {
+        if !available() {
+            eprintln!("no AMX tiles on this CPU: skipped");
+            return;
+        }
+        let widen = |b: u32| f32::from_bits(b << 16) as f64;
+        let xs = test_values(TILE * BLOCK, 11);
+        let mut x = BfRows::default();
+        x.round_for(&xs, TILE, BLOCK, true);
+        let (w, _) = weights(2 * TILE, BLOCK, 12);
+        let mut c = Lines([0.0f32; 2 * C_TILE]);
+        // SAFETY: AMX available; one row tile of 16 rows, two weight tiles, two sums.
+        unsafe {
+            let tiles = &mut Amx;
+            tiles.configure();
+            tiles.compute::<0>(x.row_ptr(0), x.stride() * 4, [w[0].as_ptr(), w[1].as_ptr()]);
+            tiles.store::<0>(c.0.as_mut_ptr());
+            tiles.release();
+        }
+        let mut matches = [0usize; 4];
+        for r in 0..TILE {
+            let xr = unsafe { std::slice::from_raw_parts(x.row_ptr(r), BLOCK_PAIRS) };
+            for n in 0..TILE {
+                let got = c.0[TILE * r + n];
+                let (mut odd, mut even, mut pairs, mut exact) = (0.0f32, 0.0f32, 0.0f32, 0.0f64);
+                for kk in 0..BLOCK_PAIRS {
+                    let (a, b) = (xr[kk], w[0][kk * TILE + n]);
+                    odd = crate::flash_bf16::dp(odd, a, b);
+                    let lo = widen(a & 0xFFFF) * widen(b & 0xFFFF);
+                    let hi = widen(a >> 16) * widen(b >> 16);
+                    even = ((even as f64 + lo) as f32 as f64 + hi) as f32;
+                    pairs = (pairs as f64 + (lo + hi)) as f32;
+                    exact += lo + hi;
+                }
+                for (i, v) in [odd, even, pairs, exact as f32].into_iter().enumerate() {
+                    matches[i] += (v.to_bits() == got.to_bits()) as usize;
+                }
+            }
+        }
+        eprintln!(
+            "tdpbf16ps block sums matching, of 256: odd first {}, even first {}, pairs exact {}, block exact {}",
+            matches[0], matches[1], matches[2], matches[3]
+        );
+    }
+
+    /// One pair of weight tiles against a prompt's rows on one core, the operands in
+    /// cache: `cargo test --release -p dsv2-cpu --lib amx_speed -- --ignored --nocapture`.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    #[ignore]
+    fn amx_speed() {
+        if !available() {
+            eprintln!("no AMX tiles on this CPU: skipped");
+            return;
+        }
+        let k = 2048;
+        let (w, s) = weights(2 * TILE, k, 21);
+        for m in [16, 48, 512] {
+            let xs = test_values(m * k, 22);
+            let mut x = BfRows::default();
+            x.round_for(&xs, m, k, true);
+            let mut y = vec![0.0f32; m * 2 * TILE];
+            let job = PairJob {
+                w: [&w[0], &w[1]],
+                scales: [&s[0], &s[1]],
+                nt: 2,
+                t0: 0,
+                y: SyncPtr(y.as_mut_ptr()),
+                n: 2 * TILE,
+            };
+            // SAFETY: AMX available, `y` ours.
+            let secs = crate::min_time(10, || unsafe { pair(&mut Amx, &x, &job, &[]) });
+            let tiles_alone = crate::min_time(10, || unsafe {
+                pair_with::<Amx, false>(&mut Amx, &x, &job, &[])
+            });
+            let macs = (m * 2 * TILE * k) as f64;
+            eprintln!(
+                "AMX pair, m={m} k={k}: {:.1} GMAC/s on one core ({:.1} without the folds)",
+                macs / secs / 1e9,
+                macs / tiles_alone / 1e9
+            );
+            // Every thread at once, on the same rows and weights, each its own outputs.
+            let threads = crate::team::threads();
+            let mut ys = vec![0.0f32; threads * m * 2 * TILE];
+            let base = SyncPtr(ys.as_mut_ptr());
+            let secs = crate::min_time(5, || {
+                crate::team::for_each(threads, |t| {
+                    let job = PairJob {
+                        // SAFETY: thread t's own outputs.
+                        y: SyncPtr(unsafe { base.get().add(t * m * 2 * TILE) }),
+                        ..job
+                    };
+                    for _ in 0..4 {
+                        // SAFETY: AMX available.
+                        unsafe { pair(&mut Amx, &x, &job, &[]) }
+                    }
+                })
+            });
+            eprintln!(
+                "AMX pair, m={m} k={k}: {:.1} GMAC/s on {threads} threads",
+                4.0 * threads as f64 * macs / secs / 1e9
+            );
+        }
+    }
+}
