@@ -16,7 +16,7 @@ use crate::mla::{
     absorb_tokens, dots, project_tokens, weighted_sum, weighted_sum_rows, Rows, DOT_TILE,
     SUM_CHUNK, SUM_COLS, SUM_HEADS, TOKENS,
 };
-use crate::prefill_bf16::{self, Tile, TILE_ROWS};
+use crate::prefill_bf16::{self, Tile};
 use crate::qmatmul::PromptRows;
 use crate::scratch::{take, take_empty, Scratch};
 use crate::team;
@@ -249,7 +249,8 @@ const QUERY_BLOCK: usize = 256;
 
 /// [`expanded`] with both products in bf16 arithmetic ([`crate::prefill_bf16`]): each
 /// head's keys (`[k_nope | k_pe]`) and values packed once in bf16 pairs, its queries in
-/// blocks of [`QUERY_BLOCK`], each block's scores in tiles of [`TILE_ROWS`] queries ×
+/// blocks of [`QUERY_BLOCK`], each block's scores in tiles of
+/// [`prefill_bf16::tile_rows`] queries (6 in AVX-512 registers, 32 on AMX tiles) ×
 /// [`TILE_COLS`] keys up to the last key the tile's last query sees, the softmax in f32,
 /// the probabilities rounded to bf16 for the weighted sum of values. Per value the
 /// arithmetic is one fixed sequence, so the result does not depend on the thread count.
@@ -271,8 +272,13 @@ fn expanded_bf16<E: KindOf>(
     let q_rows = &args.q[seq.query_start * q_row..(seq.query_start + tq) * q_row];
     let out_ptr = SyncPtr(out.as_mut_ptr());
     let out_row = h * dv;
-    // Pairs of a query (and of a key), of a row of probabilities.
-    let (q_pairs, p_pairs) = (qd.div_ceil(2), s_len.div_ceil(2));
+    // Pairs of a query (and of a key), of a row of probabilities (padded to whole tiles
+    // of 16 pairs on the AMX tiles), and the rows of one tile.
+    let (q_pairs, p_pairs) = (
+        prefill_bf16::padded_pairs(qd.div_ceil(2)),
+        prefill_bf16::padded_pairs(s_len.div_ceil(2)),
+    );
+    let tile_rows = prefill_bf16::tile_rows();
     let (key_cols, v_cols) = (
         prefill_bf16::padded_cols(s_len),
         prefill_bf16::padded_cols(dv),
@@ -291,7 +297,7 @@ fn expanded_bf16<E: KindOf>(
         drop(key_rows);
         let mut values = take::<u32>(prefill_bf16::packed_len(s_len, dv));
         prefill_bf16::pack_rows(s_len, dv, |j| &head_kv[j * kv_w + dn..], &mut values);
-        let block = tq.min(QUERY_BLOCK);
+        let block = tq.min(QUERY_BLOCK).next_multiple_of(tile_rows);
         let mut queries = take::<u32>(block * q_pairs);
         let mut scores = take::<f32>(block * key_cols);
         let mut probs = take::<u32>(block * p_pairs);
@@ -304,10 +310,10 @@ fn expanded_bf16<E: KindOf>(
             }
             // Keys visible to the block's query i: past + i0 + i + 1.
             let visible = |i: usize| past + i0 + i + 1;
-            for r0 in (0..bq).step_by(TILE_ROWS) {
-                let rows = (bq - r0).min(TILE_ROWS);
+            for r0 in (0..bq).step_by(tile_rows) {
+                let rows = (bq - r0).min(tile_rows);
                 let seen = visible(r0 + rows - 1);
-                prefill_bf16::tile(
+                prefill_bf16::tile_padded(
                     Tile {
                         a: &queries[r0 * q_pairs..],
                         a_stride: q_pairs,
@@ -328,12 +334,13 @@ fn expanded_bf16<E: KindOf>(
                 let row = &mut scores[i * key_cols..][..seen];
                 scale_scores(be, row, d.softmax_scale);
                 softmax(be, row);
-                let tile_end = visible(((i / TILE_ROWS + 1) * TILE_ROWS).min(bq) - 1);
-                prefill_bf16::pairs_of(row, &mut probs[i * p_pairs..][..tile_end.div_ceil(2)]);
+                let tile_end = visible(((i / tile_rows + 1) * tile_rows).min(bq) - 1);
+                let pairs = prefill_bf16::padded_pairs(tile_end.div_ceil(2));
+                prefill_bf16::pairs_of(row, &mut probs[i * p_pairs..][..pairs]);
             }
-            for r0 in (0..bq).step_by(TILE_ROWS) {
-                let rows = (bq - r0).min(TILE_ROWS);
-                prefill_bf16::tile(
+            for r0 in (0..bq).step_by(tile_rows) {
+                let rows = (bq - r0).min(tile_rows);
+                prefill_bf16::tile_padded(
                     Tile {
                         a: &probs[r0 * p_pairs..],
                         a_stride: p_pairs,

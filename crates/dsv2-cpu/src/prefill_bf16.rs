@@ -14,7 +14,9 @@
 //! dp(acc, a[i][kk], b[kk][j])` for `kk` in order, where `dp` is the instruction's step
 //! ([`crate::flash_bf16`], tested against the instruction): the same arithmetic in the
 //! scalar reference [`tile_reference`] and in AVX-512 BF16, tested bit for bit. Values past
-//! `k` or `n` are packed as 0, so ragged sizes need no masks.
+//! `k` or `n` are packed as 0, so ragged sizes need no masks. Where the CPU has AMX tiles,
+//! [`tile_padded`] runs 32 rows at a time on them instead (`crate::amx::dense`; operands
+//! padded to whole tiles of 16 pairs, [`padded_pairs`]), within 1e-6 of the chain.
 #![cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 
 use crate::flash_bf16::{dp, pair, round};
@@ -36,20 +38,46 @@ pub(crate) fn padded_cols(n: usize) -> usize {
     n.div_ceil(TILE_COLS) * TILE_COLS
 }
 
-/// `u32` values of a `k × n` matrix packed by [`pack`].
+/// Pairs of a packed operand's summed dimension (`⌈k/2⌉`), padded with zeros to whole
+/// tiles of 16 pairs where [`tile_padded`] runs on the AMX tiles.
+pub(crate) fn padded_pairs(pairs: usize) -> usize {
+    if crate::amx::available() {
+        pairs.next_multiple_of(16)
+    } else {
+        pairs
+    }
+}
+
+/// Rows of `A` one [`tile_padded`] call takes: 32 on the AMX tiles, else [`TILE_ROWS`].
+pub(crate) fn tile_rows() -> usize {
+    if crate::amx::available() {
+        crate::amx::DENSE_ROWS
+    } else {
+        TILE_ROWS
+    }
+}
+
+/// `u32` values of a `k × n` matrix packed by [`pack_rows`]: [`padded_pairs`] of `⌈k/2⌉`
+/// rows of pairs.
 pub(crate) fn packed_len(k: usize, n: usize) -> usize {
-    k.div_ceil(2) * padded_cols(n)
+    padded_pairs(k.div_ceil(2)) * padded_cols(n)
 }
 
 /// Packs the `k × n` matrix `B` whose row `r` is `row(r)` (at least `n` values) in bf16
-/// pairs of rows, tile by tile of [`TILE_COLS`] columns: tile `t` is `⌈k/2⌉ × TILE_COLS`
-/// contiguous pairs, `out[t·⌈k/2⌉·64 + kk·64 + j] = (bf16(B[2kk][64t + j]), bf16(B[2kk +
-/// 1][64t + j]))` (row `2kk` in the low half; rows past `k` and columns past `n` are 0).
-/// `out` holds [`packed_len`] values.
+/// pairs of rows, tile by tile of [`TILE_COLS`] columns: with `kp` = [`padded_pairs`] of
+/// `⌈k/2⌉`, tile `t` is `kp × TILE_COLS` contiguous pairs, `out[t·kp·64 + kk·64 + j] =
+/// (bf16(B[2kk][64t + j]), bf16(B[2kk + 1][64t + j]))` (row `2kk` in the low half; rows
+/// past `k` and columns past `n` are 0). `out` holds [`packed_len`] values.
 pub(crate) fn pack_rows<'a>(k: usize, n: usize, row: impl Fn(usize) -> &'a [f32], out: &mut [u32]) {
-    let kp = k.div_ceil(2);
+    let kp = padded_pairs(k.div_ceil(2));
     let out = &mut out[..packed_len(k, n)];
     for kk in 0..kp {
+        if 2 * kk >= k {
+            for tile in out.chunks_exact_mut(kp * TILE_COLS) {
+                tile[kk * TILE_COLS..][..TILE_COLS].fill(0);
+            }
+            continue;
+        }
         let lo = &row(2 * kk)[..n];
         let hi = (2 * kk + 1 < k).then(|| &row(2 * kk + 1)[..n]);
         for (t, tile) in out.chunks_exact_mut(kp * TILE_COLS).enumerate() {
@@ -63,7 +91,7 @@ pub(crate) fn pack_rows<'a>(k: usize, n: usize, row: impl Fn(usize) -> &'a [f32]
 /// [`pack_rows`] of a matrix given by columns: column `j` of `B` is `col(j)` (at least `k`
 /// values).
 pub(crate) fn pack_cols<'a>(k: usize, n: usize, col: impl Fn(usize) -> &'a [f32], out: &mut [u32]) {
-    let kp = k.div_ceil(2);
+    let kp = padded_pairs(k.div_ceil(2));
     let out = &mut out[..packed_len(k, n)];
     let mut column = [0u32; 256];
     for (t, tile) in out.chunks_exact_mut(kp * TILE_COLS).enumerate() {
@@ -180,6 +208,46 @@ pub(crate) fn tile(t: Tile<'_>, c: &mut [f32]) {
     tile_reference(t, c)
 }
 
+/// [`tile`] for callers whose operands are padded for the AMX tiles, which it runs on
+/// where [`crate::amx::available`] (up to [`tile_rows`] rows; the sums kept in the tile
+/// unit over all of `kk_end`, rounded a few last places differently from [`tile`]'s
+/// chain, ≤ 1e-6 of a row's largest output): `A` readable for `rows` rounded up to 16
+/// rows of `kk_end` rounded up to 16 pairs, 0 past `kk_end`; `B` packed with
+/// [`padded_pairs`]; `C` writable for `rows` rounded up to 16 rows. Elsewhere [`tile`].
+pub(crate) fn tile_padded(t: Tile<'_>, c: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::amx::available() {
+        let (rows, kk) = (t.rows.next_multiple_of(16), t.kk_end.next_multiple_of(16));
+        assert!(
+            (1..=crate::amx::DENSE_ROWS).contains(&t.rows)
+                && t.col_end.is_multiple_of(TILE_COLS)
+                && kk <= t.kp
+                && t.a.len() >= (rows - 1) * t.a_stride + kk
+                && t.b.len() >= t.kp * t.col_end
+                && t.c_stride >= t.col_end
+                && c.len() >= (rows - 1) * t.c_stride + t.col_end,
+            "bf16 tile shapes (AMX)"
+        );
+        // SAFETY: the tiles are available; every read and write is within the slices
+        // (checked above).
+        return unsafe {
+            crate::amx::dense(
+                &mut crate::amx::Amx,
+                t.a.as_ptr(),
+                t.a_stride,
+                t.rows,
+                t.kk_end,
+                t.b.as_ptr(),
+                t.kp,
+                t.col_end,
+                c.as_mut_ptr(),
+                t.c_stride,
+            )
+        };
+    }
+    tile(t, c)
+}
+
 /// [`tile`], one value at a time.
 pub(crate) fn tile_reference(t: Tile<'_>, c: &mut [f32]) {
     t.check(c);
@@ -294,7 +362,8 @@ mod tests {
             return;
         }
         for (k, n) in [(192usize, 300usize), (7, 1), (64, 64), (1, 130), (513, 70)] {
-            let kp = k.div_ceil(2);
+            // The packed rows of pairs (padded to whole tiles of 16 where AMX runs).
+            let kp = padded_pairs(k.div_ceil(2));
             let bmat: Vec<f32> = test_values(k * n, (k * n) as u64)
                 .into_iter()
                 .enumerate()
@@ -389,7 +458,7 @@ mod tests {
             let mut by_cols = vec![7u32; packed_len(k, n)];
             pack_cols(k, n, |j| &cols[j * k..], &mut by_cols);
             assert_eq!(by_rows, by_cols, "k {k} n {n}");
-            let kp = k.div_ceil(2);
+            let kp = padded_pairs(k.div_ceil(2));
             let b = |r: usize, j: usize| {
                 if r < k && j < n {
                     round(rows[r * n + j])
