@@ -947,32 +947,15 @@ mod tests {
         worst
     }
 
-    /// The dense driver's indexing on the scalar model: equal to the reference chain.
+    /// Both drivers' indexing on the scalar model of the tiles: the q8 pairs bit for bit,
+    /// the dense tiles equal to the reference chain.
     #[test]
-    fn the_dense_driver_matches_the_reference_on_the_model() {
+    fn the_drivers_match_the_reference_on_the_model() {
+        check(&mut Emulated::new(), true);
         check_dense(&mut Emulated::new(), true);
     }
 
-    /// On a CPU with AMX: the dense tiles against the same reference.
-    #[cfg(target_arch = "x86_64")]
-    #[test]
-    fn the_dense_tiles_match_the_reference() {
-        if !available() {
-            eprintln!("no AMX tiles on this CPU: skipped");
-            return;
-        }
-        let worst = check_dense(&mut Amx, false);
-        eprintln!("AMX dense tiles against the chain: largest difference {worst:e} of the row's largest output");
-        assert!(worst <= 1e-6, "{worst:e}");
-    }
-
-    /// The driver's indexing, on the scalar model of the tiles: bit for bit.
-    #[test]
-    fn the_tile_driver_matches_the_reference_on_the_model() {
-        check(&mut Emulated::new(), true);
-    }
-
-    /// On a CPU with AMX: the tiles against the same reference.
+    /// On a CPU with AMX: both drivers on the tiles against the same references.
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn the_tiles_match_the_reference() {
@@ -980,9 +963,19 @@ mod tests {
             eprintln!("no AMX tiles on this CPU: skipped");
             return;
         }
-        let worst = check(&mut Amx, false);
-        eprintln!("AMX tiles against the vdpbf16ps chain: largest difference {worst:e} of the row's largest output");
-        assert!(worst <= 1e-6, "{worst:e}");
+        for (what, worst) in [
+            (
+                "q8 pairs against the vdpbf16ps chain",
+                check(&mut Amx, false),
+            ),
+            (
+                "dense tiles against the chain",
+                check_dense(&mut Amx, false),
+            ),
+        ] {
+            eprintln!("AMX {what}: largest difference {worst:e} of the row's largest output");
+            assert!(worst <= 1e-6, "{what}: {worst:e}");
+        }
     }
 
     /// On a CPU with AMX: which arithmetic one block's sum in the tiles is, printed as the
