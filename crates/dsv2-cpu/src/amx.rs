@@ -57,9 +57,10 @@ const ROW_BYTES: usize = 64;
 /// Outputs of a pair of weight tiles.
 const PAIR_COLS: usize = 2 * TILE;
 
-/// Whether this CPU runs [`pair`] on its tiles: AMX-TILE and AMX-BF16 present, the bf16
-/// kernels allowed ([`crate::flash_bf16::available`]: AVX-512 BF16, `DSV2_CPU_ISA`
-/// native), `DSV2_AMX` not `0`, and the tile state granted by the OS. Checked once.
+/// Whether this CPU runs [`pair`] and [`dense`] on its tiles: AMX-TILE and AMX-BF16
+/// present, the bf16 kernels allowed ([`crate::flash_bf16::available`]: AVX-512 BF16,
+/// `DSV2_CPU_ISA` native), `DSV2_AMX` not `0`, and the tile state granted by the OS.
+/// Checked once.
 pub(crate) fn available() -> bool {
     static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *AVAILABLE.get_or_init(|| {
@@ -75,8 +76,9 @@ pub(crate) fn available() -> bool {
     })
 }
 
-/// The tile instructions [`pair`] runs: [`Amx`] on the hardware, `Emulated` (tests) as a
-/// scalar model. Two sets of two sum tiles, `S` = 0 or 1, alternate between blocks.
+/// The tile instructions [`pair`] and [`dense`] run: [`Amx`] on the hardware, `Emulated`
+/// (tests) as a scalar model. In [`pair`] two sets of two sum tiles, `S` = 0 or 1,
+/// alternate between blocks; in [`dense`] four sums accumulate over a whole product.
 pub(crate) trait Tiles {
     /// Configures the calling thread's tiles: all eight 16 rows × 64 bytes.
     ///
