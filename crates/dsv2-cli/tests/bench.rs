@@ -296,6 +296,13 @@ fn bench_counts_a_bf16_kv_cache_at_two_bytes_a_value() {
     if dsv2_cpu::q8_prompt_rows_in_bf16() {
         assert!(device.contains("terms 2 (prompt rows bf16"), "{device}");
     }
+    if dsv2_cpu::q8_prompt_rows_on_amx_tiles() {
+        assert!(
+            device.contains("(prompt rows bf16 on AMX tiles)")
+                && device.contains(", tiles amx-bf16"),
+            "{device}"
+        );
+    }
     // 3 layers × 40 cached values × 2 bytes.
     assert_eq!(num(&report, "kv_bytes_per_token"), 240.0);
     positive(&report["decode"][1], "tokens_per_s");

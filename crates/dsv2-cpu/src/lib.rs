@@ -573,7 +573,7 @@ impl Backend for CpuBackend {
         };
         format!(
             "cpu ({threads} thread{}, {} activations{terms}, {} latent cache; kernels int8 {}, \
-             f32 {}{}{limit})",
+             f32 {}{}{}{limit})",
             if threads == 1 { "" } else { "s" },
             self.dtype,
             self.cache_dtype(),
@@ -581,6 +581,11 @@ impl Backend for CpuBackend {
             matmul::isa_name(),
             if bf16dot::available() {
                 ", bf16 avx512-bf16"
+            } else {
+                ""
+            },
+            if amx::available() {
+                ", tiles amx-bf16"
             } else {
                 ""
             },
