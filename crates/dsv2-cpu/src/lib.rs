@@ -37,7 +37,7 @@ pub fn q8_prompt_rows_in_bf16() -> bool {
 /// Whether those bf16 prompt rows run on the CPU's AMX tiles (`amx.rs`: Intel's Sapphire
 /// Rapids and later, where the OS grants the tile state; `DSV2_AMX=0` turns them off).
 pub fn q8_prompt_rows_on_amx_tiles() -> bool {
-    q8_bf16::preferred() && amx::available()
+    amx::available()
 }
 
 /// The shortest of `reps` timed runs of `f` after one untimed, in seconds (the kernels'
@@ -663,8 +663,9 @@ impl Backend for CpuBackend {
 
     /// Measured ([`peak::measure_peak_macs`]): int8 dot products for quantized weights
     /// (`vdpbf16ps` once q8 weights are loaded whose prompt rows take bf16 activations,
-    /// [`CpuBackend::bf16_prompt_rows`], or the AMX tiles' `tdpbf16ps` where they run), `vdpbf16ps` for bf16 weights under bf16
-    /// activations where the CPU has AVX-512 BF16, else f32 FMA.
+    /// [`CpuBackend::bf16_prompt_rows`], or the AMX tiles' `tdpbf16ps` where they run),
+    /// `vdpbf16ps` for bf16 weights under bf16 activations where the CPU has AVX-512
+    /// BF16, else f32 FMA.
     fn peak_matrix_rate(&self, quantized: bool) -> Result<Option<PeakRate>> {
         let (op, what) = if quantized && self.bf16_prompt_rows() && amx::available() {
             (

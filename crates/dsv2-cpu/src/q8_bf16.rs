@@ -63,9 +63,10 @@ pub(crate) fn available() -> bool {
 }
 
 /// Whether q8 prompt rows take this path: [`crate::flash_bf16::keeps_pace`] (AMD's
-/// AVX-512 BF16). On Intel's (one port for `vdpbf16ps`, two for `vpdpbusd`) the two int8
-/// terms are faster: a V2-Lite q8 prefill of 512 tokens on a 16-core Sapphire Rapids VM
-/// ran at 173-182 tokens/s in bf16 and 260-272 in int8 terms.
+/// AVX-512 BF16), or AMX tiles to run it on ([`crate::amx::available`]). On Intel's
+/// AVX-512 alone (one port for `vdpbf16ps`, two for `vpdpbusd`) the two int8 terms are
+/// faster: a V2-Lite q8 prefill of 512 tokens on a 16-core Sapphire Rapids VM ran at
+/// 173-182 tokens/s in bf16 and 260-272 in int8 terms; on its tiles, 343-499.
 pub(crate) fn preferred() -> bool {
     crate::flash_bf16::keeps_pace() || crate::amx::available()
 }
@@ -582,13 +583,14 @@ fn matmul_rows_of<const P: usize>(x: &BfRows, products: [Product<'_>; P]) {
         // are fetched. (Chunks of 2-8 pairs, each row tile run against all of them while
         // in cache, were slower on a 16-core Sapphire Rapids: q8 prefill of 512 tokens
         // 398-408 tokens/s against 481-499, alternating.)
-        let chunks = GuidedChunks::one_at_a_time(total);
+        let next_pair = AtomicUsize::new(0);
+        let claim = || Some(next_pair.fetch_add(1, Ordering::Relaxed)).filter(|&g| g < total);
         team::for_each(threads, |_| {
             crate::scratch::with_local(&PACKED, |packed| {
                 if packed.len() < NC * len {
                     packed.resize(NC * len, 0);
                 }
-                let mut next = chunks.claim().map(|c| c.start);
+                let mut next = claim();
                 while let Some(g) = next {
                     let (product, p) = locate(g);
                     let t0 = p * NC;
@@ -598,7 +600,7 @@ fn matmul_rows_of<const P: usize>(x: &BfRows, products: [Product<'_>; P]) {
                     if nt > 1 {
                         product.pack(t0 + 1, k, b);
                     }
-                    next = chunks.claim().map(|c| c.start);
+                    next = claim();
                     let prefetch = next.map_or(&[][..], |g| {
                         let (product, p) = locate(g);
                         product.stored_pair(p, k)
@@ -702,9 +704,7 @@ const PAIRS_PER_CHUNK: usize = 8;
 struct GuidedChunks {
     next: AtomicUsize,
     pairs: usize,
-    /// A chunk is the pairs left over this many, at most `most`.
-    share: usize,
-    most: usize,
+    threads: usize,
 }
 
 impl GuidedChunks {
@@ -712,18 +712,7 @@ impl GuidedChunks {
         GuidedChunks {
             next: AtomicUsize::new(0),
             pairs,
-            share: 2 * threads.max(1),
-            most: PAIRS_PER_CHUNK,
-        }
-    }
-
-    /// Chunks of one pair each: the AMX tiles'.
-    fn one_at_a_time(pairs: usize) -> GuidedChunks {
-        GuidedChunks {
-            next: AtomicUsize::new(0),
-            pairs,
-            share: 1,
-            most: 1,
+            threads: threads.max(1),
         }
     }
 
@@ -732,7 +721,7 @@ impl GuidedChunks {
         let mut start = self.next.load(Ordering::Relaxed);
         loop {
             let left = self.pairs.checked_sub(start).filter(|&l| l > 0)?;
-            let size = left.div_ceil(self.share).clamp(1, self.most);
+            let size = left.div_ceil(2 * self.threads).clamp(1, PAIRS_PER_CHUNK);
             match self.next.compare_exchange_weak(
                 start,
                 start + size,
