@@ -25,6 +25,7 @@ use clap::Args;
 use dsv2_backend::{AttentionPath, Backend, Batch, LogitsWanted, PeakRate};
 use dsv2_core::{expected_tensors, DType, ModelConfig};
 use dsv2_cpu::bandwidth::ReadProbe;
+use dsv2_cpu::team::{self, LoopProfile};
 use dsv2_model::{Model, Workspace};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
@@ -87,6 +88,11 @@ pub struct BenchArgs {
     /// Print one JSON object with every figure as the last line of stdout.
     #[arg(long)]
     json: bool,
+    /// Time the CPU thread team's parallel loops in the decode steps and report, per
+    /// decode row, where a step's time went: loops, their threads' busy share, the
+    /// stretches between loops (CPU only; adds two clock reads a task).
+    #[arg(long)]
+    loop_profile: bool,
 }
 
 /// Runs `dsv2 bench`.
@@ -180,6 +186,10 @@ fn check_grid(args: &BenchArgs, config: &ModelConfig) -> Result<()> {
         "--batch-sizes must be positive"
     );
     ensure!(args.decode_tokens > 0, "--decode-tokens must be positive");
+    ensure!(
+        !args.loop_profile || args.model.device == load::Device::Cpu,
+        "--loop-profile times the CPU backend's thread team: it needs --device cpu"
+    );
     ensure!(args.prefill_batch > 0, "--prefill-batch must be positive");
     ensure!(args.prefill_runs > 0, "--prefill-runs must be positive");
     ensure!(
@@ -308,8 +318,13 @@ impl ModelTask for BenchTask<'_> {
         for &context in &args.contexts {
             for &batch in &args.batch_sizes {
                 bar.set_message(format!("decode: batch {batch}, context {context}"));
-                let measured =
-                    runner.decode(batch, context, args.decode_tokens, read_probe.as_mut())?;
+                let measured = runner.decode(
+                    batch,
+                    context,
+                    args.decode_tokens,
+                    read_probe.as_mut(),
+                    args.loop_profile,
+                )?;
                 let (bandwidth, bracket) = match &mut read_probe {
                     Some(read_probe) => {
                         let before = *probes.values.last().expect("probed before the rows");
@@ -363,6 +378,7 @@ impl ModelTask for BenchTask<'_> {
                     routed_experts: counted.unwrap_or(uniform),
                     routed_experts_counted: counted.is_some(),
                     routed_experts_uniform: uniform,
+                    loops: measured.loops,
                 });
                 bar.inc(1);
             }
@@ -544,6 +560,7 @@ impl<'m, B: Backend> Runner<'m, B> {
         context: usize,
         steps: usize,
         mut probe: Option<&mut ReadProbe>,
+        loop_profile: bool,
     ) -> Result<DecodeTiming> {
         let vocab = self.model.config.vocab_size;
         let mut next: Vec<u32> = (0..batch).map(|s| token_id(context + s, vocab)).collect();
@@ -557,10 +574,17 @@ impl<'m, B: Backend> Runner<'m, B> {
         }
         let mut step_seconds = Vec::with_capacity(steps);
         let experts_before = self.backend.routed_experts_run();
+        let mut loops = loop_profile.then(LoopProfile::default);
         for i in 0..steps {
+            if loops.is_some() {
+                team::profile_start();
+            }
             let started = Instant::now();
             self.decode_step(context + WARMUP_STEPS + i, &mut next, &mut out)?;
             step_seconds.push(started.elapsed().as_secs_f64());
+            if let Some(loops) = &mut loops {
+                *loops += team::profile_take();
+            }
             if let Some(probe) = probe.as_deref_mut() {
                 probes.push(probe.pass());
             }
@@ -574,6 +598,7 @@ impl<'m, B: Backend> Runner<'m, B> {
             step_seconds,
             probes,
             routed_experts,
+            loops,
         })
     }
 
@@ -664,6 +689,8 @@ struct DecodeTiming {
     /// Routed experts the timed steps ran, summed over MoE layers
     /// (`Backend::routed_experts_run`), where the backend counts them.
     routed_experts: Option<u64>,
+    /// The thread team's loops over the timed steps (`--loop-profile`).
+    loops: Option<LoopProfile>,
 }
 
 /// One decode measurement.
@@ -694,6 +721,8 @@ struct DecodeRow {
     routed_experts_counted: bool,
     /// What uniform routing would give ([`expected_distinct_experts`]).
     routed_experts_uniform: f64,
+    /// The thread team's loops over the timed steps (`--loop-profile`).
+    loops: Option<LoopProfile>,
 }
 
 impl DecodeRow {
@@ -896,6 +925,11 @@ impl Report {
                     .join(", ")
             );
         }
+        for row in &self.decode {
+            if let Some(profile) = &row.loops {
+                print_loop_profile(row, profile);
+            }
+        }
         if self.decode.iter().any(|r| r.attention_s.is_some()) {
             println!(
                 "attn: one layer's decode attention kernels alone over the cache (bytes: the \
@@ -952,6 +986,18 @@ impl Report {
                     "attention_bytes": r.attention_bytes,
                     "attention_gbps": r.attention_rate().map(|b| b / 1e9),
                     "attention_copy_fraction": r.attention_rate().map(|b| b / self.bandwidth),
+                    "loop_profile": r.loops.as_ref().map(|l| json!({
+                        "threads": l.threads,
+                        "sites": l.sites.iter().map(|s| json!({
+                            "site": s.site.to_string(),
+                            "serial": s.serial,
+                            "loops": s.loops,
+                            "tasks": s.tasks,
+                            "loop_seconds": s.loop_s,
+                            "busy_seconds": s.busy_s,
+                            "before_seconds": s.before_s,
+                        })).collect::<Vec<_>>(),
+                    })),
                 })
             })
             .collect();
@@ -973,6 +1019,50 @@ impl Report {
             "prefill": prefill,
             "decode": decode,
         })
+    }
+}
+
+/// Sites of a loop profile printed per decode row, the costliest first.
+const LOOP_SITES_SHOWN: usize = 12;
+
+/// `--loop-profile`'s lines for one decode row: the totals, then the call sites that
+/// cost most (their loops and the serial work just before them), per step.
+fn print_loop_profile(row: &DecodeRow, profile: &LoopProfile) {
+    let per_step = |x: f64| x / row.steps as f64;
+    let ms = |s: f64| per_step(s) * 1e3;
+    let (spread, serial) = (profile.total(false), profile.total(true));
+    let between = profile.between_s();
+    println!(
+        "loops, batch {} context {}, per step of {:.2} ms: {:.0} loops of {:.1} tasks on {} \
+         threads, {:.2} ms (threads busy {:.1}% of it); {:.0} loops on one thread, {:.2} ms; \
+         {:.2} ms between loops; {:.2} ms after the last",
+        row.batch,
+        row.context,
+        ms(row.seconds),
+        per_step(spread.loops as f64),
+        spread.tasks as f64 / spread.loops.max(1) as f64,
+        profile.threads,
+        ms(spread.loop_s),
+        100.0 * spread.busy_fraction(profile.threads),
+        per_step(serial.loops as f64),
+        ms(serial.loop_s),
+        ms(between),
+        ms(row.seconds - spread.loop_s - serial.loop_s - between),
+    );
+    let mut sites: Vec<_> = profile.sites.iter().collect();
+    sites.sort_by(|a, b| (b.loop_s + b.before_s).total_cmp(&(a.loop_s + a.before_s)));
+    for s in sites.iter().take(LOOP_SITES_SHOWN) {
+        println!(
+            "  {:<40} {:>5.1} loops {:>7.3} ms{} | {:>7.3} ms before",
+            s.site.to_string(),
+            per_step(s.loops as f64),
+            ms(s.loop_s),
+            match s.serial {
+                true => " (one thread)     ".to_string(),
+                false => format!(" (busy {:>5.1}%)", 100.0 * s.busy_fraction(profile.threads)),
+            },
+            ms(s.before_s),
+        );
     }
 }
 

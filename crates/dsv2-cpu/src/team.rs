@@ -16,7 +16,7 @@
 
 use std::any::Any;
 use std::cell::{Cell, UnsafeCell};
-use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
+use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe, Location};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::thread::{self, Thread};
@@ -100,6 +100,175 @@ pub fn threads() -> usize {
     team().threads
 }
 
+/// Set while loops are timed ([`profile_start`]); read once per loop and per task batch.
+static PROFILING: AtomicBool = AtomicBool::new(false);
+/// Nanoseconds the team's threads spent in tasks of timed loops (workers add theirs as
+/// they leave a loop; the loop's owner reads it once no worker is inside).
+static PROFILE_BUSY_NS: AtomicU64 = AtomicU64::new(0);
+/// The timed loops, by call site, and when the last one ended.
+static PROFILE: Mutex<Profile> = Mutex::new(Profile {
+    sites: Vec::new(),
+    last_end: None,
+    threads: 0,
+});
+
+struct Profile {
+    sites: Vec<LoopSite>,
+    last_end: Option<Instant>,
+    threads: usize,
+}
+
+/// What the loops started at one line of code cost.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LoopSite {
+    /// Where the loop is started (`file:line`).
+    pub site: &'static Location<'static>,
+    /// Whether its loops ran on the caller alone (one task, a busy team, or one thread).
+    pub serial: bool,
+    /// Loops started there, and their tasks.
+    pub loops: u64,
+    pub tasks: u64,
+    /// Wall seconds of those loops on their caller, from opening to the last task's end.
+    pub loop_s: f64,
+    /// Seconds the team's threads spent inside their tasks, summed over threads.
+    pub busy_s: f64,
+    /// Wall seconds from the end of the previous timed loop (or [`profile_start`]) to
+    /// the start of each of these: the serial work on the caller just before them.
+    pub before_s: f64,
+}
+
+/// What the team's loops cost between [`profile_start`] and [`profile_take`]: where a
+/// many-thread decode step loses time to loop starts, unequal tasks and the serial work
+/// between loops (`dsv2 bench --loop-profile`).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct LoopProfile {
+    /// Threads of the team.
+    pub threads: usize,
+    /// Each call site's loops, in the order first seen.
+    pub sites: Vec<LoopSite>,
+}
+
+impl LoopProfile {
+    /// Sums over the sites whose loops were spread over the team (`serial == false`) or
+    /// ran on the caller alone (`true`).
+    pub fn total(&self, serial: bool) -> LoopSite {
+        let mut sum = LoopSite {
+            site: Location::caller(),
+            serial,
+            loops: 0,
+            tasks: 0,
+            loop_s: 0.0,
+            busy_s: 0.0,
+            before_s: 0.0,
+        };
+        for s in self.sites.iter().filter(|s| s.serial == serial) {
+            sum.add(s);
+        }
+        sum
+    }
+
+    /// Seconds between loops: every site's `before_s`.
+    pub fn between_s(&self) -> f64 {
+        self.sites.iter().map(|s| s.before_s).sum()
+    }
+}
+
+impl LoopSite {
+    fn add(&mut self, other: &LoopSite) {
+        self.loops += other.loops;
+        self.tasks += other.tasks;
+        self.loop_s += other.loop_s;
+        self.busy_s += other.busy_s;
+        self.before_s += other.before_s;
+    }
+
+    /// Share of the threads' time inside these loops that ran tasks: below 1 by the
+    /// loops' start latency and by tasks that end unequally.
+    pub fn busy_fraction(&self, threads: usize) -> f64 {
+        self.busy_s / (self.loop_s * threads as f64).max(f64::MIN_POSITIVE)
+    }
+}
+
+impl std::ops::AddAssign for LoopProfile {
+    fn add_assign(&mut self, other: Self) {
+        self.threads = self.threads.max(other.threads);
+        for site in other.sites {
+            match self
+                .sites
+                .iter_mut()
+                .find(|s| s.site == site.site && s.serial == site.serial)
+            {
+                Some(s) => s.add(&site),
+                None => self.sites.push(site),
+            }
+        }
+    }
+}
+
+fn profile_lock() -> std::sync::MutexGuard<'static, Profile> {
+    PROFILE.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Starts timing the team's loops (forgetting earlier timings). Timing costs two clock
+/// reads a task and a lock a loop, so it is off unless asked for.
+pub fn profile_start() {
+    let mut profile = profile_lock();
+    profile.sites.clear();
+    profile.threads = threads();
+    PROFILE_BUSY_NS.store(0, Ordering::Relaxed);
+    profile.last_end = Some(Instant::now());
+    PROFILING.store(true, Ordering::SeqCst);
+}
+
+/// Stops timing and returns what the loops cost since [`profile_start`]. Call it between
+/// loops (no loop of the team open).
+pub fn profile_take() -> LoopProfile {
+    PROFILING.store(false, Ordering::SeqCst);
+    let mut profile = profile_lock();
+    LoopProfile {
+        threads: profile.threads,
+        sites: std::mem::take(&mut profile.sites),
+    }
+}
+
+/// Records a timed loop of `tasks` tasks at `site` that ran from `started` to now, its
+/// threads `busy_ns` inside tasks.
+fn profile_record(
+    site: &'static Location<'static>,
+    serial: bool,
+    tasks: usize,
+    started: Instant,
+    busy_ns: u64,
+) {
+    let now = Instant::now();
+    let mut profile = profile_lock();
+    let before = profile.last_end.map_or(0.0, |end| {
+        started.saturating_duration_since(end).as_secs_f64()
+    });
+    profile.last_end = Some(now);
+    let entry = LoopSite {
+        site,
+        serial,
+        loops: 1,
+        tasks: tasks as u64,
+        loop_s: (now - started).as_secs_f64(),
+        busy_s: busy_ns as f64 * 1e-9,
+        before_s: before,
+    };
+    match profile
+        .sites
+        .iter_mut()
+        .find(|s| s.site == site && s.serial == serial)
+    {
+        Some(s) => s.add(&entry),
+        None => profile.sites.push(entry),
+    }
+}
+
+fn elapsed_ns(since: Instant) -> u64 {
+    since.elapsed().as_nanos() as u64
+}
+
 /// Largest task of a decode product, in bytes of weights: each task restarts the weight
 /// stream (its first reads wait on memory), so a decode product runs as few long tasks,
 /// capped so that a product much larger than the team's share still balances.
@@ -125,20 +294,34 @@ pub(crate) fn decode_task_len(
 /// Runs `f(0..tasks)`, spread over the team; returns when every task has finished.
 /// Tasks are handed out one at a time in index order. A panic in a task is re-raised
 /// here after every other task has finished.
+#[track_caller]
 pub fn for_each(tasks: usize, f: impl Fn(usize) + Sync) {
-    if tasks <= 1 || IN_TEAM.with(Cell::get) {
+    if IN_TEAM.with(Cell::get) {
         return serially(tasks, f);
     }
     let team = team();
-    if team.threads == 1
+    let profiling = PROFILING.load(Ordering::Relaxed);
+    let started = profiling.then(Instant::now);
+    if tasks <= 1
+        || team.threads == 1
         || team
             .busy
             .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
             .is_err()
     {
-        return serially(tasks, f);
+        serially(tasks, f);
+        if let Some(started) = started {
+            let busy = elapsed_ns(started);
+            profile_record(Location::caller(), true, tasks, started, busy);
+        }
+        return;
     }
+    let busy_before = profiling.then(|| PROFILE_BUSY_NS.load(Ordering::Relaxed));
     team.run(tasks, &f);
+    if let (Some(started), Some(before)) = (started, busy_before) {
+        let busy = PROFILE_BUSY_NS.load(Ordering::Relaxed) - before;
+        profile_record(Location::caller(), false, tasks, started, busy);
+    }
     team.busy.store(false, Ordering::Release);
 }
 
@@ -157,6 +340,7 @@ fn serially(tasks: usize, f: impl Fn(usize)) {
 
 /// Runs `f(i, chunk)` for each `size`-long chunk of `data` (the last may be shorter),
 /// spread over the team.
+#[track_caller]
 pub fn for_each_chunk_mut<T: Send>(
     data: &mut [T],
     size: usize,
@@ -218,16 +402,25 @@ impl Team {
         let Some(f) = f else { return };
         // SAFETY: as above.
         let f = unsafe { &*f };
+        let profiling = PROFILING.load(Ordering::Relaxed);
+        let mut busy_ns = 0;
         loop {
             let i = self.next.fetch_add(1, Ordering::Relaxed);
             if i >= tasks {
-                return;
+                break;
             }
+            let started = profiling.then(Instant::now);
             if let Err(payload) = catch_unwind(AssertUnwindSafe(|| f(i))) {
                 let mut slot = self.panic.lock().unwrap_or_else(|e| e.into_inner());
                 slot.get_or_insert(payload);
             }
+            if let Some(started) = started {
+                busy_ns += elapsed_ns(started);
+            }
             self.remaining.fetch_sub(1, Ordering::Release);
+        }
+        if busy_ns > 0 {
+            PROFILE_BUSY_NS.fetch_add(busy_ns, Ordering::Relaxed);
         }
     }
 
