@@ -262,6 +262,47 @@ fn bench_quantizes_random_weights_at_load() {
 }
 
 #[test]
+fn loop_profile_accounts_for_the_decode_steps() {
+    let config = fixture("lite").join("config.json");
+    let out = dsv2(&[
+        "bench",
+        "--random-weights",
+        config.to_str().unwrap(),
+        "--quantize",
+        "q8",
+        "--prompt-lengths",
+        "4",
+        "--contexts",
+        "0",
+        "--batch-sizes",
+        "1,3",
+        "--decode-tokens",
+        "3",
+        "--loop-profile",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("loops, batch 3 context 0"), "{stdout}");
+    let report = last_json(&out);
+    for row in report["decode"].as_array().unwrap() {
+        let profile = &row["loop_profile"];
+        let sites = profile["sites"].as_array().expect("sites");
+        let sum = |key: &str| sites.iter().map(|s| num(s, key)).sum::<f64>();
+        // Every layer's products start loops at lines of the CPU backend.
+        let loops = sum("loops") / num(row, "steps");
+        assert!(loops >= 3.0, "{loops} loops a step in {profile}");
+        assert!(sites
+            .iter()
+            .all(|s| s["site"].as_str().unwrap().contains("crates/dsv2-cpu/src/")));
+        // Loops and the stretches before them lie inside the timed steps.
+        let inside = sum("loop_seconds") + sum("before_seconds");
+        assert!(inside <= num(row, "seconds") * 1.001, "{inside} s in {row}");
+        assert!(sum("busy_seconds") > 0.0);
+    }
+}
+
+#[test]
 fn bench_counts_a_bf16_kv_cache_at_two_bytes_a_value() {
     let config = fixture("lite").join("config.json");
     let out = dsv2(&[

@@ -32,6 +32,8 @@ thread_local! {
     /// Set on team workers and on a caller while it runs tasks: loops started there
     /// run serially (the team is already busy with the outer loop).
     static IN_TEAM: Cell<bool> = const { Cell::new(false) };
+    /// Set on the thread that called [`profile_start`]: only its loops are timed.
+    static PROFILER: Cell<bool> = const { Cell::new(false) };
 }
 
 /// A lifetime-erased task body.
@@ -209,9 +211,10 @@ fn profile_lock() -> std::sync::MutexGuard<'static, Profile> {
     PROFILE.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Starts timing the team's loops (forgetting earlier timings). Timing costs two clock
-/// reads a task and a lock a loop, so it is off unless asked for.
+/// Starts timing the loops this thread starts (forgetting earlier timings). Timing costs
+/// two clock reads a task and a lock a loop, so it is off unless asked for.
 pub fn profile_start() {
+    PROFILER.with(|p| p.set(true));
     let mut profile = profile_lock();
     profile.sites.clear();
     profile.threads = threads();
@@ -220,10 +223,11 @@ pub fn profile_start() {
     PROFILING.store(true, Ordering::SeqCst);
 }
 
-/// Stops timing and returns what the loops cost since [`profile_start`]. Call it between
-/// loops (no loop of the team open).
+/// Stops timing and returns what the loops cost since [`profile_start`], on the thread
+/// that called it, between its loops.
 pub fn profile_take() -> LoopProfile {
     PROFILING.store(false, Ordering::SeqCst);
+    PROFILER.with(|p| p.set(false));
     let mut profile = profile_lock();
     LoopProfile {
         threads: profile.threads,
@@ -300,7 +304,7 @@ pub fn for_each(tasks: usize, f: impl Fn(usize) + Sync) {
         return serially(tasks, f);
     }
     let team = team();
-    let profiling = PROFILING.load(Ordering::Relaxed);
+    let profiling = PROFILING.load(Ordering::Relaxed) && PROFILER.with(Cell::get);
     let started = profiling.then(Instant::now);
     if tasks <= 1
         || team.threads == 1
@@ -559,6 +563,38 @@ mod tests {
             })
             .collect();
         assert!(handles.into_iter().all(|h| h.join().unwrap()));
+    }
+
+    #[test]
+    fn a_profile_counts_each_site_and_the_work_between() {
+        profile_start();
+        let spread = Location::caller();
+        for _ in 0..3 {
+            for_each(8, |_| std::hint::black_box(()));
+        }
+        thread::sleep(Duration::from_millis(2));
+        let serial = Location::caller();
+        for_each(1, |_| thread::sleep(Duration::from_millis(1)));
+        let profile = profile_take();
+        // Spread or serial (another test's loop may hold the team), summed.
+        let site = |loc: &Location, below: u32| {
+            let mut sum = None::<LoopSite>;
+            for s in &profile.sites {
+                if s.site.file() == loc.file() && s.site.line() == loc.line() + below {
+                    match &mut sum {
+                        Some(sum) => sum.add(s),
+                        None => sum = Some(*s),
+                    }
+                }
+            }
+            sum.unwrap_or_else(|| panic!("no site below {loc} in {profile:?}"))
+        };
+        let (a, b) = (site(spread, 2), site(serial, 1));
+        assert_eq!((a.loops, a.tasks, b.loops, b.tasks), (3, 24, 1, 1));
+        assert!(b.loop_s >= 1e-3 && b.before_s >= 2e-3, "{b:?}");
+        // Nothing is timed once taken.
+        for_each(8, |_| ());
+        assert!(profile_take().sites.is_empty());
     }
 
     #[test]
