@@ -18,7 +18,7 @@ use crate::mla::{
 };
 use crate::prefill_bf16::{self, Tile};
 use crate::qmatmul::PromptRows;
-use crate::scratch::{take, take_empty, Scratch};
+use crate::scratch::{take, take_empty, take_overwritten, Scratch};
 use crate::team;
 use crate::{with_elems, CacheLayer, CpuBackend, LayerRows, WeightData};
 
@@ -419,8 +419,8 @@ fn absorbed<E: KindOf + CacheElem>(
     let n_tok = tokens.len();
     // Scratch of the calling thread: queries in latent space and latent outputs of every
     // token, one token's scores.
-    let mut q_cat = take::<f32>(n_tok * h * w);
-    let mut o_lat = take::<f32>(n_tok * h * c);
+    let mut q_cat = take_overwritten::<f32>(n_tok * h * w);
+    let mut o_lat = take_overwritten::<f32>(n_tok * h * c);
     // One token's scores, for the two-pass (bf16) attention only.
     let mut scores = take::<f32>(if be.bf16() { h * longest } else { 0 });
     with_elems!(args.kv_b_proj, |kv_b| {
@@ -582,8 +582,8 @@ fn attend_one_pass<E: KindOf + CacheElem>(
     // pairs for the bf16 arithmetic).
     let q_len = flash::query_len(h, w);
     let q16_len = flash_bf16::query_len(h, w);
-    let mut qt = take::<f32>(if bf16_math { 0 } else { n_tok * q_len });
-    let mut qt16 = take::<u32>(if bf16_math { n_tok * q16_len } else { 0 });
+    let mut qt = take_overwritten::<f32>(if bf16_math { 0 } else { n_tok * q_len });
+    let mut qt16 = take_overwritten::<u32>(if bf16_math { n_tok * q16_len } else { 0 });
     if bf16_math {
         let group_q = flash_bf16::pairs(w) * flash::GROUP;
         team::for_each_chunk_mut(&mut qt16, group_q, |i, dst| {
@@ -597,7 +597,7 @@ fn attend_one_pass<E: KindOf + CacheElem>(
         });
     }
     let (state_len, group_state) = (flash::state_len(h, c), flash::group_state_len(c));
-    let mut states = take::<f32>(total * state_len);
+    let mut states = take_overwritten::<f32>(total * state_len);
     let states_ptr = SyncPtr(states.as_mut_ptr());
     // Each task's fold scratch, taken here rather than from the pool of whichever thread
     // claims the task: on many threads a thread may claim its first attention task only
@@ -682,10 +682,12 @@ fn attend_one_pass<E: KindOf + CacheElem>(
     });
     let states: &[f32] = &states;
     let out_ptr = SyncPtr(o_lat.as_mut_ptr());
-    team::for_each(n_tok * splits, |i| {
-        let (k, part) = (i / splits, i % splits);
-        let groups = split_groups(part);
-        let heads = groups.start * flash::GROUP..(groups.end * flash::GROUP).min(h);
+    // Each token's heads combined in parts, two or more a thread (a lone token's 32 task
+    // states of V2-Lite's 16 heads took one thread 33 µs a layer).
+    let head_parts = (2 * team::threads()).div_ceil(n_tok).clamp(1, h);
+    team::for_each(n_tok * head_parts, |i| {
+        let (k, part) = (i / head_parts, i % head_parts);
+        let heads = part * h / head_parts..(part + 1) * h / head_parts;
         // SAFETY: token k's latent outputs of heads `heads`, written by this call only.
         let out = unsafe {
             std::slice::from_raw_parts_mut(
@@ -699,7 +701,7 @@ fn attend_one_pass<E: KindOf + CacheElem>(
             t1 - t0,
             h,
             c,
-            groups,
+            heads,
             out,
         );
     });

@@ -368,18 +368,18 @@ fn tail_columns<E: CacheElem>(
     }
 }
 
-/// A token's latent outputs of the heads of groups `groups` (`out`: those heads' rows of
-/// `c` values) from its tasks' states (`states`, `tasks` × [`state_len`] floats, in task
-/// order): the module's combination.
+/// A token's latent outputs of heads `heads` (`out`: those heads' rows of `c` values)
+/// from its tasks' states (`states`, `tasks` × [`state_len`] floats, in task order): the
+/// module's combination. Each head's outputs are the same whatever range it comes in.
 pub(crate) fn combine(
     states: &[f32],
     tasks: usize,
     h: usize,
     c: usize,
-    groups: Range<usize>,
+    heads: Range<usize>,
     out: &mut [f32],
 ) {
-    combine_isa(isa(), states, tasks, h, c, groups, out)
+    combine_isa(isa(), states, tasks, h, c, heads, out)
 }
 
 fn combine_isa(
@@ -388,25 +388,24 @@ fn combine_isa(
     tasks: usize,
     h: usize,
     c: usize,
-    groups: Range<usize>,
+    heads: Range<usize>,
     out: &mut [f32],
 ) {
-    let heads = (groups.end * GROUP).min(h) - groups.start * GROUP;
     assert!(
         tasks >= 1
-            && groups.end <= self::groups(h)
+            && heads.end <= h
             && states.len() >= tasks * state_len(h, c)
-            && out.len() >= heads * c,
+            && out.len() >= heads.len() * c,
         "flash combine shapes"
     );
     match isa {
         // SAFETY: the features were detected.
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => unsafe { x86::combine512(states, tasks, h, c, groups, out) },
+        Isa::Avx512 => unsafe { x86::combine512(states, tasks, h, c, heads, out) },
         // SAFETY: the features were detected.
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => unsafe { x86::combine_avx2(states, tasks, h, c, groups, out) },
-        Isa::Portable => combine_impl(states, tasks, h, c, groups, out),
+        Isa::Avx2 => unsafe { x86::combine_avx2(states, tasks, h, c, heads, out) },
+        Isa::Portable => combine_impl(states, tasks, h, c, heads, out),
     }
 }
 
@@ -416,12 +415,12 @@ fn combine_impl(
     tasks: usize,
     h: usize,
     c: usize,
-    groups: Range<usize>,
+    heads: Range<usize>,
     out: &mut [f32],
 ) {
     let (len, gs) = (state_len(h, c), group_state_len(c));
-    let first = groups.start * GROUP;
-    for head in first..(groups.end * GROUP).min(h) {
+    let first = heads.start;
+    for head in heads {
         let (g, lane) = (head / GROUP, head % GROUP);
         let state = |t: usize| &states[t * len + g * gs..][..gs];
         let mut top = f32::NEG_INFINITY;
@@ -853,10 +852,10 @@ pub(crate) mod x86 {
         tasks: usize,
         h: usize,
         c: usize,
-        groups: Range<usize>,
+        heads: Range<usize>,
         out: &mut [f32],
     ) {
-        combine_impl(states, tasks, h, c, groups, out)
+        combine_impl(states, tasks, h, c, heads, out)
     }
 
     /// # Safety
@@ -867,10 +866,10 @@ pub(crate) mod x86 {
         tasks: usize,
         h: usize,
         c: usize,
-        groups: Range<usize>,
+        heads: Range<usize>,
         out: &mut [f32],
     ) {
-        combine_impl(states, tasks, h, c, groups, out)
+        combine_impl(states, tasks, h, c, heads, out)
     }
 }
 
@@ -936,8 +935,9 @@ mod tests {
         }
         let mut out = vec![0.0; h * c];
         for groups in &calls {
-            let heads = groups.start * GROUP * c..((groups.end * GROUP).min(h)) * c;
-            combine_isa(isa, &states, tasks, h, c, groups.clone(), &mut out[heads]);
+            let heads = groups.start * GROUP..(groups.end * GROUP).min(h);
+            let rows = heads.start * c..heads.end * c;
+            combine_isa(isa, &states, tasks, h, c, heads, &mut out[rows]);
         }
         out
     }

@@ -198,6 +198,55 @@ pub fn argmax(x: &[f32]) -> u32 {
     best as u32
 }
 
+/// [`argmax`] of each `v`-long row of `x` into `out`, over spans of `span` values in one
+/// parallel loop: what [`argmax`] of each row gives (its first largest value; NaNs never
+/// win unless the row starts with one), without one thread's serial pass over a decode
+/// batch's logits.
+pub fn argmax_rows(x: &[f32], v: usize, span: usize, out: &mut [u32]) {
+    assert!(v > 0 && span > 0 && x.len() >= out.len() * v, "argmax rows");
+    let spans = v.div_ceil(span);
+    let mut best = crate::scratch::take_overwritten::<u32>(out.len() * spans);
+    crate::team::for_each_chunk_mut(&mut best, 1, |i, b| {
+        let (r, p) = (i / spans, i % spans);
+        let part = &x[r * v..][p * span..v.min((p + 1) * span)];
+        b[0] = first_max(part).map_or(u32::MAX, |j| (p * span + j) as u32);
+    });
+    for (r, o) in out.iter_mut().enumerate() {
+        let row = &x[r * v..][..v];
+        let mut winner = 0;
+        if !row[0].is_nan() {
+            for &j in best[r * spans..][..spans]
+                .iter()
+                .filter(|&&j| j != u32::MAX)
+            {
+                if row[j as usize] > row[winner] {
+                    winner = j as usize;
+                }
+            }
+        }
+        *o = winner as u32;
+    }
+}
+
+/// The first index of the largest non-NaN value of `x` (none if every value is NaN), in
+/// two vectorizable passes: the maximum in 16 lanes, then its first position.
+fn first_max(x: &[f32]) -> Option<usize> {
+    const LANES: usize = 16;
+    let mut lanes = [f32::NEG_INFINITY; LANES];
+    let blocks = x.chunks_exact(LANES);
+    let tail = blocks.remainder();
+    for block in blocks {
+        for (m, &v) in lanes.iter_mut().zip(block) {
+            *m = if v > *m { v } else { *m };
+        }
+    }
+    let max = lanes
+        .iter()
+        .chain(tail)
+        .fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m });
+    x.iter().position(|&v| v == max)
+}
+
 /// `silu(x) = x / (1 + e^-x)` in f32.
 #[inline(always)]
 pub fn silu(x: f32) -> f32 {
@@ -207,6 +256,34 @@ pub fn silu(x: f32) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn argmax_rows_is_the_serial_argmax() {
+        let mut rows = Vec::new();
+        for v in [1, 5, 16, 17, 100, 1000] {
+            for kind in 0..6 {
+                let mut row = crate::test_values(v, (v * 6 + kind) as u64);
+                match kind {
+                    1 => row.iter_mut().step_by(3).for_each(|x| *x = f32::NAN),
+                    2 => row[0] = f32::NAN,
+                    3 => row.iter_mut().for_each(|x| *x = f32::NAN),
+                    4 => row.iter_mut().for_each(|x| *x = (*x * 4.0).round()),
+                    5 => row.iter_mut().for_each(|x| *x = f32::NEG_INFINITY),
+                    _ => {}
+                }
+                rows.push(row);
+            }
+        }
+        for row in rows {
+            let v = row.len();
+            let x: Vec<f32> = [row.clone(), row.clone()].concat();
+            for span in [1, 3, 16, 64, 4096] {
+                let mut out = [9u32; 2];
+                argmax_rows(&x, v, span, &mut out);
+                assert_eq!(out, [argmax(&row); 2], "{row:?} span {span}");
+            }
+        }
+    }
 
     #[test]
     fn bf16_rounding_is_nearest_even() {

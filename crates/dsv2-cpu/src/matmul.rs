@@ -226,14 +226,17 @@ fn matmul_isa<E: KindOf>(
     });
 }
 
-/// Weight rows per parallel task: [`ROW_BLOCK`] for many activation rows; for a decode
+/// Weight rows per parallel task: [`ROW_BLOCK`] for many activation rows (fewer where that
+/// leaves threads idle); for a decode
 /// product (≤ [`MR`] rows, memory-bound) two tasks per thread of at most
 /// [`crate::team::DECODE_TASK_BYTES`], so that each thread streams long runs of
 /// consecutive rows (with [`ROW_BLOCK`], V2-Lite's `lm_head` at m = 1 ran as 2,134 tasks
 /// of 192 KB, the two threads' streams interleaved).
 fn row_block(m: usize, n: usize, row_bytes: usize, threads: usize) -> usize {
     if m > MR {
-        return ROW_BLOCK;
+        // A narrow product (a decode batch's router: 64 or 160 rows) still spreads over
+        // every thread.
+        return n.div_ceil(2 * threads).next_multiple_of(NR).min(ROW_BLOCK);
     }
     crate::team::decode_task_len(n, row_bytes, threads, 2, NR)
 }

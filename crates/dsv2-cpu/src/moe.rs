@@ -11,7 +11,7 @@ use crate::q8_bf16::PROMPT_MIN_ROWS;
 use crate::qmatmul::{
     decode_tiles_per_task, qmatmul_pair, qmatmul_rows_ptr, PromptRows, QActivations, QMatrix,
 };
-use crate::scratch::{take, take_empty};
+use crate::scratch::{take, take_empty, take_overwritten};
 use crate::team;
 use crate::{CpuBackend, CpuWeight};
 
@@ -53,8 +53,8 @@ pub(crate) fn mlp_rows(
     out: &mut [f32],
 ) {
     let inter = mlp.gate_proj.rows();
-    let mut gate = take::<f32>(rows * inter);
-    let mut up = take::<f32>(rows * inter);
+    let mut gate = take_overwritten::<f32>(rows * inter);
+    let mut up = take_overwritten::<f32>(rows * inter);
     match (mlp.gate_proj.qmatrix(be), mlp.up_proj.qmatrix(be)) {
         // Quantized: `x` quantized once for both (bit-identical to two products).
         (Some(g), Some(u)) => qmatmul_pair(x, rows, g, &mut gate, u, &mut up, prompt),
@@ -94,7 +94,7 @@ pub(crate) fn moe(
     let num_experts = moe.gate.rows();
     let k = moe.routing.top_k;
     // Router: f32 logits of the (bf16-representable, in bf16 mode) activations.
-    let mut probs = take::<f32>(rows * num_experts);
+    let mut probs = take_overwritten::<f32>(rows * num_experts);
     moe.gate.matmul(be, x, rows, PromptRows::None, &mut probs);
     let mut ids = take::<u32>(rows * k);
     let mut weights = take::<f32>(rows * k);
@@ -393,19 +393,13 @@ fn few_tokens_quantized<'a>(
     if acts.len() < count + 1 {
         acts.resize_with(count + 1, QActivations::default);
     }
+    // Every row quantized once; a routed MLP's member rows are copies of theirs.
     let one_token = rows == 1;
-    if one_token || shared.is_some() {
-        acts[count].quantize(x, rows, d);
-    }
+    acts[count].quantize(x, rows, d);
     if !one_token {
-        let mut gathered = take_empty::<f32>();
-        for i in 0..routed_mlps {
-            gathered.vec().clear();
-            for &t in &member_rows[members(i)] {
-                let t = t as usize;
-                gathered.vec().extend_from_slice(&x[t * d..(t + 1) * d]);
-            }
-            acts[i].quantize(&gathered, n_rows(i), d);
+        let (routed_acts, every_row) = acts.split_at_mut(count);
+        for (i, member_acts) in routed_acts[..routed_mlps].iter_mut().enumerate() {
+            member_acts.gather_rows(&every_row[0], &member_rows[members(i)]);
         }
     }
     let input_acts = |i: usize| {
@@ -423,7 +417,7 @@ fn few_tokens_quantized<'a>(
         hidden_at[2 * i + 1] = hidden_at[2 * i] + len;
         hidden_at[2 * i + 2] = hidden_at[2 * i + 1] + len;
     }
-    let mut hidden = take::<f32>(hidden_at[2 * count] as usize);
+    let mut hidden = take_overwritten::<f32>(hidden_at[2 * count] as usize);
     let base = SyncPtr(hidden.as_mut_ptr());
     let quantized =
         |w: &'a CpuWeight| -> QMatrix<'a> { w.qmatrix(be).expect("quantized (checked)") };
@@ -469,7 +463,7 @@ fn few_tokens_quantized<'a>(
             }),
         )
     };
-    let mut outs = take::<f32>(member_at[count] as usize * d);
+    let mut outs = take_overwritten::<f32>(member_at[count] as usize * d);
     let base = SyncPtr(outs.as_mut_ptr());
     // SAFETY: MLP i writes outs[members(i).start · d ..][..rows_i · d], its own rows.
     unsafe {
@@ -555,6 +549,7 @@ pub(crate) fn few_rows_pair(
 /// # Safety
 /// Each `out(j)` points to `m · matrix(j).rows` writable values, disjoint from every
 /// other matrix's and not otherwise accessed during the call.
+#[track_caller]
 unsafe fn run_tiles<'w, 'a>(
     count: usize,
     matrix: impl Fn(usize) -> QMatrix<'w> + Sync,
@@ -581,6 +576,7 @@ struct Then<'f> {
 /// # Safety
 /// As [`run_tiles`]; `then.done` may touch only what no task still running reads or
 /// writes.
+#[track_caller]
 unsafe fn run_tiles_then<'w, 'a>(
     count: usize,
     matrix: impl Fn(usize) -> QMatrix<'w> + Sync,

@@ -340,6 +340,30 @@ impl QActivations {
         }
     }
 
+    /// Rows `rows` of `from`, in that order: bit for bit what [`quantize`](Self::quantize)
+    /// gives for those rows of `from`'s input (each row is quantized on its own), by
+    /// copying instead of quantizing again (a decode batch's routed experts each take a
+    /// few of its tokens).
+    pub(crate) fn gather_rows(&mut self, from: &QActivations, rows: &[u32]) {
+        let (m, k) = (rows.len(), from.k);
+        let nb = k / BLOCK;
+        let (tk, tnb) = (TERMS * k, TERMS * nb);
+        self.q.clear();
+        self.d.clear();
+        self.c128.clear();
+        self.c8.clear();
+        for &r in rows {
+            let r = r as usize;
+            assert!(r < from.m, "row {r} of {} quantized rows", from.m);
+            self.q.extend_from_slice(&from.q[r * tk..][..tk]);
+            self.d.extend_from_slice(&from.d[r * tnb..][..tnb]);
+            self.c128.extend_from_slice(&from.c128[r * tnb..][..tnb]);
+            self.c8.extend_from_slice(&from.c8[r * tnb..][..tnb]);
+        }
+        self.m = m;
+        self.k = k;
+    }
+
     /// Rows quantized by the last [`quantize`](Self::quantize).
     pub fn rows(&self) -> usize {
         self.m
@@ -665,7 +689,8 @@ fn with_activations<R>(x: &[f32], m: usize, k: usize, f: impl FnOnce(&QActivatio
 /// thread took q8 steps from 24.3-24.6 to 23.4-23.7 ms and q4 from 17.4-18.4 to
 /// 16.9-18.0, at one CCD within ±0.5% of two per thread. (84c7d05 measured separate
 /// expert products, each its own loop, where two per thread were better: 61 against
-/// 58 GiB/s at q8, 61 against 51 at q4.)
+/// 58 GiB/s at q8, 61 against 51 at q4.) On 16 threads of a Sapphire Rapids 1, 2 and 4
+/// tasks a thread were within the host's noise (session 27).
 pub(crate) fn decode_tiles_per_task(tiles: usize, tile_bytes: usize, threads: usize) -> usize {
     team::decode_task_len(tiles, tile_bytes, threads, 1, 1)
 }

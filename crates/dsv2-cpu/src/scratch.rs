@@ -29,27 +29,59 @@ macro_rules! pooled {
 pooled!(f32, F32_POOL);
 pooled!(u32, U32_POOL);
 
-/// A zero-filled scratch buffer that returns to its thread's pool when dropped.
+/// A scratch buffer that returns to its thread's pool when dropped.
 pub(crate) struct Scratch<T: Pooled> {
+    /// Every value initialized: its length is the most this buffer was ever asked for,
+    /// so a buffer handed back and forth between larger and smaller uses is never
+    /// refilled for its larger ones.
     buf: Vec<T>,
+    /// The length handed out; `None` for [`take_empty`]'s growable vector (all of `buf`).
+    len: Option<usize>,
+}
+
+/// The pool's last buffer (or a new one), at least `len` values long.
+fn pop<T: Pooled>(len: usize) -> Vec<T> {
+    let mut buf = T::with_pool(|p| p.pop()).flatten().unwrap_or_default();
+    if buf.len() < len {
+        buf.resize(len, T::default());
+    }
+    buf
 }
 
 /// A scratch buffer of `len` default values (zeros).
 pub(crate) fn take<T: Pooled>(len: usize) -> Scratch<T> {
-    let mut buf = T::with_pool(|p| p.pop()).flatten().unwrap_or_default();
-    buf.clear();
-    buf.resize(len, T::default());
-    Scratch { buf }
+    let mut buf = pop(len);
+    buf[..len].fill(T::default());
+    Scratch {
+        buf,
+        len: Some(len),
+    }
+}
+
+/// A scratch buffer of `len` values left from its earlier uses (zeros where it never
+/// was that long), for a caller that writes every value before reading it: no pass over
+/// the buffer to zero it (a decode batch's expert rows and attention states are
+/// megabytes, zeroed on one thread between parallel loops).
+pub(crate) fn take_overwritten<T: Pooled>(len: usize) -> Scratch<T> {
+    Scratch {
+        buf: pop(len),
+        len: Some(len),
+    }
 }
 
 /// An empty scratch buffer (its capacity kept from earlier use), for `push`/`extend`.
 pub(crate) fn take_empty<T: Pooled>() -> Scratch<T> {
-    take(0)
+    let mut buf = pop(0);
+    buf.clear();
+    Scratch { buf, len: None }
 }
 
 impl<T: Pooled> Scratch<T> {
-    /// The underlying vector, to grow it in place.
+    /// The underlying vector, to grow it in place (a [`take_empty`] buffer).
     pub(crate) fn vec(&mut self) -> &mut Vec<T> {
+        if let Some(len) = self.len.take() {
+            self.buf.truncate(len);
+        }
         &mut self.buf
     }
 }
@@ -57,13 +89,19 @@ impl<T: Pooled> Scratch<T> {
 impl<T: Pooled> Deref for Scratch<T> {
     type Target = [T];
     fn deref(&self) -> &[T] {
-        &self.buf
+        match self.len {
+            Some(len) => &self.buf[..len],
+            None => &self.buf,
+        }
     }
 }
 
 impl<T: Pooled> DerefMut for Scratch<T> {
     fn deref_mut(&mut self) -> &mut [T] {
-        &mut self.buf
+        match self.len {
+            Some(len) => &mut self.buf[..len],
+            None => &mut self.buf,
+        }
     }
 }
 
@@ -71,7 +109,7 @@ impl<'a, T: Pooled> IntoIterator for &'a Scratch<T> {
     type Item = &'a T;
     type IntoIter = std::slice::Iter<'a, T>;
     fn into_iter(self) -> Self::IntoIter {
-        self.buf.iter()
+        self.iter()
     }
 }
 
@@ -111,5 +149,32 @@ mod tests {
         assert!(b.iter().all(|&v| v == 0.0));
         let c = take::<f32>(10);
         assert_ne!(c.as_ptr(), ptr, "a buffer in use is not handed out twice");
+    }
+
+    #[test]
+    fn overwritten_buffers_keep_their_values_and_grow_with_zeros() {
+        let ptr = {
+            let mut a = take::<u32>(100);
+            a[3] = 7;
+            a.as_ptr()
+        };
+        let mut b = take_overwritten::<u32>(50);
+        assert_eq!(b.as_ptr(), ptr);
+        assert_eq!((b.len(), b[3]), (50, 7), "left from the earlier use");
+        b[49] = 5;
+        drop(b);
+        let c = take_overwritten::<u32>(80);
+        assert_eq!(
+            (c.len(), c[3], c[49]),
+            (80, 7, 5),
+            "a smaller use keeps the rest"
+        );
+        drop(c);
+        let d = take_overwritten::<u32>(120);
+        assert_eq!(d.len(), 120);
+        assert!(d[100..].iter().all(|&v| v == 0), "grown with zeros");
+        drop(d);
+        let e = take::<u32>(110);
+        assert!(e.iter().all(|&v| v == 0), "take zeroes what it hands out");
     }
 }
