@@ -478,35 +478,62 @@ fn few_tokens_quantized<'a>(
 
     // Each MLP's output rounded as `mlp_rows` rounds it; each token's routed outputs
     // weighted and summed in expert id order, as the general path does.
-    for i in 0..count {
-        be.round(&mut outs[member_at[i] as usize * d..member_at[i + 1] as usize * d]);
-    }
-    let mut routed = take::<f32>(rows * d);
-    for i in 0..routed_mlps {
-        for m in members(i) {
-            let (t, w) = (member_rows[m] as usize, member_weights[m]);
-            let o = &outs[m * d..(m + 1) * d];
-            for (acc, v) in routed[t * d..(t + 1) * d].iter_mut().zip(o) {
-                *acc += w * v;
+    // Over column spans, in parallel for a batch (every step below is per column).
+    let mut routed = take_overwritten::<f32>(rows * d);
+    let (outs_ptr, routed_ptr, out_ptr) = (
+        SyncPtr(outs.as_mut_ptr()),
+        SyncPtr(routed.as_mut_ptr()),
+        SyncPtr(out.as_mut_ptr()),
+    );
+    let tail = |cols: std::ops::Range<usize>| {
+        // SAFETY: row `r` of `outs`, `routed` or `out` ([.., d]) at columns `cols`:
+        // in bounds (outs holds member_at[count] rows, routed and out `rows`), and each
+        // call touches only its own columns.
+        let at = |p: &SyncPtr, r: usize| unsafe {
+            std::slice::from_raw_parts_mut(p.get().add(r * d + cols.start), cols.len())
+        };
+        for m in 0..member_at[count] as usize {
+            be.round(at(&outs_ptr, m));
+        }
+        for t in 0..rows {
+            at(&routed_ptr, t).fill(0.0);
+        }
+        for i in 0..routed_mlps {
+            for m in members(i) {
+                let (t, w) = (member_rows[m] as usize, member_weights[m]);
+                for (acc, v) in at(&routed_ptr, t).iter_mut().zip(at(&outs_ptr, m)) {
+                    *acc += w * *v;
+                }
             }
         }
-    }
-    be.round(&mut routed);
-    if shared.is_some() {
-        let shared_out = &outs[member_at[routed_mlps] as usize * d..][..rows * d];
-        for ((o, s), r) in out[..rows * d]
-            .iter_mut()
-            .zip(shared_out)
-            .zip(routed.iter())
-        {
-            *o = s + r;
+        for t in 0..rows {
+            let (r, o) = (at(&routed_ptr, t), at(&out_ptr, t));
+            be.round(r);
+            if shared.is_some() {
+                let s = at(&outs_ptr, member_at[routed_mlps] as usize + t);
+                for ((o, s), r) in o.iter_mut().zip(s.iter()).zip(r.iter()) {
+                    *o = s + r;
+                }
+                be.round(o);
+            } else {
+                o.copy_from_slice(r);
+            }
         }
-        be.round(&mut out[..rows * d]);
+    };
+    assert!(out.len() >= rows * d);
+    if rows == 1 {
+        tail(0..d);
     } else {
-        out[..rows * d].copy_from_slice(&routed);
+        let spans = d.div_ceil(TAIL_COLUMNS);
+        team::for_each(spans, |i| {
+            tail(i * TAIL_COLUMNS..d.min((i + 1) * TAIL_COLUMNS))
+        });
     }
     true
 }
+
+/// Columns per task of a decode batch's expert sums ([`few_tokens_quantized`]'s tail).
+const TAIL_COLUMNS: usize = 256;
 
 /// `out_a = x · aᵀ` and `out_b = x · bᵀ` for up to [`FUSED_MAX_ROWS`] rows `x` of
 /// quantized matrices sharing their input (the query and latent projections of a decode
