@@ -303,23 +303,24 @@ pub fn for_each(tasks: usize, f: impl Fn(usize) + Sync) {
     if IN_TEAM.with(Cell::get) {
         return serially(tasks, f);
     }
-    let team = team();
     let profiling = PROFILING.load(Ordering::Relaxed) && PROFILER.with(Cell::get);
     let started = profiling.then(Instant::now);
-    if tasks <= 1
-        || team.threads == 1
-        || team
-            .busy
-            .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
-            .is_err()
-    {
+    // The team, if this loop is worth it and nobody else holds it.
+    let team = (tasks > 1).then(team).filter(|team| {
+        team.threads > 1
+            && team
+                .busy
+                .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+                .is_ok()
+    });
+    let Some(team) = team else {
         serially(tasks, f);
         if let Some(started) = started {
             let busy = elapsed_ns(started);
             profile_record(Location::caller(), true, tasks, started, busy);
         }
         return;
-    }
+    };
     let busy_before = profiling.then(|| PROFILE_BUSY_NS.load(Ordering::Relaxed));
     team.run(tasks, &f);
     if let (Some(started), Some(before)) = (started, busy_before) {
