@@ -613,21 +613,35 @@ unsafe fn run_tiles_then<'w, 'a>(
 ) {
     const TILE: usize = 16;
     let threads = team::threads();
-    let mut first_task = take::<u32>(count + 1);
     let mut per_task = take::<u32>(count);
+    let mut task_bytes = take::<u32>(count);
     for j in 0..count {
         let w = matrix(j);
-        let tiles = w.rows.div_ceil(TILE);
-        let per = decode_tiles_per_task(tiles, w.tile_bytes(), threads);
+        let per = decode_tiles_per_task(w.rows.div_ceil(TILE), w.tile_bytes(), threads);
         per_task[j] = per as u32;
-        first_task[j + 1] = first_task[j] + tiles.div_ceil(per) as u32;
+        task_bytes[j] = (per * w.tile_bytes()).min(u32::MAX as usize) as u32;
+    }
+    // The matrices with the largest tasks first (the shared experts': twice a routed
+    // expert's), so the loop does not end waiting on one of them.
+    let mut order = take_empty::<u32>();
+    order.vec().extend(0..count as u32);
+    // (In place: a stable sort would allocate for a batch's ~70 matrices.)
+    order
+        .vec()
+        .sort_unstable_by_key(|&j| (std::cmp::Reverse(task_bytes[j as usize]), j));
+    // Matrix order[p]'s tasks are first_task[p]..first_task[p + 1].
+    let mut first_task = take::<u32>(count + 1);
+    for (p, &j) in order.iter().enumerate() {
+        let w = matrix(j as usize);
+        let tiles = w.rows.div_ceil(TILE);
+        first_task[p + 1] = first_task[p] + tiles.div_ceil(per_task[j as usize] as usize) as u32;
     }
     let tasks = first_task[count] as usize;
     // Tasks left per group, counted down as they finish.
     let mut left = take::<u32>(then.as_ref().map_or(0, |t| t.groups));
     if let Some(then) = &then {
-        for j in 0..count {
-            left[(then.group_of)(j)] += first_task[j + 1] - first_task[j];
+        for (p, &j) in order.iter().enumerate() {
+            left[(then.group_of)(j as usize)] += first_task[p + 1] - first_task[p];
         }
     }
     // SAFETY: AtomicU32 has u32's size and alignment; the buffer is only accessed
@@ -635,10 +649,11 @@ unsafe fn run_tiles_then<'w, 'a>(
     let left: &[AtomicU32] =
         unsafe { std::slice::from_raw_parts(left.as_mut_ptr() as *const AtomicU32, left.len()) };
     team::for_each(tasks, |task| {
-        let j = first_task[1..=count].partition_point(|&f| f as usize <= task);
+        let p = first_task[1..=count].partition_point(|&f| f as usize <= task);
+        let j = order[p] as usize;
         let w = matrix(j);
         let per = per_task[j] as usize;
-        let t0 = (task - first_task[j] as usize) * per;
+        let t0 = (task - first_task[p] as usize) * per;
         let rows = t0 * TILE..((t0 + per) * TILE).min(w.rows);
         let (a, m) = acts(j);
         // SAFETY: out(j) holds m · w.rows values (the caller's contract); tasks of matrix
