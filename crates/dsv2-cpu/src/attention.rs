@@ -682,8 +682,8 @@ fn attend_one_pass<E: KindOf + CacheElem>(
     });
     let states: &[f32] = &states;
     let out_ptr = SyncPtr(o_lat.as_mut_ptr());
-    // Each token's heads combined in parts, two or more a thread (a lone token's 32 task
-    // states of V2-Lite's 16 heads took one thread 33 µs a layer).
+    // Each token's heads combined in parts, two or more a thread (a lone token's 13 task
+    // states at 4K, V2-Lite's 16 heads, took one thread 33 µs a layer).
     let head_parts = (2 * team::threads()).div_ceil(n_tok).clamp(1, h);
     team::for_each(n_tok * head_parts, |i| {
         let (k, part) = (i / head_parts, i % head_parts);

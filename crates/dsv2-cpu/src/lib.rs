@@ -98,10 +98,10 @@ use dsv2_core::{DType, QuantizedTensor, TensorView};
 use half::{bf16, f16};
 
 use kernels::{round_bf16, round_bf16_slice, Elem};
+use qmatmul::PromptRows;
 
 /// Logits per task of the greedy tokens' argmax: 13 tasks for a row of V2's 102,400.
 const ARGMAX_SPAN: usize = 8192;
-use qmatmul::PromptRows;
 
 /// A weight on the CPU: a view of the checkpoint bytes, never a converted copy.
 pub struct CpuWeight {

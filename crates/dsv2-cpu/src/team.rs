@@ -152,7 +152,7 @@ pub struct LoopProfile {
 
 impl LoopProfile {
     /// Sums over the sites whose loops were spread over the team (`serial == false`) or
-    /// ran on the caller alone (`true`).
+    /// ran on the caller alone (`true`); the sum's `site` is only this call's location.
     pub fn total(&self, serial: bool) -> LoopSite {
         let mut sum = LoopSite {
             site: Location::caller(),
