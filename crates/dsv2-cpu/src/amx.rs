@@ -136,6 +136,24 @@ pub(crate) trait Tiles {
     /// # Safety
     /// After [`Tiles::zero_sums`]; those floats of `c` writable.
     unsafe fn store_sums<const R: usize>(&mut self, c: *mut f32, c_stride: usize);
+
+    /// One step of 16 pairs of four row tiles against one column tile, accumulated into
+    /// the sums of [`Tiles::zero_sums`]: sum `i`, row `r`, column `n` takes `Σ_kk
+    /// a[i][r·a_stride + kk] · b[16kk + n]` over the 16 pairs `kk`, in order, as the tile
+    /// unit sums (`b` is one contiguous tile; `a_stride` is in bytes). The decode
+    /// attention's scores (`flash_tiles`): four tiles of cache rows against a query group.
+    ///
+    /// # Safety
+    /// After [`Tiles::configure`] on this thread; each `a[i]` readable for 16 rows of 64
+    /// bytes, `b` for 1 KiB.
+    unsafe fn accumulate_rows(&mut self, a: [*const u32; 4], a_stride: usize, b: *const u32);
+
+    /// Stores the four sums one after the other: sum `i`, row `r`, column `n` to `c[256i +
+    /// 16r + n]`.
+    ///
+    /// # Safety
+    /// After [`Tiles::zero_sums`]; `c` writable for 4 KiB.
+    unsafe fn store_four(&mut self, c: *mut f32);
 }
 
 /// The tile unit itself.
@@ -537,6 +555,50 @@ impl Tiles for Amx {
         }
     }
 
+    // The sums in tmm4..tmm7; the column tile in tmm0, the row tiles in turn in tmm1,
+    // tmm2, tmm3, tmm1 (the unit waits for a tile's last reader before reloading it).
+    #[inline(always)]
+    unsafe fn accumulate_rows(&mut self, a: [*const u32; 4], a_stride: usize, b: *const u32) {
+        // SAFETY: the trait's contract.
+        unsafe {
+            std::arch::asm!(
+                "tileloadd tmm0, [{b} + {l}*1]",
+                "tileloadd tmm1, [{a0} + {s}*1]",
+                "tdpbf16ps tmm4, tmm1, tmm0",
+                "tileloadd tmm2, [{a1} + {s}*1]",
+                "tdpbf16ps tmm5, tmm2, tmm0",
+                "tileloadd tmm3, [{a2} + {s}*1]",
+                "tdpbf16ps tmm6, tmm3, tmm0",
+                "tileloadd tmm1, [{a3} + {s}*1]",
+                "tdpbf16ps tmm7, tmm1, tmm0",
+                a0 = in(reg) a[0],
+                a1 = in(reg) a[1],
+                a2 = in(reg) a[2],
+                a3 = in(reg) a[3],
+                s = in(reg) a_stride,
+                b = in(reg) b,
+                l = in(reg) ROW_BYTES,
+                options(nostack, readonly),
+            )
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn store_four(&mut self, c: *mut f32) {
+        // SAFETY: the trait's contract.
+        unsafe {
+            std::arch::asm!(
+                "tilestored [{c} + {l}*1], tmm4",
+                "tilestored [{c} + {l}*1 + 1024], tmm5",
+                "tilestored [{c} + {l}*1 + 2048], tmm6",
+                "tilestored [{c} + {l}*1 + 3072], tmm7",
+                c = in(reg) c,
+                l = in(reg) ROW_BYTES,
+                options(nostack),
+            )
+        }
+    }
+
     unsafe fn store_sums<const R: usize>(&mut self, c: *mut f32, c_stride: usize) {
         // SAFETY: the trait's contract.
         unsafe {
@@ -663,7 +725,7 @@ mod x86 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::q8_bf16::{pack_tile_reference, packed_len};
     use crate::test_values;
@@ -671,13 +733,13 @@ mod tests {
 
     /// The tile instructions as scalar Rust: each block's sum the chain of `vdpbf16ps`
     /// steps ([`crate::flash_bf16::dp`]) that `q8_bf16`'s reference takes.
-    struct Emulated {
+    pub(crate) struct Emulated {
         sets: [[f32; 2 * C_TILE]; 2],
         sums: [[f32; C_TILE]; 4],
     }
 
     impl Emulated {
-        fn new() -> Emulated {
+        pub(crate) fn new() -> Emulated {
             Emulated {
                 sets: [[f32::NAN; 2 * C_TILE]; 2],
                 sums: [[f32::NAN; C_TILE]; 4],
@@ -766,6 +828,37 @@ mod tests {
                         };
                     }
                 }
+            }
+        }
+
+        unsafe fn accumulate_rows(&mut self, a: [*const u32; 4], a_stride: usize, b: *const u32) {
+            for (i, ai) in a.iter().enumerate() {
+                for r in 0..TILE {
+                    for n in 0..TILE {
+                        // SAFETY: the trait's contract.
+                        self.step(i, r, n, |kk| unsafe {
+                            (*ai.byte_add(r * a_stride).add(kk), *b.add(TILE * kk + n))
+                        });
+                    }
+                }
+            }
+        }
+
+        unsafe fn store_four(&mut self, c: *mut f32) {
+            for (i, sum) in self.sums.iter().enumerate() {
+                // SAFETY: the trait's contract.
+                unsafe { std::ptr::copy_nonoverlapping(sum.as_ptr(), c.add(C_TILE * i), C_TILE) };
+            }
+        }
+    }
+
+    impl Emulated {
+        /// Sum `i`'s value at row `r`, column `n` takes one step of 16 pairs.
+        fn step(&mut self, i: usize, r: usize, n: usize, pairs: impl Fn(usize) -> (u32, u32)) {
+            let s = &mut self.sums[i][TILE * r + n];
+            for kk in 0..BLOCK_PAIRS {
+                let (x, w) = pairs(kk);
+                *s = crate::flash_bf16::dp(*s, x, w);
             }
         }
     }

@@ -10,6 +10,7 @@ use dsv2_backend::{AttentionPath, MlaAttention, MlaDims, SeqSlice};
 use crate::bf16dot;
 use crate::flash::{self, CacheElem};
 use crate::flash_bf16;
+use crate::flash_tiles;
 use crate::kernels::{gemm_f32, round_bf16, MatRef, SyncPtr};
 use crate::matmul::KindOf;
 use crate::mla::{
@@ -577,7 +578,10 @@ fn attend_one_pass<E: KindOf + CacheElem>(
     // Over a bf16 cache on a CPU with AVX-512 BF16 that keeps pace with its FMAs the
     // attention runs in bf16 arithmetic (`flash_bf16`: the query and probabilities rounded
     // to bf16 as the cache is); elsewhere in f32, the rows widened in the registers.
-    let bf16_math = E::BF16 && flash_bf16::keeps_pace();
+    // On a CPU with AMX tiles the same bf16 arithmetic runs there (`flash_tiles`), in
+    // the tile unit's sums.
+    let on_tiles = E::BF16 && flash_tiles::available() && flash_tiles::fits(shape, bs);
+    let bf16_math = E::BF16 && (on_tiles || flash_bf16::keeps_pace());
     // Each token's query with its heads in vector lanes, a group at a time (in bf16
     // pairs for the bf16 arithmetic).
     let q_len = flash::query_len(h, w);
@@ -602,12 +606,19 @@ fn attend_one_pass<E: KindOf + CacheElem>(
     // Each task's fold scratch, taken here rather than from the pool of whichever thread
     // claims the task: on many threads a thread may claim its first attention task only
     // in a later step, and would allocate there.
-    let scratch_len = if bf16_math {
+    let scratch_len = if on_tiles {
+        flash_tiles::scratch_len(h, w)
+    } else if bf16_math {
         flash_bf16::scratch_len(h)
     } else {
         flash::scratch_len(h)
     };
-    let mut scratches = take::<f32>(total * splits * scratch_len);
+    // (The tiles' fold writes all of its scratch before reading it.)
+    let mut scratches = if on_tiles {
+        take_overwritten::<f32>(total * splits * scratch_len)
+    } else {
+        take::<f32>(total * splits * scratch_len)
+    };
     let scratches_ptr = SyncPtr(scratches.as_mut_ptr());
     let (qt, qt16): (&[f32], &[u32]) = (&qt, &qt16);
     team::for_each(total * splits, |i| {
@@ -629,6 +640,8 @@ fn attend_one_pass<E: KindOf + CacheElem>(
         let first = (task - task_at[k] as usize) * per * flash::CHUNK_ROWS;
         let end = (first + per * flash::CHUNK_ROWS).min(visible);
         flash::reset_state(state, c);
+        // The thread's tiles, configured for this task's chunks.
+        let task_tiles = on_tiles.then(flash_tiles::TaskTiles::start);
         // SAFETY: task-part `i`'s scratch, used by this call only.
         let scratch = unsafe {
             std::slice::from_raw_parts_mut(scratches_ptr.get().add(i * scratch_len), scratch_len)
@@ -654,7 +667,21 @@ fn attend_one_pass<E: KindOf + CacheElem>(
                     )
                 };
             }
-            if bf16_math {
+            if on_tiles {
+                // SAFETY: E is bf16 (E::BF16), so each row is a slice of bf16 values.
+                let rows =
+                    unsafe { std::slice::from_raw_parts(rows.as_ptr() as *const &[half::bf16], n) };
+                flash_tiles::fold_chunk_amx(
+                    task_tiles.as_ref().expect("configured for this task"),
+                    shape,
+                    groups.clone(),
+                    &qt16[k * q16_len..][..q16_len],
+                    rows,
+                    &next[..next_n],
+                    state,
+                    scratch,
+                );
+            } else if bf16_math {
                 // SAFETY: E is bf16 (E::BF16), so each row is a slice of bf16 values.
                 let rows =
                     unsafe { std::slice::from_raw_parts(rows.as_ptr() as *const &[half::bf16], n) };

@@ -77,6 +77,7 @@ pub mod bandwidth;
 mod exp;
 mod flash;
 mod flash_bf16;
+mod flash_tiles;
 pub mod kernels;
 pub mod matmul;
 mod mla;

@@ -10,7 +10,8 @@ use dsv2_model::Model;
 
 const BLOCK: usize = 16;
 
-/// A tiny config; `variant` picks the V2-Lite-like, V2-like or plain-RoPE shape.
+/// A tiny config; `variant` picks the V2-Lite-like, V2-like, plain-RoPE or wide-latent
+/// shape.
 fn config(variant: &str) -> ModelConfig {
     let mut v = serde_json::json!({
         "model_type": "deepseek_v2", "vocab_size": 300, "hidden_size": 64,
@@ -34,6 +35,13 @@ fn config(variant: &str) -> ModelConfig {
             m.insert("n_group".into(), 4.into());
             m.insert("topk_group".into(), 2.into());
             m.insert("routed_scaling_factor".into(), 16.0.into());
+        }
+        // V2-Lite's (and V2's) attention width: 16 heads, a 512-value latent and a
+        // 64-value RoPE key, the shape the CPU's tiled decode attention takes.
+        "wide" => {
+            m.insert("num_attention_heads".into(), 16.into());
+            m.insert("kv_lora_rank".into(), 512.into());
+            m.insert("qk_rope_head_dim".into(), 64.into());
         }
         "plain" => {
             m.insert("rope_scaling".into(), serde_json::Value::Null);
@@ -264,20 +272,22 @@ fn assert_batch_equals_each_alone(
 }
 
 /// The same with q4 weights on the CPU's defaults for them: a bf16 latent cache (read in
-/// bf16 arithmetic where the CPU has AVX-512 BF16) and one activation term in every
-/// product.
+/// bf16 arithmetic where the CPU has AVX-512 BF16, on AMX tiles where it has them and the
+/// attention is V2-Lite's width) and one activation term in every product.
 #[test]
 fn a_q4_batch_equals_each_sequence_alone() {
-    let backend = CpuBackend::new(ComputeDtype::F32);
-    let config = config("lite");
-    let checkpoint = synthetic_checkpoint(&config, 11, DType::F32);
-    let options = dsv2_model::LoadOptions {
-        quantize: Some(dsv2_core::QuantFormat::Q4),
-    };
-    let model = Model::load_with(&backend, config, &checkpoint, &options).unwrap();
-    assert_eq!(backend.cache_dtype(), ComputeDtype::Bf16);
-    let seqs = vec![tokens(5, 3), tokens(70, 4), tokens(1, 5), tokens(17, 6)];
-    assert_batch_equals_each_alone(&backend, &model, &seqs, "q4");
+    for variant in ["lite", "wide"] {
+        let backend = CpuBackend::new(ComputeDtype::F32);
+        let config = config(variant);
+        let checkpoint = synthetic_checkpoint(&config, 11, DType::F32);
+        let options = dsv2_model::LoadOptions {
+            quantize: Some(dsv2_core::QuantFormat::Q4),
+        };
+        let model = Model::load_with(&backend, config, &checkpoint, &options).unwrap();
+        assert_eq!(backend.cache_dtype(), ComputeDtype::Bf16);
+        let seqs = vec![tokens(5, 3), tokens(70, 4), tokens(1, 5), tokens(17, 6)];
+        assert_batch_equals_each_alone(&backend, &model, &seqs, variant);
+    }
 }
 
 /// The same with q8 weights on the CPU's defaults: prompt rows (of sequences computing
@@ -314,7 +324,7 @@ fn a_q8_batch_equals_each_sequence_alone() {
 /// arithmetic, within 1e-5). 300 tokens: past one block of 256 queries.
 #[test]
 fn a_bf16_cache_prefill_agrees_with_decode_and_with_itself_in_chunks() {
-    for variant in ["lite", "v2", "plain"] {
+    for variant in ["lite", "v2", "plain", "wide"] {
         let backend = CpuBackend::new(ComputeDtype::F32).with_cache_dtype(ComputeDtype::Bf16);
         let config = config(variant);
         let checkpoint = synthetic_checkpoint(&config, 11, DType::F32);
