@@ -667,33 +667,32 @@ fn attend_one_pass<E: KindOf + CacheElem>(
                     )
                 };
             }
-            if on_tiles {
+            if bf16_math {
                 // SAFETY: E is bf16 (E::BF16), so each row is a slice of bf16 values.
                 let rows =
                     unsafe { std::slice::from_raw_parts(rows.as_ptr() as *const &[half::bf16], n) };
-                flash_tiles::fold_chunk_amx(
-                    task_tiles.as_ref().expect("configured for this task"),
-                    shape,
-                    groups.clone(),
-                    &qt16[k * q16_len..][..q16_len],
-                    rows,
-                    &next[..next_n],
-                    state,
-                    scratch,
-                );
-            } else if bf16_math {
-                // SAFETY: E is bf16 (E::BF16), so each row is a slice of bf16 values.
-                let rows =
-                    unsafe { std::slice::from_raw_parts(rows.as_ptr() as *const &[half::bf16], n) };
-                flash_bf16::fold_chunk(
-                    shape,
-                    groups.clone(),
-                    &qt16[k * q16_len..][..q16_len],
-                    rows,
-                    &next[..next_n],
-                    state,
-                    scratch,
-                );
+                let (qt16, next) = (&qt16[k * q16_len..][..q16_len], &next[..next_n]);
+                match &task_tiles {
+                    Some(tiles) => flash_tiles::fold_chunk_amx(
+                        tiles,
+                        shape,
+                        groups.clone(),
+                        qt16,
+                        rows,
+                        next,
+                        state,
+                        scratch,
+                    ),
+                    None => flash_bf16::fold_chunk(
+                        shape,
+                        groups.clone(),
+                        qt16,
+                        rows,
+                        next,
+                        state,
+                        scratch,
+                    ),
+                }
             } else {
                 flash::fold_chunk(
                     shape,

@@ -197,13 +197,13 @@ pub(crate) unsafe fn fold_chunk<T: Tiles>(
             // SAFETY: the copy's TILE rows of `pairs` values lie in the `kt` part.
             let copy = unsafe { std::slice::from_raw_parts_mut(kt, TILE * pairs) };
             for (r, dst) in copy.chunks_exact_mut(pairs).enumerate() {
-                if first + r < n {
-                    for (k, d) in dst.iter_mut().enumerate() {
-                        let x = &rows[first + r];
-                        *d = pair(x[2 * k].to_bits(), x[2 * k + 1].to_bits());
+                match rows.get(first + r) {
+                    Some(x) => {
+                        for (k, d) in dst.iter_mut().enumerate() {
+                            *d = pair(x[2 * k].to_bits(), x[2 * k + 1].to_bits());
+                        }
                     }
-                } else {
-                    dst.fill(0);
+                    None => dst.fill(0),
                 }
             }
             kt as *const u32
