@@ -153,6 +153,17 @@ pub(crate) fn scratch_len(h: usize) -> usize {
 /// lane]` holds `bf16(q[k])` (low half) and `bf16(q[k + 1])` of head `g·GROUP + lane`, `k
 /// = 2·k2` (an odd last position paired with 0; lanes past the last head 0).
 pub(crate) fn transpose_group(q_cat: &[f32], h: usize, w: usize, g: usize, qt: &mut [u32]) {
+    #[cfg(target_arch = "x86_64")]
+    if available() && w.is_multiple_of(32) {
+        assert!(q_cat.len() >= h * w && qt.len() >= pairs(w) * GROUP && g * GROUP < h);
+        // SAFETY: the features were detected; the lengths checked above.
+        return unsafe { x86::transpose_group(q_cat, h, w, g, qt) };
+    }
+    transpose_group_reference(q_cat, h, w, g, qt)
+}
+
+/// [`transpose_group`], one value at a time.
+fn transpose_group_reference(q_cat: &[f32], h: usize, w: usize, g: usize, qt: &mut [u32]) {
     let dst = &mut qt[..pairs(w) * GROUP];
     for lane in 0..GROUP {
         let head = g * GROUP + lane;
@@ -259,6 +270,97 @@ pub(crate) mod x86 {
     use crate::flash::x86::softmax_step512;
     use half::bf16;
     use std::arch::x86_64::*;
+
+    /// Two-source permutation indices that swap bit `d` of the row and column index of a
+    /// 16 × 16 matrix of 32-bit values held as 16 vectors: for rows `i` (bit `d` clear)
+    /// and `i + d`, `[to row i, to row i + d]`.
+    const fn swap_indices(d: usize) -> [[i32; 16]; 2] {
+        let mut index = [[0i32; 16]; 2];
+        let mut col = 0;
+        while col < 16 {
+            if col & d == 0 {
+                index[0][col] = col as i32;
+                index[1][col] = (col + d) as i32;
+            } else {
+                index[0][col] = (16 + col - d) as i32;
+                index[1][col] = (16 + col) as i32;
+            }
+            col += 1;
+        }
+        index
+    }
+
+    const SWAPS: [[[i32; 16]; 2]; 4] = [
+        swap_indices(1),
+        swap_indices(2),
+        swap_indices(4),
+        swap_indices(8),
+    ];
+
+    /// `v` (16 vectors, row `i` in `v[i]`) transposed in place: swaps of bit `d` of the row
+    /// and column index for `d` = 1, 2, 4, 8.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    pub(crate) unsafe fn transpose(v: &mut [__m512i; 16]) {
+        for (level, swap) in SWAPS.iter().enumerate() {
+            let d = 1 << level;
+            // SAFETY: 16 i32 values each.
+            let (lo, hi) = unsafe {
+                (
+                    _mm512_loadu_si512(swap[0].as_ptr() as *const _),
+                    _mm512_loadu_si512(swap[1].as_ptr() as *const _),
+                )
+            };
+            for i in 0..16 {
+                if i & d == 0 {
+                    let (a, b) = (v[i], v[i + d]);
+                    v[i] = _mm512_permutex2var_epi32(a, lo, b);
+                    v[i + d] = _mm512_permutex2var_epi32(a, hi, b);
+                }
+            }
+        }
+    }
+
+    /// [`super::transpose_group_reference`] for `w` a multiple of 32: each head's 32
+    /// values of a block rounded into 16 pairs (`vcvtne2ps2bf16`), then the 16 heads'
+    /// vectors transposed into the block's 16 rows of lanes.
+    ///
+    /// # Safety
+    /// AVX-512 F/BW/BF16; `q_cat` holds `h · w` values, `qt` `w / 2 · 16`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    pub(super) unsafe fn transpose_group(
+        q_cat: &[f32],
+        h: usize,
+        w: usize,
+        g: usize,
+        qt: &mut [u32],
+    ) {
+        for block in 0..w / 32 {
+            let mut v: [__m512i; 16] = std::array::from_fn(|lane| {
+                let head = g * GROUP + lane;
+                if head < h {
+                    // SAFETY: values 32·block.. + 32 of the head's row.
+                    unsafe {
+                        let x = q_cat.as_ptr().add(head * w + 32 * block);
+                        bits(_mm512_cvtne2ps_pbh(
+                            _mm512_loadu_ps(x.add(16)),
+                            _mm512_loadu_ps(x),
+                        ))
+                    }
+                } else {
+                    _mm512_setzero_si512()
+                }
+            });
+            // SAFETY: the caller's features.
+            unsafe { transpose(&mut v) };
+            for (k, v) in v.iter().enumerate() {
+                // SAFETY: row 16·block + k of the group's pairs lies in `qt`.
+                unsafe {
+                    _mm512_storeu_si512(qt.as_mut_ptr().add((16 * block + k) * GROUP) as *mut _, *v)
+                };
+            }
+        }
+    }
 
     /// 32 bf16 values as the bf16 vector type of `vdpbf16ps`.
     #[inline(always)]
@@ -518,6 +620,30 @@ mod tests {
         for b in bits {
             let x = f32::from_bits(b);
             assert_eq!(round(x), round_reference(x), "{b:#010x}");
+        }
+    }
+
+    /// The AVX-512 BF16 transpose of a query group against the scalar one, with heads past
+    /// the group's last and values of every kind.
+    #[test]
+    fn the_query_transpose_matches_the_reference() {
+        if !available() {
+            eprintln!("skipped: no AVX-512 BF16 here");
+            return;
+        }
+        for (h, w) in [(16, 576), (4, 64), (40, 96), (128, 576)] {
+            let mut q = test_values(h * w, (h + w) as u64);
+            q[3] = 1e-40;
+            q[5] = f32::NAN;
+            q[7] = f32::INFINITY;
+            q[9] = 1.0 + f32::EPSILON * 64.0;
+            for g in 0..groups(h) {
+                let len = pairs(w) * GROUP;
+                let (mut fast, mut slow) = (vec![7u32; len], vec![7u32; len]);
+                transpose_group(&q, h, w, g, &mut fast);
+                transpose_group_reference(&q, h, w, g, &mut slow);
+                assert_eq!(fast, slow, "h {h} w {w} group {g}");
+            }
         }
     }
 

@@ -517,57 +517,8 @@ pub(crate) fn fold_chunk_reference(
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::{GROUP, TILE, TILE_LEN};
+    use crate::flash_bf16::x86::transpose;
     use std::arch::x86_64::*;
-
-    /// Two-source permutation indices that swap bit `d` of the row and column index of a
-    /// 16 × 16 matrix of 32-bit values held as 16 vectors: for rows `i` (bit `d` clear)
-    /// and `i + d`, `[to row i, to row i + d]`.
-    const fn swap_indices(d: usize) -> [[i32; 16]; 2] {
-        let mut index = [[0i32; 16]; 2];
-        let mut col = 0;
-        while col < 16 {
-            if col & d == 0 {
-                index[0][col] = col as i32;
-                index[1][col] = (col + d) as i32;
-            } else {
-                index[0][col] = (16 + col - d) as i32;
-                index[1][col] = (16 + col) as i32;
-            }
-            col += 1;
-        }
-        index
-    }
-
-    const SWAPS: [[[i32; 16]; 2]; 4] = [
-        swap_indices(1),
-        swap_indices(2),
-        swap_indices(4),
-        swap_indices(8),
-    ];
-
-    /// `v` (16 vectors, row `i` in `v[i]`) transposed in place: swaps of bit `d` of the row
-    /// and column index for `d` = 1, 2, 4, 8.
-    #[inline]
-    #[target_feature(enable = "avx512f")]
-    unsafe fn transpose(v: &mut [__m512i; 16]) {
-        for (level, swap) in SWAPS.iter().enumerate() {
-            let d = 1 << level;
-            // SAFETY: 16 i32 values each.
-            let (lo, hi) = unsafe {
-                (
-                    _mm512_loadu_si512(swap[0].as_ptr() as *const _),
-                    _mm512_loadu_si512(swap[1].as_ptr() as *const _),
-                )
-            };
-            for i in 0..16 {
-                if i & d == 0 {
-                    let (a, b) = (v[i], v[i + d]);
-                    v[i] = _mm512_permutex2var_epi32(a, lo, b);
-                    v[i + d] = _mm512_permutex2var_epi32(a, hi, b);
-                }
-            }
-        }
-    }
 
     /// [`super::probability_tiles_reference`]: 16 rows rounded (`vcvtneps2bf16`) and
     /// widened to one value a lane, transposed into the low-half tile, shifted into the
