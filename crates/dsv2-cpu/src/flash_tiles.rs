@@ -3,9 +3,9 @@
 //!
 //! Long-context decode is bound by its attention's arithmetic: 17,408 multiply-adds per
 //! cached position, layer and token on V2-Lite (16 heads × (576 + 512)). On a 16-core
-//! Sapphire Rapids the f32 kernel took ~30 ms of a batch-8 step at 4K positions, at ~40%
-//! of the cores' FMA peak; the tile unit does 512 bf16 multiply-adds a cycle a core, 16×
-//! the FMAs. Per chunk of [`CHUNK_ROWS`] cache rows, and per group of 16 heads:
+//! Sapphire Rapids the f32 kernel took ~30 ms of a ~120 ms batch-8 step at 4K positions;
+//! the tile unit does 512 bf16 multiply-adds a cycle a core, 16× the FMAs. Per chunk of
+//! [`CHUNK_ROWS`] cache rows, and per group of 16 heads:
 //!
 //! - **scores** `Sᵀ = K · Qᵀ`: the chunk's four 16-row tiles of cache rows, loaded where
 //!   they lie in the cache (a paged block holds whole tiles; a short last tile is copied
