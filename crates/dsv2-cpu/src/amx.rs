@@ -363,17 +363,21 @@ pub(crate) unsafe fn dense<T: Tiles>(
     }
 }
 
-/// Fetches line `l` of `bytes` into the cache.
+/// Fetches the `l`-th 64-byte line of `values` into the cache (a hint; also
+/// `flash_tiles`'). Past the slice's end it does nothing.
 #[inline(always)]
-fn prefetch_line(bytes: &[u8], l: usize) {
+pub(crate) fn prefetch_line<T>(values: &[T], l: usize) {
+    if 64 * l >= std::mem::size_of_val(values) {
+        return;
+    }
     #[cfg(target_arch = "x86_64")]
     // SAFETY: a prefetch of any address is harmless (this one is in the slice).
     unsafe {
         use std::arch::x86_64::*;
-        _mm_prefetch::<_MM_HINT_T0>(bytes.as_ptr().add(64 * l) as *const i8)
+        _mm_prefetch::<_MM_HINT_T0>((values.as_ptr() as *const i8).add(64 * l))
     };
     #[cfg(not(target_arch = "x86_64"))]
-    let _ = (bytes, l);
+    let _ = (values, l);
 }
 
 /// For weight tile `j`, token `r` and column `n`: `acc[32r + 16j + n] = fma(c[256j + 16r +

@@ -50,7 +50,7 @@ use std::ops::Range;
 
 use half::bf16;
 
-use crate::amx::Tiles;
+use crate::amx::{prefetch_line, Tiles};
 use crate::flash::{group_state_len, groups, softmax_step, Shape, CHUNK_ROWS, GROUP};
 use crate::flash_bf16::{dp, pair, query_len, round};
 
@@ -214,15 +214,11 @@ pub(crate) unsafe fn fold_chunk<T: Tiles>(
     let gs = group_state_len(c);
     let steps = pairs / TILE;
     let row_tiles = n.div_ceil(TILE);
-    // A step's lines of the chunk's row tiles: one line of each row (the tiles' loads
-    // wait on each other, so the lines are asked for `ahead` steps early).
+    // A step's lines of the chunk: one line of each row (the tiles' loads wait on each
+    // other, so the lines are asked for `ahead` steps early).
     let fetch_step = |step: usize| {
-        if step < steps {
-            for a in &a[..row_tiles] {
-                for r in 0..TILE {
-                    prefetch((*a as *const u8).wrapping_add(r * stride + 64 * step));
-                }
-            }
+        for row in rows {
+            prefetch_line(&row[..w], step);
         }
     };
     for step in 0..ahead {
@@ -290,7 +286,7 @@ pub(crate) unsafe fn fold_chunk<T: Tiles>(
                 tiles.store_sums::<2>(ct.add(i % 2 * SUMS_LEN), 4 * 2 * TILE);
                 for line in (i * per_block..(i + 1) * per_block).take_while(|&l| l < next_lines) {
                     let (row, step) = (line % next.len(), line / next.len());
-                    prefetch(next[row].as_ptr().wrapping_add(64 * step));
+                    prefetch_line(next[row], step);
                 }
             }
             if i >= 1 {
@@ -445,19 +441,6 @@ fn fold_sums(
             }
         }
     }
-}
-
-/// Fetches the line at `at` into the cache (a hint).
-#[inline(always)]
-fn prefetch(at: *const u8) {
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: a prefetch of any address is harmless.
-    unsafe {
-        use std::arch::x86_64::*;
-        _mm_prefetch::<_MM_HINT_T0>(at as *const i8)
-    };
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = at;
 }
 
 /// The module's arithmetic, one value at a time (the tests' reference).
